@@ -1,0 +1,9 @@
+//! Configuration and resource types shared by the roles. No I/O happens here: the proxy
+//! reads [`ProxyConfig`] from a file, the controller writes the same struct into a
+//! ConfigMap.
+
+pub mod dockerconfig;
+pub mod duration;
+pub mod proxy_config;
+
+pub use proxy_config::{ConfigError, Credentials, ProxyConfig, RepositoryFilter, UpstreamConfig};

@@ -1,0 +1,458 @@
+//! The proxy's configuration: read by `pullthrough proxy` from YAML, written by the
+//! controller into the ConfigMap it owns. Every field has a default, so an empty file (or
+//! no file) is a working docker.io cache on port 5000.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Docker Hub's registry name in image references.
+pub const DOCKER_HUB: &str = "docker.io";
+/// Docker Hub's registry API endpoint.
+pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
+
+/// Configuration of one `pullthrough proxy` process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address of the registry API.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Directory holding the cache (created if missing).
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
+    /// Registries this proxy mirrors. Requests for any other registry are refused.
+    #[serde(default = "default_upstreams")]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Registry served to clients that do not say which one they want (no `?ns=`);
+    /// defaults to the first upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_upstream: Option<String>,
+    /// How long a tag maps to the digest last seen before it is revalidated upstream.
+    #[serde(
+        rename = "tagTTL",
+        default = "default_tag_ttl",
+        with = "crate::api::duration::serde"
+    )]
+    pub tag_ttl: Duration,
+    /// How long past its TTL a tag is still served when the upstream is down or failing.
+    #[serde(
+        default = "default_stale_if_error",
+        with = "crate::api::duration::serde"
+    )]
+    pub stale_if_error: Duration,
+    /// How long a tags/list answer is reused.
+    #[serde(
+        rename = "tagsListTTL",
+        default = "default_tags_list_ttl",
+        with = "crate::api::duration::serde"
+    )]
+    pub tags_list_ttl: Duration,
+    /// Largest manifest accepted from an upstream, in bytes.
+    #[serde(default = "default_max_manifest_bytes")]
+    pub max_manifest_bytes: u64,
+    /// Time allowed to connect to an upstream.
+    #[serde(
+        default = "default_connect_timeout",
+        with = "crate::api::duration::serde"
+    )]
+    pub connect_timeout: Duration,
+    /// Time allowed for an upstream to start answering, and for a blob download to make
+    /// progress between two chunks.
+    #[serde(
+        default = "default_upstream_timeout",
+        with = "crate::api::duration::serde"
+    )]
+    pub upstream_timeout: Duration,
+}
+
+/// One mirrored registry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Host name as image references use it (`docker.io`, `ghcr.io`, `registry.local:5000`).
+    /// containerd passes it as `?ns=`.
+    pub registry: String,
+    /// Registry API base URL; defaults to `https://registry-1.docker.io` for docker.io and
+    /// `https://<registry>` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Inline credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+    /// A `.dockerconfigjson` file (a mounted `kubernetes.io/dockerconfigjson` Secret) to take
+    /// this registry's credentials from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// Which repositories may be pulled through.
+    #[serde(default, skip_serializing_if = "RepositoryFilter::is_empty")]
+    pub repositories: RepositoryFilter,
+}
+
+/// Username and password (or token) for an upstream.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password or access token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Allow/deny globs over repository names (`*` matches any run of characters, `/` too).
+/// Deny wins; an empty allow list allows everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RepositoryFilter {
+    /// Globs of repositories that may be pulled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Globs of repositories that may not be pulled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+}
+
+impl RepositoryFilter {
+    /// No rules at all.
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+
+    /// Whether `repository` may be pulled.
+    pub fn permits(&self, repository: &str) -> bool {
+        if self.deny.iter().any(|g| glob_match(g, repository)) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.iter().any(|g| glob_match(g, repository))
+    }
+}
+
+/// Glob match where `*` matches any (possibly empty) run of characters.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// No upstream at all.
+    #[error("at least one upstream registry is required")]
+    NoUpstreams,
+    /// The same registry twice.
+    #[error("upstream registry {0:?} is configured twice")]
+    DuplicateRegistry(String),
+    /// Registry host name that cannot be one.
+    #[error(
+        "upstream registry {0:?} is not a host name (expected e.g. docker.io or registry.local:5000)"
+    )]
+    BadRegistry(String),
+    /// URL that is not http(s)://host[:port][/path].
+    #[error("upstream {registry:?} has invalid url {url:?}: expected http(s)://host[:port]")]
+    BadUrl {
+        /// The registry.
+        registry: String,
+        /// The offending URL.
+        url: String,
+    },
+    /// Both inline credentials and a credentials file.
+    #[error("upstream {0:?} sets both credentials and credentialsFile; use one")]
+    TwoCredentialSources(String),
+    /// defaultUpstream names no configured upstream.
+    #[error("defaultUpstream {0:?} is not one of the configured upstreams")]
+    UnknownDefault(String),
+    /// Manifest cap of zero.
+    #[error("maxManifestBytes must be greater than zero")]
+    ZeroManifestCap,
+}
+
+impl ProxyConfig {
+    /// Parses YAML; missing fields take their defaults.
+    pub fn from_yaml(text: &str) -> Result<ProxyConfig, serde_yaml::Error> {
+        if text.trim().is_empty() {
+            return Ok(ProxyConfig::default());
+        }
+        serde_yaml::from_str(text)
+    }
+
+    /// YAML text of this configuration.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("config serializes")
+    }
+
+    /// Checks everything serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstreams.is_empty() {
+            return Err(ConfigError::NoUpstreams);
+        }
+        let mut seen = HashSet::new();
+        for u in &self.upstreams {
+            let key = u.registry.to_ascii_lowercase();
+            if !valid_registry_host(&key) {
+                return Err(ConfigError::BadRegistry(u.registry.clone()));
+            }
+            if !seen.insert(key) {
+                return Err(ConfigError::DuplicateRegistry(u.registry.clone()));
+            }
+            if u.credentials.is_some() && u.credentials_file.is_some() {
+                return Err(ConfigError::TwoCredentialSources(u.registry.clone()));
+            }
+            let url = u.base_url();
+            if split_url(&url).is_none() {
+                return Err(ConfigError::BadUrl {
+                    registry: u.registry.clone(),
+                    url,
+                });
+            }
+        }
+        if let Some(d) = &self.default_upstream
+            && !self
+                .upstreams
+                .iter()
+                .any(|u| u.registry.eq_ignore_ascii_case(d))
+        {
+            return Err(ConfigError::UnknownDefault(d.clone()));
+        }
+        if self.max_manifest_bytes == 0 {
+            return Err(ConfigError::ZeroManifestCap);
+        }
+        Ok(())
+    }
+
+    /// The registry used when a request has no `?ns=`.
+    pub fn default_registry(&self) -> Option<&str> {
+        self.default_upstream
+            .as_deref()
+            .or_else(|| self.upstreams.first().map(|u| u.registry.as_str()))
+    }
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: default_listen(),
+            metrics_listen: default_metrics_listen(),
+            cache_dir: default_cache_dir(),
+            upstreams: default_upstreams(),
+            default_upstream: None,
+            tag_ttl: default_tag_ttl(),
+            stale_if_error: default_stale_if_error(),
+            tags_list_ttl: default_tags_list_ttl(),
+            max_manifest_bytes: default_max_manifest_bytes(),
+            connect_timeout: default_connect_timeout(),
+            upstream_timeout: default_upstream_timeout(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// An upstream with its default URL and no credentials or filters.
+    pub fn new(registry: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            registry: registry.to_string(),
+            url: None,
+            credentials: None,
+            credentials_file: None,
+            repositories: RepositoryFilter::default(),
+        }
+    }
+
+    /// The registry API base URL, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        let url = match &self.url {
+            Some(u) => u.clone(),
+            None if self.is_docker_hub() => DOCKER_HUB_URL.to_string(),
+            None => format!("https://{}", self.registry),
+        };
+        url.trim_end_matches('/').to_string()
+    }
+
+    /// Whether Docker Hub's naming rules apply (`library/` for single-name images).
+    pub fn is_docker_hub(&self) -> bool {
+        is_docker_hub_alias(&self.registry)
+    }
+}
+
+/// Names under which Docker Hub appears in `?ns=` and image references.
+pub fn is_docker_hub_alias(registry: &str) -> bool {
+    matches!(
+        registry.to_ascii_lowercase().as_str(),
+        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+    )
+}
+
+fn valid_registry_host(h: &str) -> bool {
+    let (host, port) = match h.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (h, None),
+    };
+    if let Some(p) = port
+        && p.parse::<u16>().is_err()
+    {
+        return false;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
+/// Splits `http(s)://authority[/path]` into scheme, authority and path prefix.
+pub fn split_url(url: &str) -> Option<(&str, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains(['@', '?', '#', ' ']) {
+        return None;
+    }
+    Some((scheme, authority, path.trim_end_matches('/')))
+}
+
+fn default_listen() -> SocketAddr {
+    "0.0.0.0:5000".parse().expect("valid")
+}
+fn default_metrics_listen() -> SocketAddr {
+    "0.0.0.0:9095".parse().expect("valid")
+}
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("pullthrough-cache")
+}
+fn default_upstreams() -> Vec<UpstreamConfig> {
+    vec![UpstreamConfig::new(DOCKER_HUB)]
+}
+fn default_tag_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_stale_if_error() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_tags_list_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_manifest_bytes() -> u64 {
+    4 * 1024 * 1024
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_a_docker_hub_cache() {
+        let c = ProxyConfig::from_yaml("").unwrap();
+        assert_eq!(c, ProxyConfig::default());
+        c.validate().unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.default_registry(), Some("docker.io"));
+        assert_eq!(c.upstreams[0].base_url(), DOCKER_HUB_URL);
+    }
+
+    #[test]
+    fn yaml_round_trip() {
+        let text = r#"
+listen: 127.0.0.1:5555
+upstreams:
+  - registry: ghcr.io
+  - registry: registry.local:5000
+    url: http://10.0.0.1:5000/
+    credentials: { username: u, password: p }
+    repositories: { allow: ["team/*"], deny: ["team/secret"] }
+defaultUpstream: registry.local:5000
+tagTTL: 1m
+staleIfError: 2h
+"#;
+        // A misspelt field must be reported, not silently ignored.
+        assert!(ProxyConfig::from_yaml(&text.replace("tagTTL", "tagTtl")).is_err());
+        let c = ProxyConfig::from_yaml(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.tag_ttl, Duration::from_secs(60));
+        assert_eq!(c.upstreams[1].base_url(), "http://10.0.0.1:5000");
+        assert_eq!(c.upstreams[0].base_url(), "https://ghcr.io");
+        assert_eq!(ProxyConfig::from_yaml(&c.to_yaml()).unwrap(), c);
+        assert!(!format!("{:?}", c).contains("password: \"p\""));
+    }
+
+    #[test]
+    fn invalid_configs_are_explained() {
+        let mut c = ProxyConfig::default();
+        c.upstreams.push(UpstreamConfig::new("DOCKER.IO"));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::DuplicateRegistry("DOCKER.IO".into()))
+        );
+        let mut c = ProxyConfig::default();
+        c.upstreams[0].url = Some("ftp://x".into());
+        assert!(matches!(c.validate(), Err(ConfigError::BadUrl { .. })));
+        let c = ProxyConfig {
+            default_upstream: Some("quay.io".into()),
+            ..ProxyConfig::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::UnknownDefault(_))));
+        let c = ProxyConfig {
+            upstreams: vec![],
+            ..ProxyConfig::default()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::NoUpstreams));
+        let mut c = ProxyConfig::default();
+        c.upstreams[0].registry = "bad host/x".into();
+        assert!(matches!(c.validate(), Err(ConfigError::BadRegistry(_))));
+    }
+
+    #[test]
+    fn globs() {
+        let f = RepositoryFilter {
+            allow: vec!["library/*".into(), "bitnami/*".into()],
+            deny: vec!["library/bad*".into()],
+        };
+        assert!(f.permits("library/alpine"));
+        assert!(f.permits("bitnami/redis/x"));
+        assert!(!f.permits("library/badger"));
+        assert!(!f.permits("other/thing"));
+        assert!(RepositoryFilter::default().permits("anything"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b", "aXXc"));
+    }
+}

@@ -1,0 +1,13 @@
+//! pullthrough: a Kubernetes-native pull-through caching registry.
+//!
+//! One library crate behind one thin binary. Module boundaries:
+//! - [`oci`] and [`api`] are vocabulary: OCI names, digests, error codes, and the
+//!   configuration types. They do no I/O.
+//! - [`proxy`] is the data plane (the OCI pull API as a pull-through cache). It never
+//!   talks to Kubernetes. Inside it, requests flow `http -> pull_through -> {upstream,
+//!   storage}`, never backwards.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod oci;
+pub mod proxy;

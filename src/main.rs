@@ -1,0 +1,139 @@
+//! The `pullthrough` binary: parses arguments, sets up logging, runs one role.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use pullthrough::api::{ProxyConfig, UpstreamConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "pullthrough",
+    version,
+    about = "Kubernetes-native pull-through caching registry"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "PULLTHROUGH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Run the caching registry (the data plane). With no flags: port 5000, cache in
+    /// ./pullthrough-cache, mirroring docker.io.
+    Proxy(ProxyArgs),
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// YAML configuration file (the format the controller writes); flags override it.
+    #[arg(long, short, env = "PULLTHROUGH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the registry API.
+    #[arg(long, env = "PULLTHROUGH_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "PULLTHROUGH_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Cache directory.
+    #[arg(long, env = "PULLTHROUGH_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Mirror this registry, as REGISTRY or REGISTRY=URL (repeatable; replaces the
+    /// configured upstreams). Example: --upstream ghcr.io --upstream registry.local=http://10.0.0.5:5000
+    #[arg(long = "upstream", value_name = "REGISTRY[=URL]")]
+    upstreams: Vec<String>,
+    /// Registry served to clients that send no ?ns= (default: the first upstream).
+    #[arg(long, env = "PULLTHROUGH_DEFAULT_UPSTREAM")]
+    default_upstream: Option<String>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            ProxyConfig::from_yaml(&text)
+                .with_context(|| format!("config file {} is not valid", path.display()))?
+        }
+        None => ProxyConfig::default(),
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(l) = args.metrics_listen {
+        config.metrics_listen = l;
+    }
+    if let Some(d) = &args.cache_dir {
+        config.cache_dir = d.clone();
+    }
+    if !args.upstreams.is_empty() {
+        config.upstreams = args
+            .upstreams
+            .iter()
+            .map(|spec| {
+                let (registry, url) = match spec.split_once('=') {
+                    Some((r, u)) => (r, Some(u.to_string())),
+                    None => (spec.as_str(), None),
+                };
+                UpstreamConfig {
+                    url,
+                    ..UpstreamConfig::new(registry)
+                }
+            })
+            .collect();
+    }
+    if let Some(d) = &args.default_upstream {
+        config.default_upstream = Some(d.clone());
+    }
+    config.validate().context("invalid configuration")?;
+    Ok(config)
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.role {
+        Role::Proxy(args) => {
+            let config = proxy_config(&args)?;
+            if args.print_config {
+                print!("{}", config.to_yaml());
+                return Ok(());
+            }
+            init_tracing(&cli.log_format);
+            pullthrough::proxy::run(config, shutdown_signal()).await?;
+        }
+    }
+    Ok(())
+}

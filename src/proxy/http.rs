@@ -1,0 +1,461 @@
+//! The HTTP surface: parses and validates requests, picks the upstream, calls the cache,
+//! and turns every result into a response. Errors become OCI error JSON here, in one
+//! place, and are logged once here.
+
+use super::Proxy;
+use super::error::ProxyError;
+use super::metrics::{CacheResult, Kind};
+use super::pull_through::{BlobAnswer, ByteRange};
+use super::upstream::Upstream;
+use crate::oci::error::error_body;
+use crate::oci::reference::validate_repository;
+use crate::oci::{Digest, Reference};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+
+/// Response body type of both servers.
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A parsed distribution API path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `/v2/`
+    Base,
+    /// `/v2/<name>/manifests/<reference>`
+    Manifest(String, Reference),
+    /// `/v2/<name>/blobs/<digest>`
+    Blob(String, Digest),
+    /// `/v2/<name>/tags/list`
+    Tags(String),
+    /// `/v2/<name>/referrers/<digest>`
+    Referrers(String, Digest),
+}
+
+/// Parses and validates a request path. Nothing is looked up before this succeeds.
+pub fn parse_route(raw_path: &str) -> Result<Route, ProxyError> {
+    let path = percent_decode(raw_path)
+        .ok_or_else(|| ProxyError::NameInvalid("path is not valid UTF-8".into()))?;
+    let rest = match path.strip_prefix("/v2") {
+        Some("") | Some("/") => return Ok(Route::Base),
+        Some(r) => r.strip_prefix('/').ok_or(ProxyError::NotFound)?,
+        None => return Err(ProxyError::NotFound),
+    };
+    let name_of = |n: &str| -> Result<String, ProxyError> {
+        validate_repository(n).map_err(|e| ProxyError::NameInvalid(e.to_string()))?;
+        Ok(n.to_string())
+    };
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Ok(Route::Tags(name_of(name)?));
+    }
+    let (prefix, last) = rest.rsplit_once('/').ok_or(ProxyError::NotFound)?;
+    let (name, endpoint) = prefix.rsplit_once('/').ok_or(ProxyError::NotFound)?;
+    let digest = |s: &str| -> Result<Digest, ProxyError> {
+        s.parse()
+            .map_err(|e: crate::oci::DigestError| ProxyError::DigestInvalid(e.to_string()))
+    };
+    match endpoint {
+        "manifests" => {
+            let name = name_of(name)?;
+            let reference = Reference::parse(last).map_err(|e| match e {
+                crate::oci::ReferenceError::Digest(d) => ProxyError::DigestInvalid(d.to_string()),
+                other => ProxyError::ReferenceInvalid(other.to_string()),
+            })?;
+            Ok(Route::Manifest(name, reference))
+        }
+        "blobs" => {
+            let name = name_of(name)?;
+            Ok(Route::Blob(name, digest(last)?))
+        }
+        "referrers" => {
+            let name = name_of(name)?;
+            Ok(Route::Referrers(name, digest(last)?))
+        }
+        _ => Err(ProxyError::NotFound),
+    }
+}
+
+/// Decodes `%XX` escapes; `None` when the result is not UTF-8 or an escape is broken.
+fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_string());
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Splits the query into `ns` and the rest (which is forwarded upstream).
+fn split_query(query: Option<&str>) -> (Option<String>, Option<String>) {
+    let Some(q) = query else {
+        return (None, None);
+    };
+    let mut ns = None;
+    let mut rest = Vec::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("ns", v)) => ns = percent_decode(v),
+            _ => rest.push(pair),
+        }
+    }
+    let rest = (!rest.is_empty()).then(|| rest.join("&"));
+    (ns, rest)
+}
+
+/// Everything known about a request for the one log line.
+struct Outcome {
+    upstream: Option<String>,
+    repo: Option<String>,
+    reference: Option<String>,
+    cache: Option<CacheResult>,
+}
+
+/// Entry point of the registry API server.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut outcome = Outcome {
+        upstream: None,
+        repo: None,
+        reference: None,
+        cache: None,
+    };
+    let result = route(&proxy, &req, &mut outcome).await;
+    let mut resp = match result {
+        Ok(resp) => {
+            tracing::info!(method = %method, path = %path, status = resp.status().as_u16(),
+                upstream = outcome.upstream.as_deref(), repo = outcome.repo.as_deref(),
+                reference = outcome.reference.as_deref(),
+                cache = outcome.cache.map(CacheResult::as_str), "request");
+            resp
+        }
+        Err(e) => {
+            let (code, status) = e.code_and_status();
+            if status.is_server_error() {
+                tracing::warn!(method = %method, path = %path, status = status.as_u16(), code = code.as_str(),
+                    upstream = outcome.upstream.as_deref(), repo = outcome.repo.as_deref(),
+                    reference = outcome.reference.as_deref(), error = %e, "request failed");
+            } else {
+                tracing::info!(method = %method, path = %path, status = status.as_u16(), code = code.as_str(),
+                    upstream = outcome.upstream.as_deref(), repo = outcome.repo.as_deref(),
+                    reference = outcome.reference.as_deref(), error = %e, "request refused");
+            }
+            error_response(&e, method == Method::HEAD)
+        }
+    };
+    resp.headers_mut()
+        .insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+    Ok(resp)
+}
+
+/// The OCI error response for an error.
+pub fn error_response(e: &ProxyError, head: bool) -> Response<Body> {
+    let (code, status) = e.code_and_status();
+    let body = error_body(code, &e.to_string());
+    let mut builder = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if let ProxyError::RangeNotSatisfiable { len } = e {
+        builder = builder.header(header::CONTENT_RANGE, format!("bytes */{len}"));
+    }
+    if let ProxyError::Unsupported(_) = e {
+        builder = builder.header(header::ALLOW, "GET, HEAD");
+    }
+    builder
+        .body(if head { empty() } else { full(body) })
+        .expect("valid response")
+}
+
+fn pick_upstream(proxy: &Proxy, ns: Option<&str>) -> Result<Arc<Upstream>, ProxyError> {
+    match ns {
+        Some(ns) => proxy
+            .upstream(ns)
+            .ok_or_else(|| ProxyError::UnknownRegistry(ns.chars().take(253).collect())),
+        None => Ok(proxy.default_upstream()),
+    }
+}
+
+async fn route(
+    proxy: &Arc<Proxy>,
+    req: &Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, ProxyError> {
+    let head = match *req.method() {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => {
+            return Err(ProxyError::Unsupported(
+                "this registry is a read-only pull-through cache",
+            ));
+        }
+    };
+    let route = parse_route(req.uri().path())?;
+    let (ns, forward_query) = split_query(req.uri().query());
+    if route == Route::Base {
+        return Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, 2)
+            .body(if head { empty() } else { full("{}") })
+            .expect("valid response"));
+    }
+    let up = pick_upstream(proxy, ns.as_deref())?;
+    outcome.upstream = Some(up.name().to_string());
+    let name = match &route {
+        Route::Manifest(n, _) | Route::Blob(n, _) | Route::Tags(n) | Route::Referrers(n, _) => n,
+        Route::Base => unreachable!("answered above"),
+    };
+    let repo = up.canonical_repository(name);
+    validate_repository(&repo).map_err(|e| ProxyError::NameInvalid(e.to_string()))?;
+    outcome.repo = Some(repo.clone());
+    if !up.permits(&repo) {
+        return Err(ProxyError::RepositoryDenied(repo));
+    }
+    let cache = proxy.cache();
+    match route {
+        Route::Manifest(_, reference) => {
+            outcome.reference = Some(reference.to_string());
+            let result = cache.manifest(&up, &repo, &reference).await;
+            let (m, res) = count(proxy, &up, Kind::Manifest, outcome, result)?;
+            if !head {
+                proxy.metrics().served(
+                    up.name(),
+                    matches!(res, CacheResult::Hit | CacheResult::Stale),
+                    m.body.len() as u64,
+                );
+            }
+            Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, m.media_type.as_str())
+                .header(header::CONTENT_LENGTH, m.body.len())
+                .header("docker-content-digest", m.digest.to_string())
+                .header(header::ETAG, format!("\"{}\"", m.digest))
+                .body(if head { empty() } else { full(m.body) })
+                .expect("valid response"))
+        }
+        Route::Blob(_, digest) => {
+            outcome.reference = Some(digest.to_string());
+            let range = req
+                .headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(ByteRange::parse)
+                .and_then(Result::ok);
+            let result = cache.blob(&up, &repo, &digest, range, head).await;
+            let answer = count(
+                proxy,
+                &up,
+                Kind::Blob,
+                outcome,
+                result.map(|a| {
+                    let r = a.result;
+                    (a, r)
+                }),
+            )?
+            .0;
+            Ok(blob_response(&digest, answer))
+        }
+        Route::Tags(_) => {
+            let body = cache
+                .tags_list(&up, &repo, forward_query.as_deref())
+                .await?;
+            Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_LENGTH, body.len())
+                .body(if head { empty() } else { full(body) })
+                .expect("valid response"))
+        }
+        Route::Referrers(_, digest) => {
+            outcome.reference = Some(digest.to_string());
+            let (body, content_type, filters) = cache
+                .referrers(&up, &repo, &digest, forward_query.as_deref())
+                .await?;
+            let mut b = Response::builder()
+                .status(StatusCode::OK)
+                .header(
+                    header::CONTENT_TYPE,
+                    content_type.unwrap_or_else(|| crate::oci::media::OCI_INDEX.to_string()),
+                )
+                .header(header::CONTENT_LENGTH, body.len());
+            if let Some(f) = filters {
+                b = b.header("oci-filters-applied", f);
+            }
+            Ok(b.body(if head { empty() } else { full(body) })
+                .expect("valid response"))
+        }
+        Route::Base => unreachable!("answered above"),
+    }
+}
+
+/// Counts a manifest or blob request in `pullthrough_requests_total`.
+fn count<T>(
+    proxy: &Proxy,
+    up: &Upstream,
+    kind: Kind,
+    outcome: &mut Outcome,
+    result: Result<(T, CacheResult), ProxyError>,
+) -> Result<(T, CacheResult), ProxyError> {
+    let res = match &result {
+        Ok((_, r)) => *r,
+        Err(_) => CacheResult::Error,
+    };
+    outcome.cache = Some(res);
+    proxy.metrics().request(up.name(), kind, res);
+    result
+}
+
+fn blob_response(digest: &Digest, answer: BlobAnswer) -> Response<Body> {
+    let mut b = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("docker-content-digest", digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::ACCEPT_RANGES, "bytes");
+    match (answer.range, answer.len) {
+        (Some((start, end)), Some(len)) => {
+            b = b
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
+                .header(header::CONTENT_LENGTH, end - start + 1);
+        }
+        (_, Some(len)) => b = b.status(StatusCode::OK).header(header::CONTENT_LENGTH, len),
+        (_, None) => b = b.status(StatusCode::OK),
+    }
+    let body = match answer.body {
+        Some(stream) => StreamBody::new(stream.map_ok(Frame::data)).boxed_unsync(),
+        None => empty(),
+    };
+    b.body(body).expect("valid response")
+}
+
+/// Entry point of the operations server: `/metrics`, `/healthz`, `/readyz`.
+pub async fn handle_ops(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let text = |status: StatusCode, body: String, ctype: &'static str| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, ctype)
+            .body(full(body))
+            .expect("valid response")
+    };
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            proxy.metrics().render(),
+            "text/plain; version=0.0.4",
+        ),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        (&Method::GET, "/readyz") => match proxy.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{why}\n"),
+                "text/plain",
+            ),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d() -> String {
+        format!("sha256:{}", "a".repeat(64))
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(parse_route("/v2/").unwrap(), Route::Base);
+        assert_eq!(parse_route("/v2").unwrap(), Route::Base);
+        assert_eq!(
+            parse_route("/v2/library/alpine/manifests/3.20").unwrap(),
+            Route::Manifest("library/alpine".into(), Reference::Tag("3.20".into()))
+        );
+        assert!(matches!(
+            parse_route(&format!("/v2/a/manifests/blobs/{}", d())).unwrap(),
+            Route::Blob(n, _) if n == "a/manifests"
+        ));
+        assert!(matches!(
+            parse_route(&format!("/v2/a/b/blobs/{}", d())).unwrap(),
+            Route::Blob(..)
+        ));
+        assert!(matches!(
+            parse_route(&format!("/v2/a/manifests/{}", d().replace(':', "%3A"))).unwrap(),
+            Route::Manifest(_, Reference::Digest(_))
+        ));
+        assert_eq!(
+            parse_route("/v2/a/b/tags/list").unwrap(),
+            Route::Tags("a/b".into())
+        );
+        assert!(matches!(
+            parse_route(&format!("/v2/a/referrers/{}", d())).unwrap(),
+            Route::Referrers(..)
+        ));
+    }
+
+    #[test]
+    fn bad_paths_are_refused_with_the_right_code() {
+        use crate::oci::ErrorCode::*;
+        let code = |p: &str| parse_route(p).unwrap_err().code_and_status().0;
+        assert_eq!(code("/v2/../etc/manifests/x"), NameInvalid);
+        assert_eq!(code("/v2/a/%2e%2e/manifests/x"), NameInvalid);
+        assert_eq!(code("/v2/Upper/manifests/x"), NameInvalid);
+        assert_eq!(code("/v2/a/manifests/..."), ManifestInvalid);
+        assert_eq!(code("/v2/a/blobs/sha256:zz"), DigestInvalid);
+        assert_eq!(code("/v2/a/blobs/latest"), DigestInvalid);
+        assert_eq!(code("/v2/a/manifests/md5:00"), DigestInvalid);
+        assert_eq!(code("/v2/a/uploads/x"), NameUnknown);
+        assert_eq!(code("/other"), NameUnknown);
+        assert_eq!(code("/v2/a/%ff/manifests/x"), NameInvalid);
+    }
+
+    #[test]
+    fn query_split() {
+        assert_eq!(
+            split_query(Some("ns=docker.io&n=10&last=b")),
+            (Some("docker.io".into()), Some("n=10&last=b".into()))
+        );
+        assert_eq!(
+            split_query(Some("ns=ghcr.io")),
+            (Some("ghcr.io".into()), None)
+        );
+        assert_eq!(split_query(None), (None, None));
+    }
+}

@@ -1,0 +1,268 @@
+//! The proxy's Prometheus metrics. Each proxy owns its registry (tests run several in one
+//! process). Labels stay low-cardinality: upstream registry, kind, result, code; never a
+//! repository, tag or digest.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// `kind` label of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A manifest request.
+    Manifest,
+    /// A blob request.
+    Blob,
+    /// A tags/list request.
+    Tags,
+    /// A referrers request.
+    Referrers,
+    /// A token endpoint request.
+    Token,
+}
+
+impl Kind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Manifest => "manifest",
+            Kind::Blob => "blob",
+            Kind::Tags => "tags",
+            Kind::Referrers => "referrers",
+            Kind::Token => "token",
+        }
+    }
+}
+
+/// How a client request was answered, the `result` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheResult {
+    /// Served from the cache.
+    Hit,
+    /// Fetched from upstream for this request.
+    Miss,
+    /// Served from the cache past its TTL because the upstream failed.
+    Stale,
+    /// Joined a fetch another request had started.
+    Coalesced,
+    /// Failed.
+    Error,
+}
+
+impl CacheResult {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Stale => "stale",
+            CacheResult::Coalesced => "coalesced",
+            CacheResult::Error => "error",
+        }
+    }
+}
+
+/// All proxy metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    served_bytes: IntCounterVec,
+    upstream_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    /// Bytes of committed blobs and manifests on disk.
+    pub cache_size_bytes: IntGauge,
+    /// Number of committed blobs and manifests on disk.
+    pub cache_blobs: IntGauge,
+    /// Upstream blob downloads running now.
+    pub inflight_fetches: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_requests_total",
+                "Client manifest and blob requests by how they were answered.",
+            ),
+            &["upstream", "kind", "result"],
+        )
+        .expect("valid metric");
+        let served_bytes = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_served_bytes_total",
+                "Bytes of manifests and blobs sent to clients, by where they came from.",
+            ),
+            &["upstream", "source"],
+        )
+        .expect("valid metric");
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_upstream_requests_total",
+                "Requests sent to upstream registries, by HTTP status (or \"error\").",
+            ),
+            &["upstream", "kind", "code"],
+        )
+        .expect("valid metric");
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pullthrough_upstream_request_duration_seconds",
+                "Time until an upstream registry answered with headers.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["upstream", "kind"],
+        )
+        .expect("valid metric");
+        let cache_size_bytes = IntGauge::new(
+            "pullthrough_cache_size_bytes",
+            "Bytes of blobs and manifests in the cache.",
+        )
+        .expect("valid metric");
+        let cache_blobs = IntGauge::new(
+            "pullthrough_cache_blobs",
+            "Number of blobs and manifests in the cache.",
+        )
+        .expect("valid metric");
+        let inflight_fetches = IntGauge::new(
+            "pullthrough_inflight_fetches",
+            "Upstream blob downloads in progress.",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(served_bytes.clone()),
+            Box::new(upstream_requests.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(cache_size_bytes.clone()),
+            Box::new(cache_blobs.clone()),
+            Box::new(inflight_fetches.clone()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        Metrics {
+            registry,
+            requests,
+            served_bytes,
+            upstream_requests,
+            upstream_duration,
+            cache_size_bytes,
+            cache_blobs,
+            inflight_fetches,
+        }
+    }
+
+    /// Counts one client request.
+    pub fn request(&self, upstream: &str, kind: Kind, result: CacheResult) {
+        self.requests
+            .with_label_values(&[upstream, kind.as_str(), result.as_str()])
+            .inc();
+    }
+
+    /// Counts bytes sent to a client; `from_cache` picks the `source` label.
+    pub fn served(&self, upstream: &str, from_cache: bool, bytes: u64) {
+        let source = if from_cache { "cache" } else { "upstream" };
+        self.served_bytes
+            .with_label_values(&[upstream, source])
+            .inc_by(bytes);
+    }
+
+    /// Counts an upstream request and its latency. `code` is the HTTP status, or `None`
+    /// when no answer came.
+    pub fn upstream(&self, upstream: &str, kind: Kind, code: Option<u16>, seconds: f64) {
+        let code = code.map(status_label).unwrap_or("error");
+        self.upstream_requests
+            .with_label_values(&[upstream, kind.as_str(), code])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[upstream, kind.as_str()])
+            .observe(seconds);
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("text encoding is utf-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Static label for a status code, so label values never come from an unbounded set.
+fn status_label(code: u16) -> &'static str {
+    const KNOWN: [(u16, &str); 18] = [
+        (200, "200"),
+        (206, "206"),
+        (301, "301"),
+        (302, "302"),
+        (303, "303"),
+        (304, "304"),
+        (307, "307"),
+        (308, "308"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (416, "416"),
+        (429, "429"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    if let Some((_, label)) = KNOWN.iter().find(|(c, _)| *c == code) {
+        return label;
+    }
+    match code / 100 {
+        0 | 1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_the_documented_names() {
+        let m = Metrics::new();
+        m.request("docker.io", Kind::Blob, CacheResult::Hit);
+        m.served("docker.io", true, 10);
+        m.upstream("docker.io", Kind::Manifest, Some(200), 0.1);
+        let text = m.render();
+        for name in [
+            "pullthrough_requests_total",
+            "pullthrough_served_bytes_total",
+            "pullthrough_upstream_requests_total",
+            "pullthrough_upstream_request_duration_seconds_bucket",
+            "pullthrough_cache_size_bytes",
+            "pullthrough_cache_blobs",
+            "pullthrough_inflight_fetches",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        assert!(text.contains(
+            r#"pullthrough_requests_total{kind="blob",result="hit",upstream="docker.io"} 1"#
+        ));
+    }
+
+    #[test]
+    fn status_labels_are_bounded() {
+        assert_eq!(status_label(418), "4xx");
+        assert_eq!(status_label(599), "5xx");
+        assert_eq!(status_label(404), "404");
+    }
+}

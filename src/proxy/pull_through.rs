@@ -1,0 +1,1128 @@
+//! The pull-through cache: answers manifest, blob, tags and referrers requests from the
+//! cache or the upstream, and fills the cache on the way.
+//!
+//! Blobs: one download per missing digest, shared by every request for it. The download
+//! runs on its own task, writes to a temp file and hashes as it goes; every client (the
+//! first included) reads that file as it grows, so a slow client never slows the download
+//! and memory stays bounded whatever the blob size. The last byte is withheld until the
+//! digest is verified: a client can never receive a complete body that does not match.
+//! The file is renamed into the cache only when the digest matches.
+//!
+//! Manifests: cached by digest forever. A tag maps to a digest for `tag_ttl`, then is
+//! revalidated with a HEAD; when the upstream is down the last digest is served for up to
+//! `stale_if_error` more. Concurrent misses for one manifest share one upstream request.
+
+use super::error::ProxyError;
+use super::metrics::{CacheResult, Kind, Metrics};
+use super::storage::{Storage, TagRecord, unix_now};
+use super::upstream::{Upstream, read_limited};
+use crate::oci::media::{MANIFEST_ACCEPT, manifest_media_type};
+use crate::oci::{Digest, Hasher, Reference};
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::stream::{BoxStream, StreamExt};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap};
+use hyper::{Method, StatusCode};
+use std::collections::HashMap;
+use std::io::{self, SeekFrom};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Size of disk reads and writes.
+const CHUNK: usize = 256 * 1024;
+/// Largest tags/list or referrers answer passed through.
+const MAX_LIST_BYTES: usize = 4 << 20;
+/// Bound on remembered tags/list answers.
+const MAX_TAG_LISTS: usize = 4096;
+
+/// Limits and timings of the cache.
+#[derive(Clone, Debug)]
+pub struct CachePolicy {
+    /// How long a tag is trusted without asking upstream.
+    pub tag_ttl: Duration,
+    /// How long past `tag_ttl` a tag may be served while the upstream fails.
+    pub stale_if_error: Duration,
+    /// How long a tags/list answer is reused.
+    pub tags_list_ttl: Duration,
+    /// Largest manifest accepted.
+    pub max_manifest_bytes: u64,
+}
+
+/// A manifest as served.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    /// Its digest (verified).
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its bytes.
+    pub body: Bytes,
+}
+
+/// What a blob request is answered with.
+pub struct BlobAnswer {
+    /// Full size of the blob, when known (it is unless a miss is streamed chunked).
+    pub len: Option<u64>,
+    /// Byte range served, inclusive, when the request had a satisfiable `Range`.
+    pub range: Option<(u64, u64)>,
+    /// Body (absent for HEAD).
+    pub body: Option<BoxStream<'static, io::Result<Bytes>>>,
+    /// How it was answered.
+    pub result: CacheResult,
+}
+
+/// A `Range: bytes=...` request, not yet resolved against a length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `start-` or `start-end` (inclusive).
+    From {
+        /// First byte.
+        start: u64,
+        /// Last byte, inclusive.
+        end: Option<u64>,
+    },
+    /// `-n`: the last n bytes.
+    Suffix(u64),
+}
+
+impl ByteRange {
+    /// Parses a single-range `Range` header. `None` for headers the proxy ignores (not
+    /// bytes, multiple ranges): the full body is served then, as HTTP allows.
+    pub fn parse(header: &str) -> Option<Result<ByteRange, ()>> {
+        let spec = header.trim().strip_prefix("bytes=")?;
+        if spec.contains(',') {
+            return None;
+        }
+        let (a, b) = spec.split_once('-')?;
+        let (a, b) = (a.trim(), b.trim());
+        let num = |s: &str| s.parse::<u64>().map_err(|_| ());
+        Some(if a.is_empty() {
+            num(b).map(ByteRange::Suffix)
+        } else {
+            match (num(a), b.is_empty()) {
+                (Ok(start), true) => Ok(ByteRange::From { start, end: None }),
+                (Ok(start), false) => num(b).and_then(|end| {
+                    if end < start {
+                        Err(())
+                    } else {
+                        Ok(ByteRange::From {
+                            start,
+                            end: Some(end),
+                        })
+                    }
+                }),
+                (Err(()), _) => Err(()),
+            }
+        })
+    }
+
+    /// The inclusive byte span within a blob of `len` bytes, if satisfiable.
+    pub fn resolve(self, len: u64) -> Option<(u64, u64)> {
+        match self {
+            ByteRange::From { start, end } if start < len => {
+                Some((start, end.map_or(len - 1, |e| e.min(len - 1))))
+            }
+            ByteRange::Suffix(n) if n > 0 && len > 0 => Some((len - n.min(len), len - 1)),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a tag of a given age may be served without asking, only while the upstream
+/// fails, or not at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within `tag_ttl`.
+    Fresh,
+    /// Past `tag_ttl` but within `stale_if_error` after it.
+    StaleServable,
+    /// Too old to serve.
+    Expired,
+}
+
+/// Classifies a tag by the time since the upstream last confirmed it.
+pub fn freshness(age: Duration, policy: &CachePolicy) -> Freshness {
+    if age < policy.tag_ttl {
+        Freshness::Fresh
+    } else if age < policy.tag_ttl + policy.stale_if_error {
+        Freshness::StaleServable
+    } else {
+        Freshness::Expired
+    }
+}
+
+#[derive(Clone, Debug)]
+struct TagState {
+    digest: Digest,
+    age_at: Duration,
+    since: Instant,
+}
+
+impl TagState {
+    fn age(&self) -> Duration {
+        self.age_at + self.since.elapsed()
+    }
+}
+
+#[derive(Clone, Debug)]
+enum FetchState {
+    Connecting,
+    Streaming { len: Option<u64>, written: u64 },
+    Done { len: u64 },
+    Failed(ProxyError),
+}
+
+struct BlobFetch {
+    temp: PathBuf,
+    state: watch::Receiver<FetchState>,
+}
+
+type ManifestFuture = Shared<BoxFuture<'static, Result<(Manifest, CacheResult), ProxyError>>>;
+
+/// The cache and its in-flight fetches.
+pub struct PullThrough {
+    storage: Storage,
+    metrics: Metrics,
+    policy: CachePolicy,
+    blobs: Mutex<HashMap<Digest, Arc<BlobFetch>>>,
+    manifests: Mutex<HashMap<String, ManifestFuture>>,
+    tags: Mutex<HashMap<String, TagState>>,
+    tag_lists: Mutex<HashMap<String, (Instant, Bytes)>>,
+}
+
+fn tag_key(up: &Upstream, repository: &str, tag: &str) -> String {
+    format!("{}\0{repository}\0{tag}", up.name())
+}
+
+/// Maps an upstream status that is not success to the error the client gets.
+pub fn status_error(status: StatusCode, kind: Kind) -> ProxyError {
+    match status.as_u16() {
+        404 => match kind {
+            Kind::Manifest => ProxyError::ManifestUnknown,
+            Kind::Blob => ProxyError::BlobUnknown,
+            _ => ProxyError::NameUnknown,
+        },
+        401 | 403 => ProxyError::UpstreamDenied(status.as_u16()),
+        429 => ProxyError::UpstreamRateLimited,
+        500..=599 => ProxyError::unavailable(format!("upstream answered HTTP {status}")),
+        _ => ProxyError::UpstreamInvalid(format!("unexpected HTTP {status}").into()),
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
+}
+
+fn docker_digest(headers: &HeaderMap) -> Option<Digest> {
+    header_str(headers, "docker-content-digest").and_then(|v| v.parse().ok())
+}
+
+impl PullThrough {
+    /// A cache over `storage`.
+    pub fn new(storage: Storage, metrics: Metrics, policy: CachePolicy) -> PullThrough {
+        PullThrough {
+            storage,
+            metrics,
+            policy,
+            blobs: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
+            tags: Mutex::new(HashMap::new()),
+            tag_lists: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The storage underneath.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    // ----- manifests -----
+
+    /// A manifest by tag or digest.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        reference: &Reference,
+    ) -> Result<(Manifest, CacheResult), ProxyError> {
+        match reference {
+            Reference::Digest(digest) => {
+                if let Some(m) = self.cached_manifest(digest).await? {
+                    return Ok((m, CacheResult::Hit));
+                }
+                let key = format!("{}\0{repository}\0{digest}", up.name());
+                let (this, up2, repo, d) = (
+                    self.clone(),
+                    up.clone(),
+                    repository.to_string(),
+                    digest.clone(),
+                );
+                self.coalesce(key, async move {
+                    let m = this
+                        .fetch_manifest(&up2, &repo, &d.to_string(), Some(&d))
+                        .await?;
+                    Ok((m, CacheResult::Miss))
+                })
+                .await
+            }
+            Reference::Tag(tag) => {
+                let state = self.tag_state(up, repository, tag).await;
+                if let Some(st) = &state
+                    && freshness(st.age(), &self.policy) == Freshness::Fresh
+                    && let Some(m) = self.cached_manifest(&st.digest).await?
+                {
+                    return Ok((m, CacheResult::Hit));
+                }
+                let key = tag_key(up, repository, tag);
+                let (this, up2, repo, tag) = (
+                    self.clone(),
+                    up.clone(),
+                    repository.to_string(),
+                    tag.clone(),
+                );
+                self.coalesce(key, async move {
+                    this.resolve_tag(&up2, &repo, &tag, state).await
+                })
+                .await
+            }
+        }
+    }
+
+    /// Runs `fetch` unless an identical one is running; then waits for that one instead.
+    async fn coalesce(
+        &self,
+        key: String,
+        fetch: impl Future<Output = Result<(Manifest, CacheResult), ProxyError>> + Send + 'static,
+    ) -> Result<(Manifest, CacheResult), ProxyError> {
+        let (shared, leader) = {
+            let mut map = self.manifests.lock().expect("manifest map lock");
+            match map.get(&key) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = fetch.boxed().shared();
+                    map.insert(key.clone(), f.clone());
+                    (f, true)
+                }
+            }
+        };
+        let result = shared.await;
+        if leader {
+            self.manifests
+                .lock()
+                .expect("manifest map lock")
+                .remove(&key);
+        }
+        match result {
+            Ok((m, CacheResult::Miss)) if !leader => Ok((m, CacheResult::Coalesced)),
+            other => other,
+        }
+    }
+
+    async fn tag_state(&self, up: &Upstream, repository: &str, tag: &str) -> Option<TagState> {
+        let key = tag_key(up, repository, tag);
+        if let Some(st) = self.tags.lock().expect("tag map lock").get(&key) {
+            return Some(st.clone());
+        }
+        let rec = self.storage.get_tag(up.name(), repository, tag).await?;
+        let digest: Digest = rec.digest.parse().ok()?;
+        let st = TagState {
+            digest,
+            age_at: Duration::from_secs(unix_now().saturating_sub(rec.checked_at)),
+            since: Instant::now(),
+        };
+        self.tags
+            .lock()
+            .expect("tag map lock")
+            .insert(key, st.clone());
+        Some(st)
+    }
+
+    async fn confirm_tag(&self, up: &Upstream, repository: &str, tag: &str, digest: &Digest) {
+        let st = TagState {
+            digest: digest.clone(),
+            age_at: Duration::ZERO,
+            since: Instant::now(),
+        };
+        self.tags
+            .lock()
+            .expect("tag map lock")
+            .insert(tag_key(up, repository, tag), st);
+        let rec = TagRecord {
+            upstream: up.name().to_string(),
+            repository: repository.to_string(),
+            tag: tag.to_string(),
+            digest: digest.to_string(),
+            checked_at: unix_now(),
+        };
+        if let Err(e) = self.storage.put_tag(&rec).await {
+            tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, "could not persist tag");
+        }
+    }
+
+    async fn forget_tag(&self, up: &Upstream, repository: &str, tag: &str) {
+        self.tags
+            .lock()
+            .expect("tag map lock")
+            .remove(&tag_key(up, repository, tag));
+        let _ = self.storage.delete_tag(up.name(), repository, tag).await;
+    }
+
+    /// Tag not fresh (or unknown): revalidate with HEAD, fetch on change, fall back to the
+    /// last known digest while the upstream is down.
+    async fn resolve_tag(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        tag: &str,
+        state: Option<TagState>,
+    ) -> Result<(Manifest, CacheResult), ProxyError> {
+        let known = match &state {
+            Some(st) => self.cached_manifest(&st.digest).await?.map(|m| (m, st)),
+            None => None,
+        };
+        let stale_ok = |st: &TagState, e: &ProxyError| {
+            e.upstream_is_down() && freshness(st.age(), &self.policy) != Freshness::Expired
+        };
+        if let Some((m, st)) = &known {
+            let head = up
+                .request(
+                    Method::HEAD,
+                    Kind::Manifest,
+                    repository,
+                    &format!("manifests/{tag}"),
+                    None,
+                    Some(MANIFEST_ACCEPT),
+                )
+                .await;
+            let outcome = match head {
+                Ok(resp) if resp.status() == StatusCode::OK => {
+                    if docker_digest(resp.headers()).as_ref() == Some(&m.digest) {
+                        self.confirm_tag(up, repository, tag, &m.digest).await;
+                        return Ok((m.clone(), CacheResult::Hit));
+                    }
+                    Ok(())
+                }
+                Ok(resp) => Err(status_error(resp.status(), Kind::Manifest)),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(ProxyError::ManifestUnknown) => {
+                    self.forget_tag(up, repository, tag).await;
+                    return Err(ProxyError::ManifestUnknown);
+                }
+                Err(e) if stale_ok(st, &e) => {
+                    tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, cache = "stale", "serving last known digest");
+                    return Ok((m.clone(), CacheResult::Stale));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match self.fetch_manifest(up, repository, tag, None).await {
+            Ok(m) => {
+                self.confirm_tag(up, repository, tag, &m.digest).await;
+                Ok((m, CacheResult::Miss))
+            }
+            Err(ProxyError::ManifestUnknown) => {
+                self.forget_tag(up, repository, tag).await;
+                Err(ProxyError::ManifestUnknown)
+            }
+            Err(e) => match &known {
+                Some((m, st)) if stale_ok(st, &e) => Ok((m.clone(), CacheResult::Stale)),
+                _ => Err(e),
+            },
+        }
+    }
+
+    async fn cached_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, ProxyError> {
+        Ok(self
+            .storage
+            .get_manifest(digest)
+            .await
+            .map_err(ProxyError::internal)?
+            .map(|(body, media_type)| Manifest {
+                digest: digest.clone(),
+                media_type,
+                body,
+            }))
+    }
+
+    /// GETs a manifest, checks its size and digest, and stores it.
+    async fn fetch_manifest(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        reference: &str,
+        expect: Option<&Digest>,
+    ) -> Result<Manifest, ProxyError> {
+        let resp = up
+            .request(
+                Method::GET,
+                Kind::Manifest,
+                repository,
+                &format!("manifests/{reference}"),
+                None,
+                Some(MANIFEST_ACCEPT),
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(resp.status(), Kind::Manifest));
+        }
+        let limit = self.policy.max_manifest_bytes;
+        let headers = resp.headers().clone();
+        if content_length(&headers).is_some_and(|l| l > limit) {
+            return Err(ProxyError::ManifestTooLarge { limit });
+        }
+        let body = read_capped(resp.into_body(), limit, up.timeout()).await?;
+        let claimed = docker_digest(&headers);
+        let algorithm = expect
+            .or(claimed.as_ref())
+            .map_or(crate::oci::Algorithm::Sha256, Digest::algorithm);
+        let digest = Digest::of(algorithm, &body);
+        if let Some(want) = expect.or(claimed.as_ref())
+            && *want != digest
+        {
+            return Err(ProxyError::UpstreamInvalid(
+                format!("manifest {reference} hashes to {digest}, expected {want}").into(),
+            ));
+        }
+        let media_type = manifest_media_type(header_str(&headers, header::CONTENT_TYPE), &body);
+        let added = self
+            .storage
+            .put_manifest(&digest, &body, &media_type)
+            .await
+            .map_err(ProxyError::internal)?;
+        if added > 0 {
+            self.metrics.cache_blobs.inc();
+            self.metrics.cache_size_bytes.add(added as i64);
+        }
+        Ok(Manifest {
+            digest,
+            media_type,
+            body,
+        })
+    }
+
+    // ----- blobs -----
+
+    /// A blob (body or HEAD), from the cache, a running download, or a new one.
+    pub async fn blob(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Result<BlobAnswer, ProxyError> {
+        if let Some(answer) = self.cached_blob(up, digest, range, head).await? {
+            return Ok(answer);
+        }
+        let existing = self
+            .blobs
+            .lock()
+            .expect("blob map lock")
+            .get(digest)
+            .cloned();
+        if head {
+            return self.head_blob(up, repository, digest, existing).await;
+        }
+        let joined = match existing {
+            Some(f) => Some((f, false)),
+            None => self.join_or_start(up, repository, digest),
+        };
+        let Some((fetch, leader)) = joined else {
+            // Finished between our cache check and taking the lock.
+            return self
+                .cached_blob(up, digest, range, head)
+                .await?
+                .ok_or_else(|| ProxyError::internal("blob vanished from the cache"));
+        };
+        let mut rx = fetch.state.clone();
+        let state = rx
+            .wait_for(|s| !matches!(s, FetchState::Connecting))
+            .await
+            .map_err(|_| ProxyError::internal("download task ended without a result"))?
+            .clone();
+        let len = match state {
+            FetchState::Failed(e) => return Err(e),
+            FetchState::Streaming { len, .. } => len,
+            FetchState::Done { len } => Some(len),
+            FetchState::Connecting => unreachable!("waited for a later state"),
+        };
+        let span = match (range, len) {
+            (Some(r), Some(len)) => Some(
+                r.resolve(len)
+                    .ok_or(ProxyError::RangeNotSatisfiable { len })?,
+            ),
+            _ => None,
+        };
+        let (start, end) = span.map_or((0, len), |(s, e)| (s, Some(e + 1)));
+        let reader = LiveReader {
+            rx,
+            temp: fetch.temp.clone(),
+            final_path: self.storage.blob_path(digest),
+            file: None,
+            pos: start,
+            end,
+            finished: false,
+        };
+        let metrics = self.metrics.clone();
+        let name = up.name().to_string();
+        let body = futures::stream::unfold(reader, |mut r| async move {
+            if r.finished {
+                return None;
+            }
+            match r.next_chunk().await {
+                Ok(Some(b)) => Some((Ok(b), r)),
+                Ok(None) => None,
+                Err(e) => {
+                    r.finished = true;
+                    Some((Err(e), r))
+                }
+            }
+        })
+        .inspect(move |r| {
+            if let Ok(b) = r {
+                metrics.served(&name, false, b.len() as u64);
+            }
+        })
+        .boxed();
+        Ok(BlobAnswer {
+            len,
+            range: span,
+            body: Some(body),
+            result: if leader {
+                CacheResult::Miss
+            } else {
+                CacheResult::Coalesced
+            },
+        })
+    }
+
+    /// Joins the running download of `digest` or starts one. `None` when the blob turned
+    /// out to be cached already.
+    fn join_or_start(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        digest: &Digest,
+    ) -> Option<(Arc<BlobFetch>, bool)> {
+        let mut map = self.blobs.lock().expect("blob map lock");
+        if let Some(f) = map.get(digest) {
+            return Some((f.clone(), false));
+        }
+        if self.storage.blob_len_now(digest).is_some() {
+            return None;
+        }
+        let (tx, rx) = watch::channel(FetchState::Connecting);
+        let fetch = Arc::new(BlobFetch {
+            temp: self.storage.temp_path(),
+            state: rx,
+        });
+        map.insert(digest.clone(), fetch.clone());
+        let (this, up2, repo, d, temp) = (
+            self.clone(),
+            up.clone(),
+            repository.to_string(),
+            digest.clone(),
+            fetch.temp.clone(),
+        );
+        tokio::spawn(async move { this.download(up2, repo, d, temp, tx).await });
+        Some((fetch, true))
+    }
+
+    async fn cached_blob(
+        &self,
+        up: &Upstream,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Result<Option<BlobAnswer>, ProxyError> {
+        let mut file = match tokio::fs::File::open(self.storage.blob_path(digest)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ProxyError::internal(e)),
+        };
+        let len = file.metadata().await.map_err(ProxyError::internal)?.len();
+        let span = match range {
+            Some(r) => Some(
+                r.resolve(len)
+                    .ok_or(ProxyError::RangeNotSatisfiable { len })?,
+            ),
+            None => None,
+        };
+        let body = if head {
+            None
+        } else {
+            let (start, count) = span.map_or((0, len), |(s, e)| (s, e - s + 1));
+            if start > 0 {
+                file.seek(SeekFrom::Start(start))
+                    .await
+                    .map_err(ProxyError::internal)?;
+            }
+            let metrics = self.metrics.clone();
+            let name = up.name().to_string();
+            Some(
+                tokio_util::io::ReaderStream::with_capacity(file.take(count), CHUNK)
+                    .inspect(move |r| {
+                        if let Ok(b) = r {
+                            metrics.served(&name, true, b.len() as u64);
+                        }
+                    })
+                    .boxed(),
+            )
+        };
+        Ok(Some(BlobAnswer {
+            len: Some(len),
+            range: span,
+            body,
+            result: CacheResult::Hit,
+        }))
+    }
+
+    /// HEAD of a blob that is not cached: answered from a running download or upstream,
+    /// without starting a download.
+    async fn head_blob(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+        running: Option<Arc<BlobFetch>>,
+    ) -> Result<BlobAnswer, ProxyError> {
+        if let Some(f) = running {
+            let len = match &*f.state.borrow() {
+                FetchState::Streaming { len, .. } => *len,
+                FetchState::Done { len } => Some(*len),
+                _ => None,
+            };
+            if len.is_some() {
+                return Ok(BlobAnswer {
+                    len,
+                    range: None,
+                    body: None,
+                    result: CacheResult::Coalesced,
+                });
+            }
+        }
+        let resp = up
+            .request(
+                Method::HEAD,
+                Kind::Blob,
+                repository,
+                &format!("blobs/{digest}"),
+                None,
+                None,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(resp.status(), Kind::Blob));
+        }
+        Ok(BlobAnswer {
+            len: content_length(resp.headers()),
+            range: None,
+            body: None,
+            result: CacheResult::Miss,
+        })
+    }
+
+    /// The download task of one blob: runs to the end even if its first client leaves, so
+    /// the others (and the cache) still get it.
+    async fn download(
+        self: Arc<Self>,
+        up: Arc<Upstream>,
+        repository: String,
+        digest: Digest,
+        temp: PathBuf,
+        tx: watch::Sender<FetchState>,
+    ) {
+        self.metrics.inflight_fetches.inc();
+        let started = Instant::now();
+        let result = self
+            .download_to(&up, &repository, &digest, &temp, &tx)
+            .await;
+        let result = match result {
+            Ok(len) => self
+                .storage
+                .commit(&temp, &digest)
+                .await
+                .map(|()| len)
+                .map_err(ProxyError::internal),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(len) => {
+                self.metrics.cache_blobs.inc();
+                self.metrics.cache_size_bytes.add(len as i64);
+                tracing::info!(upstream = up.name(), repo = %repository, %digest, bytes = len,
+                    seconds = started.elapsed().as_secs_f64(), "blob cached");
+                tx.send_replace(FetchState::Done { len });
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&temp).await;
+                tracing::warn!(upstream = up.name(), repo = %repository, %digest, error = %e, "blob download failed; nothing cached");
+                tx.send_replace(FetchState::Failed(e));
+            }
+        }
+        self.blobs.lock().expect("blob map lock").remove(&digest);
+        self.metrics.inflight_fetches.dec();
+    }
+
+    async fn download_to(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+        temp: &PathBuf,
+        tx: &watch::Sender<FetchState>,
+    ) -> Result<u64, ProxyError> {
+        let resp = up
+            .request(
+                Method::GET,
+                Kind::Blob,
+                repository,
+                &format!("blobs/{digest}"),
+                None,
+                None,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(resp.status(), Kind::Blob));
+        }
+        let len = content_length(resp.headers());
+        let mut file = tokio::fs::File::create(temp)
+            .await
+            .map_err(ProxyError::internal)?;
+        tx.send_replace(FetchState::Streaming { len, written: 0 });
+        let mut body = resp.into_body();
+        let mut hasher = Hasher::new(digest.algorithm());
+        let mut written = 0u64;
+        let mut pending: Vec<u8> = Vec::with_capacity(CHUNK);
+        let mut ended = false;
+        while !ended {
+            // Wait for one chunk, then take whatever else is already here, so disk writes
+            // and reader wake-ups happen per ~256 KiB rather than per network packet.
+            match next_data(&mut body, up.timeout()).await? {
+                Some(data) => pending.extend_from_slice(&data),
+                None => ended = true,
+            }
+            while !ended && pending.len() < CHUNK {
+                match body.frame().now_or_never() {
+                    None => break,
+                    Some(None) => ended = true,
+                    Some(Some(Err(e))) => {
+                        return Err(ProxyError::unavailable(format!("blob body: {e}")));
+                    }
+                    Some(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            pending.extend_from_slice(&data);
+                        }
+                    }
+                }
+            }
+            if pending.is_empty() {
+                continue;
+            }
+            written += pending.len() as u64;
+            if len.is_some_and(|l| written > l) {
+                return Err(ProxyError::UpstreamInvalid(
+                    "blob body longer than its Content-Length".into(),
+                ));
+            }
+            hasher.update(&pending);
+            file.write_all(&pending)
+                .await
+                .map_err(ProxyError::internal)?;
+            file.flush().await.map_err(ProxyError::internal)?;
+            pending.clear();
+            tx.send_modify(|s| {
+                if let FetchState::Streaming { written: w, .. } = s {
+                    *w = written;
+                }
+            });
+        }
+        if let Some(l) = len
+            && written != l
+        {
+            return Err(ProxyError::unavailable(format!(
+                "blob body ended after {written} of {l} bytes"
+            )));
+        }
+        let got = hasher.finish();
+        if got != *digest {
+            return Err(ProxyError::UpstreamInvalid(
+                format!("blob content hashes to {got}, not {digest}").into(),
+            ));
+        }
+        file.sync_data().await.map_err(ProxyError::internal)?;
+        Ok(written)
+    }
+
+    // ----- pass-through lists -----
+
+    /// `tags/list`, reused for `tags_list_ttl`.
+    pub async fn tags_list(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        query: Option<&str>,
+    ) -> Result<Bytes, ProxyError> {
+        let key = format!("{}\0{repository}\0{}", up.name(), query.unwrap_or(""));
+        if let Some((at, body)) = self.tag_lists.lock().expect("tag list lock").get(&key)
+            && at.elapsed() < self.policy.tags_list_ttl
+        {
+            return Ok(body.clone());
+        }
+        let resp = up
+            .request(
+                Method::GET,
+                Kind::Tags,
+                repository,
+                "tags/list",
+                query,
+                None,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(resp.status(), Kind::Tags));
+        }
+        let body = read_limited(resp.into_body(), MAX_LIST_BYTES).await?;
+        let mut lists = self.tag_lists.lock().expect("tag list lock");
+        if lists.len() >= MAX_TAG_LISTS {
+            let ttl = self.policy.tags_list_ttl;
+            lists.retain(|_, (at, _)| at.elapsed() < ttl);
+            if lists.len() >= MAX_TAG_LISTS {
+                lists.clear();
+            }
+        }
+        lists.insert(key, (Instant::now(), body.clone()));
+        Ok(body)
+    }
+
+    /// `referrers/<digest>`, passed through. Returns the body and its content type.
+    pub async fn referrers(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+        query: Option<&str>,
+    ) -> Result<(Bytes, Option<String>, Option<String>), ProxyError> {
+        let resp = up
+            .request(
+                Method::GET,
+                Kind::Referrers,
+                repository,
+                &format!("referrers/{digest}"),
+                query,
+                None,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(resp.status(), Kind::Referrers));
+        }
+        let content_type = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_string);
+        let filters = header_str(resp.headers(), "oci-filters-applied").map(str::to_string);
+        let body = read_limited(resp.into_body(), MAX_LIST_BYTES).await?;
+        Ok((body, content_type, filters))
+    }
+}
+
+async fn next_data(body: &mut Incoming, timeout: Duration) -> Result<Option<Bytes>, ProxyError> {
+    loop {
+        let frame = tokio::time::timeout(timeout, body.frame())
+            .await
+            .map_err(|_| {
+                ProxyError::unavailable(format!("no data from upstream for {timeout:?}"))
+            })?;
+        match frame {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(ProxyError::unavailable(format!("blob body: {e}"))),
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
+
+async fn read_capped(body: Incoming, limit: u64, timeout: Duration) -> Result<Bytes, ProxyError> {
+    let mut body = body;
+    let mut out = Vec::new();
+    while let Some(data) = next_data(&mut body, timeout).await? {
+        if (out.len() + data.len()) as u64 > limit {
+            return Err(ProxyError::ManifestTooLarge { limit });
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// A client's view of a running download: reads the temp file up to what has been
+/// written (less the withheld last byte), then the committed file.
+struct LiveReader {
+    rx: watch::Receiver<FetchState>,
+    temp: PathBuf,
+    final_path: PathBuf,
+    file: Option<tokio::fs::File>,
+    pos: u64,
+    end: Option<u64>,
+    finished: bool,
+}
+
+impl LiveReader {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            if self.end.is_some_and(|e| self.pos >= e) {
+                return Ok(None);
+            }
+            let state = self.rx.borrow_and_update().clone();
+            let (available, complete) = match &state {
+                FetchState::Connecting => (0, false),
+                // The last byte is released only once the digest is verified.
+                FetchState::Streaming { written, .. } => (written.saturating_sub(1), false),
+                FetchState::Done { len } => (*len, true),
+                FetchState::Failed(e) => {
+                    return Err(io::Error::other(format!("upstream download failed: {e}")));
+                }
+            };
+            let limit = available.min(self.end.unwrap_or(u64::MAX));
+            if self.pos < limit {
+                if self.file.is_none() && !self.open(complete).await? {
+                    self.rx
+                        .changed()
+                        .await
+                        .map_err(|_| io::Error::other("download abandoned"))?;
+                    continue;
+                }
+                let file = self.file.as_mut().expect("opened above");
+                let want = (limit - self.pos).min(CHUNK as u64) as usize;
+                let mut buf = vec![0u8; want];
+                let n = file.read(&mut buf).await?;
+                if n == 0 {
+                    return Err(io::Error::other("cache file shorter than expected"));
+                }
+                buf.truncate(n);
+                self.pos += n as u64;
+                return Ok(Some(Bytes::from(buf)));
+            }
+            if complete {
+                return Ok(None);
+            }
+            self.rx
+                .changed()
+                .await
+                .map_err(|_| io::Error::other("download abandoned"))?;
+        }
+    }
+
+    /// Opens the temp file (or the committed one once done). `false` when neither is
+    /// there yet: the rename is in progress and the state is about to change.
+    async fn open(&mut self, complete: bool) -> io::Result<bool> {
+        let paths = if complete {
+            vec![&self.final_path]
+        } else {
+            vec![&self.temp, &self.final_path]
+        };
+        for path in paths {
+            match tokio::fs::File::open(path).await {
+                Ok(mut f) => {
+                    if self.pos > 0 {
+                        f.seek(SeekFrom::Start(self.pos)).await?;
+                    }
+                    self.file = Some(f);
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if complete {
+            return Err(io::Error::other("committed blob is missing"));
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            tag_ttl: Duration::from_secs(300),
+            stale_if_error: Duration::from_secs(3600),
+            tags_list_ttl: Duration::from_secs(30),
+            max_manifest_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        let p = |s| ByteRange::parse(s);
+        assert_eq!(
+            p("bytes=0-9"),
+            Some(Ok(ByteRange::From {
+                start: 0,
+                end: Some(9)
+            }))
+        );
+        assert_eq!(
+            p("bytes=5-"),
+            Some(Ok(ByteRange::From {
+                start: 5,
+                end: None
+            }))
+        );
+        assert_eq!(p("bytes=-3"), Some(Ok(ByteRange::Suffix(3))));
+        assert_eq!(p("bytes=9-5"), Some(Err(())));
+        assert_eq!(p("bytes=x-5"), Some(Err(())));
+        assert_eq!(p("bytes=0-1,3-4"), None);
+        assert_eq!(p("items=0-1"), None);
+        let r = |s| ByteRange::parse(s).unwrap().unwrap();
+        assert_eq!(r("bytes=0-9").resolve(5), Some((0, 4)));
+        assert_eq!(r("bytes=5-").resolve(5), None);
+        assert_eq!(r("bytes=-3").resolve(10), Some((7, 9)));
+        assert_eq!(r("bytes=-30").resolve(10), Some((0, 9)));
+        assert_eq!(r("bytes=-0").resolve(10), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tag_freshness_follows_the_clock() {
+        let p = policy();
+        let st = TagState {
+            digest: Digest::of(crate::oci::Algorithm::Sha256, b"x"),
+            age_at: Duration::from_secs(100),
+            since: Instant::now(),
+        };
+        assert_eq!(freshness(st.age(), &p), Freshness::Fresh);
+        tokio::time::advance(Duration::from_secs(200)).await;
+        assert_eq!(freshness(st.age(), &p), Freshness::StaleServable);
+        tokio::time::advance(Duration::from_secs(3599)).await;
+        assert_eq!(freshness(st.age(), &p), Freshness::StaleServable);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(freshness(st.age(), &p), Freshness::Expired);
+    }
+
+    #[test]
+    fn upstream_statuses_map_to_client_errors() {
+        use crate::oci::ErrorCode;
+        let code = |s: u16, k| status_error(StatusCode::from_u16(s).unwrap(), k).code_and_status();
+        assert_eq!(code(404, Kind::Manifest).0, ErrorCode::ManifestUnknown);
+        assert_eq!(code(404, Kind::Blob).0, ErrorCode::BlobUnknown);
+        assert_eq!(code(401, Kind::Blob).0, ErrorCode::Denied);
+        assert_eq!(code(429, Kind::Blob).1, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(code(503, Kind::Blob).1, StatusCode::BAD_GATEWAY);
+        assert!(status_error(StatusCode::SERVICE_UNAVAILABLE, Kind::Manifest).upstream_is_down());
+        assert!(!status_error(StatusCode::NOT_FOUND, Kind::Manifest).upstream_is_down());
+    }
+}

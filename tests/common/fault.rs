@@ -1,0 +1,304 @@
+//! An in-process upstream registry with fault injection: token auth, 5xx, connections
+//! dropped mid-blob, wrong bytes for a digest, slow bodies. It records every request.
+
+use super::{Blob, sha256};
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+#[derive(Default)]
+pub struct State {
+    /// (repo, tag or digest) -> (bytes, media type)
+    pub manifests: Mutex<HashMap<(String, String), (Vec<u8>, String)>>,
+    pub blobs: Mutex<HashMap<String, Vec<u8>>>,
+    /// Blobs served with other bytes of the same length.
+    pub corrupt: Mutex<HashSet<String>>,
+    /// When set: Bearer token auth, tokens issued to this user:password only.
+    pub token_auth: Mutex<Option<(String, String)>>,
+    pub tokens_issued: AtomicU32,
+    /// Non-zero: every /v2/ request gets this status.
+    pub fail_status: AtomicU16,
+    /// Number of upcoming blob GETs cut off after half the body.
+    pub drop_mid_blob: AtomicU32,
+    /// Delay between 16 KiB chunks of blob bodies, in ms.
+    pub slow_ms: AtomicU64,
+    /// Every request as "METHOD path?query".
+    pub log: Mutex<Vec<String>>,
+}
+
+pub struct FaultUpstream {
+    pub url: String,
+    pub host: String,
+    pub state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FaultUpstream {
+    pub async fn start() -> FaultUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let st = st.clone();
+                let base = format!("http://{addr}");
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let st = st.clone();
+                        let base = base.clone();
+                        async move { Ok::<_, std::convert::Infallible>(handle(&st, &base, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FaultUpstream {
+            url: format!("http://{addr}"),
+            host: addr.to_string(),
+            state,
+            task,
+        }
+    }
+
+    pub fn add_blob(&self, b: &Blob) {
+        self.state
+            .blobs
+            .lock()
+            .unwrap()
+            .insert(b.digest.clone(), b.bytes.clone());
+    }
+
+    pub fn add_manifest(&self, repo: &str, reference: &str, m: &Blob) {
+        self.state.manifests.lock().unwrap().insert(
+            (repo.to_string(), reference.to_string()),
+            (m.bytes.clone(), m.media_type.clone()),
+        );
+    }
+
+    pub fn add_image(&self, repo: &str, tag: &str, img: &super::Image) {
+        for b in img.blobs() {
+            self.add_blob(b);
+        }
+        self.add_manifest(repo, tag, &img.manifest);
+        self.add_manifest(repo, &img.manifest.digest, &img.manifest);
+    }
+
+    /// Requests whose "METHOD path" contains `part`.
+    pub fn count(&self, part: &str) -> usize {
+        self.state
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(part))
+            .count()
+    }
+
+    pub fn total(&self) -> usize {
+        self.state.log.lock().unwrap().len()
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(
+            Full::new(body.into())
+                .map_err(|n| match n {})
+                .boxed_unsync(),
+        )
+        .unwrap()
+}
+
+fn oci_error(status: StatusCode, code: &str) -> Response<Body> {
+    let mut r = full(
+        status,
+        format!(r#"{{"errors":[{{"code":"{code}","message":"{code}"}}]}}"#),
+    );
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    st.log
+        .lock()
+        .unwrap()
+        .push(format!("{} {}?{}", req.method(), path, query));
+    let head = req.method() == hyper::Method::HEAD;
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if path == "/token" {
+        let creds = st.token_auth.lock().unwrap().clone();
+        let Some((u, p)) = creds else {
+            return full(StatusCode::NOT_FOUND, "");
+        };
+        use base64::Engine as _;
+        let want = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        );
+        if auth != want {
+            return oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+        }
+        if !query.contains("scope=repository%3A") || !query.contains("service=fault") {
+            return full(StatusCode::BAD_REQUEST, "bad token request");
+        }
+        st.tokens_issued.fetch_add(1, Ordering::SeqCst);
+        return full(
+            StatusCode::OK,
+            r#"{"token":"secret-token","expires_in":300}"#,
+        );
+    }
+    let fail = st.fail_status.load(Ordering::SeqCst);
+    if fail != 0 {
+        return oci_error(StatusCode::from_u16(fail).unwrap(), "UNAVAILABLE");
+    }
+    if st.token_auth.lock().unwrap().is_some() && auth != "Bearer secret-token" {
+        let mut r = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+        r.headers_mut().insert(
+            "www-authenticate",
+            format!(r#"Bearer realm="{base}/token",service="fault""#)
+                .parse()
+                .unwrap(),
+        );
+        return r;
+    }
+    if path == "/v2/" {
+        return full(StatusCode::OK, "{}");
+    }
+    let rest = path.strip_prefix("/v2/").unwrap_or("");
+    if let Some(i) = rest.rfind("/manifests/") {
+        let (repo, reference) = (&rest[..i], &rest[i + 11..]);
+        let found = st
+            .manifests
+            .lock()
+            .unwrap()
+            .get(&(repo.to_string(), reference.to_string()))
+            .cloned();
+        return match found {
+            Some((bytes, mt)) => {
+                let digest = if reference.starts_with("sha256:") {
+                    reference.to_string()
+                } else {
+                    sha256(&bytes)
+                };
+                let mut r = full(
+                    StatusCode::OK,
+                    if head { Vec::new() } else { bytes.clone() },
+                );
+                let h = r.headers_mut();
+                h.insert("content-type", mt.parse().unwrap());
+                h.insert("docker-content-digest", digest.parse().unwrap());
+                h.insert("content-length", bytes.len().into());
+                r
+            }
+            None => oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+        };
+    }
+    if let Some(i) = rest.rfind("/blobs/") {
+        let digest = rest[i + 7..].to_string();
+        let Some(mut bytes) = st.blobs.lock().unwrap().get(&digest).cloned() else {
+            return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+        };
+        if st.corrupt.lock().unwrap().contains(&digest) {
+            for b in bytes.iter_mut() {
+                *b = b.wrapping_add(1);
+            }
+        }
+        let len = bytes.len();
+        if head {
+            let mut r = full(StatusCode::OK, Vec::new());
+            r.headers_mut().insert("content-length", len.into());
+            return r;
+        }
+        let cut = st
+            .drop_mid_blob
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let slow = Duration::from_millis(st.slow_ms.load(Ordering::SeqCst));
+        let limit = if cut { len / 2 } else { len };
+        let chunks: Vec<Bytes> = bytes[..limit]
+            .chunks(16 * 1024)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        let stream = futures::stream::iter(chunks)
+            .then(move |c| async move {
+                if !slow.is_zero() {
+                    tokio::time::sleep(slow).await;
+                }
+                Ok::<_, std::io::Error>(Frame::data(c))
+            })
+            .chain(futures::stream::iter(cut.then(|| {
+                Err(std::io::Error::other("connection dropped on purpose"))
+            })));
+        let mut r = Response::builder()
+            .status(StatusCode::OK)
+            .body(StreamBody::new(stream).boxed_unsync())
+            .unwrap();
+        r.headers_mut().insert("content-length", len.into());
+        r.headers_mut()
+            .insert("docker-content-digest", digest.parse().unwrap());
+        return r;
+    }
+    if let Some(i) = rest.rfind("/referrers/") {
+        let subject = &rest[i + 11..];
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": subject, "size": 1, "artifactType": "application/example.sbom"}]
+        })
+        .to_string();
+        let mut r = full(StatusCode::OK, body);
+        r.headers_mut().insert(
+            "content-type",
+            "application/vnd.oci.image.index.v1+json".parse().unwrap(),
+        );
+        return r;
+    }
+    if rest.ends_with("/tags/list") {
+        let repo = rest.trim_end_matches("/tags/list");
+        let tags: Vec<String> = st
+            .manifests
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|(r, t)| r == repo && !t.contains(':'))
+            .map(|(_, t)| t.clone())
+            .collect();
+        return full(
+            StatusCode::OK,
+            serde_json::json!({"name": repo, "tags": tags}).to_string(),
+        );
+    }
+    oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN")
+}

@@ -1,0 +1,563 @@
+//! Test support: the real Distribution registry as upstream, an in-process proxy, images
+//! generated on the fly, and a small OCI client that verifies every digest it pulls.
+#![allow(dead_code)]
+
+pub mod fault;
+
+use pullthrough::api::{ProxyConfig, UpstreamConfig};
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A free loopback port (bound then released; the caller binds it right away).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// A real `docker-registry` (CNCF Distribution) process on a free loopback port, killed on drop.
+pub struct Registry {
+    pub url: String,
+    pub addr: SocketAddr,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// A plain registry (the upstream in tests).
+    pub async fn start() -> Registry {
+        Registry::start_with(None).await
+    }
+
+    /// A registry in pull-through proxy mode for `remote` (the reference cache).
+    pub async fn start_with(proxy_remote: Option<&str>) -> Registry {
+        let bin = which("docker-registry").expect(
+            "docker-registry not found: run ./scripts/test, which installs Debian's docker-registry",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cfg = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some(remote) = proxy_remote {
+            cfg.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
+        }
+        let cfg_path = dir.path().join("config.yml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&cfg_path)
+            .stdout(std::fs::File::create(dir.path().join("access.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let reg = Registry {
+            url: url.clone(),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            child,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = http().get(format!("{url}/v2/")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not come up: {}",
+                reg.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        reg
+    }
+
+    /// `host:port`, the registry name clients use.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Access-log lines (the registry writes one per request) for GETs of `path_part`.
+    pub fn gets(&self, path_part: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("\"GET ") && l.contains(path_part))
+            .count()
+    }
+
+    /// All access-log lines.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+/// An in-process proxy on 127.0.0.1 free ports, shut down on drop.
+pub struct Proxy {
+    pub url: String,
+    pub host: String,
+    pub metrics_url: String,
+    pub cache_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// A proxy mirroring the given upstreams (registry name, url), first is the default.
+    pub async fn start(upstreams: &[(&str, &str)]) -> Proxy {
+        Proxy::start_config(config_for(upstreams)).await
+    }
+
+    pub async fn start_config(mut config: ProxyConfig) -> Proxy {
+        init_tracing();
+        let dir = if config.cache_dir == ProxyConfig::default().cache_dir {
+            let d = tempfile::tempdir().unwrap();
+            config.cache_dir = d.path().join("cache");
+            Some(d)
+        } else {
+            None
+        };
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = api.local_addr().unwrap().to_string();
+        let metrics_url = format!("http://{}", ops.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let cache_dir = config.cache_dir.clone();
+        let task = tokio::spawn(async move {
+            pullthrough::proxy::serve(config, api, ops, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("proxy runs");
+        });
+        Proxy {
+            url: format!("http://{host}"),
+            host,
+            metrics_url,
+            cache_dir,
+            _dir: dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(format!("{}/metrics", self.metrics_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Value of one sample, matched by name and every `k="v"` label given (0 if absent).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics().await, name, labels)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.split(['{', ' ']).next() == Some(name)
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn config_for(upstreams: &[(&str, &str)]) -> ProxyConfig {
+    ProxyConfig {
+        upstreams: upstreams
+            .iter()
+            .map(|(r, u)| UpstreamConfig {
+                url: Some(u.to_string()),
+                ..UpstreamConfig::new(r)
+            })
+            .collect(),
+        ..ProxyConfig::default()
+    }
+}
+
+/// Deterministic pseudo-random bytes (incompressible enough for tests).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A blob with its digest and media type.
+#[derive(Clone)]
+pub struct Blob {
+    pub digest: String,
+    pub media_type: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Blob {
+    pub fn new(media_type: &str, bytes: Vec<u8>) -> Blob {
+        Blob {
+            digest: sha256(&bytes),
+            media_type: media_type.into(),
+            bytes,
+        }
+    }
+
+    pub fn descriptor(&self) -> serde_json::Value {
+        json!({"mediaType": self.media_type, "digest": self.digest, "size": self.bytes.len()})
+    }
+}
+
+/// One platform's image: config, layers and manifest.
+#[derive(Clone)]
+pub struct Image {
+    pub config: Blob,
+    pub layers: Vec<Blob>,
+    pub manifest: Blob,
+}
+
+impl Image {
+    pub fn generate(seed: u64, layer_sizes: &[usize], arch: &str) -> Image {
+        let layers: Vec<Blob> = layer_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Blob::new(LAYER, random_bytes(seed * 1000 + i as u64, n)))
+            .collect();
+        let config = Blob::new(
+            CONFIG,
+            serde_json::to_vec(&json!({
+                "architecture": arch, "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| &l.digest).collect::<Vec<_>>()},
+                "config": {"Env": [format!("SEED={seed}")]}
+            }))
+            .unwrap(),
+        );
+        let manifest = Blob::new(
+            OCI_MANIFEST,
+            serde_json::to_vec(&json!({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": config.descriptor(),
+                "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>()
+            }))
+            .unwrap(),
+        );
+        Image {
+            config,
+            layers,
+            manifest,
+        }
+    }
+
+    pub fn blobs(&self) -> impl Iterator<Item = &Blob> {
+        std::iter::once(&self.config).chain(self.layers.iter())
+    }
+}
+
+/// A multi-platform image: an index over several images.
+pub struct MultiArch {
+    pub images: Vec<Image>,
+    pub index: Blob,
+}
+
+impl MultiArch {
+    pub fn generate(seed: u64, layer_sizes: &[usize]) -> MultiArch {
+        let images: Vec<Image> = ["amd64", "arm64"]
+            .iter()
+            .enumerate()
+            .map(|(i, arch)| Image::generate(seed * 10 + i as u64, layer_sizes, arch))
+            .collect();
+        let index = Blob::new(
+            OCI_INDEX,
+            serde_json::to_vec(&json!({
+                "schemaVersion": 2, "mediaType": OCI_INDEX,
+                "manifests": images.iter().zip(["amd64", "arm64"]).map(|(img, arch)| {
+                    let mut d = img.manifest.descriptor();
+                    d["platform"] = json!({"architecture": arch, "os": "linux"});
+                    d
+                }).collect::<Vec<_>>()
+            }))
+            .unwrap(),
+        );
+        MultiArch { images, index }
+    }
+
+    /// Every digest a full pull touches.
+    pub fn all_digests(&self) -> BTreeSet<String> {
+        let mut s = BTreeSet::from([self.index.digest.clone()]);
+        for img in &self.images {
+            s.insert(img.manifest.digest.clone());
+            s.extend(img.blobs().map(|b| b.digest.clone()));
+        }
+        s
+    }
+}
+
+/// Pushes a blob with the distribution push API (monolithic upload).
+pub async fn push_blob(base: &str, repo: &str, blob: &Blob) {
+    let c = http();
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "start upload: {:?}", r.text().await);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let loc = if loc.starts_with('/') {
+        format!("{base}{loc}")
+    } else {
+        loc
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{loc}{sep}digest={}", blob.digest))
+        .header("content-type", "application/octet-stream")
+        .body(blob.bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "finish upload: {:?}", r.text().await);
+}
+
+pub async fn push_manifest(base: &str, repo: &str, reference: &str, m: &Blob) {
+    let r = http()
+        .put(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header("content-type", &m.media_type)
+        .body(m.bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "push manifest: {:?}", r.text().await);
+}
+
+pub async fn push_image(base: &str, repo: &str, tag: &str, img: &Image) {
+    for b in img.blobs() {
+        push_blob(base, repo, b).await;
+    }
+    push_manifest(base, repo, tag, &img.manifest).await;
+}
+
+pub async fn push_multiarch(base: &str, repo: &str, tag: &str, m: &MultiArch) {
+    for img in &m.images {
+        for b in img.blobs() {
+            push_blob(base, repo, b).await;
+        }
+        push_manifest(base, repo, &img.manifest.digest, &img.manifest).await;
+    }
+    push_manifest(base, repo, tag, &m.index).await;
+}
+
+/// What a pull saw: every digest fetched (verified) and the top manifest's digest.
+#[derive(Debug, Default)]
+pub struct Pulled {
+    pub top: String,
+    pub digests: BTreeSet<String>,
+    pub bytes: u64,
+}
+
+/// Pulls `repo:reference` (every platform) from an OCI registry, verifying every digest.
+/// `ns` is sent as containerd does when set.
+pub async fn pull(
+    base: &str,
+    repo: &str,
+    reference: &str,
+    ns: Option<&str>,
+) -> Result<Pulled, String> {
+    let c = http();
+    let q = ns.map(|n| format!("?ns={n}")).unwrap_or_default();
+    let mut out = Pulled::default();
+    let get = |path: String| {
+        let c = c.clone();
+        let q = q.clone();
+        async move {
+            let r = c
+                .get(format!("{base}/v2/{repo}/{path}{q}"))
+                .header("accept", ACCEPT)
+                .send()
+                .await
+                .map_err(|e| format!("GET {path}: {e}"))?;
+            let status = r.status();
+            let headers = r.headers().clone();
+            let body = r
+                .bytes()
+                .await
+                .map_err(|e| format!("GET {path} body: {e}"))?;
+            if !status.is_success() {
+                return Err(format!(
+                    "GET {path}: {status} {}",
+                    String::from_utf8_lossy(&body)
+                ));
+            }
+            Ok::<_, String>((headers, body.to_vec()))
+        }
+    };
+    let (headers, top) = get(format!("manifests/{reference}")).await?;
+    let top_digest = sha256(&top);
+    if let Some(h) = headers.get("docker-content-digest") {
+        if h.to_str().unwrap() != top_digest {
+            return Err(format!("Docker-Content-Digest {h:?} != {top_digest}"));
+        }
+    }
+    if reference.starts_with("sha256:") && reference != top_digest {
+        return Err(format!("asked for {reference}, got {top_digest}"));
+    }
+    out.top = top_digest.clone();
+    out.digests.insert(top_digest);
+    out.bytes += top.len() as u64;
+    let doc: serde_json::Value = serde_json::from_slice(&top).map_err(|e| e.to_string())?;
+    let mut manifests = vec![doc.clone()];
+    if let Some(list) = doc["manifests"].as_array() {
+        manifests.clear();
+        for d in list {
+            let digest = d["digest"].as_str().unwrap().to_string();
+            let (_, body) = get(format!("manifests/{digest}")).await?;
+            if sha256(&body) != digest {
+                return Err(format!("manifest {digest} has wrong content"));
+            }
+            out.bytes += body.len() as u64;
+            out.digests.insert(digest);
+            manifests.push(serde_json::from_slice(&body).map_err(|e| e.to_string())?);
+        }
+    }
+    for m in manifests {
+        let mut descs = vec![m["config"].clone()];
+        descs.extend(m["layers"].as_array().cloned().unwrap_or_default());
+        for d in descs {
+            let digest = d["digest"].as_str().unwrap().to_string();
+            let (_, body) = get(format!("blobs/{digest}")).await?;
+            if sha256(&body) != digest {
+                return Err(format!("blob {digest} has wrong content"));
+            }
+            if d["size"].as_u64() != Some(body.len() as u64) {
+                return Err(format!("blob {digest} has wrong size"));
+            }
+            out.bytes += body.len() as u64;
+            out.digests.insert(digest);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs skopeo, failing with its output.
+pub fn skopeo(args: &[&str]) -> String {
+    let bin = which("skopeo").expect("skopeo not found: run ./scripts/test, which installs it");
+    let out = Command::new(bin).args(args).output().expect("skopeo runs");
+    assert!(
+        out.status.success(),
+        "skopeo {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// sha256 of every file in a skopeo `dir:` copy, by file name.
+pub fn dir_blobs(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().to_string_lossy().to_string();
+            (name.len() == 64).then(|| {
+                let bytes = std::fs::read(e.path()).unwrap();
+                let d = sha256(&bytes);
+                assert_eq!(
+                    d,
+                    format!("sha256:{name}"),
+                    "skopeo wrote {name} with other content"
+                );
+                d
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,295 @@
+//! The proxy in front of the real CNCF Distribution registry, pulled through with a Rust
+//! OCI client and with skopeo.
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pulls_through_distribution_with_rust_client_and_skopeo() {
+    let upstream = Registry::start().await;
+    let image = MultiArch::generate(1, &[300_000, 1_000_000, 50_000]);
+    push_multiarch(&upstream.url, "team/app", "v1", &image).await;
+    let host = upstream.host();
+    let proxy = Proxy::start(&[(host.as_str(), upstream.url.as_str())]).await;
+
+    // Cold pull: every digest out matches what went in.
+    let pulled = pull(&proxy.url, "team/app", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, image.index.digest);
+    assert_eq!(pulled.digests, image.all_digests());
+    let blobs: Vec<&Blob> = image.images.iter().flat_map(|i| i.blobs()).collect();
+    for b in &blobs {
+        assert_eq!(
+            upstream.gets(&format!("/blobs/{}", b.digest)),
+            1,
+            "{}",
+            upstream.access_log()
+        );
+    }
+    let upstream_before = upstream.access_log().lines().count();
+    assert_eq!(
+        proxy
+            .metric(
+                "pullthrough_requests_total",
+                &[("kind", "blob"), ("result", "miss")]
+            )
+            .await,
+        blobs.len() as f64
+    );
+
+    // Warm pull, as containerd would send it (?ns=): served from the cache, upstream untouched.
+    let again = pull(&proxy.url, "team/app", "v1", Some(&host))
+        .await
+        .unwrap();
+    assert_eq!(again.digests, image.all_digests());
+    assert_eq!(
+        upstream.access_log().lines().count(),
+        upstream_before,
+        "{}",
+        upstream.access_log()
+    );
+    assert_eq!(
+        proxy
+            .metric(
+                "pullthrough_requests_total",
+                &[("kind", "blob"), ("result", "hit")]
+            )
+            .await,
+        blobs.len() as f64
+    );
+    assert!(
+        proxy
+            .metric(
+                "pullthrough_requests_total",
+                &[("kind", "manifest"), ("result", "hit")]
+            )
+            .await
+            >= 3.0
+    );
+    let cached_bytes: usize = blobs.iter().map(|b| b.bytes.len()).sum();
+    assert!(
+        proxy
+            .metric("pullthrough_served_bytes_total", &[("source", "cache")])
+            .await
+            >= cached_bytes as f64
+    );
+    assert!(proxy.metric("pullthrough_cache_blobs", &[]).await >= (blobs.len() + 3) as f64);
+
+    // skopeo, a real client, copies every platform out of the warm cache.
+    let out = tempfile::tempdir().unwrap();
+    let src = format!("docker://{}/team/app:v1", proxy.host);
+    let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &src]);
+    assert_eq!(sha256(raw.as_bytes()), image.index.digest);
+    skopeo(&[
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        &src,
+        &format!("dir:{}", out.path().display()),
+    ]);
+    let copied = dir_blobs(out.path());
+    for b in &blobs {
+        assert!(copied.contains(&b.digest), "skopeo is missing {}", b.digest);
+    }
+    assert_eq!(upstream.access_log().lines().count(), upstream_before);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skopeo_cold_pull_and_docker_hub_naming() {
+    // An upstream named docker.io: single-name images live under library/.
+    let upstream = Registry::start().await;
+    let image = Image::generate(7, &[200_000, 20_000], "amd64");
+    push_image(&upstream.url, "library/tool", "1.0", &image).await;
+    let proxy = Proxy::start(&[("docker.io", upstream.url.as_str())]).await;
+
+    let out = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/tool:1.0", proxy.host),
+        &format!("dir:{}", out.path().display()),
+    ]);
+    let copied = dir_blobs(out.path());
+    for b in image.blobs() {
+        assert!(copied.contains(&b.digest));
+        assert_eq!(
+            upstream.gets(&format!("/v2/library/tool/blobs/{}", b.digest)),
+            1
+        );
+    }
+    // containerd's form of the same image: docker.io/library/tool with ?ns=docker.io.
+    let pulled = pull(&proxy.url, "library/tool", "1.0", Some("docker.io"))
+        .await
+        .unwrap();
+    assert_eq!(pulled.top, image.manifest.digest);
+    for b in image.blobs() {
+        assert_eq!(
+            upstream.gets(&format!("/blobs/{}", b.digest)),
+            1,
+            "served from cache"
+        );
+    }
+    // index.docker.io is the same registry.
+    pull(&proxy.url, "tool", "1.0", Some("index.docker.io"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_concurrent_cold_pulls_fetch_each_blob_once() {
+    let upstream = Registry::start().await;
+    let image = MultiArch::generate(3, &[4_000_000, 2_000_000, 500_000, 10_000]);
+    push_multiarch(&upstream.url, "team/big", "v2", &image).await;
+    let host = upstream.host();
+    let proxy = Proxy::start(&[(host.as_str(), upstream.url.as_str())]).await;
+
+    let pulls = (0..16).map(|i| {
+        let url = proxy.url.clone();
+        let ns = (i % 2 == 0).then(|| host.clone());
+        tokio::spawn(async move { pull(&url, "team/big", "v2", ns.as_deref()).await })
+    });
+    for p in futures::future::join_all(pulls).await {
+        assert_eq!(p.unwrap().unwrap().digests, image.all_digests());
+    }
+    for img in &image.images {
+        for b in img.blobs() {
+            assert_eq!(
+                upstream.gets(&format!("/blobs/{}", b.digest)),
+                1,
+                "blob {}",
+                b.digest
+            );
+        }
+        assert_eq!(
+            upstream.gets(&format!("/manifests/{}", img.manifest.digest)),
+            1
+        );
+    }
+    assert_eq!(upstream.gets("/manifests/v2"), 1);
+    let blob_count = image
+        .images
+        .iter()
+        .map(|i| i.blobs().count())
+        .sum::<usize>() as f64;
+    assert_eq!(
+        proxy
+            .metric("pullthrough_upstream_requests_total", &[("kind", "blob")])
+            .await,
+        blob_count
+    );
+    let answered = proxy
+        .metric("pullthrough_requests_total", &[("kind", "blob")])
+        .await;
+    assert_eq!(answered, 16.0 * blob_count);
+    assert_eq!(proxy.metric("pullthrough_inflight_fetches", &[]).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_tags_and_head() {
+    let upstream = Registry::start().await;
+    let image = Image::generate(11, &[100_000], "amd64");
+    push_image(&upstream.url, "r/x", "t1", &image).await;
+    push_manifest(&upstream.url, "r/x", "t2", &image.manifest).await;
+    let host = upstream.host();
+    let proxy = Proxy::start(&[(host.as_str(), upstream.url.as_str())]).await;
+    let layer = &image.layers[0];
+    let url = format!("{}/v2/r/x/blobs/{}", proxy.url, layer.digest);
+    let c = http();
+
+    // HEAD of an uncached blob answers without downloading it.
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        layer.bytes.len().to_string().as_str()
+    );
+    assert_eq!(upstream.gets(&format!("/blobs/{}", layer.digest)), 0);
+
+    // A range on a miss, then on a hit.
+    for _ in 0..2 {
+        let r = c
+            .get(&url)
+            .header("range", "bytes=1000-1999")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 206);
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes 1000-1999/{}", layer.bytes.len()).as_str()
+        );
+        assert_eq!(r.bytes().await.unwrap(), &layer.bytes[1000..2000]);
+    }
+    let r = c
+        .get(&url)
+        .header("range", "bytes=-10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        &layer.bytes[layer.bytes.len() - 10..]
+    );
+    let r = c
+        .get(&url)
+        .header("range", "bytes=999999999-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "SIZE_INVALID");
+    assert_eq!(upstream.gets(&format!("/blobs/{}", layer.digest)), 1);
+
+    // tags/list passes through.
+    let tags: serde_json::Value = c
+        .get(format!("{}/v2/r/x/tags/list?ns={host}", proxy.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = tags["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["t1", "t2"]);
+
+    // HEAD manifest carries digest and type; an unknown tag is MANIFEST_UNKNOWN.
+    let r = c
+        .head(format!("{}/v2/r/x/manifests/t2", proxy.url))
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["docker-content-digest"],
+        image.manifest.digest.as_str()
+    );
+    assert_eq!(r.headers()["content-type"], OCI_MANIFEST);
+    let r = c
+        .get(format!("{}/v2/r/x/manifests/nope", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
+
+    // Distribution 2.8 has no referrers API: the 404 is passed on as an OCI error.
+    let r = c
+        .get(format!(
+            "{}/v2/r/x/referrers/{}",
+            proxy.url, image.manifest.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
