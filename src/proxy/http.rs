@@ -51,44 +51,50 @@ pub enum Route {
 }
 
 /// Parses and validates a request path. Nothing is looked up before this succeeds.
+/// Escapes are decoded per segment, so an escaped `/` can never change the path's shape.
 pub fn parse_route(raw_path: &str) -> Result<Route, ProxyError> {
-    let path = percent_decode(raw_path)
-        .ok_or_else(|| ProxyError::NameInvalid("path is not valid UTF-8".into()))?;
-    let rest = match path.strip_prefix("/v2") {
+    let rest = match raw_path.strip_prefix("/v2") {
         Some("") | Some("/") => return Ok(Route::Base),
         Some(r) => r.strip_prefix('/').ok_or(ProxyError::NotFound)?,
         None => return Err(ProxyError::NotFound),
     };
-    let name_of = |n: &str| -> Result<String, ProxyError> {
-        validate_repository(n).map_err(|e| ProxyError::NameInvalid(e.to_string()))?;
-        Ok(n.to_string())
-    };
-    if let Some(name) = rest.strip_suffix("/tags/list") {
-        return Ok(Route::Tags(name_of(name)?));
+    let segments: Vec<String> = rest
+        .split('/')
+        .map(percent_decode)
+        .collect::<Option<_>>()
+        .ok_or_else(|| ProxyError::NameInvalid("path is not valid UTF-8".into()))?;
+    let n = segments.len();
+    if n < 3 {
+        return Err(ProxyError::NotFound);
     }
-    let (prefix, last) = rest.rsplit_once('/').ok_or(ProxyError::NotFound)?;
-    let (name, endpoint) = prefix.rsplit_once('/').ok_or(ProxyError::NotFound)?;
+    let name_of = |parts: &[String]| -> Result<String, ProxyError> {
+        if parts.iter().any(|p| p.contains('/')) {
+            return Err(ProxyError::NameInvalid(
+                "invalid repository name: escaped '/' in a path component".into(),
+            ));
+        }
+        let name = parts.join("/");
+        validate_repository(&name).map_err(|e| ProxyError::NameInvalid(e.to_string()))?;
+        Ok(name)
+    };
     let digest = |s: &str| -> Result<Digest, ProxyError> {
         s.parse()
             .map_err(|e: crate::oci::DigestError| ProxyError::DigestInvalid(e.to_string()))
     };
-    match endpoint {
-        "manifests" => {
-            let name = name_of(name)?;
-            let reference = Reference::parse(last).map_err(|e| match e {
+    let (endpoint, last) = (segments[n - 2].as_str(), segments[n - 1].as_str());
+    let name_parts = &segments[..n - 2];
+    match (endpoint, last) {
+        ("tags", "list") => Ok(Route::Tags(name_of(name_parts)?)),
+        ("manifests", reference) => {
+            let name = name_of(name_parts)?;
+            let reference = Reference::parse(reference).map_err(|e| match e {
                 crate::oci::ReferenceError::Digest(d) => ProxyError::DigestInvalid(d.to_string()),
                 other => ProxyError::ReferenceInvalid(other.to_string()),
             })?;
             Ok(Route::Manifest(name, reference))
         }
-        "blobs" => {
-            let name = name_of(name)?;
-            Ok(Route::Blob(name, digest(last)?))
-        }
-        "referrers" => {
-            let name = name_of(name)?;
-            Ok(Route::Referrers(name, digest(last)?))
-        }
+        ("blobs", d) => Ok(Route::Blob(name_of(name_parts)?, digest(d)?)),
+        ("referrers", d) => Ok(Route::Referrers(name_of(name_parts)?, digest(d)?)),
         _ => Err(ProxyError::NotFound),
     }
 }
@@ -444,6 +450,8 @@ mod tests {
         assert_eq!(code("/v2/a/uploads/x"), NameUnknown);
         assert_eq!(code("/other"), NameUnknown);
         assert_eq!(code("/v2/a/%ff/manifests/x"), NameInvalid);
+        assert_eq!(code("/v2/a%2fb/manifests/x"), NameInvalid);
+        assert_eq!(code("/v2/a/blobs/sha256:..%2f..%2fetc"), DigestInvalid);
     }
 
     #[test]

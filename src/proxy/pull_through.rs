@@ -14,7 +14,7 @@
 
 use super::error::ProxyError;
 use super::metrics::{CacheResult, Kind, Metrics};
-use super::storage::{Storage, TagRecord, unix_now};
+use super::storage::{Storage, TagRecord, unix_now_ms};
 use super::upstream::{Upstream, read_limited};
 use crate::oci::media::{MANIFEST_ACCEPT, manifest_media_type};
 use crate::oci::{Digest, Hasher, Reference};
@@ -337,7 +337,7 @@ impl PullThrough {
         let digest: Digest = rec.digest.parse().ok()?;
         let st = TagState {
             digest,
-            age_at: Duration::from_secs(unix_now().saturating_sub(rec.checked_at)),
+            age_at: Duration::from_millis(unix_now_ms().saturating_sub(rec.checked_at_ms)),
             since: Instant::now(),
         };
         self.tags
@@ -362,7 +362,7 @@ impl PullThrough {
             repository: repository.to_string(),
             tag: tag.to_string(),
             digest: digest.to_string(),
-            checked_at: unix_now(),
+            checked_at_ms: unix_now_ms(),
         };
         if let Err(e) = self.storage.put_tag(&rec).await {
             tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, "could not persist tag");

@@ -41,8 +41,8 @@ pub struct TagRecord {
     pub tag: String,
     /// Digest of the manifest the tag resolved to.
     pub digest: String,
-    /// When the upstream last confirmed it, seconds since the epoch.
-    pub checked_at: u64,
+    /// When the upstream last confirmed it, milliseconds since the epoch.
+    pub checked_at_ms: u64,
 }
 
 /// Handle on the cache directory.
@@ -217,11 +217,11 @@ impl Storage {
     }
 }
 
-/// Seconds since the epoch now.
-pub fn unix_now() -> u64 {
+/// Milliseconds since the epoch now.
+pub fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -272,7 +272,7 @@ mod tests {
             repository: "library/alpine".into(),
             tag: "3.20".into(),
             digest: format!("sha256:{}", "a".repeat(64)),
-            checked_at: 5,
+            checked_at_ms: 5,
         };
         s.put_tag(&rec).await.unwrap();
         assert_eq!(

@@ -14,11 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+/// (repository, tag or digest) -> (bytes, media type)
+type ManifestMap = HashMap<(String, String), (Vec<u8>, String)>;
 
 #[derive(Default)]
 pub struct State {
     /// (repo, tag or digest) -> (bytes, media type)
-    pub manifests: Mutex<HashMap<(String, String), (Vec<u8>, String)>>,
+    pub manifests: Mutex<ManifestMap>,
     pub blobs: Mutex<HashMap<String, Vec<u8>>>,
     /// Blobs served with other bytes of the same length.
     pub corrupt: Mutex<HashSet<String>>,

@@ -483,10 +483,10 @@ pub async fn pull(
     };
     let (headers, top) = get(format!("manifests/{reference}")).await?;
     let top_digest = sha256(&top);
-    if let Some(h) = headers.get("docker-content-digest") {
-        if h.to_str().unwrap() != top_digest {
-            return Err(format!("Docker-Content-Digest {h:?} != {top_digest}"));
-        }
+    if let Some(h) = headers.get("docker-content-digest")
+        && h.to_str().unwrap() != top_digest
+    {
+        return Err(format!("Docker-Content-Digest {h:?} != {top_digest}"));
     }
     if reference.starts_with("sha256:") && reference != top_digest {
         return Err(format!("asked for {reference}, got {top_digest}"));

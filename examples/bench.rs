@@ -1,0 +1,316 @@
+//! Benchmark: pullthrough against the CNCF Distribution registry in proxy mode, both in
+//! front of the same upstream, in one run. Run it with `./scripts/bench` (which builds the
+//! release binary first); it prints a Markdown report.
+//!
+//! Figures: cold pull time of a large image, warm pull throughput, upstream fetches per
+//! blob under 16 concurrent cold pulls, manifest HEAD latency under concurrency, peak RSS.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Target {
+    name: &'static str,
+    url: String,
+    pid: u32,
+    child: Option<Child>,
+    _registry: Option<Registry>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+async fn wait_up(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(r) = http().get(format!("{url}/v2/")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+async fn start_pullthrough(bin: &Path, upstream: &Registry, dir: &Path) -> Target {
+    let port = free_port();
+    let cfg = format!(
+        "listen: 127.0.0.1:{port}\nmetricsListen: 127.0.0.1:{}\ncacheDir: {}\nupstreams:\n  - registry: {}\n    url: {}\n",
+        free_port(),
+        dir.join("pullthrough-cache").display(),
+        upstream.host(),
+        upstream.url
+    );
+    let cfg_path = dir.join("pullthrough.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let child = Command::new(bin)
+        .args(["proxy", "--config"])
+        .arg(&cfg_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("pullthrough.log")).unwrap())
+        .spawn()
+        .expect("pullthrough binary runs");
+    let url = format!("http://127.0.0.1:{port}");
+    wait_up(&url).await;
+    Target {
+        name: "pullthrough",
+        url,
+        pid: child.id(),
+        child: Some(child),
+        _registry: None,
+    }
+}
+
+async fn start_distribution(upstream: &Registry) -> Target {
+    let reg = Registry::start_with(Some(&upstream.url)).await;
+    Target {
+        name: "distribution",
+        url: reg.url.clone(),
+        pid: reg.pid(),
+        child: None,
+        _registry: Some(reg),
+    }
+}
+
+/// Pulls an image (manifest, config, layers; `parallel` blobs at a time, as containerd
+/// does with 3) streaming every body; `verify` hashes each blob. Returns bytes received.
+async fn pull_image(base: &str, repo: &str, tag: &str, parallel: usize, verify: bool) -> u64 {
+    let c = http();
+    let m: serde_json::Value = c
+        .get(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut digests = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    for l in m["layers"].as_array().unwrap() {
+        digests.push(l["digest"].as_str().unwrap().to_string());
+    }
+    futures::stream::iter(digests)
+        .map(|d| {
+            let c = c.clone();
+            let url = format!("{base}/v2/{repo}/blobs/{d}");
+            async move {
+                let r = c.get(&url).send().await.unwrap();
+                assert!(r.status().is_success(), "{url}: {}", r.status());
+                let mut stream = r.bytes_stream();
+                let mut n = 0u64;
+                let mut hasher = verify.then(<sha2::Sha256 as sha2::Digest>::new);
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.unwrap();
+                    n += chunk.len() as u64;
+                    if let Some(h) = &mut hasher {
+                        sha2::Digest::update(h, &chunk);
+                    }
+                }
+                if let Some(h) = hasher {
+                    assert_eq!(
+                        format!("sha256:{}", hex::encode(sha2::Digest::finalize(h))),
+                        d
+                    );
+                }
+                n
+            }
+        })
+        .buffer_unordered(parallel)
+        .fold(0u64, |a, b| async move { a + b })
+        .await
+}
+
+async fn head_latencies(
+    base: &str,
+    repo: &str,
+    tag: &str,
+    workers: usize,
+    per_worker: usize,
+) -> Vec<Duration> {
+    let tasks = (0..workers).map(|_| {
+        let url = format!("{base}/v2/{repo}/manifests/{tag}");
+        tokio::spawn(async move {
+            let c = http();
+            let mut out = Vec::with_capacity(per_worker);
+            for _ in 0..per_worker {
+                let t = Instant::now();
+                let r = c.head(&url).header("accept", ACCEPT).send().await.unwrap();
+                assert!(r.status().is_success());
+                out.push(t.elapsed());
+            }
+            out
+        })
+    });
+    let mut all: Vec<Duration> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .collect();
+    all.sort();
+    all
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Upstream GETs per blob of `image`, from the upstream's access log.
+fn fetches_per_blob(upstream: &Registry, image: &Image) -> (usize, usize) {
+    let counts: Vec<usize> = image
+        .blobs()
+        .map(|b| upstream.gets(&format!("/blobs/{}", b.digest)))
+        .collect();
+    (*counts.iter().min().unwrap(), *counts.iter().max().unwrap())
+}
+
+#[derive(Default)]
+struct Figures {
+    cold_s: f64,
+    warm_mib_s: f64,
+    coalesce_min: usize,
+    coalesce_max: usize,
+    head_p50_ms: f64,
+    head_p99_ms: f64,
+    rss_mib: f64,
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let bin = std::env::args()
+        .nth(1)
+        .expect("usage: bench <path to pullthrough binary> [size MiB]");
+    let size_mib: usize = std::env::args()
+        .nth(2)
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(500);
+    let bin = Path::new(&bin).canonicalize().unwrap();
+    let work = tempfile::tempdir().unwrap();
+
+    let layer_mib = 50usize;
+    let layers = (size_mib / layer_mib).max(1);
+    eprintln!("generating a {size_mib} MiB image ({layers} layers) and a 64 MiB one per target...");
+    let upstream = Registry::start().await;
+    let big = Image::generate(100, &vec![layer_mib << 20; layers], "amd64");
+    push_image(&upstream.url, "bench/big", "v1", &big).await;
+    let herd: BTreeMap<&str, Image> = [("pullthrough", 201u64), ("distribution", 202)]
+        .into_iter()
+        .map(|(n, seed)| {
+            (
+                n,
+                Image::generate(seed, &[16 << 20, 16 << 20, 16 << 20, 16 << 20], "amd64"),
+            )
+        })
+        .collect();
+    for (n, img) in &herd {
+        push_image(&upstream.url, &format!("bench/herd-{n}"), "v1", img).await;
+    }
+
+    let mut results: BTreeMap<&str, Figures> = BTreeMap::new();
+    for which in ["distribution", "pullthrough"] {
+        let dir = work.path().join(which);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = if which == "pullthrough" {
+            start_pullthrough(&bin, &upstream, &dir).await
+        } else {
+            start_distribution(&upstream).await
+        };
+        let mut f = Figures::default();
+        eprintln!("{}: cold pull...", target.name);
+        let t = Instant::now();
+        let bytes = pull_image(&target.url, "bench/big", "v1", 3, true).await;
+        f.cold_s = t.elapsed().as_secs_f64();
+        assert!(bytes >= (size_mib as u64) << 20);
+
+        eprintln!("{}: warm pulls...", target.name);
+        let rounds = 3;
+        let t = Instant::now();
+        let mut warm_bytes = 0;
+        for _ in 0..rounds {
+            warm_bytes += pull_image(&target.url, "bench/big", "v1", 3, false).await;
+        }
+        f.warm_mib_s = warm_bytes as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+
+        eprintln!("{}: 16 concurrent cold pulls...", target.name);
+        let img = &herd[which];
+        let repo = format!("bench/herd-{which}");
+        let pulls = (0..16).map(|_| {
+            let url = target.url.clone();
+            let repo = repo.clone();
+            tokio::spawn(async move { pull_image(&url, &repo, "v1", 3, true).await })
+        });
+        for p in futures::future::join_all(pulls).await {
+            p.unwrap();
+        }
+        (f.coalesce_min, f.coalesce_max) = fetches_per_blob(&upstream, img);
+
+        eprintln!("{}: manifest HEADs...", target.name);
+        let lat = head_latencies(&target.url, "bench/big", "v1", 32, 100).await;
+        f.head_p50_ms = pct(&lat, 0.5);
+        f.head_p99_ms = pct(&lat, 0.99);
+        f.rss_mib = peak_rss_mib(target.pid);
+        results.insert(which, f);
+    }
+
+    let (p, d) = (&results["pullthrough"], &results["distribution"]);
+    println!("| figure | pullthrough | Distribution proxy | ratio (pullthrough / Distribution) |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| cold pull of {size_mib} MiB, 3 blobs in parallel (s, lower is better) | {:.2} | {:.2} | {:.2} |",
+        p.cold_s,
+        d.cold_s,
+        p.cold_s / d.cold_s
+    );
+    println!(
+        "| warm pull throughput (MiB/s, higher is better) | {:.0} | {:.0} | {:.2} |",
+        p.warm_mib_s,
+        d.warm_mib_s,
+        p.warm_mib_s / d.warm_mib_s
+    );
+    println!(
+        "| upstream GETs per blob, 16 concurrent cold pulls (min–max) | {}–{} | {}–{} | |",
+        p.coalesce_min, p.coalesce_max, d.coalesce_min, d.coalesce_max
+    );
+    println!(
+        "| manifest HEAD by tag p50, 32 concurrent clients (ms) | {:.2} | {:.2} | {:.2} |",
+        p.head_p50_ms,
+        d.head_p50_ms,
+        p.head_p50_ms / d.head_p50_ms
+    );
+    println!(
+        "| manifest HEAD by tag p99, 32 concurrent clients (ms) | {:.2} | {:.2} | {:.2} |",
+        p.head_p99_ms,
+        d.head_p99_ms,
+        p.head_p99_ms / d.head_p99_ms
+    );
+    println!(
+        "| peak RSS (MiB) | {:.1} | {:.1} | {:.2} |",
+        p.rss_mib,
+        d.rss_mib,
+        p.rss_mib / d.rss_mib
+    );
+}

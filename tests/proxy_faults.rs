@@ -1,0 +1,563 @@
+//! The proxy against an upstream that misbehaves on purpose: token auth, 5xx, dropped
+//! connections, wrong bytes, slowness, oversize manifests; and clients that send bad input.
+
+mod common;
+
+use common::fault::FaultUpstream;
+use common::*;
+use pullthrough::api::{Credentials, ProxyConfig, RepositoryFilter};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(up: &FaultUpstream) -> ProxyConfig {
+    config_for(&[(up.host.as_str(), up.url.as_str())])
+}
+
+/// Whether a committed blob file exists in the proxy's cache.
+fn cached(proxy: &Proxy, digest: &str) -> bool {
+    let hex = digest.trim_start_matches("sha256:");
+    proxy.cache_dir.join("blobs/sha256").join(hex).exists()
+}
+
+fn tmp_files(proxy: &Proxy) -> usize {
+    std::fs::read_dir(proxy.cache_dir.join("tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+async fn error_code(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.expect("an OCI error body");
+    (status, v["errors"][0]["code"].as_str().unwrap().to_string())
+}
+
+/// Sends a request line byte for byte (no client-side path normalisation).
+async fn raw_get(host: &str, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_flow_with_credentials_and_token_cache() {
+    let up = FaultUpstream::start().await;
+    *up.state.token_auth.lock().unwrap() = Some(("alice".into(), "s3cret".into()));
+    let image = Image::generate(21, &[50_000, 60_000], "amd64");
+    up.add_image("private/app", "v1", &image);
+
+    let mut cfg = config(&up);
+    cfg.upstreams[0].credentials = Some(Credentials {
+        username: "alice".into(),
+        password: "s3cret".into(),
+    });
+    let proxy = Proxy::start_config(cfg).await;
+    let pulled = pull(&proxy.url, "private/app", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, image.manifest.digest);
+    // One token for the repository's pull scope, reused for every later request.
+    assert_eq!(up.state.tokens_issued.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        proxy
+            .metric(
+                "pullthrough_upstream_requests_total",
+                &[("kind", "token"), ("code", "200")]
+            )
+            .await,
+        1.0
+    );
+
+    // Wrong credentials: the token endpoint refuses, the client gets DENIED, nothing cached.
+    let mut cfg = config(&up);
+    cfg.upstreams[0].credentials = Some(Credentials {
+        username: "alice".into(),
+        password: "wrong".into(),
+    });
+    let proxy2 = Proxy::start_config(cfg).await;
+    let r = http()
+        .get(format!("{}/v2/private/app/manifests/v1", proxy2.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (403, "DENIED".to_string()));
+    // No credentials at all: same.
+    let proxy3 = Proxy::start(&[(up.host.as_str(), up.url.as_str())]).await;
+    let r = http()
+        .get(format!("{}/v2/private/app/manifests/v1", proxy3.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await.1, "DENIED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_5xx_is_an_oci_error_and_caches_nothing() {
+    let up = FaultUpstream::start().await;
+    let image = Image::generate(22, &[10_000], "amd64");
+    up.add_image("a/b", "v1", &image);
+    up.state.fail_status.store(503, Ordering::SeqCst);
+    let proxy = Proxy::start_config(config(&up)).await;
+    let c = http();
+    let r = c
+        .get(format!("{}/v2/a/b/manifests/v1", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (502, "UNAVAILABLE".to_string()));
+    let r = c
+        .get(format!(
+            "{}/v2/a/b/blobs/{}",
+            proxy.url, image.layers[0].digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (502, "UNAVAILABLE".to_string()));
+    assert!(!cached(&proxy, &image.layers[0].digest));
+    assert!(!cached(&proxy, &image.manifest.digest));
+    assert_eq!(
+        proxy
+            .metric("pullthrough_upstream_requests_total", &[("code", "503")])
+            .await,
+        2.0
+    );
+    // 429 is passed on as TOOMANYREQUESTS.
+    up.state.fail_status.store(429, Ordering::SeqCst);
+    let r = c
+        .get(format!("{}/v2/a/b/manifests/v1", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (429, "TOOMANYREQUESTS".to_string()));
+    // Upstream back: the pull works.
+    up.state.fail_status.store(0, Ordering::SeqCst);
+    pull(&proxy.url, "a/b", "v1", None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connection_mid_blob_is_never_cached_or_served_whole() {
+    let up = FaultUpstream::start().await;
+    let layer = Blob::new(LAYER, random_bytes(5, 1_000_000));
+    up.add_blob(&layer);
+    up.state.drop_mid_blob.store(1, Ordering::SeqCst);
+    let proxy = Proxy::start_config(config(&up)).await;
+    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
+
+    let r = http().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "headers go out before the upstream fails");
+    let body = r.bytes().await;
+    assert!(
+        body.is_err(),
+        "the client must see a broken body, not a short complete one"
+    );
+    // Let the download task clean up.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!cached(&proxy, &layer.digest));
+    assert_eq!(tmp_files(&proxy), 0, "the partial file is removed");
+
+    let body = http()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(sha256(&body), layer.digest);
+    assert!(cached(&proxy, &layer.digest));
+    assert_eq!(up.count("GET /v2/a/b/blobs/"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bytes_for_a_digest_are_never_cached_or_served_whole() {
+    let up = FaultUpstream::start().await;
+    let layer = Blob::new(LAYER, random_bytes(6, 700_000));
+    up.add_blob(&layer);
+    up.state
+        .corrupt
+        .lock()
+        .unwrap()
+        .insert(layer.digest.clone());
+    let proxy = Proxy::start_config(config(&up)).await;
+    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
+
+    for _ in 0..2 {
+        let r = http().get(&url).send().await.unwrap();
+        if let Ok(b) = r.bytes().await {
+            panic!(
+                "a complete body of {} bytes was served for a wrong digest",
+                b.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!cached(&proxy, &layer.digest));
+    }
+    assert_eq!(tmp_files(&proxy), 0);
+    // Each request tried again: a bad download is never remembered as good.
+    assert_eq!(up.count("GET /v2/a/b/blobs/"), 2);
+
+    // A manifest whose bytes do not match the digest asked for.
+    let m = Blob::new(OCI_MANIFEST, br#"{"schemaVersion":2}"#.to_vec());
+    let other = Blob::new(OCI_MANIFEST, br#"{"schemaVersion":2,"x":1}"#.to_vec());
+    up.add_manifest("a/b", &m.digest, &other);
+    let r = http()
+        .get(format!("{}/v2/a/b/manifests/{}", proxy.url, m.digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (502, "DIGEST_INVALID".to_string()));
+    assert!(!cached(&proxy, &m.digest) && !cached(&proxy, &other.digest));
+
+    // Upstream fixed: the right bytes are served and cached.
+    up.state.corrupt.lock().unwrap().clear();
+    let body = http()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(sha256(&body), layer.digest);
+    assert!(cached(&proxy, &layer.digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_upstream_streams_to_the_first_client_and_coalesces_the_rest() {
+    let up = FaultUpstream::start().await;
+    // 64 chunks of 16 KiB at 15 ms each: about a second upstream.
+    let layer = Blob::new(LAYER, random_bytes(8, 64 * 16 * 1024));
+    up.add_blob(&layer);
+    up.state.slow_ms.store(15, Ordering::SeqCst);
+    let proxy = Proxy::start_config(config(&up)).await;
+    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
+
+    let started = Instant::now();
+    let mut first = http().get(&url).send().await.unwrap();
+    let first_chunk = first.chunk().await.unwrap().unwrap();
+    let ttfb = started.elapsed();
+    assert!(!first_chunk.is_empty());
+    let followers: Vec<_> = (0..7)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                http()
+                    .get(&url)
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut body = first_chunk.to_vec();
+    while let Some(c) = first.chunk().await.unwrap() {
+        body.extend_from_slice(&c);
+    }
+    let total = started.elapsed();
+    assert_eq!(sha256(&body), layer.digest);
+    assert!(
+        ttfb * 3 < total,
+        "first bytes after {ttfb:?} of {total:?}: the blob must stream, not store-then-serve"
+    );
+    for f in followers {
+        assert_eq!(sha256(&f.await.unwrap()), layer.digest);
+    }
+    assert_eq!(up.count("GET /v2/a/b/blobs/"), 1);
+    assert_eq!(
+        proxy
+            .metric(
+                "pullthrough_requests_total",
+                &[("kind", "blob"), ("result", "coalesced")]
+            )
+            .await,
+        7.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_tags_are_served_while_the_upstream_is_down_within_the_bound() {
+    let up = FaultUpstream::start().await;
+    let image = Image::generate(23, &[30_000], "amd64");
+    up.add_image("a/b", "v1", &image);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&up);
+    cfg.cache_dir = dir.path().join("cache");
+    cfg.tag_ttl = Duration::from_millis(500);
+    cfg.stale_if_error = Duration::from_secs(3600);
+    let proxy = Proxy::start_config(cfg.clone()).await;
+    pull(&proxy.url, "a/b", "v1", None).await.unwrap();
+
+    // Within the TTL the upstream is not asked at all.
+    let manifest_calls = up.count("/manifests/v1");
+    pull(&proxy.url, "a/b", "v1", None).await.unwrap();
+    assert_eq!(up.count("/manifests/v1"), manifest_calls);
+
+    // Past the TTL with the upstream down: the last known digest is served, counted stale.
+    up.state.fail_status.store(503, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let pulled = pull(&proxy.url, "a/b", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, image.manifest.digest);
+    assert_eq!(
+        proxy
+            .metric(
+                "pullthrough_requests_total",
+                &[("kind", "manifest"), ("result", "stale")]
+            )
+            .await,
+        1.0
+    );
+    assert!(
+        up.count("HEAD /v2/a/b/manifests/v1") >= 1,
+        "revalidation uses HEAD"
+    );
+
+    // The tag survives a restart: a new process on the same cache still serves it stale.
+    proxy.stop().await;
+    let proxy = Proxy::start_config(cfg.clone()).await;
+    let pulled = pull(&proxy.url, "a/b", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, image.manifest.digest);
+    proxy.stop().await;
+
+    // Beyond staleIfError it is an error, not stale content.
+    cfg.stale_if_error = Duration::from_millis(100);
+    let proxy = Proxy::start_config(cfg).await;
+    let r = http()
+        .get(format!("{}/v2/a/b/manifests/v1", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (502, "UNAVAILABLE".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_are_revalidated_after_ttl_and_follow_upstream_changes() {
+    let up = FaultUpstream::start().await;
+    let v1 = Image::generate(24, &[1000], "amd64");
+    let v2 = Image::generate(25, &[1000], "amd64");
+    up.add_image("a/b", "latest", &v1);
+    let mut cfg = config(&up);
+    cfg.tag_ttl = Duration::from_millis(300);
+    let proxy = Proxy::start_config(cfg).await;
+    assert_eq!(
+        pull(&proxy.url, "a/b", "latest", None).await.unwrap().top,
+        v1.manifest.digest
+    );
+
+    // Unchanged upstream: revalidated with a HEAD, no new GET.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let gets = up.count("GET /v2/a/b/manifests/latest");
+    assert_eq!(
+        pull(&proxy.url, "a/b", "latest", None).await.unwrap().top,
+        v1.manifest.digest
+    );
+    assert_eq!(up.count("GET /v2/a/b/manifests/latest"), gets);
+    assert_eq!(up.count("HEAD /v2/a/b/manifests/latest"), 1);
+
+    // The tag moves upstream: after the TTL the proxy follows.
+    up.add_image("a/b", "latest", &v2);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        pull(&proxy.url, "a/b", "latest", None).await.unwrap().top,
+        v2.manifest.digest
+    );
+
+    // The tag is deleted upstream: MANIFEST_UNKNOWN, not the old digest.
+    up.state
+        .manifests
+        .lock()
+        .unwrap()
+        .remove(&("a/b".to_string(), "latest".to_string()));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let r = http()
+        .get(format!("{}/v2/a/b/manifests/latest", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (404, "MANIFEST_UNKNOWN".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_before_any_upstream_call() {
+    let up = FaultUpstream::start().await;
+    let big = Blob::new(
+        OCI_MANIFEST,
+        format!(r#"{{"schemaVersion":2,"pad":"{}"}}"#, "x".repeat(5000)).into_bytes(),
+    );
+    up.add_manifest("a/b", "big", &big);
+    let mut cfg = config(&up);
+    cfg.max_manifest_bytes = 4096;
+    cfg.upstreams[0].repositories = RepositoryFilter {
+        allow: vec!["a/*".into(), "team/*".into()],
+        deny: vec!["team/secret*".into()],
+    };
+    let proxy = Proxy::start_config(cfg).await;
+    let c = http();
+    let d = format!("sha256:{}", "0".repeat(64));
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("/v2/UPPER/manifests/v1".into(), 400, "NAME_INVALID"),
+        ("/v2/a//b/manifests/v1".into(), 400, "NAME_INVALID"),
+        ("/v2/a/-b/manifests/v1".into(), 400, "NAME_INVALID"),
+        (
+            format!("/v2/{}/manifests/v1", "a".repeat(300)),
+            400,
+            "NAME_INVALID",
+        ),
+        ("/v2/a/b/manifests/.hidden".into(), 400, "MANIFEST_INVALID"),
+        (
+            format!("/v2/a/b/manifests/{}", "t".repeat(129)),
+            400,
+            "MANIFEST_INVALID",
+        ),
+        ("/v2/a/b/blobs/sha256:1234".into(), 400, "DIGEST_INVALID"),
+        ("/v2/a/b/blobs/latest".into(), 400, "DIGEST_INVALID"),
+        (
+            format!("/v2/a/b/blobs/{}", d.replace("sha256", "md5")),
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            format!("/v2/a/b/blobs/{}?ns=evil.example.com", d),
+            404,
+            "NAME_UNKNOWN",
+        ),
+        (
+            "/v2/a/b/manifests/v1?ns=registry-1.docker.io".into(),
+            404,
+            "NAME_UNKNOWN",
+        ),
+        ("/v2/other/x/manifests/v1".into(), 403, "DENIED"),
+        ("/v2/team/secret-app/manifests/v1".into(), 403, "DENIED"),
+        ("/v2/a/b/uploads/".into(), 404, "NAME_UNKNOWN"),
+    ];
+    for (path, status, code) in &cases {
+        let r = c.get(format!("{}{path}", proxy.url)).send().await.unwrap();
+        assert_eq!(error_code(r).await, (*status, code.to_string()), "{path}");
+    }
+    // Traversal attempts sent raw, so no client normalises them away.
+    for path in [
+        "/v2/../../etc/passwd/manifests/v1",
+        "/v2/a/%2e%2e/%2e%2e/manifests/v1",
+        "/v2/a/b/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd",
+        "/v2/a/b/manifests/..%2f..%2fx",
+    ] {
+        let resp = raw_get(&proxy.host, path).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{path}: {resp}");
+        assert!(resp.contains("\"errors\""), "{path}: {resp}");
+    }
+    // Writes are refused: this is a read-only cache.
+    let r = c
+        .put(format!("{}/v2/a/b/manifests/v1", proxy.url))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (405, "UNSUPPORTED".to_string()));
+    let r = c
+        .post(format!("{}/v2/a/b/blobs/uploads/", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (405, "UNSUPPORTED".to_string()));
+    assert_eq!(
+        up.total(),
+        0,
+        "no bad request reached the upstream: {:?}",
+        up.state.log.lock().unwrap()
+    );
+
+    // An oversize manifest upstream is refused and not cached.
+    let r = c
+        .get(format!("{}/v2/a/b/manifests/big", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (502, "SIZE_INVALID".to_string()));
+    assert!(!cached(&proxy, &big.digest));
+    assert_eq!(
+        proxy
+            .metric(
+                "pullthrough_requests_total",
+                &[("kind", "manifest"), ("result", "error")]
+            )
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_upstreams_routed_by_ns_and_referrers_passed_through() {
+    let one = FaultUpstream::start().await;
+    let two = FaultUpstream::start().await;
+    let a = Image::generate(31, &[1000], "amd64");
+    let b = Image::generate(32, &[1000], "amd64");
+    one.add_image("x/y", "v", &a);
+    two.add_image("x/y", "v", &b);
+    let proxy = Proxy::start(&[
+        ("one.example", one.url.as_str()),
+        ("two.example:5000", two.url.as_str()),
+    ])
+    .await;
+    assert_eq!(
+        pull(&proxy.url, "x/y", "v", None).await.unwrap().top,
+        a.manifest.digest
+    );
+    assert_eq!(
+        pull(&proxy.url, "x/y", "v", Some("one.example"))
+            .await
+            .unwrap()
+            .top,
+        a.manifest.digest
+    );
+    assert_eq!(
+        pull(&proxy.url, "x/y", "v", Some("two.example:5000"))
+            .await
+            .unwrap()
+            .top,
+        b.manifest.digest
+    );
+    assert_eq!(
+        pull(&proxy.url, "x/y", "v", Some("TWO.example:5000"))
+            .await
+            .unwrap()
+            .top,
+        b.manifest.digest
+    );
+    let text = proxy.metrics().await;
+    assert!(
+        metric_value(
+            &text,
+            "pullthrough_requests_total",
+            &[("upstream", "two.example:5000")]
+        ) > 0.0
+    );
+
+    let r = http()
+        .get(format!(
+            "{}/v2/x/y/referrers/{}?ns=two.example:5000&artifactType=application%2Fexample.sbom",
+            proxy.url, b.manifest.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], OCI_INDEX);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["manifests"][0]["digest"], b.manifest.digest.as_str());
+    assert_eq!(
+        two.count("artifactType=application%2Fexample.sbom"),
+        1,
+        "filters are forwarded, ns is not"
+    );
+    assert_eq!(two.count("ns="), 0);
+}
