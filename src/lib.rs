@@ -9,5 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod controller;
 pub mod oci;
 pub mod proxy;
+pub mod server;

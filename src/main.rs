@@ -25,6 +25,29 @@ enum Role {
     /// Run the caching registry (the data plane). With no flags: port 5000, cache in
     /// ./pullthrough-cache, mirroring docker.io.
     Proxy(ProxyArgs),
+    /// Reconcile RegistryMirror resources into running caches (in-cluster, leader-elected).
+    Controller(ControllerArgs),
+    /// Print the RegistryMirror CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Container image the proxy pods run (normally the controller's own image).
+    #[arg(long, env = "PULLTHROUGH_PROXY_IMAGE")]
+    proxy_image: String,
+    /// imagePullPolicy of the proxy pods.
+    #[arg(long, env = "PULLTHROUGH_PROXY_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    image_pull_policy: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "PULLTHROUGH_METRICS_LISTEN", default_value = "0.0.0.0:9095")]
+    metrics_listen: SocketAddr,
+    /// Namespace of the leader-election Lease (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "pullthrough-system")]
+    lease_namespace: String,
+    /// This replica's name in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -134,6 +157,27 @@ async fn main() -> anyhow::Result<()> {
             init_tracing(&cli.log_format);
             pullthrough::proxy::run(config, shutdown_signal()).await?;
         }
+        Role::Controller(args) => {
+            init_tracing(&cli.log_format);
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let identity = args
+                .identity
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| format!("pullthrough-controller-{}", std::process::id()));
+            let options = pullthrough::controller::ControllerOptions {
+                settings: pullthrough::controller::builders::ChildSettings {
+                    proxy_image: args.proxy_image,
+                    image_pull_policy: args.image_pull_policy,
+                },
+                metrics_listen: args.metrics_listen,
+                lease_namespace: args.lease_namespace,
+                identity,
+            };
+            pullthrough::controller::run(client, options, shutdown_signal()).await?;
+        }
+        Role::Crd => print!("{}", pullthrough::api::mirror::crd_yaml()),
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 pub mod dockerconfig;
 pub mod duration;
+pub mod mirror;
 pub mod proxy_config;
 
 pub use proxy_config::{ConfigError, Credentials, ProxyConfig, RepositoryFilter, UpstreamConfig};

@@ -10,18 +10,16 @@ use super::upstream::Upstream;
 use crate::oci::error::error_body;
 use crate::oci::reference::validate_repository;
 use crate::oci::{Digest, Reference};
-use bytes::Bytes;
 use futures::TryStreamExt;
-use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::UnsyncBoxBody};
+use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use std::convert::Infallible;
-use std::io;
 use std::sync::Arc;
 
-/// Response body type of both servers.
-pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+pub use crate::server::Body;
+use crate::server::full;
 
 const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
 
@@ -29,11 +27,6 @@ fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
 
 /// A parsed distribution API path.
 #[derive(Debug, PartialEq, Eq)]
@@ -365,37 +358,6 @@ fn blob_response(digest: &Digest, answer: BlobAnswer) -> Response<Body> {
         None => empty(),
     };
     b.body(body).expect("valid response")
-}
-
-/// Entry point of the operations server: `/metrics`, `/healthz`, `/readyz`.
-pub async fn handle_ops(
-    proxy: Arc<Proxy>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    let text = |status: StatusCode, body: String, ctype: &'static str| {
-        Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, ctype)
-            .body(full(body))
-            .expect("valid response")
-    };
-    Ok(match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            proxy.metrics().render(),
-            "text/plain; version=0.0.4",
-        ),
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        (&Method::GET, "/readyz") => match proxy.readiness() {
-            Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-            Err(why) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{why}\n"),
-                "text/plain",
-            ),
-        },
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
-    })
 }
 
 #[cfg(test)]

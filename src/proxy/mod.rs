@@ -15,10 +15,6 @@ pub mod upstream;
 use crate::api::dockerconfig::credentials_for;
 use crate::api::proxy_config::is_docker_hub_alias;
 use crate::api::{ConfigError, ProxyConfig};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use metrics::Metrics;
 use pull_through::{CachePolicy, PullThrough};
 use std::collections::HashMap;
@@ -175,8 +171,15 @@ impl Proxy {
         &self.metrics
     }
 
-    /// `Ok` when the proxy can serve: its cache directory is there.
-    pub fn readiness(&self) -> Result<(), String> {
+}
+
+impl crate::server::Ops for Proxy {
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    /// Ready when the cache directory is there.
+    fn readiness(&self) -> Result<(), String> {
         let tmp = self.cache.storage().root().join("tmp");
         if tmp.is_dir() {
             Ok(())
@@ -221,12 +224,12 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     let p1 = proxy.clone();
-    let api_loop = accept_loop(api, stop_rx.clone(), tracker.clone(), move |req| {
+    let api_loop = crate::server::accept_loop(api, stop_rx.clone(), tracker.clone(), move |req| {
         http::handle(p1.clone(), req)
     });
-    let p2 = proxy.clone();
-    let ops_loop = accept_loop(ops, stop_rx, tracker.clone(), move |req| {
-        http::handle_ops(p2.clone(), req)
+    let p2: Arc<dyn crate::server::Ops> = proxy.clone();
+    let ops_loop = crate::server::accept_loop(ops, stop_rx, tracker.clone(), move |req| {
+        crate::server::handle_ops(p2.clone(), req)
     });
     let api_task = tokio::spawn(api_loop);
     let ops_task = tokio::spawn(ops_loop);
@@ -243,46 +246,4 @@ pub async fn serve(
         tracing::warn!("connections still open after 10s; closing them");
     }
     Ok(())
-}
-
-async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-    tracker: TaskTracker,
-    handler: F,
-) where
-    F: Fn(hyper::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<hyper::Response<http::Body>, std::convert::Infallible>>
-        + Send
-        + 'static,
-{
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let mut stop = stop.clone();
-        tracker.spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler));
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
 }

@@ -561,3 +561,27 @@ pub fn dir_blobs(dir: &Path) -> BTreeSet<String> {
         })
         .collect()
 }
+
+/// The repository root.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every RegistryMirror document in deploy/examples, with its file.
+pub fn examples() -> Vec<(String, serde_yaml::Value)> {
+    let mut out = Vec::new();
+    let dir = root().join("deploy/examples");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+            if v["kind"] == "RegistryMirror" {
+                out.push((path.display().to_string(), v));
+            }
+        }
+    }
+    out
+}
+

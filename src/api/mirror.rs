@@ -1,0 +1,385 @@
+//! The `RegistryMirror` custom resource (`pullthrough.dev/v1alpha1`): the Rust types are the
+//! source of truth for the CRD (`pullthrough crd` prints it; `crds/` holds its output).
+//! Also the pure mapping from a mirror's spec to the [`ProxyConfig`] its proxy runs with.
+
+use super::proxy_config::{ProxyConfig, RepositoryFilter, UpstreamConfig};
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// API group of the resource.
+pub const GROUP: &str = "pullthrough.dev";
+/// Port of the proxy's registry API inside the pod and on the Service.
+pub const PROXY_PORT: u16 = 5000;
+/// Port of the proxy's metrics and health endpoints.
+pub const METRICS_PORT: u16 = 9095;
+/// Where the proxy pod mounts its cache volume.
+pub const CACHE_MOUNT: &str = "/var/cache/pullthrough";
+/// Where the proxy pod mounts its configuration.
+pub const CONFIG_MOUNT: &str = "/etc/pullthrough";
+/// Where credentials Secrets are mounted, one directory per upstream index.
+pub const SECRETS_MOUNT: &str = "/var/run/pullthrough/credentials";
+
+/// Desired state of a pull-through cache for one or more upstream registries.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "pullthrough.dev",
+    version = "v1alpha1",
+    kind = "RegistryMirror",
+    namespaced,
+    status = "RegistryMirrorStatus",
+    shortname = "rmirror",
+    category = "pullthrough",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.nodes.configured"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.metadata.name.size() <= 40").message("the name may be at most 40 characters (it prefixes the names of the mirror's objects)")
+)]
+#[x_kube(cel)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryMirrorSpec {
+    /// Registries this cache mirrors. Each registry may appear once.
+    #[x_kube(validation = Rule::new("self.all(u, self.filter(v, v.registry == u.registry).size() == 1)").message("each upstream registry may appear only once"))]
+    #[schemars(length(min = 1, max = 32))]
+    pub upstreams: Vec<MirrorUpstream>,
+    /// Cache storage and freshness.
+    #[serde(default)]
+    pub cache: CacheSpec,
+    /// Number of proxy pods.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+    /// Compute resources of the proxy pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Which nodes get containerd configured to use this mirror.
+    #[serde(default)]
+    pub nodes: NodesSpec,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// One mirrored registry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorUpstream {
+    /// Host name as image references use it: `docker.io`, `ghcr.io`, `registry.local:5000`.
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]{1,5})?$"), length(max = 253))]
+    pub registry: String,
+    /// Registry API base URL; defaulted for well-known registries
+    /// (`https://registry-1.docker.io` for docker.io, `https://<registry>` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^/?#@ ]+(/[^?# ]*)?$"))]
+    pub url: Option<String>,
+    /// A `kubernetes.io/dockerconfigjson` Secret in the mirror's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretReference>,
+    /// Repository allow/deny globs (`*` matches anything, `/` included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repositories: Option<RepositoryFilterSpec>,
+}
+
+/// Name of a Secret in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretReference {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Repository allow/deny globs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+pub struct RepositoryFilterSpec {
+    /// Globs of repositories that may be pulled; empty allows all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Globs of repositories that may not be pulled; wins over allow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+}
+
+const DURATION_PATTERN: &str = r"^(0|([0-9]+(ms|s|m|h|d))+)$";
+
+/// Cache storage and freshness.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// Where the cache lives. Default: an emptyDir.
+    #[serde(default)]
+    pub storage: StorageSpec,
+    /// How long a tag is trusted before it is revalidated upstream (e.g. `5m`).
+    #[serde(rename = "tagTTL", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub tag_ttl: Option<String>,
+    /// How long past its TTL a tag is still served while the upstream fails (e.g. `24h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub stale_if_error: Option<String>,
+    /// Images never evicted (`registry/repository:tag` or `@sha256:...`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pin: Vec<String>,
+    /// Images pulled into the cache ahead of need.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch: Vec<String>,
+}
+
+/// Cache volume: a PersistentVolumeClaim per pod (StatefulSet) when `size` is set, else an
+/// emptyDir (Deployment).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(cel, validation = Rule::new("!(has(self.size) && has(self.emptyDir))").message("set either size (a PersistentVolumeClaim) or emptyDir, not both"))]
+pub struct StorageSpec {
+    /// Size of each pod's PersistentVolumeClaim (e.g. `50Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
+    /// StorageClass of the claims; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Use an emptyDir (lost when the pod goes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirSpec>,
+}
+
+/// emptyDir options.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmptyDirSpec {
+    /// Upper bound of the volume (e.g. `20Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<Quantity>,
+}
+
+/// Which nodes get containerd configured for this mirror.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodesSpec {
+    /// Write containerd `hosts.toml` files on matching nodes.
+    #[serde(default = "default_true")]
+    pub configure: bool,
+    /// Node labels that must all match; empty matches every node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+}
+
+impl Default for NodesSpec {
+    fn default() -> Self {
+        NodesSpec {
+            configure: true,
+            selector: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Observed state, written by the controller.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryMirrorStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Where nodes reach the mirror: `http://<service cluster IP>:5000`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Proxy pods ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Node configuration progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodesStatus>,
+    /// `Ready`, `Progressing`, `Degraded`, `Conflict` (metav1.Condition).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// How many nodes point containerd at this mirror.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodesStatus {
+    /// Nodes whose agent reports this mirror configured.
+    pub configured: i32,
+    /// Nodes the selector matches.
+    pub total: i32,
+}
+
+impl RegistryMirrorSpec {
+    /// The configuration the mirror's proxy runs with. Credentials are referenced as
+    /// files where the pod mounts each upstream's Secret.
+    pub fn proxy_config(&self) -> Result<ProxyConfig, String> {
+        let defaults = ProxyConfig::default();
+        let parse = |field: &str, v: &Option<String>, default| match v {
+            Some(s) => super::duration::parse(s).map_err(|e| format!("cache.{field}: {e}")),
+            None => Ok(default),
+        };
+        let config = ProxyConfig {
+            listen: ([0, 0, 0, 0], PROXY_PORT).into(),
+            metrics_listen: ([0, 0, 0, 0], METRICS_PORT).into(),
+            cache_dir: PathBuf::from(CACHE_MOUNT),
+            upstreams: self
+                .upstreams
+                .iter()
+                .enumerate()
+                .map(|(i, u)| UpstreamConfig {
+                    registry: u.registry.clone(),
+                    url: u.url.clone(),
+                    credentials: None,
+                    credentials_file: u.credentials_secret_ref.as_ref().map(|_| {
+                        PathBuf::from(format!("{SECRETS_MOUNT}/{i}/.dockerconfigjson"))
+                    }),
+                    repositories: u
+                        .repositories
+                        .as_ref()
+                        .map(|r| RepositoryFilter {
+                            allow: r.allow.clone(),
+                            deny: r.deny.clone(),
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            default_upstream: None,
+            tag_ttl: parse("tagTTL", &self.cache.tag_ttl, defaults.tag_ttl)?,
+            stale_if_error: parse("staleIfError", &self.cache.stale_if_error, defaults.stale_if_error)?,
+            ..defaults
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+/// The CRD as YAML, exactly what `pullthrough crd` prints and `crds/` holds.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    format!(
+        "# Generated by `pullthrough crd` from src/api/mirror.rs. Do not edit.\n{}",
+        serde_yaml::to_string(&RegistryMirror::crd()).expect("CRD serializes")
+    )
+}
+
+/// Node annotation the node agent keeps up to date: the mirrors (`namespace/name`,
+/// comma-separated, sorted) whose `hosts.toml` files are written on that node.
+pub const NODE_ANNOTATION: &str = "pullthrough.dev/mirrors";
+
+/// Finalizer that holds a deleted mirror until no node is configured for it any more.
+pub const FINALIZER: &str = "pullthrough.dev/node-cleanup";
+
+/// The mirrors listed in a node's [`NODE_ANNOTATION`] value.
+pub fn parse_node_annotation(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The key a mirror has in node annotations.
+pub fn mirror_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// Registry name normalised for comparisons: lowercase, Docker Hub aliases folded.
+pub fn registry_key(registry: &str) -> String {
+    let r = registry.to_ascii_lowercase();
+    if super::proxy_config::is_docker_hub_alias(&r) {
+        super::proxy_config::DOCKER_HUB.to_string()
+    } else {
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn example(upstreams: &[&str]) -> RegistryMirrorSpec {
+        serde_yaml::from_str(&format!(
+            "upstreams: [{}]",
+            upstreams
+                .iter()
+                .map(|u| format!("{{registry: \"{u}\"}}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let spec = example(&["docker.io"]);
+        assert_eq!(spec.replicas, 1);
+        assert!(spec.nodes.configure);
+        let c = spec.proxy_config().unwrap();
+        assert_eq!(c.listen.port(), PROXY_PORT);
+        assert_eq!(c.cache_dir, PathBuf::from(CACHE_MOUNT));
+        assert_eq!(c.upstreams[0].base_url(), "https://registry-1.docker.io");
+    }
+
+    #[test]
+    fn spec_maps_to_proxy_config() {
+        let spec: RegistryMirrorSpec = serde_yaml::from_str(
+            r#"
+upstreams:
+  - registry: docker.io
+    credentialsSecretRef: {name: hub}
+    repositories: {allow: ["library/*"]}
+  - registry: ghcr.io
+    url: https://ghcr.example
+cache: {tagTTL: 1m, staleIfError: 2h}
+"#,
+        )
+        .unwrap();
+        let c = spec.proxy_config().unwrap();
+        assert_eq!(c.tag_ttl, std::time::Duration::from_secs(60));
+        assert_eq!(c.stale_if_error, std::time::Duration::from_secs(7200));
+        assert_eq!(
+            c.upstreams[0].credentials_file,
+            Some(PathBuf::from(format!("{SECRETS_MOUNT}/0/.dockerconfigjson")))
+        );
+        assert_eq!(c.upstreams[0].repositories.allow, vec!["library/*"]);
+        assert_eq!(c.upstreams[1].base_url(), "https://ghcr.example");
+        // What the controller writes, the proxy reads back unchanged.
+        assert_eq!(ProxyConfig::from_yaml(&c.to_yaml()).unwrap(), c);
+    }
+
+    #[test]
+    fn invalid_specs_are_explained() {
+        let mut spec = example(&["docker.io"]);
+        spec.cache.tag_ttl = Some("5 minutes".into());
+        assert!(spec.proxy_config().unwrap_err().contains("cache.tagTTL"));
+        let spec = example(&["docker.io", "index.docker.io"]);
+        assert!(spec.proxy_config().is_ok(), "aliases are caught by the controller's conflict check, not here");
+        let spec = example(&["ghcr.io", "GHCR.io"]);
+        assert!(spec.proxy_config().unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn cel_rules_hold_client_side() {
+        let ok = serde_json::to_value(example(&["docker.io", "ghcr.io"])).unwrap();
+        RegistryMirrorSpec::validate_cel(&ok, None).unwrap();
+        let dup = serde_json::to_value(example(&["docker.io", "docker.io"])).unwrap();
+        let err = RegistryMirrorSpec::validate_cel(&dup, None).unwrap_err();
+        assert!(format!("{err:?}").contains("only once"), "{err:?}");
+        let both = serde_json::json!({"size": "1Gi", "emptyDir": {}});
+        assert!(StorageSpec::validate_cel(&both, None).is_err());
+        StorageSpec::validate_cel(&serde_json::json!({"size": "1Gi"}), None).unwrap();
+    }
+
+    #[test]
+    fn annotations_and_keys() {
+        assert_eq!(parse_node_annotation(" a/b, c/d ,,"), vec!["a/b", "c/d"]);
+        assert_eq!(registry_key("Index.Docker.io"), "docker.io");
+        assert_eq!(registry_key("GHCR.io"), "ghcr.io");
+    }
+}

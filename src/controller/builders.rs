@@ -1,0 +1,530 @@
+//! Pure builders of every object the controller owns for a RegistryMirror. No I/O: the
+//! reconciler applies what these return, and tests check them directly.
+
+use crate::api::mirror::{
+    CACHE_MOUNT, CONFIG_MOUNT, METRICS_PORT, PROXY_PORT, RegistryMirror, SECRETS_MOUNT,
+};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, StatefulSet, StatefulSetSpec,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    HTTPGetAction, KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm, Affinity,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeMap;
+
+/// Annotation on the pod template carrying the hash of config and credentials, so any
+/// change rolls the pods.
+pub const CONFIG_HASH: &str = "pullthrough.dev/config-hash";
+/// Key of the proxy configuration in the ConfigMap.
+pub const CONFIG_KEY: &str = "config.yaml";
+/// Non-root user the proxy runs as (distroless `nonroot`).
+pub const RUN_AS: i64 = 65532;
+
+/// Settings of the controller that shape the children (not part of the resource).
+#[derive(Clone, Debug)]
+pub struct ChildSettings {
+    /// Container image of the proxy.
+    pub proxy_image: String,
+    /// Image pull policy of the proxy.
+    pub image_pull_policy: Option<String>,
+}
+
+/// Name of every child object of a mirror.
+pub fn child_name(mirror: &RegistryMirror) -> String {
+    format!("pullthrough-{}", mirror.name_any())
+}
+
+/// Labels selecting a mirror's proxy pods.
+pub fn selector_labels(mirror: &RegistryMirror) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "pullthrough".to_string()),
+        ("app.kubernetes.io/instance".to_string(), mirror.name_any()),
+        ("app.kubernetes.io/component".to_string(), "proxy".to_string()),
+    ])
+}
+
+/// Labels on every child.
+pub fn labels(mirror: &RegistryMirror) -> BTreeMap<String, String> {
+    let mut l = selector_labels(mirror);
+    l.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "pullthrough-controller".into(),
+    );
+    l.insert(
+        "app.kubernetes.io/version".into(),
+        env!("CARGO_PKG_VERSION").into(),
+    );
+    l
+}
+
+fn owner(mirror: &RegistryMirror) -> OwnerReference {
+    mirror
+        .controller_owner_ref(&())
+        .expect("a RegistryMirror from the API server has a uid")
+}
+
+fn meta(mirror: &RegistryMirror) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(child_name(mirror)),
+        namespace: mirror.namespace(),
+        labels: Some(labels(mirror)),
+        owner_references: Some(vec![owner(mirror)]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The ConfigMap holding the proxy configuration (the YAML `pullthrough proxy` reads).
+pub fn config_map(mirror: &RegistryMirror, config_yaml: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(mirror),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), config_yaml.to_string())])),
+        ..ConfigMap::default()
+    }
+}
+
+/// Hash of everything the pods read at start: the config and each credentials Secret's data.
+pub fn config_hash(config_yaml: &str, secrets: &[Vec<u8>]) -> String {
+    let mut h = Sha256::new();
+    h.update(config_yaml.as_bytes());
+    for s in secrets {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s);
+    }
+    hex::encode(h.finalize())[..16].to_string()
+}
+
+/// Whether the mirror keeps its cache on PersistentVolumeClaims (StatefulSet) or an
+/// emptyDir (Deployment).
+pub fn uses_pvc(mirror: &RegistryMirror) -> bool {
+    mirror.spec.cache.storage.size.is_some()
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -> PodTemplateSpec {
+    let name = child_name(mirror);
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: name.clone(),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_MOUNT.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "cache".into(),
+            mount_path: CACHE_MOUNT.into(),
+            ..VolumeMount::default()
+        },
+    ];
+    if !uses_pvc(mirror) {
+        volumes.push(Volume {
+            name: "cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: mirror
+                    .spec
+                    .cache
+                    .storage
+                    .empty_dir
+                    .as_ref()
+                    .and_then(|e| e.size_limit.clone()),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    for (i, u) in mirror.spec.upstreams.iter().enumerate() {
+        if let Some(secret) = &u.credentials_secret_ref {
+            let vol = format!("credentials-{i}");
+            volumes.push(Volume {
+                name: vol.clone(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.name.clone()),
+                    items: Some(vec![KeyToPath {
+                        key: ".dockerconfigjson".into(),
+                        path: ".dockerconfigjson".into(),
+                        ..KeyToPath::default()
+                    }]),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            mounts.push(VolumeMount {
+                name: vol,
+                mount_path: format!("{SECRETS_MOUNT}/{i}"),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        }
+    }
+    let container = Container {
+        name: "proxy".into(),
+        image: Some(settings.proxy_image.clone()),
+        image_pull_policy: settings.image_pull_policy.clone(),
+        args: Some(vec![
+            "proxy".into(),
+            "--config".into(),
+            format!("{CONFIG_MOUNT}/{CONFIG_KEY}"),
+            "--log-format".into(),
+            "json".into(),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("registry".into()),
+                container_port: PROXY_PORT.into(),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT.into(),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        resources: mirror.spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+    let mut annotations = BTreeMap::from([
+        (CONFIG_HASH.to_string(), hash.to_string()),
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), METRICS_PORT.to_string()),
+    ]);
+    annotations.insert("kubectl.kubernetes.io/default-container".into(), "proxy".into());
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(mirror)),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            volumes: Some(volumes),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                fs_group: Some(RUN_AS),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            // Spread replicas over nodes so one node going does not take the cache down.
+            affinity: Some(Affinity {
+                pod_anti_affinity: Some(PodAntiAffinity {
+                    preferred_during_scheduling_ignored_during_execution: Some(vec![
+                        WeightedPodAffinityTerm {
+                            weight: 100,
+                            pod_affinity_term: PodAffinityTerm {
+                                label_selector: Some(LabelSelector {
+                                    match_labels: Some(selector_labels(mirror)),
+                                    ..LabelSelector::default()
+                                }),
+                                topology_key: "kubernetes.io/hostname".into(),
+                                ..PodAffinityTerm::default()
+                            },
+                        },
+                    ]),
+                    ..PodAntiAffinity::default()
+                }),
+                ..Affinity::default()
+            }),
+            termination_grace_period_seconds: Some(30),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// The proxy Deployment (cache on an emptyDir).
+pub fn deployment(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -> Deployment {
+    Deployment {
+        metadata: meta(mirror),
+        spec: Some(DeploymentSpec {
+            replicas: Some(mirror.spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(mirror)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..DeploymentStrategy::default()
+            }),
+            template: pod_template(mirror, settings, hash),
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// The proxy StatefulSet (cache on one PersistentVolumeClaim per pod).
+pub fn stateful_set(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -> StatefulSet {
+    let storage = &mirror.spec.cache.storage;
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("cache".into()),
+            labels: Some(selector_labels(mirror)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: storage
+                    .size
+                    .clone()
+                    .map(|s| BTreeMap::from([("storage".to_string(), s)])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+    StatefulSet {
+        metadata: meta(mirror),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(mirror.spec.replicas),
+            service_name: Some(child_name(mirror)),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(mirror)),
+                ..LabelSelector::default()
+            },
+            template: pod_template(mirror, settings, hash),
+            volume_claim_templates: Some(vec![claim]),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+/// The Service nodes' containerd reaches the mirror through (ClusterIP).
+pub fn service(mirror: &RegistryMirror) -> Service {
+    let port = |name: &str, port: u16| ServicePort {
+        name: Some(name.into()),
+        port: port.into(),
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    };
+    Service {
+        metadata: meta(mirror),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(mirror)),
+            ports: Some(vec![port("registry", PROXY_PORT), port("metrics", METRICS_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// A PodDisruptionBudget keeping all but one replica up; only wanted when replicas > 1.
+pub fn pdb(mirror: &RegistryMirror) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(mirror),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(mirror)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// A prometheus-operator ServiceMonitor for the proxy's metrics port.
+pub fn service_monitor(mirror: &RegistryMirror) -> serde_json::Value {
+    let meta = serde_json::to_value(meta(mirror)).expect("metadata serializes");
+    serde_json::json!({
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": selector_labels(mirror)},
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+        }
+    })
+}
+
+/// `http://<cluster IP>:5000` once the Service has an address.
+pub fn endpoint(service: &Service) -> Option<String> {
+    let ip = service.spec.as_ref()?.cluster_ip.as_ref()?;
+    if ip.is_empty() || ip == "None" {
+        return None;
+    }
+    if ip.contains(':') {
+        Some(format!("http://[{ip}]:{PROXY_PORT}"))
+    } else {
+        Some(format!("http://{ip}:{PROXY_PORT}"))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::api::mirror::RegistryMirrorSpec;
+
+    pub(crate) fn mirror(yaml: &str) -> RegistryMirror {
+        let spec: RegistryMirrorSpec = serde_yaml::from_str(yaml).unwrap();
+        let mut m = RegistryMirror::new("public", spec);
+        m.metadata.namespace = Some("pullthrough-system".into());
+        m.metadata.uid = Some("1234-5678".into());
+        m.metadata.generation = Some(2);
+        m
+    }
+
+    fn settings() -> ChildSettings {
+        ChildSettings {
+            proxy_image: "example/pullthrough:0.1.0".into(),
+            image_pull_policy: Some("IfNotPresent".into()),
+        }
+    }
+
+    fn pod(t: &PodTemplateSpec) -> &PodSpec {
+        t.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn every_child_is_owned_labelled_and_named() {
+        let m = mirror("upstreams: [{registry: docker.io}]");
+        let cm = config_map(&m, "x: 1\n");
+        let svc = service(&m);
+        let dep = deployment(&m, &settings(), "abc");
+        let metas = [&cm.metadata, &svc.metadata, &dep.metadata, &pdb(&m).metadata];
+        for meta in metas {
+            assert_eq!(meta.name.as_deref(), Some("pullthrough-public"));
+            assert_eq!(meta.namespace.as_deref(), Some("pullthrough-system"));
+            let owner = &meta.owner_references.as_ref().unwrap()[0];
+            assert_eq!(owner.uid, "1234-5678");
+            assert_eq!(owner.kind, "RegistryMirror");
+            assert_eq!(owner.controller, Some(true));
+            assert_eq!(meta.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"], "pullthrough-controller");
+        }
+        let sm = service_monitor(&m);
+        assert_eq!(sm["metadata"]["ownerReferences"][0]["uid"], "1234-5678");
+        assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    }
+
+    #[test]
+    fn deployment_runs_the_proxy_locked_down() {
+        let m = mirror("upstreams: [{registry: docker.io}]\nreplicas: 3\nresources: {limits: {memory: 128Mi}}");
+        assert!(!uses_pvc(&m));
+        let d = deployment(&m, &settings(), "hash1");
+        let spec = d.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(3));
+        assert_eq!(spec.selector.match_labels.as_ref(), Some(&selector_labels(&m)));
+        let tpl = &spec.template;
+        assert_eq!(tpl.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH], "hash1");
+        let p = pod(tpl);
+        let c = &p.containers[0];
+        assert_eq!(c.image.as_deref(), Some("example/pullthrough:0.1.0"));
+        assert_eq!(c.args.as_ref().unwrap()[..3], ["proxy", "--config", "/etc/pullthrough/config.yaml"]);
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
+        assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
+        assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0, "128Mi");
+        let cache = p.volumes.as_ref().unwrap().iter().find(|v| v.name == "cache").unwrap();
+        assert!(cache.empty_dir.is_some());
+        // A config change changes the template, which rolls the pods.
+        let d2 = deployment(&m, &settings(), "hash2");
+        assert_ne!(d.spec.unwrap().template, d2.spec.unwrap().template);
+    }
+
+    #[test]
+    fn storage_size_makes_a_statefulset_with_claims_and_credentials_are_mounted() {
+        let m = mirror(
+            "upstreams: [{registry: docker.io}, {registry: ghcr.io, credentialsSecretRef: {name: gh}}]\ncache: {storage: {size: 50Gi, storageClassName: fast}}",
+        );
+        assert!(uses_pvc(&m));
+        let s = stateful_set(&m, &settings(), "h");
+        let spec = s.spec.as_ref().unwrap();
+        let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
+        assert_eq!(claim.metadata.name.as_deref(), Some("cache"));
+        let cs = claim.spec.as_ref().unwrap();
+        assert_eq!(cs.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(cs.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0, "50Gi");
+        let p = pod(&spec.template);
+        assert!(p.volumes.as_ref().unwrap().iter().all(|v| v.name != "cache"), "the claim provides it");
+        let secret = p.volumes.as_ref().unwrap().iter().find(|v| v.name == "credentials-1").unwrap();
+        assert_eq!(secret.secret.as_ref().unwrap().secret_name.as_deref(), Some("gh"));
+        let mount = p.containers[0].volume_mounts.as_ref().unwrap().iter().find(|v| v.name == "credentials-1").unwrap();
+        let config = m.spec.proxy_config().unwrap();
+        assert_eq!(
+            config.upstreams[1].credentials_file.as_ref().unwrap().parent().unwrap().to_str(),
+            Some(mount.mount_path.as_str()),
+            "the proxy config points where the Secret is mounted"
+        );
+    }
+
+    #[test]
+    fn config_hash_covers_config_and_secrets() {
+        let a = config_hash("x", &[b"s1".to_vec()]);
+        assert_eq!(a, config_hash("x", &[b"s1".to_vec()]));
+        assert_ne!(a, config_hash("y", &[b"s1".to_vec()]));
+        assert_ne!(a, config_hash("x", &[b"s2".to_vec()]));
+        assert_ne!(config_hash("x", &[b"ab".to_vec(), b"c".to_vec()]), config_hash("x", &[b"a".to_vec(), b"bc".to_vec()]));
+    }
+
+    #[test]
+    fn service_and_endpoint() {
+        let m = mirror("upstreams: [{registry: docker.io}]");
+        let mut svc = service(&m);
+        let ports = svc.spec.as_ref().unwrap().ports.as_ref().unwrap();
+        assert_eq!(ports[0].port, 5000);
+        assert_eq!(endpoint(&svc), None);
+        svc.spec.as_mut().unwrap().cluster_ip = Some("10.96.12.7".into());
+        assert_eq!(endpoint(&svc).as_deref(), Some("http://10.96.12.7:5000"));
+        svc.spec.as_mut().unwrap().cluster_ip = Some("fd00::7".into());
+        assert_eq!(endpoint(&svc).as_deref(), Some("http://[fd00::7]:5000"));
+    }
+}
