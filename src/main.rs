@@ -40,7 +40,11 @@ struct ControllerArgs {
     #[arg(long, env = "PULLTHROUGH_PROXY_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
     image_pull_policy: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "PULLTHROUGH_METRICS_LISTEN", default_value = "0.0.0.0:9095")]
+    #[arg(
+        long,
+        env = "PULLTHROUGH_METRICS_LISTEN",
+        default_value = "0.0.0.0:9095"
+    )]
     metrics_listen: SocketAddr,
     /// Namespace of the leader-election Lease (the controller's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "pullthrough-system")]

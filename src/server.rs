@@ -79,7 +79,10 @@ pub trait Ops: Send + Sync + 'static {
 }
 
 /// Answers `/metrics`, `/healthz` and `/readyz`.
-pub async fn handle_ops(ops: Arc<dyn Ops>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle_ops(
+    ops: Arc<dyn Ops>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let text = |status: StatusCode, body: String, ctype: &'static str| {
         Response::builder()
             .status(status)
@@ -88,11 +91,17 @@ pub async fn handle_ops(ops: Arc<dyn Ops>, req: Request<Incoming>) -> Result<Res
             .expect("valid response")
     };
     Ok(match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => text(StatusCode::OK, ops.metrics(), "text/plain; version=0.0.4"),
+        (&Method::GET, "/metrics") => {
+            text(StatusCode::OK, ops.metrics(), "text/plain; version=0.0.4")
+        }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         (&Method::GET, "/readyz") => match ops.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"), "text/plain"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{why}\n"),
+                "text/plain",
+            ),
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     })
@@ -101,7 +110,10 @@ pub async fn handle_ops(ops: Arc<dyn Ops>, req: Request<Incoming>) -> Result<Res
 /// Serves an operations endpoint until `stop` turns true.
 pub async fn serve_ops(listener: TcpListener, ops: Arc<dyn Ops>, stop: watch::Receiver<bool>) {
     let tracker = TaskTracker::new();
-    accept_loop(listener, stop, tracker.clone(), move |req| handle_ops(ops.clone(), req)).await;
+    accept_loop(listener, stop, tracker.clone(), move |req| {
+        handle_ops(ops.clone(), req)
+    })
+    .await;
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
 }

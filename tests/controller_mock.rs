@@ -6,12 +6,12 @@ use http_body_util::BodyExt;
 use hyper::{Request, Response};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
-use kube::Client;
 use pullthrough::api::mirror::{FINALIZER, RegistryMirror, RegistryMirrorSpec};
 use pullthrough::controller::builders::ChildSettings;
 use pullthrough::controller::{Context, error_policy, reconcile};
@@ -40,7 +40,10 @@ struct World {
 }
 
 fn not_found() -> (u16, Value) {
-    (404, json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"message":"not found"}))
+    (
+        404,
+        json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"message":"not found"}),
+    )
 }
 
 fn answer(world: &World, call: &Call) -> (u16, Value) {
@@ -55,21 +58,30 @@ fn answer(world: &World, call: &Call) -> (u16, Value) {
             Some(s) => (200, s.clone()),
             None => not_found(),
         },
-        "GET" if p.ends_with("/customresourcedefinitions/servicemonitors.monitoring.coreos.com") => {
+        "GET"
+            if p.ends_with("/customresourcedefinitions/servicemonitors.monitoring.coreos.com") =>
+        {
             if world.service_monitor_crd {
-                (200, json!({"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition",
+                (
+                    200,
+                    json!({"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition",
                     "metadata":{"name":"servicemonitors.monitoring.coreos.com"},
                     "spec":{"group":"monitoring.coreos.com","names":{"kind":"ServiceMonitor","plural":"servicemonitors"},
-                        "scope":"Namespaced","versions":[]}}))
+                        "scope":"Namespaced","versions":[]}}),
+                )
             } else {
                 not_found()
             }
         }
-        "GET" if p == "/api/v1/nodes" => (200, json!({"apiVersion":"v1","kind":"NodeList","metadata":{},"items":world.nodes})),
+        "GET" if p == "/api/v1/nodes" => (
+            200,
+            json!({"apiVersion":"v1","kind":"NodeList","metadata":{},"items":world.nodes}),
+        ),
         "DELETE" => not_found(),
-        "PATCH" if p.contains("/configmaps/") && world.fail_configmap => {
-            (500, json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"InternalError","code":500,"message":"etcd is sad"}))
-        }
+        "PATCH" if p.contains("/configmaps/") && world.fail_configmap => (
+            500,
+            json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"InternalError","code":500,"message":"etcd is sad"}),
+        ),
         "PATCH" if p.contains("/deployments/") || p.contains("/statefulsets/") => {
             echo["status"] = json!({"readyReplicas": world.ready_replicas, "updatedReplicas": world.ready_replicas});
             (200, echo)
@@ -80,9 +92,12 @@ fn answer(world: &World, call: &Call) -> (u16, Value) {
         }
         "PATCH" if p.contains("/registrymirrors/") => {
             // Merge patches of a mirror: answer with a plausible whole object.
-            (200, json!({"apiVersion":"pullthrough.dev/v1alpha1","kind":"RegistryMirror",
+            (
+                200,
+                json!({"apiVersion":"pullthrough.dev/v1alpha1","kind":"RegistryMirror",
                 "metadata":{"name":"public","namespace":NS,"uid":"u-1","resourceVersion":"3"},
-                "spec":{"upstreams":[{"registry":"docker.io"}]}}))
+                "spec":{"upstreams":[{"registry":"docker.io"}]}}),
+            )
         }
         "PATCH" => (200, echo),
         "POST" if p.ends_with("/events") => (201, echo),
@@ -123,8 +138,14 @@ fn fake(world: World) -> Fake {
     });
     let client = Client::new(service, NS);
     let (store, writer) = reflector::store::<RegistryMirror>();
-    let settings = ChildSettings { proxy_image: "example.org/pullthrough:test".into(), image_pull_policy: None };
-    let reporter = Reporter { controller: "pullthrough-controller".into(), instance: Some("test".into()) };
+    let settings = ChildSettings {
+        proxy_image: "example.org/pullthrough:test".into(),
+        image_pull_policy: None,
+    };
+    let reporter = Reporter {
+        controller: "pullthrough-controller".into(),
+        instance: Some("test".into()),
+    };
     let ctx = Arc::new(Context::new(client, settings, store, reporter));
     Fake { calls, ctx, writer }
 }
@@ -154,7 +175,8 @@ impl Fake {
             .unwrap_or_else(|| panic!("no {method} {path_part} in {:?}", self.summary()))
     }
     fn add_to_store(&mut self, m: &RegistryMirror) {
-        self.writer.apply_watcher_event(&watcher::Event::Apply(m.clone()));
+        self.writer
+            .apply_watcher_event(&watcher::Event::Apply(m.clone()));
     }
 }
 
@@ -198,18 +220,29 @@ async fn a_new_mirror_gets_its_finalizer_first() {
     assert_eq!(f.summary(), vec!["PATCH registrymirrors"]);
     let patch = &f.calls()[0].body;
     assert_eq!(patch["metadata"]["finalizers"], json!([FINALIZER]));
-    assert_eq!(patch["metadata"]["resourceVersion"], "1", "optimistic concurrency");
+    assert_eq!(
+        patch["metadata"]["resourceVersion"], "1",
+        "optimistic concurrency"
+    );
 }
 
 #[tokio::test]
 async fn create_applies_every_child_and_reports_status() {
     let world = World {
         ready_replicas: 2,
-        nodes: vec![node("n1", Some("pullthrough-system/public")), node("n2", None)],
+        nodes: vec![
+            node("n1", Some("pullthrough-system/public")),
+            node("n2", None),
+        ],
         ..World::default()
     };
     let f = fake(world);
-    let m = mirror("public", 100, "upstreams: [{registry: docker.io}]\nreplicas: 2", true);
+    let m = mirror(
+        "public",
+        100,
+        "upstreams: [{registry: docker.io}]\nreplicas: 2",
+        true,
+    );
     let action = reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
     assert_eq!(
@@ -226,25 +259,46 @@ async fn create_applies_every_child_and_reports_status() {
             "POST events",
         ]
     );
-    for c in f.calls().iter().filter(|c| c.method == "PATCH" && !c.path.contains("registrymirrors")) {
-        assert!(c.query.contains("fieldManager=pullthrough-controller"), "{c:?}");
+    for c in f
+        .calls()
+        .iter()
+        .filter(|c| c.method == "PATCH" && !c.path.contains("registrymirrors"))
+    {
+        assert!(
+            c.query.contains("fieldManager=pullthrough-controller"),
+            "{c:?}"
+        );
         assert!(c.query.contains("force=true"), "server-side apply: {c:?}");
-        assert_eq!(c.body["metadata"]["ownerReferences"][0]["uid"], "uid-public", "{}", c.path);
+        assert_eq!(
+            c.body["metadata"]["ownerReferences"][0]["uid"], "uid-public",
+            "{}",
+            c.path
+        );
     }
     let cm = f.find("PATCH", "/configmaps/pullthrough-public");
     let config: pullthrough::api::ProxyConfig =
-        pullthrough::api::ProxyConfig::from_yaml(cm.body["data"]["config.yaml"].as_str().unwrap()).unwrap();
+        pullthrough::api::ProxyConfig::from_yaml(cm.body["data"]["config.yaml"].as_str().unwrap())
+            .unwrap();
     assert_eq!(config.upstreams[0].registry, "docker.io");
     let dep = f.find("PATCH", "/deployments/pullthrough-public");
     assert_eq!(dep.body["spec"]["replicas"], 2);
-    assert_eq!(dep.body["spec"]["template"]["spec"]["containers"][0]["image"], "example.org/pullthrough:test");
-    assert!(dep.body["spec"]["template"]["metadata"]["annotations"]["pullthrough.dev/config-hash"].is_string());
+    assert_eq!(
+        dep.body["spec"]["template"]["spec"]["containers"][0]["image"],
+        "example.org/pullthrough:test"
+    );
+    assert!(
+        dep.body["spec"]["template"]["metadata"]["annotations"]["pullthrough.dev/config-hash"]
+            .is_string()
+    );
 
     let status = f.find("PATCH", "/registrymirrors/public/status").body;
     assert_eq!(status["status"]["endpoint"], "http://10.96.0.10:5000");
     assert_eq!(status["status"]["readyReplicas"], 2);
     assert_eq!(status["status"]["observedGeneration"], 1);
-    assert_eq!(status["status"]["nodes"], json!({"configured": 1, "total": 2}));
+    assert_eq!(
+        status["status"]["nodes"],
+        json!({"configured": 1, "total": 2})
+    );
     assert_eq!(condition(&status, "Ready")["status"], "True");
     assert_eq!(condition(&status, "Degraded")["status"], "False");
     assert_eq!(condition(&status, "Conflict")["status"], "False");
@@ -252,7 +306,10 @@ async fn create_applies_every_child_and_reports_status() {
     assert_eq!(event["reason"], "ProxyReady");
     assert_eq!(event["regarding"]["name"], "public");
     assert!(
-        f.ctx.metrics.render().contains(r#"pullthrough_reconcile_total{result="success"} 1"#),
+        f.ctx
+            .metrics
+            .render()
+            .contains(r#"pullthrough_reconcile_total{result="success"} 1"#),
         "{}",
         f.ctx.metrics.render()
     );
@@ -260,38 +317,72 @@ async fn create_applies_every_child_and_reports_status() {
 
 #[tokio::test]
 async fn updates_roll_the_pods_and_storage_switches_the_workload() {
-    let f = fake(World { ready_replicas: 1, service_monitor_crd: true, ..World::default() });
+    let f = fake(World {
+        ready_replicas: 1,
+        service_monitor_crd: true,
+        ..World::default()
+    });
     let m1 = mirror("public", 100, "upstreams: [{registry: docker.io}]", true);
-    reconcile(Arc::new(m1.clone()), f.ctx.clone()).await.unwrap();
-    let hash = |c: &Call| c.body["spec"]["template"]["metadata"]["annotations"]["pullthrough.dev/config-hash"].clone();
+    reconcile(Arc::new(m1.clone()), f.ctx.clone())
+        .await
+        .unwrap();
+    let hash = |c: &Call| {
+        c.body["spec"]["template"]["metadata"]["annotations"]["pullthrough.dev/config-hash"].clone()
+    };
     let first = hash(&f.find("PATCH", "/deployments/"));
     // The ServiceMonitor CRD exists here, so one is applied; PDB deleted for 1 replica.
     let sm = f.find("PATCH", "/apis/monitoring.coreos.com/v1/namespaces/pullthrough-system/servicemonitors/pullthrough-public");
     assert_eq!(sm.body["kind"], "ServiceMonitor");
     f.find("DELETE", "/poddisruptionbudgets/pullthrough-public");
 
-    let mut m2 = mirror("public", 100, "upstreams: [{registry: docker.io}]\ncache: {tagTTL: 1m}", true);
+    let mut m2 = mirror(
+        "public",
+        100,
+        "upstreams: [{registry: docker.io}]\ncache: {tagTTL: 1m}",
+        true,
+    );
     m2.metadata.generation = Some(2);
     f.calls.lock().unwrap().clear();
     reconcile(Arc::new(m2), f.ctx.clone()).await.unwrap();
     let second = hash(&f.find("PATCH", "/deployments/"));
     assert_ne!(first, second, "a config change rolls the pods");
-    assert!(f.find("PATCH", "/configmaps/").body["data"]["config.yaml"].as_str().unwrap().contains("tagTTL: 1m"));
+    assert!(
+        f.find("PATCH", "/configmaps/").body["data"]["config.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("tagTTL: 1m")
+    );
 
-    let mut m3 = mirror("public", 100, "upstreams: [{registry: docker.io}]\ncache: {storage: {size: 10Gi}}", true);
+    let mut m3 = mirror(
+        "public",
+        100,
+        "upstreams: [{registry: docker.io}]\ncache: {storage: {size: 10Gi}}",
+        true,
+    );
     m3.metadata.generation = Some(3);
     f.calls.lock().unwrap().clear();
     reconcile(Arc::new(m3), f.ctx.clone()).await.unwrap();
     let sts = f.find("PATCH", "/statefulsets/pullthrough-public");
-    assert_eq!(sts.body["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "10Gi");
+    assert_eq!(
+        sts.body["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "10Gi"
+    );
     f.find("DELETE", "/deployments/pullthrough-public");
 }
 
 #[tokio::test]
 async fn the_younger_of_two_mirrors_of_one_registry_reports_a_conflict() {
-    let mut f = fake(World { ready_replicas: 1, ..World::default() });
+    let mut f = fake(World {
+        ready_replicas: 1,
+        ..World::default()
+    });
     let older = mirror("hub", 100, "upstreams: [{registry: docker.io}]", true);
-    let newer = mirror("public", 200, "upstreams: [{registry: index.docker.io}, {registry: ghcr.io}]", true);
+    let newer = mirror(
+        "public",
+        200,
+        "upstreams: [{registry: index.docker.io}, {registry: ghcr.io}]",
+        true,
+    );
     f.add_to_store(&older);
     f.add_to_store(&newer);
     reconcile(Arc::new(newer), f.ctx.clone()).await.unwrap();
@@ -299,11 +390,26 @@ async fn the_younger_of_two_mirrors_of_one_registry_reports_a_conflict() {
     let conflict = condition(&status, "Conflict");
     assert_eq!(conflict["status"], "True");
     assert_eq!(conflict["reason"], "RegistryClaimed");
-    assert!(conflict["message"].as_str().unwrap().contains("docker.io is already mirrored by pullthrough-system/hub"));
+    assert!(
+        conflict["message"]
+            .as_str()
+            .unwrap()
+            .contains("docker.io is already mirrored by pullthrough-system/hub")
+    );
     assert_eq!(condition(&status, "Ready")["status"], "False");
     assert_eq!(condition(&status, "Ready")["reason"], "Conflict");
-    let events: Vec<Value> = f.calls().into_iter().filter(|c| c.path.ends_with("/events")).map(|c| c.body).collect();
-    assert!(events.iter().any(|e| e["reason"] == "RegistryClaimed" && e["type"] == "Warning"), "{events:?}");
+    let events: Vec<Value> = f
+        .calls()
+        .into_iter()
+        .filter(|c| c.path.ends_with("/events"))
+        .map(|c| c.body)
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "RegistryClaimed" && e["type"] == "Warning"),
+        "{events:?}"
+    );
 
     // The older one is unaffected.
     f.calls.lock().unwrap().clear();
@@ -316,14 +422,27 @@ async fn the_younger_of_two_mirrors_of_one_registry_reports_a_conflict() {
 #[tokio::test]
 async fn a_missing_secret_degrades_the_mirror_and_touches_no_child() {
     let f = fake(World::default());
-    let m = mirror("public", 100, "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]", true);
+    let m = mirror(
+        "public",
+        100,
+        "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]",
+        true,
+    );
     reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
-    assert_eq!(f.summary(), vec!["GET secrets", "GET nodes", "PATCH status", "POST events"]);
+    assert_eq!(
+        f.summary(),
+        vec!["GET secrets", "GET nodes", "PATCH status", "POST events"]
+    );
     let status = f.find("PATCH", "/status").body;
     let degraded = condition(&status, "Degraded");
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "SecretNotFound");
-    assert!(degraded["message"].as_str().unwrap().contains("Secret pullthrough-system/hub (credentials of docker.io) does not exist"));
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("Secret pullthrough-system/hub (credentials of docker.io) does not exist")
+    );
     assert_eq!(condition(&status, "Ready")["reason"], "SecretNotFound");
     assert_eq!(f.find("POST", "/events").body["type"], "Warning");
 }
@@ -332,8 +451,16 @@ async fn a_missing_secret_degrades_the_mirror_and_touches_no_child() {
 async fn a_secret_of_the_wrong_kind_is_reported() {
     let secret = json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"hub","namespace":NS},
         "type":"Opaque","data":{"password":"c2VjcmV0"}});
-    let f = fake(World { secret: Some(secret), ..World::default() });
-    let m = mirror("public", 100, "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]", true);
+    let f = fake(World {
+        secret: Some(secret),
+        ..World::default()
+    });
+    let m = mirror(
+        "public",
+        100,
+        "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]",
+        true,
+    );
     reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
     let status = f.find("PATCH", "/status").body;
     assert_eq!(condition(&status, "Degraded")["reason"], "SecretInvalid");
@@ -344,11 +471,22 @@ async fn a_secret_of_the_wrong_kind_is_reported() {
     let good = json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"hub","namespace":NS},
         "type":"kubernetes.io/dockerconfigjson",
         "data":{".dockerconfigjson": base64(&format!(r#"{{"auths":{{"docker.io":{{"auth":"{auth}"}}}}}}"#))}});
-    let f = fake(World { secret: Some(good), ready_replicas: 1, ..World::default() });
-    let m = mirror("public", 100, "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]", true);
+    let f = fake(World {
+        secret: Some(good),
+        ready_replicas: 1,
+        ..World::default()
+    });
+    let m = mirror(
+        "public",
+        100,
+        "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]",
+        true,
+    );
     reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
     let dep = f.find("PATCH", "/deployments/").body;
-    let vols = dep["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    let vols = dep["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
     assert!(vols.iter().any(|v| v["secret"]["secretName"] == "hub"));
 }
 
@@ -360,13 +498,26 @@ fn base64(s: &str) -> String {
 #[tokio::test]
 async fn an_invalid_spec_is_explained_in_a_condition() {
     let f = fake(World::default());
-    let m = mirror("public", 100, "upstreams: [{registry: docker.io}]\ncache: {staleIfError: forever}", true);
+    let m = mirror(
+        "public",
+        100,
+        "upstreams: [{registry: docker.io}]\ncache: {staleIfError: forever}",
+        true,
+    );
     reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
-    assert_eq!(f.summary(), vec!["GET nodes", "PATCH status", "POST events"]);
+    assert_eq!(
+        f.summary(),
+        vec!["GET nodes", "PATCH status", "POST events"]
+    );
     let status = f.find("PATCH", "/status").body;
     let d = condition(&status, "Degraded");
     assert_eq!(d["reason"], "InvalidSpec");
-    assert!(d["message"].as_str().unwrap().contains("cache.staleIfError"));
+    assert!(
+        d["message"]
+            .as_str()
+            .unwrap()
+            .contains("cache.staleIfError")
+    );
 }
 
 #[tokio::test]
@@ -378,35 +529,85 @@ async fn deletion_waits_for_node_agents_then_releases_the_finalizer() {
         m
     };
     // A node still has the mirror's hosts.toml: wait, and touch nothing.
-    let f = fake(World { nodes: vec![node("n1", Some("pullthrough-system/public"))], ..World::default() });
-    let action = reconcile(Arc::new(deleting(5)), f.ctx.clone()).await.unwrap();
+    let f = fake(World {
+        nodes: vec![node("n1", Some("pullthrough-system/public"))],
+        ..World::default()
+    });
+    let action = reconcile(Arc::new(deleting(5)), f.ctx.clone())
+        .await
+        .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
     assert_eq!(f.summary(), vec!["GET nodes"]);
 
     // Nodes clean: the finalizer goes.
-    let f = fake(World { nodes: vec![node("n1", Some("other/mirror"))], ..World::default() });
-    let action = reconcile(Arc::new(deleting(5)), f.ctx.clone()).await.unwrap();
+    let f = fake(World {
+        nodes: vec![node("n1", Some("other/mirror"))],
+        ..World::default()
+    });
+    let action = reconcile(Arc::new(deleting(5)), f.ctx.clone())
+        .await
+        .unwrap();
     assert_eq!(action, Action::await_change());
-    assert_eq!(f.summary(), vec!["GET nodes", "POST events", "PATCH registrymirrors"]);
+    assert_eq!(
+        f.summary(),
+        vec!["GET nodes", "POST events", "PATCH registrymirrors"]
+    );
     let patch = f.find("PATCH", "/registrymirrors/public").body;
     assert_eq!(patch["metadata"]["finalizers"], json!([]));
     assert_eq!(f.find("POST", "/events").body["reason"], "NodesCleaned");
 
     // A node that never reports back does not block deletion forever.
-    let f = fake(World { nodes: vec![node("n1", Some("pullthrough-system/public"))], ..World::default() });
-    reconcile(Arc::new(deleting(3600)), f.ctx.clone()).await.unwrap();
-    assert_eq!(f.find("POST", "/events").body["reason"], "NodeCleanupTimedOut");
-    assert_eq!(f.find("PATCH", "/registrymirrors/public").body["metadata"]["finalizers"], json!([]));
+    let f = fake(World {
+        nodes: vec![node("n1", Some("pullthrough-system/public"))],
+        ..World::default()
+    });
+    reconcile(Arc::new(deleting(3600)), f.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.find("POST", "/events").body["reason"],
+        "NodeCleanupTimedOut"
+    );
+    assert_eq!(
+        f.find("PATCH", "/registrymirrors/public").body["metadata"]["finalizers"],
+        json!([])
+    );
 }
 
 #[tokio::test]
 async fn api_failures_requeue_with_growing_backoff() {
-    let f = fake(World { fail_configmap: true, ..World::default() });
-    let m = Arc::new(mirror("public", 100, "upstreams: [{registry: docker.io}]", true));
+    let f = fake(World {
+        fail_configmap: true,
+        ..World::default()
+    });
+    let m = Arc::new(mirror(
+        "public",
+        100,
+        "upstreams: [{registry: docker.io}]",
+        true,
+    ));
     let err = reconcile(m.clone(), f.ctx.clone()).await.unwrap_err();
-    assert!(err.to_string().contains("applying ConfigMap pullthrough-public"), "{err}");
-    assert_eq!(error_policy(m.clone(), &err, f.ctx.clone()), Action::requeue(Duration::from_secs(5)));
-    assert_eq!(error_policy(m.clone(), &err, f.ctx.clone()), Action::requeue(Duration::from_secs(10)));
-    assert_eq!(error_policy(m.clone(), &err, f.ctx.clone()), Action::requeue(Duration::from_secs(20)));
-    assert!(f.ctx.metrics.render().contains(r#"pullthrough_reconcile_total{result="kube_error"} 1"#));
+    assert!(
+        err.to_string()
+            .contains("applying ConfigMap pullthrough-public"),
+        "{err}"
+    );
+    assert_eq!(
+        error_policy(m.clone(), &err, f.ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        error_policy(m.clone(), &err, f.ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+    assert_eq!(
+        error_policy(m.clone(), &err, f.ctx.clone()),
+        Action::requeue(Duration::from_secs(20))
+    );
+    assert!(
+        f.ctx
+            .metrics
+            .render()
+            .contains(r#"pullthrough_reconcile_total{result="kube_error"} 1"#)
+    );
 }

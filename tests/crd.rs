@@ -5,7 +5,6 @@ mod common;
 
 use common::examples;
 use pullthrough::api::mirror::{RegistryMirror, RegistryMirrorSpec};
-use std::path::Path;
 use std::process::Command;
 
 use common::root;
@@ -29,24 +28,34 @@ fn crds_dir_matches_generated_crd() {
 #[test]
 fn every_example_parses_into_the_types_and_is_valid() {
     let examples = examples();
-    assert!(examples.len() >= 3, "deploy/examples has the documented examples");
+    assert!(
+        examples.len() >= 3,
+        "deploy/examples has the documented examples"
+    );
     for (path, value) in examples {
-        let mirror: RegistryMirror = serde_yaml::from_value(value.clone())
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mirror: RegistryMirror =
+            serde_yaml::from_value(value.clone()).unwrap_or_else(|e| panic!("{path}: {e}"));
         // Nothing in the file was ignored: the spec round-trips to the same document.
         let spec_back = serde_json::to_value(&mirror.spec).unwrap();
         let spec_in: serde_json::Value = serde_json::to_value(&value["spec"]).unwrap();
         let spec_again: RegistryMirrorSpec = serde_json::from_value(spec_in.clone()).unwrap();
         assert_eq!(spec_again, mirror.spec, "{path}");
         for (key, v) in spec_in.as_object().unwrap() {
-            assert!(spec_back.get(key).is_some(), "{path}: spec.{key} = {v} is not part of the type");
+            assert!(
+                spec_back.get(key).is_some(),
+                "{path}: spec.{key} = {v} is not part of the type"
+            );
         }
         assert!(
             known_fields(&spec_in, &spec_back),
             "{path}: some field is not part of the type:\n{spec_in}\nvs\n{spec_back}"
         );
-        RegistryMirrorSpec::validate_cel(&spec_back, None).unwrap_or_else(|e| panic!("{path}: {e:?}"));
-        mirror.spec.proxy_config().unwrap_or_else(|e| panic!("{path}: {e}"));
+        RegistryMirrorSpec::validate_cel(&spec_back, None)
+            .unwrap_or_else(|e| panic!("{path}: {e:?}"));
+        mirror
+            .spec
+            .proxy_config()
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
     }
 }
 

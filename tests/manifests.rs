@@ -24,7 +24,10 @@ fn kubernetes_validate(files: &[&Path]) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "kubernetes-validate {version} failed:\n{text}");
+        assert!(
+            out.status.success(),
+            "kubernetes-validate {version} failed:\n{text}"
+        );
         assert!(!text.contains("ERROR"), "{text}");
     }
 }
@@ -91,7 +94,9 @@ sys.exit(1 if bad else 0)
 "#;
     let examples_dir = root().join("deploy/examples");
     let mut cmd = Command::new("python3");
-    cmd.arg("-c").arg(script).arg(root().join("crds/registrymirror.yaml"));
+    cmd.arg("-c")
+        .arg(script)
+        .arg(root().join("crds/registrymirror.yaml"));
     for e in std::fs::read_dir(examples_dir).unwrap() {
         cmd.arg(e.unwrap().path());
     }

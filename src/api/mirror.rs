@@ -73,7 +73,10 @@ fn default_replicas() -> i32 {
 #[serde(rename_all = "camelCase")]
 pub struct MirrorUpstream {
     /// Host name as image references use it: `docker.io`, `ghcr.io`, `registry.local:5000`.
-    #[schemars(regex(pattern = r"^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]{1,5})?$"), length(max = 253))]
+    #[schemars(
+        regex(pattern = r"^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]{1,5})?$"),
+        length(max = 253)
+    )]
     pub registry: String,
     /// Registry API base URL; defaulted for well-known registries
     /// (`https://registry-1.docker.io` for docker.io, `https://<registry>` otherwise).
@@ -235,9 +238,10 @@ impl RegistryMirrorSpec {
                     registry: u.registry.clone(),
                     url: u.url.clone(),
                     credentials: None,
-                    credentials_file: u.credentials_secret_ref.as_ref().map(|_| {
-                        PathBuf::from(format!("{SECRETS_MOUNT}/{i}/.dockerconfigjson"))
-                    }),
+                    credentials_file: u
+                        .credentials_secret_ref
+                        .as_ref()
+                        .map(|_| PathBuf::from(format!("{SECRETS_MOUNT}/{i}/.dockerconfigjson"))),
                     repositories: u
                         .repositories
                         .as_ref()
@@ -250,7 +254,11 @@ impl RegistryMirrorSpec {
                 .collect(),
             default_upstream: None,
             tag_ttl: parse("tagTTL", &self.cache.tag_ttl, defaults.tag_ttl)?,
-            stale_if_error: parse("staleIfError", &self.cache.stale_if_error, defaults.stale_if_error)?,
+            stale_if_error: parse(
+                "staleIfError",
+                &self.cache.stale_if_error,
+                defaults.stale_if_error,
+            )?,
             ..defaults
         };
         config.validate().map_err(|e| e.to_string())?;
@@ -345,7 +353,9 @@ cache: {tagTTL: 1m, staleIfError: 2h}
         assert_eq!(c.stale_if_error, std::time::Duration::from_secs(7200));
         assert_eq!(
             c.upstreams[0].credentials_file,
-            Some(PathBuf::from(format!("{SECRETS_MOUNT}/0/.dockerconfigjson")))
+            Some(PathBuf::from(format!(
+                "{SECRETS_MOUNT}/0/.dockerconfigjson"
+            )))
         );
         assert_eq!(c.upstreams[0].repositories.allow, vec!["library/*"]);
         assert_eq!(c.upstreams[1].base_url(), "https://ghcr.example");
@@ -359,7 +369,10 @@ cache: {tagTTL: 1m, staleIfError: 2h}
         spec.cache.tag_ttl = Some("5 minutes".into());
         assert!(spec.proxy_config().unwrap_err().contains("cache.tagTTL"));
         let spec = example(&["docker.io", "index.docker.io"]);
-        assert!(spec.proxy_config().is_ok(), "aliases are caught by the controller's conflict check, not here");
+        assert!(
+            spec.proxy_config().is_ok(),
+            "aliases are caught by the controller's conflict check, not here"
+        );
         let spec = example(&["ghcr.io", "GHCR.io"]);
         assert!(spec.proxy_config().unwrap_err().contains("twice"));
     }

@@ -8,11 +8,12 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, StatefulSet, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    HTTPGetAction, KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm, Affinity,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, HTTPGetAction, KeyToPath, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -46,9 +47,15 @@ pub fn child_name(mirror: &RegistryMirror) -> String {
 /// Labels selecting a mirror's proxy pods.
 pub fn selector_labels(mirror: &RegistryMirror) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), "pullthrough".to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "pullthrough".to_string(),
+        ),
         ("app.kubernetes.io/instance".to_string(), mirror.name_any()),
-        ("app.kubernetes.io/component".to_string(), "proxy".to_string()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "proxy".to_string(),
+        ),
     ])
 }
 
@@ -86,7 +93,10 @@ fn meta(mirror: &RegistryMirror) -> ObjectMeta {
 pub fn config_map(mirror: &RegistryMirror, config_yaml: &str) -> ConfigMap {
     ConfigMap {
         metadata: meta(mirror),
-        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), config_yaml.to_string())])),
+        data: Some(BTreeMap::from([(
+            CONFIG_KEY.to_string(),
+            config_yaml.to_string(),
+        )])),
         ..ConfigMap::default()
     }
 }
@@ -233,7 +243,10 @@ fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -
         ("prometheus.io/scrape".to_string(), "true".to_string()),
         ("prometheus.io/port".to_string(), METRICS_PORT.to_string()),
     ]);
-    annotations.insert("kubectl.kubernetes.io/default-container".into(), "proxy".into());
+    annotations.insert(
+        "kubectl.kubernetes.io/default-container".into(),
+        "proxy".into(),
+    );
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels(mirror)),
@@ -356,7 +369,10 @@ pub fn service(mirror: &RegistryMirror) -> Service {
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
             selector: Some(selector_labels(mirror)),
-            ports: Some(vec![port("registry", PROXY_PORT), port("metrics", METRICS_PORT)]),
+            ports: Some(vec![
+                port("registry", PROXY_PORT),
+                port("metrics", METRICS_PORT),
+            ]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -437,7 +453,12 @@ pub(crate) mod tests {
         let cm = config_map(&m, "x: 1\n");
         let svc = service(&m);
         let dep = deployment(&m, &settings(), "abc");
-        let metas = [&cm.metadata, &svc.metadata, &dep.metadata, &pdb(&m).metadata];
+        let metas = [
+            &cm.metadata,
+            &svc.metadata,
+            &dep.metadata,
+            &pdb(&m).metadata,
+        ];
         for meta in metas {
             assert_eq!(meta.name.as_deref(), Some("pullthrough-public"));
             assert_eq!(meta.namespace.as_deref(), Some("pullthrough-system"));
@@ -445,7 +466,10 @@ pub(crate) mod tests {
             assert_eq!(owner.uid, "1234-5678");
             assert_eq!(owner.kind, "RegistryMirror");
             assert_eq!(owner.controller, Some(true));
-            assert_eq!(meta.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"], "pullthrough-controller");
+            assert_eq!(
+                meta.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"],
+                "pullthrough-controller"
+            );
         }
         let sm = service_monitor(&m);
         assert_eq!(sm["metadata"]["ownerReferences"][0]["uid"], "1234-5678");
@@ -454,26 +478,66 @@ pub(crate) mod tests {
 
     #[test]
     fn deployment_runs_the_proxy_locked_down() {
-        let m = mirror("upstreams: [{registry: docker.io}]\nreplicas: 3\nresources: {limits: {memory: 128Mi}}");
+        let m = mirror(
+            "upstreams: [{registry: docker.io}]\nreplicas: 3\nresources: {limits: {memory: 128Mi}}",
+        );
         assert!(!uses_pvc(&m));
         let d = deployment(&m, &settings(), "hash1");
         let spec = d.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(3));
-        assert_eq!(spec.selector.match_labels.as_ref(), Some(&selector_labels(&m)));
+        assert_eq!(
+            spec.selector.match_labels.as_ref(),
+            Some(&selector_labels(&m))
+        );
         let tpl = &spec.template;
-        assert_eq!(tpl.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH], "hash1");
+        assert_eq!(
+            tpl.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH],
+            "hash1"
+        );
         let p = pod(tpl);
         let c = &p.containers[0];
         assert_eq!(c.image.as_deref(), Some("example/pullthrough:0.1.0"));
-        assert_eq!(c.args.as_ref().unwrap()[..3], ["proxy", "--config", "/etc/pullthrough/config.yaml"]);
+        assert_eq!(
+            c.args.as_ref().unwrap()[..3],
+            ["proxy", "--config", "/etc/pullthrough/config.yaml"]
+        );
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
-        assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
-        assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0, "128Mi");
-        let cache = p.volumes.as_ref().unwrap().iter().find(|v| v.name == "cache").unwrap();
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/readyz")
+        );
+        assert_eq!(
+            c.liveness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/healthz")
+        );
+        assert_eq!(
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0,
+            "128Mi"
+        );
+        let cache = p
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "cache")
+            .unwrap();
         assert!(cache.empty_dir.is_some());
         // A config change changes the template, which rolls the pods.
         let d2 = deployment(&m, &settings(), "hash2");
@@ -492,15 +556,46 @@ pub(crate) mod tests {
         assert_eq!(claim.metadata.name.as_deref(), Some("cache"));
         let cs = claim.spec.as_ref().unwrap();
         assert_eq!(cs.storage_class_name.as_deref(), Some("fast"));
-        assert_eq!(cs.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0, "50Gi");
+        assert_eq!(
+            cs.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0,
+            "50Gi"
+        );
         let p = pod(&spec.template);
-        assert!(p.volumes.as_ref().unwrap().iter().all(|v| v.name != "cache"), "the claim provides it");
-        let secret = p.volumes.as_ref().unwrap().iter().find(|v| v.name == "credentials-1").unwrap();
-        assert_eq!(secret.secret.as_ref().unwrap().secret_name.as_deref(), Some("gh"));
-        let mount = p.containers[0].volume_mounts.as_ref().unwrap().iter().find(|v| v.name == "credentials-1").unwrap();
+        assert!(
+            p.volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .all(|v| v.name != "cache"),
+            "the claim provides it"
+        );
+        let secret = p
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "credentials-1")
+            .unwrap();
+        assert_eq!(
+            secret.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("gh")
+        );
+        let mount = p.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "credentials-1")
+            .unwrap();
         let config = m.spec.proxy_config().unwrap();
         assert_eq!(
-            config.upstreams[1].credentials_file.as_ref().unwrap().parent().unwrap().to_str(),
+            config.upstreams[1]
+                .credentials_file
+                .as_ref()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .to_str(),
             Some(mount.mount_path.as_str()),
             "the proxy config points where the Secret is mounted"
         );
@@ -512,7 +607,10 @@ pub(crate) mod tests {
         assert_eq!(a, config_hash("x", &[b"s1".to_vec()]));
         assert_ne!(a, config_hash("y", &[b"s1".to_vec()]));
         assert_ne!(a, config_hash("x", &[b"s2".to_vec()]));
-        assert_ne!(config_hash("x", &[b"ab".to_vec(), b"c".to_vec()]), config_hash("x", &[b"a".to_vec(), b"bc".to_vec()]));
+        assert_ne!(
+            config_hash("x", &[b"ab".to_vec(), b"c".to_vec()]),
+            config_hash("x", &[b"a".to_vec(), b"bc".to_vec()])
+        );
     }
 
     #[test]

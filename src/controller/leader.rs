@@ -40,7 +40,11 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
         Some(t) => t.0 + SignedDuration::from_secs(duration) < now,
         None => true,
     };
-    if expired { Decision::Take } else { Decision::Wait { holder } }
+    if expired {
+        Decision::Take
+    } else {
+        Decision::Wait { holder }
+    }
 }
 
 /// A Lease-based lock.
@@ -66,19 +70,32 @@ impl LeaseLock {
     pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
         let now = Timestamp::now();
         let current = self.api.get_opt(&self.name).await?;
-        let decision = decide(current.as_ref().and_then(|l| l.spec.as_ref()), &self.identity, now);
+        let decision = decide(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.identity,
+            now,
+        );
         if let Decision::Wait { holder } = &decision {
             tracing::debug!(%holder, "another controller replica is the leader");
             return Ok(false);
         }
-        let previous = current.as_ref().and_then(|l| l.spec.clone()).unwrap_or_default();
+        let previous = current
+            .as_ref()
+            .and_then(|l| l.spec.clone())
+            .unwrap_or_default();
         let taking = decision == Decision::Take;
         let spec = LeaseSpec {
             holder_identity: Some(self.identity.clone()),
             lease_duration_seconds: Some(self.duration.as_secs() as i32),
-            acquire_time: if taking { Some(MicroTime(now)) } else { previous.acquire_time.clone() },
+            acquire_time: if taking {
+                Some(MicroTime(now))
+            } else {
+                previous.acquire_time.clone()
+            },
             renew_time: Some(MicroTime(now)),
-            lease_transitions: Some(previous.lease_transitions.unwrap_or(0) + i32::from(taking && current.is_some())),
+            lease_transitions: Some(
+                previous.lease_transitions.unwrap_or(0) + i32::from(taking && current.is_some()),
+            ),
             ..LeaseSpec::default()
         };
         let result = match current {
@@ -95,7 +112,9 @@ impl LeaseLock {
             Some(mut lease) => {
                 lease.spec = Some(spec);
                 // Carries the resourceVersion we read: a concurrent writer makes this 409.
-                self.api.replace(&self.name, &PostParams::default(), &lease).await
+                self.api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
             }
         };
         match result {
@@ -112,7 +131,10 @@ impl LeaseLock {
             && spec.holder_identity.as_deref() == Some(self.identity.as_str())
         {
             spec.holder_identity = None;
-            let _ = self.api.replace(&self.name, &PostParams::default(), &lease).await;
+            let _ = self
+                .api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await;
         }
     }
 
@@ -177,9 +199,15 @@ mod tests {
         assert_eq!(decide(Some(&spec("me", 990)), "me", now), Decision::Renew);
         assert_eq!(
             decide(Some(&spec("other", 990)), "me", now),
-            Decision::Wait { holder: "other".into() }
+            Decision::Wait {
+                holder: "other".into()
+            }
         );
-        assert_eq!(decide(Some(&spec("other", 980)), "me", now), Decision::Take, "expired");
+        assert_eq!(
+            decide(Some(&spec("other", 980)), "me", now),
+            Decision::Take,
+            "expired"
+        );
         let mut no_renew = spec("other", 0);
         no_renew.renew_time = None;
         assert_eq!(decide(Some(&no_renew), "me", now), Decision::Take);

@@ -11,6 +11,7 @@ use crate::api::dockerconfig::credentials_for;
 use crate::api::mirror::{FINALIZER, RegistryMirror, RegistryMirrorStatus, mirror_key};
 use builders::ChildSettings;
 use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Secret, Service};
@@ -24,11 +25,10 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use k8s_openapi::NamespaceResourceScope;
 use kube::{Api, Client, Resource, ResourceExt};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use status::{Observed, Problem};
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -87,7 +87,10 @@ impl ControllerMetrics {
     pub fn new() -> ControllerMetrics {
         let registry = Registry::new();
         let reconciles = IntCounterVec::new(
-            Opts::new("pullthrough_reconcile_total", "RegistryMirror reconciles by result."),
+            Opts::new(
+                "pullthrough_reconcile_total",
+                "RegistryMirror reconciles by result.",
+            ),
             &["result"],
         )
         .expect("valid metric");
@@ -100,8 +103,12 @@ impl ControllerMetrics {
             &["result"],
         )
         .expect("valid metric");
-        registry.register(Box::new(reconciles.clone())).expect("unique");
-        registry.register(Box::new(duration.clone())).expect("unique");
+        registry
+            .register(Box::new(reconciles.clone()))
+            .expect("unique");
+        registry
+            .register(Box::new(duration.clone()))
+            .expect("unique");
         ControllerMetrics {
             registry,
             reconciles,
@@ -117,8 +124,12 @@ impl ControllerMetrics {
     /// Prometheus text.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &self.registry.gather(), &mut buf)
-            .expect("text encoding");
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &self.registry.gather(),
+            &mut buf,
+        )
+        .expect("text encoding");
         String::from_utf8(buf).expect("utf-8")
     }
 }
@@ -146,7 +157,12 @@ pub struct Context {
 
 impl Context {
     /// A context over a client and a store of all mirrors.
-    pub fn new(client: Client, settings: ChildSettings, store: Store<RegistryMirror>, reporter: Reporter) -> Context {
+    pub fn new(
+        client: Client,
+        settings: ChildSettings,
+        store: Store<RegistryMirror>,
+        reporter: Reporter,
+    ) -> Context {
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -168,7 +184,10 @@ pub async fn reconcile(mirror: Arc<RegistryMirror>, ctx: Arc<Context>) -> Result
     };
     ctx.metrics.observe(label, started.elapsed().as_secs_f64());
     if result.is_ok() {
-        ctx.failures.lock().expect("lock").remove(&ObjectRef::from_obj(&*mirror));
+        ctx.failures
+            .lock()
+            .expect("lock")
+            .remove(&ObjectRef::from_obj(&*mirror));
     }
     result
 }
@@ -178,7 +197,8 @@ pub fn error_policy(mirror: Arc<RegistryMirror>, error: &Error, ctx: Arc<Context
     let mut failures = ctx.failures.lock().expect("lock");
     let n = failures.entry(ObjectRef::from_obj(&*mirror)).or_insert(0);
     *n = n.saturating_add(1);
-    let delay = Duration::from_secs(5u64.saturating_mul(1 << (*n - 1).min(6))).min(Duration::from_secs(300));
+    let delay = Duration::from_secs(5u64.saturating_mul(1 << (*n - 1).min(6)))
+        .min(Duration::from_secs(300));
     tracing::warn!(mirror = %mirror.name_any(), namespace = ?mirror.namespace(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
@@ -208,18 +228,29 @@ async fn reconcile_inner(mirror: &Arc<RegistryMirror>, ctx: &Context) -> Result<
 
 async fn apply_child<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + Debug + Serialize + DeserializeOwned,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj))
-        .await
-        .map_err(kube_err(format!("applying {} {name}", K::kind(&()))))
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(kube_err(format!("applying {} {name}", K::kind(&()))))
 }
 
 async fn delete_child<K>(client: &Client, ns: &str, name: &str) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + Debug + DeserializeOwned,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     match api.delete(name, &DeleteParams::background()).await {
@@ -230,7 +261,11 @@ where
 }
 
 /// Reads the credentials Secrets: their data for the config hash, or the problem.
-async fn read_secrets(mirror: &RegistryMirror, ctx: &Context, ns: &str) -> Result<Result<Vec<Vec<u8>>, Problem>, Error> {
+async fn read_secrets(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Result<Vec<Vec<u8>>, Problem>, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut out = Vec::new();
     for u in &mirror.spec.upstreams {
@@ -257,11 +292,15 @@ async fn read_secrets(mirror: &RegistryMirror, ctx: &Context, ns: &str) -> Resul
             .map(|b| b.0.clone());
         let invalid = |why: String| Problem {
             reason: "SecretInvalid",
-            message: format!("Secret {ns}/{} (credentials of {}): {why}", reference.name, u.registry),
+            message: format!(
+                "Secret {ns}/{} (credentials of {}): {why}",
+                reference.name, u.registry
+            ),
         };
         let Some(data) = data else {
             return Ok(Err(invalid(
-                "must be of type kubernetes.io/dockerconfigjson with a .dockerconfigjson key".into(),
+                "must be of type kubernetes.io/dockerconfigjson with a .dockerconfigjson key"
+                    .into(),
             )));
         };
         match credentials_for(&data, &u.registry) {
@@ -283,7 +322,12 @@ async fn service_monitors_available(client: &Client) -> Result<bool, Error> {
     }
 }
 
-async fn apply(mirror: &Arc<RegistryMirror>, ctx: &Context, ns: &str, mirrors: &Api<RegistryMirror>) -> Result<Action, Error> {
+async fn apply(
+    mirror: &Arc<RegistryMirror>,
+    ctx: &Context,
+    ns: &str,
+    mirrors: &Api<RegistryMirror>,
+) -> Result<Action, Error> {
     let client = &ctx.client;
     let name = mirror.name_any();
     let child = builders::child_name(mirror);
@@ -300,7 +344,10 @@ async fn apply(mirror: &Arc<RegistryMirror>, ctx: &Context, ns: &str, mirrors: &
     };
     match (config, secrets) {
         (Err(message), _) => {
-            observed.problem = Some(Problem { reason: "InvalidSpec", message });
+            observed.problem = Some(Problem {
+                reason: "InvalidSpec",
+                message,
+            });
         }
         (Ok(_), Err(problem)) => observed.problem = Some(problem),
         (Ok(config), Ok(secret_data)) => {
@@ -308,13 +355,23 @@ async fn apply(mirror: &Arc<RegistryMirror>, ctx: &Context, ns: &str, mirrors: &
             let hash = builders::config_hash(&yaml, &secret_data);
             apply_child(client, ns, &builders::config_map(mirror, &yaml)).await?;
             if builders::uses_pvc(mirror) {
-                let sts = apply_child(client, ns, &builders::stateful_set(mirror, &ctx.settings, &hash)).await?;
+                let sts = apply_child(
+                    client,
+                    ns,
+                    &builders::stateful_set(mirror, &ctx.settings, &hash),
+                )
+                .await?;
                 delete_child::<Deployment>(client, ns, &child).await?;
                 let st = sts.status.unwrap_or_default();
                 observed.ready_replicas = st.ready_replicas.unwrap_or(0);
                 observed.updated_replicas = st.updated_replicas.unwrap_or(0);
             } else {
-                let dep = apply_child(client, ns, &builders::deployment(mirror, &ctx.settings, &hash)).await?;
+                let dep = apply_child(
+                    client,
+                    ns,
+                    &builders::deployment(mirror, &ctx.settings, &hash),
+                )
+                .await?;
                 delete_child::<StatefulSet>(client, ns, &child).await?;
                 let st = dep.status.unwrap_or_default();
                 observed.ready_replicas = st.ready_replicas.unwrap_or(0);
@@ -331,14 +388,21 @@ async fn apply(mirror: &Arc<RegistryMirror>, ctx: &Context, ns: &str, mirrors: &
                 let gvk = GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor");
                 let ar = ApiResource::from_gvk(&gvk);
                 let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
-                api.patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(builders::service_monitor(mirror)))
-                    .await
-                    .map_err(kube_err("applying ServiceMonitor"))?;
+                api.patch(
+                    &child,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(builders::service_monitor(mirror)),
+                )
+                .await
+                .map_err(kube_err("applying ServiceMonitor"))?;
             }
         }
     }
     let nodes: Api<Node> = Api::all(client.clone());
-    let node_list = nodes.list(&ListParams::default()).await.map_err(kube_err("listing nodes"))?;
+    let node_list = nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("listing nodes"))?;
     observed.nodes = Some(status::count_nodes(mirror, &node_list.items));
 
     let previous = mirror.status.clone();
@@ -358,13 +422,22 @@ async fn apply(mirror: &Arc<RegistryMirror>, ctx: &Context, ns: &str, mirrors: &
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 
-async fn publish_transitions(ctx: &Context, mirror: &RegistryMirror, previous: Option<&RegistryMirrorStatus>, next: &RegistryMirrorStatus) {
+async fn publish_transitions(
+    ctx: &Context,
+    mirror: &RegistryMirror,
+    previous: Option<&RegistryMirrorStatus>,
+    next: &RegistryMirrorStatus,
+) {
     let reference: ObjectReference = mirror.object_ref(&());
     for c in status::transitions(previous, next) {
         let warning = (c.type_ == status::READY && c.status == "False")
             || ((c.type_ == status::DEGRADED || c.type_ == status::CONFLICT) && c.status == "True");
         let event = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: c.reason.clone(),
             note: Some(format!("{}={}: {}", c.type_, c.status, c.message)),
             action: "Reconcile".into(),
@@ -378,13 +451,20 @@ async fn publish_transitions(ctx: &Context, mirror: &RegistryMirror, previous: O
 
 /// A mirror is being deleted: its children go by owner reference; it stays until no node
 /// agent reports it configured (or the timeout passes).
-async fn cleanup(mirror: &Arc<RegistryMirror>, ctx: &Context, mirrors: &Api<RegistryMirror>) -> Result<Action, Error> {
+async fn cleanup(
+    mirror: &Arc<RegistryMirror>,
+    ctx: &Context,
+    mirrors: &Api<RegistryMirror>,
+) -> Result<Action, Error> {
     if !mirror.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
     let key = mirror_key(&mirror.namespace().unwrap_or_default(), &mirror.name_any());
     let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let node_list = nodes.list(&ListParams::default()).await.map_err(kube_err("listing nodes"))?;
+    let node_list = nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("listing nodes"))?;
     let pending: Vec<String> = node_list
         .items
         .iter()
@@ -403,24 +483,47 @@ async fn cleanup(mirror: &Arc<RegistryMirror>, ctx: &Context, mirrors: &Api<Regi
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     let (type_, reason, note) = if pending.is_empty() {
-        (EventType::Normal, "NodesCleaned", "no node is configured for this mirror any more".to_string())
+        (
+            EventType::Normal,
+            "NodesCleaned",
+            "no node is configured for this mirror any more".to_string(),
+        )
     } else {
         (
             EventType::Warning,
             "NodeCleanupTimedOut",
-            format!("gave up waiting for nodes {} after {:?}", pending.join(", "), NODE_CLEANUP_TIMEOUT),
+            format!(
+                "gave up waiting for nodes {} after {:?}",
+                pending.join(", "),
+                NODE_CLEANUP_TIMEOUT
+            ),
         )
     };
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Delete".into(), secondary: None };
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Delete".into(),
+        secondary: None,
+    };
     if let Err(e) = ctx.recorder.publish(&event, &reference).await {
         tracing::warn!(error = %e, "could not publish an event");
     }
-    let finalizers: Vec<String> = mirror.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    let finalizers: Vec<String> = mirror
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
     let patch = serde_json::json!({
         "metadata": {"finalizers": finalizers, "resourceVersion": mirror.resource_version()}
     });
     mirrors
-        .patch(&mirror.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            &mirror.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
         .map_err(kube_err("removing the finalizer"))?;
     Ok(Action::await_change())
@@ -454,7 +557,11 @@ impl crate::server::Ops for ControllerOps {
 
 /// Runs the controller until `shutdown` completes: serves metrics, waits to be the leader,
 /// then reconciles every RegistryMirror.
-pub async fn run(client: Client, options: ControllerOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn run(
+    client: Client,
+    options: ControllerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let mirrors: Api<RegistryMirror> = Api::all(client.clone());
     // Fail early and clearly when the CRD is not installed.
     if let Err(e) = mirrors.list(&ListParams::default().limit(1)).await {
@@ -462,14 +569,27 @@ pub async fn run(client: Client, options: ControllerOptions, shutdown: impl Futu
     }
     let controller = Controller::new(mirrors, watcher::Config::default().any_semantic());
     let store = controller.store();
-    let reporter = Reporter { controller: MANAGER.into(), instance: Some(options.identity.clone()) };
-    let ctx = Arc::new(Context::new(client.clone(), options.settings.clone(), store.clone(), reporter));
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: Some(options.identity.clone()),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        options.settings.clone(),
+        store.clone(),
+        reporter,
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let listener = tokio::net::TcpListener::bind(options.metrics_listen)
         .await
-        .map_err(|source| RunError::Bind { addr: options.metrics_listen, source })?;
-    let ops: Arc<dyn crate::server::Ops> = Arc::new(ControllerOps { metrics: ctx.metrics.clone() });
+        .map_err(|source| RunError::Bind {
+            addr: options.metrics_listen,
+            source,
+        })?;
+    let ops: Arc<dyn crate::server::Ops> = Arc::new(ControllerOps {
+        metrics: ctx.metrics.clone(),
+    });
     let ops_task = tokio::spawn(crate::server::serve_ops(listener, ops, stop_rx));
 
     let lock = leader::LeaseLock::new(
@@ -508,7 +628,9 @@ pub async fn run(client: Client, options: ControllerOptions, shutdown: impl Futu
                     .filter(|m| m.namespace() == ns)
                     .filter(|m| {
                         m.spec.upstreams.iter().any(|u| {
-                            u.credentials_secret_ref.as_ref().is_some_and(|r| r.name == name)
+                            u.credentials_secret_ref
+                                .as_ref()
+                                .is_some_and(|r| r.name == name)
                         })
                     })
                     .map(|m| ObjectRef::from_obj(&*m))
@@ -539,7 +661,9 @@ pub async fn run(client: Client, options: ControllerOptions, shutdown: impl Futu
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// RegistryMirrors cannot be listed.
-    #[error("cannot list RegistryMirrors (is the CRD installed? `pullthrough crd | kubectl apply -f -`): {0}")]
+    #[error(
+        "cannot list RegistryMirrors (is the CRD installed? `pullthrough crd | kubectl apply -f -`): {0}"
+    )]
     CrdMissing(#[source] kube::Error),
     /// The metrics address is taken.
     #[error("cannot listen on {addr}: {source}")]

@@ -52,7 +52,10 @@ pub struct Observed {
 
 /// Registries this mirror shares with an older mirror (the older one wins; ties go to the
 /// lower namespace/name). Mirrors being deleted claim nothing.
-pub fn conflicts(me: &RegistryMirror, all: &[std::sync::Arc<RegistryMirror>]) -> BTreeMap<String, String> {
+pub fn conflicts(
+    me: &RegistryMirror,
+    all: &[std::sync::Arc<RegistryMirror>],
+) -> BTreeMap<String, String> {
     let order = |m: &RegistryMirror| {
         (
             m.creation_timestamp().map(|t| t.0),
@@ -61,7 +64,12 @@ pub fn conflicts(me: &RegistryMirror, all: &[std::sync::Arc<RegistryMirror>]) ->
         )
     };
     let mine = order(me);
-    let my_registries: Vec<String> = me.spec.upstreams.iter().map(|u| registry_key(&u.registry)).collect();
+    let my_registries: Vec<String> = me
+        .spec
+        .upstreams
+        .iter()
+        .map(|u| registry_key(&u.registry))
+        .collect();
     let mut out = BTreeMap::new();
     for other in all {
         if other.uid() == me.uid() || other.meta().deletion_timestamp.is_some() {
@@ -137,7 +145,11 @@ fn condition(
 }
 
 /// The status to write, from what was observed and the previous status.
-pub fn build_status(previous: Option<&RegistryMirrorStatus>, o: &Observed, now: Timestamp) -> RegistryMirrorStatus {
+pub fn build_status(
+    previous: Option<&RegistryMirrorStatus>,
+    o: &Observed,
+    now: Timestamp,
+) -> RegistryMirrorStatus {
     let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
     let conflict_msg = o
         .conflicts
@@ -149,7 +161,11 @@ pub fn build_status(previous: Option<&RegistryMirrorStatus>, o: &Observed, now: 
         prev,
         CONFLICT,
         !o.conflicts.is_empty(),
-        if o.conflicts.is_empty() { "NoConflict" } else { "RegistryClaimed" },
+        if o.conflicts.is_empty() {
+            "NoConflict"
+        } else {
+            "RegistryClaimed"
+        },
         if o.conflicts.is_empty() {
             "no other mirror serves these registries".into()
         } else {
@@ -159,23 +175,53 @@ pub fn build_status(previous: Option<&RegistryMirrorStatus>, o: &Observed, now: 
         now,
     );
     let degraded = match &o.problem {
-        Some(p) => condition(prev, DEGRADED, true, p.reason, p.message.clone(), o.generation, now),
-        None => condition(prev, DEGRADED, false, "AsExpected", "configuration is valid".into(), o.generation, now),
+        Some(p) => condition(
+            prev,
+            DEGRADED,
+            true,
+            p.reason,
+            p.message.clone(),
+            o.generation,
+            now,
+        ),
+        None => condition(
+            prev,
+            DEGRADED,
+            false,
+            "AsExpected",
+            "configuration is valid".into(),
+            o.generation,
+            now,
+        ),
     };
     let rolling = o.problem.is_none()
-        && (o.updated_replicas < o.replicas || o.ready_replicas < o.replicas || o.endpoint.is_none());
+        && (o.updated_replicas < o.replicas
+            || o.ready_replicas < o.replicas
+            || o.endpoint.is_none());
     let progressing = if rolling {
         condition(
             prev,
             PROGRESSING,
             true,
             "RollingOut",
-            format!("{} of {} proxy pods ready and up to date", o.ready_replicas.min(o.updated_replicas), o.replicas),
+            format!(
+                "{} of {} proxy pods ready and up to date",
+                o.ready_replicas.min(o.updated_replicas),
+                o.replicas
+            ),
             o.generation,
             now,
         )
     } else {
-        condition(prev, PROGRESSING, false, "Complete", "no rollout in progress".into(), o.generation, now)
+        condition(
+            prev,
+            PROGRESSING,
+            false,
+            "Complete",
+            "no rollout in progress".into(),
+            o.generation,
+            now,
+        )
     };
     let (ready, reason, message) = if let Some(p) = &o.problem {
         (false, p.reason, p.message.clone())
@@ -184,9 +230,17 @@ pub fn build_status(previous: Option<&RegistryMirrorStatus>, o: &Observed, now: 
     } else if o.replicas == 0 {
         (false, "ScaledToZero", "replicas is 0".to_string())
     } else if o.ready_replicas == 0 {
-        (false, "NoReadyPods", "no proxy pod is ready yet".to_string())
+        (
+            false,
+            "NoReadyPods",
+            "no proxy pod is ready yet".to_string(),
+        )
     } else if o.endpoint.is_none() {
-        (false, "NoEndpoint", "the Service has no cluster IP yet".to_string())
+        (
+            false,
+            "NoEndpoint",
+            "the Service has no cluster IP yet".to_string(),
+        )
     } else {
         (
             true,
@@ -205,7 +259,10 @@ pub fn build_status(previous: Option<&RegistryMirrorStatus>, o: &Observed, now: 
 }
 
 /// Conditions whose status changed between two statuses: (type, new condition).
-pub fn transitions<'a>(previous: Option<&RegistryMirrorStatus>, next: &'a RegistryMirrorStatus) -> Vec<&'a Condition> {
+pub fn transitions<'a>(
+    previous: Option<&RegistryMirrorStatus>,
+    next: &'a RegistryMirrorStatus,
+) -> Vec<&'a Condition> {
     let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
     next.conditions
         .iter()
@@ -230,10 +287,20 @@ mod tests {
     use crate::api::mirror::RegistryMirrorSpec;
     use std::sync::Arc;
 
-    fn mirror(ns: &str, name: &str, uid: &str, created: i64, registries: &[&str]) -> RegistryMirror {
+    fn mirror(
+        ns: &str,
+        name: &str,
+        uid: &str,
+        created: i64,
+        registries: &[&str],
+    ) -> RegistryMirror {
         let spec: RegistryMirrorSpec = serde_yaml::from_str(&format!(
             "upstreams: [{}]",
-            registries.iter().map(|r| format!("{{registry: \"{r}\"}}")).collect::<Vec<_>>().join(",")
+            registries
+                .iter()
+                .map(|r| format!("{{registry: \"{r}\"}}"))
+                .collect::<Vec<_>>()
+                .join(",")
         ))
         .unwrap();
         let mut m = RegistryMirror::new(name, spec);
@@ -248,9 +315,15 @@ mod tests {
         let a = mirror("x", "a", "1", 100, &["docker.io", "ghcr.io"]);
         let b = mirror("y", "b", "2", 200, &["index.docker.io", "quay.io"]);
         let c = mirror("z", "c", "3", 50, &["registry.k8s.io"]);
-        let all: Vec<Arc<RegistryMirror>> = [&a, &b, &c].iter().map(|m| Arc::new((*m).clone())).collect();
+        let all: Vec<Arc<RegistryMirror>> = [&a, &b, &c]
+            .iter()
+            .map(|m| Arc::new((*m).clone()))
+            .collect();
         assert!(conflicts(&a, &all).is_empty());
-        assert_eq!(conflicts(&b, &all), BTreeMap::from([("docker.io".to_string(), "x/a".to_string())]));
+        assert_eq!(
+            conflicts(&b, &all),
+            BTreeMap::from([("docker.io".to_string(), "x/a".to_string())])
+        );
         assert!(conflicts(&c, &all).is_empty());
         // Same age: the lower namespace/name wins, deterministically.
         let d = mirror("x", "d", "4", 100, &["ghcr.io"]);
@@ -265,9 +338,17 @@ mod tests {
 
     fn node(labels: &[(&str, &str)], annotation: Option<&str>) -> Node {
         let mut n = Node::default();
-        n.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
         if let Some(a) = annotation {
-            n.metadata.annotations = Some(BTreeMap::from([(NODE_ANNOTATION.to_string(), a.to_string())]));
+            n.metadata.annotations = Some(BTreeMap::from([(
+                NODE_ANNOTATION.to_string(),
+                a.to_string(),
+            )]));
         }
         n
     }
@@ -280,9 +361,21 @@ mod tests {
             node(&[("pool", "b")], Some("other/x")),
             node(&[("pool", "a")], None),
         ];
-        assert_eq!(count_nodes(&m, &nodes), NodesStatus { configured: 1, total: 3 });
+        assert_eq!(
+            count_nodes(&m, &nodes),
+            NodesStatus {
+                configured: 1,
+                total: 3
+            }
+        );
         m.spec.nodes.selector = BTreeMap::from([("pool".to_string(), "a".to_string())]);
-        assert_eq!(count_nodes(&m, &nodes), NodesStatus { configured: 1, total: 2 });
+        assert_eq!(
+            count_nodes(&m, &nodes),
+            NodesStatus {
+                configured: 1,
+                total: 2
+            }
+        );
         m.spec.nodes.configure = false;
         assert_eq!(count_nodes(&m, &nodes).total, 0);
     }
@@ -314,11 +407,21 @@ mod tests {
         let s1 = build_status(Some(&s0), &o, t1);
         assert_eq!(cond(&s1, READY).status, "True");
         assert_eq!(cond(&s1, READY).last_transition_time.0, t1);
-        assert_eq!(cond(&s1, DEGRADED).last_transition_time.0, t0, "unchanged condition keeps its time");
-        let changed: Vec<&str> = transitions(Some(&s0), &s1).iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(
+            cond(&s1, DEGRADED).last_transition_time.0,
+            t0,
+            "unchanged condition keeps its time"
+        );
+        let changed: Vec<&str> = transitions(Some(&s0), &s1)
+            .iter()
+            .map(|c| c.type_.as_str())
+            .collect();
         assert_eq!(changed, vec![READY, PROGRESSING]);
 
-        o.problem = Some(Problem { reason: "SecretNotFound", message: "Secret hub not found".into() });
+        o.problem = Some(Problem {
+            reason: "SecretNotFound",
+            message: "Secret hub not found".into(),
+        });
         let s2 = build_status(Some(&s1), &o, t1);
         assert_eq!(cond(&s2, READY).reason, "SecretNotFound");
         assert_eq!(cond(&s2, DEGRADED).status, "True");
@@ -328,7 +431,11 @@ mod tests {
         o.conflicts = BTreeMap::from([("docker.io".to_string(), "x/a".to_string())]);
         let s3 = build_status(Some(&s2), &o, t1);
         assert_eq!(cond(&s3, CONFLICT).status, "True");
-        assert!(cond(&s3, CONFLICT).message.contains("docker.io is already mirrored by x/a"));
+        assert!(
+            cond(&s3, CONFLICT)
+                .message
+                .contains("docker.io is already mirrored by x/a")
+        );
         assert_eq!(cond(&s3, READY).reason, "Conflict");
     }
 }

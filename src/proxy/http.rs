@@ -27,7 +27,6 @@ fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-
 /// A parsed distribution API path.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {

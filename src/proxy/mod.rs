@@ -170,7 +170,6 @@ impl Proxy {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
-
 }
 
 impl crate::server::Ops for Proxy {

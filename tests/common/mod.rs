@@ -571,7 +571,10 @@ pub fn root() -> &'static Path {
 pub fn examples() -> Vec<(String, serde_yaml::Value)> {
     let mut out = Vec::new();
     let dir = root().join("deploy/examples");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     paths.sort();
     for path in paths {
         let text = std::fs::read_to_string(&path).unwrap();
@@ -584,4 +587,3 @@ pub fn examples() -> Vec<(String, serde_yaml::Value)> {
     }
     out
 }
-
