@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod controller;
+pub mod node_agent;
 pub mod oci;
 pub mod proxy;
 pub mod server;

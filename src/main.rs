@@ -27,8 +27,83 @@ enum Role {
     Proxy(ProxyArgs),
     /// Reconcile RegistryMirror resources into running caches (in-cluster, leader-elected).
     Controller(ControllerArgs),
+    /// Write containerd hosts.toml files on this node for the Ready mirrors that select it.
+    NodeAgent(NodeAgentArgs),
     /// Print the RegistryMirror CustomResourceDefinition as YAML.
     Crd,
+}
+
+#[derive(clap::Args)]
+struct NodeAgentArgs {
+    /// Directory the agent writes <registry>/hosts.toml into.
+    #[arg(
+        long,
+        env = "PULLTHROUGH_CERTS_DIR",
+        default_value = "/etc/containerd/certs.d"
+    )]
+    certs_dir: PathBuf,
+    /// The same directory as containerd on the host sees it (to check its config_path).
+    #[arg(
+        long,
+        env = "PULLTHROUGH_CONTAINERD_CERTS_PATH",
+        default_value = "/etc/containerd/certs.d"
+    )]
+    containerd_certs_path: String,
+    /// containerd's config file, read to tell whether config_path is enabled.
+    #[arg(
+        long,
+        env = "PULLTHROUGH_CONTAINERD_CONFIG",
+        default_value = "/etc/containerd/config.toml"
+    )]
+    containerd_config: PathBuf,
+    /// Name of the node this agent runs on.
+    #[arg(long, env = "NODE_NAME", required_unless_present = "standalone")]
+    node_name: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "PULLTHROUGH_METRICS_LISTEN",
+        default_value = "0.0.0.0:9096"
+    )]
+    metrics_listen: SocketAddr,
+    /// How often to re-check even without changes (e.g. 60s).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    resync: std::time::Duration,
+    /// Without Kubernetes: write files for the --mirror flags once and exit (no --mirror
+    /// removes every file the agent wrote).
+    #[arg(long)]
+    standalone: bool,
+    /// With --standalone: REGISTRY=ENDPOINT, e.g. docker.io=http://10.0.0.5:5000 (repeatable).
+    #[arg(
+        long = "mirror",
+        value_name = "REGISTRY=ENDPOINT",
+        requires = "standalone"
+    )]
+    mirrors: Vec<String>,
+    /// With --standalone: REGISTRY=URL of the upstream itself, the fallback (default
+    /// https://registry-1.docker.io for docker.io, https://REGISTRY otherwise).
+    #[arg(long = "server", value_name = "REGISTRY=URL", requires = "standalone")]
+    servers: Vec<String>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    pullthrough::api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn pairs(
+    flag: &str,
+    values: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    values
+        .iter()
+        .map(|v| {
+            let (k, val) = v
+                .split_once('=')
+                .filter(|(k, val)| !k.is_empty() && !val.is_empty())
+                .with_context(|| format!("--{flag} {v:?}: expected REGISTRY=URL"))?;
+            Ok((k.to_string(), val.to_string()))
+        })
+        .collect()
 }
 
 #[derive(clap::Args)]
@@ -180,6 +255,41 @@ async fn main() -> anyhow::Result<()> {
                 identity,
             };
             pullthrough::controller::run(client, options, shutdown_signal()).await?;
+        }
+        Role::NodeAgent(args) => {
+            init_tracing(&cli.log_format);
+            let options = pullthrough::node_agent::AgentOptions {
+                certs_dir: args.certs_dir,
+                containerd_certs_path: args.containerd_certs_path,
+                containerd_config: args.containerd_config,
+            };
+            if args.standalone {
+                let mirrors = pairs("mirror", &args.mirrors)?;
+                let servers = pairs("server", &args.servers)?;
+                let report = pullthrough::node_agent::run_standalone(&options, &mirrors, &servers);
+                if !report.failed.is_empty() {
+                    anyhow::bail!(
+                        "{} hosts.toml file(s) could not be written",
+                        report.failed.len()
+                    );
+                }
+                return Ok(());
+            }
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let node = args
+                .node_name
+                .expect("clap requires it without --standalone");
+            pullthrough::node_agent::run(
+                client,
+                options,
+                node,
+                args.metrics_listen,
+                args.resync,
+                shutdown_signal(),
+            )
+            .await?;
         }
         Role::Crd => print!("{}", pullthrough::api::mirror::crd_yaml()),
     }

@@ -297,6 +297,36 @@ pub fn mirror_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// The order in which mirrors claim registries: older first, then namespace/name. The
+/// first claim of a registry wins (the controller reports the others as conflicting, the
+/// node agent configures only the winner).
+pub fn claim_order(m: &RegistryMirror) -> (Option<k8s_openapi::jiff::Timestamp>, String, String) {
+    use kube::ResourceExt;
+    (
+        m.creation_timestamp().map(|t| t.0),
+        m.namespace().unwrap_or_default(),
+        m.name_any(),
+    )
+}
+
+/// Whether the mirror's Ready condition is True.
+pub fn is_ready(m: &RegistryMirror) -> bool {
+    m.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// The upstream's own API URL (containerd's fallback).
+pub fn upstream_url(u: &MirrorUpstream) -> String {
+    UpstreamConfig {
+        url: u.url.clone(),
+        ..UpstreamConfig::new(&u.registry)
+    }
+    .base_url()
+}
+
 /// Registry name normalised for comparisons: lowercase, Docker Hub aliases folded.
 pub fn registry_key(registry: &str) -> String {
     let r = registry.to_ascii_lowercase();

@@ -2,7 +2,7 @@
 //! mirrors, node counts. The reconciler gathers observations and writes what this returns.
 
 use crate::api::mirror::{
-    NODE_ANNOTATION, NodesStatus, RegistryMirror, RegistryMirrorStatus, mirror_key,
+    NODE_ANNOTATION, NodesStatus, RegistryMirror, RegistryMirrorStatus, claim_order, mirror_key,
     parse_node_annotation, registry_key,
 };
 use k8s_openapi::api::core::v1::Node;
@@ -56,13 +56,7 @@ pub fn conflicts(
     me: &RegistryMirror,
     all: &[std::sync::Arc<RegistryMirror>],
 ) -> BTreeMap<String, String> {
-    let order = |m: &RegistryMirror| {
-        (
-            m.creation_timestamp().map(|t| t.0),
-            m.namespace().unwrap_or_default(),
-            m.name_any(),
-        )
-    };
+    let order = claim_order;
     let mine = order(me);
     let my_registries: Vec<String> = me
         .spec

@@ -309,10 +309,34 @@ pub struct Image {
 
 impl Image {
     pub fn generate(seed: u64, layer_sizes: &[usize], arch: &str) -> Image {
-        let layers: Vec<Blob> = layer_sizes
+        let layers = layer_sizes
             .iter()
             .enumerate()
-            .map(|(i, &n)| Blob::new(LAYER, random_bytes(seed * 1000 + i as u64, n)))
+            .map(|(i, &n)| random_bytes(seed * 1000 + i as u64, n))
+            .collect();
+        Image::with_layers(seed, layers, arch)
+    }
+
+    /// An image whose layers are real tar archives (one file each), which containerd can
+    /// unpack.
+    pub fn generate_tar(seed: u64, file_sizes: &[usize], arch: &str) -> Image {
+        let layers = file_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                tar_with_file(
+                    &format!("data/file-{seed}-{i}"),
+                    &random_bytes(seed * 1000 + i as u64, n),
+                )
+            })
+            .collect();
+        Image::with_layers(seed, layers, arch)
+    }
+
+    pub fn with_layers(seed: u64, layer_bytes: Vec<Vec<u8>>, arch: &str) -> Image {
+        let layers: Vec<Blob> = layer_bytes
+            .into_iter()
+            .map(|b| Blob::new(LAYER, b))
             .collect();
         let config = Blob::new(
             CONFIG,
@@ -585,5 +609,29 @@ pub fn examples() -> Vec<(String, serde_yaml::Value)> {
             }
         }
     }
+    out
+}
+
+/// A ustar archive holding one regular file.
+pub fn tar_with_file(name: &str, content: &[u8]) -> Vec<u8> {
+    assert!(name.len() < 100);
+    let mut h = [0u8; 512];
+    let put = |h: &mut [u8; 512], at: usize, v: &[u8]| h[at..at + v.len()].copy_from_slice(v);
+    put(&mut h, 0, name.as_bytes());
+    put(&mut h, 100, b"0000644\0");
+    put(&mut h, 108, b"0000000\0");
+    put(&mut h, 116, b"0000000\0");
+    put(&mut h, 124, format!("{:011o}\0", content.len()).as_bytes());
+    put(&mut h, 136, b"00000000000\0");
+    put(&mut h, 148, b"        ");
+    h[156] = b'0';
+    put(&mut h, 257, b"ustar\0");
+    put(&mut h, 263, b"00");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    put(&mut h, 148, format!("{sum:06o}\0 ").as_bytes());
+    let mut out = h.to_vec();
+    out.extend_from_slice(content);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.extend_from_slice(&[0u8; 1024]);
     out
 }

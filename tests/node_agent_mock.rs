@@ -1,0 +1,124 @@
+//! The node agent's Kubernetes side against a mocked API server: it lists and watches
+//! RegistryMirrors and its Node, writes the files, and reports in the Node annotation.
+
+use http_body_util::BodyExt;
+use hyper::{Request, Response};
+use kube::Client;
+use kube::client::Body;
+use pullthrough::node_agent::{AgentOptions, run};
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn ready_mirror() -> Value {
+    json!({
+        "apiVersion": "pullthrough.dev/v1alpha1", "kind": "RegistryMirror",
+        "metadata": {"name": "public", "namespace": "ns", "uid": "u1", "resourceVersion": "5",
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"upstreams": [{"registry": "docker.io"}, {"registry": "ghcr.io"}],
+                 "nodes": {"configure": true, "selector": {"pool": "a"}}},
+        "status": {"endpoint": "http://10.96.0.10:5000", "readyReplicas": 1, "conditions": [
+            {"type": "Ready", "status": "True", "reason": "ProxyReady", "message": "",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    })
+}
+
+#[tokio::test]
+async fn agent_writes_files_for_ready_mirrors_and_annotates_its_node() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let patches: Arc<Mutex<Vec<Value>>> = Arc::new(Mutex::new(Vec::new()));
+    let seen = patches.clone();
+    tokio::spawn(async move {
+        // Watch requests are never answered: the agent then waits, as on a quiet cluster.
+        let mut held = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let query = parts.uri.query().unwrap_or("").to_string();
+            if query.contains("watch=true") {
+                held.push(send);
+                continue;
+            }
+            let bytes = body.collect().await.unwrap().to_bytes();
+            let path = parts.uri.path();
+            let value = match (parts.method.as_str(), path) {
+                ("GET", "/apis/pullthrough.dev/v1alpha1/registrymirrors") => json!({
+                    "apiVersion": "pullthrough.dev/v1alpha1", "kind": "RegistryMirrorList",
+                    "metadata": {"resourceVersion": "10"}, "items": [ready_mirror()]}),
+                ("GET", "/api/v1/nodes") => {
+                    assert!(
+                        query.contains("fieldSelector=metadata.name%3Dn1"),
+                        "{query}"
+                    );
+                    json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "10"},
+                        "items": [{"apiVersion": "v1", "kind": "Node",
+                                   "metadata": {"name": "n1", "resourceVersion": "3", "labels": {"pool": "a"}}}]})
+                }
+                ("PATCH", "/api/v1/nodes/n1") => {
+                    let patch: Value = serde_json::from_slice(&bytes).unwrap();
+                    seen.lock().unwrap().push(patch);
+                    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
+                }
+                (m, p) => panic!("unexpected {m} {p}?{query}"),
+            };
+            send.send_response(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&value).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let client = Client::new(service, "default");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs.d");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n", certs.display()),
+    )
+    .unwrap();
+    let options = AgentOptions {
+        certs_dir: certs.clone(),
+        containerd_certs_path: certs.display().to_string(),
+        containerd_config: config,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(run(
+        client,
+        options,
+        "n1".into(),
+        "127.0.0.1:0".parse().unwrap(),
+        Duration::from_secs(3600),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while patches.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never annotated its node"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let patch = patches.lock().unwrap()[0].clone();
+    assert_eq!(
+        patch["metadata"]["annotations"]["pullthrough.dev/mirrors"],
+        "ns/public"
+    );
+    assert_eq!(
+        patch["metadata"]["annotations"]["pullthrough.dev/containerd-config-path"],
+        "enabled"
+    );
+    for registry in ["docker.io", "ghcr.io"] {
+        let file = std::fs::read_to_string(certs.join(registry).join("hosts.toml")).unwrap();
+        assert!(file.contains("[host.\"http://10.96.0.10:5000\"]"), "{file}");
+    }
+    assert!(
+        std::fs::read_to_string(certs.join("docker.io/hosts.toml"))
+            .unwrap()
+            .contains("server = \"https://registry-1.docker.io\"")
+    );
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}

@@ -1,0 +1,272 @@
+//! The node agent with the real node runtime: a private containerd (own root, state,
+//! socket and config in a temp dir) pulls with `ctr images pull --hosts-dir` from a
+//! `docker-registry` upstream, through the proxy the agent pointed it at; then, with the
+//! proxy gone, straight from the upstream.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Containerd {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Containerd {
+    fn start(dir: &Path, config_path_line: &str) -> Containerd {
+        let bin = which("containerd")
+            .expect("containerd not found: run ./scripts/test, which installs it");
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.grpc.v1.cri".registry]
+  {config_path_line}
+"#,
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                sock = socket.display(),
+                opt = dir.join("opt").display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::fs::File::create(dir.join("containerd.log")).unwrap())
+            .stderr(std::fs::File::create(dir.join("containerd.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let c = Containerd {
+            child,
+            socket,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.err")).unwrap_or_default()
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new(which("ctr").expect("ctr"))
+            .arg("--address")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn pull(&self, hosts_dir: &Path, reference: &str) -> Output {
+        self.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            hosts_dir.to_str().unwrap(),
+            "--platform",
+            "linux/amd64",
+            "--snapshotter",
+            "native",
+            reference,
+        ])
+    }
+}
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .arg("node-agent")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_the_mirror_and_falls_back_without_it() {
+    let upstream = Registry::start().await;
+    let first = Image::generate_tar(41, &[300_000, 40_000], "amd64");
+    let second = Image::generate_tar(42, &[200_000], "amd64");
+    push_image(&upstream.url, "team/app", "v1", &first).await;
+    push_image(&upstream.url, "team/app", "v2", &second).await;
+    let registry = upstream.host();
+    let proxy = Proxy::start(&[(registry.as_str(), upstream.url.as_str())]).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs.d");
+    let containerd = Containerd::start(
+        work.path(),
+        &format!("config_path = \"{}\"", certs.display()),
+    );
+
+    // The agent, as on a node configured by hand, writes hosts.toml for the upstream.
+    let out = agent(&[
+        "--standalone",
+        "--certs-dir",
+        certs.to_str().unwrap(),
+        "--containerd-config",
+        work.path().join("config.toml").to_str().unwrap(),
+        "--containerd-certs-path",
+        certs.to_str().unwrap(),
+        "--mirror",
+        &format!("{registry}={}", proxy.url),
+        "--server",
+        &format!("{registry}={}", upstream.url),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("containerd reads hosts.toml from"),
+        "{}",
+        text(&out)
+    );
+    let hosts = std::fs::read_to_string(certs.join(&registry).join("hosts.toml")).unwrap();
+    assert!(
+        hosts.contains(&format!("[host.\"{}\"]", proxy.url)),
+        "{hosts}"
+    );
+
+    // A pull goes through the mirror.
+    let reference = format!("{registry}/team/app:v1");
+    let out = containerd.pull(&certs, &reference);
+    assert!(
+        out.status.success(),
+        "ctr pull failed: {}\n{}",
+        text(&out),
+        containerd.log()
+    );
+    let images = text(&containerd.ctr(&["images", "ls"]));
+    assert!(images.contains(&first.manifest.digest), "{images}");
+    let content = text(&containerd.ctr(&["content", "ls"]));
+    for b in first.blobs() {
+        assert!(
+            content.contains(&b.digest),
+            "containerd has {}: {content}",
+            b.digest
+        );
+        assert_eq!(upstream.gets(&format!("/blobs/{}", b.digest)), 1);
+    }
+    let m = proxy.metrics().await;
+    let blobs = first.blobs().count() as f64;
+    assert_eq!(
+        metric_value(
+            &m,
+            "pullthrough_requests_total",
+            &[("kind", "blob"), ("result", "miss")]
+        ),
+        blobs,
+        "{m}"
+    );
+    assert!(metric_value(&m, "pullthrough_requests_total", &[("kind", "manifest")]) >= 1.0);
+    let layer_bytes: usize = first.blobs().map(|b| b.bytes.len()).sum();
+    assert!(metric_value(&m, "pullthrough_served_bytes_total", &[]) >= layer_bytes as f64);
+
+    // The mirror goes away: pulls still work, straight from the upstream.
+    proxy.stop().await;
+    let gets_before = upstream.gets(&format!("/blobs/{}", second.layers[0].digest));
+    assert_eq!(gets_before, 0);
+    let out = containerd.pull(&certs, &format!("{registry}/team/app:v2"));
+    assert!(
+        out.status.success(),
+        "fallback pull failed: {}\n{}",
+        text(&out),
+        containerd.log()
+    );
+    let images = text(&containerd.ctr(&["images", "ls"]));
+    assert!(images.contains(&second.manifest.digest), "{images}");
+    assert_eq!(
+        upstream.gets(&format!("/blobs/{}", second.layers[0].digest)),
+        1
+    );
+
+    // Removing the mirror removes the file the agent owns.
+    let out = agent(&[
+        "--standalone",
+        "--certs-dir",
+        certs.to_str().unwrap(),
+        "--containerd-config",
+        "/nonexistent",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!certs.join(&registry).join("hosts.toml").exists());
+}
+
+#[test]
+fn the_agent_says_clearly_when_containerd_ignores_hosts_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"pause:3.9\"\n",
+    )
+    .unwrap();
+    let out = agent(&[
+        "--standalone",
+        "--certs-dir",
+        dir.path().join("certs.d").to_str().unwrap(),
+        "--containerd-config",
+        config.to_str().unwrap(),
+        "--mirror",
+        "docker.io=http://127.0.0.1:5000",
+    ]);
+    assert!(out.status.success());
+    let t = text(&out);
+    assert!(
+        t.contains("config_path is not set, so containerd ignores hosts.toml"),
+        "{t}"
+    );
+    // The agent never edits containerd's config.
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("sandbox_image")
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap().lines().count(), 3);
+    // Bad flags are explained.
+    let out = agent(&["--standalone", "--mirror", "docker.io"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("expected REGISTRY=URL"),
+        "{}",
+        text(&out)
+    );
+}
