@@ -117,3 +117,23 @@ pub async fn serve_ops(listener: TcpListener, ops: Arc<dyn Ops>, stop: watch::Re
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
 }
+
+/// Names of the series `plain` (counters, gauges) and `histograms` export, for checks
+/// that dashboards and alerts use real names.
+pub fn metric_names(
+    plain: &[&dyn prometheus::core::Collector],
+    histograms: &[&dyn prometheus::core::Collector],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in plain {
+        out.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+    }
+    for c in histograms {
+        for d in c.desc() {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                out.push(format!("{}{suffix}", d.fq_name));
+            }
+        }
+    }
+    out
+}

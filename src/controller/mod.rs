@@ -121,6 +121,11 @@ impl ControllerMetrics {
         self.duration.with_label_values(&[result]).observe(seconds);
     }
 
+    /// Names of every series this registry can export.
+    pub fn names(&self) -> Vec<String> {
+        crate::server::metric_names(&[&self.reconciles], &[&self.duration])
+    }
+
     /// Prometheus text.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

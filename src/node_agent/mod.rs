@@ -168,15 +168,23 @@ pub fn run_standalone(
     report
 }
 
-struct AgentMetrics {
+/// The node agent's metrics.
+pub struct AgentMetrics {
     registry: Registry,
     syncs: IntCounterVec,
     files: IntGauge,
     config_path: IntGauge,
 }
 
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        AgentMetrics::new()
+    }
+}
+
 impl AgentMetrics {
-    fn new() -> AgentMetrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> AgentMetrics {
         let registry = Registry::new();
         let syncs = IntCounterVec::new(
             Opts::new(
@@ -209,6 +217,11 @@ impl AgentMetrics {
             files,
             config_path,
         }
+    }
+
+    /// Names of every series this registry can export.
+    pub fn names(&self) -> Vec<String> {
+        crate::server::metric_names(&[&self.syncs, &self.files, &self.config_path], &[])
     }
 }
 

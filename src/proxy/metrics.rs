@@ -182,6 +182,21 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// Names of every series this registry can export.
+    pub fn names(&self) -> Vec<String> {
+        crate::server::metric_names(
+            &[
+                &self.requests,
+                &self.served_bytes,
+                &self.upstream_requests,
+                &self.cache_size_bytes,
+                &self.cache_blobs,
+                &self.inflight_fetches,
+            ],
+            &[&self.upstream_duration],
+        )
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -1,0 +1,415 @@
+//! The chart's and deploy/'s static files stay in sync with the code: CRDs identical to the
+//! generated one, versions, RBAC rules, alerts and dashboard (every metric they use exists
+//! and every PromQL expression parses), values against their schema, templates only using
+//! values that exist. Nothing is rendered by hand.
+
+mod common;
+
+use common::{root, which};
+use std::collections::BTreeSet;
+use std::process::Command;
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn yaml_docs(rel: &str) -> Vec<serde_yaml::Value> {
+    let text = read(rel);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Every series name the code can export.
+fn code_metric_names() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    names.extend(pullthrough::proxy::metrics::Metrics::new().names());
+    names.extend(pullthrough::controller::ControllerMetrics::new().names());
+    names.extend(pullthrough::node_agent::AgentMetrics::new().names());
+    names
+}
+
+/// Metric names a PromQL expression selects (parsed, not pattern-matched).
+fn selected_metrics(expr: &str) -> BTreeSet<String> {
+    // Grafana's variables are not PromQL: give them plausible values first.
+    let expr = expr
+        .replace("$__rate_interval", "5m")
+        .replace("$__range", "6h")
+        .replace("$namespace", ".*")
+        .replace("$upstream", ".*");
+    let ast = promql_parser::parser::parse(&expr)
+        .unwrap_or_else(|e| panic!("invalid PromQL {expr:?}: {e}"));
+    let mut out = BTreeSet::new();
+    collect(&ast, &mut out);
+    out
+}
+
+fn collect(e: &promql_parser::parser::Expr, out: &mut BTreeSet<String>) {
+    use promql_parser::parser::Expr::*;
+    match e {
+        VectorSelector(v) => {
+            if let Some(n) = &v.name {
+                out.insert(n.clone());
+            }
+        }
+        MatrixSelector(m) => {
+            if let Some(n) = &m.vs.name {
+                out.insert(n.clone());
+            }
+        }
+        Aggregate(a) => {
+            collect(&a.expr, out);
+            if let Some(p) = &a.param {
+                collect(p, out);
+            }
+        }
+        Unary(u) => collect(&u.expr, out),
+        Binary(b) => {
+            collect(&b.lhs, out);
+            collect(&b.rhs, out);
+        }
+        Paren(p) => collect(&p.expr, out),
+        Subquery(s) => collect(&s.expr, out),
+        Call(c) => {
+            for a in &c.args.args {
+                collect(a, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn crds_everywhere_are_the_generated_one() {
+    let generated = pullthrough::api::mirror::crd_yaml();
+    for copy in [
+        "crds/registrymirror.yaml",
+        "charts/pullthrough/crds/registrymirror.yaml",
+        "deploy/01-crd.yaml",
+    ] {
+        assert!(
+            read(copy) == generated,
+            "{copy} differs from `pullthrough crd`: regenerate it with `cargo run -- crd > {copy}`"
+        );
+    }
+}
+
+#[test]
+fn versions_agree() {
+    let version = env!("CARGO_PKG_VERSION");
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&read("charts/pullthrough/Chart.yaml")).unwrap();
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(version),
+        "Chart.yaml appVersion"
+    );
+    assert_eq!(chart["apiVersion"].as_str(), Some("v2"));
+    let image = format!(":{version}");
+    for file in ["deploy/03-controller.yaml", "deploy/04-node-agent.yaml"] {
+        for doc in yaml_docs(file) {
+            if doc["kind"] == "Deployment" || doc["kind"] == "DaemonSet" {
+                let c = &doc["spec"]["template"]["spec"]["containers"][0];
+                assert!(
+                    c["image"].as_str().unwrap().ends_with(&image),
+                    "{file}: image tag is not {version}"
+                );
+            }
+        }
+    }
+    let controller = &yaml_docs("deploy/03-controller.yaml")[0];
+    let env = controller["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .unwrap();
+    let proxy_image = env
+        .iter()
+        .find(|e| e["name"] == "PULLTHROUGH_PROXY_IMAGE")
+        .unwrap();
+    assert_eq!(
+        proxy_image["value"],
+        controller["spec"]["template"]["spec"]["containers"][0]["image"]
+    );
+}
+
+#[test]
+fn rbac_rules_of_chart_and_deploy_are_the_same() {
+    let rules = |file: &str| -> serde_yaml::Value { serde_yaml::from_str(&read(file)).unwrap() };
+    let docs = yaml_docs("deploy/02-rbac.yaml");
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in deploy/02-rbac.yaml"))["rules"]
+            .clone()
+    };
+    assert_eq!(
+        find("ClusterRole", "pullthrough-controller"),
+        rules("charts/pullthrough/files/controller-rules.yaml")
+    );
+    assert_eq!(
+        find("ClusterRole", "pullthrough-node-agent"),
+        rules("charts/pullthrough/files/node-agent-rules.yaml")
+    );
+    assert_eq!(
+        find("Role", "pullthrough-leader-election"),
+        rules("charts/pullthrough/files/leader-election-rules.yaml")
+    );
+    // Least privilege: no wildcards, and Secrets only read.
+    let text = read("charts/pullthrough/files/controller-rules.yaml")
+        + &read("charts/pullthrough/files/node-agent-rules.yaml");
+    assert!(!text.contains("\"*\""), "no wildcard rules");
+    let controller: serde_yaml::Value = rules("charts/pullthrough/files/controller-rules.yaml");
+    for rule in controller.as_sequence().unwrap() {
+        if rule["resources"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|r| r == "secrets")
+        {
+            let verbs: Vec<&str> = rule["verbs"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(verbs, ["get", "list", "watch"]);
+        }
+    }
+}
+
+#[test]
+fn alerts_use_real_metrics_and_parse() {
+    let names = code_metric_names();
+    let groups: serde_yaml::Value =
+        serde_yaml::from_str(&read("charts/pullthrough/files/alerts.yaml")).unwrap();
+    let rule = &yaml_docs("deploy/monitoring/prometheusrule.yaml")[0];
+    assert_eq!(
+        rule["spec"]["groups"], groups,
+        "deploy/monitoring/prometheusrule.yaml matches the chart"
+    );
+    let mut alerts = BTreeSet::new();
+    for g in groups.as_sequence().unwrap() {
+        for r in g["rules"].as_sequence().unwrap() {
+            let name = r["alert"].as_str().unwrap();
+            alerts.insert(name.to_string());
+            for key in ["expr", "for"] {
+                assert!(r[key].is_string(), "{name} has no {key}");
+            }
+            assert!(
+                r["labels"]["severity"].is_string(),
+                "{name} has no severity"
+            );
+            assert!(
+                r["annotations"]["summary"].is_string()
+                    && r["annotations"]["description"].is_string()
+            );
+            for m in selected_metrics(r["expr"].as_str().unwrap()) {
+                if m.starts_with("pullthrough_") {
+                    assert!(
+                        names.contains(&m),
+                        "alert {name} uses {m}, which the code does not export"
+                    );
+                }
+            }
+        }
+    }
+    for wanted in [
+        "PullthroughHitRatioCollapse",
+        "PullthroughUpstreamErrors",
+        "PullthroughCacheNearFull",
+        "PullthroughProxyDown",
+    ] {
+        assert!(alerts.contains(wanted), "missing alert {wanted}");
+    }
+}
+
+#[test]
+fn dashboard_uses_real_metrics_and_covers_the_essentials() {
+    let names = code_metric_names();
+    let text = read("charts/pullthrough/files/dashboard.json");
+    let cm = &yaml_docs("deploy/monitoring/dashboard.yaml")[0];
+    assert_eq!(
+        cm["data"]["pullthrough.json"].as_str(),
+        Some(text.as_str()),
+        "deploy/monitoring matches the chart"
+    );
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut used = BTreeSet::new();
+    let mut titles = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        titles.push(p["title"].as_str().unwrap().to_lowercase());
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for m in selected_metrics(expr) {
+                assert!(
+                    names.contains(&m),
+                    "panel {:?} uses {m}, which the code does not export",
+                    p["title"]
+                );
+                used.insert(m);
+            }
+        }
+    }
+    for wanted in [
+        "hit ratio (requests)",
+        "hit ratio (bytes)",
+        "bytes saved",
+        "upstream latency",
+        "cache fill",
+    ] {
+        assert!(
+            titles.iter().any(|t| t.contains(wanted)),
+            "no panel for {wanted}: {titles:?}"
+        );
+    }
+    let vars: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(vars.contains(&"upstream"), "per-upstream selection");
+    for m in [
+        "pullthrough_requests_total",
+        "pullthrough_served_bytes_total",
+        "pullthrough_upstream_request_duration_seconds_bucket",
+        "pullthrough_cache_size_bytes",
+    ] {
+        assert!(used.contains(m), "dashboard does not show {m}");
+    }
+}
+
+#[test]
+fn values_match_their_schema_and_templates_use_only_existing_values() {
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&read("charts/pullthrough/values.yaml")).unwrap();
+    // Every value path a template reads exists in values.yaml.
+    let dir = root().join("charts/pullthrough/templates");
+    let mut paths = BTreeSet::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find(".Values.") {
+            let tail = &rest[i + 8..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
+                .unwrap_or(tail.len());
+            paths.insert(tail[..end].trim_end_matches('.').to_string());
+            rest = &tail[end..];
+        }
+    }
+    assert!(paths.len() > 10, "{paths:?}");
+    for p in &paths {
+        let mut v = &values;
+        for key in p.split('.') {
+            v = v.get(key).unwrap_or_else(|| {
+                panic!("templates read .Values.{p}, which values.yaml does not define")
+            });
+        }
+    }
+    // Every value is documented: a comment right above it or above one of its parents.
+    let text = read("charts/pullthrough/values.yaml");
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let is_key = |l: &str| {
+        let t = l.trim_start();
+        !t.is_empty() && !t.starts_with('#') && !t.starts_with('-') && t.contains(':')
+    };
+    let documented = |i: usize| i > 0 && lines[i - 1].trim_start().starts_with('#');
+    for (i, line) in lines.iter().enumerate() {
+        if !is_key(line) || line.trim_end().ends_with(':') {
+            continue;
+        }
+        let mut ok = documented(i);
+        let mut level = indent(line);
+        let mut j = i;
+        while !ok && j > 0 {
+            j -= 1;
+            if is_key(lines[j]) && indent(lines[j]) < level {
+                level = indent(lines[j]);
+                ok = documented(j);
+            }
+        }
+        assert!(ok, "values.yaml line {} is not documented: {line}", i + 1);
+    }
+    let script = r#"
+import json, sys, yaml, jsonschema
+schema = json.load(open(sys.argv[1]))
+jsonschema.Draft7Validator.check_schema(schema)
+values = yaml.safe_load(open(sys.argv[2]))
+errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(values)]
+bad = dict(values); bad["typo"] = 1
+if not list(jsonschema.Draft7Validator(schema).iter_errors(bad)):
+    errors.append("schema accepts unknown top-level keys")
+print("\n".join(errors)); sys.exit(1 if errors else 0)
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(root().join("charts/pullthrough/values.schema.json"))
+        .arg(root().join("charts/pullthrough/values.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn deploy_manifests_pass_kubernetes_validation() {
+    let bin =
+        which("kubernetes-validate").expect("kubernetes-validate not found: run ./scripts/test");
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(root().join("deploy"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files.push(root().join("deploy/monitoring/dashboard.yaml"));
+    assert!(files.len() >= 6);
+    let out = Command::new(bin)
+        .arg("--strict")
+        .args(&files)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("ERROR") && !text.contains("WARN"),
+        "{text}"
+    );
+    // Security posture of the workloads.
+    for file in ["deploy/03-controller.yaml", "deploy/04-node-agent.yaml"] {
+        let w = &yaml_docs(file)[0];
+        let c = &w["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            c["securityContext"]["readOnlyRootFilesystem"], true,
+            "{file}"
+        );
+        assert_eq!(
+            c["securityContext"]["allowPrivilegeEscalation"], false,
+            "{file}"
+        );
+        assert!(c["resources"]["limits"]["memory"].is_string(), "{file}");
+    }
+    let agent = &yaml_docs("deploy/04-node-agent.yaml")[0];
+    assert_eq!(
+        agent["spec"]["template"]["spec"]["tolerations"][0]["operator"], "Exists",
+        "every node"
+    );
+    let mounts = agent["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m["mountPath"] == "/host/containerd" && m["readOnly"] == true),
+        "containerd config read-only"
+    );
+}
