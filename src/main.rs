@@ -31,6 +31,25 @@ enum Role {
     NodeAgent(NodeAgentArgs),
     /// Print the RegistryMirror CustomResourceDefinition as YAML.
     Crd,
+    /// Manage a running proxy's cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Drop one image or tag (and the blobs only it uses) from a running proxy's cache.
+    Drop {
+        /// Image reference, e.g. docker.io/library/alpine:3.20 or ghcr.io/org/app@sha256:...
+        image: String,
+        /// The proxy's operations address (the admin endpoint answers on loopback only).
+        #[arg(
+            long,
+            env = "PULLTHROUGH_ADMIN_URL",
+            default_value = "http://127.0.0.1:9095"
+        )]
+        admin_url: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -292,6 +311,13 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         }
         Role::Crd => print!("{}", pullthrough::api::mirror::crd_yaml()),
+        Role::Cache(CacheCommand::Drop { image, admin_url }) => {
+            pullthrough::api::image_ref::parse(&image).map_err(anyhow::Error::msg)?;
+            let answer = pullthrough::proxy::admin::drop_image(&admin_url, &image)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -36,11 +37,11 @@ pub async fn accept_loop<F, Fut>(
     tracker: TaskTracker,
     handler: F,
 ) where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(s) => s,
                 Err(e) => {
@@ -57,7 +58,10 @@ pub async fn accept_loop<F, Fut>(
         let mut stop = stop.clone();
         tracker.spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler));
+            let conn = builder.serve_connection(
+                TokioIo::new(stream),
+                service_fn(move |req| handler(req, peer)),
+            );
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -76,6 +80,10 @@ pub trait Ops: Send + Sync + 'static {
     fn metrics(&self) -> String;
     /// `Ok` when ready to serve, else why not.
     fn readiness(&self) -> Result<(), String>;
+    /// Ready but impaired: said in the `/readyz` body.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Answers `/metrics`, `/healthz` and `/readyz`.
@@ -96,7 +104,14 @@ pub async fn handle_ops(
         }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         (&Method::GET, "/readyz") => match ops.readiness() {
-            Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+            Ok(()) => match ops.degraded() {
+                Some(why) => text(
+                    StatusCode::OK,
+                    format!("ready, degraded: {why}\n"),
+                    "text/plain",
+                ),
+                None => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+            },
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{why}\n"),
@@ -110,7 +125,7 @@ pub async fn handle_ops(
 /// Serves an operations endpoint until `stop` turns true.
 pub async fn serve_ops(listener: TcpListener, ops: Arc<dyn Ops>, stop: watch::Receiver<bool>) {
     let tracker = TaskTracker::new();
-    accept_loop(listener, stop, tracker.clone(), move |req| {
+    accept_loop(listener, stop, tracker.clone(), move |req, _| {
         handle_ops(ops.clone(), req)
     })
     .await;

@@ -4,6 +4,7 @@
 
 pub mod dockerconfig;
 pub mod duration;
+pub mod image_ref;
 pub mod mirror;
 pub mod proxy_config;
 

@@ -56,6 +56,21 @@ pub struct ProxyConfig {
     /// Largest manifest accepted from an upstream, in bytes.
     #[serde(default = "default_max_manifest_bytes")]
     pub max_manifest_bytes: u64,
+    /// Size limit of the cache in bytes; least recently used objects are evicted to stay
+    /// under it. No limit when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cache_bytes: Option<u64>,
+    /// Images never evicted (`docker.io/library/alpine:3.20`, `ghcr.io/org/app@sha256:...`).
+    /// They are also prefetched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pin: Vec<String>,
+    /// Images pulled into the cache at start, before anyone asks for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch: Vec<String>,
+    /// Platforms (`linux/amd64`, `linux/arm64/v8`) prefetched from multi-platform images;
+    /// empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch_platforms: Vec<String>,
     /// Time allowed to connect to an upstream.
     #[serde(
         default = "default_connect_timeout",
@@ -195,6 +210,19 @@ pub enum ConfigError {
     /// Manifest cap of zero.
     #[error("maxManifestBytes must be greater than zero")]
     ZeroManifestCap,
+    /// A pin or prefetch entry that is not an image reference.
+    #[error("{0}")]
+    BadImage(String),
+    /// A pin or prefetch entry for a registry this proxy does not mirror.
+    #[error("{list} entry {image:?} is on {registry}, which is not one of the upstreams")]
+    ImageNotMirrored {
+        /// `pin` or `prefetch`.
+        list: &'static str,
+        /// The entry.
+        image: String,
+        /// Its registry.
+        registry: String,
+    },
 }
 
 impl ProxyConfig {
@@ -247,6 +275,23 @@ impl ProxyConfig {
         if self.max_manifest_bytes == 0 {
             return Err(ConfigError::ZeroManifestCap);
         }
+        for (list, images) in [("pin", &self.pin), ("prefetch", &self.prefetch)] {
+            for image in images {
+                let r = super::image_ref::parse(image).map_err(ConfigError::BadImage)?;
+                let mirrored = self.upstreams.iter().any(|u| {
+                    let key = u.registry.to_ascii_lowercase();
+                    key == r.registry
+                        || (is_docker_hub_alias(&key) && is_docker_hub_alias(&r.registry))
+                });
+                if !mirrored {
+                    return Err(ConfigError::ImageNotMirrored {
+                        list,
+                        image: image.clone(),
+                        registry: r.registry,
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -270,6 +315,10 @@ impl Default for ProxyConfig {
             stale_if_error: default_stale_if_error(),
             tags_list_ttl: default_tags_list_ttl(),
             max_manifest_bytes: default_max_manifest_bytes(),
+            max_cache_bytes: None,
+            pin: Vec::new(),
+            prefetch: Vec::new(),
+            prefetch_platforms: Vec::new(),
             connect_timeout: default_connect_timeout(),
             upstream_timeout: default_upstream_timeout(),
         }
@@ -439,6 +488,23 @@ staleIfError: 2h
         let mut c = ProxyConfig::default();
         c.upstreams[0].registry = "bad host/x".into();
         assert!(matches!(c.validate(), Err(ConfigError::BadRegistry(_))));
+        let c = ProxyConfig {
+            pin: vec!["alpine:3.20".into()],
+            prefetch: vec!["ghcr.io/org/app:1".into()],
+            ..ProxyConfig::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::ImageNotMirrored {
+                list: "prefetch",
+                ..
+            })
+        ));
+        let c = ProxyConfig {
+            pin: vec!["Not/Valid".into()],
+            ..ProxyConfig::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::BadImage(_))));
     }
 
     #[test]

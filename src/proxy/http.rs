@@ -273,6 +273,7 @@ async fn route(
                 .and_then(ByteRange::parse)
                 .and_then(Result::ok);
             let result = cache.blob(&up, &repo, &digest, range, head).await;
+            let served = (proxy.metrics().clone(), up.name().to_string());
             let answer = count(
                 proxy,
                 &up,
@@ -284,7 +285,7 @@ async fn route(
                 }),
             )?
             .0;
-            Ok(blob_response(&digest, answer))
+            Ok(blob_response(&digest, answer, served))
         }
         Route::Tags(_) => {
             let body = cache
@@ -336,7 +337,12 @@ fn count<T>(
     result
 }
 
-fn blob_response(digest: &Digest, answer: BlobAnswer) -> Response<Body> {
+fn blob_response(
+    digest: &Digest,
+    answer: BlobAnswer,
+    (metrics, upstream): (super::metrics::Metrics, String),
+) -> Response<Body> {
+    let from_cache = answer.result == CacheResult::Hit;
     let mut b = Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header("docker-content-digest", digest.to_string())
@@ -353,7 +359,12 @@ fn blob_response(digest: &Digest, answer: BlobAnswer) -> Response<Body> {
         (_, None) => b = b.status(StatusCode::OK),
     }
     let body = match answer.body {
-        Some(stream) => StreamBody::new(stream.map_ok(Frame::data)).boxed_unsync(),
+        Some(stream) => StreamBody::new(
+            stream
+                .inspect_ok(move |chunk| metrics.served(&upstream, from_cache, chunk.len() as u64))
+                .map_ok(Frame::data),
+        )
+        .boxed_unsync(),
         None => empty(),
     };
     b.body(body).expect("valid response")
@@ -427,4 +438,74 @@ mod tests {
         );
         assert_eq!(split_query(None), (None, None));
     }
+}
+
+/// Entry point of the operations server: `/metrics`, `/healthz`, `/readyz`, and
+/// `DELETE /admin/cache?image=<reference>` (from loopback only: `kubectl port-forward` or
+/// `pullthrough cache drop` in the pod) to drop one image or tag from the cache.
+pub async fn handle_ops(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() != "/admin/cache" {
+        return crate::server::handle_ops(proxy, req).await;
+    }
+    let json = |status: StatusCode, v: serde_json::Value| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(full(v.to_string()))
+            .expect("valid response")
+    };
+    if !peer.ip().is_loopback() {
+        return Ok(json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({"error": "the admin endpoint only answers on loopback"}),
+        ));
+    }
+    if req.method() != Method::DELETE {
+        return Ok(json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "use DELETE /admin/cache?image=<reference>"}),
+        ));
+    }
+    let image = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|p| p.strip_prefix("image="))
+        .and_then(percent_decode);
+    let Some(image) = image else {
+        return Ok(json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "missing ?image=<reference>, e.g. docker.io/library/alpine:3.20"}),
+        ));
+    };
+    let parsed = match crate::api::image_ref::parse(&image) {
+        Ok(r) => r,
+        Err(e) => {
+            return Ok(json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": e}),
+            ));
+        }
+    };
+    let Some(up) = proxy.upstream(&parsed.registry) else {
+        return Ok(json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("{} is not mirrored by this proxy", parsed.registry)}),
+        ));
+    };
+    let removal = proxy
+        .cache()
+        .drop_image(&up, &parsed.repository, &parsed.reference)
+        .await;
+    tracing::info!(image = %parsed, manifests = removal.manifests.len(), blobs = removal.blobs.len(),
+        bytes = removal.bytes, "dropped from the cache on request");
+    Ok(json(
+        StatusCode::OK,
+        serde_json::json!({"image": parsed.to_string(), "removed": removal}),
+    ))
 }

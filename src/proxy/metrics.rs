@@ -3,7 +3,8 @@
 //! repository, tag or digest.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// `kind` label of a request.
@@ -76,6 +77,16 @@ pub struct Metrics {
     pub cache_blobs: IntGauge,
     /// Upstream blob downloads running now.
     pub inflight_fetches: IntGauge,
+    /// The configured size limit (0: none).
+    pub cache_limit_bytes: IntGauge,
+    /// Objects evicted to stay under the limit.
+    pub cache_evictions: IntCounter,
+    /// 1 while the cache's disk is full and blobs are streamed through uncached.
+    pub cache_disk_full: IntGauge,
+    /// Prefetch images by state (pending, done, failed).
+    pub prefetch_images: IntGaugeVec,
+    /// Bytes pulled into the cache by prefetching.
+    pub prefetch_bytes: IntCounter,
 }
 
 impl Metrics {
@@ -132,8 +143,41 @@ impl Metrics {
             "Upstream blob downloads in progress.",
         )
         .expect("valid metric");
+        let cache_limit_bytes = IntGauge::new(
+            "pullthrough_cache_limit_bytes",
+            "Configured cache size limit in bytes (0 when unlimited).",
+        )
+        .expect("valid metric");
+        let cache_evictions = IntCounter::new(
+            "pullthrough_cache_evictions_total",
+            "Blobs and manifests evicted to stay under the size limit.",
+        )
+        .expect("valid metric");
+        let cache_disk_full = IntGauge::new(
+            "pullthrough_cache_disk_full",
+            "1 while the cache disk is full and blobs are streamed through without caching.",
+        )
+        .expect("valid metric");
+        let prefetch_images = IntGaugeVec::new(
+            Opts::new(
+                "pullthrough_prefetch_images",
+                "Images listed for prefetching, by state (pending, done, failed).",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let prefetch_bytes = IntCounter::new(
+            "pullthrough_prefetch_bytes_total",
+            "Bytes of manifests and blobs pulled into the cache by prefetching.",
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_limit_bytes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_evictions.clone()),
+            Box::new(cache_disk_full.clone()),
+            Box::new(prefetch_images.clone()),
+            Box::new(prefetch_bytes.clone()),
+            Box::new(requests.clone()),
             Box::new(served_bytes.clone()),
             Box::new(upstream_requests.clone()),
             Box::new(upstream_duration.clone()),
@@ -152,6 +196,11 @@ impl Metrics {
             cache_size_bytes,
             cache_blobs,
             inflight_fetches,
+            cache_limit_bytes,
+            cache_evictions,
+            cache_disk_full,
+            prefetch_images,
+            prefetch_bytes,
         }
     }
 
@@ -192,6 +241,11 @@ impl Metrics {
                 &self.cache_size_bytes,
                 &self.cache_blobs,
                 &self.inflight_fetches,
+                &self.cache_limit_bytes,
+                &self.cache_evictions,
+                &self.cache_disk_full,
+                &self.prefetch_images,
+                &self.prefetch_bytes,
             ],
             &[&self.upstream_duration],
         )

@@ -5,16 +5,21 @@
 //! [`pull_through`] (cache logic, coalescing, streaming) -> [`upstream`] (registry client,
 //! auth) and [`storage`] (files). This module never imports `kube`.
 
+pub mod admin;
 pub mod error;
 pub mod http;
+pub mod index;
 pub mod metrics;
 pub mod pull_through;
 pub mod storage;
 pub mod upstream;
 
 use crate::api::dockerconfig::credentials_for;
+use crate::api::image_ref;
 use crate::api::proxy_config::is_docker_hub_alias;
 use crate::api::{ConfigError, ProxyConfig};
+use crate::oci::Reference;
+use index::Index;
 use metrics::Metrics;
 use pull_through::{CachePolicy, PullThrough};
 use std::collections::HashMap;
@@ -69,6 +74,8 @@ pub struct Proxy {
     upstreams: HashMap<String, Arc<Upstream>>,
     default: Arc<Upstream>,
     metrics: Metrics,
+    prefetch: Vec<(Arc<Upstream>, String, Reference, String)>,
+    prefetch_platforms: Vec<String>,
 }
 
 impl Proxy {
@@ -77,13 +84,14 @@ impl Proxy {
     pub fn build(config: &ProxyConfig) -> Result<Proxy, StartError> {
         config.validate()?;
         let metrics = Metrics::new();
-        let (storage, stats) =
-            Storage::open(&config.cache_dir).map_err(|source| StartError::CacheDir {
-                path: config.cache_dir.clone(),
-                source,
-            })?;
-        metrics.cache_blobs.set(stats.blobs as i64);
-        metrics.cache_size_bytes.set(stats.bytes as i64);
+        let cache_dir_error = |source| StartError::CacheDir {
+            path: config.cache_dir.clone(),
+            source,
+        };
+        let (storage, stats) = Storage::open(&config.cache_dir).map_err(cache_dir_error)?;
+        let storage = Arc::new(storage);
+        let index = Index::rebuild(storage.clone(), config.max_cache_bytes, metrics.clone())
+            .map_err(cache_dir_error)?;
         if stats.removed_partials > 0 {
             tracing::info!(
                 removed = stats.removed_partials,
@@ -132,28 +140,57 @@ impl Proxy {
             tags_list_ttl: config.tags_list_ttl,
             max_manifest_bytes: config.max_manifest_bytes,
         };
+        let resolve =
+            |image: &String| -> Result<(Arc<Upstream>, String, Reference, String), StartError> {
+                let r = image_ref::parse(image)
+                    .map_err(|e| StartError::Config(ConfigError::BadImage(e)))?;
+                let up = find_upstream(&upstreams, &r.registry).ok_or_else(|| {
+                    StartError::Config(ConfigError::ImageNotMirrored {
+                        list: "pin",
+                        image: image.clone(),
+                        registry: r.registry.clone(),
+                    })
+                })?;
+                Ok((up, r.repository, r.reference, image.clone()))
+            };
+        let pins: Vec<_> = config.pin.iter().map(resolve).collect::<Result<_, _>>()?;
+        let mut prefetch: Vec<_> = config
+            .prefetch
+            .iter()
+            .map(resolve)
+            .collect::<Result<_, _>>()?;
+        // Pinned images are kept, so they are fetched too.
+        for p in &pins {
+            if !prefetch
+                .iter()
+                .any(|q| q.0.name() == p.0.name() && q.1 == p.1 && q.2 == p.2)
+            {
+                prefetch.push(p.clone());
+            }
+        }
+        let pins = pins
+            .into_iter()
+            .map(|(u, r, reference, _)| (u, r, reference))
+            .collect();
         Ok(Proxy {
-            cache: Arc::new(PullThrough::new(storage, metrics.clone(), policy)),
+            cache: Arc::new(PullThrough::new(
+                storage,
+                index,
+                metrics.clone(),
+                policy,
+                pins,
+            )),
             upstreams,
             default,
             metrics,
+            prefetch,
+            prefetch_platforms: config.prefetch_platforms.clone(),
         })
     }
 
     /// The upstream serving `registry` (as sent in `?ns=`), if configured.
     pub fn upstream(&self, registry: &str) -> Option<Arc<Upstream>> {
-        let key = registry.to_ascii_lowercase();
-        if let Some(u) = self.upstreams.get(&key) {
-            return Some(u.clone());
-        }
-        if is_docker_hub_alias(&key) {
-            return self
-                .upstreams
-                .iter()
-                .find(|(name, _)| is_docker_hub_alias(name))
-                .map(|(_, u)| u.clone());
-        }
-        None
+        find_upstream(&self.upstreams, registry)
     }
 
     /// The upstream for clients that send no `?ns=`.
@@ -177,7 +214,8 @@ impl crate::server::Ops for Proxy {
         self.metrics.render()
     }
 
-    /// Ready when the cache directory is there.
+    /// Ready when the cache directory is there. A full disk does not make the proxy
+    /// unready: it still serves what it has and streams the rest through.
     fn readiness(&self) -> Result<(), String> {
         let tmp = self.cache.storage().root().join("tmp");
         if tmp.is_dir() {
@@ -186,6 +224,29 @@ impl crate::server::Ops for Proxy {
             Err(format!("cache directory {} is gone", tmp.display()))
         }
     }
+
+    fn degraded(&self) -> Option<String> {
+        self.cache.disk_full().then(|| {
+            "cache disk full: serving cached objects, streaming the rest through without caching".to_string()
+        })
+    }
+}
+
+fn find_upstream(
+    upstreams: &HashMap<String, Arc<Upstream>>,
+    registry: &str,
+) -> Option<Arc<Upstream>> {
+    let key = registry.to_ascii_lowercase();
+    if let Some(u) = upstreams.get(&key) {
+        return Some(u.clone());
+    }
+    if is_docker_hub_alias(&key) {
+        return upstreams
+            .iter()
+            .find(|(name, _)| is_docker_hub_alias(name))
+            .map(|(_, u)| u.clone());
+    }
+    None
 }
 
 /// Binds the configured addresses and serves until `shutdown` completes.
@@ -223,16 +284,24 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     let p1 = proxy.clone();
-    let api_loop = crate::server::accept_loop(api, stop_rx.clone(), tracker.clone(), move |req| {
-        http::handle(p1.clone(), req)
-    });
-    let p2: Arc<dyn crate::server::Ops> = proxy.clone();
-    let ops_loop = crate::server::accept_loop(ops, stop_rx, tracker.clone(), move |req| {
-        crate::server::handle_ops(p2.clone(), req)
+    let api_loop =
+        crate::server::accept_loop(api, stop_rx.clone(), tracker.clone(), move |req, _| {
+            http::handle(p1.clone(), req)
+        });
+    let p2 = proxy.clone();
+    let ops_loop = crate::server::accept_loop(ops, stop_rx, tracker.clone(), move |req, peer| {
+        http::handle_ops(p2.clone(), req, peer)
     });
     let api_task = tokio::spawn(api_loop);
     let ops_task = tokio::spawn(ops_loop);
+    let prefetch = (!proxy.prefetch.is_empty()).then(|| {
+        let p = proxy.clone();
+        tokio::spawn(async move { p.cache.prefetch(&p.prefetch, &p.prefetch_platforms).await })
+    });
     shutdown.await;
+    if let Some(task) = prefetch {
+        task.abort();
+    }
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = api_task.await;

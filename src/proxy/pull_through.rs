@@ -13,6 +13,7 @@
 //! `stale_if_error` more. Concurrent misses for one manifest share one upstream request.
 
 use super::error::ProxyError;
+use super::index::{Index, NoRoom, Reservation};
 use super::metrics::{CacheResult, Kind, Metrics};
 use super::storage::{Storage, TagRecord, unix_now_ms};
 use super::upstream::{Upstream, read_limited};
@@ -173,9 +174,17 @@ impl TagState {
 #[derive(Clone, Debug)]
 enum FetchState {
     Connecting,
-    Streaming { len: Option<u64>, written: u64 },
-    Done { len: u64 },
+    Streaming {
+        len: Option<u64>,
+        written: u64,
+    },
+    Done {
+        len: u64,
+    },
     Failed(ProxyError),
+    /// The blob will not be cached (no room, disk full): each client streams it straight
+    /// from the upstream.
+    Uncacheable,
 }
 
 struct BlobFetch {
@@ -185,11 +194,20 @@ struct BlobFetch {
 
 type ManifestFuture = Shared<BoxFuture<'static, Result<(Manifest, CacheResult), ProxyError>>>;
 
+/// How long the cache stays in stream-through mode after the disk filled up before it
+/// tries writing again.
+const DISK_FULL_RETRY: Duration = Duration::from_secs(10);
+/// Free space kept beyond a download's size before it is written to disk.
+const DISK_MARGIN: u64 = 16 << 20;
+
 /// The cache and its in-flight fetches.
 pub struct PullThrough {
-    storage: Storage,
+    storage: Arc<Storage>,
+    index: Arc<Index>,
     metrics: Metrics,
     policy: CachePolicy,
+    pins: Vec<(Arc<Upstream>, String, Reference)>,
+    disk_full_until: Mutex<Option<Instant>>,
     blobs: Mutex<HashMap<Digest, Arc<BlobFetch>>>,
     manifests: Mutex<HashMap<String, ManifestFuture>>,
     tags: Mutex<HashMap<String, TagState>>,
@@ -228,12 +246,22 @@ fn docker_digest(headers: &HeaderMap) -> Option<Digest> {
 }
 
 impl PullThrough {
-    /// A cache over `storage`.
-    pub fn new(storage: Storage, metrics: Metrics, policy: CachePolicy) -> PullThrough {
+    /// A cache over `storage`, indexed by `index`, never evicting what `pins` (upstream,
+    /// repository, reference) resolve to.
+    pub fn new(
+        storage: Arc<Storage>,
+        index: Arc<Index>,
+        metrics: Metrics,
+        policy: CachePolicy,
+        pins: Vec<(Arc<Upstream>, String, Reference)>,
+    ) -> PullThrough {
         PullThrough {
             storage,
+            index,
             metrics,
             policy,
+            pins,
+            disk_full_until: Mutex::new(None),
             blobs: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             tags: Mutex::new(HashMap::new()),
@@ -244,6 +272,89 @@ impl PullThrough {
     /// The storage underneath.
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// The index.
+    pub fn index(&self) -> &Arc<Index> {
+        &self.index
+    }
+
+    /// Whether the cache is in stream-through mode because its disk filled up.
+    pub fn disk_full(&self) -> bool {
+        self.disk_full_until
+            .lock()
+            .expect("disk state lock")
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn mark_disk_full(&self, why: &str) {
+        let mut until = self.disk_full_until.lock().expect("disk state lock");
+        if until.is_none() {
+            tracing::warn!(
+                reason = why,
+                "cache disk is full: streaming blobs through without caching"
+            );
+        }
+        *until = Some(Instant::now() + DISK_FULL_RETRY);
+        self.metrics.cache_disk_full.set(1);
+    }
+
+    fn mark_disk_ok(&self) {
+        let mut until = self.disk_full_until.lock().expect("disk state lock");
+        if until.take().is_some() {
+            tracing::info!("cache disk has room again: caching resumed");
+            self.metrics.cache_disk_full.set(0);
+        }
+    }
+
+    /// Digests that must never be evicted: the closure of the pinned images.
+    pub fn pinned(&self) -> std::collections::HashSet<Digest> {
+        let roots: Vec<Digest> = self
+            .pins
+            .iter()
+            .filter_map(|(up, repo, reference)| match reference {
+                Reference::Digest(d) => Some(d.clone()),
+                Reference::Tag(t) => self
+                    .tags
+                    .lock()
+                    .expect("tag map lock")
+                    .get(&tag_key(up, repo, t))
+                    .map(|st| st.digest.clone()),
+            })
+            .collect();
+        self.index.closure(roots)
+    }
+
+    /// Sets space aside for an object, evicting as needed. `None` when it must not be
+    /// cached (no room, or the disk is full).
+    async fn reserve(self: &Arc<Self>, size: u64) -> Option<Reservation> {
+        if self.disk_full() {
+            return None;
+        }
+        match self.storage.available_space() {
+            Ok(free) if free < size.saturating_add(DISK_MARGIN) && self.index.limit().is_none() => {
+                self.mark_disk_full("not enough free space for the download");
+                return None;
+            }
+            _ => {}
+        }
+        let this = self.clone();
+        let reservation = tokio::task::spawn_blocking(move || {
+            let pinned = this.pinned();
+            this.index.reserve(size, &pinned)
+        })
+        .await
+        .expect("reserve task");
+        match reservation {
+            Ok(r) => Some(r),
+            Err(NoRoom) => {
+                tracing::warn!(
+                    bytes = size,
+                    "no room in the cache (pinned or in use): not caching this object"
+                );
+                None
+            }
+        }
     }
 
     // ----- manifests -----
@@ -380,7 +491,7 @@ impl PullThrough {
     /// Tag not fresh (or unknown): revalidate with HEAD, fetch on change, fall back to the
     /// last known digest while the upstream is down.
     async fn resolve_tag(
-        &self,
+        self: &Arc<Self>,
         up: &Upstream,
         repository: &str,
         tag: &str,
@@ -445,21 +556,53 @@ impl PullThrough {
     }
 
     async fn cached_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, ProxyError> {
-        Ok(self
+        let Some(_guard) = self.index.acquire(digest) else {
+            return Ok(None);
+        };
+        let found = self
             .storage
             .get_manifest(digest)
             .await
-            .map_err(ProxyError::internal)?
-            .map(|(body, media_type)| Manifest {
-                digest: digest.clone(),
-                media_type,
-                body,
-            }))
+            .map_err(ProxyError::internal)?;
+        if found.is_none() {
+            self.index.forget(digest);
+        }
+        Ok(found.map(|(body, media_type)| Manifest {
+            digest: digest.clone(),
+            media_type,
+            body,
+        }))
+    }
+
+    /// Caches a verified manifest when there is room; it is served either way.
+    async fn store_manifest(self: &Arc<Self>, digest: &Digest, body: &Bytes, media_type: &str) {
+        if self.index.contains(digest) {
+            return;
+        }
+        let Some(reservation) = self.reserve(body.len() as u64).await else {
+            return;
+        };
+        let (this, d, b, mt) = (
+            self.clone(),
+            digest.clone(),
+            body.clone(),
+            media_type.to_string(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            this.index.commit_manifest(&d, &b, &mt, reservation)
+        })
+        .await
+        .expect("commit task");
+        match result {
+            Ok(()) => self.mark_disk_ok(),
+            Err(e) if is_disk_full(&e) => self.mark_disk_full("manifest write failed"),
+            Err(e) => tracing::warn!(%digest, error = %e, "could not cache a manifest"),
+        }
     }
 
     /// GETs a manifest, checks its size and digest, and stores it.
     async fn fetch_manifest(
-        &self,
+        self: &Arc<Self>,
         up: &Upstream,
         repository: &str,
         reference: &str,
@@ -497,15 +640,7 @@ impl PullThrough {
             ));
         }
         let media_type = manifest_media_type(header_str(&headers, header::CONTENT_TYPE), &body);
-        let added = self
-            .storage
-            .put_manifest(&digest, &body, &media_type)
-            .await
-            .map_err(ProxyError::internal)?;
-        if added > 0 {
-            self.metrics.cache_blobs.inc();
-            self.metrics.cache_size_bytes.add(added as i64);
-        }
+        self.store_manifest(&digest, &body, &media_type).await;
         Ok(Manifest {
             digest,
             media_type,
@@ -524,7 +659,7 @@ impl PullThrough {
         range: Option<ByteRange>,
         head: bool,
     ) -> Result<BlobAnswer, ProxyError> {
-        if let Some(answer) = self.cached_blob(up, digest, range, head).await? {
+        if let Some(answer) = self.cached_blob(digest, range, head).await? {
             return Ok(answer);
         }
         let existing = self
@@ -543,7 +678,7 @@ impl PullThrough {
         let Some((fetch, leader)) = joined else {
             // Finished between our cache check and taking the lock.
             return self
-                .cached_blob(up, digest, range, head)
+                .cached_blob(digest, range, head)
                 .await?
                 .ok_or_else(|| ProxyError::internal("blob vanished from the cache"));
         };
@@ -555,6 +690,7 @@ impl PullThrough {
             .clone();
         let len = match state {
             FetchState::Failed(e) => return Err(e),
+            FetchState::Uncacheable => return self.pass_through(up, repository, digest).await,
             FetchState::Streaming { len, .. } => len,
             FetchState::Done { len } => Some(len),
             FetchState::Connecting => unreachable!("waited for a later state"),
@@ -576,8 +712,6 @@ impl PullThrough {
             end,
             finished: false,
         };
-        let metrics = self.metrics.clone();
-        let name = up.name().to_string();
         let body = futures::stream::unfold(reader, |mut r| async move {
             if r.finished {
                 return None;
@@ -589,11 +723,6 @@ impl PullThrough {
                     r.finished = true;
                     Some((Err(e), r))
                 }
-            }
-        })
-        .inspect(move |r| {
-            if let Ok(b) = r {
-                metrics.served(&name, false, b.len() as u64);
             }
         })
         .boxed();
@@ -621,7 +750,7 @@ impl PullThrough {
         if let Some(f) = map.get(digest) {
             return Some((f.clone(), false));
         }
-        if self.storage.blob_len_now(digest).is_some() {
+        if self.index.contains(digest) {
             return None;
         }
         let (tx, rx) = watch::channel(FetchState::Connecting);
@@ -643,14 +772,20 @@ impl PullThrough {
 
     async fn cached_blob(
         &self,
-        up: &Upstream,
         digest: &Digest,
         range: Option<ByteRange>,
         head: bool,
     ) -> Result<Option<BlobAnswer>, ProxyError> {
+        // Held by the body stream: the blob cannot be evicted while it is being sent.
+        let Some(guard) = self.index.acquire(digest) else {
+            return Ok(None);
+        };
         let mut file = match tokio::fs::File::open(self.storage.blob_path(digest)).await {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.index.forget(digest);
+                return Ok(None);
+            }
             Err(e) => return Err(ProxyError::internal(e)),
         };
         let len = file.metadata().await.map_err(ProxyError::internal)?.len();
@@ -670,14 +805,11 @@ impl PullThrough {
                     .await
                     .map_err(ProxyError::internal)?;
             }
-            let metrics = self.metrics.clone();
-            let name = up.name().to_string();
             Some(
                 tokio_util::io::ReaderStream::with_capacity(file.take(count), CHUNK)
-                    .inspect(move |r| {
-                        if let Ok(b) = r {
-                            metrics.served(&name, true, b.len() as u64);
-                        }
+                    .map(move |chunk| {
+                        let _held = &guard;
+                        chunk
                     })
                     .boxed(),
             )
@@ -735,6 +867,89 @@ impl PullThrough {
         })
     }
 
+    /// Streams a blob from the upstream without caching it, hashing on the way; the last
+    /// chunk is released only when the digest matches.
+    async fn pass_through(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<BlobAnswer, ProxyError> {
+        let resp = up
+            .request(
+                Method::GET,
+                Kind::Blob,
+                repository,
+                &format!("blobs/{digest}"),
+                None,
+                None,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(resp.status(), Kind::Blob));
+        }
+        let len = content_length(resp.headers());
+        struct Relay {
+            body: Incoming,
+            hasher: Option<Hasher>,
+            held: Option<Bytes>,
+            digest: Digest,
+            timeout: Duration,
+            done: bool,
+        }
+        let relay = Relay {
+            body: resp.into_body(),
+            hasher: Some(Hasher::new(digest.algorithm())),
+            held: None,
+            digest: digest.clone(),
+            timeout: up.timeout(),
+            done: false,
+        };
+        let body = futures::stream::unfold(relay, |mut r| async move {
+            loop {
+                if r.done {
+                    return None;
+                }
+                match next_data(&mut r.body, r.timeout).await {
+                    Ok(Some(data)) => {
+                        if let Some(h) = &mut r.hasher {
+                            h.update(&data);
+                        }
+                        if let Some(prev) = r.held.replace(data) {
+                            return Some((Ok(prev), r));
+                        }
+                    }
+                    Ok(None) => {
+                        r.done = true;
+                        let got = r.hasher.take().expect("hashed once").finish();
+                        if got != r.digest {
+                            return Some((
+                                Err(io::Error::other(format!(
+                                    "upstream sent {got} for {}",
+                                    r.digest
+                                ))),
+                                r,
+                            ));
+                        }
+                        let last = r.held.take()?;
+                        return Some((Ok(last), r));
+                    }
+                    Err(e) => {
+                        r.done = true;
+                        return Some((Err(io::Error::other(e.to_string())), r));
+                    }
+                }
+            }
+        })
+        .boxed();
+        Ok(BlobAnswer {
+            len,
+            range: None,
+            body: Some(body),
+            result: CacheResult::Miss,
+        })
+    }
+
     /// The download task of one blob: runs to the end even if its first client leaves, so
     /// the others (and the cache) still get it.
     async fn download(
@@ -751,21 +966,28 @@ impl PullThrough {
             .download_to(&up, &repository, &digest, &temp, &tx)
             .await;
         let result = match result {
-            Ok(len) => self
-                .storage
-                .commit(&temp, &digest)
+            Ok(Some((len, reservation))) => {
+                let (this, t, d) = (self.clone(), temp.clone(), digest.clone());
+                tokio::task::spawn_blocking(move || {
+                    this.index.commit_blob(&t, &d, len, reservation)
+                })
                 .await
-                .map(|()| len)
-                .map_err(ProxyError::internal),
+                .expect("commit task")
+                .map(|()| Some(len))
+                .map_err(ProxyError::internal)
+            }
+            Ok(None) => Ok(None),
             Err(e) => Err(e),
         };
         match result {
-            Ok(len) => {
-                self.metrics.cache_blobs.inc();
-                self.metrics.cache_size_bytes.add(len as i64);
+            Ok(Some(len)) => {
+                self.mark_disk_ok();
                 tracing::info!(upstream = up.name(), repo = %repository, %digest, bytes = len,
                     seconds = started.elapsed().as_secs_f64(), "blob cached");
                 tx.send_replace(FetchState::Done { len });
+            }
+            Ok(None) => {
+                tx.send_replace(FetchState::Uncacheable);
             }
             Err(e) => {
                 let _ = tokio::fs::remove_file(&temp).await;
@@ -777,14 +999,16 @@ impl PullThrough {
         self.metrics.inflight_fetches.dec();
     }
 
+    /// Downloads into `temp`. `Ok(None)` when the blob is not to be cached (the clients
+    /// then stream it through themselves).
     async fn download_to(
-        &self,
+        self: &Arc<Self>,
         up: &Upstream,
         repository: &str,
         digest: &Digest,
         temp: &PathBuf,
         tx: &watch::Sender<FetchState>,
-    ) -> Result<u64, ProxyError> {
+    ) -> Result<Option<(u64, Reservation)>, ProxyError> {
         let resp = up
             .request(
                 Method::GET,
@@ -799,9 +1023,23 @@ impl PullThrough {
             return Err(status_error(resp.status(), Kind::Blob));
         }
         let len = content_length(resp.headers());
-        let mut file = tokio::fs::File::create(temp)
-            .await
-            .map_err(ProxyError::internal)?;
+        // With a size limit, a blob of unknown size cannot be accounted for: stream it.
+        let reservation = match len {
+            Some(l) => self.reserve(l).await,
+            None if self.index.limit().is_none() && !self.disk_full() => self.reserve(0).await,
+            None => None,
+        };
+        let Some(reservation) = reservation else {
+            return Ok(None);
+        };
+        let mut file = match tokio::fs::File::create(temp).await {
+            Ok(f) => f,
+            Err(e) if is_disk_full(&e) => {
+                self.mark_disk_full("cannot create a download file");
+                return Ok(None);
+            }
+            Err(e) => return Err(ProxyError::internal(e)),
+        };
         tx.send_replace(FetchState::Streaming { len, written: 0 });
         let mut body = resp.into_body();
         let mut hasher = Hasher::new(digest.algorithm());
@@ -839,10 +1077,16 @@ impl PullThrough {
                 ));
             }
             hasher.update(&pending);
-            file.write_all(&pending)
-                .await
-                .map_err(ProxyError::internal)?;
-            file.flush().await.map_err(ProxyError::internal)?;
+            let wrote = match file.write_all(&pending).await {
+                Ok(()) => file.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = wrote {
+                if is_disk_full(&e) {
+                    self.mark_disk_full("a download ran out of space");
+                }
+                return Err(ProxyError::internal(e));
+            }
             pending.clear();
             tx.send_modify(|s| {
                 if let FetchState::Streaming { written: w, .. } = s {
@@ -864,7 +1108,122 @@ impl PullThrough {
             ));
         }
         file.sync_data().await.map_err(ProxyError::internal)?;
-        Ok(written)
+        Ok(Some((written, reservation)))
+    }
+
+    // ----- prefetch and drop -----
+
+    /// Pulls images into the cache ahead of need, one after the other, logging progress
+    /// and counting it in `pullthrough_prefetch_images{state}` and
+    /// `pullthrough_prefetch_bytes_total`. `platforms` limits multi-platform images.
+    pub async fn prefetch(
+        self: &Arc<Self>,
+        images: &[(Arc<Upstream>, String, Reference, String)],
+        platforms: &[String],
+    ) {
+        let gauge = |state: &str| self.metrics.prefetch_images.with_label_values(&[state]);
+        gauge("pending").set(images.len() as i64);
+        for (up, repo, reference, name) in images {
+            let started = Instant::now();
+            tracing::info!(image = %name, "prefetching");
+            match self.prefetch_one(up, repo, reference, platforms).await {
+                Ok((manifests, blobs, bytes)) => {
+                    gauge("done").inc();
+                    tracing::info!(image = %name, manifests, blobs, bytes,
+                        seconds = started.elapsed().as_secs_f64(), "prefetched");
+                }
+                Err(e) => {
+                    gauge("failed").inc();
+                    tracing::warn!(image = %name, error = %e, "prefetch failed");
+                }
+            }
+            gauge("pending").dec();
+        }
+    }
+
+    /// Returns (manifests, blobs, bytes downloaded).
+    async fn prefetch_one(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        reference: &Reference,
+        platforms: &[String],
+    ) -> Result<(usize, usize, u64), ProxyError> {
+        let (top, _) = self.manifest(up, repository, reference).await?;
+        let mut images = Vec::new();
+        let doc: serde_json::Value = serde_json::from_slice(&top.body).map_err(|e| {
+            ProxyError::UpstreamInvalid(format!("manifest is not JSON: {e}").into())
+        })?;
+        let mut manifests = 1;
+        match doc.get("manifests").and_then(|m| m.as_array()) {
+            Some(children) => {
+                for child in children {
+                    if !platform_wanted(child.get("platform"), platforms) {
+                        continue;
+                    }
+                    let Some(d) = child
+                        .get("digest")
+                        .and_then(|d| d.as_str())
+                        .and_then(|d| d.parse().ok())
+                    else {
+                        continue;
+                    };
+                    let (m, _) = self.manifest(up, repository, &Reference::Digest(d)).await?;
+                    manifests += 1;
+                    images.push(m);
+                }
+            }
+            None => images.push(top),
+        }
+        let mut blobs = 0;
+        let mut bytes = 0u64;
+        for image in images {
+            for d in super::index::manifest_refs(&image.body) {
+                let answer = self.blob(up, repository, &d, None, false).await?;
+                let fetched = answer.result != CacheResult::Hit;
+                if let Some(mut body) = answer.body {
+                    while let Some(chunk) = body.next().await {
+                        let chunk = chunk.map_err(ProxyError::unavailable)?;
+                        if fetched {
+                            bytes += chunk.len() as u64;
+                            self.metrics.prefetch_bytes.inc_by(chunk.len() as u64);
+                        }
+                    }
+                }
+                blobs += 1;
+            }
+        }
+        Ok((manifests, blobs, bytes))
+    }
+
+    /// Drops an image (tag or digest) from the cache on purpose: the tag record, the
+    /// manifests, and the blobs no other cached manifest or pin needs.
+    pub async fn drop_image(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        reference: &Reference,
+    ) -> super::index::Removal {
+        let root = match reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(t) => {
+                let st = self.tag_state(up, repository, t).await;
+                self.forget_tag(up, repository, t).await;
+                st.map(|s| s.digest)
+            }
+        };
+        let Some(root) = root else {
+            return super::index::Removal::default();
+        };
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let dropped = this.index.closure([root.clone()]);
+            let keep: std::collections::HashSet<Digest> =
+                this.pinned().difference(&dropped).cloned().collect();
+            this.index.drop_images(&[root], &keep)
+        })
+        .await
+        .expect("drop task")
     }
 
     // ----- pass-through lists -----
@@ -936,6 +1295,26 @@ impl PullThrough {
     }
 }
 
+/// Whether a platform descriptor is among `wanted` (`os/arch` or `os/arch/variant`);
+/// everything is wanted when the list is empty.
+fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[String]) -> bool {
+    if wanted.is_empty() {
+        return true;
+    }
+    let Some(p) = platform else {
+        return false;
+    };
+    let field = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let short = format!("{}/{}", field("os"), field("architecture"));
+    let long = format!("{short}/{}", field("variant"));
+    wanted.iter().any(|w| *w == short || *w == long)
+}
+
+/// Whether an I/O error means the disk is full.
+fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
+}
+
 async fn next_data(body: &mut Incoming, timeout: Duration) -> Result<Option<Bytes>, ProxyError> {
     loop {
         let frame = tokio::time::timeout(timeout, body.frame())
@@ -993,6 +1372,9 @@ impl LiveReader {
                 FetchState::Done { len } => (*len, true),
                 FetchState::Failed(e) => {
                     return Err(io::Error::other(format!("upstream download failed: {e}")));
+                }
+                FetchState::Uncacheable => {
+                    return Err(io::Error::other("the download was not cached"));
                 }
             };
             let limit = available.min(self.end.unwrap_or(u64::MAX));
@@ -1111,6 +1493,16 @@ mod tests {
         assert_eq!(freshness(st.age(), &p), Freshness::StaleServable);
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(freshness(st.age(), &p), Freshness::Expired);
+    }
+
+    #[test]
+    fn platform_filter() {
+        let p = serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
+        assert!(platform_wanted(Some(&p), &[]));
+        assert!(platform_wanted(Some(&p), &["linux/arm64".into()]));
+        assert!(platform_wanted(Some(&p), &["linux/arm64/v8".into()]));
+        assert!(!platform_wanted(Some(&p), &["linux/amd64".into()]));
+        assert!(!platform_wanted(None, &["linux/amd64".into()]));
     }
 
     #[test]

@@ -21,10 +21,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// What `open` found on disk.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
-    /// Committed blobs (manifests included).
-    pub blobs: u64,
-    /// Their total size.
-    pub bytes: u64,
     /// Partial downloads removed.
     pub removed_partials: u64,
 }
@@ -70,16 +66,6 @@ impl Storage {
             std::fs::remove_file(entry.path())?;
             stats.removed_partials += 1;
         }
-        for alg in ALGORITHMS {
-            for entry in std::fs::read_dir(root.join("blobs").join(alg.as_str()))? {
-                let entry = entry?;
-                let meta = entry.metadata()?;
-                if meta.is_file() {
-                    stats.blobs += 1;
-                    stats.bytes += meta.len();
-                }
-            }
-        }
         let storage = Storage {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
@@ -100,7 +86,40 @@ impl Storage {
             .join(digest.hex())
     }
 
-    fn meta_path(&self, digest: &Digest) -> PathBuf {
+    /// Every committed object with its path. Files whose names are not digests are skipped.
+    pub fn list_blobs(&self) -> io::Result<Vec<(Digest, PathBuf)>> {
+        self.list("blobs")
+    }
+
+    /// Digests that have a media type file.
+    pub fn list_meta(&self) -> io::Result<Vec<Digest>> {
+        Ok(self.list("meta")?.into_iter().map(|(d, _)| d).collect())
+    }
+
+    fn list(&self, dir: &str) -> io::Result<Vec<(Digest, PathBuf)>> {
+        let mut out = Vec::new();
+        for alg in ALGORITHMS {
+            for entry in std::fs::read_dir(self.root.join(dir).join(alg.as_str()))? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().to_string();
+                if let Ok(d) = format!("{}:{name}", alg.as_str()).parse::<Digest>()
+                    && entry.metadata()?.is_file()
+                {
+                    out.push((d, entry.path()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Free bytes on the cache's file system.
+    pub fn available_space(&self) -> io::Result<u64> {
+        let st = rustix::fs::statvfs(&self.root).map_err(io::Error::from)?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// Path of a manifest's media type file.
+    pub fn meta_path(&self, digest: &Digest) -> PathBuf {
         self.root
             .join("meta")
             .join(digest.algorithm().as_str())
@@ -136,28 +155,6 @@ impl Storage {
             .ok()
             .filter(|m| m.is_file())
             .map(|m| m.len())
-    }
-
-    /// Moves a verified download into place. The caller has checked the digest.
-    pub async fn commit(&self, temp: &Path, digest: &Digest) -> io::Result<()> {
-        tokio::fs::rename(temp, self.blob_path(digest)).await
-    }
-
-    /// Stores a verified manifest and its media type. Returns the bytes added to the cache
-    /// (0 when it was already there).
-    pub async fn put_manifest(
-        &self,
-        digest: &Digest,
-        body: &Bytes,
-        media_type: &str,
-    ) -> io::Result<u64> {
-        if self.blob_len(digest).await.is_some() && self.meta_path(digest).exists() {
-            return Ok(0);
-        }
-        self.write_atomic(&self.meta_path(digest), media_type.as_bytes())
-            .await?;
-        self.write_atomic(&self.blob_path(digest), body).await?;
-        Ok(body.len() as u64)
     }
 
     /// A cached manifest and its media type. Content that no longer matches its digest
@@ -215,6 +212,17 @@ impl Storage {
         }
         Ok(())
     }
+
+    /// Writes a file via a temp file and a rename (blocking).
+    pub fn write_atomic_sync(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let tmp = self.temp_path();
+        std::fs::write(&tmp, bytes)?;
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(())
+    }
 }
 
 /// Milliseconds since the epoch now.
@@ -230,37 +238,26 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn open_cleans_partials_and_counts() {
+    async fn open_cleans_partials_and_manifests_verify() {
         let dir = tempfile::tempdir().unwrap();
         let (s, stats) = Storage::open(dir.path()).unwrap();
         assert_eq!(stats, Stats::default());
         let body = Bytes::from_static(br#"{"schemaVersion":2}"#);
         let d = Digest::of(Algorithm::Sha256, &body);
-        assert_eq!(
-            s.put_manifest(&d, &body, "x/y").await.unwrap(),
-            body.len() as u64
-        );
-        assert_eq!(s.put_manifest(&d, &body, "x/y").await.unwrap(), 0);
+        s.write_atomic_sync(&s.meta_path(&d), b"x/y").unwrap();
+        s.write_atomic_sync(&s.blob_path(&d), &body).unwrap();
         std::fs::write(s.temp_path(), b"partial").unwrap();
         drop(s);
         let (s, stats) = Storage::open(dir.path()).unwrap();
-        assert_eq!(stats.blobs, 1);
-        assert_eq!(stats.bytes, body.len() as u64);
         assert_eq!(stats.removed_partials, 1);
+        assert_eq!(s.list_blobs().unwrap().len(), 1);
+        assert_eq!(s.list_meta().unwrap(), vec![d.clone()]);
         let (got, mt) = s.get_manifest(&d).await.unwrap().unwrap();
         assert_eq!((got, mt.as_str()), (body, "x/y"));
-    }
-
-    #[tokio::test]
-    async fn corrupt_manifest_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _) = Storage::open(dir.path()).unwrap();
-        let body = Bytes::from_static(b"{}");
-        let d = Digest::of(Algorithm::Sha256, &body);
-        s.put_manifest(&d, &body, "x/y").await.unwrap();
+        // Corrupted on disk: removed and reported absent.
         std::fs::write(s.blob_path(&d), b"{ }").unwrap();
         assert!(s.get_manifest(&d).await.unwrap().is_none());
-        assert!(s.blob_len(&d).await.is_none());
+        assert!(s.available_space().unwrap() > 0);
     }
 
     #[tokio::test]

@@ -1,0 +1,127 @@
+//! Image references as people write them (`alpine:3.20`, `docker.io/library/alpine`,
+//! `ghcr.io/org/app:1.4`, `registry.local:5000/x@sha256:...`), normalised the way
+//! docker and containerd do: the first component is a registry only when it looks like a
+//! host (has a `.` or `:`, or is `localhost`); otherwise the image is on Docker Hub, where
+//! single names live under `library/`. No tag means `latest`.
+
+use super::proxy_config::{DOCKER_HUB, is_docker_hub_alias};
+use crate::oci::reference::{validate_repository, validate_tag};
+use crate::oci::{Digest, Reference};
+use std::fmt;
+
+/// A parsed image reference.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImageRef {
+    /// Registry host (Docker Hub aliases folded into `docker.io`), lowercase.
+    pub registry: String,
+    /// Repository as the registry knows it.
+    pub repository: String,
+    /// Tag or digest (a digest wins when both are given).
+    pub reference: Reference,
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.reference {
+            Reference::Tag(t) => write!(f, "{}/{}:{t}", self.registry, self.repository),
+            Reference::Digest(d) => write!(f, "{}/{}@{d}", self.registry, self.repository),
+        }
+    }
+}
+
+/// Parses and normalises an image reference.
+pub fn parse(s: &str) -> Result<ImageRef, String> {
+    let bad = |why: &str| format!("invalid image reference {s:?}: {why}");
+    let (rest, digest) = match s.split_once('@') {
+        Some((r, d)) => (
+            r,
+            Some(d.parse::<Digest>().map_err(|e| bad(&e.to_string()))?),
+        ),
+        None => (s, None),
+    };
+    let (registry, path) = match rest.split_once('/') {
+        Some((first, path)) if first.contains(['.', ':']) || first == "localhost" => {
+            (first.to_ascii_lowercase(), path)
+        }
+        _ => (DOCKER_HUB.to_string(), rest),
+    };
+    // A tag follows the last ':' after the last '/'.
+    let last_slash = path.rfind('/').map_or(0, |i| i + 1);
+    let (repository, tag) = match path[last_slash..].rfind(':') {
+        Some(i) => (&path[..last_slash + i], Some(&path[last_slash + i + 1..])),
+        None => (path, None),
+    };
+    let registry = if is_docker_hub_alias(&registry) {
+        DOCKER_HUB.to_string()
+    } else {
+        registry
+    };
+    let repository = if registry == DOCKER_HUB && !repository.contains('/') {
+        format!("library/{repository}")
+    } else {
+        repository.to_string()
+    };
+    validate_repository(&repository).map_err(|e| bad(&e.to_string()))?;
+    let reference = match (digest, tag) {
+        (Some(d), _) => Reference::Digest(d),
+        (None, Some(t)) => {
+            validate_tag(t).map_err(|e| bad(&e.to_string()))?;
+            Reference::Tag(t.to_string())
+        }
+        (None, None) => Reference::Tag("latest".into()),
+    };
+    Ok(ImageRef {
+        registry,
+        repository,
+        reference,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_like_docker() {
+        let r = parse("alpine").unwrap();
+        assert_eq!(r.to_string(), "docker.io/library/alpine:latest");
+        assert_eq!(
+            parse("docker.io/library/alpine:3.20").unwrap().to_string(),
+            "docker.io/library/alpine:3.20"
+        );
+        assert_eq!(
+            parse("index.docker.io/bitnami/redis:7")
+                .unwrap()
+                .to_string(),
+            "docker.io/bitnami/redis:7"
+        );
+        assert_eq!(parse("ghcr.io/org/app:1.4").unwrap().registry, "ghcr.io");
+        let local = parse("localhost:5000/team/app").unwrap();
+        assert_eq!(
+            (local.registry.as_str(), local.repository.as_str()),
+            ("localhost:5000", "team/app")
+        );
+        let d = format!("sha256:{}", "a".repeat(64));
+        let pinned = parse(&format!("quay.io/x/y:1@{d}")).unwrap();
+        assert_eq!(pinned.reference, Reference::Digest(d.parse().unwrap()));
+        assert_eq!(
+            parse("127.0.0.1:5000/a/b:c").unwrap().registry,
+            "127.0.0.1:5000"
+        );
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in [
+            "",
+            "UPPER/x",
+            "a/../b",
+            "x:",
+            "x@sha256:12",
+            "ghcr.io/",
+            "a b",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! The cache's index: what is on disk, how big, when last used, which manifests reference
+//! which blobs, and what is being read right now. It enforces the size limit by evicting
+//! least recently used objects, never a pinned one or one being served, and it is the one
+//! place that adds files to or removes files from the cache, under one lock, so eviction
+//! and commits cannot interleave.
+//!
+//! It survives restarts by being rebuilt from the files: sizes from their length, last
+//! use from their modification time (touched, at most once a minute, on use), manifest
+//! references by parsing the manifests.
+
+use super::metrics::Metrics;
+use super::storage::{Storage, unix_now_ms};
+use crate::oci::Digest;
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How often a use is written to the file's modification time.
+const PERSIST_EVERY_MS: u64 = 60_000;
+
+/// One cached object.
+#[derive(Debug, Clone)]
+struct Entry {
+    size: u64,
+    last_used_ms: u64,
+    persisted_ms: u64,
+    in_use: u32,
+    /// For manifests: the digests they reference (children, config, layers).
+    refs: Option<Vec<Digest>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Digest, Entry>,
+    total: u64,
+    reserved: u64,
+}
+
+/// The index of one cache directory.
+pub struct Index {
+    storage: Arc<Storage>,
+    limit: Option<u64>,
+    metrics: Metrics,
+    inner: Mutex<Inner>,
+}
+
+/// The cache cannot take an object of this size now (everything else is pinned or in use,
+/// or the object is larger than the whole cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoRoom;
+
+/// Space set aside for a download; given back when dropped unless committed.
+pub struct Reservation {
+    index: Arc<Index>,
+    size: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.size > 0 {
+            let mut inner = self.index.inner.lock().expect("index lock");
+            inner.reserved = inner.reserved.saturating_sub(self.size);
+        }
+    }
+}
+
+/// A cached object being read: it cannot be evicted until this is dropped.
+pub struct UseGuard {
+    index: Arc<Index>,
+    digest: Digest,
+}
+
+impl Drop for UseGuard {
+    fn drop(&mut self) {
+        let mut inner = self.index.inner.lock().expect("index lock");
+        if let Some(e) = inner.entries.get_mut(&self.digest) {
+            e.in_use = e.in_use.saturating_sub(1);
+        }
+    }
+}
+
+/// What an eviction or a drop removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Removal {
+    /// Manifests removed.
+    pub manifests: Vec<String>,
+    /// Blobs removed.
+    pub blobs: Vec<String>,
+    /// Bytes freed.
+    pub bytes: u64,
+    /// Objects kept because a client is reading them.
+    pub in_use: Vec<String>,
+}
+
+/// The digests a manifest references: an index's manifests, an image's config and layers
+/// (and an artifact's blobs). Not its `subject`, which it does not own.
+pub fn manifest_refs(body: &[u8]) -> Vec<Digest> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut push = |d: &serde_json::Value| {
+        if let Some(d) = d
+            .get("digest")
+            .and_then(|d| d.as_str())
+            .and_then(|d| d.parse().ok())
+        {
+            out.push(d);
+        }
+    };
+    for key in ["manifests", "layers", "blobs"] {
+        if let Some(list) = v.get(key).and_then(|l| l.as_array()) {
+            list.iter().for_each(&mut push);
+        }
+    }
+    if let Some(c) = v.get("config") {
+        push(c);
+    }
+    out
+}
+
+fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Index {
+    /// Rebuilds the index from the cache directory (blocking: call at start), then evicts
+    /// down to `limit` if the directory holds more (the limit was lowered).
+    pub fn rebuild(
+        storage: Arc<Storage>,
+        limit: Option<u64>,
+        metrics: Metrics,
+    ) -> io::Result<Arc<Index>> {
+        let mut inner = Inner::default();
+        for (digest, path) in storage.list_blobs()? {
+            let meta = std::fs::metadata(&path)?;
+            let used = mtime_ms(&meta);
+            let refs = if storage.meta_path(&digest).exists() {
+                Some(manifest_refs(&std::fs::read(&path)?))
+            } else {
+                None
+            };
+            inner.total += meta.len();
+            inner.entries.insert(
+                digest,
+                Entry {
+                    size: meta.len(),
+                    last_used_ms: used,
+                    persisted_ms: used,
+                    in_use: 0,
+                    refs,
+                },
+            );
+        }
+        // A media type file whose manifest is gone (crash between the two deletions).
+        for digest in storage.list_meta()? {
+            if !inner.entries.contains_key(&digest) {
+                let _ = std::fs::remove_file(storage.meta_path(&digest));
+            }
+        }
+        let index = Arc::new(Index {
+            storage,
+            limit,
+            metrics,
+            inner: Mutex::new(inner),
+        });
+        index
+            .metrics
+            .cache_limit_bytes
+            .set(limit.unwrap_or(0) as i64);
+        if let Some(limit) = limit {
+            let mut inner = index.inner.lock().expect("index lock");
+            if inner.total > limit {
+                let need = inner.total - limit;
+                index.evict_locked(&mut inner, need, &HashSet::new());
+            }
+        }
+        index.publish();
+        Ok(index)
+    }
+
+    fn publish(&self) {
+        let inner = self.inner.lock().expect("index lock");
+        self.metrics.cache_size_bytes.set(inner.total as i64);
+        self.metrics.cache_blobs.set(inner.entries.len() as i64);
+    }
+
+    /// The size limit, if any.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    /// Bytes committed.
+    pub fn total(&self) -> u64 {
+        self.inner.lock().expect("index lock").total
+    }
+
+    /// Whether the object is cached.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.inner
+            .lock()
+            .expect("index lock")
+            .entries
+            .contains_key(digest)
+    }
+
+    /// Marks a cached object as in use (and used now). `None` when it is not cached.
+    pub fn acquire(self: &Arc<Self>, digest: &Digest) -> Option<UseGuard> {
+        let now = unix_now_ms();
+        let persist = {
+            let mut inner = self.inner.lock().expect("index lock");
+            let e = inner.entries.get_mut(digest)?;
+            e.in_use += 1;
+            e.last_used_ms = now;
+            let due = now.saturating_sub(e.persisted_ms) >= PERSIST_EVERY_MS;
+            if due {
+                e.persisted_ms = now;
+            }
+            due
+        };
+        if persist {
+            // Last use survives a restart through the file's modification time.
+            let path = self.storage.blob_path(digest);
+            tokio::task::spawn_blocking(move || {
+                let t = SystemTime::now();
+                if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+                    let _ = f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t));
+                }
+            });
+        }
+        Some(UseGuard {
+            index: self.clone(),
+            digest: digest.clone(),
+        })
+    }
+
+    /// Forgets an object whose file turned out to be missing.
+    pub fn forget(&self, digest: &Digest) {
+        let mut inner = self.inner.lock().expect("index lock");
+        if let Some(e) = inner.entries.remove(digest) {
+            inner.total = inner.total.saturating_sub(e.size);
+        }
+        drop(inner);
+        self.publish();
+    }
+
+    /// Sets `size` bytes aside, evicting least recently used objects (except `pinned`
+    /// ones and those in use) as needed. Blocking: it deletes files.
+    pub fn reserve(
+        self: &Arc<Self>,
+        size: u64,
+        pinned: &HashSet<Digest>,
+    ) -> Result<Reservation, NoRoom> {
+        let Some(limit) = self.limit else {
+            return Ok(Reservation {
+                index: self.clone(),
+                size: 0,
+            });
+        };
+        if size > limit {
+            return Err(NoRoom);
+        }
+        let mut inner = self.inner.lock().expect("index lock");
+        let wanted = inner.total + inner.reserved + size;
+        if wanted > limit {
+            self.evict_locked(&mut inner, wanted - limit, pinned);
+        }
+        if inner.total + inner.reserved + size > limit {
+            return Err(NoRoom);
+        }
+        inner.reserved += size;
+        drop(inner);
+        self.publish();
+        Ok(Reservation {
+            index: self.clone(),
+            size,
+        })
+    }
+
+    /// Moves a verified download into the cache. Blocking.
+    pub fn commit_blob(
+        &self,
+        temp: &Path,
+        digest: &Digest,
+        size: u64,
+        mut reservation: Reservation,
+    ) -> io::Result<()> {
+        let mut inner = self.inner.lock().expect("index lock");
+        std::fs::rename(temp, self.storage.blob_path(digest))?;
+        let now = unix_now_ms();
+        if let Some(old) = inner.entries.insert(
+            digest.clone(),
+            Entry {
+                size,
+                last_used_ms: now,
+                persisted_ms: now,
+                in_use: 0,
+                refs: None,
+            },
+        ) {
+            inner.total = inner.total.saturating_sub(old.size);
+        }
+        inner.total += size;
+        inner.reserved = inner.reserved.saturating_sub(reservation.size);
+        reservation.size = 0;
+        drop(inner);
+        self.publish();
+        Ok(())
+    }
+
+    /// Stores a verified manifest and its media type. Blocking.
+    pub fn commit_manifest(
+        &self,
+        digest: &Digest,
+        body: &[u8],
+        media_type: &str,
+        mut reservation: Reservation,
+    ) -> io::Result<()> {
+        let mut inner = self.inner.lock().expect("index lock");
+        inner.reserved = inner.reserved.saturating_sub(reservation.size);
+        reservation.size = 0;
+        if inner.entries.contains_key(digest) {
+            return Ok(());
+        }
+        self.storage
+            .write_atomic_sync(&self.storage.meta_path(digest), media_type.as_bytes())?;
+        self.storage
+            .write_atomic_sync(&self.storage.blob_path(digest), body)?;
+        let now = unix_now_ms();
+        let size = body.len() as u64;
+        inner.entries.insert(
+            digest.clone(),
+            Entry {
+                size,
+                last_used_ms: now,
+                persisted_ms: now,
+                in_use: 0,
+                refs: Some(manifest_refs(body)),
+            },
+        );
+        inner.total += size;
+        drop(inner);
+        self.publish();
+        Ok(())
+    }
+
+    /// Everything reachable from `roots` through manifest references.
+    pub fn closure(&self, roots: impl IntoIterator<Item = Digest>) -> HashSet<Digest> {
+        let inner = self.inner.lock().expect("index lock");
+        let mut seen = HashSet::new();
+        let mut todo: Vec<Digest> = roots.into_iter().collect();
+        while let Some(d) = todo.pop() {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            if let Some(refs) = inner.entries.get(&d).and_then(|e| e.refs.as_ref()) {
+                todo.extend(refs.iter().cloned());
+            }
+        }
+        seen
+    }
+
+    /// Removes the manifests `roots` (and the manifests an index among them lists), and
+    /// every blob they reference that no other cached manifest references. Objects being
+    /// read are kept and reported. Blocking.
+    pub fn drop_images(&self, roots: &[Digest], pinned: &HashSet<Digest>) -> Removal {
+        let mut inner = self.inner.lock().expect("index lock");
+        let mut removal = Removal::default();
+        let mut manifests: Vec<Digest> = Vec::new();
+        let mut todo: Vec<Digest> = roots.to_vec();
+        while let Some(d) = todo.pop() {
+            if manifests.contains(&d) {
+                continue;
+            }
+            if let Some(refs) = inner.entries.get(&d).and_then(|e| e.refs.as_ref()) {
+                manifests.push(d.clone());
+                // An index's children are manifests too; an image's refs are blobs.
+                todo.extend(
+                    refs.iter()
+                        .filter(|r| inner.entries.get(*r).is_some_and(|e| e.refs.is_some()))
+                        .cloned(),
+                );
+            }
+        }
+        let mut victims: Vec<Digest> = manifests.clone();
+        let gone: HashSet<&Digest> = manifests.iter().collect();
+        let still_referenced: HashSet<Digest> = inner
+            .entries
+            .iter()
+            .filter(|(d, e)| e.refs.is_some() && !gone.contains(d))
+            .flat_map(|(_, e)| e.refs.clone().unwrap_or_default())
+            .collect();
+        for m in &manifests {
+            for r in inner.entries[m].refs.clone().unwrap_or_default() {
+                let blob = inner.entries.get(&r).is_some_and(|e| e.refs.is_none());
+                if blob
+                    && !still_referenced.contains(&r)
+                    && !pinned.contains(&r)
+                    && !victims.contains(&r)
+                {
+                    victims.push(r);
+                }
+            }
+        }
+        for d in victims {
+            self.remove_locked(&mut inner, &d, &mut removal);
+        }
+        drop(inner);
+        self.publish();
+        removal
+    }
+
+    fn remove_locked(&self, inner: &mut Inner, d: &Digest, removal: &mut Removal) -> bool {
+        let Some(e) = inner.entries.get(d) else {
+            return false;
+        };
+        if e.in_use > 0 {
+            removal.in_use.push(d.to_string());
+            return false;
+        }
+        let manifest = e.refs.is_some();
+        match std::fs::remove_file(self.storage.blob_path(d)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::warn!(digest = %d, error = %err, "could not remove a cached object");
+                return false;
+            }
+        }
+        if manifest {
+            let _ = std::fs::remove_file(self.storage.meta_path(d));
+            removal.manifests.push(d.to_string());
+        } else {
+            removal.blobs.push(d.to_string());
+        }
+        let e = inner.entries.remove(d).expect("checked above");
+        inner.total = inner.total.saturating_sub(e.size);
+        removal.bytes += e.size;
+        true
+    }
+
+    /// Evicts least recently used objects until `need` bytes are freed or nothing more
+    /// may go. A manifest takes with it the blobs only it referenced.
+    fn evict_locked(&self, inner: &mut Inner, need: u64, pinned: &HashSet<Digest>) -> u64 {
+        let mut candidates: Vec<(u64, Digest)> = inner
+            .entries
+            .iter()
+            .filter(|(d, e)| e.in_use == 0 && !pinned.contains(*d))
+            .map(|(d, e)| (e.last_used_ms, d.clone()))
+            .collect();
+        candidates.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.hex().cmp(b.1.hex())));
+        let mut removal = Removal::default();
+        for (_, d) in candidates {
+            if removal.bytes >= need {
+                break;
+            }
+            let refs = inner.entries.get(&d).and_then(|e| e.refs.clone());
+            if !self.remove_locked(inner, &d, &mut removal) {
+                continue;
+            }
+            if let Some(refs) = refs {
+                let still: HashSet<Digest> = inner
+                    .entries
+                    .values()
+                    .filter_map(|e| e.refs.clone())
+                    .flatten()
+                    .collect();
+                for r in refs {
+                    let blob = inner.entries.get(&r).is_some_and(|e| e.refs.is_none());
+                    if blob && !still.contains(&r) && !pinned.contains(&r) {
+                        self.remove_locked(inner, &r, &mut removal);
+                    }
+                }
+            }
+        }
+        let evicted = (removal.manifests.len() + removal.blobs.len()) as u64;
+        if evicted > 0 {
+            self.metrics.cache_evictions.inc_by(evicted);
+            tracing::info!(
+                objects = evicted,
+                bytes = removal.bytes,
+                "evicted least recently used objects"
+            );
+        }
+        removal.bytes
+    }
+
+    /// Ages an object's last use (tests of the eviction order).
+    pub fn set_last_used(&self, digest: &Digest, ago: Duration) {
+        let mut inner = self.inner.lock().expect("index lock");
+        if let Some(e) = inner.entries.get_mut(digest) {
+            e.last_used_ms = unix_now_ms().saturating_sub(ago.as_millis() as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+
+    fn setup(limit: Option<u64>) -> (tempfile::TempDir, Arc<Index>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, _) = Storage::open(dir.path()).unwrap();
+        let index = Index::rebuild(Arc::new(storage), limit, Metrics::new()).unwrap();
+        (dir, index)
+    }
+
+    fn add_blob(index: &Arc<Index>, bytes: &[u8]) -> Digest {
+        let d = Digest::of(Algorithm::Sha256, bytes);
+        let r = index.reserve(bytes.len() as u64, &HashSet::new()).unwrap();
+        let temp = index.storage.temp_path();
+        std::fs::write(&temp, bytes).unwrap();
+        index.commit_blob(&temp, &d, bytes.len() as u64, r).unwrap();
+        d
+    }
+
+    fn add_manifest(index: &Arc<Index>, refs: &[&Digest]) -> Digest {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"digest": refs[0].to_string(), "size": 1},
+            "layers": refs[1..].iter().map(|d| serde_json::json!({"digest": d.to_string(), "size": 1})).collect::<Vec<_>>()
+        }))
+        .unwrap();
+        let d = Digest::of(Algorithm::Sha256, &body);
+        let r = index.reserve(body.len() as u64, &HashSet::new()).unwrap();
+        index
+            .commit_manifest(&d, &body, "application/vnd.oci.image.manifest.v1+json", r)
+            .unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn evicts_least_recently_used_but_never_pinned_or_in_use() {
+        let (_dir, index) = setup(Some(3000));
+        let a = add_blob(&index, &[1; 1000]);
+        let b = add_blob(&index, &[2; 1000]);
+        let c = add_blob(&index, &[3; 1000]);
+        index.set_last_used(&a, Duration::from_secs(30));
+        index.set_last_used(&b, Duration::from_secs(20));
+        index.set_last_used(&c, Duration::from_secs(10));
+        // a is pinned, b is being read: c, the newest, is the one that can go.
+        let guard = index.acquire(&b).unwrap();
+        let pinned = HashSet::from([a.clone()]);
+        let r = index.reserve(1000, &pinned).unwrap();
+        assert!(index.contains(&a) && index.contains(&b) && !index.contains(&c));
+        drop(r);
+        // Nothing else may go: no room.
+        assert!(index.reserve(2000, &pinned).is_err());
+        drop(guard);
+        // Now b (least recently used unpinned) goes.
+        let _r = index.reserve(1500, &pinned).unwrap();
+        assert!(!index.contains(&b));
+        assert!(!index.storage.blob_path(&b).exists(), "the file went too");
+        assert!(
+            index.reserve(5000, &pinned).is_err(),
+            "larger than the cache"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_manifest_takes_its_own_blobs_along_and_state_survives_restart() {
+        let (dir, index) = setup(Some(10_000));
+        let shared = add_blob(&index, &[9; 500]);
+        let own = add_blob(&index, &[8; 500]);
+        let m1 = add_manifest(&index, &[&shared, &own]);
+        let other = add_blob(&index, &[7; 500]);
+        let m2 = add_manifest(&index, &[&shared, &other]);
+        assert_eq!(
+            index.closure([m1.clone()]),
+            HashSet::from([m1.clone(), shared.clone(), own.clone()])
+        );
+        let removal = index.drop_images(&[m1.clone()], &HashSet::new());
+        assert_eq!(removal.manifests, vec![m1.to_string()]);
+        assert_eq!(
+            removal.blobs,
+            vec![own.to_string()],
+            "the shared blob stays with m2"
+        );
+        assert!(index.contains(&shared) && index.contains(&m2));
+        let total = index.total();
+
+        // A new process rebuilds the same index from the files.
+        let (storage, _) = Storage::open(dir.path()).unwrap();
+        let again = Index::rebuild(Arc::new(storage), Some(10_000), Metrics::new()).unwrap();
+        assert_eq!(again.total(), total);
+        assert!(again.contains(&m2) && again.contains(&shared) && !again.contains(&own));
+        assert_eq!(
+            again.closure([m2.clone()]).len(),
+            3,
+            "references re-parsed from the manifest"
+        );
+        // A lower limit at start evicts down to it.
+        let (storage, _) = Storage::open(dir.path()).unwrap();
+        let small = Index::rebuild(Arc::new(storage), Some(600), Metrics::new()).unwrap();
+        assert!(small.total() <= 600, "{}", small.total());
+    }
+
+    #[test]
+    fn manifest_refs_cover_indexes_images_and_artifacts() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let index = serde_json::json!({"manifests": [{"digest": d('a')}, {"digest": d('b')}], "subject": {"digest": d('f')}});
+        assert_eq!(manifest_refs(index.to_string().as_bytes()).len(), 2);
+        let image =
+            serde_json::json!({"config": {"digest": d('c')}, "layers": [{"digest": d('d')}]});
+        assert_eq!(manifest_refs(image.to_string().as_bytes()).len(), 2);
+        assert!(manifest_refs(b"not json").is_empty());
+    }
+}
