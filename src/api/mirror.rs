@@ -127,12 +127,17 @@ pub struct CacheSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub stale_if_error: Option<String>,
-    /// Images never evicted (`registry/repository:tag` or `@sha256:...`).
+    /// Images never evicted (`registry/repository:tag` or `@sha256:...`); also prefetched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pin: Vec<String>,
-    /// Images pulled into the cache ahead of need.
+    /// Images pulled into the cache ahead of need, when the proxy starts (and so whenever
+    /// the spec changes, since that rolls the pods).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefetch: Vec<String>,
+    /// Platforms prefetched from multi-platform images (`linux/amd64`, `linux/arm64/v8`);
+    /// empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch_platforms: Vec<String>,
 }
 
 /// Cache volume: a PersistentVolumeClaim per pod (StatefulSet) when `size` is set, else an
@@ -217,7 +222,28 @@ pub struct NodesStatus {
     pub total: i32,
 }
 
+/// Share of the cache volume the cache itself may fill: the rest is room for downloads in
+/// progress, tag records and the file system's own overhead.
+pub const CACHE_FILL_RATIO: f64 = 0.9;
+
 impl RegistryMirrorSpec {
+    /// The proxy's size limit from the volume size (PVC size or emptyDir sizeLimit).
+    pub fn cache_limit(&self) -> Result<Option<u64>, String> {
+        let storage = &self.cache.storage;
+        let size = storage.size.as_ref().or(storage
+            .empty_dir
+            .as_ref()
+            .and_then(|e| e.size_limit.as_ref()));
+        match size {
+            None => Ok(None),
+            Some(q) => {
+                let bytes =
+                    super::quantity::to_bytes(&q.0).map_err(|e| format!("cache.storage: {e}"))?;
+                Ok(Some((bytes as f64 * CACHE_FILL_RATIO) as u64))
+            }
+        }
+    }
+
     /// The configuration the mirror's proxy runs with. Credentials are referenced as
     /// files where the pod mounts each upstream's Secret.
     pub fn proxy_config(&self) -> Result<ProxyConfig, String> {
@@ -253,6 +279,10 @@ impl RegistryMirrorSpec {
                 })
                 .collect(),
             default_upstream: None,
+            max_cache_bytes: self.cache_limit()?,
+            pin: self.cache.pin.clone(),
+            prefetch: self.cache.prefetch.clone(),
+            prefetch_platforms: self.cache.prefetch_platforms.clone(),
             tag_ttl: parse("tagTTL", &self.cache.tag_ttl, defaults.tag_ttl)?,
             stale_if_error: parse(
                 "staleIfError",
@@ -389,6 +419,23 @@ cache: {tagTTL: 1m, staleIfError: 2h}
         );
         assert_eq!(c.upstreams[0].repositories.allow, vec!["library/*"]);
         assert_eq!(c.upstreams[1].base_url(), "https://ghcr.example");
+        assert_eq!(c.max_cache_bytes, None);
+        let sized: RegistryMirrorSpec = serde_yaml::from_str(
+            "upstreams: [{registry: docker.io}]\ncache: {storage: {size: 10Gi}, pin: [alpine:3.20], prefetch: [busybox], prefetchPlatforms: [linux/amd64]}",
+        )
+        .unwrap();
+        let c2 = sized.proxy_config().unwrap();
+        assert_eq!(c2.max_cache_bytes, Some((10u64 << 30) * 9 / 10));
+        assert_eq!(c2.pin, vec!["alpine:3.20"]);
+        assert_eq!(c2.prefetch_platforms, vec!["linux/amd64"]);
+        let mut wrong = sized.clone();
+        wrong.cache.pin = vec!["quay.io/x/y:1".into()];
+        assert!(
+            wrong
+                .proxy_config()
+                .unwrap_err()
+                .contains("not one of the upstreams")
+        );
         // What the controller writes, the proxy reads back unchanged.
         assert_eq!(ProxyConfig::from_yaml(&c.to_yaml()).unwrap(), c);
     }

@@ -7,5 +7,6 @@ pub mod duration;
 pub mod image_ref;
 pub mod mirror;
 pub mod proxy_config;
+pub mod quantity;
 
 pub use proxy_config::{ConfigError, Credentials, ProxyConfig, RepositoryFilter, UpstreamConfig};

@@ -370,76 +370,6 @@ fn blob_response(
     b.body(body).expect("valid response")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn d() -> String {
-        format!("sha256:{}", "a".repeat(64))
-    }
-
-    #[test]
-    fn routes() {
-        assert_eq!(parse_route("/v2/").unwrap(), Route::Base);
-        assert_eq!(parse_route("/v2").unwrap(), Route::Base);
-        assert_eq!(
-            parse_route("/v2/library/alpine/manifests/3.20").unwrap(),
-            Route::Manifest("library/alpine".into(), Reference::Tag("3.20".into()))
-        );
-        assert!(matches!(
-            parse_route(&format!("/v2/a/manifests/blobs/{}", d())).unwrap(),
-            Route::Blob(n, _) if n == "a/manifests"
-        ));
-        assert!(matches!(
-            parse_route(&format!("/v2/a/b/blobs/{}", d())).unwrap(),
-            Route::Blob(..)
-        ));
-        assert!(matches!(
-            parse_route(&format!("/v2/a/manifests/{}", d().replace(':', "%3A"))).unwrap(),
-            Route::Manifest(_, Reference::Digest(_))
-        ));
-        assert_eq!(
-            parse_route("/v2/a/b/tags/list").unwrap(),
-            Route::Tags("a/b".into())
-        );
-        assert!(matches!(
-            parse_route(&format!("/v2/a/referrers/{}", d())).unwrap(),
-            Route::Referrers(..)
-        ));
-    }
-
-    #[test]
-    fn bad_paths_are_refused_with_the_right_code() {
-        use crate::oci::ErrorCode::*;
-        let code = |p: &str| parse_route(p).unwrap_err().code_and_status().0;
-        assert_eq!(code("/v2/../etc/manifests/x"), NameInvalid);
-        assert_eq!(code("/v2/a/%2e%2e/manifests/x"), NameInvalid);
-        assert_eq!(code("/v2/Upper/manifests/x"), NameInvalid);
-        assert_eq!(code("/v2/a/manifests/..."), ManifestInvalid);
-        assert_eq!(code("/v2/a/blobs/sha256:zz"), DigestInvalid);
-        assert_eq!(code("/v2/a/blobs/latest"), DigestInvalid);
-        assert_eq!(code("/v2/a/manifests/md5:00"), DigestInvalid);
-        assert_eq!(code("/v2/a/uploads/x"), NameUnknown);
-        assert_eq!(code("/other"), NameUnknown);
-        assert_eq!(code("/v2/a/%ff/manifests/x"), NameInvalid);
-        assert_eq!(code("/v2/a%2fb/manifests/x"), NameInvalid);
-        assert_eq!(code("/v2/a/blobs/sha256:..%2f..%2fetc"), DigestInvalid);
-    }
-
-    #[test]
-    fn query_split() {
-        assert_eq!(
-            split_query(Some("ns=docker.io&n=10&last=b")),
-            (Some("docker.io".into()), Some("n=10&last=b".into()))
-        );
-        assert_eq!(
-            split_query(Some("ns=ghcr.io")),
-            (Some("ghcr.io".into()), None)
-        );
-        assert_eq!(split_query(None), (None, None));
-    }
-}
-
 /// Entry point of the operations server: `/metrics`, `/healthz`, `/readyz`, and
 /// `DELETE /admin/cache?image=<reference>` (from loopback only: `kubectl port-forward` or
 /// `pullthrough cache drop` in the pod) to drop one image or tag from the cache.
@@ -508,4 +438,74 @@ pub async fn handle_ops(
         StatusCode::OK,
         serde_json::json!({"image": parsed.to_string(), "removed": removal}),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d() -> String {
+        format!("sha256:{}", "a".repeat(64))
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(parse_route("/v2/").unwrap(), Route::Base);
+        assert_eq!(parse_route("/v2").unwrap(), Route::Base);
+        assert_eq!(
+            parse_route("/v2/library/alpine/manifests/3.20").unwrap(),
+            Route::Manifest("library/alpine".into(), Reference::Tag("3.20".into()))
+        );
+        assert!(matches!(
+            parse_route(&format!("/v2/a/manifests/blobs/{}", d())).unwrap(),
+            Route::Blob(n, _) if n == "a/manifests"
+        ));
+        assert!(matches!(
+            parse_route(&format!("/v2/a/b/blobs/{}", d())).unwrap(),
+            Route::Blob(..)
+        ));
+        assert!(matches!(
+            parse_route(&format!("/v2/a/manifests/{}", d().replace(':', "%3A"))).unwrap(),
+            Route::Manifest(_, Reference::Digest(_))
+        ));
+        assert_eq!(
+            parse_route("/v2/a/b/tags/list").unwrap(),
+            Route::Tags("a/b".into())
+        );
+        assert!(matches!(
+            parse_route(&format!("/v2/a/referrers/{}", d())).unwrap(),
+            Route::Referrers(..)
+        ));
+    }
+
+    #[test]
+    fn bad_paths_are_refused_with_the_right_code() {
+        use crate::oci::ErrorCode::*;
+        let code = |p: &str| parse_route(p).unwrap_err().code_and_status().0;
+        assert_eq!(code("/v2/../etc/manifests/x"), NameInvalid);
+        assert_eq!(code("/v2/a/%2e%2e/manifests/x"), NameInvalid);
+        assert_eq!(code("/v2/Upper/manifests/x"), NameInvalid);
+        assert_eq!(code("/v2/a/manifests/..."), ManifestInvalid);
+        assert_eq!(code("/v2/a/blobs/sha256:zz"), DigestInvalid);
+        assert_eq!(code("/v2/a/blobs/latest"), DigestInvalid);
+        assert_eq!(code("/v2/a/manifests/md5:00"), DigestInvalid);
+        assert_eq!(code("/v2/a/uploads/x"), NameUnknown);
+        assert_eq!(code("/other"), NameUnknown);
+        assert_eq!(code("/v2/a/%ff/manifests/x"), NameInvalid);
+        assert_eq!(code("/v2/a%2fb/manifests/x"), NameInvalid);
+        assert_eq!(code("/v2/a/blobs/sha256:..%2f..%2fetc"), DigestInvalid);
+    }
+
+    #[test]
+    fn query_split() {
+        assert_eq!(
+            split_query(Some("ns=docker.io&n=10&last=b")),
+            (Some("docker.io".into()), Some("n=10&last=b".into()))
+        );
+        assert_eq!(
+            split_query(Some("ns=ghcr.io")),
+            (Some("ghcr.io".into()), None)
+        );
+        assert_eq!(split_query(None), (None, None));
+    }
 }

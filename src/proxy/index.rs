@@ -577,7 +577,7 @@ mod tests {
             index.closure([m1.clone()]),
             HashSet::from([m1.clone(), shared.clone(), own.clone()])
         );
-        let removal = index.drop_images(&[m1.clone()], &HashSet::new());
+        let removal = index.drop_images(std::slice::from_ref(&m1), &HashSet::new());
         assert_eq!(removal.manifests, vec![m1.to_string()]);
         assert_eq!(
             removal.blobs,

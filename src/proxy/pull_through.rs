@@ -196,7 +196,7 @@ type ManifestFuture = Shared<BoxFuture<'static, Result<(Manifest, CacheResult), 
 
 /// How long the cache stays in stream-through mode after the disk filled up before it
 /// tries writing again.
-const DISK_FULL_RETRY: Duration = Duration::from_secs(10);
+const DISK_FULL_RETRY: Duration = Duration::from_secs(2);
 /// Free space kept beyond a download's size before it is written to disk.
 const DISK_MARGIN: u64 = 16 << 20;
 
@@ -331,12 +331,12 @@ impl PullThrough {
         if self.disk_full() {
             return None;
         }
-        match self.storage.available_space() {
-            Ok(free) if free < size.saturating_add(DISK_MARGIN) && self.index.limit().is_none() => {
-                self.mark_disk_full("not enough free space for the download");
-                return None;
-            }
-            _ => {}
+        // Whatever the size limit says, the file system has the last word.
+        if let Ok(free) = self.storage.available_space()
+            && free < size.saturating_add(DISK_MARGIN)
+        {
+            self.mark_disk_full("not enough free space on the cache volume");
+            return None;
         }
         let this = self.clone();
         let reservation = tokio::task::spawn_blocking(move || {

@@ -1,0 +1,55 @@
+//! Kubernetes resource quantities (`50Gi`, `500M`, `1.5Ti`, `2e9`) as byte counts.
+
+/// Bytes in a quantity, rounded down. Errors on malformed or negative quantities.
+pub fn to_bytes(q: &str) -> Result<u64, String> {
+    let bad = || format!("{q:?} is not a storage quantity (e.g. 50Gi, 500M)");
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "m" => 1e-3,
+        s if s.starts_with(['e', 'E']) => {
+            let exp: i32 = s[1..].parse().map_err(|_| bad())?;
+            10f64.powi(exp)
+        }
+        _ => return Err(bad()),
+    };
+    let bytes = value * factor;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes.floor() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kubernetes_quantities() {
+        assert_eq!(to_bytes("50Gi").unwrap(), 50 << 30);
+        assert_eq!(to_bytes("500M").unwrap(), 500_000_000);
+        assert_eq!(to_bytes("1.5Ki").unwrap(), 1536);
+        assert_eq!(to_bytes("2e3").unwrap(), 2000);
+        assert_eq!(to_bytes("1024").unwrap(), 1024);
+        for bad in ["", "Gi", "-1Gi", "1Qi", "1.2.3G"] {
+            assert!(to_bytes(bad).is_err(), "{bad}");
+        }
+    }
+}

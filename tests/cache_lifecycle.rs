@@ -1,0 +1,518 @@
+//! Cache lifecycle: the size limit with least-recently-used eviction, pins, prefetch,
+//! a real process killed mid-download, a full disk, and dropping an image on purpose.
+
+mod common;
+
+use common::fault::FaultUpstream;
+use common::*;
+use pullthrough::api::ProxyConfig;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+fn config(up: &FaultUpstream) -> ProxyConfig {
+    config_for(&[(up.host.as_str(), up.url.as_str())])
+}
+
+fn cached(cache_dir: &Path, digest: &str) -> bool {
+    cache_dir
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+        .exists()
+}
+
+fn blob_dir_bytes(cache_dir: &Path) -> u64 {
+    std::fs::read_dir(cache_dir.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
+    let up = FaultUpstream::start().await;
+    let images: Vec<Image> = (0..4)
+        .map(|i| Image::generate(60 + i, &[1_000_000], "amd64"))
+        .collect();
+    for (i, img) in images.iter().enumerate() {
+        up.add_image(&format!("team/img{i}"), "v1", img);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&up);
+    cfg.cache_dir = dir.path().join("cache");
+    let limit = 2_500_000u64;
+    cfg.max_cache_bytes = Some(limit);
+    cfg.pin = vec![format!("{}/team/img0:v1", up.host)];
+    let proxy = Proxy::start_config(cfg.clone()).await;
+    let cache = cfg.cache_dir.clone();
+    // The pin is prefetched at start.
+    eventually(20, "the pinned image to be prefetched", || async {
+        proxy
+            .metric("pullthrough_prefetch_images", &[("state", "done")])
+            .await
+            == 1.0
+    })
+    .await;
+    assert!(cached(&cache, &images[0].layers[0].digest));
+
+    // img1 fits; img2 does not without evicting, and img0 is pinned: img1 goes.
+    pull(&proxy.url, "team/img1", "v1", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    pull(&proxy.url, "team/img2", "v1", None).await.unwrap();
+    assert!(cached(&cache, &images[0].layers[0].digest), "pinned");
+    assert!(
+        !cached(&cache, &images[1].layers[0].digest),
+        "least recently used"
+    );
+    assert!(
+        !cached(&cache, &images[1].manifest.digest),
+        "its manifest went with it"
+    );
+    assert!(cached(&cache, &images[2].layers[0].digest));
+    assert!(proxy.metric("pullthrough_cache_evictions_total", &[]).await >= 2.0);
+    assert!(proxy.metric("pullthrough_cache_size_bytes", &[]).await <= limit as f64);
+    assert!(
+        blob_dir_bytes(&cache) <= limit,
+        "{}",
+        blob_dir_bytes(&cache)
+    );
+
+    pull(&proxy.url, "team/img3", "v1", None).await.unwrap();
+    assert!(cached(&cache, &images[3].layers[0].digest));
+    assert!(
+        !cached(&cache, &images[2].layers[0].digest),
+        "now the least recently used"
+    );
+    assert!(blob_dir_bytes(&cache) <= limit);
+    proxy.stop().await;
+
+    // The index survives a restart: same content, same accounting, pin still honoured.
+    let before = blob_dir_bytes(&cache);
+    let proxy = Proxy::start_config(cfg).await;
+    assert_eq!(
+        proxy.metric("pullthrough_cache_size_bytes", &[]).await,
+        before as f64
+    );
+    pull(&proxy.url, "team/img1", "v1", None).await.unwrap();
+    assert!(cached(&cache, &images[0].layers[0].digest));
+    assert!(blob_dir_bytes(&cache) <= limit);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_being_sent_is_never_evicted_under_its_reader() {
+    let up = FaultUpstream::start().await;
+    // Large enough that the socket buffers cannot swallow it: the reader really holds it.
+    let held = Blob::new(LAYER, random_bytes(110, 24 << 20));
+    let x = Blob::new(LAYER, random_bytes(111, 10 << 20));
+    let y = Blob::new(LAYER, random_bytes(112, 10 << 20));
+    for b in [&held, &x, &y] {
+        up.add_blob(b);
+    }
+    let mut cfg = config(&up);
+    cfg.max_cache_bytes = Some(40 << 20);
+    let proxy = Proxy::start_config(cfg).await;
+    let get = |d: &str| {
+        let url = format!("{}/v2/a/b/blobs/{d}", proxy.url);
+        async move {
+            http()
+                .get(&url)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+        }
+    };
+    get(&held.digest).await;
+    get(&x.digest).await;
+    let mut reading = http()
+        .get(format!("{}/v2/a/b/blobs/{}", proxy.url, held.digest))
+        .send()
+        .await
+        .unwrap();
+    let first = reading.chunk().await.unwrap().unwrap();
+    // y needs room: the held blob is older but in use, so x goes.
+    assert_eq!(sha256(&get(&y.digest).await), y.digest);
+    assert!(cached(&proxy.cache_dir, &held.digest), "in use: kept");
+    assert!(!cached(&proxy.cache_dir, &x.digest));
+    assert!(cached(&proxy.cache_dir, &y.digest));
+    let mut body = first.to_vec();
+    while let Some(c) = reading.chunk().await.unwrap() {
+        body.extend_from_slice(&c);
+    }
+    assert_eq!(sha256(&body), held.digest, "the reader got all of it");
+    // Read and released: it can go now.
+    assert_eq!(sha256(&get(&x.digest).await), x.digest);
+    assert!(!cached(&proxy.cache_dir, &held.digest));
+    assert!(blob_dir_bytes(&proxy.cache_dir) <= 40 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncacheable_blob_is_streamed_through_whole() {
+    let up = FaultUpstream::start().await;
+    let big = Blob::new(LAYER, random_bytes(70, 3_000_000));
+    up.add_blob(&big);
+    let mut cfg = config(&up);
+    cfg.max_cache_bytes = Some(1_000_000);
+    let proxy = Proxy::start_config(cfg).await;
+    let body = http()
+        .get(format!("{}/v2/a/b/blobs/{}", proxy.url, big.digest))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        sha256(&body),
+        big.digest,
+        "larger than the cache: served, not cached"
+    );
+    assert!(!cached(&proxy.cache_dir, &big.digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_pulls_the_listed_platforms_at_start() {
+    let up = FaultUpstream::start().await;
+    let multi = MultiArch::generate(80, &[200_000, 30_000]);
+    for img in &multi.images {
+        for b in img.blobs() {
+            up.add_blob(b);
+        }
+        up.add_manifest("team/app", &img.manifest.digest, &img.manifest);
+    }
+    up.add_manifest("team/app", "v1", &multi.index);
+    let mut cfg = config(&up);
+    cfg.prefetch = vec![format!("{}/team/app:v1", up.host)];
+    cfg.prefetch_platforms = vec!["linux/arm64".into()];
+    let proxy = Proxy::start_config(cfg).await;
+    eventually(20, "prefetch to finish", || async {
+        proxy
+            .metric("pullthrough_prefetch_images", &[("state", "done")])
+            .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(
+        proxy
+            .metric("pullthrough_prefetch_images", &[("state", "pending")])
+            .await,
+        0.0
+    );
+    let (amd64, arm64) = (&multi.images[0], &multi.images[1]);
+    for b in arm64.blobs() {
+        assert!(cached(&proxy.cache_dir, &b.digest), "arm64 blob prefetched");
+    }
+    for b in amd64.layers.iter() {
+        assert!(!cached(&proxy.cache_dir, &b.digest), "amd64 not asked for");
+    }
+    let bytes: usize = arm64.blobs().map(|b| b.bytes.len()).sum();
+    assert_eq!(
+        proxy.metric("pullthrough_prefetch_bytes_total", &[]).await,
+        bytes as f64
+    );
+    // A client then gets the arm64 image from the cache alone.
+    let calls = up.total();
+    let r = http()
+        .get(format!(
+            "{}/v2/team/app/manifests/{}",
+            proxy.url, arm64.manifest.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for b in arm64.blobs() {
+        let body = http()
+            .get(format!("{}/v2/team/app/blobs/{}", proxy.url, b.digest))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(sha256(&body), b.digest);
+    }
+    assert_eq!(up.total(), calls, "all hits");
+}
+
+/// Runs the real binary; killed on drop.
+struct ProxyProcess {
+    child: std::process::Child,
+    url: String,
+    metrics: String,
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_process(upstream: &FaultUpstream, cache: &Path, extra: &str) -> ProxyProcess {
+    let (port, mport) = (free_port(), free_port());
+    let cfg = cache.with_extension("yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: 127.0.0.1:{port}\nmetricsListen: 127.0.0.1:{mport}\ncacheDir: {}\nupstreams:\n  - registry: {}\n    url: {}\n{extra}",
+            cache.display(),
+            upstream.host,
+            upstream.url
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .args(["proxy", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = ProxyProcess {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        metrics: format!("http://127.0.0.1:{mport}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http().get(format!("{}/v2/", p.url)).send().await.is_err() {
+        assert!(Instant::now() < deadline, "proxy process did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_mid_download_leaves_nothing_corrupt() {
+    let up = FaultUpstream::start().await;
+    let layer = Blob::new(LAYER, random_bytes(90, 4_000_000));
+    up.add_blob(&layer);
+    up.state.slow_ms.store(10, Ordering::SeqCst); // ~2.5 s for the whole blob
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let mut proxy = start_process(&up, &cache, "").await;
+
+    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
+    let mut resp = http().get(&url).send().await.unwrap();
+    let mut got = 0;
+    while got < 300_000 {
+        got += resp.chunk().await.unwrap().unwrap().len();
+    }
+    let partials: Vec<PathBuf> = std::fs::read_dir(cache.join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(partials.len(), 1, "a download is in progress");
+    proxy.child.kill().unwrap(); // SIGKILL
+    proxy.child.wait().unwrap();
+    assert!(
+        resp.chunk().await.is_err() || got < layer.bytes.len(),
+        "the client saw the cut"
+    );
+    assert!(!cached(&cache, &layer.digest));
+
+    up.state.slow_ms.store(0, Ordering::SeqCst);
+    let proxy = start_process(&up, &cache, "").await;
+    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
+    assert_eq!(
+        std::fs::read_dir(cache.join("tmp")).unwrap().count(),
+        0,
+        "partials cleaned at start"
+    );
+    let m = http()
+        .get(format!("{}/metrics", proxy.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric_value(&m, "pullthrough_cache_blobs", &[]),
+        0.0,
+        "the index holds nothing partial"
+    );
+    let body = http()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(sha256(&body), layer.digest);
+    assert!(cached(&cache, &layer.digest));
+    let on_disk = std::fs::read(
+        cache
+            .join("blobs/sha256")
+            .join(layer.digest.trim_start_matches("sha256:")),
+    )
+    .unwrap();
+    assert_eq!(sha256(&on_disk), layer.digest);
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (the disk-full test runs as root, as ./scripts/test does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_streams_through_and_caching_resumes_when_space_returns() {
+    let up = FaultUpstream::start().await;
+    let image = Image::generate(95, &[1_500_000], "amd64");
+    up.add_image("a/b", "v1", &image);
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&dir.path().join("small"), 40);
+    let filler = fs.0.join("filler");
+    std::fs::write(&filler, vec![0u8; 30 << 20]).unwrap();
+    let mut cfg = config(&up);
+    cfg.cache_dir = fs.0.join("cache");
+    let proxy = Proxy::start_config(cfg).await;
+
+    let pulled = pull(&proxy.url, "a/b", "v1", None).await.unwrap();
+    assert_eq!(
+        pulled.top, image.manifest.digest,
+        "served in full while the disk is full"
+    );
+    assert!(!cached(&proxy.cache_dir, &image.layers[0].digest));
+    assert_eq!(proxy.metric("pullthrough_cache_disk_full", &[]).await, 1.0);
+    let ready = http()
+        .get(format!("{}/readyz", proxy.metrics_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "still serving");
+    assert!(
+        ready
+            .text()
+            .await
+            .unwrap()
+            .contains("degraded: cache disk full")
+    );
+
+    // Space comes back: after a short back-off the next pull is cached again.
+    std::fs::remove_file(&filler).unwrap();
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    pull(&proxy.url, "a/b", "v1", None).await.unwrap();
+    assert!(cached(&proxy.cache_dir, &image.layers[0].digest));
+    assert_eq!(proxy.metric("pullthrough_cache_disk_full", &[]).await, 0.0);
+    let ready = http()
+        .get(format!("{}/readyz", proxy.metrics_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.text().await.unwrap(), "ready\n");
+    proxy.stop().await;
+    drop(fs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_can_be_dropped_on_purpose_from_the_cli() {
+    let up = FaultUpstream::start().await;
+    let shared = Blob::new(LAYER, random_bytes(100, 50_000));
+    let own = Blob::new(LAYER, random_bytes(101, 60_000));
+    let other = Blob::new(LAYER, random_bytes(102, 70_000));
+    let a = Image::with_layers(103, vec![shared.bytes.clone(), own.bytes.clone()], "amd64");
+    let b = Image::with_layers(
+        104,
+        vec![shared.bytes.clone(), other.bytes.clone()],
+        "amd64",
+    );
+    up.add_image("team/a", "v1", &a);
+    up.add_image("team/b", "v1", &b);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let proxy = start_process(&up, &cache, "").await;
+    pull(&proxy.url, "team/a", "v1", None).await.unwrap();
+    pull(&proxy.url, "team/b", "v1", None).await.unwrap();
+
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+            .args(["cache", "drop", "--admin-url", &proxy.metrics])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&[&format!("{}/team/a:v1", up.host)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let removed = &answer["removed"];
+    assert_eq!(removed["manifests"], serde_json::json!([a.manifest.digest]));
+    let blobs: Vec<&str> = removed["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap())
+        .collect();
+    assert!(blobs.contains(&own.digest.as_str()) && blobs.contains(&a.config.digest.as_str()));
+    assert!(!blobs.contains(&shared.digest.as_str()), "b still uses it");
+    assert!(cached(&cache, &shared.digest) && cached(&cache, &b.manifest.digest));
+    assert!(!cached(&cache, &own.digest));
+
+    // The tag is gone too: the next pull goes upstream again.
+    let before = up.count("GET /v2/team/a/manifests/v1");
+    pull(&proxy.url, "team/a", "v1", None).await.unwrap();
+    assert_eq!(up.count("GET /v2/team/a/manifests/v1"), before + 1);
+
+    // Clear errors for bad input.
+    let out = cli(&["Not An Image"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid image reference"));
+    let out = cli(&["quay.io/x/y:1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not mirrored"));
+    let out = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .args([
+            "cache",
+            "drop",
+            "--admin-url",
+            "http://127.0.0.1:1",
+            "docker.io/library/alpine:3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the proxy's admin endpoint")
+    );
+}
