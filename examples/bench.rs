@@ -55,11 +55,16 @@ async fn wait_up(url: &str) {
     panic!("{url} did not come up");
 }
 
-async fn start_pullthrough(bin: &Path, upstream: &Registry, dir: &Path) -> Target {
+async fn start_pullthrough(
+    bin: &Path,
+    upstream: &Registry,
+    dir: &Path,
+    extra: &str,
+) -> (Target, String) {
     let port = free_port();
+    let mport = free_port();
     let cfg = format!(
-        "listen: 127.0.0.1:{port}\nmetricsListen: 127.0.0.1:{}\ncacheDir: {}\nupstreams:\n  - registry: {}\n    url: {}\n",
-        free_port(),
+        "listen: 127.0.0.1:{port}\nmetricsListen: 127.0.0.1:{mport}\ncacheDir: {}\nupstreams:\n  - registry: {}\n    url: {}\n{extra}",
         dir.join("pullthrough-cache").display(),
         upstream.host(),
         upstream.url
@@ -76,13 +81,26 @@ async fn start_pullthrough(bin: &Path, upstream: &Registry, dir: &Path) -> Targe
         .expect("pullthrough binary runs");
     let url = format!("http://127.0.0.1:{port}");
     wait_up(&url).await;
-    Target {
+    let target = Target {
         name: "pullthrough",
         url,
         pid: child.id(),
         child: Some(child),
         _registry: None,
-    }
+    };
+    (target, format!("http://127.0.0.1:{mport}"))
+}
+
+async fn metric(metrics_url: &str, name: &str) -> f64 {
+    let text = http()
+        .get(format!("{metrics_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_value(&text, name, &[])
 }
 
 async fn start_distribution(upstream: &Registry) -> Target {
@@ -235,7 +253,7 @@ async fn main() {
         let dir = work.path().join(which);
         std::fs::create_dir_all(&dir).unwrap();
         let target = if which == "pullthrough" {
-            start_pullthrough(&bin, &upstream, &dir).await
+            start_pullthrough(&bin, &upstream, &dir, "").await.0
         } else {
             start_distribution(&upstream).await
         };
@@ -247,7 +265,8 @@ async fn main() {
         assert!(bytes >= (size_mib as u64) << 20);
 
         eprintln!("{}: warm pulls...", target.name);
-        let rounds = 3;
+        // Enough rounds to move at least 2 GiB, so the figure is not noise.
+        let rounds = 2048usize.div_ceil(size_mib).max(3);
         let t = Instant::now();
         let mut warm_bytes = 0;
         for _ in 0..rounds {
@@ -275,6 +294,39 @@ async fn main() {
         f.rss_mib = peak_rss_mib(target.pid);
         results.insert(which, f);
     }
+
+    // A cache at its size limit, evicting while it serves: six fresh 48 MiB images through
+    // a 160 MiB pullthrough cache (every pull after the third evicts), against the same
+    // pulls through a fresh Distribution proxy (which has no size limit).
+    eprintln!("evicting cache: pushing 6 images...");
+    let evict_images: Vec<Image> = (0..6u64)
+        .map(|i| Image::generate(300 + i, &[16 << 20, 16 << 20, 16 << 20], "amd64"))
+        .collect();
+    for (i, img) in evict_images.iter().enumerate() {
+        push_image(&upstream.url, &format!("bench/evict-{i}"), "v1", img).await;
+    }
+    let limit: u64 = 160 << 20;
+    let dir = work.path().join("evicting");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (evicting, metrics_url) =
+        start_pullthrough(&bin, &upstream, &dir, &format!("maxCacheBytes: {limit}\n")).await;
+    let reference = start_distribution(&upstream).await;
+    let mut evict_s = BTreeMap::new();
+    let mut max_cached = 0f64;
+    for target in [&reference, &evicting] {
+        eprintln!("{}: pulls through a full cache...", target.name);
+        let t = Instant::now();
+        for i in 0..evict_images.len() {
+            pull_image(&target.url, &format!("bench/evict-{i}"), "v1", 3, true).await;
+            if target.name == "pullthrough" {
+                max_cached =
+                    max_cached.max(metric(&metrics_url, "pullthrough_cache_size_bytes").await);
+            }
+        }
+        evict_s.insert(target.name, t.elapsed().as_secs_f64());
+    }
+    let evictions = metric(&metrics_url, "pullthrough_cache_evictions_total").await;
+    let evict_rss = peak_rss_mib(evicting.pid);
 
     let (p, d) = (&results["pullthrough"], &results["distribution"]);
     println!("| figure | pullthrough | Distribution proxy | ratio (pullthrough / Distribution) |");
@@ -312,5 +364,16 @@ async fn main() {
         p.rss_mib,
         d.rss_mib,
         p.rss_mib / d.rss_mib
+    );
+    println!(
+        "| 6 cold pulls of 48 MiB images through a full 160 MiB cache that evicts (s) | {:.2} | {:.2} (no size limit) | {:.2} |",
+        evict_s["pullthrough"],
+        evict_s["distribution"],
+        evict_s["pullthrough"] / evict_s["distribution"]
+    );
+    println!(
+        "| ... while evicting: largest cache size seen (MiB, limit {}), objects evicted, peak RSS (MiB) | {:.1}, {evictions:.0}, {evict_rss:.1} | | |",
+        limit >> 20,
+        max_cached / (1 << 20) as f64,
     );
 }

@@ -105,6 +105,10 @@ struct NodeAgentArgs {
     servers: Vec<String>,
 }
 
+fn parse_quantity(s: &str) -> Result<u64, String> {
+    pullthrough::api::quantity::to_bytes(s)
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     pullthrough::api::duration::parse(s).map_err(|e| e.to_string())
 }
@@ -162,6 +166,10 @@ struct ProxyArgs {
     /// Cache directory.
     #[arg(long, env = "PULLTHROUGH_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Size limit of the cache, as a quantity (e.g. 20Gi, 500M); least recently used
+    /// objects are evicted to stay under it.
+    #[arg(long, env = "PULLTHROUGH_MAX_CACHE_SIZE", value_parser = parse_quantity)]
+    max_cache_size: Option<u64>,
     /// Mirror this registry, as REGISTRY or REGISTRY=URL (repeatable; replaces the
     /// configured upstreams). Example: --upstream ghcr.io --upstream registry.local=http://10.0.0.5:5000
     #[arg(long = "upstream", value_name = "REGISTRY[=URL]")]
@@ -192,6 +200,9 @@ fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
     }
     if let Some(d) = &args.cache_dir {
         config.cache_dir = d.clone();
+    }
+    if let Some(limit) = args.max_cache_size {
+        config.max_cache_bytes = Some(limit);
     }
     if !args.upstreams.is_empty() {
         config.upstreams = args
