@@ -152,3 +152,15 @@ pub fn metric_names(
     }
     out
 }
+
+/// Prometheus text exposition of everything in `registry`.
+pub fn render(registry: &prometheus::Registry) -> String {
+    let mut buf = Vec::new();
+    prometheus::Encoder::encode(
+        &prometheus::TextEncoder::new(),
+        &registry.gather(),
+        &mut buf,
+    )
+    .expect("text encoding cannot fail");
+    String::from_utf8(buf).expect("text encoding is utf-8")
+}

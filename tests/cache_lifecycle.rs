@@ -126,16 +126,7 @@ async fn a_blob_being_sent_is_never_evicted_under_its_reader() {
     let proxy = Proxy::start_config(cfg).await;
     let get = |d: &str| {
         let url = format!("{}/v2/a/b/blobs/{d}", proxy.url);
-        async move {
-            http()
-                .get(&url)
-                .send()
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap()
-        }
+        async move { get_bytes(&url).await }
     };
     get(&held.digest).await;
     get(&x.digest).await;
@@ -169,14 +160,7 @@ async fn an_uncacheable_blob_is_streamed_through_whole() {
     let mut cfg = config(&up);
     cfg.max_cache_bytes = Some(1_000_000);
     let proxy = Proxy::start_config(cfg).await;
-    let body = http()
-        .get(format!("{}/v2/a/b/blobs/{}", proxy.url, big.digest))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = get_bytes(&format!("{}/v2/a/b/blobs/{}", proxy.url, big.digest)).await;
     assert_eq!(
         sha256(&body),
         big.digest,
@@ -237,14 +221,7 @@ async fn prefetch_pulls_the_listed_platforms_at_start() {
         .unwrap();
     assert_eq!(r.status(), 200);
     for b in arm64.blobs() {
-        let body = http()
-            .get(format!("{}/v2/team/app/blobs/{}", proxy.url, b.digest))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let body = get_bytes(&format!("{}/v2/team/app/blobs/{}", proxy.url, b.digest)).await;
         assert_eq!(sha256(&body), b.digest);
     }
     assert_eq!(up.total(), calls, "all hits");
@@ -348,14 +325,7 @@ async fn a_process_killed_mid_download_leaves_nothing_corrupt() {
         0.0,
         "the index holds nothing partial"
     );
-    let body = http()
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = get_bytes(&url).await;
     assert_eq!(sha256(&body), layer.digest);
     assert!(cached(&cache, &layer.digest));
     let on_disk = std::fs::read(

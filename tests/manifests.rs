@@ -4,33 +4,11 @@
 
 mod common;
 
-use common::{examples, root, which};
+use common::{examples, kubernetes_validate, root};
 use pullthrough::api::mirror::RegistryMirror;
 use pullthrough::controller::builders::{self, ChildSettings};
 use std::path::Path;
 use std::process::Command;
-
-fn kubernetes_validate(files: &[&Path]) {
-    let bin = which("kubernetes-validate")
-        .expect("kubernetes-validate not found: run ./scripts/test, which installs it from PyPI");
-    for version in ["1.34.0", "1.37.0"] {
-        let out = Command::new(&bin)
-            .args(["--strict", "--kubernetes-version", version])
-            .args(files)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success(),
-            "kubernetes-validate {version} failed:\n{text}"
-        );
-        assert!(!text.contains("ERROR"), "{text}");
-    }
-}
 
 #[test]
 fn generated_children_pass_kubernetes_validation() {

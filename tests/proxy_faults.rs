@@ -163,14 +163,7 @@ async fn dropped_connection_mid_blob_is_never_cached_or_served_whole() {
     assert!(!cached(&proxy, &layer.digest));
     assert_eq!(tmp_files(&proxy), 0, "the partial file is removed");
 
-    let body = http()
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = get_bytes(&url).await;
     assert_eq!(sha256(&body), layer.digest);
     assert!(cached(&proxy, &layer.digest));
     assert_eq!(up.count("GET /v2/a/b/blobs/"), 2);
@@ -218,14 +211,7 @@ async fn wrong_bytes_for_a_digest_are_never_cached_or_served_whole() {
 
     // Upstream fixed: the right bytes are served and cached.
     up.state.corrupt.lock().unwrap().clear();
-    let body = http()
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = get_bytes(&url).await;
     assert_eq!(sha256(&body), layer.digest);
     assert!(cached(&proxy, &layer.digest));
 }
@@ -248,16 +234,7 @@ async fn slow_upstream_streams_to_the_first_client_and_coalesces_the_rest() {
     let followers: Vec<_> = (0..7)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move {
-                http()
-                    .get(&url)
-                    .send()
-                    .await
-                    .unwrap()
-                    .bytes()
-                    .await
-                    .unwrap()
-            })
+            tokio::spawn(async move { get_bytes(&url).await })
         })
         .collect();
     let mut body = first_chunk.to_vec();

@@ -88,7 +88,7 @@ pub struct MirrorUpstream {
     pub credentials_secret_ref: Option<SecretReference>,
     /// Repository allow/deny globs (`*` matches anything, `/` included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repositories: Option<RepositoryFilterSpec>,
+    pub repositories: Option<RepositoryFilter>,
 }
 
 /// Name of a Secret in the same namespace.
@@ -97,17 +97,6 @@ pub struct SecretReference {
     /// The Secret's name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-}
-
-/// Repository allow/deny globs.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-pub struct RepositoryFilterSpec {
-    /// Globs of repositories that may be pulled; empty allows all.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allow: Vec<String>,
-    /// Globs of repositories that may not be pulled; wins over allow.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deny: Vec<String>,
 }
 
 const DURATION_PATTERN: &str = r"^(0|([0-9]+(ms|s|m|h|d))+)$";
@@ -268,14 +257,7 @@ impl RegistryMirrorSpec {
                         .credentials_secret_ref
                         .as_ref()
                         .map(|_| PathBuf::from(format!("{SECRETS_MOUNT}/{i}/.dockerconfigjson"))),
-                    repositories: u
-                        .repositories
-                        .as_ref()
-                        .map(|r| RepositoryFilter {
-                            allow: r.allow.clone(),
-                            deny: r.deny.clone(),
-                        })
-                        .unwrap_or_default(),
+                    repositories: u.repositories.clone().unwrap_or_default(),
                 })
                 .collect(),
             default_upstream: None,

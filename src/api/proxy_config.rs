@@ -130,13 +130,13 @@ impl std::fmt::Debug for Credentials {
 
 /// Allow/deny globs over repository names (`*` matches any run of characters, `/` too).
 /// Deny wins; an empty allow list allows everything.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RepositoryFilter {
-    /// Globs of repositories that may be pulled.
+    /// Globs of repositories that may be pulled; empty allows all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
-    /// Globs of repositories that may not be pulled.
+    /// Globs of repositories that may not be pulled; wins over allow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
 }

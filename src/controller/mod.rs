@@ -128,14 +128,7 @@ impl ControllerMetrics {
 
     /// Prometheus text.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        prometheus::Encoder::encode(
-            &prometheus::TextEncoder::new(),
-            &self.registry.gather(),
-            &mut buf,
-        )
-        .expect("text encoding");
-        String::from_utf8(buf).expect("utf-8")
+        crate::server::render(&self.registry)
     }
 }
 

@@ -227,14 +227,7 @@ impl AgentMetrics {
 
 impl crate::server::Ops for AgentMetrics {
     fn metrics(&self) -> String {
-        let mut buf = Vec::new();
-        prometheus::Encoder::encode(
-            &prometheus::TextEncoder::new(),
-            &self.registry.gather(),
-            &mut buf,
-        )
-        .expect("text encoding");
-        String::from_utf8(buf).expect("utf-8")
+        crate::server::render(&self.registry)
     }
     fn readiness(&self) -> Result<(), String> {
         Ok(())

@@ -31,6 +31,18 @@ struct Entry {
     refs: Option<Vec<Digest>>,
 }
 
+impl Entry {
+    fn new(size: u64, used_ms: u64, refs: Option<Vec<Digest>>) -> Entry {
+        Entry {
+            size,
+            last_used_ms: used_ms,
+            persisted_ms: used_ms,
+            in_use: 0,
+            refs,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     entries: HashMap<Digest, Entry>,
@@ -148,16 +160,9 @@ impl Index {
                 None
             };
             inner.total += meta.len();
-            inner.entries.insert(
-                digest,
-                Entry {
-                    size: meta.len(),
-                    last_used_ms: used,
-                    persisted_ms: used,
-                    in_use: 0,
-                    refs,
-                },
-            );
+            inner
+                .entries
+                .insert(digest, Entry::new(meta.len(), used, refs));
         }
         // A media type file whose manifest is gone (crash between the two deletions).
         for digest in storage.list_meta()? {
@@ -295,16 +300,10 @@ impl Index {
         let mut inner = self.inner.lock().expect("index lock");
         std::fs::rename(temp, self.storage.blob_path(digest))?;
         let now = unix_now_ms();
-        if let Some(old) = inner.entries.insert(
-            digest.clone(),
-            Entry {
-                size,
-                last_used_ms: now,
-                persisted_ms: now,
-                in_use: 0,
-                refs: None,
-            },
-        ) {
+        if let Some(old) = inner
+            .entries
+            .insert(digest.clone(), Entry::new(size, now, None))
+        {
             inner.total = inner.total.saturating_sub(old.size);
         }
         inner.total += size;
@@ -337,13 +336,7 @@ impl Index {
         let size = body.len() as u64;
         inner.entries.insert(
             digest.clone(),
-            Entry {
-                size,
-                last_used_ms: now,
-                persisted_ms: now,
-                in_use: 0,
-                refs: Some(manifest_refs(body)),
-            },
+            Entry::new(size, now, Some(manifest_refs(body))),
         );
         inner.total += size;
         drop(inner);

@@ -872,19 +872,7 @@ impl PullThrough {
         repository: &str,
         digest: &Digest,
     ) -> Result<BlobAnswer, ProxyError> {
-        let resp = up
-            .request(
-                Method::GET,
-                Kind::Blob,
-                repository,
-                &format!("blobs/{digest}"),
-                None,
-                None,
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(status_error(resp.status(), Kind::Blob));
-        }
+        let resp = get_blob(up, repository, digest).await?;
         let len = content_length(resp.headers());
         struct Relay {
             body: Incoming,
@@ -1006,19 +994,7 @@ impl PullThrough {
         temp: &PathBuf,
         tx: &watch::Sender<FetchState>,
     ) -> Result<Option<(u64, Reservation)>, ProxyError> {
-        let resp = up
-            .request(
-                Method::GET,
-                Kind::Blob,
-                repository,
-                &format!("blobs/{digest}"),
-                None,
-                None,
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(status_error(resp.status(), Kind::Blob));
-        }
+        let resp = get_blob(up, repository, digest).await?;
         let len = content_length(resp.headers());
         // With a size limit, a blob of unknown size cannot be accounted for: stream it.
         let reservation = match len {
@@ -1305,6 +1281,28 @@ fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[String]) -> b
     let short = format!("{}/{}", field("os"), field("architecture"));
     let long = format!("{short}/{}", field("variant"));
     wanted.iter().any(|w| *w == short || *w == long)
+}
+
+/// GETs a blob upstream; any status but 200 is an error.
+async fn get_blob(
+    up: &Upstream,
+    repository: &str,
+    digest: &Digest,
+) -> Result<hyper::Response<Incoming>, ProxyError> {
+    let resp = up
+        .request(
+            Method::GET,
+            Kind::Blob,
+            repository,
+            &format!("blobs/{digest}"),
+            None,
+            None,
+        )
+        .await?;
+    if resp.status() != StatusCode::OK {
+        return Err(status_error(resp.status(), Kind::Blob));
+    }
+    Ok(resp)
 }
 
 /// Size of the reads that serve cached blobs.

@@ -635,3 +635,32 @@ pub fn tar_with_file(name: &str, content: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&[0u8; 1024]);
     out
 }
+
+/// Validates Kubernetes manifests with kubernetes-validate (PyPI), strictly, against the
+/// schemas of the oldest and newest Kubernetes versions it is checked with.
+pub fn kubernetes_validate(files: &[&Path]) {
+    let bin = which("kubernetes-validate")
+        .expect("kubernetes-validate not found: run ./scripts/test, which installs it from PyPI");
+    for version in ["1.34.0", "1.37.0"] {
+        let out = Command::new(&bin)
+            .args(["--strict", "--kubernetes-version", version])
+            .args(files)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "kubernetes-validate {version} failed:\n{text}"
+        );
+        assert!(!text.contains("ERROR") && !text.contains("WARN"), "{text}");
+    }
+}
+
+/// GETs a URL and returns the whole body.
+pub async fn get_bytes(url: &str) -> bytes::Bytes {
+    http().get(url).send().await.unwrap().bytes().await.unwrap()
+}
