@@ -843,19 +843,7 @@ impl PullThrough {
                 });
             }
         }
-        let resp = up
-            .request(
-                Method::HEAD,
-                Kind::Blob,
-                repository,
-                &format!("blobs/{digest}"),
-                None,
-                None,
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(status_error(resp.status(), Kind::Blob));
-        }
+        let resp = blob_request(up, Method::HEAD, repository, digest).await?;
         Ok(BlobAnswer {
             len: content_length(resp.headers()),
             range: None,
@@ -872,7 +860,7 @@ impl PullThrough {
         repository: &str,
         digest: &Digest,
     ) -> Result<BlobAnswer, ProxyError> {
-        let resp = get_blob(up, repository, digest).await?;
+        let resp = blob_request(up, Method::GET, repository, digest).await?;
         let len = content_length(resp.headers());
         struct Relay {
             body: Incoming,
@@ -994,7 +982,7 @@ impl PullThrough {
         temp: &PathBuf,
         tx: &watch::Sender<FetchState>,
     ) -> Result<Option<(u64, Reservation)>, ProxyError> {
-        let resp = get_blob(up, repository, digest).await?;
+        let resp = blob_request(up, Method::GET, repository, digest).await?;
         let len = content_length(resp.headers());
         // With a size limit, a blob of unknown size cannot be accounted for: stream it.
         let reservation = match len {
@@ -1283,21 +1271,16 @@ fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[String]) -> b
     wanted.iter().any(|w| *w == short || *w == long)
 }
 
-/// GETs a blob upstream; any status but 200 is an error.
-async fn get_blob(
+/// Sends a GET or HEAD for a blob upstream; any status but 200 is an error.
+async fn blob_request(
     up: &Upstream,
+    method: Method,
     repository: &str,
     digest: &Digest,
 ) -> Result<hyper::Response<Incoming>, ProxyError> {
+    let path = format!("blobs/{digest}");
     let resp = up
-        .request(
-            Method::GET,
-            Kind::Blob,
-            repository,
-            &format!("blobs/{digest}"),
-            None,
-            None,
-        )
+        .request(method, Kind::Blob, repository, &path, None, None)
         .await?;
     if resp.status() != StatusCode::OK {
         return Err(status_error(resp.status(), Kind::Blob));
