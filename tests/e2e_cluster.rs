@@ -8,11 +8,12 @@
 //! example RegistryMirror into a fresh namespace and check children, status, conflicts,
 //! updates and cleanup. Only a kube-apiserver is needed; with a full cluster and
 //! `PULLTHROUGH_E2E_PROXY_IMAGE` set to a pullable image of this project, they also wait
-//! for the proxy pods to be Ready.
+//! for the proxy pods to be Ready, run a node agent for one node (files in a temp
+//! directory) and check the Node annotation, `status.nodes` and cleanup on deletion.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -20,6 +21,7 @@ use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use pullthrough::api::mirror::{FINALIZER, RegistryMirror};
 use pullthrough::controller::builders::ChildSettings;
 use pullthrough::controller::{ControllerOptions, run};
+use pullthrough::node_agent::AgentOptions;
 use std::time::{Duration, Instant};
 
 async fn client() -> Client {
@@ -161,10 +163,54 @@ async fn controller_runs_a_mirror_end_to_end() {
         .unwrap();
     assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("e2e"));
 
+    // With real proxy pods: Ready, and a node agent (in-process, writing to a temp
+    // directory for one node) configures the node and reports it.
+    let certs = tempfile::tempdir().unwrap();
+    let mut agent = None;
     if image.is_some() {
         eventually(300, "the mirror to be Ready", || async {
             let m = mirrors.get("dockerhub").await.ok()?;
             (cond(&m, "Ready").as_deref() == Some("True")).then_some(())
+        })
+        .await;
+        let nodes: Api<Node> = Api::all(client.clone());
+        let node = nodes
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .remove(0)
+            .name_any();
+        let options = AgentOptions {
+            certs_dir: certs.path().to_path_buf(),
+            containerd_certs_path: certs.path().display().to_string(),
+            containerd_config: certs.path().join("absent.toml"),
+        };
+        let (agent_stop, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(pullthrough::node_agent::run(
+            client.clone(),
+            options,
+            node.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            Duration::from_secs(5),
+            async {
+                let _ = agent_stopped.await;
+            },
+        ));
+        agent = Some((agent_stop, task));
+        let key = format!("{ns_name}/dockerhub");
+        eventually(60, "the node annotation", || async {
+            let n = nodes.get(&node).await.ok()?;
+            n.annotations()
+                .get("pullthrough.dev/mirrors")
+                .is_some_and(|v| v.split(',').any(|m| m == key))
+                .then_some(())
+        })
+        .await;
+        assert!(certs.path().join("docker.io/hosts.toml").exists());
+        eventually(120, "status.nodes.configured", || async {
+            let m = mirrors.get("dockerhub").await.ok()?;
+            (m.status?.nodes?.configured >= 1).then_some(())
         })
         .await;
     }
@@ -244,6 +290,12 @@ async fn controller_runs_a_mirror_end_to_end() {
         .await;
     }
 
+    if let Some((agent_stop, task)) = agent {
+        // The agent removed the mirror's file before the finalizer let it go.
+        assert!(!certs.path().join("docker.io/hosts.toml").exists());
+        let _ = agent_stop.send(());
+        task.await.unwrap().unwrap();
+    }
     let _ = stop.send(());
     controller.await.unwrap().unwrap();
     namespaces

@@ -99,6 +99,56 @@ async fn bearer_token_flow_with_credentials_and_token_cache() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_redirects_to_storage_are_followed_without_leaking_credentials() {
+    let origin = FaultUpstream::start().await;
+    let cdn = FaultUpstream::start().await;
+    *origin.state.token_auth.lock().unwrap() = Some(("alice".into(), "s3cret".into()));
+    *origin.state.redirect_blobs_to.lock().unwrap() = Some(cdn.url.clone());
+    let image = Image::generate(26, &[120_000, 5_000], "amd64");
+    origin.add_image("private/app", "v1", &image);
+    for b in image.blobs() {
+        cdn.add_blob(b);
+    }
+    let mut cfg = config(&origin);
+    cfg.upstreams[0].credentials = Some(Credentials {
+        username: "alice".into(),
+        password: "s3cret".into(),
+    });
+    let proxy = Proxy::start_config(cfg).await;
+    let pulled = pull(&proxy.url, "private/app", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, image.manifest.digest);
+    let blobs = image.blobs().count();
+    assert_eq!(
+        cdn.count("GET /storage/"),
+        blobs,
+        "every blob came from storage"
+    );
+    assert!(
+        cdn.state
+            .auth_log
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|a| a.is_empty()),
+        "registry credentials never reach another host: {:?}",
+        cdn.state.auth_log.lock().unwrap()
+    );
+    assert!(
+        origin
+            .state
+            .auth_log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|a| a == "Bearer secret-token")
+    );
+    // Cached like any other blob.
+    for b in image.blobs() {
+        assert!(cached(&proxy, &b.digest));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_5xx_is_an_oci_error_and_caches_nothing() {
     let up = FaultUpstream::start().await;
     let image = Image::generate(22, &[10_000], "amd64");

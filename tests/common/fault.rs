@@ -35,6 +35,11 @@ pub struct State {
     pub slow_ms: AtomicU64,
     /// Every request as "METHOD path?query".
     pub log: Mutex<Vec<String>>,
+    /// The Authorization header of every request ("" when absent).
+    pub auth_log: Mutex<Vec<String>>,
+    /// When set: blob GETs are redirected (307) to `<this>/storage/<digest>?sig=ok`, as
+    /// registries do to pre-signed object storage URLs.
+    pub redirect_blobs_to: Mutex<Option<String>>,
 }
 
 pub struct FaultUpstream {
@@ -158,6 +163,17 @@ async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    st.auth_log.lock().unwrap().push(auth.clone());
+    if let Some(digest) = path.strip_prefix("/storage/") {
+        // Object storage: the signature in the URL is the authorization.
+        if !query.contains("sig=ok") {
+            return full(StatusCode::FORBIDDEN, "bad signature");
+        }
+        return match st.blobs.lock().unwrap().get(digest) {
+            Some(b) => full(StatusCode::OK, b.clone()),
+            None => full(StatusCode::NOT_FOUND, ""),
+        };
+    }
     if path == "/token" {
         let creds = st.token_auth.lock().unwrap().clone();
         let Some((u, p)) = creds else {
@@ -240,6 +256,14 @@ async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body
         if head {
             let mut r = full(StatusCode::OK, Vec::new());
             r.headers_mut().insert("content-length", len.into());
+            return r;
+        }
+        if let Some(cdn) = st.redirect_blobs_to.lock().unwrap().clone() {
+            let mut r = full(StatusCode::TEMPORARY_REDIRECT, Vec::new());
+            r.headers_mut().insert(
+                "location",
+                format!("{cdn}/storage/{digest}?sig=ok").parse().unwrap(),
+            );
             return r;
         }
         let cut = st
