@@ -101,7 +101,7 @@ async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
 
     // The index survives a restart: same content, same accounting, pin still honoured.
     let before = blob_dir_bytes(&cache);
-    let proxy = Proxy::start_config(cfg).await;
+    let proxy = Proxy::start_config(cfg.clone()).await;
     assert_eq!(
         proxy.metric("pullthrough_cache_size_bytes", &[]).await,
         before as f64
@@ -109,6 +109,18 @@ async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
     pull(&proxy.url, "team/img1", "v1", None).await.unwrap();
     assert!(cached(&cache, &images[0].layers[0].digest));
     assert!(blob_dir_bytes(&cache) <= limit);
+    proxy.stop().await;
+
+    // Restarted with a lower limit: evicted down to it at start, the pin kept.
+    cfg.max_cache_bytes = Some(1_200_000);
+    let proxy = Proxy::start_config(cfg).await;
+    eventually(20, "the cache to shrink to its new limit", || async {
+        proxy.metric("pullthrough_cache_size_bytes", &[]).await <= 1_200_000.0
+    })
+    .await;
+    assert!(cached(&cache, &images[0].layers[0].digest), "pinned");
+    assert!(!cached(&cache, &images[1].layers[0].digest));
+    assert!(blob_dir_bytes(&cache) <= 1_200_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,8 +143,9 @@ fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
 }
 
 impl Index {
-    /// Rebuilds the index from the cache directory (blocking: call at start), then evicts
-    /// down to `limit` if the directory holds more (the limit was lowered).
+    /// Rebuilds the index from the cache directory (blocking: call at start). If the
+    /// directory holds more than `limit` (the limit was lowered), [`Index::reserve`] evicts
+    /// down to it, pins known, once the cache is running.
     pub fn rebuild(
         storage: Arc<Storage>,
         limit: Option<u64>,
@@ -180,13 +181,6 @@ impl Index {
             .metrics
             .cache_limit_bytes
             .set(limit.unwrap_or(0) as i64);
-        if let Some(limit) = limit {
-            let mut inner = index.inner.lock().expect("index lock");
-            if inner.total > limit {
-                let need = inner.total - limit;
-                index.evict_locked(&mut inner, need, &HashSet::new());
-            }
-        }
         index.publish();
         Ok(index)
     }
@@ -590,9 +584,11 @@ mod tests {
             3,
             "references re-parsed from the manifest"
         );
-        // A lower limit at start evicts down to it.
+        // A lower limit at start: the first reservation evicts down to it.
         let (storage, _) = Storage::open(dir.path()).unwrap();
         let small = Index::rebuild(Arc::new(storage), Some(600), Metrics::new()).unwrap();
+        assert!(small.total() > 600);
+        drop(small.reserve(0, &HashSet::new()).unwrap());
         assert!(small.total() <= 600, "{}", small.total());
     }
 

@@ -294,14 +294,16 @@ pub async fn serve(
     });
     let api_task = tokio::spawn(api_loop);
     let ops_task = tokio::spawn(ops_loop);
-    let prefetch = (!proxy.prefetch.is_empty()).then(|| {
-        let p = proxy.clone();
-        tokio::spawn(async move { p.cache.prefetch(&p.prefetch, &p.prefetch_platforms).await })
+    // Pins are known once prefetched: only then may a lowered limit evict.
+    let p = proxy.clone();
+    let startup = tokio::spawn(async move {
+        if !p.prefetch.is_empty() {
+            p.cache.prefetch(&p.prefetch, &p.prefetch_platforms).await;
+        }
+        p.cache.enforce_limit().await;
     });
     shutdown.await;
-    if let Some(task) = prefetch {
-        task.abort();
-    }
+    startup.abort();
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = api_task.await;

@@ -1157,6 +1157,13 @@ impl PullThrough {
         Ok((manifests, blobs, bytes))
     }
 
+    /// Evicts down to the size limit (after a restart with a lower limit), keeping pins.
+    pub async fn enforce_limit(self: &Arc<Self>) {
+        if self.index.limit().is_some() {
+            drop(self.reserve(0).await);
+        }
+    }
+
     /// Drops an image (tag or digest) from the cache on purpose: the tag record, the
     /// manifests, and the blobs no other cached manifest or pin needs.
     pub async fn drop_image(
