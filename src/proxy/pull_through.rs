@@ -1296,9 +1296,9 @@ async fn blob_request(
 }
 
 /// Size of the reads that serve cached blobs.
-const SERVE_CHUNK: u64 = 1 << 20;
+const SERVE_CHUNK: u64 = 256 << 10;
 
-/// `count` bytes of a file from `start`, read on the blocking pool a megabyte at a time
+/// `count` bytes of a file from `start`, read on the blocking pool 256 KiB at a time
 /// straight into the buffers that go out (no intermediate copy, no zero-filling).
 fn file_chunks(
     mut file: std::fs::File,
