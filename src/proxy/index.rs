@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How often a use is written to the file's modification time.
 const PERSIST_EVERY_MS: u64 = 60_000;
@@ -376,22 +376,12 @@ impl Index {
                 );
             }
         }
+        let mut counts = Self::ref_counts(&inner);
         let mut victims: Vec<Digest> = manifests.clone();
-        let gone: HashSet<&Digest> = manifests.iter().collect();
-        let still_referenced: HashSet<Digest> = inner
-            .entries
-            .iter()
-            .filter(|(d, e)| e.refs.is_some() && !gone.contains(d))
-            .flat_map(|(_, e)| e.refs.clone().unwrap_or_default())
-            .collect();
         for m in &manifests {
-            for r in inner.entries[m].refs.clone().unwrap_or_default() {
-                let blob = inner.entries.get(&r).is_some_and(|e| e.refs.is_none());
-                if blob
-                    && !still_referenced.contains(&r)
-                    && !pinned.contains(&r)
-                    && !victims.contains(&r)
-                {
+            let refs = inner.entries[m].refs.clone().unwrap_or_default();
+            for r in Self::orphans(&inner, &mut counts, &refs, pinned) {
+                if !victims.contains(&r) {
                     victims.push(r);
                 }
             }
@@ -402,6 +392,39 @@ impl Index {
         drop(inner);
         self.publish();
         removal
+    }
+
+    /// How many cached manifests reference each digest.
+    fn ref_counts(inner: &Inner) -> HashMap<Digest, usize> {
+        let mut counts = HashMap::new();
+        for refs in inner.entries.values().filter_map(|e| e.refs.as_ref()) {
+            for r in refs {
+                *counts.entry(r.clone()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// Takes a manifest that goes off the reference counts and returns the blobs it leaves
+    /// referenced by no cached manifest (pinned ones excepted).
+    fn orphans(
+        inner: &Inner,
+        counts: &mut HashMap<Digest, usize>,
+        refs: &[Digest],
+        pinned: &HashSet<Digest>,
+    ) -> Vec<Digest> {
+        let mut out = Vec::new();
+        for r in refs {
+            let Some(n) = counts.get_mut(r) else {
+                continue;
+            };
+            *n = n.saturating_sub(1);
+            let blob = inner.entries.get(r).is_some_and(|e| e.refs.is_none());
+            if *n == 0 && blob && !pinned.contains(r) && !out.contains(r) {
+                out.push(r.clone());
+            }
+        }
+        out
     }
 
     fn remove_locked(&self, inner: &mut Inner, d: &Digest, removal: &mut Removal) -> bool {
@@ -444,26 +467,25 @@ impl Index {
             .collect();
         candidates.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.hex().cmp(b.1.hex())));
         let mut removal = Removal::default();
+        // Counted once, kept up to date as manifests go: not recounted per victim.
+        let mut counts: Option<HashMap<Digest, usize>> = None;
         for (_, d) in candidates {
             if removal.bytes >= need {
                 break;
             }
             let refs = inner.entries.get(&d).and_then(|e| e.refs.clone());
+            if refs.is_some() && counts.is_none() {
+                counts = Some(Self::ref_counts(inner));
+            }
             if !self.remove_locked(inner, &d, &mut removal) {
                 continue;
             }
             if let Some(refs) = refs {
-                let still: HashSet<Digest> = inner
-                    .entries
-                    .values()
-                    .filter_map(|e| e.refs.clone())
-                    .flatten()
-                    .collect();
-                for r in refs {
-                    let blob = inner.entries.get(&r).is_some_and(|e| e.refs.is_none());
-                    if blob && !still.contains(&r) && !pinned.contains(&r) {
-                        self.remove_locked(inner, &r, &mut removal);
-                    }
+                let counts = counts
+                    .as_mut()
+                    .expect("counted before the first manifest went");
+                for r in Self::orphans(inner, counts, &refs, pinned) {
+                    self.remove_locked(inner, &r, &mut removal);
                 }
             }
         }
@@ -480,7 +502,8 @@ impl Index {
     }
 
     /// Ages an object's last use (tests of the eviction order).
-    pub fn set_last_used(&self, digest: &Digest, ago: Duration) {
+    #[cfg(test)]
+    pub fn set_last_used(&self, digest: &Digest, ago: std::time::Duration) {
         let mut inner = self.inner.lock().expect("index lock");
         if let Some(e) = inner.entries.get_mut(digest) {
             e.last_used_ms = unix_now_ms().saturating_sub(ago.as_millis() as u64);
@@ -492,6 +515,7 @@ impl Index {
 mod tests {
     use super::*;
     use crate::oci::Algorithm;
+    use std::time::Duration;
 
     fn setup(limit: Option<u64>) -> (tempfile::TempDir, Arc<Index>) {
         let dir = tempfile::tempdir().unwrap();
