@@ -42,19 +42,6 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-async fn wait_up(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(r) = http().get(format!("{url}/v2/")).send().await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} did not come up");
-}
-
 async fn start_pullthrough(
     bin: &Path,
     upstream: &Registry,
@@ -80,7 +67,10 @@ async fn start_pullthrough(
         .spawn()
         .expect("pullthrough binary runs");
     let url = format!("http://127.0.0.1:{port}");
-    wait_up(&url).await;
+    assert!(
+        serving(&url, Duration::from_secs(30)).await,
+        "{url} did not come up"
+    );
     let target = Target {
         name: "pullthrough",
         url,

@@ -279,11 +279,10 @@ async fn start_process(upstream: &FaultUpstream, cache: &Path, extra: &str) -> P
         url: format!("http://127.0.0.1:{port}"),
         metrics: format!("http://127.0.0.1:{mport}"),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http().get(format!("{}/v2/", p.url)).send().await.is_err() {
-        assert!(Instant::now() < deadline, "proxy process did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        serving(&p.url, Duration::from_secs(20)).await,
+        "proxy process did not start"
+    );
     p
 }
 

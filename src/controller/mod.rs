@@ -203,7 +203,6 @@ pub fn error_policy(mirror: Arc<RegistryMirror>, error: &Error, ctx: Arc<Context
 
 async fn reconcile_inner(mirror: &Arc<RegistryMirror>, ctx: &Context) -> Result<Action, Error> {
     let ns = mirror.namespace().ok_or(Error::NoNamespace)?;
-    let name = mirror.name_any();
     let mirrors: Api<RegistryMirror> = Api::namespaced(ctx.client.clone(), &ns);
     if mirror.meta().deletion_timestamp.is_some() {
         return cleanup(mirror, ctx, &mirrors).await;
@@ -211,13 +210,7 @@ async fn reconcile_inner(mirror: &Arc<RegistryMirror>, ctx: &Context) -> Result<
     if !mirror.finalizers().iter().any(|f| f == FINALIZER) {
         let mut finalizers = mirror.finalizers().to_vec();
         finalizers.push(FINALIZER.to_string());
-        let patch = serde_json::json!({
-            "metadata": {"finalizers": finalizers, "resourceVersion": mirror.resource_version()}
-        });
-        mirrors
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(kube_err("adding the finalizer"))?;
+        set_finalizers(&mirrors, mirror, finalizers, "adding the finalizer").await?;
         // The patch is itself a change that brings the mirror back here.
         return Ok(Action::await_change());
     }
@@ -441,10 +434,36 @@ async fn publish_transitions(
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, "could not publish an event");
-        }
+        record(ctx, &reference, &event).await;
     }
+}
+
+/// Publishes an Event; failing to is logged, never fatal.
+async fn record(ctx: &Context, reference: &ObjectReference, event: &Event) {
+    if let Err(e) = ctx.recorder.publish(event, reference).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+/// Replaces the mirror's finalizers, failing if it changed since it was read.
+async fn set_finalizers(
+    mirrors: &Api<RegistryMirror>,
+    mirror: &RegistryMirror,
+    finalizers: Vec<String>,
+    action: &str,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": mirror.resource_version()}
+    });
+    mirrors
+        .patch(
+            &mirror.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(kube_err(action))?;
+    Ok(())
 }
 
 /// A mirror is being deleted: its children go by owner reference; it stays until no node
@@ -504,26 +523,14 @@ async fn cleanup(
         action: "Delete".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-        tracing::warn!(error = %e, "could not publish an event");
-    }
+    record(ctx, &reference, &event).await;
     let finalizers: Vec<String> = mirror
         .finalizers()
         .iter()
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    let patch = serde_json::json!({
-        "metadata": {"finalizers": finalizers, "resourceVersion": mirror.resource_version()}
-    });
-    mirrors
-        .patch(
-            &mirror.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .map_err(kube_err("removing the finalizer"))?;
+    set_finalizers(mirrors, mirror, finalizers, "removing the finalizer").await?;
     Ok(Action::await_change())
 }
 

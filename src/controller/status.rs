@@ -56,8 +56,7 @@ pub fn conflicts(
     me: &RegistryMirror,
     all: &[std::sync::Arc<RegistryMirror>],
 ) -> BTreeMap<String, String> {
-    let order = claim_order;
-    let mine = order(me);
+    let mine = claim_order(me);
     let my_registries: Vec<String> = me
         .spec
         .upstreams
@@ -69,7 +68,7 @@ pub fn conflicts(
         if other.uid() == me.uid() || other.meta().deletion_timestamp.is_some() {
             continue;
         }
-        if order(other) >= mine {
+        if claim_order(other) >= mine {
             continue;
         }
         for u in &other.spec.upstreams {

@@ -10,14 +10,7 @@ use std::time::Duration;
 /// Asks the proxy whose operations port is at `admin_url` (e.g. `http://127.0.0.1:9095`)
 /// to drop `image` from its cache. Returns the proxy's JSON answer.
 pub async fn drop_image(admin_url: &str, image: &str) -> Result<serde_json::Value, String> {
-    let mut encoded = String::new();
-    for b in image.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/:@".contains(&b) {
-            encoded.push(b as char);
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
+    let encoded = super::upstream::query_escape(image);
     let uri = format!(
         "{}/admin/cache?image={encoded}",
         admin_url.trim_end_matches('/')

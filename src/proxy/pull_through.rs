@@ -662,20 +662,16 @@ impl PullThrough {
         if let Some(answer) = self.cached_blob(digest, range, head).await? {
             return Ok(answer);
         }
-        let existing = self
-            .blobs
-            .lock()
-            .expect("blob map lock")
-            .get(digest)
-            .cloned();
         if head {
-            return self.head_blob(up, repository, digest, existing).await;
+            let running = self
+                .blobs
+                .lock()
+                .expect("blob map lock")
+                .get(digest)
+                .cloned();
+            return self.head_blob(up, repository, digest, running).await;
         }
-        let joined = match existing {
-            Some(f) => Some((f, false)),
-            None => self.join_or_start(up, repository, digest),
-        };
-        let Some((fetch, leader)) = joined else {
+        let Some((fetch, leader)) = self.join_or_start(up, repository, digest) else {
             // Finished between our cache check and taking the lock.
             return self
                 .cached_blob(digest, range, head)
@@ -987,7 +983,7 @@ impl PullThrough {
         // With a size limit, a blob of unknown size cannot be accounted for: stream it.
         let reservation = match len {
             Some(l) => self.reserve(l).await,
-            None if self.index.limit().is_none() && !self.disk_full() => self.reserve(0).await,
+            None if self.index.limit().is_none() => self.reserve(0).await,
             None => None,
         };
         let Some(reservation) = reservation else {

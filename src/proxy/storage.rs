@@ -140,23 +140,6 @@ impl Storage {
             .join(format!("{}-{n}", std::process::id()))
     }
 
-    /// Size of a committed blob, if cached.
-    pub async fn blob_len(&self, digest: &Digest) -> Option<u64> {
-        tokio::fs::metadata(self.blob_path(digest))
-            .await
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
-    }
-
-    /// Same as [`Storage::blob_len`], for use under a lock.
-    pub fn blob_len_now(&self, digest: &Digest) -> Option<u64> {
-        std::fs::metadata(self.blob_path(digest))
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
-    }
-
     /// A cached manifest and its media type. Content that no longer matches its digest
     /// (disk corruption) is removed and reported as absent.
     pub async fn get_manifest(&self, digest: &Digest) -> io::Result<Option<(Bytes, String)>> {

@@ -424,7 +424,8 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     })
 }
 
-fn query_escape(s: &str) -> String {
+/// Percent-encodes a query parameter value (RFC 3986 unreserved characters stay).
+pub(crate) fn query_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

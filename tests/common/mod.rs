@@ -94,20 +94,11 @@ impl Registry {
             child,
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = http().get(format!("{url}/v2/")).send().await
-                && r.status().is_success()
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not come up: {}",
-                reg.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert!(
+            serving(&url, Duration::from_secs(20)).await,
+            "docker-registry did not come up: {}",
+            reg.log()
+        );
         reg
     }
 
@@ -143,6 +134,20 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits up to `limit` for a registry at `url` to answer `GET /v2/` with success.
+pub async fn serving(url: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(r) = http().get(format!("{url}/v2/")).send().await
+            && r.status().is_success()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 pub fn which(bin: &str) -> Option<PathBuf> {
