@@ -27,11 +27,11 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap};
 use hyper::{Method, StatusCode};
 use std::collections::HashMap;
-use std::io::{self, SeekFrom};
+use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -1291,42 +1291,25 @@ async fn blob_request(
     Ok(resp)
 }
 
-/// Size of the reads that serve cached blobs.
-const SERVE_CHUNK: u64 = 256 << 10;
-
-/// `count` bytes of a file from `start`, read on the blocking pool 256 KiB at a time
-/// straight into the buffers that go out (no intermediate copy, no zero-filling).
+/// `count` bytes of a file from `start`, a chunk at a time (see [`read_chunk`]).
 fn file_chunks(
-    mut file: std::fs::File,
+    file: std::fs::File,
     start: u64,
     count: u64,
 ) -> BoxStream<'static, io::Result<Bytes>> {
-    if start > 0 {
-        // lseek does not block.
-        if let Err(e) = std::io::Seek::seek(&mut file, SeekFrom::Start(start)) {
-            return futures::stream::once(async move { Err(e) }).boxed();
-        }
-    }
+    let file = Arc::new(file);
     futures::stream::unfold((Some(file), start, count), |(file, pos, left)| async move {
-        let mut file = file?;
+        let file = file?;
         if left == 0 {
             return None;
         }
-        let want = left.min(SERVE_CHUNK);
-        let read = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut buf = Vec::with_capacity(want as usize);
-            (&mut file).take(want).read_to_end(&mut buf)?;
-            Ok::<_, io::Error>((file, buf))
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)));
-        match read {
-            Ok((_, buf)) if buf.is_empty() => Some((
+        let want = left.min(CHUNK as u64) as usize;
+        match read_chunk(&file, pos, want).await {
+            Ok(buf) if buf.is_empty() => Some((
                 Err(io::Error::other("cached blob is shorter than its size")),
                 (None, pos, 0),
             )),
-            Ok((file, buf)) => {
+            Ok(buf) => {
                 let n = buf.len() as u64;
                 Some((Ok(Bytes::from(buf)), (Some(file), pos + n, left - n)))
             }
@@ -1334,6 +1317,33 @@ fn file_chunks(
         }
     })
     .boxed()
+}
+
+/// Up to `want` bytes of `file` at `pos`; empty at end of file. Data already in the page
+/// cache is read on the calling task (`preadv2` with `RWF_NOWAIT`): handing every chunk to
+/// the blocking pool cost more CPU than the copy itself on a warm pull. Data that would
+/// wait for the disk (or a kernel or file system without the flag) is read on the
+/// blocking pool.
+async fn read_chunk(file: &Arc<std::fs::File>, pos: u64, want: usize) -> io::Result<Vec<u8>> {
+    use rustix::io::{ReadWriteFlags, preadv2};
+    let mut buf = vec![0u8; want];
+    if let Ok(n @ 1..) = preadv2(
+        &**file,
+        &mut [io::IoSliceMut::new(&mut buf)],
+        pos,
+        ReadWriteFlags::NOWAIT,
+    ) {
+        buf.truncate(n);
+        return Ok(buf);
+    }
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::with_capacity(want);
+        rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), pos)?;
+        Ok(buf)
+    })
+    .await
+    .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// Whether an I/O error means the disk is full.
@@ -1378,7 +1388,7 @@ struct LiveReader {
     rx: watch::Receiver<FetchState>,
     temp: PathBuf,
     final_path: PathBuf,
-    file: Option<tokio::fs::File>,
+    file: Option<Arc<std::fs::File>>,
     pos: u64,
     end: Option<u64>,
     finished: bool,
@@ -1412,15 +1422,13 @@ impl LiveReader {
                         .map_err(|_| io::Error::other("download abandoned"))?;
                     continue;
                 }
-                let file = self.file.as_mut().expect("opened above");
+                let file = self.file.as_ref().expect("opened above");
                 let want = (limit - self.pos).min(CHUNK as u64) as usize;
-                let mut buf = vec![0u8; want];
-                let n = file.read(&mut buf).await?;
-                if n == 0 {
+                let buf = read_chunk(file, self.pos, want).await?;
+                if buf.is_empty() {
                     return Err(io::Error::other("cache file shorter than expected"));
                 }
-                buf.truncate(n);
-                self.pos += n as u64;
+                self.pos += buf.len() as u64;
                 return Ok(Some(Bytes::from(buf)));
             }
             if complete {
@@ -1443,11 +1451,8 @@ impl LiveReader {
         };
         for path in paths {
             match tokio::fs::File::open(path).await {
-                Ok(mut f) => {
-                    if self.pos > 0 {
-                        f.seek(SeekFrom::Start(self.pos)).await?;
-                    }
-                    self.file = Some(f);
+                Ok(f) => {
+                    self.file = Some(Arc::new(f.into_std().await));
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -1472,6 +1477,52 @@ mod tests {
             tags_list_ttl: Duration::from_secs(30),
             max_manifest_bytes: 1 << 20,
         }
+    }
+
+    /// Reads every chunk of a `count`-byte span from `start` and joins them.
+    async fn read_span(file: &std::fs::File, start: u64, count: u64) -> io::Result<Vec<u8>> {
+        let chunks: Vec<io::Result<Bytes>> =
+            file_chunks(file.try_clone()?, start, count).collect().await;
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn cached_blobs_are_read_from_memory_or_from_disk() {
+        // On the build's own disk: a tmpfs /tmp would keep the pages in memory.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..CHUNK * 2 + 1000).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        let len = data.len() as u64;
+
+        // In the page cache: read on the task, whole and from an offset.
+        assert_eq!(read_span(&file, 0, len).await.unwrap(), data);
+        assert_eq!(read_span(&file, 7, len - 7).await.unwrap(), &data[7..]);
+
+        // Out of the page cache: the non-blocking read refuses, the blocking pool reads.
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let mut probe = [0u8; 16];
+        assert_eq!(
+            rustix::io::preadv2(
+                &file,
+                &mut [io::IoSliceMut::new(&mut probe)],
+                3,
+                rustix::io::ReadWriteFlags::NOWAIT
+            ),
+            Err(rustix::io::Errno::AGAIN),
+            "the pages were not dropped, so the disk path would not be tested"
+        );
+        assert_eq!(read_span(&file, 3, len - 3).await.unwrap(), &data[3..]);
+
+        // A file shorter than the span asked for is an error, not a short body.
+        let err = read_span(&file, 0, len + 10).await.unwrap_err();
+        assert!(err.to_string().contains("shorter"), "{err}");
     }
 
     #[test]
