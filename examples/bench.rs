@@ -101,15 +101,7 @@ async fn start_pullthrough(
 }
 
 async fn metric(metrics_url: &str, name: &str) -> f64 {
-    let text = http()
-        .get(format!("{metrics_url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metric_value(&text, name, &[])
+    metric_value(&scrape(metrics_url).await, name, &[])
 }
 
 async fn start_distribution(upstream: &Registry) -> Target {

@@ -323,14 +323,7 @@ async fn a_process_killed_mid_download_leaves_nothing_corrupt() {
         0,
         "partials cleaned at start"
     );
-    let m = http()
-        .get(format!("{}/metrics", proxy.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = scrape(&proxy.metrics).await;
     assert_eq!(
         metric_value(&m, "pullthrough_cache_blobs", &[]),
         0.0,

@@ -1305,10 +1305,6 @@ fn file_chunks(
         }
         let want = left.min(CHUNK as u64) as usize;
         match read_chunk(&file, pos, want).await {
-            Ok(buf) if buf.is_empty() => Some((
-                Err(io::Error::other("cached blob is shorter than its size")),
-                (None, pos, 0),
-            )),
             Ok(buf) => {
                 let n = buf.len() as u64;
                 Some((Ok(Bytes::from(buf)), (Some(file), pos + n, left - n)))
@@ -1319,7 +1315,8 @@ fn file_chunks(
     .boxed()
 }
 
-/// Up to `want` bytes of `file` at `pos`; empty at end of file. Data already in the page
+/// Between 1 and `want` (> 0) bytes of `file` at `pos`; an error if the file ends there,
+/// since callers read only what they know was written. Data already in the page
 /// cache is read on the calling task (`preadv2` with `RWF_NOWAIT`): handing every chunk to
 /// the blocking pool cost more CPU than the copy itself on a warm pull. Data that would
 /// wait for the disk (or a kernel or file system without the flag) is read on the
@@ -1337,13 +1334,17 @@ async fn read_chunk(file: &Arc<std::fs::File>, pos: u64, want: usize) -> io::Res
         return Ok(buf);
     }
     let file = file.clone();
-    tokio::task::spawn_blocking(move || {
+    let buf = tokio::task::spawn_blocking(move || {
         let mut buf = Vec::with_capacity(want);
         rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), pos)?;
-        Ok(buf)
+        Ok::<_, io::Error>(buf)
     })
     .await
-    .unwrap_or_else(|e| Err(io::Error::other(e)))
+    .unwrap_or_else(|e| Err(io::Error::other(e)))?;
+    if buf.is_empty() {
+        return Err(io::Error::other("cache file is shorter than expected"));
+    }
+    Ok(buf)
 }
 
 /// Whether an I/O error means the disk is full.
@@ -1425,9 +1426,6 @@ impl LiveReader {
                 let file = self.file.as_ref().expect("opened above");
                 let want = (limit - self.pos).min(CHUNK as u64) as usize;
                 let buf = read_chunk(file, self.pos, want).await?;
-                if buf.is_empty() {
-                    return Err(io::Error::other("cache file shorter than expected"));
-                }
                 self.pos += buf.len() as u64;
                 return Ok(Some(Bytes::from(buf)));
             }

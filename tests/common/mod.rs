@@ -218,14 +218,7 @@ impl Proxy {
     }
 
     pub async fn metrics(&self) -> String {
-        http()
-            .get(format!("{}/metrics", self.metrics_url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        scrape(&self.metrics_url).await
     }
 
     /// Value of one sample, matched by name and every `k="v"` label given (0 if absent).
@@ -240,6 +233,18 @@ impl Drop for Proxy {
             let _ = tx.send(());
         }
     }
+}
+
+/// The Prometheus text an operations server at `metrics_url` exposes.
+pub async fn scrape(metrics_url: &str) -> String {
+    http()
+        .get(format!("{metrics_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
