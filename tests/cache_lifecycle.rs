@@ -70,8 +70,10 @@ async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
 
     // img1 fits; img2 does not without evicting, and img0 is pinned: img1 goes.
     pull(&proxy.url, "team/img1", "v1", None).await.unwrap();
+    proxy.settled().await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     pull(&proxy.url, "team/img2", "v1", None).await.unwrap();
+    proxy.settled().await;
     assert!(cached(&cache, &images[0].layers[0].digest), "pinned");
     assert!(
         !cached(&cache, &images[1].layers[0].digest),
@@ -91,6 +93,7 @@ async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
     );
 
     pull(&proxy.url, "team/img3", "v1", None).await.unwrap();
+    proxy.settled().await;
     assert!(cached(&cache, &images[3].layers[0].digest));
     assert!(
         !cached(&cache, &images[2].layers[0].digest),
@@ -107,6 +110,7 @@ async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
         before as f64
     );
     pull(&proxy.url, "team/img1", "v1", None).await.unwrap();
+    proxy.settled().await;
     assert!(cached(&cache, &images[0].layers[0].digest));
     assert!(blob_dir_bytes(&cache) <= limit);
     proxy.stop().await;
@@ -142,6 +146,7 @@ async fn a_blob_being_sent_is_never_evicted_under_its_reader() {
     };
     get(&held.digest).await;
     get(&x.digest).await;
+    proxy.settled().await;
     let mut reading = http()
         .get(format!("{}/v2/a/b/blobs/{}", proxy.url, held.digest))
         .send()
@@ -150,6 +155,7 @@ async fn a_blob_being_sent_is_never_evicted_under_its_reader() {
     let first = reading.chunk().await.unwrap().unwrap();
     // y needs room: the held blob is older but in use, so x goes.
     assert_eq!(sha256(&get(&y.digest).await), y.digest);
+    proxy.settled().await;
     assert!(cached(&proxy.cache_dir, &held.digest), "in use: kept");
     assert!(!cached(&proxy.cache_dir, &x.digest));
     assert!(cached(&proxy.cache_dir, &y.digest));
@@ -160,6 +166,7 @@ async fn a_blob_being_sent_is_never_evicted_under_its_reader() {
     assert_eq!(sha256(&body), held.digest, "the reader got all of it");
     // Read and released: it can go now.
     assert_eq!(sha256(&get(&x.digest).await), x.digest);
+    proxy.settled().await;
     assert!(!cached(&proxy.cache_dir, &held.digest));
     assert!(blob_dir_bytes(&proxy.cache_dir) <= 40 << 20);
 }
@@ -331,6 +338,7 @@ async fn a_process_killed_mid_download_leaves_nothing_corrupt() {
     );
     let body = get_bytes(&url).await;
     assert_eq!(sha256(&body), layer.digest);
+    settled(&proxy.metrics).await;
     assert!(cached(&cache, &layer.digest));
     let on_disk = std::fs::read(
         cache
@@ -405,6 +413,7 @@ async fn a_full_disk_streams_through_and_caching_resumes_when_space_returns() {
     std::fs::remove_file(&filler).unwrap();
     tokio::time::sleep(Duration::from_millis(2200)).await;
     pull(&proxy.url, "a/b", "v1", None).await.unwrap();
+    proxy.settled().await;
     assert!(cached(&proxy.cache_dir, &image.layers[0].digest));
     assert_eq!(proxy.metric("pullthrough_cache_disk_full", &[]).await, 0.0);
     let ready = http()
@@ -436,6 +445,7 @@ async fn an_image_can_be_dropped_on_purpose_from_the_cli() {
     let proxy = start_process(&up, &cache, "").await;
     pull(&proxy.url, "team/a", "v1", None).await.unwrap();
     pull(&proxy.url, "team/b", "v1", None).await.unwrap();
+    settled(&proxy.metrics).await;
 
     let cli = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_pullthrough"))

@@ -143,6 +143,7 @@ async fn blob_redirects_to_storage_are_followed_without_leaking_credentials() {
             .any(|a| a == "Bearer secret-token")
     );
     // Cached like any other blob.
+    proxy.settled().await;
     for b in image.blobs() {
         assert!(cached(&proxy, &b.digest));
     }
@@ -209,12 +210,13 @@ async fn dropped_connection_mid_blob_is_never_cached_or_served_whole() {
         "the client must see a broken body, not a short complete one"
     );
     // Let the download task clean up.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.settled().await;
     assert!(!cached(&proxy, &layer.digest));
     assert_eq!(tmp_files(&proxy), 0, "the partial file is removed");
 
     let body = get_bytes(&url).await;
     assert_eq!(sha256(&body), layer.digest);
+    proxy.settled().await;
     assert!(cached(&proxy, &layer.digest));
     assert_eq!(up.count("GET /v2/a/b/blobs/"), 2);
 }
@@ -240,7 +242,7 @@ async fn wrong_bytes_for_a_digest_are_never_cached_or_served_whole() {
                 b.len()
             );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        proxy.settled().await;
         assert!(!cached(&proxy, &layer.digest));
     }
     assert_eq!(tmp_files(&proxy), 0);
@@ -263,6 +265,7 @@ async fn wrong_bytes_for_a_digest_are_never_cached_or_served_whole() {
     up.state.corrupt.lock().unwrap().clear();
     let body = get_bytes(&url).await;
     assert_eq!(sha256(&body), layer.digest);
+    proxy.settled().await;
     assert!(cached(&proxy, &layer.digest));
 }
 
@@ -324,6 +327,7 @@ async fn stale_tags_are_served_while_the_upstream_is_down_within_the_bound() {
     cfg.stale_if_error = Duration::from_secs(3600);
     let proxy = Proxy::start_config(cfg.clone()).await;
     pull(&proxy.url, "a/b", "v1", None).await.unwrap();
+    proxy.settled().await;
 
     // Within the TTL the upstream is not asked at all.
     let manifest_calls = up.count("/manifests/v1");

@@ -19,7 +19,7 @@ use super::storage::{Storage, TagRecord, unix_now_ms};
 use super::upstream::{Upstream, read_limited};
 use crate::oci::media::{MANIFEST_ACCEPT, manifest_media_type};
 use crate::oci::{Digest, Hasher, Reference};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{BoxStream, StreamExt};
 use http_body_util::BodyExt;
@@ -177,6 +177,11 @@ enum FetchState {
     Streaming {
         len: Option<u64>,
         written: u64,
+    },
+    /// Every byte is written and hashes to the digest: clients may have all of it while
+    /// the file is flushed to disk and renamed into the cache.
+    Verified {
+        len: u64,
     },
     Done {
         len: u64,
@@ -663,12 +668,7 @@ impl PullThrough {
             return Ok(answer);
         }
         if head {
-            let running = self
-                .blobs
-                .lock()
-                .expect("blob map lock")
-                .get(digest)
-                .cloned();
+            let running = self.running(digest);
             return self.head_blob(up, repository, digest, running).await;
         }
         let Some((fetch, leader)) = self.join_or_start(up, repository, digest) else {
@@ -688,7 +688,7 @@ impl PullThrough {
             FetchState::Failed(e) => return Err(e),
             FetchState::Uncacheable => return self.pass_through(up, repository, digest).await,
             FetchState::Streaming { len, .. } => len,
-            FetchState::Done { len } => Some(len),
+            FetchState::Verified { len } | FetchState::Done { len } => Some(len),
             FetchState::Connecting => unreachable!("waited for a later state"),
         };
         let span = match (range, len) {
@@ -706,6 +706,7 @@ impl PullThrough {
             file: None,
             pos: start,
             end,
+            verified: None,
             finished: false,
         };
         let body = futures::stream::unfold(reader, |mut r| async move {
@@ -827,7 +828,7 @@ impl PullThrough {
         if let Some(f) = running {
             let len = match &*f.state.borrow() {
                 FetchState::Streaming { len, .. } => *len,
-                FetchState::Done { len } => Some(*len),
+                FetchState::Verified { len } | FetchState::Done { len } => Some(*len),
                 _ => None,
             };
             if len.is_some() {
@@ -1064,8 +1065,42 @@ impl PullThrough {
                 format!("blob content hashes to {got}, not {digest}").into(),
             ));
         }
+        // The clients need not wait for the disk: what they read is verified already.
+        tx.send_replace(FetchState::Verified { len: written });
         file.sync_data().await.map_err(ProxyError::internal)?;
         Ok(Some((written, reservation)))
+    }
+
+    /// The running download of `digest`, if there is one.
+    fn running(&self, digest: &Digest) -> Option<Arc<BlobFetch>> {
+        self.blobs
+            .lock()
+            .expect("blob map lock")
+            .get(digest)
+            .cloned()
+    }
+
+    /// Waits until a running download of `digest`, if there is one, has stored the blob
+    /// (clients may have had all of it before that, see [`FetchState::Verified`]).
+    async fn stored(&self, digest: &Digest) -> Result<(), ProxyError> {
+        let Some(fetch) = self.running(digest) else {
+            return Ok(());
+        };
+        let mut rx = fetch.state.clone();
+        let state = rx
+            .wait_for(|s| {
+                matches!(
+                    s,
+                    FetchState::Done { .. } | FetchState::Failed(_) | FetchState::Uncacheable
+                )
+            })
+            .await
+            .map_err(|_| ProxyError::internal("download task ended without a result"))?
+            .clone();
+        match state {
+            FetchState::Failed(e) => Err(e),
+            _ => Ok(()),
+        }
     }
 
     // ----- prefetch and drop -----
@@ -1147,6 +1182,7 @@ impl PullThrough {
                         }
                     }
                 }
+                self.stored(&d).await?;
                 blobs += 1;
             }
         }
@@ -1291,60 +1327,114 @@ async fn blob_request(
     Ok(resp)
 }
 
-/// `count` bytes of a file from `start`, a chunk at a time (see [`read_chunk`]).
+/// `count` bytes of a file from `start`, a chunk at a time (see [`ChunkReader`]).
 fn file_chunks(
     file: std::fs::File,
     start: u64,
     count: u64,
 ) -> BoxStream<'static, io::Result<Bytes>> {
-    let file = Arc::new(file);
-    futures::stream::unfold((Some(file), start, count), |(file, pos, left)| async move {
-        let file = file?;
-        if left == 0 {
-            return None;
-        }
-        let want = left.min(CHUNK as u64) as usize;
-        match read_chunk(&file, pos, want).await {
-            Ok(buf) => {
-                let n = buf.len() as u64;
-                Some((Ok(Bytes::from(buf)), (Some(file), pos + n, left - n)))
+    let reader = ChunkReader::new(file);
+    futures::stream::unfold(
+        (Some(reader), start, count),
+        |(reader, pos, left)| async move {
+            let mut reader = reader?;
+            if left == 0 {
+                return None;
             }
-            Err(e) => Some((Err(e), (None, pos, 0))),
-        }
-    })
+            let want = left.min(CHUNK as u64) as usize;
+            match reader.read(pos, want).await {
+                Ok(chunk) => {
+                    let n = chunk.len() as u64;
+                    Some((Ok(chunk), (Some(reader), pos + n, left - n)))
+                }
+                Err(e) => Some((Err(e), (None, pos, 0))),
+            }
+        },
+    )
     .boxed()
 }
 
-/// Between 1 and `want` (> 0) bytes of `file` at `pos`; an error if the file ends there,
-/// since callers read only what they know was written. Data already in the page
-/// cache is read on the calling task (`preadv2` with `RWF_NOWAIT`): handing every chunk to
-/// the blocking pool cost more CPU than the copy itself on a warm pull. Data that would
-/// wait for the disk (or a kernel or file system without the flag) is read on the
-/// blocking pool.
-async fn read_chunk(file: &Arc<std::fs::File>, pos: u64, want: usize) -> io::Result<Vec<u8>> {
-    use rustix::io::{ReadWriteFlags, preadv2};
-    let mut buf = vec![0u8; want];
-    if let Ok(n @ 1..) = preadv2(
-        &**file,
-        &mut [io::IoSliceMut::new(&mut buf)],
-        pos,
-        ReadWriteFlags::NOWAIT,
-    ) {
-        buf.truncate(n);
-        return Ok(buf);
+/// How many chunk buffers a [`ChunkReader`] keeps for reuse: the connection holds about
+/// two chunks queued for the socket while the next one is read.
+const RECYCLED: usize = 3;
+
+/// Reads a file known to hold the bytes asked for, a chunk at a time.
+///
+/// Data already in the page cache is read on the calling task (`preadv2` with
+/// `RWF_NOWAIT`): handing every chunk to the blocking pool cost more CPU than the copy
+/// itself on a warm pull. Data that would wait for the disk (or a kernel or file system
+/// without the flag) is read on the blocking pool.
+///
+/// The buffers of chunks handed out are reused once the connection has sent them and
+/// dropped its copy (the reader keeps a clone and checks that it is the only one left), so
+/// that serving a cached blob neither allocates nor zeroes memory for each chunk. A buffer
+/// still held anywhere else is never written to.
+struct ChunkReader {
+    file: Arc<std::fs::File>,
+    sent: Vec<Bytes>,
+}
+
+impl ChunkReader {
+    fn new(file: std::fs::File) -> ChunkReader {
+        ChunkReader {
+            file: Arc::new(file),
+            sent: Vec::with_capacity(RECYCLED),
+        }
     }
-    let file = file.clone();
-    let buf = tokio::task::spawn_blocking(move || {
-        let mut buf = Vec::with_capacity(want);
-        rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), pos)?;
-        Ok::<_, io::Error>(buf)
-    })
-    .await
-    .unwrap_or_else(|e| Err(io::Error::other(e)))?;
-    if buf.is_empty() {
-        return Err(io::Error::other("cache file is shorter than expected"));
+
+    /// Between 1 and `want` (> 0) bytes at `pos`; an error if the file ends there, since
+    /// callers read only what they know was written.
+    async fn read(&mut self, pos: u64, want: usize) -> io::Result<Bytes> {
+        use rustix::io::{ReadWriteFlags, preadv2};
+        let mut buf = self.buffer(want);
+        let nowait = preadv2(
+            &*self.file,
+            &mut [io::IoSliceMut::new(&mut buf)],
+            pos,
+            ReadWriteFlags::NOWAIT,
+        );
+        if let Ok(n @ 1..) = nowait {
+            buf.truncate(n);
+            return Ok(self.hand_out(buf));
+        }
+        // The buffer was not filled: keep it for the next chunk.
+        self.keep(buf.freeze());
+        let file = self.file.clone();
+        let buf = tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::with_capacity(want);
+            rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), pos)?;
+            Ok::<_, io::Error>(buf)
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))?;
+        if buf.is_empty() {
+            return Err(io::Error::other("cache file is shorter than expected"));
+        }
+        Ok(Bytes::from(buf))
     }
-    Ok(buf)
+
+    /// A `want`-byte buffer: a sent chunk's that nobody holds any more, or a new one.
+    fn buffer(&mut self, want: usize) -> BytesMut {
+        let free = self.sent.iter().position(Bytes::is_unique);
+        let mut buf = match free.map(|i| self.sent.swap_remove(i).try_into_mut()) {
+            Some(Ok(buf)) => buf,
+            _ => BytesMut::zeroed(want),
+        };
+        buf.resize(want, 0);
+        buf
+    }
+
+    fn hand_out(&mut self, buf: BytesMut) -> Bytes {
+        let chunk = buf.freeze();
+        self.keep(chunk.clone());
+        chunk
+    }
+
+    fn keep(&mut self, buffer: Bytes) {
+        if self.sent.len() < RECYCLED {
+            self.sent.push(buffer);
+        }
+    }
 }
 
 /// Whether an I/O error means the disk is full.
@@ -1384,14 +1474,18 @@ async fn read_capped(body: Incoming, limit: u64, timeout: Duration) -> Result<By
 }
 
 /// A client's view of a running download: reads the temp file up to what has been
-/// written (less the withheld last byte), then the committed file.
+/// written (less the last byte, withheld until the digest is verified), then the
+/// committed file.
 struct LiveReader {
     rx: watch::Receiver<FetchState>,
     temp: PathBuf,
     final_path: PathBuf,
-    file: Option<Arc<std::fs::File>>,
+    file: Option<ChunkReader>,
     pos: u64,
     end: Option<u64>,
+    /// The blob's length once it was seen verified: the bytes stay good (and readable
+    /// from an open file) even if storing the blob then fails.
+    verified: Option<u64>,
     finished: bool,
 }
 
@@ -1402,34 +1496,41 @@ impl LiveReader {
                 return Ok(None);
             }
             let state = self.rx.borrow_and_update().clone();
-            let (available, complete) = match &state {
-                FetchState::Connecting => (0, false),
-                // The last byte is released only once the digest is verified.
-                FetchState::Streaming { written, .. } => (written.saturating_sub(1), false),
-                FetchState::Done { len } => (*len, true),
-                FetchState::Failed(e) => {
+            // How much may be read, whether that is all, whether the file was renamed.
+            let (available, ended, committed) = match (&state, self.verified) {
+                (FetchState::Done { len }, _) => (*len, true, true),
+                (FetchState::Verified { len }, _) => {
+                    self.verified = Some(*len);
+                    (*len, true, false)
+                }
+                (_, Some(len)) => (len, true, false),
+                (FetchState::Connecting, None) => (0, false, false),
+                (FetchState::Streaming { written, .. }, None) => {
+                    (written.saturating_sub(1), false, false)
+                }
+                (FetchState::Failed(e), None) => {
                     return Err(io::Error::other(format!("upstream download failed: {e}")));
                 }
-                FetchState::Uncacheable => {
+                (FetchState::Uncacheable, None) => {
                     return Err(io::Error::other("the download was not cached"));
                 }
             };
             let limit = available.min(self.end.unwrap_or(u64::MAX));
             if self.pos < limit {
-                if self.file.is_none() && !self.open(complete).await? {
+                if self.file.is_none() && !self.open(committed).await? {
                     self.rx
                         .changed()
                         .await
                         .map_err(|_| io::Error::other("download abandoned"))?;
                     continue;
                 }
-                let file = self.file.as_ref().expect("opened above");
+                let reader = self.file.as_mut().expect("opened above");
                 let want = (limit - self.pos).min(CHUNK as u64) as usize;
-                let buf = read_chunk(file, self.pos, want).await?;
-                self.pos += buf.len() as u64;
-                return Ok(Some(Bytes::from(buf)));
+                let chunk = reader.read(self.pos, want).await?;
+                self.pos += chunk.len() as u64;
+                return Ok(Some(chunk));
             }
-            if complete {
+            if ended {
                 return Ok(None);
             }
             self.rx
@@ -1441,8 +1542,8 @@ impl LiveReader {
 
     /// Opens the temp file (or the committed one once done). `false` when neither is
     /// there yet: the rename is in progress and the state is about to change.
-    async fn open(&mut self, complete: bool) -> io::Result<bool> {
-        let paths = if complete {
+    async fn open(&mut self, committed: bool) -> io::Result<bool> {
+        let paths = if committed {
             vec![&self.final_path]
         } else {
             vec![&self.temp, &self.final_path]
@@ -1450,14 +1551,14 @@ impl LiveReader {
         for path in paths {
             match tokio::fs::File::open(path).await {
                 Ok(f) => {
-                    self.file = Some(Arc::new(f.into_std().await));
+                    self.file = Some(ChunkReader::new(f.into_std().await));
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             }
         }
-        if complete {
+        if committed {
             return Err(io::Error::other("committed blob is missing"));
         }
         Ok(false)
@@ -1467,6 +1568,7 @@ impl LiveReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn policy() -> CachePolicy {
         CachePolicy {
@@ -1521,6 +1623,106 @@ mod tests {
         // A file shorter than the span asked for is an error, not a short body.
         let err = read_span(&file, 0, len + 10).await.unwrap_err();
         assert!(err.to_string().contains("shorter"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn chunk_buffers_are_reused_only_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..CHUNK * 6).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let mut reader = ChunkReader::new(std::fs::File::open(&path).unwrap());
+        let at = |i: usize| (i * CHUNK) as u64;
+
+        // While every chunk handed out is still held, each read gets a buffer of its own.
+        let mut held = Vec::new();
+        for i in 0..=RECYCLED {
+            held.push(reader.read(at(i), CHUNK).await.unwrap());
+        }
+        for (i, c) in held.iter().enumerate() {
+            assert_eq!(
+                c[..],
+                data[i * CHUNK..(i + 1) * CHUNK],
+                "chunk {i} overwritten"
+            );
+        }
+        let buffers: HashSet<*const u8> = held.iter().map(|c| c.as_ptr()).collect();
+        assert_eq!(buffers.len(), held.len());
+
+        // Once released, the buffers are read into again.
+        drop(held);
+        let again = reader.read(at(4), CHUNK).await.unwrap();
+        assert!(
+            buffers.contains(&again.as_ptr()),
+            "a released buffer was not reused"
+        );
+        assert_eq!(again[..], data[4 * CHUNK..5 * CHUNK]);
+        drop(again);
+
+        // A short chunk's buffer serves a whole chunk afterwards.
+        let tail = reader.read(at(6) - 100, CHUNK).await.unwrap();
+        assert_eq!(tail[..], data[6 * CHUNK - 100..]);
+        drop(tail);
+        for i in [5, 0] {
+            assert_eq!(
+                reader.read(at(i), CHUNK).await.unwrap()[..],
+                data[i * CHUNK..(i + 1) * CHUNK]
+            );
+        }
+    }
+
+    /// A reader of a download of `data`, all of it written to the temp file.
+    fn live_reader(dir: &std::path::Path, data: &[u8]) -> (watch::Sender<FetchState>, LiveReader) {
+        let temp = dir.join("temp");
+        std::fs::write(&temp, data).unwrap();
+        let (tx, rx) = watch::channel(FetchState::Streaming {
+            len: Some(data.len() as u64),
+            written: data.len() as u64,
+        });
+        let reader = LiveReader {
+            rx,
+            temp,
+            final_path: dir.join("final"),
+            file: None,
+            pos: 0,
+            end: None,
+            verified: None,
+            finished: false,
+        };
+        (tx, reader)
+    }
+
+    #[tokio::test]
+    async fn live_readers_get_the_last_byte_once_verified_before_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let (tx, mut r) = live_reader(dir.path(), &data);
+        assert_eq!(r.next_chunk().await.unwrap().unwrap()[..], data[..999]);
+        let early = tokio::time::timeout(Duration::from_millis(100), r.next_chunk()).await;
+        assert!(early.is_err(), "the last byte went out before verification");
+
+        // Verified: the rest and the end, while the file is still being flushed.
+        tx.send_replace(FetchState::Verified { len: 1000 });
+        assert_eq!(r.next_chunk().await.unwrap().unwrap()[..], data[999..]);
+        assert!(r.next_chunk().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn verified_bytes_still_go_out_when_storing_the_blob_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..CHUNK * 2 + 10).map(|i| (i % 251) as u8).collect();
+        let (tx, mut r) = live_reader(dir.path(), &data);
+        tx.send_replace(FetchState::Verified {
+            len: data.len() as u64,
+        });
+        let mut got = r.next_chunk().await.unwrap().unwrap().to_vec();
+        // Flushing or renaming failed: the temp file is removed and the download failed.
+        std::fs::remove_file(dir.path().join("temp")).unwrap();
+        tx.send_replace(FetchState::Failed(ProxyError::internal("disk gone")));
+        while let Some(chunk) = r.next_chunk().await.unwrap() {
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, data);
     }
 
     #[test]

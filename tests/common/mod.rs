@@ -208,6 +208,11 @@ impl Proxy {
         }
     }
 
+    /// See [`settled`].
+    pub async fn settled(&self) {
+        settled(&self.metrics_url).await
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -232,6 +237,25 @@ impl Drop for Proxy {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// Waits (at most 10 s) until the proxy whose operations server is at `metrics_url` has
+/// no blob download in flight. Clients get a blob as soon as it is verified, before it
+/// is flushed and stored, so a test that looks at the cache after a pull waits for this.
+pub async fn settled(metrics_url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_value(
+        &scrape(metrics_url).await,
+        "pullthrough_inflight_fetches",
+        &[],
+    ) != 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "downloads still in flight after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
