@@ -668,8 +668,7 @@ impl PullThrough {
             return Ok(answer);
         }
         if head {
-            let running = self.running(digest);
-            return self.head_blob(up, repository, digest, running).await;
+            return self.head_blob(up, repository, digest).await;
         }
         let Some((fetch, leader)) = self.join_or_start(up, repository, digest) else {
             // Finished between our cache check and taking the lock.
@@ -823,9 +822,8 @@ impl PullThrough {
         up: &Upstream,
         repository: &str,
         digest: &Digest,
-        running: Option<Arc<BlobFetch>>,
     ) -> Result<BlobAnswer, ProxyError> {
-        if let Some(f) = running {
+        if let Some(f) = self.running(digest) {
             let len = match &*f.state.borrow() {
                 FetchState::Streaming { len, .. } => *len,
                 FetchState::Verified { len } | FetchState::Done { len } => Some(*len),
