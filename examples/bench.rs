@@ -303,6 +303,8 @@ fn fetches_per_blob(upstream: &Registry, image: &Image) -> (usize, usize) {
 #[derive(Default)]
 struct Figures {
     cold_s: f64,
+    /// Every cold round, in the order run.
+    cold_rounds: Vec<f64>,
     warm_mib_s: f64,
     warm_reqwest_mib_s: f64,
     warm_cpu_s_per_gib: f64,
@@ -387,15 +389,16 @@ async fn main() {
             eprintln!("{}: cold pull {}...", target.name, round + 1);
             let t = Instant::now();
             let bytes = pull_image(&target.url, "bench/big", "v1", 3, true).await;
-            cold.entry(target.name)
-                .or_default()
-                .push(t.elapsed().as_secs_f64());
+            let took = t.elapsed().as_secs_f64();
+            eprintln!("{}: cold pull {} took {took:.2} s", target.name, round + 1);
+            cold.entry(target.name).or_default().push(took);
             assert!(bytes >= (size_mib as u64) << 20);
         }
     }
     let mut results: BTreeMap<&str, Figures> = BTreeMap::new();
     for (which, mut times) in cold {
         let f = results.entry(which).or_default();
+        f.cold_rounds = times.clone();
         f.cold_s = median(&mut times);
     }
 
@@ -513,6 +516,15 @@ async fn main() {
         p.cold_s,
         d.cold_s,
         p.cold_s / d.cold_s
+    );
+    let rounds = |f: &Figures| {
+        let all: Vec<String> = f.cold_rounds.iter().map(|t| format!("{t:.2}")).collect();
+        all.join(", ")
+    };
+    println!(
+        "| ... each cold round (s) | {} | {} | |",
+        rounds(p),
+        rounds(d)
     );
     println!(
         "| warm pull throughput, raw HTTP client, median (MiB/s, higher is better) | {:.0} | {:.0} | {:.2} |",
