@@ -6,10 +6,12 @@
 //! - [`proxy`] is the data plane (the OCI pull API as a pull-through cache). It never
 //!   talks to Kubernetes. Inside it, requests flow `http -> pull_through -> {upstream,
 //!   storage}`, never backwards.
+//! - [`fsutil`] holds the file-system helpers the data plane and the node agent share.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod controller;
+pub mod fsutil;
 pub mod node_agent;
 pub mod oci;
 pub mod proxy;

@@ -133,24 +133,26 @@ pub async fn serve_ops(listener: TcpListener, ops: Arc<dyn Ops>, stop: watch::Re
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
 }
 
-/// Names of the series `plain` (counters, gauges) and `histograms` export, for checks
-/// that dashboards and alerts use real names.
-pub fn metric_names(
-    plain: &[&dyn prometheus::core::Collector],
-    histograms: &[&dyn prometheus::core::Collector],
+/// Registers `collectors` with `registry` and returns the names of the series they can
+/// export (a histogram's `_bucket`, `_sum` and `_count`), for checks that dashboards and
+/// alerts use real names.
+pub fn register_all(
+    registry: &prometheus::Registry,
+    collectors: Vec<Box<dyn prometheus::core::Collector>>,
 ) -> Vec<String> {
-    let mut out = Vec::new();
-    for c in plain {
-        out.extend(c.desc().iter().map(|d| d.fq_name.clone()));
-    }
-    for c in histograms {
-        for d in c.desc() {
-            for suffix in ["_bucket", "_sum", "_count"] {
-                out.push(format!("{}{suffix}", d.fq_name));
+    let mut names = Vec::new();
+    for c in collectors {
+        for family in c.collect() {
+            let name = family.name();
+            if family.get_field_type() == prometheus::proto::MetricType::HISTOGRAM {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
+            } else {
+                names.push(name.to_string());
             }
         }
+        registry.register(c).expect("unique metric");
     }
-    out
+    names
 }
 
 /// Prometheus text exposition of everything in `registry`.
@@ -163,4 +165,38 @@ pub fn render(registry: &prometheus::Registry) -> String {
     )
     .expect("text encoding cannot fail");
     String::from_utf8(buf).expect("text encoding is utf-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_all_registers_and_names_every_series() {
+        let registry = prometheus::Registry::new();
+        let count =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("t_total", "t"), &["l"]).unwrap();
+        let hist =
+            prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t_seconds", "t"))
+                .unwrap();
+        let names = register_all(
+            &registry,
+            vec![Box::new(count.clone()), Box::new(hist.clone())],
+        );
+        assert_eq!(
+            names,
+            [
+                "t_total",
+                "t_seconds_bucket",
+                "t_seconds_sum",
+                "t_seconds_count"
+            ]
+        );
+        count.with_label_values(&["x"]).inc();
+        hist.observe(0.5);
+        let text = render(&registry);
+        for name in &names {
+            assert!(text.contains(name.as_str()), "{name} not in {text}");
+        }
+    }
 }

@@ -78,6 +78,8 @@ fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
 #[derive(Clone)]
 pub struct ControllerMetrics {
     registry: Registry,
+    /// Names of the series the registry can export (see [`Self::names`]).
+    names: Vec<String>,
     reconciles: IntCounterVec,
     duration: HistogramVec,
 }
@@ -103,14 +105,13 @@ impl ControllerMetrics {
             &["result"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(reconciles.clone()))
-            .expect("unique");
-        registry
-            .register(Box::new(duration.clone()))
-            .expect("unique");
+        let names = crate::server::register_all(
+            &registry,
+            vec![Box::new(reconciles.clone()), Box::new(duration.clone())],
+        );
         ControllerMetrics {
             registry,
+            names,
             reconciles,
             duration,
         }
@@ -123,7 +124,7 @@ impl ControllerMetrics {
 
     /// Names of every series this registry can export.
     pub fn names(&self) -> Vec<String> {
-        crate::server::metric_names(&[&self.reconciles], &[&self.duration])
+        self.names.clone()
     }
 
     /// Prometheus text.

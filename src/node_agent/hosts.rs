@@ -174,12 +174,7 @@ fn write_atomic(path: &Path, content: &str) -> io::Result<()> {
     let dir = path.parent().expect("hosts.toml has a directory");
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".hosts.toml.pullthrough-{}", std::process::id()));
-    std::fs::write(&tmp, content)?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(())
+    crate::fsutil::replace_file(&tmp, path, content.as_bytes())
 }
 
 #[cfg(test)]

@@ -171,6 +171,8 @@ pub fn run_standalone(
 /// The node agent's metrics.
 pub struct AgentMetrics {
     registry: Registry,
+    /// Names of the series the registry can export (see [`Self::names`]).
+    names: Vec<String>,
     syncs: IntCounterVec,
     files: IntGauge,
     config_path: IntGauge,
@@ -204,15 +206,17 @@ impl AgentMetrics {
             "1 when containerd's registry config_path includes the directory the agent writes.",
         )
         .expect("valid metric");
-        for c in [
-            Box::new(syncs.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(files.clone()),
-            Box::new(config_path.clone()),
-        ] {
-            registry.register(c).expect("unique metric");
-        }
+        let names = crate::server::register_all(
+            &registry,
+            vec![
+                Box::new(syncs.clone()),
+                Box::new(files.clone()),
+                Box::new(config_path.clone()),
+            ],
+        );
         AgentMetrics {
             registry,
+            names,
             syncs,
             files,
             config_path,
@@ -221,7 +225,7 @@ impl AgentMetrics {
 
     /// Names of every series this registry can export.
     pub fn names(&self) -> Vec<String> {
-        crate::server::metric_names(&[&self.syncs, &self.files, &self.config_path], &[])
+        self.names.clone()
     }
 }
 

@@ -66,6 +66,8 @@ impl CacheResult {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Names of the series the registry can export (see [`Self::names`]).
+    names: Vec<String>,
     requests: IntCounterVec,
     served_bytes: IntCounterVec,
     upstream_requests: IntCounterVec,
@@ -170,24 +172,26 @@ impl Metrics {
             "Bytes of manifests and blobs pulled into the cache by prefetching.",
         )
         .expect("valid metric");
-        for c in [
-            Box::new(cache_limit_bytes.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(cache_evictions.clone()),
-            Box::new(cache_disk_full.clone()),
-            Box::new(prefetch_images.clone()),
-            Box::new(prefetch_bytes.clone()),
-            Box::new(requests.clone()),
-            Box::new(served_bytes.clone()),
-            Box::new(upstream_requests.clone()),
-            Box::new(upstream_duration.clone()),
-            Box::new(cache_size_bytes.clone()),
-            Box::new(cache_blobs.clone()),
-            Box::new(inflight_fetches.clone()),
-        ] {
-            registry.register(c).expect("unique metric");
-        }
+        let names = crate::server::register_all(
+            &registry,
+            vec![
+                Box::new(cache_limit_bytes.clone()),
+                Box::new(cache_evictions.clone()),
+                Box::new(cache_disk_full.clone()),
+                Box::new(prefetch_images.clone()),
+                Box::new(prefetch_bytes.clone()),
+                Box::new(requests.clone()),
+                Box::new(served_bytes.clone()),
+                Box::new(upstream_requests.clone()),
+                Box::new(upstream_duration.clone()),
+                Box::new(cache_size_bytes.clone()),
+                Box::new(cache_blobs.clone()),
+                Box::new(inflight_fetches.clone()),
+            ],
+        );
         Metrics {
             registry,
+            names,
             requests,
             served_bytes,
             upstream_requests,
@@ -232,22 +236,7 @@ impl Metrics {
 
     /// Names of every series this registry can export.
     pub fn names(&self) -> Vec<String> {
-        crate::server::metric_names(
-            &[
-                &self.requests,
-                &self.served_bytes,
-                &self.upstream_requests,
-                &self.cache_size_bytes,
-                &self.cache_blobs,
-                &self.inflight_fetches,
-                &self.cache_limit_bytes,
-                &self.cache_evictions,
-                &self.cache_disk_full,
-                &self.prefetch_images,
-                &self.prefetch_bytes,
-            ],
-            &[&self.upstream_duration],
-        )
+        self.names.clone()
     }
 
     /// Prometheus text exposition of every metric.

@@ -187,24 +187,15 @@ impl Storage {
     }
 
     async fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let tmp = self.temp_path();
-        tokio::fs::write(&tmp, bytes).await?;
-        if let Err(e) = tokio::fs::rename(&tmp, path).await {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
-        }
-        Ok(())
+        let (tmp, path, bytes) = (self.temp_path(), path.to_owned(), bytes.to_vec());
+        tokio::task::spawn_blocking(move || crate::fsutil::replace_file(&tmp, &path, &bytes))
+            .await
+            .map_err(io::Error::other)?
     }
 
     /// Writes a file via a temp file and a rename (blocking).
     pub fn write_atomic_sync(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let tmp = self.temp_path();
-        std::fs::write(&tmp, bytes)?;
-        if let Err(e) = std::fs::rename(&tmp, path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        Ok(())
+        crate::fsutil::replace_file(&self.temp_path(), path, bytes)
     }
 }
 
