@@ -175,7 +175,7 @@ impl Storage {
     pub async fn put_tag(&self, rec: &TagRecord) -> io::Result<()> {
         let path = self.tag_path(&rec.upstream, &rec.repository, &rec.tag);
         let body = serde_json::to_vec(rec).map_err(io::Error::other)?;
-        self.write_atomic(&path, &body).await
+        self.write_atomic(path, body).await
     }
 
     /// Forgets a tag (the upstream says it no longer exists).
@@ -186,8 +186,8 @@ impl Storage {
         }
     }
 
-    async fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let (tmp, path, bytes) = (self.temp_path(), path.to_owned(), bytes.to_vec());
+    async fn write_atomic(&self, path: PathBuf, bytes: Vec<u8>) -> io::Result<()> {
+        let tmp = self.temp_path();
         tokio::task::spawn_blocking(move || crate::fsutil::replace_file(&tmp, &path, &bytes))
             .await
             .map_err(io::Error::other)?
