@@ -113,15 +113,30 @@ impl Registry {
 
     /// Access-log lines (the registry writes one per request) for GETs of `path_part`.
     pub fn gets(&self, path_part: &str) -> usize {
-        let log = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
-        log.lines()
+        self.access_log()
+            .lines()
             .filter(|l| l.contains("\"GET ") && l.contains(path_part))
             .count()
     }
 
-    /// All access-log lines.
+    /// All access-log lines, once the log has stopped growing: the registry writes a
+    /// request's line after its handler returns, which can be after the client (here, a
+    /// cache that has read the whole body) has its last byte. Waits for 100 ms without a
+    /// new line, 5 s at the most.
     pub fn access_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+        let read =
+            || std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut log = read();
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = read();
+            if now == log {
+                break;
+            }
+            log = now;
+        }
+        log
     }
 
     pub fn pid(&self) -> u32 {
