@@ -13,6 +13,8 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 struct Target {
@@ -194,9 +196,7 @@ async fn pull_image_raw(base: &str, repo: &str, tag: &str, parallel: usize) -> u
                     s.spawn(|| {
                         let mut buf = vec![0u8; 1 << 20];
                         let mut n = 0;
-                        while let Some(path) =
-                            paths.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                        {
+                        while let Some(path) = paths.get(next.fetch_add(1, Ordering::Relaxed)) {
                             n += get_raw(&addr, path, &mut buf);
                         }
                         n
@@ -281,6 +281,40 @@ async fn head_latencies(
     all
 }
 
+/// Latencies of HEADs of a cached blob, one at a time 5 ms apart, while a raw client pulls
+/// the image `pulls` times (3 blobs at a time): how long a request waits while the cache
+/// is busy sending blobs.
+async fn blob_head_latencies_while_pulling(
+    base: &str,
+    repo: &str,
+    tag: &str,
+    pulls: usize,
+) -> Vec<Duration> {
+    let blob = blob_digests(base, repo, tag).await.pop().unwrap();
+    let url = format!("{base}/v2/{repo}/blobs/{blob}");
+    let done = Arc::new(AtomicBool::new(false));
+    let heads = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let c = http();
+            let mut out = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = c.head(&url).send().await.unwrap();
+                assert!(r.status().is_success(), "{url}: {}", r.status());
+                out.push(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            out
+        }
+    });
+    for _ in 0..pulls {
+        pull_image_raw(base, repo, tag, 3).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    heads.await.unwrap()
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -313,6 +347,8 @@ struct Figures {
     coalesce_max: usize,
     head_p50_ms: f64,
     head_p99_ms: f64,
+    busy_head_p50_ms: f64,
+    busy_head_p99_ms: f64,
     rss_mib: f64,
 }
 
@@ -325,6 +361,8 @@ struct Warm {
     reqwest: Vec<f64>,
     /// MiB/s of each round of 4 raw clients pulling at once.
     four_clients: Vec<f64>,
+    /// Blob HEAD latencies while a client pulls ([`blob_head_latencies_while_pulling`]).
+    busy_heads: Vec<Duration>,
     /// Cache CPU seconds and bytes over the raw-client pulls.
     cpu_s: f64,
     bytes: u64,
@@ -445,6 +483,18 @@ async fn main() {
         }
     }
 
+    // Other requests while blobs stream: HEADs of a cached blob while a client pulls, 3
+    // rounds per cache in turn.
+    eprintln!("blob HEADs while a client pulls, 3 rounds per cache in turn...");
+    let busy_pulls = 1024usize.div_ceil(size_mib).max(2);
+    for _ in 0..3 {
+        for target in &targets {
+            let lat =
+                blob_head_latencies_while_pulling(&target.url, "bench/big", "v1", busy_pulls).await;
+            warm.get_mut(target.name).unwrap().busy_heads.extend(lat);
+        }
+    }
+
     for target in &targets {
         let which = target.name;
         let f = results.get_mut(which).unwrap();
@@ -453,6 +503,9 @@ async fn main() {
         f.warm_reqwest_mib_s = median(&mut w.reqwest);
         f.warm_cpu_s_per_gib = w.cpu_s / (w.bytes as f64 / (1u64 << 30) as f64);
         f.warm4_mib_s = median(&mut w.four_clients);
+        w.busy_heads.sort();
+        f.busy_head_p50_ms = pct(&w.busy_heads, 0.5);
+        f.busy_head_p99_ms = pct(&w.busy_heads, 0.99);
 
         eprintln!("{which}: 16 concurrent cold pulls...");
         let img = &herd[which];
@@ -565,6 +618,15 @@ async fn main() {
         p.head_p99_ms,
         d.head_p99_ms,
         p.head_p99_ms / d.head_p99_ms
+    );
+    println!(
+        "| blob HEAD p50 / p99 while a client pulls the image warm (ms) | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
+        p.busy_head_p50_ms,
+        p.busy_head_p99_ms,
+        d.busy_head_p50_ms,
+        d.busy_head_p99_ms,
+        p.busy_head_p50_ms / d.busy_head_p50_ms,
+        p.busy_head_p99_ms / d.busy_head_p99_ms
     );
     println!(
         "| peak RSS (MiB) | {:.1} | {:.1} | {:.2} |",

@@ -47,6 +47,13 @@ const LARGE_CHUNK: usize = 1 << 20;
 /// 4 x 3 MiB of buffers), however many clients pull at once. Four slots cover one node
 /// pulling an image: containerd downloads three layers at a time by default.
 const LARGE_READERS: usize = 4;
+/// A connection serving a cached blob lets its worker thread run other tasks after
+/// sending this many bytes. Reads from the page cache and writes to a fast socket are
+/// always ready, so without it a connection keeps its worker until tokio's budget of 128
+/// socket writes runs out (128 MiB at [`LARGE_CHUNK`]s): meanwhile the requests queued
+/// behind it wait, and an idle worker cannot take one of two busy connections over. Two
+/// clients at once fetched a cached blob 25-40% faster with it here (docs/proxy.md).
+const YIELD_EVERY: u64 = 1 << 20;
 /// Largest tags/list or referrers answer passed through.
 const MAX_LIST_BYTES: usize = 4 << 20;
 /// Bound on remembered tags/list answers.
@@ -1341,32 +1348,50 @@ async fn blob_request(
 
 /// `count` bytes of a file from `start`, a chunk at a time (see [`ChunkReader`]): in
 /// [`LARGE_CHUNK`]s while the stream holds a `large` slot (given back when the stream
-/// is dropped), else in [`CHUNK`]s.
+/// is dropped), else in [`CHUNK`]s. The task reading the stream yields to the others on
+/// its worker every [`YIELD_EVERY`] bytes.
 fn file_chunks(
     file: std::fs::File,
     start: u64,
     count: u64,
     large: Option<OwnedSemaphorePermit>,
 ) -> BoxStream<'static, io::Result<Bytes>> {
-    let reader = ChunkReader::new(file);
+    struct State {
+        reader: ChunkReader,
+        pos: u64,
+        left: u64,
+        since_yield: u64,
+        _large: Option<OwnedSemaphorePermit>,
+    }
     let chunk = if large.is_some() { LARGE_CHUNK } else { CHUNK };
-    futures::stream::unfold(
-        (Some(reader), start, count, large),
-        move |(reader, pos, left, large)| async move {
-            let mut reader = reader?;
-            if left == 0 {
-                return None;
+    let state = State {
+        reader: ChunkReader::new(file),
+        pos: start,
+        left: count,
+        since_yield: 0,
+        _large: large,
+    };
+    futures::stream::unfold(Some(state), move |state| async move {
+        let mut s = state?;
+        if s.left == 0 {
+            return None;
+        }
+        if s.since_yield >= YIELD_EVERY {
+            s.since_yield = 0;
+            tokio::task::yield_now().await;
+        }
+        let want = s.left.min(chunk as u64) as usize;
+        match s.reader.read(s.pos, want).await {
+            Ok(data) => {
+                let n = data.len() as u64;
+                s.pos += n;
+                s.left -= n;
+                s.since_yield += n;
+                Some((Ok(data), Some(s)))
             }
-            let want = left.min(chunk as u64) as usize;
-            match reader.read(pos, want).await {
-                Ok(data) => {
-                    let n = data.len() as u64;
-                    Some((Ok(data), (Some(reader), pos + n, left - n, large)))
-                }
-                Err(e) => Some((Err(e), (None, pos, 0, None))),
-            }
-        },
-    )
+            Err(e) => Some((Err(e), None)),
+        }
+    })
     .boxed()
 }
 
@@ -1660,6 +1685,43 @@ mod tests {
             1,
             "a finished stream gives it back"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_of_a_cached_blob_lets_other_tasks_run_every_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, vec![7u8; LARGE_CHUNK * 3]).unwrap();
+        let open = || std::fs::File::open(&path).unwrap();
+        // The file was just written: every read comes from the page cache and is ready at
+        // once, so only the stream's own yields let the ticker run (one thread here).
+        let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ticker = tokio::spawn({
+            let ticks = ticks.clone();
+            async move {
+                loop {
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        for large in [Some(one_slot()), None] {
+            let mut seen = Vec::new();
+            let mut stream = file_chunks(open(), 0, (LARGE_CHUNK * 3) as u64, large);
+            while let Some(chunk) = stream.next().await {
+                chunk.unwrap();
+                seen.push(ticks.load(std::sync::atomic::Ordering::Relaxed));
+            }
+            // The first chunk of each MiB after the first comes after a yield.
+            let step = seen.len() / 3;
+            for mib in 1..3 {
+                assert!(
+                    seen[mib * step] > seen[mib * step - 1],
+                    "no other task ran after MiB {mib}: ticks after each chunk {seen:?}"
+                );
+            }
+        }
+        ticker.abort();
     }
 
     #[tokio::test]
