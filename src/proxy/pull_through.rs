@@ -52,7 +52,7 @@ const LARGE_READERS: usize = 4;
 /// always ready, so without it a connection keeps its worker until tokio's budget of 128
 /// socket writes runs out (128 MiB at [`LARGE_CHUNK`]s): meanwhile the requests queued
 /// behind it wait, and an idle worker cannot take one of two busy connections over. Two
-/// clients at once fetched a cached blob 25-40% faster with it here (docs/proxy.md).
+/// clients at once fetched a cached blob 30-44% faster with it here (docs/proxy.md).
 const YIELD_EVERY: u64 = 1 << 20;
 /// Largest tags/list or referrers answer passed through.
 const MAX_LIST_BYTES: usize = 4 << 20;
