@@ -47,12 +47,13 @@ const LARGE_CHUNK: usize = 1 << 20;
 /// 4 x 3 MiB of buffers), however many clients pull at once. Four slots cover one node
 /// pulling an image: containerd downloads three layers at a time by default.
 const LARGE_READERS: usize = 4;
-/// A connection serving a cached blob lets its worker thread run other tasks after
-/// sending this many bytes. Reads from the page cache and writes to a fast socket are
-/// always ready, so without it a connection keeps its worker until tokio's budget of 128
-/// socket writes runs out (128 MiB at [`LARGE_CHUNK`]s): meanwhile the requests queued
-/// behind it wait, and an idle worker cannot take one of two busy connections over. Two
-/// clients at once fetched a cached blob 30-44% faster with it here (docs/proxy.md).
+/// A [`ChunkReader`] lets its task's worker thread run other tasks after reading this
+/// many bytes from the page cache without waiting. Those reads and writes to a fast
+/// socket are always ready, so without it a connection sending a blob keeps its worker
+/// until tokio's budget of 128 socket writes runs out (128 MiB at [`LARGE_CHUNK`]s):
+/// meanwhile the requests queued behind it wait, and an idle worker cannot take one of
+/// two busy connections over. Two clients at once fetched a cached blob 30-44% faster
+/// with it here (docs/proxy.md).
 const YIELD_EVERY: u64 = 1 << 20;
 /// Largest tags/list or referrers answer passed through.
 const MAX_LIST_BYTES: usize = 4 << 20;
@@ -1348,8 +1349,7 @@ async fn blob_request(
 
 /// `count` bytes of a file from `start`, a chunk at a time (see [`ChunkReader`]): in
 /// [`LARGE_CHUNK`]s while the stream holds a `large` slot (given back when the stream
-/// is dropped), else in [`CHUNK`]s. The task reading the stream yields to the others on
-/// its worker every [`YIELD_EVERY`] bytes.
+/// is dropped), else in [`CHUNK`]s.
 fn file_chunks(
     file: std::fs::File,
     start: u64,
@@ -1360,7 +1360,6 @@ fn file_chunks(
         reader: ChunkReader,
         pos: u64,
         left: u64,
-        since_yield: u64,
         _large: Option<OwnedSemaphorePermit>,
     }
     let chunk = if large.is_some() { LARGE_CHUNK } else { CHUNK };
@@ -1368,7 +1367,6 @@ fn file_chunks(
         reader: ChunkReader::new(file),
         pos: start,
         left: count,
-        since_yield: 0,
         _large: large,
     };
     futures::stream::unfold(Some(state), move |state| async move {
@@ -1376,17 +1374,12 @@ fn file_chunks(
         if s.left == 0 {
             return None;
         }
-        if s.since_yield >= YIELD_EVERY {
-            s.since_yield = 0;
-            tokio::task::yield_now().await;
-        }
         let want = s.left.min(chunk as u64) as usize;
         match s.reader.read(s.pos, want).await {
             Ok(data) => {
                 let n = data.len() as u64;
                 s.pos += n;
                 s.left -= n;
-                s.since_yield += n;
                 Some((Ok(data), Some(s)))
             }
             Err(e) => Some((Err(e), None)),
@@ -1413,6 +1406,9 @@ const RECYCLED: usize = 3;
 struct ChunkReader {
     file: Arc<std::fs::File>,
     sent: Vec<Bytes>,
+    /// Bytes read from the page cache since the task last let its worker go (see
+    /// [`YIELD_EVERY`]).
+    unyielded: u64,
 }
 
 impl ChunkReader {
@@ -1420,6 +1416,7 @@ impl ChunkReader {
         ChunkReader {
             file: Arc::new(file),
             sent: Vec::with_capacity(RECYCLED),
+            unyielded: 0,
         }
     }
 
@@ -1427,6 +1424,10 @@ impl ChunkReader {
     /// callers read only what they know was written.
     async fn read(&mut self, pos: u64, want: usize) -> io::Result<Bytes> {
         use rustix::io::{ReadWriteFlags, preadv2};
+        if self.unyielded >= YIELD_EVERY {
+            self.unyielded = 0;
+            tokio::task::yield_now().await;
+        }
         let mut buf = self.buffer(want);
         let nowait = preadv2(
             &*self.file,
@@ -1436,10 +1437,13 @@ impl ChunkReader {
         );
         if let Ok(n @ 1..) = nowait {
             buf.truncate(n);
+            self.unyielded += n as u64;
             return Ok(self.hand_out(buf));
         }
-        // The buffer was not filled: keep it for the next chunk.
+        // The buffer was not filled: keep it for the next chunk. The task waits for the
+        // blocking pool below, which lets its worker go.
         self.keep(buf.freeze());
+        self.unyielded = 0;
         let file = self.file.clone();
         let buf = tokio::task::spawn_blocking(move || {
             let mut buf = Vec::with_capacity(want);
