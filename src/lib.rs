@@ -16,3 +16,4 @@ pub mod node_agent;
 pub mod oci;
 pub mod proxy;
 pub mod server;
+pub mod zero_copy;

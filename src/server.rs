@@ -2,13 +2,14 @@
 //! small operations server (`/metrics`, `/healthz`, `/readyz`) of the controller and the
 //! node agent.
 
+use crate::zero_copy::{Spans, ZeroCopyIo};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper::header;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
@@ -57,10 +58,21 @@ pub async fn accept_loop<F, Fut>(
         let handler = handler.clone();
         let mut stop = stop.clone();
         tracker.spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // Body frames queued as they are, never copied into one buffer: what lets
+            // placeholder frames reach `ZeroCopyIo` (see `zero_copy`).
+            builder.http1().writev(true);
+            let spans = Spans::default();
+            let io = ZeroCopyIo::new(stream, spans.clone());
             let conn = builder.serve_connection(
-                TokioIo::new(stream),
-                service_fn(move |req| handler(req, peer)),
+                io,
+                service_fn(move |mut req: Request<Incoming>| {
+                    // HTTP/2 copies body frames: its requests get no spans.
+                    if req.version() < Version::HTTP_2 {
+                        req.extensions_mut().insert(spans.clone());
+                    }
+                    handler(req, peer)
+                }),
             );
             tokio::pin!(conn);
             tokio::select! {

@@ -294,3 +294,56 @@ async fn ranges_tags_and_head() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// Cached blobs go out with sendfile(2) on HTTP/1 connections and as copied bytes on h2c
+/// ones (see `zero_copy`): both must deliver the blob's exact bytes, whole or in ranges,
+/// several on one kept-alive connection, on a miss and on a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_arrive_whole_over_http1_and_h2c() {
+    let upstream = Registry::start().await;
+    // Spans are 1 MiB: sizes that end inside one, and ranges that cross one.
+    let image = Image::generate(12, &[(5 << 20) / 2 + 3, 1 << 20, 70_001], "amd64");
+    push_image(&upstream.url, "z/c", "v1", &image).await;
+    let host = upstream.host();
+    let proxy = Proxy::start(&[(host.as_str(), upstream.url.as_str())]).await;
+    let h1 = http();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let rounds = [
+        (&h2, reqwest::Version::HTTP_2),
+        (&h1, reqwest::Version::HTTP_11),
+        (&h1, reqwest::Version::HTTP_11),
+        (&h2, reqwest::Version::HTTP_2),
+    ];
+    for (round, (client, version)) in rounds.into_iter().enumerate() {
+        for layer in &image.layers {
+            let url = format!("{}/v2/z/c/blobs/{}", proxy.url, layer.digest);
+            let r = client.get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.version(), version);
+            let body = r.bytes().await.unwrap();
+            assert!(
+                sha256(&body) == layer.digest,
+                "round {round}: {} bytes that do not hash to {}",
+                body.len(),
+                layer.digest
+            );
+            let (start, end) = (layer.bytes.len() / 3, layer.bytes.len() * 2 / 3 + 1);
+            let r = client
+                .get(&url)
+                .header("range", format!("bytes={start}-{end}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 206);
+            assert!(r.bytes().await.unwrap() == layer.bytes[start..=end]);
+        }
+    }
+    for layer in &image.layers {
+        assert_eq!(upstream.gets(&format!("/blobs/{}", layer.digest)), 1);
+    }
+    proxy.stop().await;
+}

@@ -272,7 +272,8 @@ async fn route(
                 .and_then(|v| v.to_str().ok())
                 .and_then(ByteRange::parse)
                 .and_then(Result::ok);
-            let result = cache.blob(&up, &repo, &digest, range, head).await;
+            let spans = req.extensions().get::<crate::zero_copy::Spans>();
+            let result = cache.blob(&up, &repo, &digest, range, head, spans).await;
             let served = (proxy.metrics().clone(), up.name().to_string());
             let answer = count(
                 proxy,

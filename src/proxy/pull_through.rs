@@ -19,6 +19,7 @@ use super::storage::{Storage, TagRecord, unix_now_ms};
 use super::upstream::{Upstream, read_limited};
 use crate::oci::media::{MANIFEST_ACCEPT, manifest_media_type};
 use crate::oci::{Digest, Hasher, Reference};
+use crate::zero_copy::{MAX_SPAN, Spans};
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{BoxStream, StreamExt};
@@ -47,8 +48,9 @@ const LARGE_CHUNK: usize = 1 << 20;
 /// 4 x 3 MiB of buffers), however many clients pull at once. Four slots cover one node
 /// pulling an image: containerd downloads three layers at a time by default.
 const LARGE_READERS: usize = 4;
-/// A [`ChunkReader`] lets its task's worker thread run other tasks after reading this
-/// many bytes from the page cache without waiting. Those reads and writes to a fast
+/// A [`ChunkReader`] lets its task's worker thread run other tasks after handing out
+/// this many bytes from the page cache: read without waiting, or as file ranges for
+/// `sendfile(2)` (see [`crate::zero_copy`]). Those reads and sends to a fast
 /// socket are always ready, so without it a connection sending a blob keeps its worker
 /// until tokio's budget of 128 socket writes runs out (128 MiB at [`LARGE_CHUNK`]s):
 /// meanwhile the requests queued behind it wait, and an idle worker cannot take one of
@@ -684,8 +686,9 @@ impl PullThrough {
         digest: &Digest,
         range: Option<ByteRange>,
         head: bool,
+        spans: Option<&Spans>,
     ) -> Result<BlobAnswer, ProxyError> {
-        if let Some(answer) = self.cached_blob(digest, range, head).await? {
+        if let Some(answer) = self.cached_blob(digest, range, head, spans).await? {
             return Ok(answer);
         }
         if head {
@@ -694,7 +697,7 @@ impl PullThrough {
         let Some((fetch, leader)) = self.join_or_start(up, repository, digest) else {
             // Finished between our cache check and taking the lock.
             return self
-                .cached_blob(digest, range, head)
+                .cached_blob(digest, range, head, spans)
                 .await?
                 .ok_or_else(|| ProxyError::internal("blob vanished from the cache"));
         };
@@ -728,6 +731,7 @@ impl PullThrough {
             end,
             verified: None,
             finished: false,
+            spans: spans.cloned(),
         };
         let body = futures::stream::unfold(reader, |mut r| async move {
             if r.finished {
@@ -787,11 +791,15 @@ impl PullThrough {
         Some((fetch, true))
     }
 
+    /// A cached blob's answer, or `None` if it is not cached. With `spans` (an HTTP/1
+    /// connection), the body hands the connection file ranges to send instead of bytes
+    /// wherever they are in the page cache (see [`file_chunks`]).
     async fn cached_blob(
         &self,
         digest: &Digest,
         range: Option<ByteRange>,
         head: bool,
+        spans: Option<&Spans>,
     ) -> Result<Option<BlobAnswer>, ProxyError> {
         // Held by the body stream: the blob cannot be evicted while it is being sent.
         let Some(guard) = self.index.acquire(digest) else {
@@ -819,9 +827,13 @@ impl PullThrough {
             None
         } else {
             let (start, count) = span.map_or((0, len), |(s, e)| (s, e - s + 1));
-            let large = self.large_reads.clone().try_acquire_owned().ok();
+            // Ranges sent from the page cache need no chunk buffers.
+            let large = match spans {
+                Some(_) => None,
+                None => self.large_reads.clone().try_acquire_owned().ok(),
+            };
             Some(
-                file_chunks(file, start, count, large)
+                file_chunks(file, start, count, large, spans.cloned())
                     .map(move |chunk| {
                         let _held = &guard;
                         chunk
@@ -1191,7 +1203,7 @@ impl PullThrough {
         let mut bytes = 0u64;
         for image in images {
             for d in super::index::manifest_refs(&image.body) {
-                let answer = self.blob(up, repository, &d, None, false).await?;
+                let answer = self.blob(up, repository, &d, None, false, None).await?;
                 let fetched = answer.result != CacheResult::Hit;
                 if let Some(mut body) = answer.body {
                     while let Some(chunk) = body.next().await {
@@ -1347,19 +1359,25 @@ async fn blob_request(
     Ok(resp)
 }
 
-/// `count` bytes of a file from `start`, a chunk at a time (see [`ChunkReader`]): in
-/// [`LARGE_CHUNK`]s while the stream holds a `large` slot (given back when the stream
-/// is dropped), else in [`CHUNK`]s.
+/// `count` bytes of a file from `start`, a chunk at a time (see [`ChunkReader`]).
+///
+/// With `spans`, each [`MAX_SPAN`] of the file that is in the page cache becomes a
+/// placeholder frame, and the connection sends those bytes from the file itself
+/// (`sendfile(2)`, see [`crate::zero_copy`]). The rest (all of it without `spans`) is
+/// read and yielded: in [`LARGE_CHUNK`]s while the stream holds a `large` slot (given
+/// back when the stream is dropped), else in [`CHUNK`]s.
 fn file_chunks(
     file: std::fs::File,
     start: u64,
     count: u64,
     large: Option<OwnedSemaphorePermit>,
+    spans: Option<Spans>,
 ) -> BoxStream<'static, io::Result<Bytes>> {
     struct State {
         reader: ChunkReader,
         pos: u64,
         left: u64,
+        spans: Option<Spans>,
         _large: Option<OwnedSemaphorePermit>,
     }
     let chunk = if large.is_some() { LARGE_CHUNK } else { CHUNK };
@@ -1367,6 +1385,7 @@ fn file_chunks(
         reader: ChunkReader::new(file),
         pos: start,
         left: count,
+        spans,
         _large: large,
     };
     futures::stream::unfold(Some(state), move |state| async move {
@@ -1374,8 +1393,7 @@ fn file_chunks(
         if s.left == 0 {
             return None;
         }
-        let want = s.left.min(chunk as u64) as usize;
-        match s.reader.read(s.pos, want).await {
+        match s.reader.next(s.spans.as_ref(), s.pos, s.left, chunk).await {
             Ok(data) => {
                 let n = data.len() as u64;
                 s.pos += n;
@@ -1420,14 +1438,66 @@ impl ChunkReader {
         }
     }
 
-    /// Between 1 and `want` (> 0) bytes at `pos`; an error if the file ends there, since
-    /// callers read only what they know was written.
-    async fn read(&mut self, pos: u64, want: usize) -> io::Result<Bytes> {
-        use rustix::io::{ReadWriteFlags, preadv2};
+    /// The next of the `left` (> 0) bytes at `pos`: with `spans`, a placeholder frame for
+    /// up to [`MAX_SPAN`] of them if they are in the page cache (see [`Self::span`]), else
+    /// up to `chunk` of them read (see [`Self::read`]).
+    async fn next(
+        &mut self,
+        spans: Option<&Spans>,
+        pos: u64,
+        left: u64,
+        chunk: usize,
+    ) -> io::Result<Bytes> {
+        if let Some(spans) = spans {
+            let want = left.min(MAX_SPAN as u64) as usize;
+            if let Some(frame) = self.span(spans, pos, want).await {
+                return Ok(frame);
+            }
+        }
+        self.read(pos, left.min(chunk as u64) as usize).await
+    }
+
+    /// Lets the worker thread go if [`YIELD_EVERY`] bytes went out since it last did.
+    async fn yield_now_and_then(&mut self) {
         if self.unyielded >= YIELD_EVERY {
             self.unyielded = 0;
             tokio::task::yield_now().await;
         }
+    }
+
+    /// A placeholder frame for the `want` (1 to [`MAX_SPAN`]) bytes at `pos`, registered
+    /// with `spans`, if they are in the page cache: `sendfile(2)` must not wait for the
+    /// disk on a worker thread. Only the range's first and last bytes are checked (pages
+    /// are read and dropped in runs); a page evicted in between makes the send wait for
+    /// the disk. `None` when the bytes must be read instead.
+    async fn span(&mut self, spans: &Spans, pos: u64, want: usize) -> Option<Bytes> {
+        self.yield_now_and_then().await;
+        let resident = [pos, pos + want as u64 - 1].into_iter().all(|at| {
+            let mut byte = [0u8];
+            let probe = rustix::io::preadv2(
+                &*self.file,
+                &mut [io::IoSliceMut::new(&mut byte)],
+                at,
+                rustix::io::ReadWriteFlags::NOWAIT,
+            );
+            matches!(probe, Ok(1))
+        });
+        let frame = if resident {
+            spans.frame(&self.file, pos, want)
+        } else {
+            None
+        };
+        if frame.is_some() {
+            self.unyielded += want as u64;
+        }
+        frame
+    }
+
+    /// Between 1 and `want` (> 0) bytes at `pos`; an error if the file ends there, since
+    /// callers read only what they know was written.
+    async fn read(&mut self, pos: u64, want: usize) -> io::Result<Bytes> {
+        use rustix::io::{ReadWriteFlags, preadv2};
+        self.yield_now_and_then().await;
         let mut buf = self.buffer(want);
         let nowait = preadv2(
             &*self.file,
@@ -1532,6 +1602,9 @@ struct LiveReader {
     /// from an open file) even if storing the blob then fails.
     verified: Option<u64>,
     finished: bool,
+    /// The connection's, to send what is in the page cache from the file (as
+    /// [`file_chunks`] does).
+    spans: Option<Spans>,
 }
 
 impl LiveReader {
@@ -1570,8 +1643,9 @@ impl LiveReader {
                     continue;
                 }
                 let reader = self.file.as_mut().expect("opened above");
-                let want = (limit - self.pos).min(CHUNK as u64) as usize;
-                let chunk = reader.read(self.pos, want).await?;
+                let chunk = reader
+                    .next(self.spans.as_ref(), self.pos, limit - self.pos, CHUNK)
+                    .await?;
                 self.pos += chunk.len() as u64;
                 return Ok(Some(chunk));
             }
@@ -1630,7 +1704,7 @@ mod tests {
         let mut both = Vec::new();
         for large in [None, Some(one_slot())] {
             let chunks: Vec<io::Result<Bytes>> =
-                file_chunks(file.try_clone()?, start, count, large)
+                file_chunks(file.try_clone()?, start, count, large, None)
                     .collect()
                     .await;
             let mut out = Vec::new();
@@ -1662,7 +1736,7 @@ mod tests {
         let sizes = |chunks: Vec<io::Result<Bytes>>| -> Vec<usize> {
             chunks.into_iter().map(|c| c.unwrap().len()).collect()
         };
-        let small = sizes(file_chunks(open(), 0, len, None).collect().await);
+        let small = sizes(file_chunks(open(), 0, len, None, None).collect().await);
         assert_eq!(small.len(), (LARGE_CHUNK * 2 + 1000).div_ceil(CHUNK));
         assert!(
             small[..small.len() - 1].iter().all(|n| *n == CHUNK),
@@ -1671,7 +1745,7 @@ mod tests {
 
         let slots = Arc::new(Semaphore::new(1));
         let slot = slots.clone().try_acquire_owned().unwrap();
-        let mut stream = file_chunks(open(), 0, len, Some(slot));
+        let mut stream = file_chunks(open(), 0, len, Some(slot), None);
         assert_eq!(stream.next().await.unwrap().unwrap().len(), LARGE_CHUNK);
         assert_eq!(slots.available_permits(), 0, "the stream holds its slot");
         drop(stream);
@@ -1682,7 +1756,11 @@ mod tests {
         );
 
         let slot = slots.clone().try_acquire_owned().unwrap();
-        let large = sizes(file_chunks(open(), 0, len, Some(slot)).collect().await);
+        let large = sizes(
+            file_chunks(open(), 0, len, Some(slot), None)
+                .collect()
+                .await,
+        );
         assert_eq!(large, [LARGE_CHUNK, LARGE_CHUNK, 1000]);
         assert_eq!(
             slots.available_permits(),
@@ -1711,7 +1789,7 @@ mod tests {
         });
         for large in [Some(one_slot()), None] {
             let mut seen = Vec::new();
-            let mut stream = file_chunks(open(), 0, (LARGE_CHUNK * 3) as u64, large);
+            let mut stream = file_chunks(open(), 0, (LARGE_CHUNK * 3) as u64, large, None);
             while let Some(chunk) = stream.next().await {
                 chunk.unwrap();
                 seen.push(ticks.load(std::sync::atomic::Ordering::Relaxed));
@@ -1761,6 +1839,56 @@ mod tests {
         // A file shorter than the span asked for is an error, not a short body.
         let err = read_span(&file, 0, len + 10).await.unwrap_err();
         assert!(err.to_string().contains("shorter"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn blobs_in_the_page_cache_go_out_as_file_ranges_the_rest_as_bytes() {
+        use crate::zero_copy::is_placeholder;
+        // On the build's own disk: a tmpfs /tmp would keep the pages in memory.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..MAX_SPAN * 2 + 1000).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        let len = data.len() as u64;
+
+        // In the page cache: every frame a placeholder, the ranges registered in order.
+        let spans = Spans::default();
+        let frames: Vec<Bytes> = file_chunks(
+            file.try_clone().unwrap(),
+            5,
+            len - 5,
+            None,
+            Some(spans.clone()),
+        )
+        .map(Result::unwrap)
+        .collect()
+        .await;
+        assert!(frames.iter().all(|f| is_placeholder(f)));
+        let sizes: Vec<usize> = frames.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [MAX_SPAN, MAX_SPAN, 995]);
+        assert_eq!(
+            spans.pending(),
+            [
+                (5, MAX_SPAN),
+                (5 + MAX_SPAN as u64, MAX_SPAN),
+                (5 + 2 * MAX_SPAN as u64, 995)
+            ]
+        );
+
+        // Out of the page cache: read (on the blocking pool) and yielded as bytes, and
+        // no range registered.
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let spans = Spans::default();
+        let first = file_chunks(file, 0, len, None, Some(spans.clone()))
+            .next()
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!is_placeholder(&first));
+        assert_eq!(first, &data[..CHUNK]);
+        assert!(spans.pending().is_empty());
     }
 
     #[tokio::test]
@@ -1826,6 +1954,7 @@ mod tests {
             end: None,
             verified: None,
             finished: false,
+            spans: None,
         };
         (tx, reader)
     }
