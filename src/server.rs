@@ -32,6 +32,8 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// Accepts connections until `stop` turns true, serving each (HTTP/1.1 or h2c) with
 /// `handler` on a task tracked by `tracker`; open connections are asked to finish.
+/// HTTP/1 requests carry their connection's [`Spans`] in their extensions, for bodies
+/// that send file ranges with `sendfile(2)` (see [`crate::zero_copy`]).
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
