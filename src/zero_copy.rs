@@ -234,7 +234,8 @@ impl Write for ZeroCopyIo {
 }
 
 /// Whether `frame` is a placeholder frame (see [`Spans::frame`]).
-pub fn is_placeholder(frame: &[u8]) -> bool {
+#[cfg(test)]
+pub(crate) fn is_placeholder(frame: &[u8]) -> bool {
     placeholder_offset(frame).is_some()
 }
 
