@@ -1806,27 +1806,27 @@ mod tests {
         ticker.abort();
     }
 
-    #[tokio::test]
-    async fn cached_blobs_are_read_from_memory_or_from_disk() {
-        // On the build's own disk: a tmpfs /tmp would keep the pages in memory.
+    /// A `len`-byte file of known bytes on the build's own disk (a tmpfs /tmp would keep
+    /// its pages in memory whatever the test asks), flushed, so that its pages can be
+    /// dropped from the page cache (see [`drop_from_page_cache`]).
+    fn file_on_disk(len: usize) -> (tempfile::TempDir, std::fs::File, Vec<u8>) {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let path = dir.path().join("blob");
-        let data: Vec<u8> = (0..CHUNK * 2 + 1000).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let file = std::fs::File::open(&path).unwrap();
         file.sync_all().unwrap();
-        let len = data.len() as u64;
+        (dir, file, data)
+    }
 
-        // In the page cache: read on the task, whole and from an offset.
-        assert_eq!(read_span(&file, 0, len).await.unwrap(), data);
-        assert_eq!(read_span(&file, 7, len - 7).await.unwrap(), &data[7..]);
-
-        // Out of the page cache: the non-blocking read refuses, the blocking pool reads.
-        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    /// Drops a flushed file's pages from the page cache; fails the test if a read without
+    /// waiting still succeeds, since the disk path would then go untested.
+    fn drop_from_page_cache(file: &std::fs::File) {
+        rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         let mut probe = [0u8; 16];
         assert_eq!(
             rustix::io::preadv2(
-                &file,
+                file,
                 &mut [io::IoSliceMut::new(&mut probe)],
                 3,
                 rustix::io::ReadWriteFlags::NOWAIT
@@ -1834,6 +1834,19 @@ mod tests {
             Err(rustix::io::Errno::AGAIN),
             "the pages were not dropped, so the disk path would not be tested"
         );
+    }
+
+    #[tokio::test]
+    async fn cached_blobs_are_read_from_memory_or_from_disk() {
+        let (_dir, file, data) = file_on_disk(CHUNK * 2 + 1000);
+        let len = data.len() as u64;
+
+        // In the page cache: read on the task, whole and from an offset.
+        assert_eq!(read_span(&file, 0, len).await.unwrap(), data);
+        assert_eq!(read_span(&file, 7, len - 7).await.unwrap(), &data[7..]);
+
+        // Out of the page cache: the non-blocking read refuses, the blocking pool reads.
+        drop_from_page_cache(&file);
         assert_eq!(read_span(&file, 3, len - 3).await.unwrap(), &data[3..]);
 
         // A file shorter than the span asked for is an error, not a short body.
@@ -1844,13 +1857,7 @@ mod tests {
     #[tokio::test]
     async fn blobs_in_the_page_cache_go_out_as_file_ranges_the_rest_as_bytes() {
         use crate::zero_copy::is_placeholder;
-        // On the build's own disk: a tmpfs /tmp would keep the pages in memory.
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let path = dir.path().join("blob");
-        let data: Vec<u8> = (0..MAX_SPAN * 2 + 1000).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        file.sync_all().unwrap();
+        let (_dir, file, data) = file_on_disk(MAX_SPAN * 2 + 1000);
         let len = data.len() as u64;
 
         // In the page cache: every frame a placeholder, the ranges registered in order.
@@ -1879,7 +1886,7 @@ mod tests {
 
         // Out of the page cache: read (on the blocking pool) and yielded as bytes, and
         // no range registered.
-        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        drop_from_page_cache(&file);
         let spans = Spans::default();
         let first = file_chunks(file, 0, len, None, Some(spans.clone()))
             .next()
