@@ -329,7 +329,7 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 fn fetches_per_blob(upstream: &Registry, image: &Image) -> (usize, usize) {
     let counts: Vec<usize> = image
         .blobs()
-        .map(|b| upstream.gets(&format!("/blobs/{}", b.digest)))
+        .map(|b| upstream.gets(&format!("/blobs/{}", b.digest), 1))
         .collect();
     (*counts.iter().min().unwrap(), *counts.iter().max().unwrap())
 }

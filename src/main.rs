@@ -82,7 +82,8 @@ struct NodeAgentArgs {
     #[arg(
         long,
         env = "PULLTHROUGH_METRICS_LISTEN",
-        default_value = "0.0.0.0:9096"
+        default_value = "0.0.0.0:9096",
+        value_parser = parse_listen
     )]
     metrics_listen: SocketAddr,
     /// How often to re-check even without changes (e.g. 60s).
@@ -107,6 +108,10 @@ struct NodeAgentArgs {
 
 fn parse_quantity(s: &str) -> Result<u64, String> {
     pullthrough::api::quantity::to_bytes(s)
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    pullthrough::api::proxy_config::parse_listen(s)
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -141,7 +146,8 @@ struct ControllerArgs {
     #[arg(
         long,
         env = "PULLTHROUGH_METRICS_LISTEN",
-        default_value = "0.0.0.0:9095"
+        default_value = "0.0.0.0:9095",
+        value_parser = parse_listen
     )]
     metrics_listen: SocketAddr,
     /// Namespace of the leader-election Lease (the controller's own).
@@ -157,11 +163,11 @@ struct ProxyArgs {
     /// YAML configuration file (the format the controller writes); flags override it.
     #[arg(long, short, env = "PULLTHROUGH_CONFIG")]
     config: Option<PathBuf>,
-    /// Address of the registry API.
-    #[arg(long, env = "PULLTHROUGH_LISTEN")]
+    /// Address of the registry API: IP:PORT, :PORT (every interface) or localhost:PORT.
+    #[arg(long, env = "PULLTHROUGH_LISTEN", value_parser = parse_listen)]
     listen: Option<SocketAddr>,
-    /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "PULLTHROUGH_METRICS_LISTEN")]
+    /// Address of /metrics, /healthz and /readyz (the forms --listen takes).
+    #[arg(long, env = "PULLTHROUGH_METRICS_LISTEN", value_parser = parse_listen)]
     metrics_listen: Option<SocketAddr>,
     /// Cache directory.
     #[arg(long, env = "PULLTHROUGH_CACHE_DIR")]
@@ -228,9 +234,13 @@ fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
 }
 
 fn init_tracing(format: &str) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a person at a terminal, not in files, pipes and kubectl logs.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     if format == "json" {
         builder.json().init();
     } else {
@@ -253,9 +263,34 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Prints an error the way a user needs it: one line, each cause once (many messages
+/// already include their source's), and never a backtrace, whatever `RUST_BACKTRACE` says
+/// (these are the user's errors, not the program's).
+fn report(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    format!("error: {text}")
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.role {
         Role::Proxy(args) => {
             let config = proxy_config(&args)?;

@@ -1,14 +1,11 @@
 //! Cache lifecycle: the size limit with least-recently-used eviction, pins, prefetch,
 //! a real process killed mid-download, a full disk, and dropping an image on purpose.
 
-mod common;
-
-use common::fault::FaultUpstream;
-use common::*;
+use crate::common::fault::FaultUpstream;
+use crate::common::*;
 use pullthrough::api::ProxyConfig;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 fn config(up: &FaultUpstream) -> ProxyConfig {
@@ -59,7 +56,7 @@ async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
     let proxy = Proxy::start_config(cfg.clone()).await;
     let cache = cfg.cache_dir.clone();
     // The pin is prefetched at start.
-    eventually(20, "the pinned image to be prefetched", || async {
+    eventually(60, "the pinned image to be prefetched", || async {
         proxy
             .metric("pullthrough_prefetch_images", &[("state", "done")])
             .await
@@ -118,7 +115,7 @@ async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
     // Restarted with a lower limit: evicted down to it at start, the pin kept.
     cfg.max_cache_bytes = Some(1_200_000);
     let proxy = Proxy::start_config(cfg).await;
-    eventually(20, "the cache to shrink to its new limit", || async {
+    eventually(60, "the cache to shrink to its new limit", || async {
         proxy.metric("pullthrough_cache_size_bytes", &[]).await <= 1_200_000.0
     })
     .await;
@@ -203,7 +200,7 @@ async fn prefetch_pulls_the_listed_platforms_at_start() {
     cfg.prefetch = vec![format!("{}/team/app:v1", up.host)];
     cfg.prefetch_platforms = vec!["linux/arm64".into()];
     let proxy = Proxy::start_config(cfg).await;
-    eventually(20, "prefetch to finish", || async {
+    eventually(60, "prefetch to finish", || async {
         proxy
             .metric("pullthrough_prefetch_images", &[("state", "done")])
             .await
@@ -287,7 +284,7 @@ async fn start_process(upstream: &FaultUpstream, cache: &Path, extra: &str) -> P
         metrics: format!("http://127.0.0.1:{mport}"),
     };
     assert!(
-        serving(&p.url, Duration::from_secs(20)).await,
+        serving(&p.url, Duration::from_secs(60)).await,
         "proxy process did not start"
     );
     p
@@ -298,7 +295,9 @@ async fn a_process_killed_mid_download_leaves_nothing_corrupt() {
     let up = FaultUpstream::start().await;
     let layer = Blob::new(LAYER, random_bytes(90, 4_000_000));
     up.add_blob(&layer);
-    up.state.slow_ms.store(10, Ordering::SeqCst); // ~2.5 s for the whole blob
+    // The upstream holds the body after 320 KiB: the download is in progress for as
+    // long as the test needs.
+    let release = up.hold_blobs(320 * 1024);
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let mut proxy = start_process(&up, &cache, "").await;
@@ -322,7 +321,8 @@ async fn a_process_killed_mid_download_leaves_nothing_corrupt() {
     );
     assert!(!cached(&cache, &layer.digest));
 
-    up.state.slow_ms.store(0, Ordering::SeqCst);
+    *up.state.hold.lock().unwrap() = None;
+    drop(release);
     let proxy = start_process(&up, &cache, "").await;
     let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
     assert_eq!(

@@ -1,13 +1,11 @@
 //! The Rust types are the source of truth: `pullthrough crd` must equal crds/, and every
 //! example in deploy/examples must parse into the types without losing a field.
 
-mod common;
-
-use common::examples;
+use crate::common::examples;
 use pullthrough::api::mirror::{RegistryMirror, RegistryMirrorSpec};
 use std::process::Command;
 
-use common::root;
+use crate::common::root;
 
 #[test]
 fn crds_dir_matches_generated_crd() {

@@ -1,7 +1,7 @@
 //! Real-cluster tests. Ignored unless asked for, and then they need a cluster:
 //!
 //! ```sh
-//! PULLTHROUGH_E2E_KUBECONFIG=~/.kube/config cargo test --test e2e_cluster -- --ignored
+//! PULLTHROUGH_E2E_KUBECONFIG=~/.kube/config cargo test --test suite e2e_cluster -- --ignored
 //! ```
 //!
 //! They install the CRD, run the controller in-process against the cluster, apply an

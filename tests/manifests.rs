@@ -2,9 +2,7 @@
 //! Kubernetes schemas with kubernetes-validate (PyPI), and the example RegistryMirrors
 //! against the CRD's own OpenAPI schema.
 
-mod common;
-
-use common::{examples, kubernetes_validate, root};
+use crate::common::{examples, kubernetes_validate, root};
 use pullthrough::api::mirror::RegistryMirror;
 use pullthrough::controller::builders::{self, ChildSettings};
 use std::path::Path;

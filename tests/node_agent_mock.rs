@@ -93,7 +93,7 @@ async fn agent_writes_files_for_ready_mirrors_and_annotates_its_node() {
             let _ = stopped.await;
         },
     ));
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while patches.lock().unwrap().is_empty() {
         assert!(
             Instant::now() < deadline,

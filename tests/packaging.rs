@@ -1,11 +1,10 @@
 //! The chart's and deploy/'s static files stay in sync with the code: CRDs identical to the
 //! generated one, versions, RBAC rules, alerts and dashboard (every metric they use exists
 //! and every PromQL expression parses), values against their schema, templates only using
-//! values that exist. Nothing is rendered by hand.
+//! values that exist. Nothing is rendered by hand. The README's metrics table and source
+//! tree are checked against the code too.
 
-mod common;
-
-use common::{kubernetes_validate, root};
+use crate::common::{kubernetes_validate, root};
 use std::collections::BTreeSet;
 use std::process::Command;
 
@@ -397,5 +396,151 @@ fn deploy_manifests_pass_kubernetes_validation() {
             .iter()
             .any(|m| m["mountPath"] == "/host/containerd" && m["readOnly"] == true),
         "containerd config read-only"
+    );
+}
+
+/// The rows of the README's metrics table: the metrics each names, and their labels
+/// (the backticked names outside parentheses in the labels column).
+fn readme_metrics() -> Vec<(Vec<String>, BTreeSet<String>)> {
+    let readme = read("README.md");
+    let section = readme
+        .split("\n## Metrics")
+        .nth(1)
+        .expect("a Metrics section");
+    let section = section.split("\n## ").next().unwrap();
+    let ticked = |text: &str| -> Vec<String> {
+        text.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    section
+        .lines()
+        .filter(|l| l.starts_with("| `pullthrough_"))
+        .map(|row| {
+            let cols: Vec<&str> = row.split('|').collect();
+            let mut depth = 0;
+            let labels: String = cols[2]
+                .chars()
+                .filter(|c| {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        _ => return depth == 0,
+                    }
+                    false
+                })
+                .collect();
+            (ticked(cols[1]), ticked(&labels).into_iter().collect())
+        })
+        .collect()
+}
+
+/// The label names of one exposition line (without a histogram's `le`).
+fn label_names(series: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let Some((_, mut rest)) = series.split_once('{') else {
+        return names;
+    };
+    while let Some((key, value)) = rest.split_once("=\"") {
+        names.insert(key.trim_start_matches(',').to_string());
+        rest = &value[value.find('"').expect("a closing quote") + 1..];
+    }
+    names.remove("le");
+    names
+}
+
+#[tokio::test]
+async fn the_readme_metrics_table_is_what_each_role_exports_from_the_start() {
+    use pullthrough::server::Ops as _;
+    // Every role's metrics before anything happened: a proxy that has served nothing.
+    let proxy = crate::common::Proxy::start(&[("docker.io", "http://127.0.0.1:1")]).await;
+    let mut text = proxy.metrics().await;
+    text.push_str(&pullthrough::controller::ControllerMetrics::new().render());
+    text.push_str(&pullthrough::node_agent::AgentMetrics::new().metrics());
+    proxy.stop().await;
+
+    let mut documented = BTreeSet::new();
+    for (names, labels) in readme_metrics() {
+        for name in names {
+            let series: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter(|l| {
+                    let n = l.split(['{', ' ']).next().unwrap();
+                    n == name
+                        || ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|s| n.strip_suffix(s) == Some(&name))
+                })
+                .collect();
+            assert!(!series.is_empty(), "{name} is not exported from the start");
+            for s in series {
+                assert_eq!(label_names(s), labels, "labels of {name} (README): {s}");
+            }
+            documented.insert(name);
+        }
+    }
+    let families: BTreeSet<String> = code_metric_names()
+        .into_iter()
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    n.strip_suffix(s)
+                        .filter(|base| text.contains(&format!("# TYPE {base} histogram")))
+                })
+                .map_or(n.clone(), str::to_string)
+        })
+        .collect();
+    assert_same_sets(&families, &documented, "metrics of the code", "the README");
+}
+
+#[test]
+fn the_readme_source_tree_lists_every_file() {
+    let readme = read("README.md");
+    let tree = readme.split("\nsrc/\n").nth(1).expect("a src/ tree");
+    let tree = tree.split("```").next().unwrap();
+    let mut listed = BTreeSet::new();
+    let mut dirs: Vec<&str> = Vec::new();
+    for line in tree.lines().filter(|l| !l.trim().is_empty()) {
+        let depth = (line.len() - line.trim_start().len()) / 2 - 1;
+        let name = line.split_whitespace().next().unwrap();
+        dirs.truncate(depth);
+        match name.strip_suffix('/') {
+            Some(dir) => dirs.push(dir),
+            None => {
+                let mut path = vec!["src"];
+                path.extend(&dirs);
+                path.push(name);
+                listed.insert(path.join("/"));
+            }
+        }
+    }
+    fn walk(dir: &std::path::Path, out: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                let rel = path.strip_prefix(root()).unwrap();
+                out.insert(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut files = BTreeSet::new();
+    walk(&root().join("src"), &mut files);
+    assert_same_sets(&files, &listed, "src/", "the README's source tree");
+}
+
+/// Fails with what only one side has, not both sets whole.
+#[track_caller]
+fn assert_same_sets(a: &BTreeSet<String>, b: &BTreeSet<String>, a_name: &str, b_name: &str) {
+    let only_a: Vec<&String> = a.difference(b).collect();
+    let only_b: Vec<&String> = b.difference(a).collect();
+    assert!(
+        only_a.is_empty() && only_b.is_empty(),
+        "only in {a_name}: {only_a:?}; only in {b_name}: {only_b:?}"
     );
 }

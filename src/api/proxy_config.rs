@@ -17,11 +17,11 @@ pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProxyConfig {
-    /// Address of the registry API.
-    #[serde(default = "default_listen")]
+    /// Address of the registry API (see [`parse_listen`] for the forms accepted).
+    #[serde(default = "default_listen", deserialize_with = "listen_serde")]
     pub listen: SocketAddr,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
-    #[serde(default = "default_metrics_listen")]
+    #[serde(default = "default_metrics_listen", deserialize_with = "listen_serde")]
     pub metrics_listen: SocketAddr,
     /// Directory holding the cache (created if missing).
     #[serde(default = "default_cache_dir")]
@@ -57,8 +57,12 @@ pub struct ProxyConfig {
     #[serde(default = "default_max_manifest_bytes")]
     pub max_manifest_bytes: u64,
     /// Size limit of the cache in bytes; least recently used objects are evicted to stay
-    /// under it. No limit when unset.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// under it. No limit when unset. YAML takes a number of bytes or a quantity (`10Gi`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::api::quantity::deserialize_opt"
+    )]
     pub max_cache_bytes: Option<u64>,
     /// Images never evicted (`docker.io/library/alpine:3.20`, `ghcr.io/org/app@sha256:...`).
     /// They are also prefetched.
@@ -210,6 +214,14 @@ pub enum ConfigError {
     /// Manifest cap of zero.
     #[error("maxManifestBytes must be greater than zero")]
     ZeroManifestCap,
+    /// Cache size limit of zero.
+    #[error(
+        "maxCacheBytes (--max-cache-size) must be greater than zero; leave it out for no limit"
+    )]
+    ZeroCacheLimit,
+    /// The registry API and the operations endpoint on one port.
+    #[error("listen ({0}) and metricsListen ({1}) use the same port; give them different ones")]
+    ListenClash(SocketAddr, SocketAddr),
     /// A pin or prefetch entry that is not an image reference.
     #[error("{0}")]
     BadImage(String),
@@ -274,6 +286,12 @@ impl ProxyConfig {
         }
         if self.max_manifest_bytes == 0 {
             return Err(ConfigError::ZeroManifestCap);
+        }
+        if self.max_cache_bytes == Some(0) {
+            return Err(ConfigError::ZeroCacheLimit);
+        }
+        if listeners_clash(self.listen, self.metrics_listen) {
+            return Err(ConfigError::ListenClash(self.listen, self.metrics_listen));
         }
         for (list, images) in [("pin", &self.pin), ("prefetch", &self.prefetch)] {
             for image in images {
@@ -351,6 +369,41 @@ impl UpstreamConfig {
     pub fn is_docker_hub(&self) -> bool {
         is_docker_hub_alias(&self.registry)
     }
+}
+
+/// A listen address: `IP:PORT` (`0.0.0.0:5000`, `[::]:5000`), `:PORT` for every
+/// interface, or `localhost:PORT` for the IPv4 loopback. Other host names are refused
+/// rather than looked up: an address to bind must not depend on DNS.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let (host, port) = text.rsplit_once(':').ok_or_else(|| {
+        format!("{text:?} is not an address: expected IP:PORT, e.g. 0.0.0.0:5000")
+    })?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{text:?}: {port:?} is not a port number"))?;
+    match host {
+        "" => Ok(([0, 0, 0, 0], port).into()),
+        h if h.eq_ignore_ascii_case("localhost") => Ok(([127, 0, 0, 1], port).into()),
+        h => Err(format!(
+            "{text:?}: {h:?} is a host name, which is not accepted; use an IP address \
+             (127.0.0.1:{port} for this machine only, 0.0.0.0:{port} for every interface)"
+        )),
+    }
+}
+
+fn listen_serde<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
+/// Whether two listeners would fight over one port (port 0 asks for a free one).
+fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Names under which Docker Hub appears in `?ns=` and image references.
@@ -505,6 +558,50 @@ staleIfError: 2h
             ..ProxyConfig::default()
         };
         assert!(matches!(c.validate(), Err(ConfigError::BadImage(_))));
+    }
+
+    #[test]
+    fn cache_limits_take_quantities_and_refuse_zero() {
+        let c = ProxyConfig::from_yaml("maxCacheBytes: 10Gi").unwrap();
+        assert_eq!(c.max_cache_bytes, Some(10 << 30));
+        let c = ProxyConfig::from_yaml("maxCacheBytes: 1048576").unwrap();
+        assert_eq!(c.max_cache_bytes, Some(1 << 20));
+        assert_eq!(ProxyConfig::from_yaml(&c.to_yaml()).unwrap(), c);
+        let err = ProxyConfig::from_yaml("maxCacheBytes: ten").unwrap_err();
+        assert!(err.to_string().contains("storage quantity"), "{err}");
+        assert!(ProxyConfig::from_yaml("maxCacheBytes: -1").is_err());
+        let c = ProxyConfig::from_yaml("maxCacheBytes: 0").unwrap();
+        assert_eq!(c.validate(), Err(ConfigError::ZeroCacheLimit));
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let ok = |s: &str| parse_listen(s).unwrap().to_string();
+        assert_eq!(ok("0.0.0.0:5000"), "0.0.0.0:5000");
+        assert_eq!(ok("[::1]:5000"), "[::1]:5000");
+        assert_eq!(ok("localhost:5000"), "127.0.0.1:5000");
+        assert_eq!(ok(":5000"), "0.0.0.0:5000");
+        let err = parse_listen("registry.local:5000").unwrap_err();
+        assert!(err.contains("host name, which is not accepted"), "{err}");
+        assert!(parse_listen("5000").is_err());
+        assert!(parse_listen("localhost:http").is_err());
+        let c = ProxyConfig::from_yaml("listen: localhost:5001").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5001");
+
+        // The two listeners on one port clash, unless each asks for a free port.
+        let clash = |a: &str, b: &str| {
+            let c = ProxyConfig {
+                listen: parse_listen(a).unwrap(),
+                metrics_listen: parse_listen(b).unwrap(),
+                ..ProxyConfig::default()
+            };
+            matches!(c.validate(), Err(ConfigError::ListenClash(..)))
+        };
+        assert!(clash("0.0.0.0:5000", "0.0.0.0:5000"));
+        assert!(clash("127.0.0.1:5000", "0.0.0.0:5000"));
+        assert!(!clash("127.0.0.1:5000", "127.0.0.2:5000"));
+        assert!(!clash("127.0.0.1:0", "127.0.0.1:0"));
+        assert!(!clash("0.0.0.0:5000", "0.0.0.0:9095"));
     }
 
     #[test]

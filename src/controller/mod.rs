@@ -105,6 +105,9 @@ impl ControllerMetrics {
             &["result"],
         )
         .expect("valid metric");
+        // At zero from the start; error results appear as they happen.
+        reconciles.with_label_values(&["success"]);
+        duration.with_label_values(&["success"]);
         let names = crate::server::register_all(
             &registry,
             vec![Box::new(reconciles.clone()), Box::new(duration.clone())],

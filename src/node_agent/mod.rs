@@ -206,6 +206,9 @@ impl AgentMetrics {
             "1 when containerd's registry config_path includes the directory the agent writes.",
         )
         .expect("valid metric");
+        for result in ["success", "error"] {
+            syncs.with_label_values(&[result]);
+        }
         let names = crate::server::register_all(
             &registry,
             vec![

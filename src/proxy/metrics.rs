@@ -22,6 +22,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind of upstream request.
+    pub const ALL: [Kind; 5] = [
+        Kind::Manifest,
+        Kind::Blob,
+        Kind::Tags,
+        Kind::Referrers,
+        Kind::Token,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -50,6 +59,15 @@ pub enum CacheResult {
 }
 
 impl CacheResult {
+    /// Every result.
+    pub const ALL: [CacheResult; 5] = [
+        CacheResult::Hit,
+        CacheResult::Miss,
+        CacheResult::Stale,
+        CacheResult::Coalesced,
+        CacheResult::Error,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -172,6 +190,9 @@ impl Metrics {
             "Bytes of manifests and blobs pulled into the cache by prefetching.",
         )
         .expect("valid metric");
+        for state in ["pending", "done", "failed"] {
+            prefetch_images.with_label_values(&[state]);
+        }
         let names = crate::server::register_all(
             &registry,
             vec![
@@ -204,6 +225,27 @@ impl Metrics {
             cache_disk_full,
             prefetch_images,
             prefetch_bytes,
+        }
+    }
+
+    /// Creates the series of one upstream at zero, so that dashboards and alerts see
+    /// every metric from the start, not only after its first event. Upstream requests
+    /// start with the `200` series of each kind (other codes appear as they happen).
+    pub fn init_upstream(&self, upstream: &str) {
+        for kind in [Kind::Manifest, Kind::Blob] {
+            for result in CacheResult::ALL {
+                self.requests
+                    .with_label_values(&[upstream, kind.as_str(), result.as_str()]);
+            }
+        }
+        for source in ["cache", "upstream"] {
+            self.served_bytes.with_label_values(&[upstream, source]);
+        }
+        for kind in Kind::ALL {
+            self.upstream_requests
+                .with_label_values(&[upstream, kind.as_str(), "200"]);
+            self.upstream_duration
+                .with_label_values(&[upstream, kind.as_str()]);
         }
     }
 

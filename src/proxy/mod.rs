@@ -120,6 +120,7 @@ impl Proxy {
                 }
                 (None, None) => None,
             };
+            metrics.init_upstream(&u.registry.to_ascii_lowercase());
             let up = Arc::new(Upstream::new(
                 u,
                 credentials,

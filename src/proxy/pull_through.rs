@@ -732,6 +732,7 @@ impl PullThrough {
             verified: None,
             finished: false,
             spans: spans.cloned(),
+            page_cache: PageCache::Kernel,
         };
         let body = futures::stream::unfold(reader, |mut r| async move {
             if r.finished {
@@ -833,12 +834,18 @@ impl PullThrough {
                 None => self.large_reads.clone().try_acquire_owned().ok(),
             };
             Some(
-                file_chunks(file, start, count, large, spans.cloned())
-                    .map(move |chunk| {
-                        let _held = &guard;
-                        chunk
-                    })
-                    .boxed(),
+                file_chunks(
+                    ChunkReader::new(file, PageCache::Kernel),
+                    start,
+                    count,
+                    large,
+                    spans.cloned(),
+                )
+                .map(move |chunk| {
+                    let _held = &guard;
+                    chunk
+                })
+                .boxed(),
             )
         };
         Ok(Some(BlobAnswer {
@@ -1359,7 +1366,7 @@ async fn blob_request(
     Ok(resp)
 }
 
-/// `count` bytes of a file from `start`, a chunk at a time (see [`ChunkReader`]).
+/// `count` bytes of `reader`'s file from `start`, a chunk at a time (see [`ChunkReader`]).
 ///
 /// With `spans`, each [`MAX_SPAN`] of the file that is in the page cache becomes a
 /// placeholder frame, and the connection sends those bytes from the file itself
@@ -1367,7 +1374,7 @@ async fn blob_request(
 /// read and yielded: in [`LARGE_CHUNK`]s while the stream holds a `large` slot (given
 /// back when the stream is dropped), else in [`CHUNK`]s.
 fn file_chunks(
-    file: std::fs::File,
+    reader: ChunkReader,
     start: u64,
     count: u64,
     large: Option<OwnedSemaphorePermit>,
@@ -1382,7 +1389,7 @@ fn file_chunks(
     }
     let chunk = if large.is_some() { LARGE_CHUNK } else { CHUNK };
     let state = State {
-        reader: ChunkReader::new(file),
+        reader,
         pos: start,
         left: count,
         spans,
@@ -1423,16 +1430,63 @@ const RECYCLED: usize = 3;
 /// still held anywhere else is never written to.
 struct ChunkReader {
     file: Arc<std::fs::File>,
+    page_cache: PageCache,
     sent: Vec<Bytes>,
     /// Bytes read from the page cache since the task last let its worker go (see
     /// [`YIELD_EVERY`]).
     unyielded: u64,
 }
 
+/// How a [`ChunkReader`] reads without waiting for the disk: what decides between the
+/// page-cache paths (read on the task, `sendfile(2)` ranges) and the blocking pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PageCache {
+    /// Ask the kernel (`preadv2` with `RWF_NOWAIT`).
+    Kernel,
+    /// As if nothing were in the page cache: every read goes to the blocking pool. Tests
+    /// use it because the kernel evicts pages when it likes, not when asked.
+    #[cfg(test)]
+    Empty,
+    /// As if everything were in the page cache (plain reads of a file the test just
+    /// wrote, which the kernel might have partly evicted).
+    #[cfg(test)]
+    Full,
+}
+
+impl PageCache {
+    /// Reads into `buf` at `pos` only what is in the page cache; `Err` (`EAGAIN`, or a
+    /// kernel without the flag) when that is nothing.
+    fn read_nowait(self, file: &std::fs::File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        use rustix::io::{ReadWriteFlags, preadv2};
+        match self {
+            PageCache::Kernel => Ok(preadv2(
+                file,
+                &mut [io::IoSliceMut::new(buf)],
+                pos,
+                ReadWriteFlags::NOWAIT,
+            )?),
+            #[cfg(test)]
+            PageCache::Empty => Err(rustix::io::Errno::AGAIN.into()),
+            #[cfg(test)]
+            PageCache::Full => {
+                let mut got = 0;
+                while got < buf.len() {
+                    match rustix::io::pread(file, &mut buf[got..], pos + got as u64)? {
+                        0 => break,
+                        n => got += n,
+                    }
+                }
+                Ok(got)
+            }
+        }
+    }
+}
+
 impl ChunkReader {
-    fn new(file: std::fs::File) -> ChunkReader {
+    fn new(file: std::fs::File, page_cache: PageCache) -> ChunkReader {
         ChunkReader {
             file: Arc::new(file),
+            page_cache,
             sent: Vec::with_capacity(RECYCLED),
             unyielded: 0,
         }
@@ -1474,13 +1528,10 @@ impl ChunkReader {
         self.yield_now_and_then().await;
         let resident = [pos, pos + want as u64 - 1].into_iter().all(|at| {
             let mut byte = [0u8];
-            let probe = rustix::io::preadv2(
-                &*self.file,
-                &mut [io::IoSliceMut::new(&mut byte)],
-                at,
-                rustix::io::ReadWriteFlags::NOWAIT,
-            );
-            matches!(probe, Ok(1))
+            matches!(
+                self.page_cache.read_nowait(&self.file, &mut byte, at),
+                Ok(1)
+            )
         });
         let frame = if resident {
             spans.frame(&self.file, pos, want)
@@ -1496,16 +1547,9 @@ impl ChunkReader {
     /// Between 1 and `want` (> 0) bytes at `pos`; an error if the file ends there, since
     /// callers read only what they know was written.
     async fn read(&mut self, pos: u64, want: usize) -> io::Result<Bytes> {
-        use rustix::io::{ReadWriteFlags, preadv2};
         self.yield_now_and_then().await;
         let mut buf = self.buffer(want);
-        let nowait = preadv2(
-            &*self.file,
-            &mut [io::IoSliceMut::new(&mut buf)],
-            pos,
-            ReadWriteFlags::NOWAIT,
-        );
-        if let Ok(n @ 1..) = nowait {
+        if let Ok(n @ 1..) = self.page_cache.read_nowait(&self.file, &mut buf, pos) {
             buf.truncate(n);
             self.unyielded += n as u64;
             return Ok(self.hand_out(buf));
@@ -1605,6 +1649,8 @@ struct LiveReader {
     /// The connection's, to send what is in the page cache from the file (as
     /// [`file_chunks`] does).
     spans: Option<Spans>,
+    /// How the file is read (see [`PageCache`]).
+    page_cache: PageCache,
 }
 
 impl LiveReader {
@@ -1670,7 +1716,7 @@ impl LiveReader {
         for path in paths {
             match tokio::fs::File::open(path).await {
                 Ok(f) => {
-                    self.file = Some(ChunkReader::new(f.into_std().await));
+                    self.file = Some(ChunkReader::new(f.into_std().await, self.page_cache));
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -1698,15 +1744,46 @@ mod tests {
         }
     }
 
+    /// Fails with the lengths, digests and first difference of two byte strings, never
+    /// the bytes themselves (a blob-sized message helps nobody).
+    #[track_caller]
+    fn assert_same(got: &[u8], want: &[u8], what: &str) {
+        if got != want {
+            let sha = |b: &[u8]| Digest::of(crate::oci::Algorithm::Sha256, b);
+            let at = got.iter().zip(want).position(|(a, b)| a != b);
+            panic!(
+                "{what}: got {} bytes ({}), want {} ({}), first difference at {at:?}",
+                got.len(),
+                sha(got),
+                want.len(),
+                sha(want)
+            );
+        }
+    }
+
+    /// A file of `len` known bytes in a temp dir.
+    fn blob_file(len: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        (dir, path, data)
+    }
+
     /// Reads every chunk of a `count`-byte span from `start` and joins them, in both
     /// chunk sizes; fails unless both give the same bytes.
-    async fn read_span(file: &std::fs::File, start: u64, count: u64) -> io::Result<Vec<u8>> {
+    async fn read_span(
+        file: &std::fs::File,
+        page_cache: PageCache,
+        start: u64,
+        count: u64,
+    ) -> io::Result<Vec<u8>> {
         let mut both = Vec::new();
         for large in [None, Some(one_slot())] {
-            let chunks: Vec<io::Result<Bytes>> =
-                file_chunks(file.try_clone()?, start, count, large, None)
-                    .collect()
-                    .await;
+            let reader = ChunkReader::new(file.try_clone()?, page_cache);
+            let chunks: Vec<io::Result<Bytes>> = file_chunks(reader, start, count, large, None)
+                .collect()
+                .await;
             let mut out = Vec::new();
             for c in chunks {
                 out.extend_from_slice(&c?);
@@ -1714,7 +1791,7 @@ mod tests {
             both.push(out);
         }
         let large = both.pop().expect("two reads");
-        assert!(both[0] == large, "the two chunk sizes read different bytes");
+        assert_same(&both[0], &large, "the two chunk sizes");
         Ok(large)
     }
 
@@ -1724,14 +1801,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_read_slot_sets_the_chunk_size_until_the_stream_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        let data: Vec<u8> = (0..LARGE_CHUNK * 2 + 1000)
-            .map(|i| (i % 251) as u8)
-            .collect();
-        std::fs::write(&path, &data).unwrap();
+        let (_dir, path, data) = blob_file(LARGE_CHUNK * 2 + 1000);
         let len = data.len() as u64;
-        let open = || std::fs::File::open(&path).unwrap();
+        let open = || ChunkReader::new(std::fs::File::open(&path).unwrap(), PageCache::Full);
 
         let sizes = |chunks: Vec<io::Result<Bytes>>| -> Vec<usize> {
             chunks.into_iter().map(|c| c.unwrap().len()).collect()
@@ -1771,12 +1843,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_of_a_cached_blob_lets_other_tasks_run_every_mib() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, vec![7u8; LARGE_CHUNK * 3]).unwrap();
-        let open = || std::fs::File::open(&path).unwrap();
-        // The file was just written: every read comes from the page cache and is ready at
-        // once, so only the stream's own yields let the ticker run (one thread here).
+        let (_dir, path, _) = blob_file(LARGE_CHUNK * 3);
+        let open = || ChunkReader::new(std::fs::File::open(&path).unwrap(), PageCache::Full);
+        // Every read is ready at once (as from the page cache), so only the stream's own
+        // yields let the ticker run (one thread here).
         let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let ticker = tokio::spawn({
             let ticks = ticks.clone();
@@ -1807,8 +1877,8 @@ mod tests {
     }
 
     /// A `len`-byte file of known bytes on the build's own disk (a tmpfs /tmp would keep
-    /// its pages in memory whatever the test asks), flushed, so that its pages can be
-    /// dropped from the page cache (see [`drop_from_page_cache`]).
+    /// its pages in memory whatever the test asks), flushed, so that the kernel may drop
+    /// its pages from the page cache when asked (see [`drop_from_page_cache`]).
     fn file_on_disk(len: usize) -> (tempfile::TempDir, std::fs::File, Vec<u8>) {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let path = dir.path().join("blob");
@@ -1819,61 +1889,81 @@ mod tests {
         (dir, file, data)
     }
 
-    /// Drops a flushed file's pages from the page cache; fails the test if a read without
-    /// waiting still succeeds, since the disk path would then go untested.
+    /// Asks the kernel to drop a flushed file's pages. It is a hint: some or all pages
+    /// may stay, or come back by read-ahead, so tests assert only what holds either way.
     fn drop_from_page_cache(file: &std::fs::File) {
         rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-        let mut probe = [0u8; 16];
-        assert_eq!(
-            rustix::io::preadv2(
-                file,
-                &mut [io::IoSliceMut::new(&mut probe)],
-                3,
-                rustix::io::ReadWriteFlags::NOWAIT
-            ),
-            Err(rustix::io::Errno::AGAIN),
-            "the pages were not dropped, so the disk path would not be tested"
-        );
     }
 
     #[tokio::test]
     async fn cached_blobs_are_read_from_memory_or_from_disk() {
-        let (_dir, file, data) = file_on_disk(CHUNK * 2 + 1000);
+        let (_dir, path, data) = blob_file(CHUNK * 2 + 1000);
+        let file = std::fs::File::open(&path).unwrap();
         let len = data.len() as u64;
 
-        // In the page cache: read on the task, whole and from an offset.
-        assert_eq!(read_span(&file, 0, len).await.unwrap(), data);
-        assert_eq!(read_span(&file, 7, len - 7).await.unwrap(), &data[7..]);
+        for page_cache in [PageCache::Full, PageCache::Empty] {
+            let what = format!("{page_cache:?}");
+            // Read on the task (in the page cache) or on the blocking pool (not in it),
+            // whole and from an offset.
+            let whole = read_span(&file, page_cache, 0, len).await.unwrap();
+            assert_same(&whole, &data, &what);
+            let tail = read_span(&file, page_cache, 7, len - 7).await.unwrap();
+            assert_same(&tail, &data[7..], &what);
+            // A file shorter than the span asked for is an error, not a short body.
+            let err = read_span(&file, page_cache, 0, len + 10).await.unwrap_err();
+            assert!(err.to_string().contains("shorter"), "{what}: {err}");
+        }
 
-        // Out of the page cache: the non-blocking read refuses, the blocking pool reads.
+        // The real kernel, with the pages perhaps dropped, perhaps not: the same bytes.
+        let (_dir, file, data) = file_on_disk(CHUNK * 2 + 1000);
         drop_from_page_cache(&file);
-        assert_eq!(read_span(&file, 3, len - 3).await.unwrap(), &data[3..]);
+        let tail = read_span(&file, PageCache::Kernel, 3, len - 3)
+            .await
+            .unwrap();
+        assert_same(&tail, &data[3..], "kernel");
+    }
 
-        // A file shorter than the span asked for is an error, not a short body.
-        let err = read_span(&file, 0, len + 10).await.unwrap_err();
-        assert!(err.to_string().contains("shorter"), "{err}");
+    /// What a connection would send for `frames`: each placeholder replaced by the bytes
+    /// of the next range registered with `spans` (which must start where the frame does
+    /// and be as long), every other frame as it is.
+    fn as_sent(frames: &[Bytes], spans: &Spans, file: &std::fs::File, start: u64) -> Vec<u8> {
+        use crate::zero_copy::is_placeholder;
+        let mut ranges = spans.pending().into_iter();
+        let mut out = Vec::new();
+        for frame in frames {
+            let at = start + out.len() as u64;
+            if is_placeholder(frame) {
+                let (offset, len) = ranges.next().expect("a range for each placeholder");
+                assert_eq!((offset, len), (at, frame.len()), "range out of step");
+                let mut buf = vec![0u8; len];
+                rustix::io::pread(file, &mut buf, offset).unwrap();
+                out.extend_from_slice(&buf);
+            } else {
+                out.extend_from_slice(frame);
+            }
+        }
+        assert!(ranges.next().is_none(), "a range without its placeholder");
+        out
     }
 
     #[tokio::test]
     async fn blobs_in_the_page_cache_go_out_as_file_ranges_the_rest_as_bytes() {
         use crate::zero_copy::is_placeholder;
-        let (_dir, file, data) = file_on_disk(MAX_SPAN * 2 + 1000);
+        let (_dir, path, data) = blob_file(MAX_SPAN * 2 + 1000);
+        let file = std::fs::File::open(&path).unwrap();
         let len = data.len() as u64;
+        let frames = |page_cache, start, spans: &Spans| {
+            let reader = ChunkReader::new(file.try_clone().unwrap(), page_cache);
+            file_chunks(reader, start, len - start, None, Some(spans.clone()))
+                .map(Result::unwrap)
+                .collect::<Vec<Bytes>>()
+        };
 
         // In the page cache: every frame a placeholder, the ranges registered in order.
         let spans = Spans::default();
-        let frames: Vec<Bytes> = file_chunks(
-            file.try_clone().unwrap(),
-            5,
-            len - 5,
-            None,
-            Some(spans.clone()),
-        )
-        .map(Result::unwrap)
-        .collect()
-        .await;
-        assert!(frames.iter().all(|f| is_placeholder(f)));
-        let sizes: Vec<usize> = frames.iter().map(Bytes::len).collect();
+        let sent = frames(PageCache::Full, 5, &spans).await;
+        assert!(sent.iter().all(|f| is_placeholder(f)));
+        let sizes: Vec<usize> = sent.iter().map(Bytes::len).collect();
         assert_eq!(sizes, [MAX_SPAN, MAX_SPAN, 995]);
         assert_eq!(
             spans.pending(),
@@ -1883,29 +1973,36 @@ mod tests {
                 (5 + 2 * MAX_SPAN as u64, 995)
             ]
         );
+        assert_same(&as_sent(&sent, &spans, &file, 5), &data[5..], "ranges");
 
-        // Out of the page cache: read (on the blocking pool) and yielded as bytes, and
-        // no range registered.
+        // Not in the page cache: read (on the blocking pool) and yielded as bytes, and no
+        // range registered.
+        let spans = Spans::default();
+        let sent = frames(PageCache::Empty, 0, &spans).await;
+        assert!(sent.iter().all(|f| !is_placeholder(f)));
+        assert_eq!(sent[0].len(), CHUNK);
+        assert!(spans.pending().is_empty());
+        assert_same(&sent.concat(), &data, "bytes");
+
+        // The real kernel, with the pages perhaps dropped, perhaps not: ranges where they
+        // are in memory, bytes elsewhere, and together exactly the file.
+        let (_dir, file, data) = file_on_disk(MAX_SPAN * 2 + 1000);
         drop_from_page_cache(&file);
         let spans = Spans::default();
-        let first = file_chunks(file, 0, len, None, Some(spans.clone()))
-            .next()
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(!is_placeholder(&first));
-        assert_eq!(first, &data[..CHUNK]);
-        assert!(spans.pending().is_empty());
+        let reader = ChunkReader::new(file.try_clone().unwrap(), PageCache::Kernel);
+        let sent: Vec<Bytes> = file_chunks(reader, 0, len, None, Some(spans.clone()))
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_same(&as_sent(&sent, &spans, &file, 0), &data, "kernel");
     }
 
     #[tokio::test]
     async fn chunk_buffers_are_reused_only_once_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        let data: Vec<u8> = (0..CHUNK * 6).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let mut reader = ChunkReader::new(std::fs::File::open(&path).unwrap());
+        let (_dir, path, data) = blob_file(CHUNK * 6);
+        let mut reader = ChunkReader::new(std::fs::File::open(&path).unwrap(), PageCache::Full);
         let at = |i: usize| (i * CHUNK) as u64;
+        let chunk = |i: usize| &data[i * CHUNK..(i + 1) * CHUNK];
 
         // While every chunk handed out is still held, each read gets a buffer of its own.
         let mut held = Vec::new();
@@ -1913,11 +2010,7 @@ mod tests {
             held.push(reader.read(at(i), CHUNK).await.unwrap());
         }
         for (i, c) in held.iter().enumerate() {
-            assert_eq!(
-                c[..],
-                data[i * CHUNK..(i + 1) * CHUNK],
-                "chunk {i} overwritten"
-            );
+            assert_same(c, chunk(i), &format!("chunk {i}"));
         }
         let buffers: HashSet<*const u8> = held.iter().map(|c| c.as_ptr()).collect();
         assert_eq!(buffers.len(), held.len());
@@ -1929,18 +2022,16 @@ mod tests {
             buffers.contains(&again.as_ptr()),
             "a released buffer was not reused"
         );
-        assert_eq!(again[..], data[4 * CHUNK..5 * CHUNK]);
+        assert_same(&again, chunk(4), "chunk 4 read again");
         drop(again);
 
         // A short chunk's buffer serves a whole chunk afterwards.
         let tail = reader.read(at(6) - 100, CHUNK).await.unwrap();
-        assert_eq!(tail[..], data[6 * CHUNK - 100..]);
+        assert_same(&tail, &data[6 * CHUNK - 100..], "the tail");
         drop(tail);
         for i in [5, 0] {
-            assert_eq!(
-                reader.read(at(i), CHUNK).await.unwrap()[..],
-                data[i * CHUNK..(i + 1) * CHUNK]
-            );
+            let c = reader.read(at(i), CHUNK).await.unwrap();
+            assert_same(&c, chunk(i), &format!("chunk {i} after the tail"));
         }
     }
 
@@ -1962,6 +2053,7 @@ mod tests {
             verified: None,
             finished: false,
             spans: None,
+            page_cache: PageCache::Full,
         };
         (tx, reader)
     }
@@ -1971,13 +2063,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
         let (tx, mut r) = live_reader(dir.path(), &data);
-        assert_eq!(r.next_chunk().await.unwrap().unwrap()[..], data[..999]);
+        assert_same(
+            &r.next_chunk().await.unwrap().unwrap(),
+            &data[..999],
+            "all but one",
+        );
         let early = tokio::time::timeout(Duration::from_millis(100), r.next_chunk()).await;
         assert!(early.is_err(), "the last byte went out before verification");
 
         // Verified: the rest and the end, while the file is still being flushed.
         tx.send_replace(FetchState::Verified { len: 1000 });
-        assert_eq!(r.next_chunk().await.unwrap().unwrap()[..], data[999..]);
+        assert_same(
+            &r.next_chunk().await.unwrap().unwrap(),
+            &data[999..],
+            "the rest",
+        );
         assert!(r.next_chunk().await.unwrap().is_none());
     }
 
@@ -1996,7 +2096,7 @@ mod tests {
         while let Some(chunk) = r.next_chunk().await.unwrap() {
             got.extend_from_slice(&chunk);
         }
-        assert_eq!(got, data);
+        assert_same(&got, &data, "the blob");
     }
 
     #[test]

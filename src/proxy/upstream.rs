@@ -314,12 +314,24 @@ impl Upstream {
                 req = req.header(header::AUTHORIZATION, v);
             }
             let req = req.body(Empty::new()).map_err(ProxyError::internal)?;
+            // Errors name the server tried (never the whole URL: a redirect's query may
+            // carry a signature): "registry-1.docker.io: dns error" says where to look.
+            let server = format!(
+                "{}://{}",
+                uri.scheme_str().unwrap_or("https"),
+                uri.authority().map_or("", |a| a.as_str())
+            );
             let resp = tokio::time::timeout(self.timeout, self.client.request(req))
                 .await
                 .map_err(|_| {
-                    ProxyError::unavailable(format!("no answer within {:?}", self.timeout))
+                    ProxyError::unavailable(format!(
+                        "no answer from {server} within {:?}",
+                        self.timeout
+                    ))
                 })?
-                .map_err(|e| ProxyError::unavailable(error_chain(&e)))?;
+                .map_err(|e| {
+                    ProxyError::unavailable(format!("cannot reach {server}: {}", error_chain(&e)))
+                })?;
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
                 return Ok(resp);
             }

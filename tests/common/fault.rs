@@ -1,5 +1,5 @@
 //! An in-process upstream registry with fault injection: token auth, 5xx, connections
-//! dropped mid-blob, wrong bytes for a digest, slow bodies. It records every request.
+//! dropped mid-blob, wrong bytes for a digest, bodies held back. It records every request.
 
 use super::{Blob, sha256};
 use bytes::Bytes;
@@ -9,9 +9,8 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 /// (repository, tag or digest) -> (bytes, media type)
@@ -31,8 +30,9 @@ pub struct State {
     pub fail_status: AtomicU16,
     /// Number of upcoming blob GETs cut off after half the body.
     pub drop_mid_blob: AtomicU32,
-    /// Delay between 16 KiB chunks of blob bodies, in ms.
-    pub slow_ms: AtomicU64,
+    /// When set (see [`FaultUpstream::hold_blobs`]): blob bodies send this many bytes
+    /// (whole 16 KiB chunks), then wait until the receiver says true or its sender goes.
+    pub hold: Mutex<Option<(usize, tokio::sync::watch::Receiver<bool>)>>,
     /// Every request as "METHOD path?query".
     pub log: Mutex<Vec<String>>,
     /// The Authorization header of every request ("" when absent).
@@ -121,6 +121,15 @@ impl FaultUpstream {
             .iter()
             .filter(|l| l.contains(part))
             .count()
+    }
+
+    /// From now on blob bodies stop after their first `bytes` (rounded up to 16 KiB
+    /// chunks) until the returned sender sends true or is dropped: a test can then look at
+    /// a download in progress without racing the clock.
+    pub fn hold_blobs(&self, bytes: usize) -> tokio::sync::watch::Sender<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        *self.state.hold.lock().unwrap() = Some((bytes, rx));
+        tx
     }
 
     pub fn total(&self) -> usize {
@@ -270,18 +279,23 @@ async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body
             .drop_mid_blob
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
-        let slow = Duration::from_millis(st.slow_ms.load(Ordering::SeqCst));
         let limit = if cut { len / 2 } else { len };
         let chunks: Vec<Bytes> = bytes[..limit]
             .chunks(16 * 1024)
             .map(Bytes::copy_from_slice)
             .collect();
-        let stream = futures::stream::iter(chunks)
-            .then(move |c| async move {
-                if !slow.is_zero() {
-                    tokio::time::sleep(slow).await;
+        let hold = st.hold.lock().unwrap().clone();
+        let stream = futures::stream::iter(chunks.into_iter().enumerate())
+            .then(move |(i, c)| {
+                let hold = hold.clone();
+                async move {
+                    if let Some((bytes, mut release)) = hold
+                        && i * 16 * 1024 >= bytes
+                    {
+                        let _ = release.wait_for(|released| *released).await;
+                    }
+                    Ok::<_, std::io::Error>(Frame::data(c))
                 }
-                Ok::<_, std::io::Error>(Frame::data(c))
             })
             .chain(futures::stream::iter(cut.then(|| {
                 Err(std::io::Error::other("connection dropped on purpose"))

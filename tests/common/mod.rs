@@ -95,7 +95,7 @@ impl Registry {
             dir,
         };
         assert!(
-            serving(&url, Duration::from_secs(20)).await,
+            serving(&url, Duration::from_secs(60)).await,
             "docker-registry did not come up: {}",
             reg.log()
         );
@@ -111,26 +111,47 @@ impl Registry {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
-    /// Access-log lines (the registry writes one per request) for GETs of `path_part`.
-    pub fn gets(&self, path_part: &str) -> usize {
-        self.access_log()
-            .lines()
-            .filter(|l| l.contains("\"GET ") && l.contains(path_part))
-            .count()
+    /// How many GETs of `path_part` the registry logged, once at least `at_least` are
+    /// there. The registry writes a request's line after its handler returns, which on a
+    /// loaded machine can be long after the client (here, a cache that has read the whole
+    /// body) has its last byte; so this waits (60 s at most) until `at_least` lines are
+    /// there, then until the log has stopped growing, and counts.
+    pub fn gets(&self, path_part: &str, at_least: usize) -> usize {
+        let gets = |log: &str| {
+            log.lines()
+                .filter(|l| l.contains("\"GET ") && l.contains(path_part))
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while gets(&self.read_log()) < at_least && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gets(&self.access_log())
     }
 
-    /// All access-log lines, once the log has stopped growing: the registry writes a
-    /// request's line after its handler returns, which can be after the client (here, a
-    /// cache that has read the whole body) has its last byte. Waits for 100 ms without a
-    /// new line, 5 s at the most.
+    /// Asserts that the registry logged exactly `want` GETs of `path_part` (see
+    /// [`Self::gets`]).
+    #[track_caller]
+    pub fn assert_gets(&self, path_part: &str, want: usize) {
+        assert_eq!(
+            self.gets(path_part, want),
+            want,
+            "GETs of {path_part} at the upstream"
+        );
+    }
+
+    fn read_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
+    /// All access-log lines (one per request), once the log has not grown for 100 ms
+    /// (5 s at the most). For counts, see [`Self::assert_gets`].
     pub fn access_log(&self) -> String {
-        let read =
-            || std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut log = read();
+        let mut log = self.read_log();
         while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
-            let now = read();
+            let now = self.read_log();
             if now == log {
                 break;
             }
@@ -245,6 +266,12 @@ impl Proxy {
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.metrics().await, name, labels)
     }
+
+    /// Requests this proxy has sent to its upstreams, by its own count.
+    pub async fn upstream_requests(&self) -> f64 {
+        self.metric("pullthrough_upstream_requests_total", &[])
+            .await
+    }
 }
 
 impl Drop for Proxy {
@@ -255,11 +282,11 @@ impl Drop for Proxy {
     }
 }
 
-/// Waits (at most 10 s) until the proxy whose operations server is at `metrics_url` has
+/// Waits (at most 60 s) until the proxy whose operations server is at `metrics_url` has
 /// no blob download in flight. Clients get a blob as soon as it is verified, before it
 /// is flushed and stored, so a test that looks at the cache after a pull waits for this.
 pub async fn settled(metrics_url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while metric_value(
         &scrape(metrics_url).await,
         "pullthrough_inflight_fetches",
@@ -268,7 +295,7 @@ pub async fn settled(metrics_url: &str) {
     {
         assert!(
             Instant::now() < deadline,
-            "downloads still in flight after 10 s"
+            "downloads still in flight after 60 s"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
