@@ -5,14 +5,22 @@ use std::path::Path;
 
 /// Replaces `path` with `bytes` by writing them to `tmp` first and renaming it over
 /// `path`: a reader sees the old file or the new one, never half of one. `tmp` must be on
-/// the same file system as `path`; it is removed if the rename fails.
+/// the same file system as `path`; it is removed if the write (a full disk) or the
+/// rename fails.
 pub fn replace_file(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    std::fs::write(tmp, bytes)?;
-    if let Err(e) = std::fs::rename(tmp, path) {
+    replace_file_with(tmp, path, |tmp| std::fs::write(tmp, bytes))
+}
+
+fn replace_file_with(
+    tmp: &Path,
+    path: &Path,
+    write: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<()> {
+    let result = write(tmp).and_then(|()| std::fs::rename(tmp, path));
+    if result.is_err() {
         let _ = std::fs::remove_file(tmp);
-        return Err(e);
     }
-    Ok(())
+    result
 }
 
 #[cfg(test)]
@@ -27,6 +35,22 @@ mod tests {
         replace_file(&tmp, &path, b"new").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn a_failed_write_removes_the_temp_file_and_keeps_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, path) = (dir.path().join("t"), dir.path().join("f"));
+        std::fs::write(&path, b"old").unwrap();
+        // What a full disk does: the file is created, part of it written, then ENOSPC.
+        let full = |tmp: &Path| {
+            std::fs::write(tmp, b"ne")?;
+            Err(io::Error::from_raw_os_error(28))
+        };
+        let err = replace_file_with(&tmp, &path, full).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(28));
+        assert!(!tmp.exists(), "the temp file was left behind");
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
     }
 
     #[test]

@@ -49,6 +49,16 @@ enum CacheCommand {
             default_value = "http://127.0.0.1:9095"
         )]
         admin_url: String,
+        /// The proxy's admin token file (default: admin-token in the cache directory).
+        #[arg(long, env = "PULLTHROUGH_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
+        /// The proxy's cache directory, where its admin token is by default.
+        #[arg(
+            long,
+            env = "PULLTHROUGH_CACHE_DIR",
+            default_value = "pullthrough-cache"
+        )]
+        cache_dir: PathBuf,
     },
 }
 
@@ -295,7 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Role::Proxy(args) => {
             let config = proxy_config(&args)?;
             if args.print_config {
-                print!("{}", config.to_yaml());
+                print!("{}", config.redacted().to_yaml());
                 return Ok(());
             }
             init_tracing(&cli.log_format);
@@ -357,9 +367,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
         }
         Role::Crd => print!("{}", pullthrough::api::mirror::crd_yaml()),
-        Role::Cache(CacheCommand::Drop { image, admin_url }) => {
+        Role::Cache(CacheCommand::Drop {
+            image,
+            admin_url,
+            admin_token_file,
+            cache_dir,
+        }) => {
             pullthrough::api::image_ref::parse(&image).map_err(anyhow::Error::msg)?;
-            let answer = pullthrough::proxy::admin::drop_image(&admin_url, &image)
+            let token_file = admin_token_file.unwrap_or_else(|| {
+                cache_dir.join(pullthrough::api::proxy_config::ADMIN_TOKEN_FILE)
+            });
+            let token =
+                pullthrough::proxy::admin::read_token(&token_file).map_err(anyhow::Error::msg)?;
+            let answer = pullthrough::proxy::admin::drop_image(&admin_url, &image, &token)
                 .await
                 .map_err(anyhow::Error::msg)?;
             println!("{}", serde_json::to_string_pretty(&answer)?);

@@ -9,15 +9,19 @@ use hyper::body::Incoming;
 use hyper::header;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Version};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 /// Response body type of every server.
@@ -30,42 +34,271 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
+/// What one client may hold of a server: how many connections at once, and for how
+/// long a connection may sit without a request or without a byte moving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections open at once; beyond it a new one is answered 503 and closed.
+    pub max_connections: usize,
+    /// Time for a new connection's first request head to arrive (also between
+    /// requests on an HTTP/1 connection kept alive).
+    pub header_timeout: Duration,
+    /// Time an open connection with no request being handled may go without a byte
+    /// read or written (an idle HTTP/2 connection, a client that stopped reading).
+    pub idle_timeout: Duration,
+}
+
+impl ConnLimits {
+    /// The operations endpoints': few connections, nothing slow.
+    pub const OPS: ConnLimits = ConnLimits {
+        max_connections: 64,
+        header_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(120),
+    };
+}
+
+/// What a connection's watchdog looks at: when bytes last moved, how many requests
+/// arrived, and how many are being handled.
+struct Activity {
+    opened: Instant,
+    last_ms: AtomicU64,
+    requests: AtomicU64,
+    busy: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Counts a request from its head's arrival until its handler has answered.
+    fn enter(self: &Arc<Self>) -> Busy {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        Busy(self.clone())
+    }
+
+    /// Returns once the connection has been idle too long: no request head within
+    /// `header_timeout` of opening, or, later, no request being handled and no byte
+    /// moved for `idle_timeout`.
+    async fn idle(&self, limits: ConnLimits) {
+        loop {
+            let now = Instant::now();
+            let deadline = if self.requests.load(Ordering::Relaxed) == 0 {
+                self.opened + limits.header_timeout
+            } else {
+                self.opened
+                    + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+                    + limits.idle_timeout
+            };
+            let busy = self.busy.load(Ordering::Relaxed) > 0;
+            if now >= deadline && !busy {
+                return;
+            }
+            // A request being handled (waiting for its upstream, say) keeps the
+            // connection: look again in a while.
+            let again = now + limits.idle_timeout.min(Duration::from_secs(1));
+            tokio::time::sleep_until(if now >= deadline { again } else { deadline }).await;
+        }
+    }
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's I/O object that tells its [`Activity`] when bytes move.
+struct Watched<T> {
+    io: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if polled.is_ready() {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// How many connections over the limit are answered at once.
+const REFUSALS: usize = 16;
+
+/// The answer to a connection over the limit: written, then the connection is closed.
+fn too_many_connections() -> Vec<u8> {
+    let body = crate::oci::error::error_body(
+        crate::oci::ErrorCode::TooManyRequests,
+        "too many connections; try again shortly",
+    );
+    let mut answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+         Retry-After: 1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(body.as_ref());
+    answer
+}
+
+/// Logs at most one warning a minute, for events that can come by the thousand.
+fn warn_now(last: &AtomicU64) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let before = last.load(Ordering::Relaxed);
+    now >= before + 60
+        && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// Accepts connections until `stop` turns true, serving each (HTTP/1.1 or h2c) with
 /// `handler` on a task tracked by `tracker`; open connections are asked to finish.
 /// HTTP/1 requests carry their connection's [`Spans`] in their extensions, for bodies
 /// that send file ranges with `sendfile(2)` (see [`crate::zero_copy`]).
+///
+/// `limits` bound what clients hold: a connection over `max_connections` is answered
+/// 503 and closed, one that sends no request head in time or sits idle is closed, and
+/// accept errors (out of file descriptors) back off instead of spinning.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
     tracker: TaskTracker,
+    limits: ConnLimits,
     handler: F,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Connections over the limit being answered: themselves bounded, since each holds
+    // a file descriptor while its request is read (beyond it they are just closed).
+    let refusals = Arc::new(Semaphore::new(REFUSALS));
+    let (accept_warned, full_warned) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(s) => s,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    if warn_now(&accept_warned) {
+                        tracing::warn!(error = %e, "accept failed; backing off");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = stop.changed() => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if warn_now(&full_warned) {
+                tracing::warn!(
+                    limit = limits.max_connections,
+                    "connection limit reached: answering new connections 503"
+                );
+            }
+            let Ok(refusal) = refusals.clone().try_acquire_owned() else {
+                continue;
+            };
+            tracker.spawn(async move {
+                let _refusal = refusal;
+                let mut stream = stream;
+                // The request first (what of it arrives within a second), so that an
+                // HTTP client reads the answer as the answer to its request.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let mut head = [0u8; 4096];
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(500), stream.read(&mut head))
+                            .await;
+                    let _ = stream.write_all(&too_many_connections()).await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
+            });
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let mut stop = stop.clone();
         tracker.spawn(async move {
+            let _slot = slot;
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // Body frames queued as they are, never copied into one buffer: what lets
             // placeholder frames reach `ZeroCopyIo` (see `zero_copy`).
-            builder.http1().writev(true);
+            builder
+                .http1()
+                .writev(true)
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            builder.http2().timer(TokioTimer::new());
             let spans = Spans::default();
-            let io = ZeroCopyIo::new(stream, spans.clone());
+            let activity = Activity::new();
+            let io = Watched {
+                io: ZeroCopyIo::new(stream, spans.clone()),
+                activity: activity.clone(),
+            };
+            let requests = activity.clone();
             let conn = builder.serve_connection(
                 io,
                 service_fn(move |mut req: Request<Incoming>| {
@@ -73,17 +306,25 @@ pub async fn accept_loop<F, Fut>(
                     if req.version() < Version::HTTP_2 {
                         req.extensions_mut().insert(spans.clone());
                     }
-                    handler(req, peer)
+                    let busy = requests.enter();
+                    let answer = handler(req, peer);
+                    async move {
+                        let answer = answer.await;
+                        drop(busy);
+                        answer
+                    }
                 }),
             );
             tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
+            // Stopping lets requests finish; an idle connection has nothing to finish
+            // (or a client that stopped reading): it goes at once.
+            let grace = tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.changed() => Duration::from_secs(10),
+                _ = activity.idle(limits) => Duration::from_secs(1),
+            };
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(grace, conn).await;
         });
     }
 }
@@ -139,9 +380,13 @@ pub async fn handle_ops(
 /// Serves an operations endpoint until `stop` turns true.
 pub async fn serve_ops(listener: TcpListener, ops: Arc<dyn Ops>, stop: watch::Receiver<bool>) {
     let tracker = TaskTracker::new();
-    accept_loop(listener, stop, tracker.clone(), move |req, _| {
-        handle_ops(ops.clone(), req)
-    })
+    accept_loop(
+        listener,
+        stop,
+        tracker.clone(),
+        ConnLimits::OPS,
+        move |req, _| handle_ops(ops.clone(), req),
+    )
     .await;
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;

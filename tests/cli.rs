@@ -91,6 +91,24 @@ fn ordinary_mistakes_are_one_line_without_a_backtrace() {
         !cache.exists(),
         "a failed or printing start touched the cache"
     );
+
+    // Inline passwords are not shown.
+    std::fs::write(
+        &config,
+        "upstreams:\n  - registry: reg.example\n    credentials: {username: me, password: s3cret}\n",
+    )
+    .unwrap();
+    let out = proxy(&["--config", config.to_str().unwrap(), "--print-config"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("s3cret") && text.contains("<redacted>"),
+        "{text}"
+    );
 }
 
 /// Runs the proxy binary with `args` until dropped, its log going to a pipe.

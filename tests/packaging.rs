@@ -544,3 +544,35 @@ fn assert_same_sets(a: &BTreeSet<String>, b: &BTreeSet<String>, a_name: &str, b_
         "only in {a_name}: {only_a:?}; only in {b_name}: {only_b:?}"
     );
 }
+
+#[test]
+fn the_readme_configuration_example_is_valid_and_shows_every_field() {
+    let readme = read("README.md");
+    let section = readme
+        .split("\n## Configuration")
+        .nth(1)
+        .expect("a Configuration section");
+    let block = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a YAML example");
+    let config = pullthrough::api::ProxyConfig::from_yaml(block)
+        .unwrap_or_else(|e| panic!("the README's example does not parse: {e}"));
+    config.validate().expect("the README's example is valid");
+    let keys = |text: &str| -> BTreeSet<String> {
+        let v: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+        v.as_mapping()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect()
+    };
+    // What the code writes back has no field the example leaves out.
+    assert_same_sets(
+        &keys(&config.to_yaml()),
+        &keys(block),
+        "the configuration",
+        "the README's example",
+    );
+}

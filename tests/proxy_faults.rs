@@ -24,12 +24,6 @@ fn tmp_files(proxy: &Proxy) -> usize {
         .unwrap_or(0)
 }
 
-async fn error_code(r: reqwest::Response) -> (u16, String) {
-    let status = r.status().as_u16();
-    let v: serde_json::Value = r.json().await.expect("an OCI error body");
-    (status, v["errors"][0]["code"].as_str().unwrap().to_string())
-}
-
 /// Sends a request line byte for byte (no client-side path normalisation).
 async fn raw_get(host: &str, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
@@ -471,12 +465,14 @@ async fn bad_input_is_refused_before_any_upstream_call() {
             400,
             "NAME_INVALID",
         ),
-        ("/v2/a/b/manifests/.hidden".into(), 400, "MANIFEST_INVALID"),
+        // A tag that cannot exist is not found (OCI conformance, as Distribution).
+        ("/v2/a/b/manifests/.hidden".into(), 404, "MANIFEST_UNKNOWN"),
         (
             format!("/v2/a/b/manifests/{}", "t".repeat(129)),
-            400,
-            "MANIFEST_INVALID",
+            404,
+            "MANIFEST_UNKNOWN",
         ),
+        ("/v2/a/b/manifests/sha256:zz".into(), 400, "DIGEST_INVALID"),
         ("/v2/a/b/blobs/sha256:1234".into(), 400, "DIGEST_INVALID"),
         ("/v2/a/b/blobs/latest".into(), 400, "DIGEST_INVALID"),
         (
@@ -503,14 +499,17 @@ async fn bad_input_is_refused_before_any_upstream_call() {
         assert_eq!(error_code(r).await, (*status, code.to_string()), "{path}");
     }
     // Traversal attempts sent raw, so no client normalises them away.
-    for path in [
-        "/v2/../../etc/passwd/manifests/v1",
-        "/v2/a/%2e%2e/%2e%2e/manifests/v1",
-        "/v2/a/b/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd",
-        "/v2/a/b/manifests/..%2f..%2fx",
+    for (path, status) in [
+        ("/v2/../../etc/passwd/manifests/v1", 400),
+        ("/v2/a/%2e%2e/%2e%2e/manifests/v1", 400),
+        ("/v2/a/b/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd", 400),
+        ("/v2/a/b/manifests/..%2f..%2fx", 404),
     ] {
         let resp = raw_get(&proxy.host, path).await;
-        assert!(resp.starts_with("HTTP/1.1 400"), "{path}: {resp}");
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path}: {resp}"
+        );
         assert!(resp.contains("\"errors\""), "{path}: {resp}");
     }
     // Writes are refused: this is a read-only cache.

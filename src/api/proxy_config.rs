@@ -10,6 +10,8 @@ use std::time::Duration;
 
 /// Docker Hub's registry name in image references.
 pub const DOCKER_HUB: &str = "docker.io";
+/// The admin token's file name in the cache directory, by default.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// Docker Hub's registry API endpoint.
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
 
@@ -82,12 +84,35 @@ pub struct ProxyConfig {
     )]
     pub connect_timeout: Duration,
     /// Time allowed for an upstream to start answering, and for a blob download to make
-    /// progress between two chunks.
+    /// progress between two chunks; also the most a small answer (a token, tags/list,
+    /// referrers, a manifest) may take to arrive whole.
     #[serde(
         default = "default_upstream_timeout",
         with = "crate::api::duration::serde"
     )]
     pub upstream_timeout: Duration,
+    /// The secret `pullthrough cache drop` must show the admin endpoint; created (mode
+    /// 0600) with a random token if missing. Default: `admin-token` in `cacheDir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Client connections open at once; more are answered 503 and closed. Also kept
+    /// under what the process's file-descriptor limit allows.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a complete request head: from the connection's
+    /// opening, and between requests on an HTTP/1 connection kept alive.
+    #[serde(
+        default = "default_client_header_timeout",
+        with = "crate::api::duration::serde"
+    )]
+    pub client_header_timeout: Duration,
+    /// Time a client connection with no request being handled may go without a byte
+    /// moving (an idle HTTP/2 connection, a client that stopped reading a blob).
+    #[serde(
+        default = "default_client_idle_timeout",
+        with = "crate::api::duration::serde"
+    )]
+    pub client_idle_timeout: Duration,
 }
 
 /// One mirrored registry.
@@ -214,6 +239,9 @@ pub enum ConfigError {
     /// Manifest cap of zero.
     #[error("maxManifestBytes must be greater than zero")]
     ZeroManifestCap,
+    /// A connection limit or client timeout of zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
     /// Cache size limit of zero.
     #[error(
         "maxCacheBytes (--max-cache-size) must be greater than zero; leave it out for no limit"
@@ -249,6 +277,17 @@ impl ProxyConfig {
     /// YAML text of this configuration.
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("config serializes")
+    }
+
+    /// This configuration with inline passwords replaced, for showing to people.
+    pub fn redacted(&self) -> ProxyConfig {
+        let mut shown = self.clone();
+        for u in &mut shown.upstreams {
+            if let Some(c) = &mut u.credentials {
+                c.password = "<redacted>".to_string();
+            }
+        }
+        shown
     }
 
     /// Checks everything serde cannot.
@@ -290,6 +329,17 @@ impl ProxyConfig {
         if self.max_cache_bytes == Some(0) {
             return Err(ConfigError::ZeroCacheLimit);
         }
+        for (zero, name) in [
+            (self.max_connections == 0, "maxConnections"),
+            (self.client_header_timeout.is_zero(), "clientHeaderTimeout"),
+            (self.client_idle_timeout.is_zero(), "clientIdleTimeout"),
+            (self.upstream_timeout.is_zero(), "upstreamTimeout"),
+            (self.connect_timeout.is_zero(), "connectTimeout"),
+        ] {
+            if zero {
+                return Err(ConfigError::Zero(name));
+            }
+        }
         if listeners_clash(self.listen, self.metrics_listen) {
             return Err(ConfigError::ListenClash(self.listen, self.metrics_listen));
         }
@@ -311,6 +361,13 @@ impl ProxyConfig {
             }
         }
         Ok(())
+    }
+
+    /// Where the admin token is kept.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.cache_dir.join(ADMIN_TOKEN_FILE))
     }
 
     /// The registry used when a request has no `?ns=`.
@@ -339,6 +396,10 @@ impl Default for ProxyConfig {
             prefetch_platforms: Vec::new(),
             connect_timeout: default_connect_timeout(),
             upstream_timeout: default_upstream_timeout(),
+            admin_token_file: None,
+            max_connections: default_max_connections(),
+            client_header_timeout: default_client_header_timeout(),
+            client_idle_timeout: default_client_idle_timeout(),
         }
     }
 }
@@ -476,6 +537,15 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_client_header_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_client_idle_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, HTTPGetAction, KeyToPath, PersistentVolumeClaim,
+    EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
     PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
     ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
@@ -220,6 +220,15 @@ fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -
                 ..ContainerPort::default()
             },
         ]),
+        // Where `kubectl exec ... pullthrough cache drop` finds the admin token.
+        env: Some(vec![EnvVar {
+            name: "PULLTHROUGH_ADMIN_TOKEN_FILE".into(),
+            value: Some(format!(
+                "{CACHE_MOUNT}/{}",
+                crate::api::proxy_config::ADMIN_TOKEN_FILE
+            )),
+            ..EnvVar::default()
+        }]),
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: mirror.spec.resources.clone(),

@@ -1,15 +1,71 @@
-//! The client side of the proxy's admin endpoint, for `pullthrough cache drop`.
+//! The proxy's admin endpoint's secret, and the client side of the endpoint, for
+//! `pullthrough cache drop`.
+//!
+//! The endpoint answers only on loopback and only to a request that carries the token:
+//! being on loopback is not enough, since service-mesh sidecars connect from there too.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Method, Request};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::io::{Read as _, Write as _};
+use std::path::Path;
 use std::time::Duration;
 
+/// The token in `path`, created there (mode 0600, 32 random bytes as hex) if missing or
+/// empty.
+pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    let token = hex::encode(random);
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(token.as_bytes())?;
+    Ok(token)
+}
+
+/// Reads the token `pullthrough cache drop` sends.
+pub fn read_token(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| {
+            format!(
+                "cannot read the admin token {}: {e} (the proxy writes it at start; \
+                 point --admin-token-file at it)",
+                path.display()
+            )
+        })
+}
+
+/// Whether `header` (an `Authorization` value) carries `token`, compared in constant
+/// time.
+pub fn authorized(header: Option<&str>, token: &str) -> bool {
+    let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Asks the proxy whose operations port is at `admin_url` (e.g. `http://127.0.0.1:9095`)
-/// to drop `image` from its cache. Returns the proxy's JSON answer.
-pub async fn drop_image(admin_url: &str, image: &str) -> Result<serde_json::Value, String> {
+/// to drop `image` from its cache, showing it `token`. Returns the proxy's JSON answer.
+pub async fn drop_image(
+    admin_url: &str,
+    image: &str,
+    token: &str,
+) -> Result<serde_json::Value, String> {
     let encoded = super::upstream::query_escape(image);
     let uri = format!(
         "{}/admin/cache?image={encoded}",
@@ -18,6 +74,7 @@ pub async fn drop_image(admin_url: &str, image: &str) -> Result<serde_json::Valu
     let req = Request::builder()
         .method(Method::DELETE)
         .uri(&uri)
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("invalid admin URL {admin_url:?}: {e}"))?;
     let client = Client::builder(TokioExecutor::new()).build_http();
@@ -45,4 +102,34 @@ pub async fn drop_image(admin_url: &str, image: &str) -> Result<serde_json::Valu
             .to_string());
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_made_once_private_and_checked_whole() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin-token");
+        let token = load_or_create_token(&path).unwrap();
+        assert_eq!(token.len(), 64);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            load_or_create_token(&path).unwrap(),
+            token,
+            "kept across starts"
+        );
+        assert_eq!(read_token(&path).unwrap(), token);
+
+        assert!(authorized(Some(&format!("Bearer {token}")), &token));
+        assert!(!authorized(
+            Some(&format!("Bearer {}", &token[1..])),
+            &token
+        ));
+        assert!(!authorized(Some(&format!("Basic {token}")), &token));
+        assert!(!authorized(None, &token));
+    }
 }

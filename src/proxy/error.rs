@@ -60,9 +60,19 @@ pub enum ProxyError {
     /// Upstream unreachable, timed out, or answered 5xx.
     #[error("upstream unavailable: {0}")]
     UpstreamUnavailable(Arc<str>),
-    /// Upstream sent content that does not match its digest, or a malformed answer.
+    /// Upstream sent content that does not match its digest (or its length).
     #[error("upstream sent invalid content: {0}")]
     UpstreamInvalid(Arc<str>),
+    /// Upstream answered a manifest request with something that is not a manifest.
+    #[error("upstream sent no manifest: {0}")]
+    UpstreamNotAManifest(Arc<str>),
+    /// Upstream answered in a way a registry does not: a status it has no business
+    /// sending, a redirect without a target, a token endpoint's answer without a token.
+    #[error("upstream answered unexpectedly: {0}")]
+    UpstreamProtocol(Arc<str>),
+    /// The client's `Accept` allows none of the manifest types there are.
+    #[error("{0}")]
+    NotAcceptable(String),
     /// Local failure (disk, bug).
     #[error("internal error: {0}")]
     Internal(Arc<str>),
@@ -74,7 +84,9 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NameInvalid(_) => (ErrorCode::NameInvalid, StatusCode::BAD_REQUEST),
-            ReferenceInvalid(_) => (ErrorCode::ManifestInvalid, StatusCode::BAD_REQUEST),
+            // A tag that cannot exist cannot be found: what Distribution answers, and the
+            // OCI conformance suite expects.
+            ReferenceInvalid(_) => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
             DigestInvalid(_) => (ErrorCode::DigestInvalid, StatusCode::BAD_REQUEST),
             UnknownRegistry(_) => (ErrorCode::NameUnknown, StatusCode::NOT_FOUND),
             RepositoryDenied(_) => (ErrorCode::Denied, StatusCode::FORBIDDEN),
@@ -91,6 +103,11 @@ impl ProxyError {
             UpstreamRateLimited => (ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS),
             UpstreamUnavailable(_) => (ErrorCode::Unavailable, StatusCode::BAD_GATEWAY),
             UpstreamInvalid(_) => (ErrorCode::DigestInvalid, StatusCode::BAD_GATEWAY),
+            UpstreamNotAManifest(_) => (ErrorCode::ManifestInvalid, StatusCode::BAD_GATEWAY),
+            UpstreamProtocol(_) => (ErrorCode::Unknown, StatusCode::BAD_GATEWAY),
+            // What Distribution answers (and the OCI conformance suite expects) when a
+            // manifest exists only in types the client does not accept.
+            NotAcceptable(_) => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
             Internal(_) => (ErrorCode::Unknown, StatusCode::INTERNAL_SERVER_ERROR),
         }
     }

@@ -8,6 +8,7 @@ use super::metrics::{CacheResult, Kind};
 use super::pull_through::{BlobAnswer, ByteRange};
 use super::upstream::Upstream;
 use crate::oci::error::error_body;
+use crate::oci::media::Accept;
 use crate::oci::reference::validate_repository;
 use crate::oci::{Digest, Reference};
 use futures::TryStreamExt;
@@ -112,21 +113,29 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Splits the query into `ns` and the rest (which is forwarded upstream).
-fn split_query(query: Option<&str>) -> (Option<String>, Option<String>) {
+/// The query's `ns` and the rest of it, which is forwarded upstream. An `ns` that does
+/// not decode, or more than one, is refused: the request is for no registry in
+/// particular, and must not fall to the default one.
+fn split_query(query: Option<&str>) -> Result<(Option<String>, Option<String>), ProxyError> {
     let Some(q) = query else {
-        return (None, None);
+        return Ok((None, None));
     };
     let mut ns = None;
     let mut rest = Vec::new();
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
-            Some(("ns", v)) => ns = percent_decode(v),
+            Some(("ns", v)) => {
+                let bad = |why| ProxyError::NameInvalid(format!("the ns parameter {why}"));
+                let decoded = percent_decode(v).ok_or_else(|| bad("is not a valid escape"))?;
+                if ns.replace(decoded).is_some() {
+                    return Err(bad("is given more than once"));
+                }
+            }
             _ => rest.push(pair),
         }
     }
     let rest = (!rest.is_empty()).then(|| rest.join("&"));
-    (ns, rest)
+    Ok((ns, rest))
 }
 
 /// Everything known about a request for the one log line.
@@ -221,7 +230,7 @@ async fn route(
         }
     };
     let route = parse_route(req.uri().path())?;
-    let (ns, forward_query) = split_query(req.uri().query());
+    let (ns, forward_query) = split_query(req.uri().query())?;
     if route == Route::Base {
         return Ok(Response::builder()
             .status(StatusCode::OK)
@@ -246,7 +255,13 @@ async fn route(
     match route {
         Route::Manifest(_, reference) => {
             outcome.reference = Some(reference.to_string());
-            let result = cache.manifest(&up, &repo, &reference).await;
+            let accept = Accept::parse(
+                req.headers()
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
+            let result = cache.manifest(&up, &repo, &reference, &accept).await;
             let (m, res) = count(proxy, &up, Kind::Manifest, outcome, result)?;
             if !head {
                 proxy.metrics().served(
@@ -288,15 +303,27 @@ async fn route(
             .0;
             Ok(blob_response(&digest, answer, served))
         }
-        Route::Tags(_) => {
-            let body = cache
+        Route::Tags(name) => {
+            let page = cache
                 .tags_list(&up, &repo, forward_query.as_deref())
                 .await?;
-            Ok(Response::builder()
+            let mut b = Response::builder()
                 .status(StatusCode::OK)
                 .header(header::CONTENT_TYPE, "application/json")
-                .header(header::CONTENT_LENGTH, body.len())
-                .body(if head { empty() } else { full(body) })
+                .header(header::CONTENT_LENGTH, page.body.len());
+            if let Some(next) = &page.next {
+                // The next page through this proxy: the client's own name for the
+                // repository, and its `ns`, so that it stays on the same upstream.
+                let ns = ns
+                    .as_deref()
+                    .map(|ns| format!("&ns={}", super::upstream::query_escape(ns)))
+                    .unwrap_or_default();
+                let link = format!("</v2/{name}/tags/list?{next}{ns}>; rel=\"next\"");
+                if let Ok(link) = HeaderValue::from_str(&link) {
+                    b = b.header(header::LINK, link);
+                }
+            }
+            Ok(b.body(if head { empty() } else { full(page.body) })
                 .expect("valid response"))
         }
         Route::Referrers(_, digest) => {
@@ -372,8 +399,10 @@ fn blob_response(
 }
 
 /// Entry point of the operations server: `/metrics`, `/healthz`, `/readyz`, and
-/// `DELETE /admin/cache?image=<reference>` (from loopback only: `kubectl port-forward` or
-/// `pullthrough cache drop` in the pod) to drop one image or tag from the cache.
+/// `DELETE /admin/cache?image=<reference>` to drop one image or tag from the cache:
+/// from loopback only (`pullthrough cache drop` in the pod), and only with the admin
+/// token (`Authorization: Bearer <token>`; loopback alone is not enough, sidecars
+/// connect from there too).
 pub async fn handle_ops(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
@@ -394,6 +423,20 @@ pub async fn handle_ops(
             StatusCode::FORBIDDEN,
             serde_json::json!({"error": "the admin endpoint only answers on loopback"}),
         ));
+    }
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !proxy.admin_authorized(authorization) {
+        let mut refused = json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "missing or wrong admin token (the proxy's admin-token file)"}),
+        );
+        refused
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Ok(refused);
     }
     if req.method() != Method::DELETE {
         return Ok(json(
@@ -486,7 +529,7 @@ mod tests {
         assert_eq!(code("/v2/../etc/manifests/x"), NameInvalid);
         assert_eq!(code("/v2/a/%2e%2e/manifests/x"), NameInvalid);
         assert_eq!(code("/v2/Upper/manifests/x"), NameInvalid);
-        assert_eq!(code("/v2/a/manifests/..."), ManifestInvalid);
+        assert_eq!(code("/v2/a/manifests/..."), ManifestUnknown);
         assert_eq!(code("/v2/a/blobs/sha256:zz"), DigestInvalid);
         assert_eq!(code("/v2/a/blobs/latest"), DigestInvalid);
         assert_eq!(code("/v2/a/manifests/md5:00"), DigestInvalid);
@@ -500,13 +543,15 @@ mod tests {
     #[test]
     fn query_split() {
         assert_eq!(
-            split_query(Some("ns=docker.io&n=10&last=b")),
+            split_query(Some("ns=docker.io&n=10&last=b")).unwrap(),
             (Some("docker.io".into()), Some("n=10&last=b".into()))
         );
         assert_eq!(
-            split_query(Some("ns=ghcr.io")),
+            split_query(Some("ns=ghcr.io")).unwrap(),
             (Some("ghcr.io".into()), None)
         );
-        assert_eq!(split_query(None), (None, None));
+        assert_eq!(split_query(None).unwrap(), (None, None));
+        assert!(split_query(Some("ns=%zz")).is_err());
+        assert!(split_query(Some("ns=docker.io&ns=ghcr.io")).is_err());
     }
 }

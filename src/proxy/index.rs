@@ -47,7 +47,10 @@ impl Entry {
 struct Inner {
     entries: HashMap<Digest, Entry>,
     total: u64,
+    /// Sizes of the objects being downloaded or written (with or without a limit).
     reserved: u64,
+    /// Bytes of those already on disk (see [`Reservation::wrote`]).
+    written: u64,
 }
 
 /// The index of one cache directory.
@@ -58,22 +61,49 @@ pub struct Index {
     inner: Mutex<Inner>,
 }
 
-/// The cache cannot take an object of this size now (everything else is pinned or in use,
-/// or the object is larger than the whole cache).
+/// Why an object cannot be cached now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NoRoom;
+pub enum NoRoom {
+    /// Under the size limit: everything else is pinned or in use, or the object is
+    /// larger than the whole cache.
+    Limit,
+    /// On the volume: the free space, less what the downloads in progress will still
+    /// write, is smaller than the object.
+    Disk,
+}
 
 /// Space set aside for a download; given back when dropped unless committed.
 pub struct Reservation {
     index: Arc<Index>,
     size: u64,
+    written: u64,
+}
+
+impl Reservation {
+    /// Records that `bytes` more of the object are on disk: they no longer count as
+    /// space still to be taken from the volume.
+    pub fn wrote(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.size.saturating_sub(self.written));
+        if bytes > 0 {
+            self.written += bytes;
+            self.index.inner.lock().expect("index lock").written += bytes;
+        }
+    }
+
+    fn release(&mut self, inner: &mut Inner) {
+        inner.reserved = inner.reserved.saturating_sub(self.size);
+        inner.written = inner.written.saturating_sub(self.written);
+        self.size = 0;
+        self.written = 0;
+    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.size > 0 {
-            let mut inner = self.index.inner.lock().expect("index lock");
-            inner.reserved = inner.reserved.saturating_sub(self.size);
+            let index = self.index.clone();
+            let mut inner = index.inner.lock().expect("index lock");
+            self.release(&mut inner);
         }
     }
 }
@@ -210,12 +240,27 @@ impl Index {
             .contains_key(digest)
     }
 
-    /// Marks a cached object as in use (and used now). `None` when it is not cached.
+    /// Marks a cached object (blob or manifest: a manifest is a blob too) as in use, and
+    /// used now. `None` when it is not cached.
     pub fn acquire(self: &Arc<Self>, digest: &Digest) -> Option<UseGuard> {
+        self.acquire_if(digest, |_| true)
+    }
+
+    /// Like [`Self::acquire`], for manifests only: a blob's digest asked for as a manifest
+    /// is not cached as one, and must not be touched.
+    pub fn acquire_manifest(self: &Arc<Self>, digest: &Digest) -> Option<UseGuard> {
+        self.acquire_if(digest, |e| e.refs.is_some())
+    }
+
+    fn acquire_if(
+        self: &Arc<Self>,
+        digest: &Digest,
+        wanted: impl Fn(&Entry) -> bool,
+    ) -> Option<UseGuard> {
         let now = unix_now_ms();
         let persist = {
             let mut inner = self.inner.lock().expect("index lock");
-            let e = inner.entries.get_mut(digest)?;
+            let e = inner.entries.get_mut(digest).filter(|e| wanted(e))?;
             e.in_use += 1;
             e.last_used_ms = now;
             let due = now.saturating_sub(e.persisted_ms) >= PERSIST_EVERY_MS;
@@ -240,39 +285,56 @@ impl Index {
         })
     }
 
-    /// Forgets an object whose file turned out to be missing.
-    pub fn forget(&self, digest: &Digest) {
+    /// Drops an object that turned out to be unusable (a file missing or corrupt): its
+    /// entry and whatever of its files is left, so that the index and the disk agree.
+    /// Blocking: it deletes files.
+    pub fn discard(&self, digest: &Digest) {
         let mut inner = self.inner.lock().expect("index lock");
         if let Some(e) = inner.entries.remove(digest) {
             inner.total = inner.total.saturating_sub(e.size);
+        }
+        for path in [
+            self.storage.blob_path(digest),
+            self.storage.meta_path(digest),
+        ] {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    tracing::warn!(%digest, error = %e, "could not remove an unusable cached object");
+                }
+                _ => {}
+            }
         }
         drop(inner);
         self.publish();
     }
 
     /// Sets `size` bytes aside, evicting least recently used objects (except `pinned`
-    /// ones and those in use) as needed. Blocking: it deletes files.
+    /// ones and those in use) as needed under the size limit. `free` is the space the
+    /// volume can give (what is free less a safety margin), when known: the object must
+    /// fit in it beside what the downloads in progress will still write, so that
+    /// concurrent downloads never overcommit the disk. Blocking: it deletes files.
     pub fn reserve(
         self: &Arc<Self>,
         size: u64,
         pinned: &HashSet<Digest>,
+        free: Option<u64>,
     ) -> Result<Reservation, NoRoom> {
-        let Some(limit) = self.limit else {
-            return Ok(Reservation {
-                index: self.clone(),
-                size: 0,
-            });
-        };
-        if size > limit {
-            return Err(NoRoom);
-        }
         let mut inner = self.inner.lock().expect("index lock");
-        let wanted = inner.total + inner.reserved + size;
-        if wanted > limit {
-            self.evict_locked(&mut inner, wanted - limit, pinned);
+        let pending = inner.reserved.saturating_sub(inner.written);
+        if free.is_some_and(|free| free < pending.saturating_add(size)) {
+            return Err(NoRoom::Disk);
         }
-        if inner.total + inner.reserved + size > limit {
-            return Err(NoRoom);
+        if let Some(limit) = self.limit {
+            if size > limit {
+                return Err(NoRoom::Limit);
+            }
+            let wanted = inner.total + inner.reserved + size;
+            if wanted > limit {
+                self.evict_locked(&mut inner, wanted - limit, pinned);
+            }
+            if inner.total + inner.reserved + size > limit {
+                return Err(NoRoom::Limit);
+            }
         }
         inner.reserved += size;
         drop(inner);
@@ -280,6 +342,7 @@ impl Index {
         Ok(Reservation {
             index: self.clone(),
             size,
+            written: 0,
         })
     }
 
@@ -301,8 +364,7 @@ impl Index {
             inner.total = inner.total.saturating_sub(old.size);
         }
         inner.total += size;
-        inner.reserved = inner.reserved.saturating_sub(reservation.size);
-        reservation.size = 0;
+        reservation.release(&mut inner);
         drop(inner);
         self.publish();
         Ok(())
@@ -317,8 +379,7 @@ impl Index {
         mut reservation: Reservation,
     ) -> io::Result<()> {
         let mut inner = self.inner.lock().expect("index lock");
-        inner.reserved = inner.reserved.saturating_sub(reservation.size);
-        reservation.size = 0;
+        reservation.release(&mut inner);
         if inner.entries.contains_key(digest) {
             return Ok(());
         }
@@ -526,7 +587,9 @@ mod tests {
 
     fn add_blob(index: &Arc<Index>, bytes: &[u8]) -> Digest {
         let d = Digest::of(Algorithm::Sha256, bytes);
-        let r = index.reserve(bytes.len() as u64, &HashSet::new()).unwrap();
+        let r = index
+            .reserve(bytes.len() as u64, &HashSet::new(), None)
+            .unwrap();
         let temp = index.storage.temp_path();
         std::fs::write(&temp, bytes).unwrap();
         index.commit_blob(&temp, &d, bytes.len() as u64, r).unwrap();
@@ -541,7 +604,9 @@ mod tests {
         }))
         .unwrap();
         let d = Digest::of(Algorithm::Sha256, &body);
-        let r = index.reserve(body.len() as u64, &HashSet::new()).unwrap();
+        let r = index
+            .reserve(body.len() as u64, &HashSet::new(), None)
+            .unwrap();
         index
             .commit_manifest(&d, &body, "application/vnd.oci.image.manifest.v1+json", r)
             .unwrap();
@@ -560,18 +625,18 @@ mod tests {
         // a is pinned, b is being read: c, the newest, is the one that can go.
         let guard = index.acquire(&b).unwrap();
         let pinned = HashSet::from([a.clone()]);
-        let r = index.reserve(1000, &pinned).unwrap();
+        let r = index.reserve(1000, &pinned, None).unwrap();
         assert!(index.contains(&a) && index.contains(&b) && !index.contains(&c));
         drop(r);
         // Nothing else may go: no room.
-        assert!(index.reserve(2000, &pinned).is_err());
+        assert!(index.reserve(2000, &pinned, None).is_err());
         drop(guard);
         // Now b (least recently used unpinned) goes.
-        let _r = index.reserve(1500, &pinned).unwrap();
+        let _r = index.reserve(1500, &pinned, None).unwrap();
         assert!(!index.contains(&b));
         assert!(!index.storage.blob_path(&b).exists(), "the file went too");
         assert!(
-            index.reserve(5000, &pinned).is_err(),
+            index.reserve(5000, &pinned, None).is_err(),
             "larger than the cache"
         );
     }
@@ -612,8 +677,36 @@ mod tests {
         let (storage, _) = Storage::open(dir.path()).unwrap();
         let small = Index::rebuild(Arc::new(storage), Some(600), Metrics::new()).unwrap();
         assert!(small.total() > 600);
-        drop(small.reserve(0, &HashSet::new()).unwrap());
+        drop(small.reserve(0, &HashSet::new(), None).unwrap());
         assert!(small.total() <= 600, "{}", small.total());
+    }
+
+    #[tokio::test]
+    async fn downloads_in_progress_count_against_the_free_space() {
+        let (_dir, index) = setup(None);
+        let none = HashSet::new();
+        // 50 bytes free: a 20-byte download fits, twice; a third does not while the two
+        // have written nothing.
+        let mut a = index.reserve(20, &none, Some(50)).unwrap();
+        let b = index.reserve(20, &none, Some(50)).unwrap();
+        assert_eq!(index.reserve(20, &none, Some(50)).err(), Some(NoRoom::Disk));
+        // What a download has written is already out of the free space measured: with
+        // 15 bytes written, 35 are free and 25 still to come.
+        a.wrote(15);
+        assert_eq!(index.reserve(11, &none, Some(35)).err(), Some(NoRoom::Disk));
+        let c = index.reserve(10, &none, Some(35)).unwrap();
+        drop((b, c));
+        // Writing past its size counts only up to it.
+        a.wrote(100);
+        assert!(
+            index.reserve(45, &none, Some(50)).is_ok(),
+            "nothing pending"
+        );
+        drop(a);
+        // Larger than the free space: no room on the disk, whatever else runs.
+        assert_eq!(index.reserve(60, &none, Some(50)).err(), Some(NoRoom::Disk));
+        let inner = index.inner.lock().unwrap();
+        assert_eq!((inner.reserved, inner.written), (0, 0), "all given back");
     }
 
     #[test]

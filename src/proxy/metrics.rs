@@ -96,6 +96,8 @@ pub struct Metrics {
     pub cache_blobs: IntGauge,
     /// Upstream blob downloads running now.
     pub inflight_fetches: IntGauge,
+    /// Client requests waiting for an upstream fetch in progress to answer.
+    pub fetch_waiters: IntGauge,
     /// The configured size limit (0: none).
     pub cache_limit_bytes: IntGauge,
     /// Objects evicted to stay under the limit.
@@ -162,6 +164,11 @@ impl Metrics {
             "Upstream blob downloads in progress.",
         )
         .expect("valid metric");
+        let fetch_waiters = IntGauge::new(
+            "pullthrough_fetch_waiters",
+            "Client requests waiting for an upstream fetch in progress (manifest, blob, blob HEAD) to answer; more than the fetches when clients share them.",
+        )
+        .expect("valid metric");
         let cache_limit_bytes = IntGauge::new(
             "pullthrough_cache_limit_bytes",
             "Configured cache size limit in bytes (0 when unlimited).",
@@ -208,6 +215,7 @@ impl Metrics {
                 Box::new(cache_size_bytes.clone()),
                 Box::new(cache_blobs.clone()),
                 Box::new(inflight_fetches.clone()),
+                Box::new(fetch_waiters.clone()),
             ],
         );
         Metrics {
@@ -220,6 +228,7 @@ impl Metrics {
             cache_size_bytes,
             cache_blobs,
             inflight_fetches,
+            fetch_waiters,
             cache_limit_bytes,
             cache_evictions,
             cache_disk_full,

@@ -11,7 +11,9 @@ pub mod http;
 pub mod index;
 pub mod metrics;
 pub mod pull_through;
+pub mod single_flight;
 pub mod storage;
+pub mod tag_lists;
 pub mod upstream;
 
 use crate::api::dockerconfig::credentials_for;
@@ -19,6 +21,7 @@ use crate::api::image_ref;
 use crate::api::proxy_config::is_docker_hub_alias;
 use crate::api::{ConfigError, ProxyConfig};
 use crate::oci::Reference;
+use crate::server::ConnLimits;
 use index::Index;
 use metrics::Metrics;
 use pull_through::{CachePolicy, PullThrough};
@@ -58,6 +61,14 @@ pub enum StartError {
         /// What went wrong.
         reason: String,
     },
+    /// The admin token cannot be read or written.
+    #[error("admin token {path}: {source}")]
+    AdminToken {
+        /// The token file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
     /// A listen address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -76,6 +87,7 @@ pub struct Proxy {
     metrics: Metrics,
     prefetch: Vec<(Arc<Upstream>, String, Reference, String)>,
     prefetch_platforms: Vec<String>,
+    admin_token: String,
 }
 
 impl Proxy {
@@ -92,6 +104,12 @@ impl Proxy {
         let storage = Arc::new(storage);
         let index = Index::rebuild(storage.clone(), config.max_cache_bytes, metrics.clone())
             .map_err(cache_dir_error)?;
+        let token_path = config.admin_token_path();
+        let admin_token =
+            admin::load_or_create_token(&token_path).map_err(|source| StartError::AdminToken {
+                path: token_path,
+                source,
+            })?;
         if stats.removed_partials > 0 {
             tracing::info!(
                 removed = stats.removed_partials,
@@ -186,7 +204,13 @@ impl Proxy {
             metrics,
             prefetch,
             prefetch_platforms: config.prefetch_platforms.clone(),
+            admin_token,
         })
+    }
+
+    /// Whether an admin request's `Authorization` carries the admin token.
+    pub fn admin_authorized(&self, authorization: Option<&str>) -> bool {
+        admin::authorized(authorization, &self.admin_token)
     }
 
     /// The upstream serving `registry` (as sent in `?ns=`), if configured.
@@ -250,11 +274,41 @@ fn find_upstream(
     None
 }
 
-/// Binds the configured addresses and serves until `shutdown` completes.
+/// File descriptors the proxy keeps for itself beside its client connections:
+/// upstream connections, downloads, the index, the operations port's clients.
+const FD_RESERVE: u64 = 128;
+
+/// Raises the soft limit on open files to the hard one, and returns how many client
+/// connections fit under it: each may hold a socket and a cache file open.
+fn connection_budget() -> Option<usize> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum || limit.maximum.is_none() {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!(error = %e, "could not raise the open-file limit");
+        }
+    }
+    let files = getrlimit(Resource::Nofile).current?;
+    Some((files.saturating_sub(FD_RESERVE) / 2).max(8) as usize)
+}
+
+/// Binds the configured addresses and serves until `shutdown` completes. The open-file
+/// limit is raised as far as allowed first, and `maxConnections` kept under it.
 pub async fn run(
-    config: ProxyConfig,
+    mut config: ProxyConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
+    if let Some(budget) = connection_budget()
+        && budget < config.max_connections
+    {
+        tracing::warn!(
+            configured = config.max_connections,
+            allowed = budget,
+            "the open-file limit allows fewer client connections than maxConnections"
+        );
+        config.max_connections = budget;
+    }
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -285,14 +339,26 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     let p1 = proxy.clone();
-    let api_loop =
-        crate::server::accept_loop(api, stop_rx.clone(), tracker.clone(), move |req, _| {
-            http::handle(p1.clone(), req)
-        });
+    let limits = ConnLimits {
+        max_connections: config.max_connections,
+        header_timeout: config.client_header_timeout,
+        idle_timeout: config.client_idle_timeout,
+    };
+    let api_loop = crate::server::accept_loop(
+        api,
+        stop_rx.clone(),
+        tracker.clone(),
+        limits,
+        move |req, _| http::handle(p1.clone(), req),
+    );
     let p2 = proxy.clone();
-    let ops_loop = crate::server::accept_loop(ops, stop_rx, tracker.clone(), move |req, peer| {
-        http::handle_ops(p2.clone(), req, peer)
-    });
+    let ops_loop = crate::server::accept_loop(
+        ops,
+        stop_rx,
+        tracker.clone(),
+        ConnLimits::OPS,
+        move |req, peer| http::handle_ops(p2.clone(), req, peer),
+    );
     let api_task = tokio::spawn(api_loop);
     let ops_task = tokio::spawn(ops_loop);
     // Pins are known once prefetched: only then may a lowered limit evict.
@@ -303,8 +369,18 @@ pub async fn serve(
         }
         p.cache.enforce_limit().await;
     });
+    // The disk-full gauge goes back to 0 once space is back, with or without requests.
+    let p = proxy.clone();
+    let disk_watch = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(pull_through::DISK_FULL_RETRY);
+        loop {
+            tick.tick().await;
+            p.cache.recheck_disk();
+        }
+    });
     shutdown.await;
     startup.abort();
+    disk_watch.abort();
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = api_task.await;

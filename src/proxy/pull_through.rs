@@ -15,13 +15,15 @@
 use super::error::ProxyError;
 use super::index::{Index, NoRoom, Reservation};
 use super::metrics::{CacheResult, Kind, Metrics};
+use super::single_flight::{SingleFlight, Waiting};
 use super::storage::{Storage, TagRecord, unix_now_ms};
+use super::tag_lists::{self, TagLists, TagsPage};
 use super::upstream::{Upstream, read_limited};
-use crate::oci::media::{MANIFEST_ACCEPT, manifest_media_type};
+use crate::oci::media::{Accept, MANIFEST_ACCEPT, manifest_media_type};
 use crate::oci::{Digest, Hasher, Reference};
 use crate::zero_copy::{MAX_SPAN, Spans};
 use bytes::{Bytes, BytesMut};
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::FutureExt;
 use futures::stream::{BoxStream, StreamExt};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -33,7 +35,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 
 /// Size of disk reads and writes.
@@ -59,8 +61,6 @@ const LARGE_READERS: usize = 4;
 const YIELD_EVERY: u64 = 1 << 20;
 /// Largest tags/list or referrers answer passed through.
 const MAX_LIST_BYTES: usize = 4 << 20;
-/// Bound on remembered tags/list answers.
-const MAX_TAG_LISTS: usize = 4096;
 
 /// Limits and timings of the cache.
 #[derive(Clone, Debug)]
@@ -207,21 +207,55 @@ enum FetchState {
         len: u64,
     },
     Failed(ProxyError),
-    /// The blob will not be cached (no room, disk full): each client streams it straight
-    /// from the upstream.
-    Uncacheable,
+    /// The blob will not be cached (no room, disk full): the clients that waited for the
+    /// download get its body relayed through memory (see [`BlobFetch::relay`]); later
+    /// ones stream it from the upstream themselves.
+    Uncacheable {
+        len: Option<u64>,
+    },
 }
+
+/// Chunks buffered per client of a relayed (uncacheable) blob.
+const RELAY_DEPTH: usize = 8;
+
+/// Where a relayed blob's chunks go to one client.
+type RelayTx = mpsc::Sender<io::Result<Bytes>>;
 
 struct BlobFetch {
     temp: PathBuf,
     state: watch::Receiver<FetchState>,
+    /// The clients that joined before the download's first answer. If the blob cannot
+    /// be cached, the download relays its body to them, so that one upstream GET serves
+    /// them all; once the download streams into the cache (they read the file) or the
+    /// relay started, it is `None` and later clients do not join it.
+    relay: Mutex<Option<Vec<RelayTx>>>,
 }
 
-type ManifestFuture = Shared<BoxFuture<'static, Result<(Manifest, CacheResult), ProxyError>>>;
+impl BlobFetch {
+    /// A place among the relay's clients, if it still takes them.
+    fn subscribe(&self) -> Option<mpsc::Receiver<io::Result<Bytes>>> {
+        let mut relay = self.relay.lock().expect("relay lock");
+        relay.as_mut().map(|clients| {
+            let (tx, rx) = mpsc::channel(RELAY_DEPTH);
+            clients.push(tx);
+            rx
+        })
+    }
+}
+
+/// How a download ended well.
+enum Downloaded {
+    /// In the temp file, verified: to be committed.
+    Stored { len: u64, reservation: Reservation },
+    /// Not to be cached: the body is still to be read.
+    Uncacheable { len: Option<u64>, body: Incoming },
+}
+
+type ManifestResult = Result<(Manifest, CacheResult), ProxyError>;
 
 /// How long the cache stays in stream-through mode after the disk filled up before it
 /// tries writing again.
-const DISK_FULL_RETRY: Duration = Duration::from_secs(2);
+pub const DISK_FULL_RETRY: Duration = Duration::from_secs(2);
 /// Free space kept beyond a download's size before it is written to disk.
 const DISK_MARGIN: u64 = 16 << 20;
 
@@ -234,9 +268,11 @@ pub struct PullThrough {
     pins: Vec<(Arc<Upstream>, String, Reference)>,
     disk_full_until: Mutex<Option<Instant>>,
     blobs: Mutex<HashMap<Digest, Arc<BlobFetch>>>,
-    manifests: Mutex<HashMap<String, ManifestFuture>>,
+    manifests: SingleFlight<String, ManifestResult>,
+    /// HEADs of blobs that are not cached, one upstream HEAD per digest at a time.
+    heads: SingleFlight<Digest, Result<Option<u64>, ProxyError>>,
     tags: Mutex<HashMap<String, TagState>>,
-    tag_lists: Mutex<HashMap<String, (Instant, Bytes)>>,
+    tag_lists: TagLists,
     /// Slots for serving cached blobs in [`LARGE_CHUNK`] reads.
     large_reads: Arc<Semaphore>,
 }
@@ -256,7 +292,9 @@ pub fn status_error(status: StatusCode, kind: Kind) -> ProxyError {
         401 | 403 => ProxyError::UpstreamDenied(status.as_u16()),
         429 => ProxyError::UpstreamRateLimited,
         500..=599 => ProxyError::unavailable(format!("upstream answered HTTP {status}")),
-        _ => ProxyError::UpstreamInvalid(format!("unexpected HTTP {status}").into()),
+        _ => ProxyError::UpstreamProtocol(
+            format!("HTTP {status}, which a registry does not answer here").into(),
+        ),
     }
 }
 
@@ -285,14 +323,15 @@ impl PullThrough {
         PullThrough {
             storage,
             index,
+            manifests: SingleFlight::new(metrics.fetch_waiters.clone()),
+            heads: SingleFlight::new(metrics.fetch_waiters.clone()),
             metrics,
             policy,
             pins,
             disk_full_until: Mutex::new(None),
             blobs: Mutex::new(HashMap::new()),
-            manifests: Mutex::new(HashMap::new()),
             tags: Mutex::new(HashMap::new()),
-            tag_lists: Mutex::new(HashMap::new()),
+            tag_lists: TagLists::default(),
             large_reads: Arc::new(Semaphore::new(LARGE_READERS)),
         }
     }
@@ -335,6 +374,12 @@ impl PullThrough {
         }
     }
 
+    /// Drops a cached object found unusable (see [`Index::discard`]).
+    async fn discard(&self, digest: &Digest) {
+        let (index, d) = (self.index.clone(), digest.clone());
+        let _ = tokio::task::spawn_blocking(move || index.discard(&d)).await;
+    }
+
     /// Digests that must never be evicted: the closure of the pinned images.
     pub fn pinned(&self) -> std::collections::HashSet<Digest> {
         let roots: Vec<Digest> = self
@@ -354,82 +399,136 @@ impl PullThrough {
     }
 
     /// Sets space aside for an object, evicting as needed. `None` when it must not be
-    /// cached (no room, or the disk is full).
+    /// cached: no room under the limit, not enough free space beside the downloads in
+    /// progress (this object alone is streamed through), or the disk is full.
     async fn reserve(self: &Arc<Self>, size: u64) -> Option<Reservation> {
         if self.disk_full() {
             return None;
         }
         // Whatever the size limit says, the file system has the last word.
-        if let Ok(free) = self.storage.available_space()
-            && free < size.saturating_add(DISK_MARGIN)
-        {
-            self.mark_disk_full("not enough free space on the cache volume");
+        let free = self.storage.available_space().ok();
+        if free.is_some_and(|free| free < DISK_MARGIN) {
+            self.mark_disk_full("less than the margin free on the cache volume");
             return None;
         }
         let this = self.clone();
         let reservation = tokio::task::spawn_blocking(move || {
             let pinned = this.pinned();
-            this.index.reserve(size, &pinned)
+            let room = free.map(|free| free - DISK_MARGIN);
+            this.index.reserve(size, &pinned, room)
         })
         .await
         .expect("reserve task");
         match reservation {
-            Ok(r) => Some(r),
-            Err(NoRoom) => {
+            Ok(r) => {
+                self.mark_disk_ok();
+                Some(r)
+            }
+            Err(NoRoom::Limit) => {
                 tracing::warn!(
                     bytes = size,
                     "no room in the cache (pinned or in use): not caching this object"
                 );
                 None
             }
+            Err(NoRoom::Disk) => {
+                tracing::info!(
+                    bytes = size,
+                    free,
+                    "not enough free space for this object beside the downloads in progress: \
+                     streaming it through"
+                );
+                None
+            }
+        }
+    }
+
+    /// Clears the disk-full state once its back-off is over and the volume has room
+    /// again, also when no request comes to notice (the gauge must not stay at 1).
+    pub fn recheck_disk(&self) {
+        let due = self
+            .disk_full_until
+            .lock()
+            .expect("disk state lock")
+            .is_some_and(|until| Instant::now() >= until);
+        if due
+            && self
+                .storage
+                .available_space()
+                .is_ok_and(|free| free >= DISK_MARGIN)
+        {
+            self.mark_disk_ok();
         }
     }
 
     // ----- manifests -----
 
-    /// A manifest by tag or digest.
+    /// A manifest by tag or digest, of a media type `accept` allows.
+    ///
+    /// Tags are kept for clients that accept every type (what the cache asks upstream
+    /// for, so that one object serves them all). A client that accepts fewer types is
+    /// served a cached manifest only of a type it accepts; otherwise the upstream is asked
+    /// with its own `Accept` (it may have another manifest for it, as Docker Hub does for
+    /// schema 2 clients), without touching the tag's record.
     pub async fn manifest(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         repository: &str,
         reference: &Reference,
+        accept: &Accept,
     ) -> Result<(Manifest, CacheResult), ProxyError> {
+        let fetch_as = |reference: String, expect: Option<Digest>, result| {
+            let (this, up, repo, accept) = (
+                self.clone(),
+                up.clone(),
+                repository.to_string(),
+                accept.clone(),
+            );
+            async move {
+                let m = this
+                    .fetch_manifest(&up, &repo, &reference, expect.as_ref(), &accept)
+                    .await?;
+                Ok((acceptable(m, &accept)?, result))
+            }
+        };
+        let key = |reference: &str| {
+            format!(
+                "{}\0{repository}\0{reference}\0{}",
+                up.name(),
+                accept.upstream_header()
+            )
+        };
         match reference {
             Reference::Digest(digest) => {
                 if let Some(m) = self.cached_manifest(digest).await? {
-                    return Ok((m, CacheResult::Hit));
+                    // A digest's content never changes: another type is not to be had.
+                    return Ok((acceptable(m, accept)?, CacheResult::Hit));
                 }
-                let key = format!("{}\0{repository}\0{digest}", up.name());
-                let (this, up2, repo, d) = (
-                    self.clone(),
-                    up.clone(),
-                    repository.to_string(),
-                    digest.clone(),
-                );
-                self.coalesce(key, async move {
-                    let m = this
-                        .fetch_manifest(&up2, &repo, &d.to_string(), Some(&d))
-                        .await?;
-                    Ok((m, CacheResult::Miss))
-                })
-                .await
+                let d = digest.to_string();
+                let fetch = fetch_as(d.clone(), Some(digest.clone()), CacheResult::Miss);
+                self.coalesce(key(&d), fetch).await
             }
             Reference::Tag(tag) => {
                 let state = self.tag_state(up, repository, tag).await;
                 if let Some(st) = &state
                     && freshness(st.age(), &self.policy) == Freshness::Fresh
                     && let Some(m) = self.cached_manifest(&st.digest).await?
+                    && accept.allows(&m.media_type)
                 {
                     return Ok((m, CacheResult::Hit));
                 }
-                let key = tag_key(up, repository, tag);
+                if *accept != Accept::Any {
+                    return self
+                        .coalesce(key(tag), fetch_as(tag.clone(), None, CacheResult::Miss))
+                        .await;
+                }
                 let (this, up2, repo, tag) = (
                     self.clone(),
                     up.clone(),
                     repository.to_string(),
                     tag.clone(),
                 );
-                self.coalesce(key, async move {
+                self.coalesce(key(&tag), async move {
                     this.resolve_tag(&up2, &repo, &tag, state).await
                 })
                 .await
@@ -437,32 +536,21 @@ impl PullThrough {
         }
     }
 
-    /// Runs `fetch` unless an identical one is running; then waits for that one instead.
+    /// Runs `fetch` unless an identical one is running; then waits for that one instead
+    /// (see [`SingleFlight`]: the fetch finishes even if every client leaves).
     async fn coalesce(
         &self,
         key: String,
         fetch: impl Future<Output = Result<(Manifest, CacheResult), ProxyError>> + Send + 'static,
     ) -> Result<(Manifest, CacheResult), ProxyError> {
-        let (shared, leader) = {
-            let mut map = self.manifests.lock().expect("manifest map lock");
-            match map.get(&key) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = fetch.boxed().shared();
-                    map.insert(key.clone(), f.clone());
-                    (f, true)
-                }
-            }
-        };
-        let result = shared.await;
-        if leader {
-            self.manifests
-                .lock()
-                .expect("manifest map lock")
-                .remove(&key);
-        }
+        let (result, started) = self
+            .manifests
+            .run(key, fetch, |e| {
+                Err(ProxyError::internal(format!("manifest fetch failed: {e}")))
+            })
+            .await;
         match result {
-            Ok((m, CacheResult::Miss)) if !leader => Ok((m, CacheResult::Coalesced)),
+            Ok((m, CacheResult::Miss)) if !started => Ok((m, CacheResult::Coalesced)),
             other => other,
         }
     }
@@ -567,7 +655,10 @@ impl PullThrough {
                 Err(e) => return Err(e),
             }
         }
-        match self.fetch_manifest(up, repository, tag, None).await {
+        match self
+            .fetch_manifest(up, repository, tag, None, &Accept::Any)
+            .await
+        {
             Ok(m) => {
                 self.confirm_tag(up, repository, tag, &m.digest).await;
                 Ok((m, CacheResult::Miss))
@@ -584,7 +675,7 @@ impl PullThrough {
     }
 
     async fn cached_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, ProxyError> {
-        let Some(_guard) = self.index.acquire(digest) else {
+        let Some(_guard) = self.index.acquire_manifest(digest) else {
             return Ok(None);
         };
         let found = self
@@ -593,7 +684,7 @@ impl PullThrough {
             .await
             .map_err(ProxyError::internal)?;
         if found.is_none() {
-            self.index.forget(digest);
+            self.discard(digest).await;
         }
         Ok(found.map(|(body, media_type)| Manifest {
             digest: digest.clone(),
@@ -628,13 +719,14 @@ impl PullThrough {
         }
     }
 
-    /// GETs a manifest, checks its size and digest, and stores it.
+    /// GETs a manifest, checks that it is one, its size and its digest, and stores it.
     async fn fetch_manifest(
         self: &Arc<Self>,
         up: &Upstream,
         repository: &str,
         reference: &str,
         expect: Option<&Digest>,
+        accept: &Accept,
     ) -> Result<Manifest, ProxyError> {
         let resp = up
             .request(
@@ -643,7 +735,7 @@ impl PullThrough {
                 repository,
                 &format!("manifests/{reference}"),
                 None,
-                Some(MANIFEST_ACCEPT),
+                Some(&accept.upstream_header()),
             )
             .await?;
         if resp.status() != StatusCode::OK {
@@ -667,7 +759,8 @@ impl PullThrough {
                 format!("manifest {reference} hashes to {digest}, expected {want}").into(),
             ));
         }
-        let media_type = manifest_media_type(header_str(&headers, header::CONTENT_TYPE), &body);
+        let media_type = manifest_media_type(header_str(&headers, header::CONTENT_TYPE), &body)
+            .map_err(|e| ProxyError::UpstreamNotAManifest(e.to_string().into()))?;
         self.store_manifest(&digest, &body, &media_type).await;
         Ok(Manifest {
             digest,
@@ -694,7 +787,7 @@ impl PullThrough {
         if head {
             return self.head_blob(up, repository, digest).await;
         }
-        let Some((fetch, leader)) = self.join_or_start(up, repository, digest) else {
+        let Some((fetch, leader, relayed)) = self.join_or_start(up, repository, digest) else {
             // Finished between our cache check and taking the lock.
             return self
                 .cached_blob(digest, range, head, spans)
@@ -702,14 +795,26 @@ impl PullThrough {
                 .ok_or_else(|| ProxyError::internal("blob vanished from the cache"));
         };
         let mut rx = fetch.state.clone();
+        let waiting = Waiting(&self.metrics.fetch_waiters);
         let state = rx
             .wait_for(|s| !matches!(s, FetchState::Connecting))
             .await
             .map_err(|_| ProxyError::internal("download task ended without a result"))?
             .clone();
+        drop(waiting);
         let len = match state {
             FetchState::Failed(e) => return Err(e),
-            FetchState::Uncacheable => return self.pass_through(up, repository, digest).await,
+            FetchState::Uncacheable { len } => {
+                let result = if leader {
+                    CacheResult::Miss
+                } else {
+                    CacheResult::Coalesced
+                };
+                return match relayed {
+                    Some(rx) => Ok(relay_answer(rx, len, result)),
+                    None => self.pass_through(up, repository, digest).await,
+                };
+            }
             FetchState::Streaming { len, .. } => len,
             FetchState::Verified { len } | FetchState::Done { len } => Some(len),
             FetchState::Connecting => unreachable!("waited for a later state"),
@@ -760,36 +865,48 @@ impl PullThrough {
         })
     }
 
-    /// Joins the running download of `digest` or starts one. `None` when the blob turned
+    /// Joins the running download of `digest` or starts one, with a place among the
+    /// clients it would relay to (see [`BlobFetch::relay`]). `None` when the blob turned
     /// out to be cached already.
+    #[allow(clippy::type_complexity)]
     fn join_or_start(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         repository: &str,
         digest: &Digest,
-    ) -> Option<(Arc<BlobFetch>, bool)> {
+    ) -> Option<(
+        Arc<BlobFetch>,
+        bool,
+        Option<mpsc::Receiver<io::Result<Bytes>>>,
+    )> {
         let mut map = self.blobs.lock().expect("blob map lock");
         if let Some(f) = map.get(digest) {
-            return Some((f.clone(), false));
+            let relayed = f.subscribe();
+            // Uncounted once the download answers (see `blob`).
+            self.metrics.fetch_waiters.inc();
+            return Some((f.clone(), false, relayed));
         }
         if self.index.contains(digest) {
             return None;
         }
+        self.metrics.fetch_waiters.inc();
         let (tx, rx) = watch::channel(FetchState::Connecting);
         let fetch = Arc::new(BlobFetch {
             temp: self.storage.temp_path(),
             state: rx,
+            relay: Mutex::new(Some(Vec::new())),
         });
+        let relayed = fetch.subscribe();
         map.insert(digest.clone(), fetch.clone());
-        let (this, up2, repo, d, temp) = (
+        let (this, up2, repo, d, f) = (
             self.clone(),
             up.clone(),
             repository.to_string(),
             digest.clone(),
-            fetch.temp.clone(),
+            fetch.clone(),
         );
-        tokio::spawn(async move { this.download(up2, repo, d, temp, tx).await });
-        Some((fetch, true))
+        tokio::spawn(async move { this.download(up2, repo, d, f, tx).await });
+        Some((fetch, true, relayed))
     }
 
     /// A cached blob's answer, or `None` if it is not cached. With `spans` (an HTTP/1
@@ -810,7 +927,7 @@ impl PullThrough {
         let file = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
             Ok(Ok(f)) => f,
             Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
-                self.index.forget(digest);
+                self.discard(digest).await;
                 return Ok(None);
             }
             Ok(Err(e)) => return Err(ProxyError::internal(e)),
@@ -860,13 +977,13 @@ impl PullThrough {
     /// without starting a download.
     async fn head_blob(
         &self,
-        up: &Upstream,
+        up: &Arc<Upstream>,
         repository: &str,
         digest: &Digest,
     ) -> Result<BlobAnswer, ProxyError> {
         if let Some(f) = self.running(digest) {
             let len = match &*f.state.borrow() {
-                FetchState::Streaming { len, .. } => *len,
+                FetchState::Streaming { len, .. } | FetchState::Uncacheable { len } => *len,
                 FetchState::Verified { len } | FetchState::Done { len } => Some(*len),
                 _ => None,
             };
@@ -879,17 +996,31 @@ impl PullThrough {
                 });
             }
         }
-        let resp = blob_request(up, Method::HEAD, repository, digest).await?;
+        let (up2, repo, d) = (up.clone(), repository.to_string(), digest.clone());
+        let head = async move {
+            let resp = blob_request(&up2, Method::HEAD, &repo, &d).await?;
+            Ok(content_length(resp.headers()))
+        };
+        let (len, started) = self
+            .heads
+            .run(digest.clone(), head, |e| {
+                Err(ProxyError::internal(format!("blob HEAD failed: {e}")))
+            })
+            .await;
         Ok(BlobAnswer {
-            len: content_length(resp.headers()),
+            len: len?,
             range: None,
             body: None,
-            result: CacheResult::Miss,
+            result: if started {
+                CacheResult::Miss
+            } else {
+                CacheResult::Coalesced
+            },
         })
     }
 
-    /// Streams a blob from the upstream without caching it, hashing on the way; the last
-    /// chunk is released only when the digest matches.
+    /// Streams a blob from the upstream for this client alone, without caching it (see
+    /// [`relay`]).
     async fn pass_through(
         &self,
         up: &Upstream,
@@ -898,65 +1029,10 @@ impl PullThrough {
     ) -> Result<BlobAnswer, ProxyError> {
         let resp = blob_request(up, Method::GET, repository, digest).await?;
         let len = content_length(resp.headers());
-        struct Relay {
-            body: Incoming,
-            hasher: Option<Hasher>,
-            held: Option<Bytes>,
-            digest: Digest,
-            timeout: Duration,
-            done: bool,
-        }
-        let relay = Relay {
-            body: resp.into_body(),
-            hasher: Some(Hasher::new(digest.algorithm())),
-            held: None,
-            digest: digest.clone(),
-            timeout: up.timeout(),
-            done: false,
-        };
-        let body = futures::stream::unfold(relay, |mut r| async move {
-            loop {
-                if r.done {
-                    return None;
-                }
-                match next_data(&mut r.body, r.timeout).await {
-                    Ok(Some(data)) => {
-                        if let Some(h) = &mut r.hasher {
-                            h.update(&data);
-                        }
-                        if let Some(prev) = r.held.replace(data) {
-                            return Some((Ok(prev), r));
-                        }
-                    }
-                    Ok(None) => {
-                        r.done = true;
-                        let got = r.hasher.take().expect("hashed once").finish();
-                        if got != r.digest {
-                            return Some((
-                                Err(io::Error::other(format!(
-                                    "upstream sent {got} for {}",
-                                    r.digest
-                                ))),
-                                r,
-                            ));
-                        }
-                        let last = r.held.take()?;
-                        return Some((Ok(last), r));
-                    }
-                    Err(e) => {
-                        r.done = true;
-                        return Some((Err(io::Error::other(e.to_string())), r));
-                    }
-                }
-            }
-        })
-        .boxed();
-        Ok(BlobAnswer {
-            len,
-            range: None,
-            body: Some(body),
-            result: CacheResult::Miss,
-        })
+        let (tx, rx) = mpsc::channel(RELAY_DEPTH);
+        let (d, timeout) = (digest.clone(), up.timeout());
+        tokio::spawn(async move { relay(resp.into_body(), &d, len, timeout, vec![tx]).await });
+        Ok(relay_answer(rx, len, CacheResult::Miss))
     }
 
     /// The download task of one blob: runs to the end even if its first client leaves, so
@@ -966,16 +1042,17 @@ impl PullThrough {
         up: Arc<Upstream>,
         repository: String,
         digest: Digest,
-        temp: PathBuf,
+        fetch: Arc<BlobFetch>,
         tx: watch::Sender<FetchState>,
     ) {
         self.metrics.inflight_fetches.inc();
         let started = Instant::now();
+        let temp = fetch.temp.clone();
         let result = self
-            .download_to(&up, &repository, &digest, &temp, &tx)
+            .download_to(&up, &repository, &digest, &fetch, &tx)
             .await;
         let result = match result {
-            Ok(Some((len, reservation))) => {
+            Ok(Downloaded::Stored { len, reservation }) => {
                 let (this, t, d) = (self.clone(), temp.clone(), digest.clone());
                 tokio::task::spawn_blocking(move || {
                     this.index.commit_blob(&t, &d, len, reservation)
@@ -985,7 +1062,17 @@ impl PullThrough {
                 .map(|()| Some(len))
                 .map_err(ProxyError::internal)
             }
-            Ok(None) => Ok(None),
+            Ok(Downloaded::Uncacheable { len, body }) => {
+                let clients = fetch
+                    .relay
+                    .lock()
+                    .expect("relay lock")
+                    .take()
+                    .unwrap_or_default();
+                tx.send_replace(FetchState::Uncacheable { len });
+                relay(body, &digest, len, up.timeout(), clients).await;
+                Ok(None)
+            }
             Err(e) => Err(e),
         };
         match result {
@@ -995,9 +1082,7 @@ impl PullThrough {
                     seconds = started.elapsed().as_secs_f64(), "blob cached");
                 tx.send_replace(FetchState::Done { len });
             }
-            Ok(None) => {
-                tx.send_replace(FetchState::Uncacheable);
-            }
+            Ok(None) => {}
             Err(e) => {
                 let _ = tokio::fs::remove_file(&temp).await;
                 tracing::warn!(upstream = up.name(), repo = %repository, %digest, error = %e, "blob download failed; nothing cached");
@@ -1008,16 +1093,16 @@ impl PullThrough {
         self.metrics.inflight_fetches.dec();
     }
 
-    /// Downloads into `temp`. `Ok(None)` when the blob is not to be cached (the clients
-    /// then stream it through themselves).
+    /// Downloads into the fetch's temp file, or hands the body back when the blob is not
+    /// to be cached.
     async fn download_to(
         self: &Arc<Self>,
         up: &Upstream,
         repository: &str,
         digest: &Digest,
-        temp: &PathBuf,
+        fetch: &BlobFetch,
         tx: &watch::Sender<FetchState>,
-    ) -> Result<Option<(u64, Reservation)>, ProxyError> {
+    ) -> Result<Downloaded, ProxyError> {
         let resp = blob_request(up, Method::GET, repository, digest).await?;
         let len = content_length(resp.headers());
         // With a size limit, a blob of unknown size cannot be accounted for: stream it.
@@ -1026,17 +1111,21 @@ impl PullThrough {
             None if self.index.limit().is_none() => self.reserve(0).await,
             None => None,
         };
-        let Some(reservation) = reservation else {
-            return Ok(None);
+        let Some(mut reservation) = reservation else {
+            let body = resp.into_body();
+            return Ok(Downloaded::Uncacheable { len, body });
         };
-        let mut file = match tokio::fs::File::create(temp).await {
+        let mut file = match tokio::fs::File::create(&fetch.temp).await {
             Ok(f) => f,
             Err(e) if is_disk_full(&e) => {
                 self.mark_disk_full("cannot create a download file");
-                return Ok(None);
+                let body = resp.into_body();
+                return Ok(Downloaded::Uncacheable { len, body });
             }
             Err(e) => return Err(ProxyError::internal(e)),
         };
+        // The clients that waited read the file from now on, as later ones do.
+        fetch.relay.lock().expect("relay lock").take();
         tx.send_replace(FetchState::Streaming { len, written: 0 });
         let mut body = resp.into_body();
         let mut hasher = Hasher::new(digest.algorithm());
@@ -1084,6 +1173,7 @@ impl PullThrough {
                 }
                 return Err(ProxyError::internal(e));
             }
+            reservation.wrote(pending.len() as u64);
             pending.clear();
             tx.send_modify(|s| {
                 if let FetchState::Streaming { written: w, .. } = s {
@@ -1107,7 +1197,10 @@ impl PullThrough {
         // The clients need not wait for the disk: what they read is verified already.
         tx.send_replace(FetchState::Verified { len: written });
         file.sync_data().await.map_err(ProxyError::internal)?;
-        Ok(Some((written, reservation)))
+        Ok(Downloaded::Stored {
+            len: written,
+            reservation,
+        })
     }
 
     /// The running download of `digest`, if there is one.
@@ -1130,7 +1223,9 @@ impl PullThrough {
             .wait_for(|s| {
                 matches!(
                     s,
-                    FetchState::Done { .. } | FetchState::Failed(_) | FetchState::Uncacheable
+                    FetchState::Done { .. }
+                        | FetchState::Failed(_)
+                        | FetchState::Uncacheable { .. }
                 )
             })
             .await
@@ -1180,10 +1275,12 @@ impl PullThrough {
         reference: &Reference,
         platforms: &[String],
     ) -> Result<(usize, usize, u64), ProxyError> {
-        let (top, _) = self.manifest(up, repository, reference).await?;
+        let (top, _) = self
+            .manifest(up, repository, reference, &Accept::Any)
+            .await?;
         let mut images = Vec::new();
         let doc: serde_json::Value = serde_json::from_slice(&top.body).map_err(|e| {
-            ProxyError::UpstreamInvalid(format!("manifest is not JSON: {e}").into())
+            ProxyError::UpstreamNotAManifest(format!("manifest is not JSON: {e}").into())
         })?;
         let mut manifests = 1;
         match doc.get("manifests").and_then(|m| m.as_array()) {
@@ -1199,7 +1296,8 @@ impl PullThrough {
                     else {
                         continue;
                     };
-                    let (m, _) = self.manifest(up, repository, &Reference::Digest(d)).await?;
+                    let digest = Reference::Digest(d);
+                    let (m, _) = self.manifest(up, repository, &digest, &Accept::Any).await?;
                     manifests += 1;
                     images.push(m);
                 }
@@ -1267,18 +1365,23 @@ impl PullThrough {
 
     // ----- pass-through lists -----
 
-    /// `tags/list`, reused for `tags_list_ttl`.
+    /// `tags/list`, reused for `tags_list_ttl`. Only `n` and `last` of the client's query
+    /// are passed on (see [`tag_lists::query`]); the upstream's next page is returned
+    /// for the client's `Link`.
     pub async fn tags_list(
         &self,
         up: &Upstream,
         repository: &str,
         query: Option<&str>,
-    ) -> Result<Bytes, ProxyError> {
-        let key = format!("{}\0{repository}\0{}", up.name(), query.unwrap_or(""));
-        if let Some((at, body)) = self.tag_lists.lock().expect("tag list lock").get(&key)
-            && at.elapsed() < self.policy.tags_list_ttl
-        {
-            return Ok(body.clone());
+    ) -> Result<TagsPage, ProxyError> {
+        let query = tag_lists::query(query);
+        let key = format!(
+            "{}\0{repository}\0{}",
+            up.name(),
+            query.as_deref().unwrap_or("")
+        );
+        if let Some(page) = self.tag_lists.get(&key, self.policy.tags_list_ttl) {
+            return Ok(page);
         }
         let resp = up
             .request(
@@ -1286,24 +1389,18 @@ impl PullThrough {
                 Kind::Tags,
                 repository,
                 "tags/list",
-                query,
+                query.as_deref(),
                 None,
             )
             .await?;
         if resp.status() != StatusCode::OK {
             return Err(status_error(resp.status(), Kind::Tags));
         }
-        let body = read_limited(resp.into_body(), MAX_LIST_BYTES).await?;
-        let mut lists = self.tag_lists.lock().expect("tag list lock");
-        if lists.len() >= MAX_TAG_LISTS {
-            let ttl = self.policy.tags_list_ttl;
-            lists.retain(|_, (at, _)| at.elapsed() < ttl);
-            if lists.len() >= MAX_TAG_LISTS {
-                lists.clear();
-            }
-        }
-        lists.insert(key, (Instant::now(), body.clone()));
-        Ok(body)
+        let next = tag_lists::next_page(header_str(resp.headers(), header::LINK));
+        let body = read_limited(resp.into_body(), MAX_LIST_BYTES, up.timeout()).await?;
+        let page = TagsPage { body, next };
+        self.tag_lists.put(key, page.clone());
+        Ok(page)
     }
 
     /// `referrers/<digest>`, passed through. Returns the body and its content type.
@@ -1329,8 +1426,20 @@ impl PullThrough {
         }
         let content_type = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_string);
         let filters = header_str(resp.headers(), "oci-filters-applied").map(str::to_string);
-        let body = read_limited(resp.into_body(), MAX_LIST_BYTES).await?;
+        let body = read_limited(resp.into_body(), MAX_LIST_BYTES, up.timeout()).await?;
         Ok((body, content_type, filters))
+    }
+}
+
+/// `m`, if the client accepts its type.
+fn acceptable(m: Manifest, accept: &Accept) -> Result<Manifest, ProxyError> {
+    if accept.allows(&m.media_type) {
+        Ok(m)
+    } else {
+        Err(ProxyError::NotAcceptable(format!(
+            "the manifest is {}, which the Accept header does not allow",
+            m.media_type
+        )))
     }
 }
 
@@ -1347,6 +1456,85 @@ fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[String]) -> b
     let short = format!("{}/{}", field("os"), field("architecture"));
     let long = format!("{short}/{}", field("variant"));
     wanted.iter().any(|w| *w == short || *w == long)
+}
+
+/// Sends an uncacheable blob's body to `clients` as it arrives, hashing it on the way.
+/// The last chunk goes out only once the whole body matches `digest` (and `len`), so no
+/// client ever gets a complete wrong body; a failure reaches every client as an error.
+/// The slowest client sets the pace; one that goes away is dropped, and when none is
+/// left the upstream body is dropped too.
+async fn relay(
+    mut body: Incoming,
+    digest: &Digest,
+    len: Option<u64>,
+    timeout: Duration,
+    mut clients: Vec<RelayTx>,
+) {
+    let mut hasher = Hasher::new(digest.algorithm());
+    let mut held: Option<Bytes> = None;
+    let mut got = 0u64;
+    let failure = loop {
+        if clients.is_empty() {
+            return;
+        }
+        match next_data(&mut body, timeout).await {
+            Ok(Some(data)) => {
+                got += data.len() as u64;
+                hasher.update(&data);
+                if let Some(prev) = held.replace(data) {
+                    send_all(&mut clients, prev).await;
+                }
+            }
+            Ok(None) => {
+                let hashed = std::mem::replace(&mut hasher, Hasher::new(digest.algorithm()));
+                let got_digest = hashed.finish();
+                if len.is_some_and(|l| l != got) {
+                    break format!("blob body ended after {got} of {len:?} bytes");
+                }
+                if got_digest != *digest {
+                    break format!("upstream sent {got_digest} for {digest}");
+                }
+                if let Some(last) = held.take() {
+                    send_all(&mut clients, last).await;
+                }
+                return;
+            }
+            Err(e) => break e.to_string(),
+        }
+    };
+    for client in &clients {
+        let _ = client.send(Err(io::Error::other(failure.clone()))).await;
+    }
+}
+
+/// Sends a chunk to every client, dropping those that went away.
+async fn send_all(clients: &mut Vec<RelayTx>, chunk: Bytes) {
+    let mut i = 0;
+    while i < clients.len() {
+        if clients[i].send(Ok(chunk.clone())).await.is_ok() {
+            i += 1;
+        } else {
+            clients.swap_remove(i);
+        }
+    }
+}
+
+/// The answer of a client that reads a relayed blob.
+fn relay_answer(
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    len: Option<u64>,
+    result: CacheResult,
+) -> BlobAnswer {
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed();
+    BlobAnswer {
+        len,
+        range: None,
+        body: Some(body),
+        result,
+    }
 }
 
 /// Sends a GET or HEAD for a blob upstream; any status but 200 is an error.
@@ -1620,16 +1808,22 @@ async fn next_data(body: &mut Incoming, timeout: Duration) -> Result<Option<Byte
     }
 }
 
+/// Reads a manifest's body whole: at most `limit` bytes, within `timeout` in all.
 async fn read_capped(body: Incoming, limit: u64, timeout: Duration) -> Result<Bytes, ProxyError> {
-    let mut body = body;
-    let mut out = Vec::new();
-    while let Some(data) = next_data(&mut body, timeout).await? {
-        if (out.len() + data.len()) as u64 > limit {
-            return Err(ProxyError::ManifestTooLarge { limit });
+    let read = async {
+        let mut body = body;
+        let mut out = Vec::new();
+        while let Some(data) = next_data(&mut body, timeout).await? {
+            if (out.len() + data.len()) as u64 > limit {
+                return Err(ProxyError::ManifestTooLarge { limit });
+            }
+            out.extend_from_slice(&data);
         }
-        out.extend_from_slice(&data);
-    }
-    Ok(Bytes::from(out))
+        Ok(Bytes::from(out))
+    };
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
+        ProxyError::unavailable(format!("the manifest did not arrive within {timeout:?}"))
+    })?
 }
 
 /// A client's view of a running download: reads the temp file up to what has been
@@ -1675,7 +1869,7 @@ impl LiveReader {
                 (FetchState::Failed(e), None) => {
                     return Err(io::Error::other(format!("upstream download failed: {e}")));
                 }
-                (FetchState::Uncacheable, None) => {
+                (FetchState::Uncacheable { .. }, None) => {
                     return Err(io::Error::other("the download was not cached"));
                 }
             };

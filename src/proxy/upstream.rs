@@ -251,23 +251,39 @@ impl Upstream {
         }
         if !status.is_success() {
             return Err(ProxyError::unavailable(format!(
-                "token endpoint answered HTTP {status}"
+                "token endpoint {} answered HTTP {status}",
+                origin_of(realm)
             )));
         }
-        let body = read_limited(resp.into_body(), MAX_TOKEN_BYTES).await?;
+        let body = read_limited(resp.into_body(), MAX_TOKEN_BYTES, self.timeout).await?;
         #[derive(serde::Deserialize)]
         struct TokenResponse {
             token: Option<String>,
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| ProxyError::UpstreamInvalid(format!("token response: {e}").into()))?;
+        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+            ProxyError::UpstreamProtocol(
+                format!(
+                    "token endpoint {}: not a token answer: {e}",
+                    origin_of(realm)
+                )
+                .into(),
+            )
+        })?;
         let token = parsed
             .token
             .or(parsed.access_token)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| ProxyError::UpstreamInvalid("token response has no token".into()))?;
+            .ok_or_else(|| {
+                ProxyError::UpstreamProtocol(
+                    format!(
+                        "token endpoint {} answered without a token",
+                        origin_of(realm)
+                    )
+                    .into(),
+                )
+            })?;
         let header = format!("Bearer {token}");
         // Renew a little early so a token never expires between cache lookup and use.
         let lifetime = parsed
@@ -285,8 +301,9 @@ impl Upstream {
         Ok(header)
     }
 
-    /// One request, following redirects. `Authorization` is sent only to the upstream's own
-    /// host: pre-signed storage URLs must not receive registry credentials.
+    /// One request, following redirects. `Authorization` is sent only to the origin it
+    /// was meant for (scheme, host and port: see [`same_origin`]): pre-signed storage URLs
+    /// must not receive registry credentials, nor may a redirect to plain HTTP.
     async fn send(
         &self,
         method: &Method,
@@ -297,7 +314,7 @@ impl Upstream {
         let mut uri: Uri = url
             .parse()
             .map_err(|e| ProxyError::internal(format!("bad upstream url {url:?}: {e}")))?;
-        let origin = uri.authority().cloned();
+        let origin = uri.clone();
         for _ in 0..=MAX_REDIRECTS {
             let mut req = Request::builder()
                 .method(method.clone())
@@ -307,7 +324,7 @@ impl Upstream {
                 req = req.header(header::ACCEPT, a);
             }
             if let Some(a) = auth
-                && uri.authority() == origin.as_ref()
+                && same_origin(&uri, &origin)
             {
                 let mut v = HeaderValue::from_str(a).map_err(ProxyError::internal)?;
                 v.set_sensitive(true);
@@ -316,11 +333,7 @@ impl Upstream {
             let req = req.body(Empty::new()).map_err(ProxyError::internal)?;
             // Errors name the server tried (never the whole URL: a redirect's query may
             // carry a signature): "registry-1.docker.io: dns error" says where to look.
-            let server = format!(
-                "{}://{}",
-                uri.scheme_str().unwrap_or("https"),
-                uri.authority().map_or("", |a| a.as_str())
-            );
+            let server = origin_of(&uri.to_string());
             let resp = tokio::time::timeout(self.timeout, self.client.request(req))
                 .await
                 .map_err(|_| {
@@ -339,25 +352,45 @@ impl Upstream {
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|l| l.to_str().ok())
-                .ok_or_else(|| ProxyError::UpstreamInvalid("redirect without Location".into()))?;
+                .ok_or_else(|| {
+                    ProxyError::UpstreamProtocol(
+                        format!("{} redirected without a Location", origin_of(url)).into(),
+                    )
+                })?;
             uri = resolve_location(&uri, location)?;
         }
-        Err(ProxyError::UpstreamInvalid("too many redirects".into()))
+        Err(ProxyError::UpstreamProtocol(
+            format!(
+                "more than {MAX_REDIRECTS} redirects from {}",
+                origin_of(url)
+            )
+            .into(),
+        ))
     }
 }
 
-/// Reads a body, failing once it exceeds `limit` bytes.
-pub async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
-    Limited::new(body, limit)
-        .collect()
+/// Reads a small body whole, failing once it exceeds `limit` bytes or takes longer than
+/// `timeout` in all: an upstream that sends headers and then stalls (or trickles) must
+/// not hold a request past the configured timeout.
+pub async fn read_limited(
+    body: Incoming,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ProxyError> {
+    tokio::time::timeout(timeout, Limited::new(body, limit).collect())
         .await
+        .map_err(|_| {
+            ProxyError::unavailable(format!(
+                "the upstream's answer did not arrive within {timeout:?}"
+            ))
+        })?
         .map(|c| c.to_bytes())
         .map_err(|e| ProxyError::unavailable(format!("reading upstream body: {e}")))
 }
 
 fn resolve_location(base: &Uri, location: &str) -> Result<Uri, ProxyError> {
     let bad = |e: &dyn std::fmt::Display| {
-        ProxyError::UpstreamInvalid(format!("bad redirect {location:?}: {e}").into())
+        ProxyError::UpstreamProtocol(format!("bad redirect {location:?}: {e}").into())
     };
     if location.starts_with("http://") || location.starts_with("https://") {
         return location.parse().map_err(|e| bad(&e));
@@ -370,6 +403,37 @@ fn resolve_location(base: &Uri, location: &str) -> Result<Uri, ProxyError> {
     format!("{scheme}://{authority}{location}")
         .parse()
         .map_err(|e| bad(&e))
+}
+
+/// Whether `to` is the same origin as `from`: scheme, host (in any case) and port (the
+/// scheme's default when not given). Credentials go only there: a redirect from https
+/// to http on the same host would otherwise send them in clear text.
+pub fn same_origin(to: &Uri, from: &Uri) -> bool {
+    let port = |u: &Uri| {
+        u.port_u16().or(match u.scheme_str() {
+            Some("http") => Some(80),
+            Some("https") => Some(443),
+            _ => None,
+        })
+    };
+    to.scheme() == from.scheme()
+        && to
+            .host()
+            .zip(from.host())
+            .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+        && port(to) == port(from)
+}
+
+/// `scheme://host[:port]` of a URL: what error messages name (a query may be secret).
+fn origin_of(url: &str) -> String {
+    match url.parse::<Uri>() {
+        Ok(u) => format!(
+            "{}://{}",
+            u.scheme_str().unwrap_or("https"),
+            u.authority().map_or("", |a| a.as_str())
+        ),
+        Err(_) => "the upstream".to_string(),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -452,6 +516,21 @@ pub(crate) fn query_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_go_only_to_their_own_scheme_host_and_port() {
+        let same = |to: &str, from: &str| same_origin(&to.parse().unwrap(), &from.parse().unwrap());
+        assert!(same("https://reg.example/v2/x", "https://reg.example/v2/"));
+        assert!(same("https://REG.example:443/a", "https://reg.example/b"));
+        assert!(same("http://10.0.0.1:80/a", "http://10.0.0.1/b"));
+        assert!(
+            !same("http://reg.example/a", "https://reg.example/b"),
+            "https to http"
+        );
+        assert!(!same("http://reg.example:443/a", "https://reg.example/b"));
+        assert!(!same("https://reg.example:8443/a", "https://reg.example/b"));
+        assert!(!same("https://cdn.example/a", "https://reg.example/b"));
+    }
 
     #[test]
     fn parses_docker_hub_challenge() {

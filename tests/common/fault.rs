@@ -26,6 +26,10 @@ pub struct State {
     /// When set: Bearer token auth, tokens issued to this user:password only.
     pub token_auth: Mutex<Option<(String, String)>>,
     pub tokens_issued: AtomicU32,
+    /// When set: the token endpoint answers this body instead of a token.
+    pub token_answer: Mutex<Option<String>>,
+    /// When set: blob GETs are answered 307 without a Location.
+    pub redirect_nowhere: std::sync::atomic::AtomicBool,
     /// Non-zero: every /v2/ request gets this status.
     pub fail_status: AtomicU16,
     /// Number of upcoming blob GETs cut off after half the body.
@@ -33,6 +37,13 @@ pub struct State {
     /// When set (see [`FaultUpstream::hold_blobs`]): blob bodies send this many bytes
     /// (whole 16 KiB chunks), then wait until the receiver says true or its sender goes.
     pub hold: Mutex<Option<(usize, tokio::sync::watch::Receiver<bool>)>>,
+    /// Requests whose "METHOD path?query" contains the text wait, before anything else,
+    /// until their receiver says true or its sender goes (see
+    /// [`FaultUpstream::hold_requests`]).
+    pub held_requests: Mutex<Vec<(String, tokio::sync::watch::Receiver<bool>)>>,
+    /// Requests whose "METHOD path?query" contains one of these get their status and
+    /// headers, one byte of body, and then nothing, for ever.
+    pub stall_bodies: Mutex<Vec<String>>,
     /// Every request as "METHOD path?query".
     pub log: Mutex<Vec<String>>,
     /// The Authorization header of every request ("" when absent).
@@ -132,6 +143,18 @@ impl FaultUpstream {
         tx
     }
 
+    /// Requests whose "METHOD path?query" contains `part` wait until the returned sender
+    /// sends true or is dropped.
+    pub fn hold_requests(&self, part: &str) -> tokio::sync::watch::Sender<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        self.state
+            .held_requests
+            .lock()
+            .unwrap()
+            .push((part.to_string(), rx));
+        tx
+    }
+
     pub fn total(&self) -> usize {
         self.state.log.lock().unwrap().len()
     }
@@ -159,12 +182,46 @@ fn oci_error(status: StatusCode, code: &str) -> Response<Body> {
 }
 
 async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body> {
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    st.log
+    let line = format!(
+        "{} {}?{}",
+        req.method(),
+        req.uri().path(),
+        req.uri().query().unwrap_or("")
+    );
+    st.log.lock().unwrap().push(line.clone());
+    let holds: Vec<_> = st
+        .held_requests
         .lock()
         .unwrap()
-        .push(format!("{} {}?{}", req.method(), path, query));
+        .iter()
+        .filter(|(part, _)| line.contains(part.as_str()))
+        .map(|(_, rx)| rx.clone())
+        .collect();
+    for mut release in holds {
+        let _ = release.wait_for(|released| *released).await;
+    }
+    let resp = respond(st, base, req).await;
+    if st
+        .stall_bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|part| line.contains(part.as_str()))
+    {
+        let (mut parts, _) = resp.into_parts();
+        parts.headers.remove("content-length");
+        let stalled = futures::stream::iter([Ok::<_, std::io::Error>(Frame::data(
+            Bytes::from_static(b"{"),
+        ))])
+        .chain(futures::stream::pending());
+        return Response::from_parts(parts, StreamBody::new(stalled).boxed_unsync());
+    }
+    resp
+}
+
+async fn respond(st: &State, base: &str, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
     let head = req.method() == hyper::Method::HEAD;
     let auth = req
         .headers()
@@ -200,6 +257,9 @@ async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body
             return full(StatusCode::BAD_REQUEST, "bad token request");
         }
         st.tokens_issued.fetch_add(1, Ordering::SeqCst);
+        if let Some(body) = st.token_answer.lock().unwrap().clone() {
+            return full(StatusCode::OK, body);
+        }
         return full(
             StatusCode::OK,
             r#"{"token":"secret-token","expires_in":300}"#,
@@ -267,6 +327,9 @@ async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body
             r.headers_mut().insert("content-length", len.into());
             return r;
         }
+        if st.redirect_nowhere.load(Ordering::SeqCst) {
+            return full(StatusCode::TEMPORARY_REDIRECT, Vec::new());
+        }
         if let Some(cdn) = st.redirect_blobs_to.lock().unwrap().clone() {
             let mut r = full(StatusCode::TEMPORARY_REDIRECT, Vec::new());
             r.headers_mut().insert(
@@ -326,8 +389,10 @@ async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body
         return r;
     }
     if rest.ends_with("/tags/list") {
+        // Paginated as the distribution spec says: `n` at most, after `last`, with a
+        // Link to the next page.
         let repo = rest.trim_end_matches("/tags/list");
-        let tags: Vec<String> = st
+        let mut tags: Vec<String> = st
             .manifests
             .lock()
             .unwrap()
@@ -335,10 +400,34 @@ async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body
             .filter(|(r, t)| r == repo && !t.contains(':'))
             .map(|(_, t)| t.clone())
             .collect();
-        return full(
+        tags.sort();
+        let param = |k: &str| {
+            query
+                .split('&')
+                .find_map(|p| p.strip_prefix(k)?.strip_prefix('='))
+                .map(str::to_string)
+        };
+        if let Some(last) = param("last") {
+            tags.retain(|t| *t > last);
+        }
+        let n = param("n").and_then(|n| n.parse::<usize>().ok());
+        let more = n.is_some_and(|n| tags.len() > n);
+        if let Some(n) = n {
+            tags.truncate(n);
+        }
+        let mut r = full(
             StatusCode::OK,
             serde_json::json!({"name": repo, "tags": tags}).to_string(),
         );
+        if more {
+            let link = format!(
+                "</v2/{repo}/tags/list?n={}&last={}>; rel=\"next\"",
+                n.unwrap(),
+                tags.last().unwrap()
+            );
+            r.headers_mut().insert("link", link.parse().unwrap());
+        }
+        return r;
     }
     oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN")
 }

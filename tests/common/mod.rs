@@ -233,7 +233,7 @@ impl Proxy {
             .await
             .expect("proxy runs");
         });
-        Proxy {
+        let proxy = Proxy {
             url: format!("http://{host}"),
             host,
             metrics_url,
@@ -241,7 +241,15 @@ impl Proxy {
             _dir: dir,
             stop: Some(tx),
             task: Some(task),
-        }
+        };
+        // Requests would wait for it anyway (the listeners are bound), but what it does
+        // at start (its cache directory, its admin token) must be done before a test
+        // looks.
+        assert!(
+            serving(&proxy.url, Duration::from_secs(60)).await,
+            "the proxy did not start"
+        );
+        proxy
     }
 
     /// See [`settled`].
@@ -739,4 +747,37 @@ pub fn kubernetes_validate(files: &[&Path]) {
 /// GETs a URL and returns the whole body.
 pub async fn get_bytes(url: &str) -> bytes::Bytes {
     http().get(url).send().await.unwrap().bytes().await.unwrap()
+}
+
+/// The status and OCI error code of an error answer.
+pub async fn error_code(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.expect("an OCI error body");
+    (status, v["errors"][0]["code"].as_str().unwrap().to_string())
+}
+
+/// A small tmpfs, unmounted on drop.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(path: &Path, mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (the disk-full test runs as root, as ./scripts/test does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
