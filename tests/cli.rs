@@ -208,11 +208,7 @@ async fn the_readme_first_run_works_without_docker_hub() {
     assert_eq!(dir_blobs(&out).len(), 2, "a config and a layer");
 
     // A pull that fails says why in its OCI error body.
-    let r = http()
-        .get(format!("{url}/v2/demo/missing/manifests/1.0"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&format!("{url}/v2/demo/missing/manifests/1.0")).await;
     assert_eq!(r.status(), 404);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");

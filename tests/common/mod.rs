@@ -744,6 +744,11 @@ pub fn kubernetes_validate(files: &[&Path]) {
     }
 }
 
+/// GETs a URL (any status).
+pub async fn get(url: &str) -> reqwest::Response {
+    http().get(url).send().await.unwrap()
+}
+
 /// GETs a URL and returns the whole body.
 pub async fn get_bytes(url: &str) -> bytes::Bytes {
     http().get(url).send().await.unwrap().bytes().await.unwrap()
