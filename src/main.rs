@@ -166,6 +166,9 @@ struct ControllerArgs {
     /// This replica's name in the Lease (the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Reconcile only the RegistryMirrors of this namespace (default: every namespace).
+    #[arg(long, env = "PULLTHROUGH_WATCH_NAMESPACE")]
+    namespace: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -328,6 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics_listen: args.metrics_listen,
                 lease_namespace: args.lease_namespace,
                 identity,
+                namespace: args.namespace,
             };
             pullthrough::controller::run(client, options, shutdown_signal()).await?;
         }

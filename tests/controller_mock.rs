@@ -297,7 +297,7 @@ async fn create_applies_every_child_and_reports_status() {
     assert_eq!(status["status"]["observedGeneration"], 1);
     assert_eq!(
         status["status"]["nodes"],
-        json!({"configured": 1, "total": 2})
+        json!({"configured": 1, "total": 2, "ignoringMirrors": 0})
     );
     assert_eq!(condition(&status, "Ready")["status"], "True");
     assert_eq!(condition(&status, "Degraded")["status"], "False");
@@ -396,8 +396,18 @@ async fn the_younger_of_two_mirrors_of_one_registry_reports_a_conflict() {
             .unwrap()
             .contains("docker.io is already mirrored by pullthrough-system/hub")
     );
-    assert_eq!(condition(&status, "Ready")["status"], "False");
-    assert_eq!(condition(&status, "Ready")["reason"], "Conflict");
+    // It still serves the registry nobody else does: Ready for that one, and the status
+    // says which it serves and which it lost to whom.
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    assert_eq!(
+        status["status"]["servedRegistries"],
+        serde_json::json!(["ghcr.io"])
+    );
+    assert_eq!(
+        status["status"]["lostRegistries"],
+        serde_json::json!([{"registry": "docker.io", "mirroredBy": "pullthrough-system/hub"}])
+    );
+    f.find("PATCH", "/deployments/pullthrough-public");
     let events: Vec<Value> = f
         .calls()
         .into_iter()
@@ -413,10 +423,66 @@ async fn the_younger_of_two_mirrors_of_one_registry_reports_a_conflict() {
 
     // The older one is unaffected.
     f.calls.lock().unwrap().clear();
-    reconcile(Arc::new(older), f.ctx.clone()).await.unwrap();
+    reconcile(Arc::new(older.clone()), f.ctx.clone())
+        .await
+        .unwrap();
     let status = f.find("PATCH", "/registrymirrors/hub/status").body;
     assert_eq!(condition(&status, "Conflict")["status"], "False");
     assert_eq!(condition(&status, "Ready")["status"], "True");
+
+    // A mirror that lost every registry runs nothing: its children are deleted, none
+    // is applied.
+    let loser = mirror(
+        "dup",
+        300,
+        "upstreams: [{registry: registry-1.docker.io}]",
+        true,
+    );
+    f.add_to_store(&loser);
+    f.calls.lock().unwrap().clear();
+    reconcile(Arc::new(loser), f.ctx.clone()).await.unwrap();
+    let status = f.find("PATCH", "/registrymirrors/dup/status").body;
+    assert_eq!(condition(&status, "Ready")["reason"], "Conflict");
+    assert!(
+        condition(&status, "Conflict")["message"]
+            .as_str()
+            .unwrap()
+            .contains("serves none of its registries")
+    );
+    for kind in ["deployments", "statefulsets", "services", "configmaps"] {
+        f.find("DELETE", &format!("/{kind}/pullthrough-dup"));
+    }
+    assert!(
+        !f.calls()
+            .iter()
+            .any(|c| c.method == "PATCH" && c.path.contains("/deployments/")),
+        "a child was applied"
+    );
+}
+
+#[tokio::test]
+async fn a_broken_older_mirror_does_not_keep_a_registry() {
+    let mut f = fake(World {
+        ready_replicas: 1,
+        ..World::default()
+    });
+    // Valid for the API server, not for the proxy: a pin on a registry it does not mirror.
+    let broken = mirror(
+        "broken",
+        100,
+        "upstreams: [{registry: quay.io}]\ncache: {pin: [\"ghcr.io/x/y:1\"]}",
+        true,
+    );
+    let young = mirror("young", 200, "upstreams: [{registry: quay.io}]", true);
+    f.add_to_store(&broken);
+    f.add_to_store(&young);
+    reconcile(Arc::new(young), f.ctx.clone()).await.unwrap();
+    let status = f.find("PATCH", "/registrymirrors/young/status").body;
+    assert_eq!(condition(&status, "Conflict")["status"], "False");
+    assert_eq!(
+        status["status"]["servedRegistries"],
+        serde_json::json!(["quay.io"])
+    );
 }
 
 #[tokio::test]

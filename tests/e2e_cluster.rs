@@ -1,22 +1,29 @@
-//! Real-cluster tests. Ignored unless asked for, and then they need a cluster:
+//! Real-cluster tests: the controller (in-process, scoped to a namespace of the test's
+//! own) and the node agent against a real Kubernetes API server. Ignored unless asked
+//! for, and then they need a cluster:
 //!
 //! ```sh
 //! PULLTHROUGH_E2E_KUBECONFIG=~/.kube/config cargo test --test suite e2e_cluster -- --ignored
 //! ```
 //!
-//! They install the CRD, run the controller in-process against the cluster, apply an
-//! example RegistryMirror into a fresh namespace and check children, status, conflicts,
-//! updates and cleanup. Only a kube-apiserver is needed; with a full cluster and
-//! `PULLTHROUGH_E2E_PROXY_IMAGE` set to a pullable image of this project, they also wait
-//! for the proxy pods to be Ready, run a node agent for one node (files in a temp
-//! directory) and check the Node annotation, `status.nodes` and cleanup on deletion.
+//! `./scripts/test` runs them itself when it can start the local cluster kit (see the
+//! README). Any cluster does (kind, k3d, a real one): every test works in a namespace of
+//! its own, with registry names no real mirror uses (`*.e2e.test`), and a controller that
+//! watches only that namespace, so an operator installed in the cluster is neither
+//! disturbed nor in the way. What a test creates is removed when it ends, also when it
+//! fails (finalizers included). With a node and `PULLTHROUGH_E2E_PROXY_IMAGE` (an image
+//! of this project the node already has), the last test also runs real proxy pods (host
+//! network: the kit has no pod network) and a node agent for that node.
 
+use crate::common::{free_port, metric_value, root, scrape};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::GroupVersionKind;
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use pullthrough::api::mirror::{FINALIZER, RegistryMirror};
 use pullthrough::controller::builders::ChildSettings;
@@ -24,10 +31,13 @@ use pullthrough::controller::{ControllerOptions, run};
 use pullthrough::node_agent::AgentOptions;
 use std::time::{Duration, Instant};
 
-async fn client() -> Client {
-    let path = std::env::var("PULLTHROUGH_E2E_KUBECONFIG")
-        .expect("set PULLTHROUGH_E2E_KUBECONFIG to the kubeconfig of a test cluster");
-    let kubeconfig = Kubeconfig::read_from(&path).expect("readable kubeconfig");
+fn kubeconfig_path() -> String {
+    std::env::var("PULLTHROUGH_E2E_KUBECONFIG")
+        .expect("set PULLTHROUGH_E2E_KUBECONFIG to the kubeconfig of a test cluster")
+}
+
+async fn client_from(path: &str) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).expect("readable kubeconfig");
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("usable kubeconfig");
@@ -45,34 +55,25 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
-fn cond(m: &RegistryMirror, t: &str) -> Option<String> {
+fn cond(m: &RegistryMirror, t: &str) -> Option<(String, String)> {
     m.status
         .as_ref()?
         .conditions
         .iter()
         .find(|c| c.type_ == t)
-        .map(|c| c.status.clone())
+        .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
-#[tokio::test]
-#[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
-async fn controller_runs_a_mirror_end_to_end() {
-    let client = client().await;
-    let ns_name = format!("pullthrough-e2e-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": ns_name}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-
-    // The CRD, exactly as generated.
+/// The CRD, exactly as generated, applied and established.
+async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.patch(
         "registrymirrors.pullthrough.dev",
@@ -90,132 +91,372 @@ async fn controller_runs_a_mirror_end_to_end() {
             .then_some(())
     })
     .await;
+}
 
-    // The controller, in-process.
-    let image = std::env::var("PULLTHROUGH_E2E_PROXY_IMAGE").ok();
-    let options = ControllerOptions {
-        settings: ChildSettings {
-            proxy_image: image.clone().unwrap_or_else(|| "pullthrough:e2e".into()),
-            image_pull_policy: Some("IfNotPresent".into()),
-        },
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        lease_namespace: ns_name.clone(),
-        identity: "e2e".into(),
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(run(client.clone(), options, async {
-        let _ = stopped.await;
-    }));
+/// A namespace of the test's own, with the CRD installed and a controller watching only
+/// it. Dropped (also when the test fails): the controller stops, the finalizers it owns
+/// are removed, and the namespace goes.
+struct Env {
+    client: Client,
+    ns: String,
+    mirrors: Api<RegistryMirror>,
+    metrics_url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    controller: Option<tokio::task::JoinHandle<Result<(), pullthrough::controller::RunError>>>,
+}
 
-    // The Docker Hub example, in our namespace.
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/examples/dockerhub.yaml"
-    ))
-    .unwrap();
-    let mut mirror: RegistryMirror = serde_yaml::from_str(&text).unwrap();
-    mirror.metadata.namespace = Some(ns_name.clone());
-    let mirrors: Api<RegistryMirror> = Api::namespaced(client.clone(), &ns_name);
-    mirrors
-        .create(&PostParams::default(), &mirror)
-        .await
-        .unwrap();
-
-    let m = eventually(90, "status with an endpoint", || async {
-        let m = mirrors.get("dockerhub").await.ok()?;
-        let st = m.status.as_ref()?;
-        (st.observed_generation == m.metadata.generation && st.endpoint.is_some()).then_some(m)
-    })
-    .await;
-    assert!(m.finalizers().iter().any(|f| f == FINALIZER));
-    assert!(
-        m.status
-            .as_ref()
-            .unwrap()
-            .endpoint
-            .as_ref()
-            .unwrap()
-            .starts_with("http://")
-    );
-    assert_eq!(cond(&m, "Degraded").as_deref(), Some("False"));
-    assert_eq!(cond(&m, "Conflict").as_deref(), Some("False"));
-    let uid = m.uid().unwrap();
-    let owned =
-        |refs: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
-            refs.is_some_and(|r| r.iter().any(|o| o.uid == uid && o.controller == Some(true)))
-        };
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns_name)
-        .get("pullthrough-dockerhub")
-        .await
-        .unwrap();
-    assert!(owned(cm.metadata.owner_references.as_ref()));
-    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns_name);
-    let dep = deployments.get("pullthrough-dockerhub").await.unwrap();
-    assert!(owned(dep.metadata.owner_references.as_ref()));
-    let svc = Api::<Service>::namespaced(client.clone(), &ns_name)
-        .get("pullthrough-dockerhub")
-        .await
-        .unwrap();
-    assert!(owned(svc.metadata.owner_references.as_ref()));
-    let lease = Api::<Lease>::namespaced(client.clone(), &ns_name)
-        .get("pullthrough-controller")
-        .await
-        .unwrap();
-    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("e2e"));
-
-    // With real proxy pods: Ready, and a node agent (in-process, writing to a temp
-    // directory for one node) configures the node and reports it.
-    let certs = tempfile::tempdir().unwrap();
-    let mut agent = None;
-    if image.is_some() {
-        eventually(300, "the mirror to be Ready", || async {
-            let m = mirrors.get("dockerhub").await.ok()?;
-            (cond(&m, "Ready").as_deref() == Some("True")).then_some(())
-        })
-        .await;
-        let nodes: Api<Node> = Api::all(client.clone());
-        let node = nodes
-            .list(&Default::default())
+impl Env {
+    async fn new(test: &str) -> Env {
+        crate::common::init_tracing();
+        let client = client_from(&kubeconfig_path()).await;
+        install_crd(&client).await;
+        let ns = format!("e2e-{test}-{}", std::process::id());
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let object: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap();
+        namespaces
+            .create(&PostParams::default(), &object)
             .await
-            .unwrap()
-            .items
-            .remove(0)
-            .name_any();
-        let options = AgentOptions {
-            certs_dir: certs.path().to_path_buf(),
-            containerd_certs_path: certs.path().display().to_string(),
-            containerd_config: certs.path().join("absent.toml"),
-        };
-        let (agent_stop, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(pullthrough::node_agent::run(
-            client.clone(),
-            options,
-            node.clone(),
-            "127.0.0.1:0".parse().unwrap(),
-            Duration::from_secs(5),
-            async {
-                let _ = agent_stopped.await;
+            .unwrap();
+        let port = free_port();
+        let options = ControllerOptions {
+            settings: ChildSettings {
+                proxy_image: std::env::var("PULLTHROUGH_E2E_PROXY_IMAGE")
+                    .unwrap_or_else(|_| "pullthrough:e2e".into()),
+                image_pull_policy: Some("IfNotPresent".into()),
             },
-        ));
-        agent = Some((agent_stop, task));
-        let key = format!("{ns_name}/dockerhub");
-        eventually(60, "the node annotation", || async {
-            let n = nodes.get(&node).await.ok()?;
-            n.annotations()
-                .get("pullthrough.dev/mirrors")
-                .is_some_and(|v| v.split(',').any(|m| m == key))
-                .then_some(())
-        })
-        .await;
-        assert!(certs.path().join("docker.io/hosts.toml").exists());
-        eventually(120, "status.nodes.configured", || async {
-            let m = mirrors.get("dockerhub").await.ok()?;
-            (m.status?.nodes?.configured >= 1).then_some(())
+            metrics_listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            lease_namespace: ns.clone(),
+            identity: format!("e2e-{test}"),
+            namespace: Some(ns.clone()),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let controller = tokio::spawn(run(client.clone(), options, async {
+            let _ = stopped.await;
+        }));
+        Env {
+            mirrors: Api::namespaced(client.clone(), &ns),
+            client,
+            ns,
+            metrics_url: format!("http://127.0.0.1:{port}"),
+            stop: Some(stop),
+            controller: Some(controller),
+        }
+    }
+
+    /// A mirror of this namespace from YAML (the spec; registries as given).
+    async fn create(&self, name: &str, spec: &str) -> RegistryMirror {
+        let mut m: RegistryMirror = serde_yaml::from_str(&format!(
+            "apiVersion: pullthrough.dev/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+        ))
+        .unwrap();
+        m.metadata.namespace = Some(self.ns.clone());
+        self.mirrors
+            .create(&PostParams::default(), &m)
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"))
+    }
+
+    /// Waits until the controller has written a status for the mirror's generation that
+    /// satisfies `check`.
+    async fn status_where(
+        &self,
+        name: &str,
+        secs: u64,
+        what: &str,
+        check: impl Fn(&RegistryMirror) -> bool,
+    ) -> RegistryMirror {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let m = self.mirrors.get(name).await.ok();
+            if let Some(m) = &m
+                && let Some(st) = &m.status
+                && st.observed_generation == m.metadata.generation
+                && check(m)
+            {
+                return m.clone();
+            }
+            if Instant::now() >= deadline {
+                let last = m.and_then(|m| m.status).map(|s| {
+                    let conds: Vec<String> = s
+                        .conditions
+                        .iter()
+                        .map(|c| format!("{}={} {}", c.type_, c.status, c.reason))
+                        .collect();
+                    format!(
+                        "nodes {:?}, served {:?}, {}",
+                        s.nodes,
+                        s.served_registries,
+                        conds.join(", ")
+                    )
+                });
+                panic!(
+                    "timed out after {secs} s waiting for {name}: {what}; last status: {last:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn gone(&self, name: &str) {
+        self.mirrors
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+        eventually(60, &format!("{name} to be gone"), || async {
+            matches!(self.mirrors.get_opt(name).await, Ok(None)).then_some(())
         })
         .await;
     }
 
-    // An update rolls the pods: the template's config hash changes.
+    /// A registry name of this test's own.
+    fn registry(&self, which: &str) -> String {
+        format!("{which}.{}.e2e.test", self.ns)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.controller.take() {
+            task.abort();
+        }
+        // Async cleanup, on a runtime of its own: this may run while a failed test
+        // unwinds.
+        let ns = self.ns.clone();
+        let path = kubeconfig_path();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let client = client_from(&path).await;
+                let mirrors: Api<RegistryMirror> = Api::namespaced(client.clone(), &ns);
+                if let Ok(list) = mirrors.list(&Default::default()).await {
+                    for m in list {
+                        let rest: Vec<String> = m
+                            .finalizers()
+                            .iter()
+                            .filter(|f| *f != FINALIZER)
+                            .cloned()
+                            .collect();
+                        let patch = serde_json::json!({"metadata": {"finalizers": rest}});
+                        let _ = mirrors
+                            .patch(
+                                &m.name_any(),
+                                &PatchParams::default(),
+                                &Patch::Merge(&patch),
+                            )
+                            .await;
+                    }
+                }
+                let _ = Api::<Namespace>::all(client)
+                    .delete(&ns, &DeleteParams::background())
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Every document of a YAML file.
+fn documents(path: &std::path::Path) -> Vec<DynamicObject> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|d| {
+            let v = <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap();
+            (!v.is_null()).then(|| serde_yaml::from_value(v).unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
+async fn deploy_and_examples_pass_server_side_validation() {
+    let env = Env::new("deploy").await;
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    for dir in ["deploy", "deploy/examples"] {
+        for e in std::fs::read_dir(root().join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut checked = 0;
+    for file in &files {
+        for mut obj in documents(file) {
+            let types = obj.types.clone().expect("apiVersion and kind");
+            let (group, version) = types
+                .api_version
+                .split_once('/')
+                .unwrap_or(("", &types.api_version));
+            let gvk = GroupVersionKind::gvk(group, version, &types.kind);
+            let (resource, caps) = kube::discovery::pinned_kind(&env.client, &gvk)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("{}: {gvk:?} unknown to the cluster: {e}", file.display())
+                });
+            let api: Api<DynamicObject> = match caps.scope {
+                kube::discovery::Scope::Namespaced => {
+                    // Into the test's namespace: nothing an installed operator uses.
+                    obj.metadata.namespace = Some(env.ns.clone());
+                    Api::namespaced_with(env.client.clone(), &env.ns, &resource)
+                }
+                kube::discovery::Scope::Cluster => Api::all_with(env.client.clone(), &resource),
+            };
+            let name = obj.name_any();
+            api.patch(
+                &name,
+                &PatchParams::apply("pullthrough-e2e").dry_run(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{} {}/{name}: {e}", file.display(), types.kind));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} objects checked");
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
+async fn the_api_server_refuses_invalid_mirrors() {
+    let env = Env::new("invalid").await;
+    let a = env.registry("a");
+    let refused = |name: &str, spec: String, says: &'static str| {
+        let env = &env;
+        let name = name.to_string();
+        async move {
+            let mut m: RegistryMirror = serde_yaml::from_str(&format!(
+                "apiVersion: pullthrough.dev/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+            ))
+            .unwrap();
+            m.metadata.namespace = Some(env.ns.clone());
+            let err = env
+                .mirrors
+                .create(&PostParams::default(), &m)
+                .await
+                .expect_err(&format!("{name} was accepted"));
+            assert!(err.to_string().contains(says), "{name}: {err}");
+        }
+    };
+    // Every CEL rule of the CRD, and the schema's patterns and bounds.
+    refused(
+        &"n".repeat(41),
+        format!("  upstreams: [{{registry: {a}}}]"),
+        "at most 40",
+    )
+    .await;
+    refused(
+        "dup",
+        format!(
+            "  upstreams: [{{registry: {a}}}, {{registry: {}}}]",
+            a.to_uppercase()
+        ),
+        "only once",
+    )
+    .await;
+    refused(
+        "aliases",
+        "  upstreams: [{registry: registry-1.docker.io}, {registry: index.docker.io}]".into(),
+        "only once",
+    )
+    .await;
+    refused(
+        "both",
+        format!(
+            "  upstreams: [{{registry: {a}}}]\n  cache: {{storage: {{size: 1Gi, emptyDir: {{}}}}}}"
+        ),
+        "not both",
+    )
+    .await;
+    refused(
+        "lots",
+        format!("  upstreams: [{{registry: {a}}}]\n  cache: {{storage: {{size: lots}}}}"),
+        "quantity",
+    )
+    .await;
+    refused(
+        "lotslimit",
+        format!("  upstreams: [{{registry: {a}}}]\n  cache: {{storage: {{emptyDir: {{sizeLimit: lots}}}}}}"),
+        "quantity",
+    )
+    .await;
+    refused(
+        "ttl",
+        format!("  upstreams: [{{registry: {a}}}]\n  cache: {{tagTTL: five minutes}}"),
+        "tagTTL",
+    )
+    .await;
+    refused(
+        "replicas",
+        format!("  upstreams: [{{registry: {a}}}]\n  replicas: -1"),
+        "replicas",
+    )
+    .await;
+    refused(
+        "nohost",
+        "  upstreams: [{registry: 'not a host/'}]".into(),
+        "registry",
+    )
+    .await;
+    refused("none", "  upstreams: []".into(), "upstreams").await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
+async fn a_mirror_gets_its_children_rolls_on_change_scales_and_goes() {
+    let env = Env::new("children").await;
+    let a = env.registry("a");
+    env.create(
+        "cache",
+        &format!("  upstreams: [{{registry: {a}, url: 'http://127.0.0.1:1'}}]"),
+    )
+    .await;
+    let m = env
+        .status_where("cache", 90, "an endpoint", |m| {
+            m.status.as_ref().is_some_and(|s| s.endpoint.is_some())
+        })
+        .await;
+    assert!(m.finalizers().iter().any(|f| f == FINALIZER));
+    assert_eq!(cond(&m, "Degraded").unwrap().0, "False");
+    assert_eq!(cond(&m, "Conflict").unwrap().0, "False");
+    assert_eq!(m.status.as_ref().unwrap().served_registries, [a]);
+    let uid = m.uid().unwrap();
+    let owned =
+        |refs: &Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+            refs.as_ref()
+                .is_some_and(|r| r.iter().any(|o| o.uid == uid && o.controller == Some(true)))
+        };
+    let child = "pullthrough-cache";
+    let cm = Api::<ConfigMap>::namespaced(env.client.clone(), &env.ns)
+        .get(child)
+        .await
+        .unwrap();
+    assert!(owned(&cm.metadata.owner_references));
+    let deployments = Api::<Deployment>::namespaced(env.client.clone(), &env.ns);
+    let dep = deployments.get(child).await.unwrap();
+    assert!(owned(&dep.metadata.owner_references));
+    let svc = Api::<Service>::namespaced(env.client.clone(), &env.ns)
+        .get(child)
+        .await
+        .unwrap();
+    assert!(owned(&svc.metadata.owner_references));
+    let lease = Api::<Lease>::namespaced(env.client.clone(), &env.ns)
+        .get("pullthrough-controller")
+        .await
+        .unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("e2e-children")
+    );
+
+    // A change rolls the pods: the template's config hash moves.
     let hash = |d: &Deployment| {
         d.spec
             .as_ref()
@@ -230,76 +471,301 @@ async fn controller_runs_a_mirror_end_to_end() {
             .clone()
     };
     let before = hash(&dep);
-    mirrors
+    env.mirrors
         .patch(
-            "dockerhub",
+            "cache",
             &PatchParams::default(),
             &Patch::Merge(serde_json::json!({"spec": {"cache": {"tagTTL": "1m"}}})),
         )
         .await
         .unwrap();
     eventually(60, "the config hash to change", || async {
-        let d = deployments.get("pullthrough-dockerhub").await.ok()?;
+        let d = deployments.get(child).await.ok()?;
         (hash(&d) != before).then_some(())
     })
     .await;
 
-    // A second mirror of docker.io, younger: Conflict.
-    let mut second = mirror.clone();
-    second.metadata = Default::default();
-    second.metadata.name = Some("dockerhub-2".into());
-    second.metadata.namespace = Some(ns_name.clone());
-    mirrors
-        .create(&PostParams::default(), &second)
-        .await
-        .unwrap();
-    eventually(60, "the younger mirror to report Conflict", || async {
-        let m = mirrors.get("dockerhub-2").await.ok()?;
-        (cond(&m, "Conflict").as_deref() == Some("True")).then_some(())
-    })
-    .await;
-
-    // The CRD's validation rejects a duplicate registry and a bad duration.
-    let mut bad = mirror.clone();
-    bad.metadata = Default::default();
-    bad.metadata.name = Some("bad".into());
-    bad.spec.upstreams.push(bad.spec.upstreams[0].clone());
-    let err = mirrors
-        .create(&PostParams::default(), &bad)
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("only once"), "{err}");
-    bad.spec.upstreams.pop();
-    bad.spec.cache.tag_ttl = Some("five minutes".into());
-    assert!(mirrors.create(&PostParams::default(), &bad).await.is_err());
-
-    // Deletion: the finalizer is released (no node reports the mirror) and it goes.
-    for name in ["dockerhub", "dockerhub-2"] {
-        mirrors
-            .delete(name, &DeleteParams::default())
+    // Scaled to two: a PodDisruptionBudget; back to one: none.
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(env.client.clone(), &env.ns);
+    for (replicas, want_pdb) in [(2, true), (1, false)] {
+        env.mirrors
+            .patch(
+                "cache",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})),
+            )
             .await
             .unwrap();
-    }
-    for name in ["dockerhub", "dockerhub-2"] {
-        eventually(60, "the mirror to be gone", || async {
-            match mirrors.get_opt(name).await {
-                Ok(None) => Some(()),
-                _ => None,
-            }
+        eventually(60, &format!("{replicas} replicas"), || async {
+            let d = deployments.get(child).await.ok()?;
+            let pdb = pdbs.get_opt(child).await.ok()?;
+            (d.spec?.replicas == Some(replicas) && pdb.is_some() == want_pdb).then_some(())
         })
         .await;
     }
 
-    if let Some((agent_stop, task)) = agent {
-        // The agent removed the mirror's file before the finalizer let it go.
-        assert!(!certs.path().join("docker.io/hosts.toml").exists());
-        let _ = agent_stop.send(());
-        task.await.unwrap().unwrap();
-    }
-    let _ = stop.send(());
-    controller.await.unwrap().unwrap();
-    namespaces
-        .delete(&ns_name, &DeleteParams::default())
+    // The controller's metrics count the reconciles.
+    let metrics = scrape(&env.metrics_url).await;
+    assert!(
+        metric_value(
+            &metrics,
+            "pullthrough_reconcile_total",
+            &[("result", "success")]
+        ) >= 3.0,
+        "reconciles not counted"
+    );
+
+    // Deleted: the finalizer lets it go (no node reports it), the children follow.
+    env.gone("cache").await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
+async fn a_registry_goes_to_the_oldest_mirror_that_can_serve_it_and_moves_at_once() {
+    let env = Env::new("conflict").await;
+    let (a, b, c) = (env.registry("a"), env.registry("b"), env.registry("c"));
+    let up = "url: 'http://127.0.0.1:1'";
+    // Created in this order, a second apart (creation times have whole seconds; a tie
+    // would go to the lower name): hub (a), second (a, losing to hub), public (a and b).
+    let apart = || tokio::time::sleep(Duration::from_millis(1100));
+    env.create("hub", &format!("  upstreams: [{{registry: {a}, {up}}}]"))
+        .await;
+    apart().await;
+    env.create(
+        "second",
+        &format!("  upstreams: [{{registry: {}, {up}}}]", a.to_uppercase()),
+    )
+    .await;
+    apart().await;
+    env.create(
+        "public",
+        &format!("  upstreams: [{{registry: {a}, {up}}}, {{registry: {b}, {up}}}]"),
+    )
+    .await;
+    let public = env
+        .status_where("public", 60, "Conflict", |m| {
+            cond(m, "Conflict").is_some_and(|c| c.0 == "True")
+        })
+        .await;
+    let st = public.status.as_ref().unwrap();
+    // The winner named is the oldest claimant, hub, not the first found.
+    assert_eq!(st.lost_registries.len(), 1);
+    assert_eq!(st.lost_registries[0].mirrored_by, format!("{}/hub", env.ns));
+    // A mirror in partial conflict still serves its other registry, and has children.
+    assert_eq!(st.served_registries, [b.as_str()]);
+    Api::<Deployment>::namespaced(env.client.clone(), &env.ns)
+        .get("pullthrough-public")
+        .await
+        .expect("public runs");
+    // One that lost everything runs nothing.
+    let second = env
+        .status_where("second", 60, "Ready=False Conflict", |m| {
+            cond(m, "Ready").is_some_and(|c| c.1 == "Conflict")
+        })
+        .await;
+    assert!(second.status.unwrap().served_registries.is_empty());
+    let deployments = Api::<Deployment>::namespaced(env.client.clone(), &env.ns);
+    eventually(60, "second to run nothing", || async {
+        deployments
+            .get_opt("pullthrough-second")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    // A broken older mirror does not keep a registry: the proxy could not run its spec
+    // (a pin on a registry it does not mirror), so the younger one serves c.
+    env.create(
+        "broken",
+        &format!("  upstreams: [{{registry: {c}, {up}}}]\n  cache: {{pin: ['{a}/x:1']}}"),
+    )
+    .await;
+    env.status_where("broken", 60, "Degraded", |m| {
+        cond(m, "Degraded").is_some_and(|c| c.1 == "InvalidSpec")
+    })
+    .await;
+    apart().await;
+    env.create("young", &format!("  upstreams: [{{registry: {c}, {up}}}]"))
+        .await;
+    env.status_where("young", 60, "c served", |m| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.served_registries == [c.clone()])
+    })
+    .await;
+
+    // hub goes: second (older than public) takes a within seconds, not at the
+    // controller's periodic look (60 s after its last); public still lost it, now to
+    // second.
+    env.gone("hub").await;
+    env.status_where("second", 30, "a served", |m| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.served_registries == [a.clone()])
+    })
+    .await;
+    env.status_where("public", 30, "a lost to second", |m| {
+        m.status.as_ref().is_some_and(|s| {
+            s.lost_registries.len() == 1
+                && s.lost_registries[0].mirrored_by == format!("{}/second", env.ns)
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
+async fn a_missing_secret_degrades_the_mirror_until_it_is_created() {
+    let env = Env::new("secret").await;
+    let a = env.registry("a");
+    env.create(
+        "private",
+        &format!("  upstreams: [{{registry: {a}, url: 'http://127.0.0.1:1', credentialsSecretRef: {{name: creds}}}}]"),
+    )
+    .await;
+    env.status_where("private", 60, "SecretNotFound", |m| {
+        cond(m, "Degraded").is_some_and(|c| c.1 == "SecretNotFound")
+    })
+    .await;
+    let config = serde_json::json!({"auths": {a.clone(): {"auth": "dTpw"}}}).to_string();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "creds"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), &env.ns)
+        .create(&PostParams::default(), &secret)
         .await
         .unwrap();
+    // The Secret is watched: no waiting for the periodic look.
+    env.status_where("private", 30, "Degraded=False", |m| {
+        cond(m, "Degraded").is_some_and(|c| c.0 == "False")
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
+async fn with_a_node_proxy_pods_run_and_the_node_agent_reports() {
+    let env = Env::new("node").await;
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    let Some(node) = nodes
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .next()
+    else {
+        eprintln!("no node in the cluster: the proxy pod and node agent part is not run");
+        return;
+    };
+    let Ok(_) = std::env::var("PULLTHROUGH_E2E_PROXY_IMAGE") else {
+        eprintln!(
+            "PULLTHROUGH_E2E_PROXY_IMAGE unset: the proxy pod and node agent part is not run"
+        );
+        return;
+    };
+    let node = node.name_any();
+    let a = env.registry("a");
+    env.create(
+        "pods",
+        &format!("  upstreams: [{{registry: {a}, url: 'http://127.0.0.1:1'}}]"),
+    )
+    .await;
+    // The kit has no pod network: a test-only patch (its own field manager, a field the
+    // controller does not set) puts the proxy pod on the host's.
+    let deployments = Api::<Deployment>::namespaced(env.client.clone(), &env.ns);
+    eventually(60, "the Deployment", || async {
+        deployments.get_opt("pullthrough-pods").await.ok()?
+    })
+    .await;
+    let host_network = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "pullthrough-pods"},
+        "spec": {"template": {"spec": {"hostNetwork": true}}}
+    });
+    deployments
+        .patch(
+            "pullthrough-pods",
+            &PatchParams::apply("pullthrough-e2e-hostnet").force(),
+            &Patch::Apply(&host_network),
+        )
+        .await
+        .unwrap();
+    let m = env
+        .status_where("pods", 180, "Ready", |m| {
+            cond(m, "Ready").is_some_and(|c| c.0 == "True")
+        })
+        .await;
+    let st = m.status.as_ref().unwrap();
+    assert_eq!(st.ready_replicas, 1);
+    assert!(st.endpoint.as_ref().unwrap().starts_with("http://"));
+
+    // A node agent for this node, its containerd not reading hosts.toml: the files are
+    // written, but the node does not count as configured, and the status says why.
+    let certs = tempfile::tempdir().unwrap();
+    let ignoring_config = certs.path().join("ignoring.toml");
+    std::fs::write(&ignoring_config, "version = 2\n").unwrap();
+    let reading_config = certs.path().join("reading.toml");
+    std::fs::write(
+        &reading_config,
+        format!(
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
+            certs.path().display()
+        ),
+    )
+    .unwrap();
+    let agent = |config: std::path::PathBuf| {
+        let options = AgentOptions {
+            certs_dir: certs.path().to_path_buf(),
+            containerd_certs_path: certs.path().display().to_string(),
+            containerd_config: config,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(pullthrough::node_agent::run(
+            env.client.clone(),
+            options,
+            node.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            Duration::from_secs(5),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        (stop, task)
+    };
+    let (stop, task) = agent(ignoring_config);
+    let hosts = certs.path().join(&a).join("hosts.toml");
+    env.status_where("pods", 60, "a node ignoring the mirror", |m| {
+        m.status
+            .as_ref()
+            .and_then(|s| s.nodes.as_ref())
+            .is_some_and(|n| n.ignoring_mirrors == 1 && n.configured == 0)
+    })
+    .await;
+    assert!(hosts.exists());
+    let m = env.mirrors.get("pods").await.unwrap();
+    assert_eq!(cond(&m, "Degraded").unwrap().1, "ContainerdIgnoresMirrors");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+
+    // The same agent with a containerd that reads them: configured.
+    let (stop, task) = agent(reading_config);
+    env.status_where("pods", 60, "the node configured", |m| {
+        m.status
+            .as_ref()
+            .and_then(|s| s.nodes.as_ref())
+            .is_some_and(|n| n.configured == 1 && n.ignoring_mirrors == 0)
+    })
+    .await;
+
+    // Deleted: it waits for the node agent to remove the file, then goes.
+    env.gone("pods").await;
+    assert!(!hosts.exists(), "the file outlived its mirror");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
 }

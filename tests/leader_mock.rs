@@ -8,13 +8,23 @@ use kube::client::Body;
 use kube::{Api, Client};
 use pullthrough::controller::leader::LeaseLock;
 use serde_json::{Value, json};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A fake API server holding at most one Lease.
 fn lease_server() -> (Client, Arc<Mutex<Option<Value>>>) {
+    let (client, lease, _) = lease_server_with_outage();
+    (client, lease)
+}
+
+/// The same, and how many of the next requests fail with 503 (an API server out of
+/// reach, as its clients see it).
+fn lease_server_with_outage() -> (Client, Arc<Mutex<Option<Value>>>, Arc<AtomicUsize>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let lease: Arc<Mutex<Option<Value>>> = Arc::new(Mutex::new(None));
+    let outage = Arc::new(AtomicUsize::new(0));
+    let failing = outage.clone();
     let state = lease.clone();
     tokio::spawn(async move {
         let mut version = 0u64;
@@ -27,7 +37,12 @@ fn lease_server() -> (Client, Arc<Mutex<Option<Value>>>) {
                     json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":reason,"code":code}),
                 )
             };
-            let (code, value) = {
+            let down = failing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let (code, value) = if down {
+                status(503, "ServiceUnavailable")
+            } else {
                 let mut current = state.lock().unwrap();
                 match parts.method.as_str() {
                     "GET" => match &*current {
@@ -64,7 +79,7 @@ fn lease_server() -> (Client, Arc<Mutex<Option<Value>>>) {
             );
         }
     });
-    (Client::new(service, "ns"), lease)
+    (Client::new(service, "ns"), lease, outage)
 }
 
 #[tokio::test]
@@ -113,4 +128,28 @@ async fn only_one_replica_leads_and_the_other_takes_over_on_release() {
     let now = lease.lock().unwrap().clone().unwrap();
     assert_ne!(now["spec"]["holderIdentity"], expired.as_str());
     assert!(now["spec"]["leaseTransitions"].as_i64().unwrap() >= 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_cut_off_from_the_api_server_tries_once_more_before_giving_up() {
+    let (client, _, outage) = lease_server_with_outage();
+    let api = Api::<Lease>::namespaced(client, "ns");
+    let lock = LeaseLock::new(
+        api,
+        "pullthrough-controller",
+        "pod-a",
+        Duration::from_secs(15),
+    );
+    assert!(lock.try_acquire().await.unwrap());
+
+    // Renewals every 5 s fail for the whole 15 s of the lease; the one more try right
+    // after works: the holder keeps the lease (still holding 60 s later).
+    outage.store(3, Ordering::SeqCst);
+    let kept = tokio::time::timeout(Duration::from_secs(60), lock.hold()).await;
+    assert!(kept.is_err(), "gave the lease up though the retry worked");
+
+    // The retry fails too: it gives the lease up.
+    outage.store(4, Ordering::SeqCst);
+    let lost = tokio::time::timeout(Duration::from_secs(60), lock.hold()).await;
+    assert!(lost.is_ok(), "kept a lease it could not renew");
 }

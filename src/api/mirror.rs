@@ -45,8 +45,9 @@ pub const SECRETS_MOUNT: &str = "/var/run/pullthrough/credentials";
 #[x_kube(cel)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistryMirrorSpec {
-    /// Registries this cache mirrors. Each registry may appear once.
-    #[x_kube(validation = Rule::new("self.all(u, self.filter(v, v.registry == u.registry).size() == 1)").message("each upstream registry may appear only once"))]
+    /// Registries this cache mirrors. Each registry may appear once (in any case, and
+    /// Docker Hub under one of its names: docker.io, index.docker.io, registry-1.docker.io).
+    #[x_kube(validation = Rule::new("self.all(u, self.filter(v, (v.registry.lowerAscii() in ['docker.io', 'index.docker.io', 'registry-1.docker.io'] ? 'docker.io' : v.registry.lowerAscii()) == (u.registry.lowerAscii() in ['docker.io', 'index.docker.io', 'registry-1.docker.io'] ? 'docker.io' : u.registry.lowerAscii())).size() == 1)").message("each upstream registry may appear only once (case and Docker Hub's names folded)"))]
     #[schemars(length(min = 1, max = 32))]
     pub upstreams: Vec<MirrorUpstream>,
     /// Cache storage and freshness.
@@ -133,7 +134,7 @@ pub struct CacheSpec {
 /// emptyDir (Deployment).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(cel, validation = Rule::new("!(has(self.size) && has(self.emptyDir))").message("set either size (a PersistentVolumeClaim) or emptyDir, not both"))]
+#[x_kube(cel, validation = Rule::new("!(has(self.size) && has(self.emptyDir))").message("set either size (a PersistentVolumeClaim) or emptyDir, not both"), validation = Rule::new("!has(self.size) || isQuantity(string(self.size))").message("size must be a quantity, e.g. 50Gi"))]
 pub struct StorageSpec {
     /// Size of each pod's PersistentVolumeClaim (e.g. `50Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -147,8 +148,9 @@ pub struct StorageSpec {
 }
 
 /// emptyDir options.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(cel, validation = Rule::new("!has(self.sizeLimit) || isQuantity(string(self.sizeLimit))").message("sizeLimit must be a quantity, e.g. 20Gi"))]
 pub struct EmptyDirSpec {
     /// Upper bound of the volume (e.g. `20Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,35 +182,58 @@ fn default_true() -> bool {
     true
 }
 
-/// Observed state, written by the controller.
+/// Observed state, written by the controller. Every field is always written (empty
+/// lists as `[]`, absent values as `null`): the controller merge-patches the status, and a
+/// field left out of a merge patch would keep its old value.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistryMirrorStatus {
     /// The generation this status describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub observed_generation: Option<i64>,
     /// Where nodes reach the mirror: `http://<service cluster IP>:5000`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub endpoint: Option<String>,
     /// Proxy pods ready.
     #[serde(default)]
     pub ready_replicas: i32,
     /// Node configuration progress.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub nodes: Option<NodesStatus>,
+    /// The registries this mirror serves (nodes are pointed at it for these).
+    #[serde(default)]
+    pub served_registries: Vec<String>,
+    /// Its registries that an older mirror serves instead.
+    #[serde(default)]
+    pub lost_registries: Vec<LostRegistry>,
     /// `Ready`, `Progressing`, `Degraded`, `Conflict` (metav1.Condition).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// A registry of the mirror's that another mirror serves.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LostRegistry {
+    /// The registry (lowercase, Docker Hub as docker.io).
+    pub registry: String,
+    /// The mirror that serves it (`namespace/name`): the oldest that can.
+    pub mirrored_by: String,
 }
 
 /// How many nodes point containerd at this mirror.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodesStatus {
-    /// Nodes whose agent reports this mirror configured.
+    /// Nodes whose agent reports this mirror configured, with a containerd that reads
+    /// the files.
     pub configured: i32,
     /// Nodes the selector matches.
     pub total: i32,
+    /// Nodes whose agent wrote the files but whose containerd does not read them (its
+    /// registry `config_path` is not set or points elsewhere): not counted as configured.
+    #[serde(default)]
+    pub ignoring_mirrors: i32,
 }
 
 /// Share of the cache volume the cache itself may fill: the rest is room for downloads in
@@ -291,6 +316,10 @@ pub fn crd_yaml() -> String {
 /// comma-separated, sorted) whose `hosts.toml` files are written on that node.
 pub const NODE_ANNOTATION: &str = "pullthrough.dev/mirrors";
 
+/// Node annotation the node agent keeps: whether the node's containerd reads the
+/// `hosts.toml` files (`enabled`), else why not (`not-set`, `elsewhere`, ...).
+pub const CONTAINERD_ANNOTATION: &str = "pullthrough.dev/containerd-config-path";
+
 /// Finalizer that holds a deleted mirror until no node is configured for it any more.
 pub const FINALIZER: &str = "pullthrough.dev/node-cleanup";
 
@@ -339,15 +368,7 @@ pub fn upstream_url(u: &MirrorUpstream) -> String {
     .base_url()
 }
 
-/// Registry name normalised for comparisons: lowercase, Docker Hub aliases folded.
-pub fn registry_key(registry: &str) -> String {
-    let r = registry.to_ascii_lowercase();
-    if super::proxy_config::is_docker_hub_alias(&r) {
-        super::proxy_config::DOCKER_HUB.to_string()
-    } else {
-        r
-    }
-}
+pub use super::proxy_config::registry_key;
 
 #[cfg(test)]
 mod tests {
@@ -427,22 +448,44 @@ cache: {tagTTL: 1m, staleIfError: 2h}
         let mut spec = example(&["docker.io"]);
         spec.cache.tag_ttl = Some("5 minutes".into());
         assert!(spec.proxy_config().unwrap_err().contains("cache.tagTTL"));
-        let spec = example(&["docker.io", "index.docker.io"]);
-        assert!(
-            spec.proxy_config().is_ok(),
-            "aliases are caught by the controller's conflict check, not here"
-        );
-        let spec = example(&["ghcr.io", "GHCR.io"]);
-        assert!(spec.proxy_config().unwrap_err().contains("twice"));
+        // Docker Hub's names are one registry, whatever the case.
+        for pair in [
+            ["docker.io", "index.docker.io"],
+            ["registry-1.docker.io", "Index.Docker.io"],
+            ["ghcr.io", "GHCR.io"],
+        ] {
+            assert!(
+                example(&pair).proxy_config().unwrap_err().contains("twice"),
+                "{pair:?}"
+            );
+        }
     }
 
     #[test]
     fn cel_rules_hold_client_side() {
         let ok = serde_json::to_value(example(&["docker.io", "ghcr.io"])).unwrap();
         RegistryMirrorSpec::validate_cel(&ok, None).unwrap();
-        let dup = serde_json::to_value(example(&["docker.io", "docker.io"])).unwrap();
-        let err = RegistryMirrorSpec::validate_cel(&dup, None).unwrap_err();
-        assert!(format!("{err:?}").contains("only once"), "{err:?}");
+        for pair in [
+            ["docker.io", "docker.io"],
+            ["docker.io", "Docker.IO"],
+            ["registry-1.docker.io", "index.docker.io"],
+        ] {
+            let dup = serde_json::to_value(example(&pair)).unwrap();
+            let err = RegistryMirrorSpec::validate_cel(&dup, None).unwrap_err();
+            assert!(
+                format!("{err:?}").contains("only once"),
+                "{pair:?}: {err:?}"
+            );
+        }
+        let lots = serde_json::json!({"size": "lots"});
+        assert!(
+            StorageSpec::validate_cel(&lots, None).is_err(),
+            "not a quantity"
+        );
+        StorageSpec::validate_cel(&serde_json::json!({"size": "50Gi"}), None).unwrap();
+        let limit = serde_json::json!({"sizeLimit": "lots"});
+        assert!(EmptyDirSpec::validate_cel(&limit, None).is_err());
+        EmptyDirSpec::validate_cel(&serde_json::json!({"sizeLimit": "20Gi"}), None).unwrap();
         let both = serde_json::json!({"size": "1Gi", "emptyDir": {}});
         assert!(StorageSpec::validate_cel(&both, None).is_err());
         StorageSpec::validate_cel(&serde_json::json!({"size": "1Gi"}), None).unwrap();

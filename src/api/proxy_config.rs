@@ -297,7 +297,7 @@ impl ProxyConfig {
         }
         let mut seen = HashSet::new();
         for u in &self.upstreams {
-            let key = u.registry.to_ascii_lowercase();
+            let key = registry_key(&u.registry);
             if !valid_registry_host(&key) {
                 return Err(ConfigError::BadRegistry(u.registry.clone()));
             }
@@ -465,6 +465,16 @@ fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Registry name normalised for comparisons: lowercase, Docker Hub aliases folded.
+pub fn registry_key(registry: &str) -> String {
+    let r = registry.to_ascii_lowercase();
+    if is_docker_hub_alias(&r) {
+        DOCKER_HUB.to_string()
+    } else {
+        r
+    }
 }
 
 /// Names under which Docker Hub appears in `?ns=` and image references.

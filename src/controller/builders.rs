@@ -5,7 +5,8 @@ use crate::api::mirror::{
     CACHE_MOUNT, CONFIG_MOUNT, METRICS_PORT, PROXY_PORT, RegistryMirror, SECRETS_MOUNT,
 };
 use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentSpec, DeploymentStrategy, StatefulSet, StatefulSetSpec,
+    Deployment, DeploymentSpec, DeploymentStrategy, StatefulSet,
+    StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
@@ -358,6 +359,14 @@ pub fn stateful_set(mirror: &RegistryMirror, settings: &ChildSettings, hash: &st
             },
             template: pod_template(mirror, settings, hash),
             volume_claim_templates: Some(vec![claim]),
+            // A cache's volumes are worth nothing without it: they go with the
+            // StatefulSet (a mirror deleted, or left with no registry to serve).
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some("Delete".into()),
+                    when_scaled: Some("Retain".into()),
+                },
+            ),
             ..StatefulSetSpec::default()
         }),
         ..StatefulSet::default()

@@ -169,7 +169,15 @@ impl LeaseLock {
                 Err(e) => {
                     tracing::warn!(error = %e, "could not renew the leader lease");
                     if last_ok.elapsed() >= self.duration {
-                        tracing::error!("leader lease expired while renewals failed");
+                        // One more try before giving up: the API server may be back.
+                        if let Ok(true) = self.try_acquire().await {
+                            last_ok = tokio::time::Instant::now();
+                            continue;
+                        }
+                        tracing::error!(
+                            "the leader lease expired while the API server could not be \
+                             reached"
+                        );
                         return;
                     }
                 }

@@ -142,6 +142,9 @@ impl Default for ControllerMetrics {
     }
 }
 
+/// What a mirror claims: whether it can, and its registries.
+type Claim = (bool, Vec<String>);
+
 /// Everything a reconcile needs.
 pub struct Context {
     /// API client.
@@ -155,6 +158,14 @@ pub struct Context {
     /// Metrics.
     pub metrics: ControllerMetrics,
     failures: Mutex<HashMap<ObjectRef<RegistryMirror>, u32>>,
+    /// Whether this replica holds the leader Lease: reconciles do nothing without it.
+    leading: std::sync::atomic::AtomicBool,
+    /// What each mirror claims and whether it can, as its last reconcile found: fresher
+    /// than the status in the store, which lags the status it has just written.
+    claimants: Mutex<HashMap<ObjectRef<RegistryMirror>, Claim>>,
+    /// Where a reconcile says that its mirror's claims changed, so that the mirrors they
+    /// may move are reconciled at once (see [`run`]); none in tests of one reconcile.
+    claims_changed: Option<tokio::sync::mpsc::UnboundedSender<()>>,
 }
 
 impl Context {
@@ -172,12 +183,68 @@ impl Context {
             store,
             metrics: ControllerMetrics::new(),
             failures: Mutex::new(HashMap::new()),
+            leading: std::sync::atomic::AtomicBool::new(true),
+            claimants: Mutex::new(HashMap::new()),
+            claims_changed: None,
         }
+    }
+
+    /// Whether `m` may claim registries: from its last reconcile here when there was one,
+    /// else from its status (see [`status::can_claim`]).
+    fn can_claim(&self, m: &RegistryMirror) -> bool {
+        if m.meta().deletion_timestamp.is_some() {
+            return false;
+        }
+        let known = self
+            .claimants
+            .lock()
+            .expect("lock")
+            .get(&ObjectRef::from_obj(m))
+            .map(|(can, _)| *can);
+        known.unwrap_or_else(|| status::can_claim(m))
+    }
+
+    /// Records what `m` claims now. When that changed and another mirror claims one of
+    /// its registries (of before or of now), every mirror is reconciled, so that claims
+    /// move at once rather than at the periodic look.
+    fn claimed(&self, m: &RegistryMirror, can: bool, gone: bool) {
+        let key = ObjectRef::from_obj(m);
+        let now = (can, status::registry_keys(m));
+        let before = {
+            let mut claimants = self.claimants.lock().expect("lock");
+            if gone {
+                claimants.remove(&key)
+            } else {
+                claimants.insert(key, now.clone())
+            }
+        };
+        if before.as_ref() == Some(&now) && !gone {
+            return;
+        }
+        let Some(tx) = &self.claims_changed else {
+            return;
+        };
+        let mut keys = now.1;
+        keys.extend(before.map(|b| b.1).unwrap_or_default());
+        if status::rivals(m, keys, &self.store.state())
+            .next()
+            .is_some()
+        {
+            let _ = tx.send(());
+        }
+    }
+
+    fn leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
 /// Reconciles one mirror, counting it in metrics.
 pub async fn reconcile(mirror: Arc<RegistryMirror>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.leading() {
+        // Everything is reconciled again when the lease comes back (see `run`).
+        return Ok(Action::await_change());
+    }
     let started = std::time::Instant::now();
     let result = reconcile_inner(&mirror, &ctx).await;
     let label = match &result {
@@ -255,6 +322,16 @@ where
     }
 }
 
+/// Removes what runs a mirror (workload, Service, PDB, configuration): a mirror that
+/// serves no registry must not hold pods or volumes.
+async fn delete_children(client: &Client, ns: &str, child: &str) -> Result<(), Error> {
+    delete_child::<Deployment>(client, ns, child).await?;
+    delete_child::<StatefulSet>(client, ns, child).await?;
+    delete_child::<PodDisruptionBudget>(client, ns, child).await?;
+    delete_child::<Service>(client, ns, child).await?;
+    delete_child::<ConfigMap>(client, ns, child).await
+}
+
 /// Reads the credentials Secrets: their data for the config hash, or the problem.
 async fn read_secrets(
     mirror: &RegistryMirror,
@@ -329,7 +406,6 @@ async fn apply(
     let mut observed = Observed {
         generation: mirror.meta().generation,
         replicas: mirror.spec.replicas,
-        conflicts: status::conflicts(mirror, &ctx.store.state()),
         ..Observed::default()
     };
     let config = mirror.spec.proxy_config();
@@ -337,6 +413,14 @@ async fn apply(
         Ok(_) => read_secrets(mirror, ctx, ns).await?,
         Err(_) => Ok(Vec::new()),
     };
+    // A mirror that cannot run claims nothing; one that can serves the registries no
+    // older working mirror serves.
+    let can = config.is_ok() && secrets.is_ok();
+    if can {
+        (observed.served, observed.conflicts) =
+            status::claims(mirror, &ctx.store.state(), |m| ctx.can_claim(m));
+    }
+    ctx.claimed(mirror, can, false);
     match (config, secrets) {
         (Err(message), _) => {
             observed.problem = Some(Problem {
@@ -345,6 +429,8 @@ async fn apply(
             });
         }
         (Ok(_), Err(problem)) => observed.problem = Some(problem),
+        // Every registry is served by an older mirror: nothing to run.
+        (Ok(_), Ok(_)) if observed.served.is_empty() => delete_children(client, ns, &child).await?,
         (Ok(config), Ok(secret_data)) => {
             let yaml = config.to_yaml();
             let hash = builders::config_hash(&yaml, &secret_data);
@@ -398,7 +484,9 @@ async fn apply(
         .list(&ListParams::default())
         .await
         .map_err(kube_err("listing nodes"))?;
-    observed.nodes = Some(status::count_nodes(mirror, &node_list.items));
+    let (nodes, ignoring) = status::count_nodes(mirror, &node_list.items);
+    observed.nodes = Some(nodes);
+    observed.nodes_ignoring = ignoring;
 
     let previous = mirror.status.clone();
     let next = status::build_status(previous.as_ref(), &observed, Timestamp::now());
@@ -412,7 +500,7 @@ async fn apply(
     publish_transitions(ctx, mirror, previous.as_ref(), &next).await;
     tracing::info!(mirror = %name, namespace = %ns, ready = observed.ready_replicas,
         endpoint = ?observed.endpoint, problem = ?observed.problem.as_ref().map(|p| p.reason),
-        conflicts = observed.conflicts.len(), "reconciled");
+        served = ?observed.served, lost = observed.conflicts.len(), "reconciled");
     // Node agents report through Node annotations, which are not watched: look again soon.
     Ok(Action::requeue(Duration::from_secs(60)))
 }
@@ -477,6 +565,8 @@ async fn cleanup(
     ctx: &Context,
     mirrors: &Api<RegistryMirror>,
 ) -> Result<Action, Error> {
+    // Going: it claims nothing from now on.
+    ctx.claimed(mirror, false, true);
     if !mirror.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
@@ -549,6 +639,9 @@ pub struct ControllerOptions {
     pub lease_namespace: String,
     /// This replica's identity (pod name).
     pub identity: String,
+    /// Reconcile only the RegistryMirrors of this namespace (default: all). A controller
+    /// scoped so can run beside another one (the e2e tests do, on a shared cluster).
+    pub namespace: Option<String>,
 }
 
 struct ControllerOps {
@@ -571,23 +664,41 @@ pub async fn run(
     options: ControllerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let mirrors: Api<RegistryMirror> = Api::all(client.clone());
+    fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + Debug,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let mirrors: Api<RegistryMirror> = scoped(&client, &options.namespace);
     // Fail early and clearly when the CRD is not installed.
     if let Err(e) = mirrors.list(&ListParams::default().limit(1)).await {
         return Err(RunError::CrdMissing(e));
     }
-    let controller = Controller::new(mirrors, watcher::Config::default().any_semantic());
+    let controller = Controller::new(mirrors.clone(), watcher::Config::default().any_semantic());
     let store = controller.store();
     let reporter = Reporter {
         controller: MANAGER.into(),
         instance: Some(options.identity.clone()),
     };
-    let ctx = Arc::new(Context::new(
+    let (claims_tx, claims_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut ctx = Context::new(
         client.clone(),
         options.settings.clone(),
         store.clone(),
         reporter,
-    ));
+    );
+    ctx.claims_changed = Some(claims_tx);
+    let ctx = Arc::new(ctx);
+    let claims_changed = futures::stream::unfold(claims_rx, |mut rx| async move {
+        rx.recv().await.map(|()| ((), rx))
+    });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let listener = tokio::net::TcpListener::bind(options.metrics_listen)
@@ -616,17 +727,42 @@ pub async fn run(
             return Ok(());
         }
     }
+    // Lost leadership (another replica took the Lease, or the API server was out of
+    // reach past it) stops reconciles, not the process: it stands by, and reconciles
+    // everything again once it leads again.
+    let (regained_tx, regained_rx) = tokio::sync::watch::channel(());
+    let leadership = {
+        let ctx = ctx.clone();
+        async move {
+            loop {
+                lock.hold().await;
+                ctx.leading
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!(
+                    "stopped reconciling: this replica no longer holds the leader lease; \
+                     standing by, and taking over again when the lease is free"
+                );
+                lock.acquire(Duration::from_secs(2)).await;
+                ctx.leading.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = regained_tx.send(());
+            }
+        }
+    };
+    let regained = tokio_stream_of(regained_rx);
     let label = "app.kubernetes.io/managed-by=pullthrough-controller";
     let owned = || watcher::Config::default().labels(label);
     let secret_store = store.clone();
     let controller = controller
-        .owns(Api::<ConfigMap>::all(client.clone()), owned())
-        .owns(Api::<Deployment>::all(client.clone()), owned())
-        .owns(Api::<StatefulSet>::all(client.clone()), owned())
-        .owns(Api::<Service>::all(client.clone()), owned())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned())
+        .owns(scoped::<ConfigMap>(&client, &options.namespace), owned())
+        .owns(scoped::<Deployment>(&client, &options.namespace), owned())
+        .owns(scoped::<StatefulSet>(&client, &options.namespace), owned())
+        .owns(scoped::<Service>(&client, &options.namespace), owned())
+        .owns(
+            scoped::<PodDisruptionBudget>(&client, &options.namespace),
+            owned(),
+        )
         .watches(
-            Api::<Secret>::all(client.clone()),
+            scoped::<Secret>(&client, &options.namespace),
             watcher::Config::default().fields("type=kubernetes.io/dockerconfigjson"),
             move |secret: Secret| {
                 let ns = secret.namespace();
@@ -646,24 +782,64 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
+        // A mirror that changes, breaks, is fixed or goes can hand a registry to, or
+        // take one from, the mirrors that also claim it: its reconcile (which sees its
+        // new state) says so (see `Context::claimed`), and all are looked at again.
+        .reconcile_all_on(claims_changed)
+        // Node agents report through Node annotations: the mirrors a node names (and,
+        // when a node's containerd state changes, the same ones) are looked at again.
+        .watches(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            move |node: Node| {
+                node.annotations()
+                    .get(crate::api::mirror::NODE_ANNOTATION)
+                    .map(|v| crate::api::mirror::parse_node_annotation(v))
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|key| key.split_once('/'))
+                    .map(|(ns, name)| ObjectRef::new(name).within(ns))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .reconcile_all_on(regained)
         .graceful_shutdown_on(shutdown.clone())
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "controller event");
             }
         });
-    let lost = tokio::select! {
-        _ = controller => false,
-        _ = lock.hold() => true,
-    };
+    tokio::select! {
+        _ = controller => {}
+        _ = leadership => {}
+    }
     let _ = stop_tx.send(true);
     let _ = ops_task.await;
-    if lost {
-        return Err(RunError::LostLeadership);
+    if ctx.leading() {
+        lock_release(&client, &options).await;
     }
-    lock.release().await;
     Ok(())
+}
+
+/// Gives the Lease up on shutdown, so that another replica takes over at once.
+async fn lock_release(client: &Client, options: &ControllerOptions) {
+    leader::LeaseLock::new(
+        Api::<Lease>::namespaced(client.clone(), &options.lease_namespace),
+        "pullthrough-controller",
+        &options.identity,
+        Duration::from_secs(15),
+    )
+    .release()
+    .await;
+}
+
+/// A stream with an item each time the watched value is sent (not for its first value).
+fn tokio_stream_of(rx: tokio::sync::watch::Receiver<()>) -> impl futures::Stream<Item = ()> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
 }
 
 /// Why the controller stopped.
@@ -683,7 +859,4 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    /// Another replica took the Lease.
-    #[error("lost leadership; exiting so another replica takes over")]
-    LostLeadership,
 }

@@ -2,8 +2,8 @@
 //! mirrors, node counts. The reconciler gathers observations and writes what this returns.
 
 use crate::api::mirror::{
-    NODE_ANNOTATION, NodesStatus, RegistryMirror, RegistryMirrorStatus, claim_order, mirror_key,
-    parse_node_annotation, registry_key,
+    CONTAINERD_ANNOTATION, LostRegistry, NODE_ANNOTATION, NodesStatus, RegistryMirror,
+    RegistryMirrorStatus, claim_order, mirror_key, parse_node_annotation, registry_key,
 };
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -19,6 +19,9 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// Another mirror serves one of this mirror's registries.
 pub const CONFLICT: &str = "Conflict";
+/// The Degraded reason of nodes whose containerd ignores the mirror's files: worth the
+/// admin's attention, but nothing wrong with the mirror itself.
+pub const NODES_IGNORING: &str = "ContainerdIgnoresMirrors";
 
 /// A problem that keeps the mirror from working as asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,43 +47,94 @@ pub struct Observed {
     pub endpoint: Option<String>,
     /// Configuration or credentials problem.
     pub problem: Option<Problem>,
-    /// Registries claimed by an older mirror: registry -> that mirror.
+    /// The registries this mirror serves.
+    pub served: Vec<String>,
+    /// Registries an older mirror serves instead: registry -> that mirror.
     pub conflicts: BTreeMap<String, String>,
     /// Node configuration counts.
     pub nodes: Option<NodesStatus>,
+    /// Nodes with this mirror's files whose containerd does not read them: (node, why).
+    pub nodes_ignoring: Vec<(String, String)>,
 }
 
-/// Registries this mirror shares with an older mirror (the older one wins; ties go to the
-/// lower namespace/name). Mirrors being deleted claim nothing.
-pub fn conflicts(
+/// Whether a mirror may claim registries: not being deleted, with a spec its proxy can
+/// run, and not reported `Degraded` (a missing or invalid Secret) by its last status.
+/// A broken mirror must not keep a registry from a younger one that works.
+pub fn can_claim(m: &RegistryMirror) -> bool {
+    m.meta().deletion_timestamp.is_none()
+        && m.spec.proxy_config().is_ok()
+        && !m.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == DEGRADED && c.status == "True" && c.reason != NODES_IGNORING)
+        })
+}
+
+/// Who serves `me`'s registries: each is served by the oldest mirror that claims it and
+/// `can_claim` (see [`can_claim`]; ties go to the lower namespace/name). Returns the
+/// registries `me` serves, and those it lost with the mirror that serves each. `me` is
+/// taken to be able to claim (the reconciler knows its own state better than its last
+/// status).
+pub fn claims(
     me: &RegistryMirror,
     all: &[std::sync::Arc<RegistryMirror>],
-) -> BTreeMap<String, String> {
+    can_claim: impl Fn(&RegistryMirror) -> bool,
+) -> (Vec<String>, BTreeMap<String, String>) {
     let mine = claim_order(me);
-    let my_registries: Vec<String> = me
-        .spec
+    let mut served = Vec::new();
+    let mut lost = BTreeMap::new();
+    for u in &me.spec.upstreams {
+        let key = registry_key(&u.registry);
+        let winner = all
+            .iter()
+            .filter(|other| other.uid() != me.uid() && claim_order(other) < mine)
+            .filter(|other| {
+                other
+                    .spec
+                    .upstreams
+                    .iter()
+                    .any(|v| registry_key(&v.registry) == key)
+            })
+            .filter(|other| can_claim(other))
+            .min_by_key(|other| claim_order(other));
+        match winner {
+            Some(w) => {
+                lost.insert(
+                    key,
+                    mirror_key(&w.namespace().unwrap_or_default(), &w.name_any()),
+                );
+            }
+            None if !served.contains(&key) => served.push(key),
+            None => {}
+        }
+    }
+    (served, lost)
+}
+
+/// The registries a mirror claims, as [`registry_key`]s.
+pub fn registry_keys(m: &RegistryMirror) -> Vec<String> {
+    m.spec
         .upstreams
         .iter()
         .map(|u| registry_key(&u.registry))
-        .collect();
-    let mut out = BTreeMap::new();
-    for other in all {
-        if other.uid() == me.uid() || other.meta().deletion_timestamp.is_some() {
-            continue;
-        }
-        if claim_order(other) >= mine {
-            continue;
-        }
-        for u in &other.spec.upstreams {
-            let key = registry_key(&u.registry);
-            if my_registries.contains(&key) {
-                out.entry(key).or_insert_with(|| {
-                    mirror_key(&other.namespace().unwrap_or_default(), &other.name_any())
-                });
-            }
-        }
-    }
-    out
+        .collect()
+}
+
+/// The mirrors other than `changed` that claim one of `keys`: those whose claims may
+/// change when `changed` does (a deletion or a fix lets a younger one serve).
+pub fn rivals<'a>(
+    changed: &RegistryMirror,
+    keys: Vec<String>,
+    all: &'a [std::sync::Arc<RegistryMirror>],
+) -> impl Iterator<Item = &'a std::sync::Arc<RegistryMirror>> {
+    let uid = changed.uid();
+    all.iter().filter(move |m| {
+        m.uid() != uid
+            && m.spec
+                .upstreams
+                .iter()
+                .any(|u| keys.contains(&registry_key(&u.registry)))
+    })
 }
 
 /// Whether a node's labels match a selector (all pairs equal; empty matches all).
@@ -89,19 +143,33 @@ pub fn node_selected(node: &Node, selector: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// Counts the nodes the mirror should configure and those whose agent reports it done.
-pub fn count_nodes(mirror: &RegistryMirror, nodes: &[Node]) -> NodesStatus {
+/// Counts the nodes the mirror should configure, those whose agent reports it done with
+/// a containerd that reads the files, and those whose containerd ignores them (with the
+/// agent's word for why).
+pub fn count_nodes(
+    mirror: &RegistryMirror,
+    nodes: &[Node],
+) -> (NodesStatus, Vec<(String, String)>) {
     let key = mirror_key(&mirror.namespace().unwrap_or_default(), &mirror.name_any());
     let mut status = NodesStatus::default();
+    let mut ignoring = Vec::new();
     for node in nodes {
         if mirror.spec.nodes.configure && node_selected(node, &mirror.spec.nodes.selector) {
             status.total += 1;
         }
-        if configured_on(node, &key) {
-            status.configured += 1;
+        if !configured_on(node, &key) {
+            continue;
+        }
+        // An agent older than the annotation is taken at its word.
+        match node.annotations().get(CONTAINERD_ANNOTATION) {
+            Some(state) if state != "enabled" => {
+                status.ignoring_mirrors += 1;
+                ignoring.push((node.name_any(), state.clone()));
+            }
+            _ => status.configured += 1,
         }
     }
-    status
+    (status, ignoring)
 }
 
 /// Whether a node's agent reports the mirror `key` configured.
@@ -150,6 +218,11 @@ pub fn build_status(
         .map(|(r, m)| format!("{r} is already mirrored by {m}"))
         .collect::<Vec<_>>()
         .join("; ");
+    let serves = if o.served.is_empty() {
+        "this mirror serves none of its registries".to_string()
+    } else {
+        format!("this mirror serves {}", o.served.join(", "))
+    };
     let conflict = condition(
         prev,
         CONFLICT,
@@ -162,13 +235,15 @@ pub fn build_status(
         if o.conflicts.is_empty() {
             "no other mirror serves these registries".into()
         } else {
-            format!("{conflict_msg}; the older mirror wins, nodes are not pointed at this one")
+            format!(
+                "{conflict_msg} (the oldest mirror that can serve a registry serves it); {serves}"
+            )
         },
         o.generation,
         now,
     );
-    let degraded = match &o.problem {
-        Some(p) => condition(
+    let degraded = match (&o.problem, o.nodes_ignoring.is_empty()) {
+        (Some(p), _) => condition(
             prev,
             DEGRADED,
             true,
@@ -177,7 +252,25 @@ pub fn build_status(
             o.generation,
             now,
         ),
-        None => condition(
+        (None, false) => condition(
+            prev,
+            DEGRADED,
+            true,
+            NODES_IGNORING,
+            format!(
+                "containerd ignores this mirror's hosts.toml on {} node(s): {}; set its \
+                 registry config_path (docs/node-agent.md)",
+                o.nodes_ignoring.len(),
+                o.nodes_ignoring
+                    .iter()
+                    .map(|(n, why)| format!("{n} ({why})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            o.generation,
+            now,
+        ),
+        (None, true) => condition(
             prev,
             DEGRADED,
             false,
@@ -188,6 +281,7 @@ pub fn build_status(
         ),
     };
     let rolling = o.problem.is_none()
+        && !o.served.is_empty()
         && (o.updated_replicas < o.replicas
             || o.ready_replicas < o.replicas
             || o.endpoint.is_none());
@@ -218,8 +312,8 @@ pub fn build_status(
     };
     let (ready, reason, message) = if let Some(p) = &o.problem {
         (false, p.reason, p.message.clone())
-    } else if !o.conflicts.is_empty() {
-        (false, "Conflict", conflict_msg)
+    } else if o.served.is_empty() {
+        (false, "Conflict", format!("{conflict_msg}; {serves}"))
     } else if o.replicas == 0 {
         (false, "ScaledToZero", "replicas is 0".to_string())
     } else if o.ready_replicas == 0 {
@@ -247,6 +341,15 @@ pub fn build_status(
         endpoint: o.endpoint.clone(),
         ready_replicas: o.ready_replicas,
         nodes: o.nodes.clone(),
+        served_registries: o.served.clone(),
+        lost_registries: o
+            .conflicts
+            .iter()
+            .map(|(registry, by)| LostRegistry {
+                registry: registry.clone(),
+                mirrored_by: by.clone(),
+            })
+            .collect(),
         conditions: vec![ready, progressing, degraded, conflict],
     }
 }
@@ -303,34 +406,119 @@ mod tests {
         m
     }
 
+    fn arcs(ms: &[&RegistryMirror]) -> Vec<Arc<RegistryMirror>> {
+        ms.iter().map(|m| Arc::new((*m).clone())).collect()
+    }
+
+    fn lost(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(r, m)| (r.to_string(), m.to_string()))
+            .collect()
+    }
+
     #[test]
-    fn older_mirror_wins_conflicts() {
+    fn the_oldest_mirror_that_can_serve_a_registry_serves_it() {
         let a = mirror("x", "a", "1", 100, &["docker.io", "ghcr.io"]);
         let b = mirror("y", "b", "2", 200, &["index.docker.io", "quay.io"]);
         let c = mirror("z", "c", "3", 50, &["registry.k8s.io"]);
-        let all: Vec<Arc<RegistryMirror>> = [&a, &b, &c]
-            .iter()
-            .map(|m| Arc::new((*m).clone()))
-            .collect();
-        assert!(conflicts(&a, &all).is_empty());
+        let all = arcs(&[&a, &b, &c]);
         assert_eq!(
-            conflicts(&b, &all),
-            BTreeMap::from([("docker.io".to_string(), "x/a".to_string())])
+            claims(&a, &all, can_claim),
+            (vec!["docker.io".into(), "ghcr.io".into()], lost(&[]))
         );
-        assert!(conflicts(&c, &all).is_empty());
+        // A partial conflict: b still serves quay.io.
+        assert_eq!(
+            claims(&b, &all, can_claim),
+            (vec!["quay.io".into()], lost(&[("docker.io", "x/a")]))
+        );
         // Same age: the lower namespace/name wins, deterministically.
         let d = mirror("x", "d", "4", 100, &["ghcr.io"]);
-        let all2 = vec![Arc::new(a.clone()), Arc::new(d.clone())];
-        assert!(conflicts(&a, &all2).is_empty());
-        assert_eq!(conflicts(&d, &all2).len(), 1);
+        let all2 = arcs(&[&a, &d]);
+        assert_eq!(claims(&a, &all2, can_claim).1, lost(&[]));
+        assert_eq!(
+            claims(&d, &all2, can_claim),
+            (vec![], lost(&[("ghcr.io", "x/a")]))
+        );
         // A mirror being deleted gives its registries up.
         let mut gone = a.clone();
         gone.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(300).unwrap()));
-        assert!(conflicts(&b, &[Arc::new(gone)]).is_empty());
+        assert_eq!(claims(&b, &arcs(&[&gone]), can_claim).1, lost(&[]));
+    }
+
+    #[test]
+    fn the_winner_is_the_oldest_claimant_not_the_first_found() {
+        // Created in this order: hub (docker.io), alias (registry-1.docker.io, losing to
+        // hub), public (docker.io). Whatever order the store lists them in, public lost
+        // docker.io to hub.
+        let hub = mirror("ns", "hub", "1", 100, &["docker.io"]);
+        let alias = mirror("ns", "alias", "2", 200, &["registry-1.docker.io"]);
+        let public = mirror("ns", "public", "3", 300, &["docker.io", "quay.io"]);
+        for order in [
+            arcs(&[&alias, &hub, &public]),
+            arcs(&[&hub, &alias, &public]),
+            arcs(&[&public, &alias, &hub]),
+        ] {
+            assert_eq!(
+                claims(&public, &order, can_claim).1,
+                lost(&[("docker.io", "ns/hub")])
+            );
+            assert_eq!(
+                claims(&alias, &order, can_claim).1,
+                lost(&[("docker.io", "ns/hub")])
+            );
+        }
+    }
+
+    #[test]
+    fn a_broken_mirror_wins_no_claim() {
+        // The older mirror's spec cannot run (a duplicate registry the CRD missed): the
+        // younger one serves quay.io.
+        let mut broken = mirror("ns", "old", "1", 100, &["quay.io", "quay.io"]);
+        let young = mirror("ns", "young", "2", 200, &["quay.io", "ghcr.io"]);
+        assert!(!can_claim(&broken));
+        assert_eq!(
+            claims(&young, &arcs(&[&broken, &young]), can_claim),
+            (vec!["quay.io".into(), "ghcr.io".into()], lost(&[]))
+        );
+        // Nor does one its last status says is Degraded (its Secret is missing) ...
+        broken.spec.upstreams.pop();
+        broken.status = Some(RegistryMirrorStatus {
+            conditions: vec![Condition {
+                type_: DEGRADED.into(),
+                status: "True".into(),
+                reason: "SecretNotFound".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: Time(Timestamp::from_second(1).unwrap()),
+            }],
+            ..RegistryMirrorStatus::default()
+        });
+        assert!(!can_claim(&broken));
+        // ... but nodes that ignore its files do not make a mirror lose its claims.
+        broken.status.as_mut().unwrap().conditions[0].reason = NODES_IGNORING.into();
+        assert!(can_claim(&broken));
+        assert_eq!(
+            claims(&young, &arcs(&[&broken]), can_claim).1,
+            lost(&[("quay.io", "ns/old")])
+        );
+    }
+
+    #[test]
+    fn rivals_share_a_registry() {
+        let a = mirror("x", "a", "1", 100, &["docker.io"]);
+        let b = mirror("y", "b", "2", 200, &["Index.Docker.io"]);
+        let c = mirror("z", "c", "3", 50, &["quay.io"]);
+        let all = arcs(&[&a, &b, &c]);
+        let names: Vec<String> = rivals(&a, registry_keys(&a), &all)
+            .map(|m| m.name_any())
+            .collect();
+        assert_eq!(names, ["b"]);
     }
 
     fn node(labels: &[(&str, &str)], annotation: Option<&str>) -> Node {
         let mut n = Node::default();
+        n.metadata.name = Some(format!("node-{}", labels.len()));
         n.metadata.labels = Some(
             labels
                 .iter()
@@ -355,22 +543,38 @@ mod tests {
             node(&[("pool", "a")], None),
         ];
         assert_eq!(
-            count_nodes(&m, &nodes),
+            count_nodes(&m, &nodes).0,
             NodesStatus {
                 configured: 1,
-                total: 3
+                total: 3,
+                ignoring_mirrors: 0
             }
         );
         m.spec.nodes.selector = BTreeMap::from([("pool".to_string(), "a".to_string())]);
         assert_eq!(
-            count_nodes(&m, &nodes),
+            count_nodes(&m, &nodes).0,
             NodesStatus {
                 configured: 1,
-                total: 2
+                total: 2,
+                ignoring_mirrors: 0
             }
         );
         m.spec.nodes.configure = false;
-        assert_eq!(count_nodes(&m, &nodes).total, 0);
+        assert_eq!(count_nodes(&m, &nodes).0.total, 0);
+
+        // A node whose agent wrote the files but whose containerd ignores them is not
+        // configured, and is named.
+        m.spec.nodes.configure = true;
+        let mut ignoring = node(&[("pool", "a")], Some("ns/pub"));
+        ignoring
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(CONTAINERD_ANNOTATION.into(), "not-set".into());
+        let (counts, named) = count_nodes(&m, &[ignoring]);
+        assert_eq!((counts.configured, counts.ignoring_mirrors), (0, 1));
+        assert_eq!(named, [("node-1".to_string(), "not-set".to_string())]);
     }
 
     fn cond<'a>(s: &'a RegistryMirrorStatus, t: &str) -> &'a Condition {
@@ -387,6 +591,7 @@ mod tests {
             ready_replicas: 0,
             updated_replicas: 2,
             endpoint: Some("http://10.0.0.1:5000".into()),
+            served: vec!["docker.io".into()],
             ..Observed::default()
         };
         let s0 = build_status(None, &o, t0);
@@ -420,7 +625,9 @@ mod tests {
         assert_eq!(cond(&s2, DEGRADED).status, "True");
         assert_eq!(cond(&s2, DEGRADED).message, "Secret hub not found");
 
+        // Every registry lost: not Ready, nothing rolling out.
         o.problem = None;
+        o.served.clear();
         o.conflicts = BTreeMap::from([("docker.io".to_string(), "x/a".to_string())]);
         let s3 = build_status(Some(&s2), &o, t1);
         assert_eq!(cond(&s3, CONFLICT).status, "True");
@@ -430,5 +637,26 @@ mod tests {
                 .contains("docker.io is already mirrored by x/a")
         );
         assert_eq!(cond(&s3, READY).reason, "Conflict");
+        assert_eq!(cond(&s3, PROGRESSING).status, "False");
+        assert_eq!(s3.lost_registries[0].mirrored_by, "x/a");
+
+        // Some registries lost: Ready for the others, which the status lists.
+        o.served = vec!["quay.io".into()];
+        let s4 = build_status(Some(&s3), &o, t1);
+        assert_eq!(cond(&s4, READY).status, "True");
+        assert_eq!(cond(&s4, CONFLICT).status, "True");
+        assert!(
+            cond(&s4, CONFLICT)
+                .message
+                .contains("this mirror serves quay.io")
+        );
+        assert_eq!(s4.served_registries, ["quay.io"]);
+
+        // Nodes that ignore the files: Degraded says where, Ready stays.
+        o.nodes_ignoring = vec![("n1".into(), "not-set".into())];
+        let s5 = build_status(Some(&s4), &o, t1);
+        assert_eq!(cond(&s5, DEGRADED).reason, NODES_IGNORING);
+        assert!(cond(&s5, DEGRADED).message.contains("n1 (not-set)"));
+        assert_eq!(cond(&s5, READY).status, "True");
     }
 }

@@ -27,8 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Node annotation with the state of containerd's `config_path` as the agent sees it.
-pub const CONTAINERD_ANNOTATION: &str = "pullthrough.dev/containerd-config-path";
+pub use crate::api::mirror::CONTAINERD_ANNOTATION;
 
 /// The files a node should have: for each registry, the oldest Ready mirror that
 /// selects the node and serves it.
@@ -64,13 +63,19 @@ pub fn desired_hosts(
             .and_then(|s| s.endpoint.clone())
             .expect("filtered");
         let key = mirror_key(&m.namespace().unwrap_or_default(), &m.name_any());
+        // The registries the controller says it serves (one it lost to an older mirror
+        // is that one's); a status without the list, from an older controller: all.
+        let served = &m.status.as_ref().expect("filtered").served_registries;
         for u in &m.spec.upstreams {
-            out.entry(registry_key(&u.registry))
-                .or_insert_with(|| DesiredHost {
-                    mirror: key.clone(),
-                    server: upstream_url(u),
-                    endpoint: endpoint.clone(),
-                });
+            let registry = registry_key(&u.registry);
+            if !served.is_empty() && !served.contains(&registry) {
+                continue;
+            }
+            out.entry(registry).or_insert_with(|| DesiredHost {
+                mirror: key.clone(),
+                server: upstream_url(u),
+                endpoint: endpoint.clone(),
+            });
         }
     }
     out
@@ -302,6 +307,7 @@ pub async fn run(
     let hosts = HostsDir::new(&options.certs_dir);
     tokio::pin!(shutdown);
     let mut ready = false;
+    let mut last_containerd: Option<String> = None;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -348,8 +354,15 @@ pub async fn run(
             .inc();
         let containerd = containerd_status(&options);
         metrics.config_path.set(i64::from(containerd.enabled()));
-        if !containerd.enabled() {
-            tracing::warn!("{}", containerd.message(&options.containerd_certs_path));
+        // Said when it changes, not on every sync (the agent's own annotation patch
+        // brings it back here at once).
+        if last_containerd.as_deref() != Some(containerd.state()) {
+            if containerd.enabled() {
+                tracing::info!("{}", containerd.message(&options.containerd_certs_path));
+            } else {
+                tracing::warn!("{}", containerd.message(&options.containerd_certs_path));
+            }
+            last_containerd = Some(containerd.state().to_string());
         }
         let configured = configured_mirrors(&desired, &report);
         let value = configured.iter().cloned().collect::<Vec<_>>().join(",");
@@ -487,6 +500,31 @@ mod tests {
         deleting.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(30).unwrap()));
         let d = desired_hosts(&labels, &[young, Arc::new(deleting)]);
         assert_eq!(d["docker.io"].mirror, "ns/young");
+    }
+
+    #[test]
+    fn only_the_registries_the_controller_says_a_mirror_serves_are_configured() {
+        // The older mirror is Ready but the controller gave quay.io to another one (say
+        // this one lost it while an even older mirror was fixed): nodes follow the status.
+        let mut partial = (*mirror(
+            "partial",
+            10,
+            "upstreams: [{registry: docker.io}, {registry: quay.io}]",
+            true,
+            Some("http://10.0.0.1:5000"),
+        ))
+        .clone();
+        partial.status.as_mut().unwrap().served_registries = vec!["docker.io".into()];
+        let other = mirror(
+            "other",
+            20,
+            "upstreams: [{registry: quay.io}]",
+            true,
+            Some("http://10.0.0.2:5000"),
+        );
+        let d = desired_hosts(&BTreeMap::new(), &[Arc::new(partial), other]);
+        assert_eq!(d["docker.io"].mirror, "ns/partial");
+        assert_eq!(d["quay.io"].mirror, "ns/other");
     }
 
     #[test]
