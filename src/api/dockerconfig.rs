@@ -1,7 +1,8 @@
 //! Reading registry credentials out of a `.dockerconfigjson` document (the payload of a
 //! `kubernetes.io/dockerconfigjson` Secret).
 
-use super::proxy_config::{Credentials, is_docker_hub_alias};
+use super::docker_hub;
+use super::proxy_config::Credentials;
 use base64::Engine as _;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -48,7 +49,7 @@ pub fn credentials_for(
     };
     let entry = config.auths.iter().find(|(key, _)| {
         let host = host_of(key);
-        host == want || (is_docker_hub_alias(&want) && is_docker_hub_alias(&host))
+        host == want || (docker_hub::is_alias(&want) && docker_hub::is_alias(&host))
     });
     let Some((key, entry)) = entry else {
         return Ok(None);

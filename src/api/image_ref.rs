@@ -4,7 +4,7 @@
 //! host (has a `.` or `:`, or is `localhost`); otherwise the image is on Docker Hub, where
 //! single names live under `library/`. No tag means `latest`.
 
-use super::proxy_config::{DOCKER_HUB, is_docker_hub_alias};
+use super::docker_hub;
 use crate::oci::reference::{validate_repository, validate_tag};
 use crate::oci::{Digest, Reference};
 use std::fmt;
@@ -43,7 +43,7 @@ pub fn parse(s: &str) -> Result<ImageRef, String> {
         Some((first, path)) if first.contains(['.', ':']) || first == "localhost" => {
             (first.to_ascii_lowercase(), path)
         }
-        _ => (DOCKER_HUB.to_string(), rest),
+        _ => (docker_hub::REGISTRY.to_string(), rest),
     };
     // A tag follows the last ':' after the last '/'.
     let last_slash = path.rfind('/').map_or(0, |i| i + 1);
@@ -51,13 +51,13 @@ pub fn parse(s: &str) -> Result<ImageRef, String> {
         Some(i) => (&path[..last_slash + i], Some(&path[last_slash + i + 1..])),
         None => (path, None),
     };
-    let registry = if is_docker_hub_alias(&registry) {
-        DOCKER_HUB.to_string()
+    let registry = if docker_hub::is_alias(&registry) {
+        docker_hub::REGISTRY.to_string()
     } else {
         registry
     };
-    let repository = if registry == DOCKER_HUB && !repository.contains('/') {
-        format!("library/{repository}")
+    let repository = if registry == docker_hub::REGISTRY {
+        docker_hub::repository(repository)
     } else {
         repository.to_string()
     };

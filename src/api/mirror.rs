@@ -368,7 +368,7 @@ pub fn upstream_url(u: &MirrorUpstream) -> String {
     .base_url()
 }
 
-pub use super::proxy_config::registry_key;
+pub use super::docker_hub::registry_key;
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,7 @@
 //! reads [`ProxyConfig`] from a file, the controller writes the same struct into a
 //! ConfigMap.
 
+pub mod docker_hub;
 pub mod dockerconfig;
 pub mod duration;
 pub mod image_ref;

@@ -2,18 +2,15 @@
 //! controller into the ConfigMap it owns. Every field has a default, so an empty file (or
 //! no file) is a working docker.io cache on port 5000.
 
+use super::docker_hub;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Docker Hub's registry name in image references.
-pub const DOCKER_HUB: &str = "docker.io";
 /// The admin token's file name in the cache directory, by default.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
-/// Docker Hub's registry API endpoint.
-pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
 
 /// Configuration of one `pullthrough proxy` process.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -297,7 +294,7 @@ impl ProxyConfig {
         }
         let mut seen = HashSet::new();
         for u in &self.upstreams {
-            let key = registry_key(&u.registry);
+            let key = docker_hub::registry_key(&u.registry);
             if !valid_registry_host(&key) {
                 return Err(ConfigError::BadRegistry(u.registry.clone()));
             }
@@ -349,7 +346,7 @@ impl ProxyConfig {
                 let mirrored = self.upstreams.iter().any(|u| {
                     let key = u.registry.to_ascii_lowercase();
                     key == r.registry
-                        || (is_docker_hub_alias(&key) && is_docker_hub_alias(&r.registry))
+                        || (docker_hub::is_alias(&key) && docker_hub::is_alias(&r.registry))
                 });
                 if !mirrored {
                     return Err(ConfigError::ImageNotMirrored {
@@ -420,7 +417,7 @@ impl UpstreamConfig {
     pub fn base_url(&self) -> String {
         let url = match &self.url {
             Some(u) => u.clone(),
-            None if self.is_docker_hub() => DOCKER_HUB_URL.to_string(),
+            None if self.is_docker_hub() => docker_hub::API_URL.to_string(),
             None => format!("https://{}", self.registry),
         };
         url.trim_end_matches('/').to_string()
@@ -428,7 +425,7 @@ impl UpstreamConfig {
 
     /// Whether Docker Hub's naming rules apply (`library/` for single-name images).
     pub fn is_docker_hub(&self) -> bool {
-        is_docker_hub_alias(&self.registry)
+        docker_hub::is_alias(&self.registry)
     }
 }
 
@@ -465,24 +462,6 @@ fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-}
-
-/// Registry name normalised for comparisons: lowercase, Docker Hub aliases folded.
-pub fn registry_key(registry: &str) -> String {
-    let r = registry.to_ascii_lowercase();
-    if is_docker_hub_alias(&r) {
-        DOCKER_HUB.to_string()
-    } else {
-        r
-    }
-}
-
-/// Names under which Docker Hub appears in `?ns=` and image references.
-pub fn is_docker_hub_alias(registry: &str) -> bool {
-    matches!(
-        registry.to_ascii_lowercase().as_str(),
-        "docker.io" | "index.docker.io" | "registry-1.docker.io"
-    )
 }
 
 fn valid_registry_host(h: &str) -> bool {
@@ -528,7 +507,7 @@ fn default_cache_dir() -> PathBuf {
     PathBuf::from("pullthrough-cache")
 }
 fn default_upstreams() -> Vec<UpstreamConfig> {
-    vec![UpstreamConfig::new(DOCKER_HUB)]
+    vec![UpstreamConfig::new(docker_hub::REGISTRY)]
 }
 fn default_tag_ttl() -> Duration {
     Duration::from_secs(300)
@@ -569,7 +548,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.listen.port(), 5000);
         assert_eq!(c.default_registry(), Some("docker.io"));
-        assert_eq!(c.upstreams[0].base_url(), DOCKER_HUB_URL);
+        assert_eq!(c.upstreams[0].base_url(), docker_hub::API_URL);
     }
 
     #[test]

@@ -16,9 +16,9 @@ pub mod storage;
 pub mod tag_lists;
 pub mod upstream;
 
+use crate::api::docker_hub;
 use crate::api::dockerconfig::credentials_for;
 use crate::api::image_ref;
-use crate::api::proxy_config::is_docker_hub_alias;
 use crate::api::{ConfigError, ProxyConfig};
 use crate::oci::Reference;
 use crate::server::ConnLimits;
@@ -265,10 +265,10 @@ fn find_upstream(
     if let Some(u) = upstreams.get(&key) {
         return Some(u.clone());
     }
-    if is_docker_hub_alias(&key) {
+    if docker_hub::is_alias(&key) {
         return upstreams
             .iter()
-            .find(|(name, _)| is_docker_hub_alias(name))
+            .find(|(name, _)| docker_hub::is_alias(name))
             .map(|(_, u)| u.clone());
     }
     None

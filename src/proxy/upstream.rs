@@ -117,8 +117,8 @@ impl Upstream {
     /// The repository as the upstream knows it: Docker Hub puts single-name images under
     /// `library/`.
     pub fn canonical_repository(&self, repository: &str) -> String {
-        if self.docker_hub && !repository.contains('/') {
-            format!("library/{repository}")
+        if self.docker_hub {
+            crate::api::docker_hub::repository(repository)
         } else {
             repository.to_string()
         }
