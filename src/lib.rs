@@ -16,4 +16,3 @@ pub mod node_agent;
 pub mod oci;
 pub mod proxy;
 pub mod server;
-pub mod zero_copy;

@@ -2,13 +2,12 @@
 //! small operations server (`/metrics`, `/healthz`, `/readyz`) of the controller and the
 //! node agent.
 
-use crate::zero_copy::{Spans, ZeroCopyIo};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper::header;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
@@ -212,21 +211,46 @@ fn warn_now(last: &AtomicU64) -> bool {
             .is_ok()
 }
 
+/// Tags a request with what its connection gives it (in its extensions).
+pub type Tag = Box<dyn Fn(&mut Request<Incoming>) + Send + Sync>;
+
+/// What a server makes of each connection it accepts: the I/O object hyper serves it
+/// through, and the tag each of its requests gets.
+pub trait Connection: Send + Sync + 'static {
+    /// The I/O object.
+    type Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static;
+    /// The connection over `stream`.
+    fn open(&self, stream: tokio::net::TcpStream) -> (Self::Io, Tag);
+}
+
+/// Connections served as they are (the operations endpoints).
+pub struct Plain;
+
+impl Connection for Plain {
+    type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+
+    fn open(&self, stream: tokio::net::TcpStream) -> (Self::Io, Tag) {
+        (hyper_util::rt::TokioIo::new(stream), Box::new(|_| {}))
+    }
+}
+
 /// Accepts connections until `stop` turns true, serving each (HTTP/1.1 or h2c) with
-/// `handler` on a task tracked by `tracker`; open connections are asked to finish.
-/// HTTP/1 requests carry their connection's [`Spans`] in their extensions, for bodies
-/// that send file ranges with `sendfile(2)` (see [`crate::zero_copy`]).
+/// `handler` on a task tracked by `tracker`; open connections are asked to finish. Each
+/// connection is made by `connections` (the proxy's send blob bytes with `sendfile(2)`,
+/// see [`crate::proxy::zero_copy`]).
 ///
 /// `limits` bound what clients hold: a connection over `max_connections` is answered
 /// 503 and closed, one that sends no request head in time or sits idle is closed, and
 /// accept errors (out of file descriptors) back off instead of spinning.
-pub async fn accept_loop<F, Fut>(
+pub async fn accept_loop<C, F, Fut>(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
     tracker: TaskTracker,
     limits: ConnLimits,
+    connections: Arc<C>,
     handler: F,
 ) where
+    C: Connection,
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
@@ -281,31 +305,28 @@ pub async fn accept_loop<F, Fut>(
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let mut stop = stop.clone();
+        let (io, tag) = connections.open(stream);
         tracker.spawn(async move {
             let _slot = slot;
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // Body frames queued as they are, never copied into one buffer: what lets
-            // placeholder frames reach `ZeroCopyIo` (see `zero_copy`).
+            // the proxy's placeholder frames reach its I/O object (see `zero_copy`).
             builder
                 .http1()
                 .writev(true)
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout);
             builder.http2().timer(TokioTimer::new());
-            let spans = Spans::default();
             let activity = Activity::new();
             let io = Watched {
-                io: ZeroCopyIo::new(stream, spans.clone()),
+                io,
                 activity: activity.clone(),
             };
             let requests = activity.clone();
             let conn = builder.serve_connection(
                 io,
                 service_fn(move |mut req: Request<Incoming>| {
-                    // HTTP/2 copies body frames: its requests get no spans.
-                    if req.version() < Version::HTTP_2 {
-                        req.extensions_mut().insert(spans.clone());
-                    }
+                    tag(&mut req);
                     let busy = requests.enter();
                     let answer = handler(req, peer);
                     async move {
@@ -385,6 +406,7 @@ pub async fn serve_ops(listener: TcpListener, ops: Arc<dyn Ops>, stop: watch::Re
         stop,
         tracker.clone(),
         ConnLimits::OPS,
+        Arc::new(Plain),
         move |req, _| handle_ops(ops.clone(), req),
     )
     .await;

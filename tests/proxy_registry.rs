@@ -295,7 +295,10 @@ async fn blobs_arrive_whole_over_http1_and_h2c() {
         (&h1, reqwest::Version::HTTP_11),
         (&h2, reqwest::Version::HTTP_2),
     ];
+    let sendfile = || proxy.metric("pullthrough_sendfile_bytes_total", &[]);
+    let mut by_sendfile = Vec::new();
     for (round, (client, version)) in rounds.into_iter().enumerate() {
+        let before = sendfile().await;
         for layer in &image.layers {
             let url = format!("{}/v2/z/c/blobs/{}", proxy.url, layer.digest);
             let r = client.get(&url).send().await.unwrap();
@@ -318,7 +321,19 @@ async fn blobs_arrive_whole_over_http1_and_h2c() {
             assert_eq!(r.status(), 206);
             assert!(r.bytes().await.unwrap() == layer.bytes[start..=end]);
         }
+        by_sendfile.push(sendfile().await - before);
     }
+    // h2c copies; HTTP/1 sends what the page cache holds with sendfile(2): after a round
+    // that read every byte (so they are in the page cache), the next HTTP/1 round does.
+    assert_eq!(
+        (by_sendfile[0], by_sendfile[3]),
+        (0.0, 0.0),
+        "sendfile on h2c"
+    );
+    assert!(
+        by_sendfile[2] > 0.0,
+        "no byte went out with sendfile: {by_sendfile:?}"
+    );
     for layer in &image.layers {
         upstream.assert_gets(&format!("/blobs/{}", layer.digest), 1);
     }

@@ -287,7 +287,7 @@ async fn route(
                 .and_then(|v| v.to_str().ok())
                 .and_then(ByteRange::parse)
                 .and_then(Result::ok);
-            let spans = req.extensions().get::<crate::zero_copy::Spans>();
+            let spans = req.extensions().get::<crate::proxy::zero_copy::Spans>();
             let result = cache.blob(&up, &repo, &digest, range, head, spans).await;
             let served = (proxy.metrics().clone(), up.name().to_string());
             let answer = count(

@@ -98,6 +98,8 @@ pub struct Metrics {
     pub inflight_fetches: IntGauge,
     /// Client requests waiting for an upstream fetch in progress to answer.
     pub fetch_waiters: IntGauge,
+    /// Blob bytes sent with `sendfile(2)` from the page cache.
+    pub sendfile_bytes: IntCounter,
     /// The configured size limit (0: none).
     pub cache_limit_bytes: IntGauge,
     /// Objects evicted to stay under the limit.
@@ -169,6 +171,11 @@ impl Metrics {
             "Client requests waiting for an upstream fetch in progress (manifest, blob, blob HEAD) to answer; more than the fetches when clients share them.",
         )
         .expect("valid metric");
+        let sendfile_bytes = IntCounter::new(
+            "pullthrough_sendfile_bytes_total",
+            "Blob bytes sent to HTTP/1 clients with sendfile(2) from the page cache, without a copy through user space (part of pullthrough_served_bytes_total).",
+        )
+        .expect("valid metric");
         let cache_limit_bytes = IntGauge::new(
             "pullthrough_cache_limit_bytes",
             "Configured cache size limit in bytes (0 when unlimited).",
@@ -216,6 +223,7 @@ impl Metrics {
                 Box::new(cache_blobs.clone()),
                 Box::new(inflight_fetches.clone()),
                 Box::new(fetch_waiters.clone()),
+                Box::new(sendfile_bytes.clone()),
             ],
         );
         Metrics {
@@ -229,6 +237,7 @@ impl Metrics {
             cache_blobs,
             inflight_fetches,
             fetch_waiters,
+            sendfile_bytes,
             cache_limit_bytes,
             cache_evictions,
             cache_disk_full,

@@ -15,6 +15,7 @@ pub mod single_flight;
 pub mod storage;
 pub mod tag_lists;
 pub mod upstream;
+pub mod zero_copy;
 
 use crate::api::docker_hub;
 use crate::api::dockerconfig::credentials_for;
@@ -344,11 +345,15 @@ pub async fn serve(
         header_timeout: config.client_header_timeout,
         idle_timeout: config.client_idle_timeout,
     };
+    let zero_copy = Arc::new(zero_copy::ZeroCopy {
+        sent: proxy.metrics.sendfile_bytes.clone(),
+    });
     let api_loop = crate::server::accept_loop(
         api,
         stop_rx.clone(),
         tracker.clone(),
         limits,
+        zero_copy,
         move |req, _| http::handle(p1.clone(), req),
     );
     let p2 = proxy.clone();
@@ -357,6 +362,7 @@ pub async fn serve(
         stop_rx,
         tracker.clone(),
         ConnLimits::OPS,
+        Arc::new(crate::server::Plain),
         move |req, peer| http::handle_ops(p2.clone(), req, peer),
     );
     let api_task = tokio::spawn(api_loop);

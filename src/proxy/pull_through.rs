@@ -21,7 +21,7 @@ use super::tag_lists::{self, TagLists, TagsPage};
 use super::upstream::{Upstream, read_limited};
 use crate::oci::media::{Accept, MANIFEST_ACCEPT, manifest_media_type};
 use crate::oci::{Digest, Hasher, Reference};
-use crate::zero_copy::{MAX_SPAN, Spans};
+use crate::proxy::zero_copy::{MAX_SPAN, Spans};
 use bytes::{Bytes, BytesMut};
 use futures::future::FutureExt;
 use futures::stream::{BoxStream, StreamExt};
@@ -52,7 +52,7 @@ const LARGE_CHUNK: usize = 1 << 20;
 const LARGE_READERS: usize = 4;
 /// A [`ChunkReader`] lets its task's worker thread run other tasks after handing out
 /// this many bytes from the page cache: read without waiting, or as file ranges for
-/// `sendfile(2)` (see [`crate::zero_copy`]). Those reads and sends to a fast
+/// `sendfile(2)` (see [`crate::proxy::zero_copy`]). Those reads and sends to a fast
 /// socket are always ready, so without it a connection sending a blob keeps its worker
 /// until tokio's budget of 128 socket writes runs out (128 MiB at [`LARGE_CHUNK`]s):
 /// meanwhile the requests queued behind it wait, and an idle worker cannot take one of
@@ -1558,7 +1558,7 @@ async fn blob_request(
 ///
 /// With `spans`, each [`MAX_SPAN`] of the file that is in the page cache becomes a
 /// placeholder frame, and the connection sends those bytes from the file itself
-/// (`sendfile(2)`, see [`crate::zero_copy`]). The rest (all of it without `spans`) is
+/// (`sendfile(2)`, see [`crate::proxy::zero_copy`]). The rest (all of it without `spans`) is
 /// read and yielded: in [`LARGE_CHUNK`]s while the stream holds a `large` slot (given
 /// back when the stream is dropped), else in [`CHUNK`]s.
 fn file_chunks(
@@ -2121,7 +2121,7 @@ mod tests {
     /// of the next range registered with `spans` (which must start where the frame does
     /// and be as long), every other frame as it is.
     fn as_sent(frames: &[Bytes], spans: &Spans, file: &std::fs::File, start: u64) -> Vec<u8> {
-        use crate::zero_copy::is_placeholder;
+        use crate::proxy::zero_copy::is_placeholder;
         let mut ranges = spans.pending().into_iter();
         let mut out = Vec::new();
         for frame in frames {
@@ -2142,7 +2142,7 @@ mod tests {
 
     #[tokio::test]
     async fn blobs_in_the_page_cache_go_out_as_file_ranges_the_rest_as_bytes() {
-        use crate::zero_copy::is_placeholder;
+        use crate::proxy::zero_copy::is_placeholder;
         let (_dir, path, data) = blob_file(MAX_SPAN * 2 + 1000);
         let file = std::fs::File::open(&path).unwrap();
         let len = data.len() as u64;
