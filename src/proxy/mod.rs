@@ -11,9 +11,7 @@ pub mod http;
 pub mod index;
 pub mod metrics;
 pub mod pull_through;
-pub mod single_flight;
 pub mod storage;
-pub mod tag_lists;
 pub mod upstream;
 pub mod zero_copy;
 

@@ -1,11 +1,22 @@
-//! tags/list answers: what of a client's query is passed on and remembered, the
-//! upstream's `Link` pagination, and a short-lived cache bounded in bytes and entries.
+//! tags/list and referrers, passed through: what of a client's query is passed on and
+//! remembered, the upstream's `Link` pagination, and a short-lived cache of tags/list
+//! pages bounded in bytes and entries.
 
+use super::*;
+use crate::oci::Digest;
+use crate::proxy::error::ProxyError;
+use crate::proxy::metrics::Kind;
+use crate::proxy::upstream::{Upstream, read_limited};
 use bytes::Bytes;
+use hyper::header::{self};
+use hyper::{Method, StatusCode};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Largest tags/list or referrers answer passed through.
+pub(super) const MAX_LIST_BYTES: usize = 4 << 20;
 
 /// Most bytes of tags/list answers kept at once.
 const MAX_BYTES: usize = 16 << 20;
@@ -129,6 +140,73 @@ impl TagLists {
     fn held(&self) -> (usize, usize) {
         let lists = self.inner.lock().expect("tag list lock");
         (lists.bytes, lists.pages.len())
+    }
+}
+
+impl PullThrough {
+    /// `tags/list`, reused for `tags_list_ttl`. Only `n` and `last` of the client's query
+    /// are passed on (see [`query`]); the upstream's next page is returned
+    /// for the client's `Link`.
+    pub async fn tags_list(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        query: Option<&str>,
+    ) -> Result<TagsPage, ProxyError> {
+        let query = self::query(query);
+        let key = format!(
+            "{}\0{repository}\0{}",
+            up.name(),
+            query.as_deref().unwrap_or("")
+        );
+        if let Some(page) = self.tag_lists.get(&key, self.policy.tags_list_ttl) {
+            return Ok(page);
+        }
+        let resp = up
+            .request(
+                Method::GET,
+                Kind::Tags,
+                repository,
+                "tags/list",
+                query.as_deref(),
+                None,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(resp.status(), Kind::Tags));
+        }
+        let next = next_page(header_str(resp.headers(), header::LINK));
+        let body = read_limited(resp.into_body(), MAX_LIST_BYTES, up.timeout()).await?;
+        let page = TagsPage { body, next };
+        self.tag_lists.put(key, page.clone());
+        Ok(page)
+    }
+
+    /// `referrers/<digest>`, passed through. Returns the body and its content type.
+    pub async fn referrers(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+        query: Option<&str>,
+    ) -> Result<(Bytes, Option<String>, Option<String>), ProxyError> {
+        let resp = up
+            .request(
+                Method::GET,
+                Kind::Referrers,
+                repository,
+                &format!("referrers/{digest}"),
+                query,
+                None,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(resp.status(), Kind::Referrers));
+        }
+        let content_type = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_string);
+        let filters = header_str(resp.headers(), "oci-filters-applied").map(str::to_string);
+        let body = read_limited(resp.into_body(), MAX_LIST_BYTES, up.timeout()).await?;
+        Ok((body, content_type, filters))
     }
 }
 

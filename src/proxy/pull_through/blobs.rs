@@ -1,0 +1,653 @@
+//! Blobs: one download per missing digest, shared by every request for it. The download
+//! runs on its own task, writes to a temp file and hashes as it goes; every client (the
+//! first included) reads that file as it grows, so a slow client never slows the download
+//! and memory stays bounded whatever the blob size. The last byte is withheld until the
+//! digest is verified: a client can never receive a complete body that does not match.
+//! The file is renamed into the cache only when the digest matches. A blob that cannot be
+//! cached is relayed through memory to the clients that waited for it; HEADs of uncached
+//! blobs are coalesced too.
+
+use super::*;
+use crate::oci::{Digest, Hasher};
+use crate::proxy::error::ProxyError;
+use crate::proxy::index::Reservation;
+use crate::proxy::metrics::{CacheResult, Kind};
+use crate::proxy::upstream::Upstream;
+use crate::proxy::zero_copy::Spans;
+use bytes::Bytes;
+use futures::future::FutureExt;
+use futures::stream::StreamExt;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Method, StatusCode};
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+#[derive(Clone, Debug)]
+pub(super) enum FetchState {
+    Connecting,
+    Streaming {
+        len: Option<u64>,
+        written: u64,
+    },
+    /// Every byte is written and hashes to the digest: clients may have all of it while
+    /// the file is flushed to disk and renamed into the cache.
+    Verified {
+        len: u64,
+    },
+    Done {
+        len: u64,
+    },
+    Failed(ProxyError),
+    /// The blob will not be cached (no room, disk full): the clients that waited for the
+    /// download get its body relayed through memory (see [`BlobFetch::relay`]); later
+    /// ones stream it from the upstream themselves.
+    Uncacheable {
+        len: Option<u64>,
+    },
+}
+
+/// Chunks buffered per client of a relayed (uncacheable) blob.
+pub(super) const RELAY_DEPTH: usize = 8;
+
+/// Where a relayed blob's chunks go to one client.
+pub(super) type RelayTx = mpsc::Sender<io::Result<Bytes>>;
+
+pub(super) struct BlobFetch {
+    pub(super) temp: PathBuf,
+    pub(super) state: watch::Receiver<FetchState>,
+    /// The clients that joined before the download's first answer. If the blob cannot
+    /// be cached, the download relays its body to them, so that one upstream GET serves
+    /// them all; once the download streams into the cache (they read the file) or the
+    /// relay started, it is `None` and later clients do not join it.
+    pub(super) relay: Mutex<Option<Vec<RelayTx>>>,
+}
+
+impl BlobFetch {
+    /// A place among the relay's clients, if it still takes them.
+    pub(super) fn subscribe(&self) -> Option<mpsc::Receiver<io::Result<Bytes>>> {
+        let mut relay = self.relay.lock().expect("relay lock");
+        relay.as_mut().map(|clients| {
+            let (tx, rx) = mpsc::channel(RELAY_DEPTH);
+            clients.push(tx);
+            rx
+        })
+    }
+}
+
+/// How a download ended well.
+pub(super) enum Downloaded {
+    /// In the temp file, verified: to be committed.
+    Stored { len: u64, reservation: Reservation },
+    /// Not to be cached: the body is still to be read.
+    Uncacheable { len: Option<u64>, body: Incoming },
+}
+
+/// Sends an uncacheable blob's body to `clients` as it arrives, hashing it on the way.
+/// The last chunk goes out only once the whole body matches `digest` (and `len`), so no
+/// client ever gets a complete wrong body; a failure reaches every client as an error.
+/// The slowest client sets the pace; one that goes away is dropped, and when none is
+/// left the upstream body is dropped too.
+pub(super) async fn relay(
+    mut body: Incoming,
+    digest: &Digest,
+    len: Option<u64>,
+    timeout: Duration,
+    mut clients: Vec<RelayTx>,
+) {
+    let mut hasher = Hasher::new(digest.algorithm());
+    let mut held: Option<Bytes> = None;
+    let mut got = 0u64;
+    let failure = loop {
+        if clients.is_empty() {
+            return;
+        }
+        match next_data(&mut body, timeout).await {
+            Ok(Some(data)) => {
+                got += data.len() as u64;
+                hasher.update(&data);
+                if let Some(prev) = held.replace(data) {
+                    send_all(&mut clients, prev).await;
+                }
+            }
+            Ok(None) => {
+                let hashed = std::mem::replace(&mut hasher, Hasher::new(digest.algorithm()));
+                let got_digest = hashed.finish();
+                if len.is_some_and(|l| l != got) {
+                    break format!("blob body ended after {got} of {len:?} bytes");
+                }
+                if got_digest != *digest {
+                    break format!("upstream sent {got_digest} for {digest}");
+                }
+                if let Some(last) = held.take() {
+                    send_all(&mut clients, last).await;
+                }
+                return;
+            }
+            Err(e) => break e.to_string(),
+        }
+    };
+    for client in &clients {
+        let _ = client.send(Err(io::Error::other(failure.clone()))).await;
+    }
+}
+
+/// Sends a chunk to every client, dropping those that went away.
+pub(super) async fn send_all(clients: &mut Vec<RelayTx>, chunk: Bytes) {
+    let mut i = 0;
+    while i < clients.len() {
+        if clients[i].send(Ok(chunk.clone())).await.is_ok() {
+            i += 1;
+        } else {
+            clients.swap_remove(i);
+        }
+    }
+}
+
+/// The answer of a client that reads a relayed blob.
+pub(super) fn relay_answer(
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    len: Option<u64>,
+    result: CacheResult,
+) -> BlobAnswer {
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed();
+    BlobAnswer {
+        len,
+        range: None,
+        body: Some(body),
+        result,
+    }
+}
+
+/// Sends a GET or HEAD for a blob upstream; any status but 200 is an error.
+pub(super) async fn blob_request(
+    up: &Upstream,
+    method: Method,
+    repository: &str,
+    digest: &Digest,
+) -> Result<hyper::Response<Incoming>, ProxyError> {
+    let path = format!("blobs/{digest}");
+    let resp = up
+        .request(method, Kind::Blob, repository, &path, None, None)
+        .await?;
+    if resp.status() != StatusCode::OK {
+        return Err(status_error(resp.status(), Kind::Blob));
+    }
+    Ok(resp)
+}
+
+impl PullThrough {
+    /// A blob (body or HEAD), from the cache, a running download, or a new one.
+    pub async fn blob(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        head: bool,
+        spans: Option<&Spans>,
+    ) -> Result<BlobAnswer, ProxyError> {
+        if let Some(answer) = self.cached_blob(digest, range, head, spans).await? {
+            return Ok(answer);
+        }
+        if head {
+            return self.head_blob(up, repository, digest).await;
+        }
+        let Some((fetch, leader, relayed)) = self.join_or_start(up, repository, digest) else {
+            // Finished between our cache check and taking the lock.
+            return self
+                .cached_blob(digest, range, head, spans)
+                .await?
+                .ok_or_else(|| ProxyError::internal("blob vanished from the cache"));
+        };
+        let mut rx = fetch.state.clone();
+        let waiting = Waiting(&self.metrics.fetch_waiters);
+        let state = rx
+            .wait_for(|s| !matches!(s, FetchState::Connecting))
+            .await
+            .map_err(|_| ProxyError::internal("download task ended without a result"))?
+            .clone();
+        drop(waiting);
+        let len = match state {
+            FetchState::Failed(e) => return Err(e),
+            FetchState::Uncacheable { len } => {
+                let result = if leader {
+                    CacheResult::Miss
+                } else {
+                    CacheResult::Coalesced
+                };
+                return match relayed {
+                    Some(rx) => Ok(relay_answer(rx, len, result)),
+                    None => self.pass_through(up, repository, digest).await,
+                };
+            }
+            FetchState::Streaming { len, .. } => len,
+            FetchState::Verified { len } | FetchState::Done { len } => Some(len),
+            FetchState::Connecting => unreachable!("waited for a later state"),
+        };
+        let span = match (range, len) {
+            (Some(r), Some(len)) => Some(
+                r.resolve(len)
+                    .ok_or(ProxyError::RangeNotSatisfiable { len })?,
+            ),
+            _ => None,
+        };
+        let (start, end) = span.map_or((0, len), |(s, e)| (s, Some(e + 1)));
+        let reader = LiveReader {
+            rx,
+            temp: fetch.temp.clone(),
+            final_path: self.storage.blob_path(digest),
+            file: None,
+            pos: start,
+            end,
+            verified: None,
+            finished: false,
+            spans: spans.cloned(),
+            page_cache: PageCache::Kernel,
+        };
+        let body = futures::stream::unfold(reader, |mut r| async move {
+            if r.finished {
+                return None;
+            }
+            match r.next_chunk().await {
+                Ok(Some(b)) => Some((Ok(b), r)),
+                Ok(None) => None,
+                Err(e) => {
+                    r.finished = true;
+                    Some((Err(e), r))
+                }
+            }
+        })
+        .boxed();
+        Ok(BlobAnswer {
+            len,
+            range: span,
+            body: Some(body),
+            result: if leader {
+                CacheResult::Miss
+            } else {
+                CacheResult::Coalesced
+            },
+        })
+    }
+
+    /// Joins the running download of `digest` or starts one, with a place among the
+    /// clients it would relay to (see [`BlobFetch::relay`]). `None` when the blob turned
+    /// out to be cached already.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn join_or_start(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        digest: &Digest,
+    ) -> Option<(
+        Arc<BlobFetch>,
+        bool,
+        Option<mpsc::Receiver<io::Result<Bytes>>>,
+    )> {
+        let mut map = self.blobs.lock().expect("blob map lock");
+        if let Some(f) = map.get(digest) {
+            let relayed = f.subscribe();
+            // Uncounted once the download answers (see `blob`).
+            self.metrics.fetch_waiters.inc();
+            return Some((f.clone(), false, relayed));
+        }
+        if self.index.contains(digest) {
+            return None;
+        }
+        self.metrics.fetch_waiters.inc();
+        let (tx, rx) = watch::channel(FetchState::Connecting);
+        let fetch = Arc::new(BlobFetch {
+            temp: self.storage.temp_path(),
+            state: rx,
+            relay: Mutex::new(Some(Vec::new())),
+        });
+        let relayed = fetch.subscribe();
+        map.insert(digest.clone(), fetch.clone());
+        let (this, up2, repo, d, f) = (
+            self.clone(),
+            up.clone(),
+            repository.to_string(),
+            digest.clone(),
+            fetch.clone(),
+        );
+        tokio::spawn(async move { this.download(up2, repo, d, f, tx).await });
+        Some((fetch, true, relayed))
+    }
+
+    /// A cached blob's answer, or `None` if it is not cached. With `spans` (an HTTP/1
+    /// connection), the body hands the connection file ranges to send instead of bytes
+    /// wherever they are in the page cache (see [`file_chunks`]).
+    pub(super) async fn cached_blob(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        head: bool,
+        spans: Option<&Spans>,
+    ) -> Result<Option<BlobAnswer>, ProxyError> {
+        // Held by the body stream: the blob cannot be evicted while it is being sent.
+        let Some(guard) = self.index.acquire(digest) else {
+            return Ok(None);
+        };
+        let path = self.storage.blob_path(digest);
+        let file = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
+                self.discard(digest).await;
+                return Ok(None);
+            }
+            Ok(Err(e)) => return Err(ProxyError::internal(e)),
+            Err(e) => return Err(ProxyError::internal(e)),
+        };
+        let len = file.metadata().map_err(ProxyError::internal)?.len();
+        let span = match range {
+            Some(r) => Some(
+                r.resolve(len)
+                    .ok_or(ProxyError::RangeNotSatisfiable { len })?,
+            ),
+            None => None,
+        };
+        let body = if head {
+            None
+        } else {
+            let (start, count) = span.map_or((0, len), |(s, e)| (s, e - s + 1));
+            // Ranges sent from the page cache need no chunk buffers.
+            let large = match spans {
+                Some(_) => None,
+                None => self.large_reads.clone().try_acquire_owned().ok(),
+            };
+            Some(
+                file_chunks(
+                    ChunkReader::new(file, PageCache::Kernel),
+                    start,
+                    count,
+                    large,
+                    spans.cloned(),
+                )
+                .map(move |chunk| {
+                    let _held = &guard;
+                    chunk
+                })
+                .boxed(),
+            )
+        };
+        Ok(Some(BlobAnswer {
+            len: Some(len),
+            range: span,
+            body,
+            result: CacheResult::Hit,
+        }))
+    }
+
+    /// HEAD of a blob that is not cached: answered from a running download or upstream,
+    /// without starting a download.
+    pub(super) async fn head_blob(
+        &self,
+        up: &Arc<Upstream>,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<BlobAnswer, ProxyError> {
+        if let Some(f) = self.running(digest) {
+            let len = match &*f.state.borrow() {
+                FetchState::Streaming { len, .. } | FetchState::Uncacheable { len } => *len,
+                FetchState::Verified { len } | FetchState::Done { len } => Some(*len),
+                _ => None,
+            };
+            if len.is_some() {
+                return Ok(BlobAnswer {
+                    len,
+                    range: None,
+                    body: None,
+                    result: CacheResult::Coalesced,
+                });
+            }
+        }
+        let (up2, repo, d) = (up.clone(), repository.to_string(), digest.clone());
+        let head = async move {
+            let resp = blob_request(&up2, Method::HEAD, &repo, &d).await?;
+            Ok(content_length(resp.headers()))
+        };
+        let (len, started) = self
+            .heads
+            .run(digest.clone(), head, |e| {
+                Err(ProxyError::internal(format!("blob HEAD failed: {e}")))
+            })
+            .await;
+        Ok(BlobAnswer {
+            len: len?,
+            range: None,
+            body: None,
+            result: if started {
+                CacheResult::Miss
+            } else {
+                CacheResult::Coalesced
+            },
+        })
+    }
+
+    /// Streams a blob from the upstream for this client alone, without caching it (see
+    /// [`relay`]).
+    pub(super) async fn pass_through(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<BlobAnswer, ProxyError> {
+        let resp = blob_request(up, Method::GET, repository, digest).await?;
+        let len = content_length(resp.headers());
+        let (tx, rx) = mpsc::channel(RELAY_DEPTH);
+        let (d, timeout) = (digest.clone(), up.timeout());
+        tokio::spawn(async move { relay(resp.into_body(), &d, len, timeout, vec![tx]).await });
+        Ok(relay_answer(rx, len, CacheResult::Miss))
+    }
+
+    /// The download task of one blob: runs to the end even if its first client leaves, so
+    /// the others (and the cache) still get it.
+    pub(super) async fn download(
+        self: Arc<Self>,
+        up: Arc<Upstream>,
+        repository: String,
+        digest: Digest,
+        fetch: Arc<BlobFetch>,
+        tx: watch::Sender<FetchState>,
+    ) {
+        self.metrics.inflight_fetches.inc();
+        let started = Instant::now();
+        let temp = fetch.temp.clone();
+        let result = self
+            .download_to(&up, &repository, &digest, &fetch, &tx)
+            .await;
+        let result = match result {
+            Ok(Downloaded::Stored { len, reservation }) => {
+                let (this, t, d) = (self.clone(), temp.clone(), digest.clone());
+                tokio::task::spawn_blocking(move || {
+                    this.index.commit_blob(&t, &d, len, reservation)
+                })
+                .await
+                .expect("commit task")
+                .map(|()| Some(len))
+                .map_err(ProxyError::internal)
+            }
+            Ok(Downloaded::Uncacheable { len, body }) => {
+                let clients = fetch
+                    .relay
+                    .lock()
+                    .expect("relay lock")
+                    .take()
+                    .unwrap_or_default();
+                tx.send_replace(FetchState::Uncacheable { len });
+                relay(body, &digest, len, up.timeout(), clients).await;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Some(len)) => {
+                self.mark_disk_ok();
+                tracing::info!(upstream = up.name(), repo = %repository, %digest, bytes = len,
+                    seconds = started.elapsed().as_secs_f64(), "blob cached");
+                tx.send_replace(FetchState::Done { len });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&temp).await;
+                tracing::warn!(upstream = up.name(), repo = %repository, %digest, error = %e, "blob download failed; nothing cached");
+                tx.send_replace(FetchState::Failed(e));
+            }
+        }
+        self.blobs.lock().expect("blob map lock").remove(&digest);
+        self.metrics.inflight_fetches.dec();
+    }
+
+    /// Downloads into the fetch's temp file, or hands the body back when the blob is not
+    /// to be cached.
+    pub(super) async fn download_to(
+        self: &Arc<Self>,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+        fetch: &BlobFetch,
+        tx: &watch::Sender<FetchState>,
+    ) -> Result<Downloaded, ProxyError> {
+        let resp = blob_request(up, Method::GET, repository, digest).await?;
+        let len = content_length(resp.headers());
+        // With a size limit, a blob of unknown size cannot be accounted for: stream it.
+        let reservation = match len {
+            Some(l) => self.reserve(l).await,
+            None if self.index.limit().is_none() => self.reserve(0).await,
+            None => None,
+        };
+        let Some(mut reservation) = reservation else {
+            let body = resp.into_body();
+            return Ok(Downloaded::Uncacheable { len, body });
+        };
+        let mut file = match tokio::fs::File::create(&fetch.temp).await {
+            Ok(f) => f,
+            Err(e) if is_disk_full(&e) => {
+                self.mark_disk_full("cannot create a download file");
+                let body = resp.into_body();
+                return Ok(Downloaded::Uncacheable { len, body });
+            }
+            Err(e) => return Err(ProxyError::internal(e)),
+        };
+        // The clients that waited read the file from now on, as later ones do.
+        fetch.relay.lock().expect("relay lock").take();
+        tx.send_replace(FetchState::Streaming { len, written: 0 });
+        let mut body = resp.into_body();
+        let mut hasher = Hasher::new(digest.algorithm());
+        let mut written = 0u64;
+        let mut pending: Vec<u8> = Vec::with_capacity(CHUNK);
+        let mut ended = false;
+        while !ended {
+            // Wait for one chunk, then take whatever else is already here, so disk writes
+            // and reader wake-ups happen per ~256 KiB rather than per network packet.
+            match next_data(&mut body, up.timeout()).await? {
+                Some(data) => pending.extend_from_slice(&data),
+                None => ended = true,
+            }
+            while !ended && pending.len() < CHUNK {
+                match body.frame().now_or_never() {
+                    None => break,
+                    Some(None) => ended = true,
+                    Some(Some(Err(e))) => {
+                        return Err(ProxyError::unavailable(format!("blob body: {e}")));
+                    }
+                    Some(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            pending.extend_from_slice(&data);
+                        }
+                    }
+                }
+            }
+            if pending.is_empty() {
+                continue;
+            }
+            written += pending.len() as u64;
+            if len.is_some_and(|l| written > l) {
+                return Err(ProxyError::UpstreamInvalid(
+                    "blob body longer than its Content-Length".into(),
+                ));
+            }
+            hasher.update(&pending);
+            let wrote = match file.write_all(&pending).await {
+                Ok(()) => file.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = wrote {
+                if is_disk_full(&e) {
+                    self.mark_disk_full("a download ran out of space");
+                }
+                return Err(ProxyError::internal(e));
+            }
+            reservation.wrote(pending.len() as u64);
+            pending.clear();
+            tx.send_modify(|s| {
+                if let FetchState::Streaming { written: w, .. } = s {
+                    *w = written;
+                }
+            });
+        }
+        if let Some(l) = len
+            && written != l
+        {
+            return Err(ProxyError::unavailable(format!(
+                "blob body ended after {written} of {l} bytes"
+            )));
+        }
+        let got = hasher.finish();
+        if got != *digest {
+            return Err(ProxyError::UpstreamInvalid(
+                format!("blob content hashes to {got}, not {digest}").into(),
+            ));
+        }
+        // The clients need not wait for the disk: what they read is verified already.
+        tx.send_replace(FetchState::Verified { len: written });
+        file.sync_data().await.map_err(ProxyError::internal)?;
+        Ok(Downloaded::Stored {
+            len: written,
+            reservation,
+        })
+    }
+
+    /// The running download of `digest`, if there is one.
+    pub(super) fn running(&self, digest: &Digest) -> Option<Arc<BlobFetch>> {
+        self.blobs
+            .lock()
+            .expect("blob map lock")
+            .get(digest)
+            .cloned()
+    }
+
+    /// Waits until a running download of `digest`, if there is one, has stored the blob
+    /// (clients may have had all of it before that, see [`FetchState::Verified`]).
+    pub(super) async fn stored(&self, digest: &Digest) -> Result<(), ProxyError> {
+        let Some(fetch) = self.running(digest) else {
+            return Ok(());
+        };
+        let mut rx = fetch.state.clone();
+        let state = rx
+            .wait_for(|s| {
+                matches!(
+                    s,
+                    FetchState::Done { .. }
+                        | FetchState::Failed(_)
+                        | FetchState::Uncacheable { .. }
+                )
+            })
+            .await
+            .map_err(|_| ProxyError::internal("download task ended without a result"))?
+            .clone();
+        match state {
+            FetchState::Failed(e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! Manifests: cached by digest forever; a tag maps to a digest for `tag_ttl`, then is
+//! revalidated with a HEAD, and while the upstream is down the last digest is served for
+//! up to `stale_if_error` more. Concurrent misses for one manifest share one upstream
+//! request; what a client's `Accept` allows decides what it is served.
+
+use super::*;
+use crate::oci::media::{Accept, MANIFEST_ACCEPT, manifest_media_type};
+use crate::oci::{Digest, Reference};
+use crate::proxy::error::ProxyError;
+use crate::proxy::metrics::{CacheResult, Kind};
+use crate::proxy::storage::{TagRecord, unix_now_ms};
+use crate::proxy::upstream::Upstream;
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{self};
+use hyper::{Method, StatusCode};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Whether a tag of a given age may be served without asking, only while the upstream
+/// fails, or not at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within `tag_ttl`.
+    Fresh,
+    /// Past `tag_ttl` but within `stale_if_error` after it.
+    StaleServable,
+    /// Too old to serve.
+    Expired,
+}
+
+/// Classifies a tag by the time since the upstream last confirmed it.
+pub fn freshness(age: Duration, policy: &CachePolicy) -> Freshness {
+    if age < policy.tag_ttl {
+        Freshness::Fresh
+    } else if age < policy.tag_ttl + policy.stale_if_error {
+        Freshness::StaleServable
+    } else {
+        Freshness::Expired
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct TagState {
+    pub(super) digest: Digest,
+    pub(super) age_at: Duration,
+    pub(super) since: Instant,
+}
+
+impl TagState {
+    pub(super) fn age(&self) -> Duration {
+        self.age_at + self.since.elapsed()
+    }
+}
+
+pub(super) type ManifestResult = Result<(Manifest, CacheResult), ProxyError>;
+
+pub(super) fn tag_key(up: &Upstream, repository: &str, tag: &str) -> String {
+    format!("{}\0{repository}\0{tag}", up.name())
+}
+
+/// `m`, if the client accepts its type.
+pub(super) fn acceptable(m: Manifest, accept: &Accept) -> Result<Manifest, ProxyError> {
+    if accept.allows(&m.media_type) {
+        Ok(m)
+    } else {
+        Err(ProxyError::NotAcceptable(format!(
+            "the manifest is {}, which the Accept header does not allow",
+            m.media_type
+        )))
+    }
+}
+
+/// Reads a manifest's body whole: at most `limit` bytes, within `timeout` in all.
+pub(super) async fn read_capped(
+    body: Incoming,
+    limit: u64,
+    timeout: Duration,
+) -> Result<Bytes, ProxyError> {
+    let read = async {
+        let mut body = body;
+        let mut out = Vec::new();
+        while let Some(data) = next_data(&mut body, timeout).await? {
+            if (out.len() + data.len()) as u64 > limit {
+                return Err(ProxyError::ManifestTooLarge { limit });
+            }
+            out.extend_from_slice(&data);
+        }
+        Ok(Bytes::from(out))
+    };
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
+        ProxyError::unavailable(format!("the manifest did not arrive within {timeout:?}"))
+    })?
+}
+
+impl PullThrough {
+    /// A manifest by tag or digest, of a media type `accept` allows.
+    ///
+    /// Tags are kept for clients that accept every type (what the cache asks upstream
+    /// for, so that one object serves them all). A client that accepts fewer types is
+    /// served a cached manifest only of a type it accepts; otherwise the upstream is asked
+    /// with its own `Accept` (it may have another manifest for it, as Docker Hub does for
+    /// schema 2 clients), without touching the tag's record.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        reference: &Reference,
+        accept: &Accept,
+    ) -> Result<(Manifest, CacheResult), ProxyError> {
+        let fetch_as = |reference: String, expect: Option<Digest>, result| {
+            let (this, up, repo, accept) = (
+                self.clone(),
+                up.clone(),
+                repository.to_string(),
+                accept.clone(),
+            );
+            async move {
+                let m = this
+                    .fetch_manifest(&up, &repo, &reference, expect.as_ref(), &accept)
+                    .await?;
+                Ok((acceptable(m, &accept)?, result))
+            }
+        };
+        let key = |reference: &str| {
+            format!(
+                "{}\0{repository}\0{reference}\0{}",
+                up.name(),
+                accept.upstream_header()
+            )
+        };
+        match reference {
+            Reference::Digest(digest) => {
+                if let Some(m) = self.cached_manifest(digest).await? {
+                    // A digest's content never changes: another type is not to be had.
+                    return Ok((acceptable(m, accept)?, CacheResult::Hit));
+                }
+                let d = digest.to_string();
+                let fetch = fetch_as(d.clone(), Some(digest.clone()), CacheResult::Miss);
+                self.coalesce(key(&d), fetch).await
+            }
+            Reference::Tag(tag) => {
+                let state = self.tag_state(up, repository, tag).await;
+                if let Some(st) = &state
+                    && freshness(st.age(), &self.policy) == Freshness::Fresh
+                    && let Some(m) = self.cached_manifest(&st.digest).await?
+                    && accept.allows(&m.media_type)
+                {
+                    return Ok((m, CacheResult::Hit));
+                }
+                if *accept != Accept::Any {
+                    return self
+                        .coalesce(key(tag), fetch_as(tag.clone(), None, CacheResult::Miss))
+                        .await;
+                }
+                let (this, up2, repo, tag) = (
+                    self.clone(),
+                    up.clone(),
+                    repository.to_string(),
+                    tag.clone(),
+                );
+                self.coalesce(key(&tag), async move {
+                    this.resolve_tag(&up2, &repo, &tag, state).await
+                })
+                .await
+            }
+        }
+    }
+
+    /// Runs `fetch` unless an identical one is running; then waits for that one instead
+    /// (see [`SingleFlight`]: the fetch finishes even if every client leaves).
+    pub(super) async fn coalesce(
+        &self,
+        key: String,
+        fetch: impl Future<Output = Result<(Manifest, CacheResult), ProxyError>> + Send + 'static,
+    ) -> Result<(Manifest, CacheResult), ProxyError> {
+        let (result, started) = self
+            .manifests
+            .run(key, fetch, |e| {
+                Err(ProxyError::internal(format!("manifest fetch failed: {e}")))
+            })
+            .await;
+        match result {
+            Ok((m, CacheResult::Miss)) if !started => Ok((m, CacheResult::Coalesced)),
+            other => other,
+        }
+    }
+
+    pub(super) async fn tag_state(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        tag: &str,
+    ) -> Option<TagState> {
+        let key = tag_key(up, repository, tag);
+        if let Some(st) = self.tags.lock().expect("tag map lock").get(&key) {
+            return Some(st.clone());
+        }
+        let rec = self.storage.get_tag(up.name(), repository, tag).await?;
+        let digest: Digest = rec.digest.parse().ok()?;
+        let st = TagState {
+            digest,
+            age_at: Duration::from_millis(unix_now_ms().saturating_sub(rec.checked_at_ms)),
+            since: Instant::now(),
+        };
+        self.tags
+            .lock()
+            .expect("tag map lock")
+            .insert(key, st.clone());
+        Some(st)
+    }
+
+    pub(super) async fn confirm_tag(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        tag: &str,
+        digest: &Digest,
+    ) {
+        let st = TagState {
+            digest: digest.clone(),
+            age_at: Duration::ZERO,
+            since: Instant::now(),
+        };
+        self.tags
+            .lock()
+            .expect("tag map lock")
+            .insert(tag_key(up, repository, tag), st);
+        let rec = TagRecord {
+            upstream: up.name().to_string(),
+            repository: repository.to_string(),
+            tag: tag.to_string(),
+            digest: digest.to_string(),
+            checked_at_ms: unix_now_ms(),
+        };
+        if let Err(e) = self.storage.put_tag(&rec).await {
+            tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, "could not persist tag");
+        }
+    }
+
+    pub(super) async fn forget_tag(&self, up: &Upstream, repository: &str, tag: &str) {
+        self.tags
+            .lock()
+            .expect("tag map lock")
+            .remove(&tag_key(up, repository, tag));
+        let _ = self.storage.delete_tag(up.name(), repository, tag).await;
+    }
+
+    /// Tag not fresh (or unknown): revalidate with HEAD, fetch on change, fall back to the
+    /// last known digest while the upstream is down.
+    pub(super) async fn resolve_tag(
+        self: &Arc<Self>,
+        up: &Upstream,
+        repository: &str,
+        tag: &str,
+        state: Option<TagState>,
+    ) -> Result<(Manifest, CacheResult), ProxyError> {
+        let known = match &state {
+            Some(st) => self.cached_manifest(&st.digest).await?.map(|m| (m, st)),
+            None => None,
+        };
+        let stale_ok = |st: &TagState, e: &ProxyError| {
+            e.upstream_is_down() && freshness(st.age(), &self.policy) != Freshness::Expired
+        };
+        if let Some((m, st)) = &known {
+            let head = up
+                .request(
+                    Method::HEAD,
+                    Kind::Manifest,
+                    repository,
+                    &format!("manifests/{tag}"),
+                    None,
+                    Some(MANIFEST_ACCEPT),
+                )
+                .await;
+            let outcome = match head {
+                Ok(resp) if resp.status() == StatusCode::OK => {
+                    if docker_digest(resp.headers()).as_ref() == Some(&m.digest) {
+                        self.confirm_tag(up, repository, tag, &m.digest).await;
+                        return Ok((m.clone(), CacheResult::Hit));
+                    }
+                    Ok(())
+                }
+                Ok(resp) => Err(status_error(resp.status(), Kind::Manifest)),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(ProxyError::ManifestUnknown) => {
+                    self.forget_tag(up, repository, tag).await;
+                    return Err(ProxyError::ManifestUnknown);
+                }
+                Err(e) if stale_ok(st, &e) => {
+                    tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, cache = "stale", "serving last known digest");
+                    return Ok((m.clone(), CacheResult::Stale));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match self
+            .fetch_manifest(up, repository, tag, None, &Accept::Any)
+            .await
+        {
+            Ok(m) => {
+                self.confirm_tag(up, repository, tag, &m.digest).await;
+                Ok((m, CacheResult::Miss))
+            }
+            Err(ProxyError::ManifestUnknown) => {
+                self.forget_tag(up, repository, tag).await;
+                Err(ProxyError::ManifestUnknown)
+            }
+            Err(e) => match &known {
+                Some((m, st)) if stale_ok(st, &e) => Ok((m.clone(), CacheResult::Stale)),
+                _ => Err(e),
+            },
+        }
+    }
+
+    pub(super) async fn cached_manifest(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<Manifest>, ProxyError> {
+        let Some(_guard) = self.index.acquire_manifest(digest) else {
+            return Ok(None);
+        };
+        let found = self
+            .storage
+            .get_manifest(digest)
+            .await
+            .map_err(ProxyError::internal)?;
+        if found.is_none() {
+            self.discard(digest).await;
+        }
+        Ok(found.map(|(body, media_type)| Manifest {
+            digest: digest.clone(),
+            media_type,
+            body,
+        }))
+    }
+
+    /// Caches a verified manifest when there is room; it is served either way.
+    pub(super) async fn store_manifest(
+        self: &Arc<Self>,
+        digest: &Digest,
+        body: &Bytes,
+        media_type: &str,
+    ) {
+        if self.index.contains(digest) {
+            return;
+        }
+        let Some(reservation) = self.reserve(body.len() as u64).await else {
+            return;
+        };
+        let (this, d, b, mt) = (
+            self.clone(),
+            digest.clone(),
+            body.clone(),
+            media_type.to_string(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            this.index.commit_manifest(&d, &b, &mt, reservation)
+        })
+        .await
+        .expect("commit task");
+        match result {
+            Ok(()) => self.mark_disk_ok(),
+            Err(e) if is_disk_full(&e) => self.mark_disk_full("manifest write failed"),
+            Err(e) => tracing::warn!(%digest, error = %e, "could not cache a manifest"),
+        }
+    }
+
+    /// GETs a manifest, checks that it is one, its size and its digest, and stores it.
+    pub(super) async fn fetch_manifest(
+        self: &Arc<Self>,
+        up: &Upstream,
+        repository: &str,
+        reference: &str,
+        expect: Option<&Digest>,
+        accept: &Accept,
+    ) -> Result<Manifest, ProxyError> {
+        let resp = up
+            .request(
+                Method::GET,
+                Kind::Manifest,
+                repository,
+                &format!("manifests/{reference}"),
+                None,
+                Some(&accept.upstream_header()),
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(resp.status(), Kind::Manifest));
+        }
+        let limit = self.policy.max_manifest_bytes;
+        let headers = resp.headers().clone();
+        if content_length(&headers).is_some_and(|l| l > limit) {
+            return Err(ProxyError::ManifestTooLarge { limit });
+        }
+        let body = read_capped(resp.into_body(), limit, up.timeout()).await?;
+        let claimed = docker_digest(&headers);
+        let algorithm = expect
+            .or(claimed.as_ref())
+            .map_or(crate::oci::Algorithm::Sha256, Digest::algorithm);
+        let digest = Digest::of(algorithm, &body);
+        if let Some(want) = expect.or(claimed.as_ref())
+            && *want != digest
+        {
+            return Err(ProxyError::UpstreamInvalid(
+                format!("manifest {reference} hashes to {digest}, expected {want}").into(),
+            ));
+        }
+        let media_type = manifest_media_type(header_str(&headers, header::CONTENT_TYPE), &body)
+            .map_err(|e| ProxyError::UpstreamNotAManifest(e.to_string().into()))?;
+        self.store_manifest(&digest, &body, &media_type).await;
+        Ok(Manifest {
+            digest,
+            media_type,
+            body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            tag_ttl: Duration::from_secs(300),
+            stale_if_error: Duration::from_secs(3600),
+            tags_list_ttl: Duration::from_secs(30),
+            max_manifest_bytes: 1 << 20,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tag_freshness_follows_the_clock() {
+        let p = policy();
+        let st = TagState {
+            digest: Digest::of(crate::oci::Algorithm::Sha256, b"x"),
+            age_at: Duration::from_secs(100),
+            since: Instant::now(),
+        };
+        assert_eq!(freshness(st.age(), &p), Freshness::Fresh);
+        tokio::time::advance(Duration::from_secs(200)).await;
+        assert_eq!(freshness(st.age(), &p), Freshness::StaleServable);
+        tokio::time::advance(Duration::from_secs(3599)).await;
+        assert_eq!(freshness(st.age(), &p), Freshness::StaleServable);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(freshness(st.age(), &p), Freshness::Expired);
+    }
+}

@@ -1,0 +1,373 @@
+//! The pull-through cache: answers manifest, blob, tags and referrers requests from the
+//! cache or the upstream, and fills the cache on the way.
+//!
+//! Blobs: one download per missing digest, shared by every request for it. The download
+//! runs on its own task, writes to a temp file and hashes as it goes; every client (the
+//! first included) reads that file as it grows, so a slow client never slows the download
+//! and memory stays bounded whatever the blob size. The last byte is withheld until the
+//! digest is verified: a client can never receive a complete body that does not match.
+//! The file is renamed into the cache only when the digest matches.
+//!
+//! Manifests: cached by digest forever. A tag maps to a digest for `tag_ttl`, then is
+//! revalidated with a HEAD; when the upstream is down the last digest is served for up to
+//! `stale_if_error` more. Concurrent misses for one manifest share one upstream request.
+//!
+//! The rooms: [`manifests`] (tags, freshness, coalesced fetches), [`blobs`] (downloads,
+//! relays, HEADs), [`live_reader`] (a client reading a download in progress), [`file_body`] (reading cache files,
+//! page cache and `sendfile`), [`prefetch`] (prefetch, eviction at start, dropping
+//! images), [`lists`] (tags/list, referrers), [`range`] (`Range` requests) and
+//! [`single_flight`] (one fetch per key). This module holds the cache itself and what
+//! they share: the policy, disk space and reservations, pins.
+
+mod blobs;
+mod file_body;
+mod lists;
+mod live_reader;
+mod manifests;
+mod prefetch;
+mod range;
+pub mod single_flight;
+
+use blobs::*;
+use file_body::*;
+pub use lists::TagsPage;
+use lists::*;
+use live_reader::*;
+use manifests::*;
+pub use manifests::{Freshness, freshness};
+pub use range::ByteRange;
+
+use crate::oci::{Digest, Reference};
+use crate::proxy::error::ProxyError;
+use crate::proxy::index::{Index, NoRoom, Reservation};
+use crate::proxy::metrics::{CacheResult, Kind, Metrics};
+use crate::proxy::storage::Storage;
+use crate::proxy::upstream::Upstream;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use http_body_util::BodyExt;
+use hyper::StatusCode;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap};
+use single_flight::{SingleFlight, Waiting};
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+/// Limits and timings of the cache.
+#[derive(Clone, Debug)]
+pub struct CachePolicy {
+    /// How long a tag is trusted without asking upstream.
+    pub tag_ttl: Duration,
+    /// How long past `tag_ttl` a tag may be served while the upstream fails.
+    pub stale_if_error: Duration,
+    /// How long a tags/list answer is reused.
+    pub tags_list_ttl: Duration,
+    /// Largest manifest accepted.
+    pub max_manifest_bytes: u64,
+}
+
+/// A manifest as served.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    /// Its digest (verified).
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its bytes.
+    pub body: Bytes,
+}
+
+/// What a blob request is answered with.
+pub struct BlobAnswer {
+    /// Full size of the blob, when known (it is unless a miss is streamed chunked).
+    pub len: Option<u64>,
+    /// Byte range served, inclusive, when the request had a satisfiable `Range`.
+    pub range: Option<(u64, u64)>,
+    /// Body (absent for HEAD).
+    pub body: Option<BoxStream<'static, io::Result<Bytes>>>,
+    /// How it was answered.
+    pub result: CacheResult,
+}
+
+/// How long the cache stays in stream-through mode after the disk filled up before it
+/// tries writing again.
+pub const DISK_FULL_RETRY: Duration = Duration::from_secs(2);
+
+/// Free space kept beyond a download's size before it is written to disk.
+const DISK_MARGIN: u64 = 16 << 20;
+
+/// The cache and its in-flight fetches.
+pub struct PullThrough {
+    storage: Arc<Storage>,
+    index: Arc<Index>,
+    metrics: Metrics,
+    policy: CachePolicy,
+    pins: Vec<(Arc<Upstream>, String, Reference)>,
+    disk_full_until: Mutex<Option<Instant>>,
+    blobs: Mutex<HashMap<Digest, Arc<BlobFetch>>>,
+    manifests: SingleFlight<String, ManifestResult>,
+    /// HEADs of blobs that are not cached, one upstream HEAD per digest at a time.
+    heads: SingleFlight<Digest, Result<Option<u64>, ProxyError>>,
+    tags: Mutex<HashMap<String, TagState>>,
+    tag_lists: TagLists,
+    /// Slots for serving cached blobs in [`LARGE_CHUNK`] reads.
+    large_reads: Arc<Semaphore>,
+}
+
+/// Maps an upstream status that is not success to the error the client gets.
+pub fn status_error(status: StatusCode, kind: Kind) -> ProxyError {
+    match status.as_u16() {
+        404 => match kind {
+            Kind::Manifest => ProxyError::ManifestUnknown,
+            Kind::Blob => ProxyError::BlobUnknown,
+            _ => ProxyError::NameUnknown,
+        },
+        401 | 403 => ProxyError::UpstreamDenied(status.as_u16()),
+        429 => ProxyError::UpstreamRateLimited,
+        500..=599 => ProxyError::unavailable(format!("upstream answered HTTP {status}")),
+        _ => ProxyError::UpstreamProtocol(
+            format!("HTTP {status}, which a registry does not answer here").into(),
+        ),
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
+}
+
+fn docker_digest(headers: &HeaderMap) -> Option<Digest> {
+    header_str(headers, "docker-content-digest").and_then(|v| v.parse().ok())
+}
+
+/// Whether an I/O error means the disk is full.
+fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
+}
+
+async fn next_data(body: &mut Incoming, timeout: Duration) -> Result<Option<Bytes>, ProxyError> {
+    loop {
+        let frame = tokio::time::timeout(timeout, body.frame())
+            .await
+            .map_err(|_| {
+                ProxyError::unavailable(format!("no data from upstream for {timeout:?}"))
+            })?;
+        match frame {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(ProxyError::unavailable(format!("blob body: {e}"))),
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
+
+impl PullThrough {
+    /// A cache over `storage`, indexed by `index`, never evicting what `pins` (upstream,
+    /// repository, reference) resolve to.
+    pub fn new(
+        storage: Arc<Storage>,
+        index: Arc<Index>,
+        metrics: Metrics,
+        policy: CachePolicy,
+        pins: Vec<(Arc<Upstream>, String, Reference)>,
+    ) -> PullThrough {
+        PullThrough {
+            storage,
+            index,
+            manifests: SingleFlight::new(metrics.fetch_waiters.clone()),
+            heads: SingleFlight::new(metrics.fetch_waiters.clone()),
+            metrics,
+            policy,
+            pins,
+            disk_full_until: Mutex::new(None),
+            blobs: Mutex::new(HashMap::new()),
+            tags: Mutex::new(HashMap::new()),
+            tag_lists: TagLists::default(),
+            large_reads: Arc::new(Semaphore::new(LARGE_READERS)),
+        }
+    }
+
+    /// The storage underneath.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The index.
+    pub fn index(&self) -> &Arc<Index> {
+        &self.index
+    }
+
+    /// Whether the cache is in stream-through mode because its disk filled up.
+    pub fn disk_full(&self) -> bool {
+        self.disk_full_until
+            .lock()
+            .expect("disk state lock")
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn mark_disk_full(&self, why: &str) {
+        let mut until = self.disk_full_until.lock().expect("disk state lock");
+        if until.is_none() {
+            tracing::warn!(
+                reason = why,
+                "cache disk is full: streaming blobs through without caching"
+            );
+        }
+        *until = Some(Instant::now() + DISK_FULL_RETRY);
+        self.metrics.cache_disk_full.set(1);
+    }
+
+    fn mark_disk_ok(&self) {
+        let mut until = self.disk_full_until.lock().expect("disk state lock");
+        if until.take().is_some() {
+            tracing::info!("cache disk has room again: caching resumed");
+            self.metrics.cache_disk_full.set(0);
+        }
+    }
+
+    /// Drops a cached object found unusable (see [`Index::discard`]).
+    async fn discard(&self, digest: &Digest) {
+        let (index, d) = (self.index.clone(), digest.clone());
+        let _ = tokio::task::spawn_blocking(move || index.discard(&d)).await;
+    }
+
+    /// Digests that must never be evicted: the closure of the pinned images.
+    pub fn pinned(&self) -> std::collections::HashSet<Digest> {
+        let roots: Vec<Digest> = self
+            .pins
+            .iter()
+            .filter_map(|(up, repo, reference)| match reference {
+                Reference::Digest(d) => Some(d.clone()),
+                Reference::Tag(t) => self
+                    .tags
+                    .lock()
+                    .expect("tag map lock")
+                    .get(&tag_key(up, repo, t))
+                    .map(|st| st.digest.clone()),
+            })
+            .collect();
+        self.index.closure(roots)
+    }
+
+    /// Sets space aside for an object, evicting as needed. `None` when it must not be
+    /// cached: no room under the limit, not enough free space beside the downloads in
+    /// progress (this object alone is streamed through), or the disk is full.
+    async fn reserve(self: &Arc<Self>, size: u64) -> Option<Reservation> {
+        if self.disk_full() {
+            return None;
+        }
+        // Whatever the size limit says, the file system has the last word.
+        let free = self.storage.available_space().ok();
+        if free.is_some_and(|free| free < DISK_MARGIN) {
+            self.mark_disk_full("less than the margin free on the cache volume");
+            return None;
+        }
+        let this = self.clone();
+        let reservation = tokio::task::spawn_blocking(move || {
+            let pinned = this.pinned();
+            let room = free.map(|free| free - DISK_MARGIN);
+            this.index.reserve(size, &pinned, room)
+        })
+        .await
+        .expect("reserve task");
+        match reservation {
+            Ok(r) => {
+                self.mark_disk_ok();
+                Some(r)
+            }
+            Err(NoRoom::Limit) => {
+                tracing::warn!(
+                    bytes = size,
+                    "no room in the cache (pinned or in use): not caching this object"
+                );
+                None
+            }
+            Err(NoRoom::Disk) => {
+                tracing::info!(
+                    bytes = size,
+                    free,
+                    "not enough free space for this object beside the downloads in progress: \
+                     streaming it through"
+                );
+                None
+            }
+        }
+    }
+
+    /// Clears the disk-full state once its back-off is over and the volume has room
+    /// again, also when no request comes to notice (the gauge must not stay at 1).
+    pub fn recheck_disk(&self) {
+        let due = self
+            .disk_full_until
+            .lock()
+            .expect("disk state lock")
+            .is_some_and(|until| Instant::now() >= until);
+        if due
+            && self
+                .storage
+                .available_space()
+                .is_ok_and(|free| free >= DISK_MARGIN)
+        {
+            self.mark_disk_ok();
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// Fails with the lengths, digests and first difference of two byte strings, never
+    /// the bytes themselves (a blob-sized message helps nobody).
+    #[track_caller]
+    pub(crate) fn assert_same(got: &[u8], want: &[u8], what: &str) {
+        if got != want {
+            let sha = |b: &[u8]| Digest::of(crate::oci::Algorithm::Sha256, b);
+            let at = got.iter().zip(want).position(|(a, b)| a != b);
+            panic!(
+                "{what}: got {} bytes ({}), want {} ({}), first difference at {at:?}",
+                got.len(),
+                sha(got),
+                want.len(),
+                sha(want)
+            );
+        }
+    }
+
+    /// A file of `len` known bytes in a temp dir.
+    pub(crate) fn blob_file(len: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        (dir, path, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_statuses_map_to_client_errors() {
+        use crate::oci::ErrorCode;
+        let code = |s: u16, k| status_error(StatusCode::from_u16(s).unwrap(), k).code_and_status();
+        assert_eq!(code(404, Kind::Manifest).0, ErrorCode::ManifestUnknown);
+        assert_eq!(code(404, Kind::Blob).0, ErrorCode::BlobUnknown);
+        assert_eq!(code(401, Kind::Blob).0, ErrorCode::Denied);
+        assert_eq!(code(429, Kind::Blob).1, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(code(503, Kind::Blob).1, StatusCode::BAD_GATEWAY);
+        assert!(status_error(StatusCode::SERVICE_UNAVAILABLE, Kind::Manifest).upstream_is_down());
+        assert!(!status_error(StatusCode::NOT_FOUND, Kind::Manifest).upstream_is_down());
+    }
+}

@@ -1,0 +1,168 @@
+//! Prefetching images at start, evicting down to a lowered limit, and dropping an image
+//! on purpose.
+
+use super::*;
+use crate::oci::media::Accept;
+use crate::oci::{Digest, Reference};
+use crate::proxy::error::ProxyError;
+use crate::proxy::metrics::CacheResult;
+use crate::proxy::upstream::Upstream;
+use futures::stream::StreamExt;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// Whether a platform descriptor is among `wanted` (`os/arch` or `os/arch/variant`);
+/// everything is wanted when the list is empty.
+pub(super) fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[String]) -> bool {
+    if wanted.is_empty() {
+        return true;
+    }
+    let Some(p) = platform else {
+        return false;
+    };
+    let field = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let short = format!("{}/{}", field("os"), field("architecture"));
+    let long = format!("{short}/{}", field("variant"));
+    wanted.iter().any(|w| *w == short || *w == long)
+}
+
+impl PullThrough {
+    /// Pulls images into the cache ahead of need, one after the other, logging progress
+    /// and counting it in `pullthrough_prefetch_images{state}` and
+    /// `pullthrough_prefetch_bytes_total`. `platforms` limits multi-platform images.
+    pub async fn prefetch(
+        self: &Arc<Self>,
+        images: &[(Arc<Upstream>, String, Reference, String)],
+        platforms: &[String],
+    ) {
+        let gauge = |state: &str| self.metrics.prefetch_images.with_label_values(&[state]);
+        gauge("pending").set(images.len() as i64);
+        for (up, repo, reference, name) in images {
+            let started = Instant::now();
+            tracing::info!(image = %name, "prefetching");
+            match self.prefetch_one(up, repo, reference, platforms).await {
+                Ok((manifests, blobs, bytes)) => {
+                    gauge("done").inc();
+                    tracing::info!(image = %name, manifests, blobs, bytes,
+                        seconds = started.elapsed().as_secs_f64(), "prefetched");
+                }
+                Err(e) => {
+                    gauge("failed").inc();
+                    tracing::warn!(image = %name, error = %e, "prefetch failed");
+                }
+            }
+            gauge("pending").dec();
+        }
+    }
+
+    /// Returns (manifests, blobs, bytes downloaded).
+    pub(super) async fn prefetch_one(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        reference: &Reference,
+        platforms: &[String],
+    ) -> Result<(usize, usize, u64), ProxyError> {
+        let (top, _) = self
+            .manifest(up, repository, reference, &Accept::Any)
+            .await?;
+        let mut images = Vec::new();
+        let doc: serde_json::Value = serde_json::from_slice(&top.body).map_err(|e| {
+            ProxyError::UpstreamNotAManifest(format!("manifest is not JSON: {e}").into())
+        })?;
+        let mut manifests = 1;
+        match doc.get("manifests").and_then(|m| m.as_array()) {
+            Some(children) => {
+                for child in children {
+                    if !platform_wanted(child.get("platform"), platforms) {
+                        continue;
+                    }
+                    let Some(d) = child
+                        .get("digest")
+                        .and_then(|d| d.as_str())
+                        .and_then(|d| d.parse().ok())
+                    else {
+                        continue;
+                    };
+                    let digest = Reference::Digest(d);
+                    let (m, _) = self.manifest(up, repository, &digest, &Accept::Any).await?;
+                    manifests += 1;
+                    images.push(m);
+                }
+            }
+            None => images.push(top),
+        }
+        let mut blobs = 0;
+        let mut bytes = 0u64;
+        for image in images {
+            for d in crate::proxy::index::manifest_refs(&image.body) {
+                let answer = self.blob(up, repository, &d, None, false, None).await?;
+                let fetched = answer.result != CacheResult::Hit;
+                if let Some(mut body) = answer.body {
+                    while let Some(chunk) = body.next().await {
+                        let chunk = chunk.map_err(ProxyError::unavailable)?;
+                        if fetched {
+                            bytes += chunk.len() as u64;
+                            self.metrics.prefetch_bytes.inc_by(chunk.len() as u64);
+                        }
+                    }
+                }
+                self.stored(&d).await?;
+                blobs += 1;
+            }
+        }
+        Ok((manifests, blobs, bytes))
+    }
+
+    /// Evicts down to the size limit (after a restart with a lower limit), keeping pins.
+    pub async fn enforce_limit(self: &Arc<Self>) {
+        if self.index.limit().is_some() {
+            drop(self.reserve(0).await);
+        }
+    }
+
+    /// Drops an image (tag or digest) from the cache on purpose: the tag record, the
+    /// manifests, and the blobs no other cached manifest or pin needs.
+    pub async fn drop_image(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        reference: &Reference,
+    ) -> crate::proxy::index::Removal {
+        let root = match reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(t) => {
+                let st = self.tag_state(up, repository, t).await;
+                self.forget_tag(up, repository, t).await;
+                st.map(|s| s.digest)
+            }
+        };
+        let Some(root) = root else {
+            return crate::proxy::index::Removal::default();
+        };
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let dropped = this.index.closure([root.clone()]);
+            let keep: std::collections::HashSet<Digest> =
+                this.pinned().difference(&dropped).cloned().collect();
+            this.index.drop_images(&[root], &keep)
+        })
+        .await
+        .expect("drop task")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_filter() {
+        let p = serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
+        assert!(platform_wanted(Some(&p), &[]));
+        assert!(platform_wanted(Some(&p), &["linux/arm64".into()]));
+        assert!(platform_wanted(Some(&p), &["linux/arm64/v8".into()]));
+        assert!(!platform_wanted(Some(&p), &["linux/amd64".into()]));
+        assert!(!platform_wanted(None, &["linux/amd64".into()]));
+    }
+}
