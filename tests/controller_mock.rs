@@ -291,7 +291,16 @@ async fn create_applies_every_child_and_reports_status() {
             .is_string()
     );
 
-    let status = f.find("PATCH", "/registrymirrors/public/status").body;
+    let applied = f.find("PATCH", "/registrymirrors/public/status");
+    assert!(
+        applied
+            .query
+            .contains("fieldManager=pullthrough-controller")
+            && applied.query.contains("force=true"),
+        "status by server-side apply: {applied:?}"
+    );
+    assert_eq!(applied.body["kind"], "RegistryMirror");
+    let status = applied.body;
     assert_eq!(status["status"]["endpoint"], "http://10.96.0.10:5000");
     assert_eq!(status["status"]["readyReplicas"], 2);
     assert_eq!(status["status"]["observedGeneration"], 1);

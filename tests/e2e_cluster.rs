@@ -600,10 +600,10 @@ async fn a_registry_goes_to_the_oldest_mirror_that_can_serve_it_and_moves_at_onc
     // controller's periodic look (60 s after its last); public still lost it, now to
     // second.
     env.gone("hub").await;
-    env.status_where("second", 30, "a served", |m| {
+    env.status_where("second", 30, "a served, nothing lost", |m| {
         m.status
             .as_ref()
-            .is_some_and(|s| s.served_registries == [a.clone()])
+            .is_some_and(|s| s.served_registries == [a.clone()] && s.lost_registries.is_empty())
     })
     .await;
     env.status_where("public", 30, "a lost to second", |m| {

@@ -1,0 +1,422 @@
+//! One reconcile of a RegistryMirror: its children applied (or removed when it serves
+//! nothing), its status written, Events recorded, and on deletion the wait for the node
+//! agents before the finalizer goes.
+
+use super::status::{Observed, Problem};
+use super::*;
+use crate::api::dockerconfig::credentials_for;
+use crate::api::mirror::{FINALIZER, RegistryMirror, RegistryMirrorStatus, mirror_key};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Reconciles one mirror, counting it in metrics.
+pub async fn reconcile(mirror: Arc<RegistryMirror>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.leading() {
+        // Everything is reconciled again when the lease comes back (see `run`).
+        return Ok(Action::await_change());
+    }
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&mirror, &ctx).await;
+    let label = match &result {
+        Ok(_) => "success",
+        Err(e) => e.metric_label(),
+    };
+    ctx.metrics.observe(label, started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .expect("lock")
+            .remove(&ObjectRef::from_obj(&*mirror));
+    }
+    result
+}
+
+/// Requeue with exponential backoff per object: 5s, 10s, 20s ... up to 5 minutes.
+pub fn error_policy(mirror: Arc<RegistryMirror>, error: &Error, ctx: Arc<Context>) -> Action {
+    let mut failures = ctx.failures.lock().expect("lock");
+    let n = failures.entry(ObjectRef::from_obj(&*mirror)).or_insert(0);
+    *n = n.saturating_add(1);
+    let delay = Duration::from_secs(5u64.saturating_mul(1 << (*n - 1).min(6)))
+        .min(Duration::from_secs(300));
+    tracing::warn!(mirror = %mirror.name_any(), namespace = ?mirror.namespace(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+pub(super) async fn reconcile_inner(
+    mirror: &Arc<RegistryMirror>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let ns = mirror.namespace().ok_or(Error::NoNamespace)?;
+    let mirrors: Api<RegistryMirror> = Api::namespaced(ctx.client.clone(), &ns);
+    if mirror.meta().deletion_timestamp.is_some() {
+        return cleanup(mirror, ctx, &mirrors).await;
+    }
+    if !mirror.finalizers().iter().any(|f| f == FINALIZER) {
+        let mut finalizers = mirror.finalizers().to_vec();
+        finalizers.push(FINALIZER.to_string());
+        set_finalizers(&mirrors, mirror, finalizers, "adding the finalizer").await?;
+        // The patch is itself a change that brings the mirror back here.
+        return Ok(Action::await_change());
+    }
+    apply(mirror, ctx, &ns, &mirrors).await
+}
+
+pub(super) async fn apply_child<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(kube_err(format!("applying {} {name}", K::kind(&()))))
+}
+
+pub(super) async fn delete_child<K>(client: &Client, ns: &str, name: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(kube_err(format!("deleting {} {name}", K::kind(&())))(e)),
+    }
+}
+
+/// Removes what runs a mirror (workload, Service, PDB, configuration): a mirror that
+/// serves no registry must not hold pods or volumes.
+pub(super) async fn delete_children(client: &Client, ns: &str, child: &str) -> Result<(), Error> {
+    delete_child::<Deployment>(client, ns, child).await?;
+    delete_child::<StatefulSet>(client, ns, child).await?;
+    delete_child::<PodDisruptionBudget>(client, ns, child).await?;
+    delete_child::<Service>(client, ns, child).await?;
+    delete_child::<ConfigMap>(client, ns, child).await
+}
+
+/// Reads the credentials Secrets: their data for the config hash, or the problem.
+pub(super) async fn read_secrets(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Result<Vec<Vec<u8>>, Problem>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut out = Vec::new();
+    for u in &mirror.spec.upstreams {
+        let Some(reference) = &u.credentials_secret_ref else {
+            continue;
+        };
+        let secret = secrets
+            .get_opt(&reference.name)
+            .await
+            .map_err(kube_err(format!("reading Secret {}", reference.name)))?;
+        let Some(secret) = secret else {
+            return Ok(Err(Problem {
+                reason: "SecretNotFound",
+                message: format!(
+                    "Secret {ns}/{} (credentials of {}) does not exist",
+                    reference.name, u.registry
+                ),
+            }));
+        };
+        let data = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(".dockerconfigjson"))
+            .map(|b| b.0.clone());
+        let invalid = |why: String| Problem {
+            reason: "SecretInvalid",
+            message: format!(
+                "Secret {ns}/{} (credentials of {}): {why}",
+                reference.name, u.registry
+            ),
+        };
+        let Some(data) = data else {
+            return Ok(Err(invalid(
+                "must be of type kubernetes.io/dockerconfigjson with a .dockerconfigjson key"
+                    .into(),
+            )));
+        };
+        match credentials_for(&data, &u.registry) {
+            Ok(Some(_)) => out.push(data),
+            Ok(None) => return Ok(Err(invalid(format!("has no entry for {}", u.registry)))),
+            Err(e) => return Ok(Err(invalid(e.to_string()))),
+        }
+    }
+    Ok(Ok(out))
+}
+
+pub(super) async fn service_monitors_available(client: &Client) -> Result<bool, Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    match crds.get_opt(SERVICE_MONITOR_CRD).await {
+        Ok(found) => Ok(found.is_some()),
+        // Without permission to read CRDs we cannot tell: behave as if absent.
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(false),
+        Err(e) => Err(kube_err("looking for the ServiceMonitor CRD")(e)),
+    }
+}
+
+pub(super) async fn apply(
+    mirror: &Arc<RegistryMirror>,
+    ctx: &Context,
+    ns: &str,
+    mirrors: &Api<RegistryMirror>,
+) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let name = mirror.name_any();
+    let child = builders::child_name(mirror);
+    let mut observed = Observed {
+        generation: mirror.meta().generation,
+        replicas: mirror.spec.replicas,
+        ..Observed::default()
+    };
+    let config = mirror.spec.proxy_config();
+    let secrets = match &config {
+        Ok(_) => read_secrets(mirror, ctx, ns).await?,
+        Err(_) => Ok(Vec::new()),
+    };
+    // A mirror that cannot run claims nothing; one that can serves the registries no
+    // older working mirror serves.
+    let can = config.is_ok() && secrets.is_ok();
+    if can {
+        (observed.served, observed.conflicts) =
+            status::claims(mirror, &ctx.store.state(), |m| ctx.can_claim(m));
+    }
+    ctx.claimed(mirror, can, false);
+    match (config, secrets) {
+        (Err(message), _) => {
+            observed.problem = Some(Problem {
+                reason: "InvalidSpec",
+                message,
+            });
+        }
+        (Ok(_), Err(problem)) => observed.problem = Some(problem),
+        // Every registry is served by an older mirror: nothing to run.
+        (Ok(_), Ok(_)) if observed.served.is_empty() => delete_children(client, ns, &child).await?,
+        (Ok(config), Ok(secret_data)) => {
+            let yaml = config.to_yaml();
+            let hash = builders::config_hash(&yaml, &secret_data);
+            apply_child(client, ns, &builders::config_map(mirror, &yaml)).await?;
+            if builders::uses_pvc(mirror) {
+                let sts = apply_child(
+                    client,
+                    ns,
+                    &builders::stateful_set(mirror, &ctx.settings, &hash),
+                )
+                .await?;
+                delete_child::<Deployment>(client, ns, &child).await?;
+                let st = sts.status.unwrap_or_default();
+                observed.ready_replicas = st.ready_replicas.unwrap_or(0);
+                observed.updated_replicas = st.updated_replicas.unwrap_or(0);
+            } else {
+                let dep = apply_child(
+                    client,
+                    ns,
+                    &builders::deployment(mirror, &ctx.settings, &hash),
+                )
+                .await?;
+                delete_child::<StatefulSet>(client, ns, &child).await?;
+                let st = dep.status.unwrap_or_default();
+                observed.ready_replicas = st.ready_replicas.unwrap_or(0);
+                observed.updated_replicas = st.updated_replicas.unwrap_or(0);
+            }
+            let svc = apply_child(client, ns, &builders::service(mirror)).await?;
+            observed.endpoint = builders::endpoint(&svc);
+            if mirror.spec.replicas > 1 {
+                apply_child(client, ns, &builders::pdb(mirror)).await?;
+            } else {
+                delete_child::<PodDisruptionBudget>(client, ns, &child).await?;
+            }
+            if service_monitors_available(client).await? {
+                let gvk = GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor");
+                let ar = ApiResource::from_gvk(&gvk);
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+                api.patch(
+                    &child,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(builders::service_monitor(mirror)),
+                )
+                .await
+                .map_err(kube_err("applying ServiceMonitor"))?;
+            }
+        }
+    }
+    let node_list = ctx.nodes().await?;
+    let (nodes, ignoring) = status::count_nodes(mirror, &node_list);
+    observed.nodes = Some(nodes);
+    observed.nodes_ignoring = ignoring;
+
+    let previous = mirror.status.clone();
+    let next = status::build_status(previous.as_ref(), &observed, Timestamp::now());
+    if previous.as_ref() != Some(&next) {
+        // Server-side apply, by the one field manager: the status is the controller's.
+        let patch = serde_json::json!({
+            "apiVersion": "pullthrough.dev/v1alpha1",
+            "kind": "RegistryMirror",
+            "status": next,
+        });
+        mirrors
+            .patch_status(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(kube_err("updating status"))?;
+    }
+    publish_transitions(ctx, mirror, previous.as_ref(), &next).await;
+    tracing::info!(mirror = %name, namespace = %ns, ready = observed.ready_replicas,
+        endpoint = ?observed.endpoint, problem = ?observed.problem.as_ref().map(|p| p.reason),
+        served = ?observed.served, lost = observed.conflicts.len(), "reconciled");
+    // Nodes are watched, but a node going away is not: look again in a while.
+    Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+pub(super) async fn publish_transitions(
+    ctx: &Context,
+    mirror: &RegistryMirror,
+    previous: Option<&RegistryMirrorStatus>,
+    next: &RegistryMirrorStatus,
+) {
+    let reference: ObjectReference = mirror.object_ref(&());
+    for c in status::transitions(previous, next) {
+        let warning = (c.type_ == status::READY && c.status == "False")
+            || ((c.type_ == status::DEGRADED || c.type_ == status::CONFLICT) && c.status == "True");
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: c.reason.clone(),
+            note: Some(format!("{}={}: {}", c.type_, c.status, c.message)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        record(ctx, &reference, &event).await;
+    }
+}
+
+/// Publishes an Event; failing to is logged, never fatal.
+pub(super) async fn record(ctx: &Context, reference: &ObjectReference, event: &Event) {
+    if let Err(e) = ctx.recorder.publish(event, reference).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+/// Replaces the mirror's finalizers, failing if it changed since it was read.
+pub(super) async fn set_finalizers(
+    mirrors: &Api<RegistryMirror>,
+    mirror: &RegistryMirror,
+    finalizers: Vec<String>,
+    action: &str,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": mirror.resource_version()}
+    });
+    mirrors
+        .patch(
+            &mirror.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(kube_err(action))?;
+    Ok(())
+}
+
+/// A mirror is being deleted: its children go by owner reference; it stays until no node
+/// agent reports it configured (or the timeout passes).
+///
+/// Not `kube::runtime::finalizer`: that helper takes the finalizer off as soon as the
+/// cleanup returns `Ok`, so waiting for the node agents (seconds to minutes, not an
+/// error) would have to be an error, with the error backoff and an error in the metrics.
+pub(super) async fn cleanup(
+    mirror: &Arc<RegistryMirror>,
+    ctx: &Context,
+    mirrors: &Api<RegistryMirror>,
+) -> Result<Action, Error> {
+    // Going: it claims nothing from now on.
+    ctx.claimed(mirror, false, true);
+    if !mirror.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let key = mirror_key(&mirror.namespace().unwrap_or_default(), &mirror.name_any());
+    let node_list = ctx.nodes().await?;
+    let pending: Vec<String> = node_list
+        .iter()
+        .filter(|n| status::configured_on(n, &key))
+        .map(|n| n.name_any())
+        .collect();
+    let waited = mirror
+        .meta()
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
+        .unwrap_or_default();
+    let reference = mirror.object_ref(&());
+    if !pending.is_empty() && waited < NODE_CLEANUP_TIMEOUT {
+        tracing::info!(mirror = %key, nodes = ?pending, "waiting for node agents to remove the mirror's hosts.toml");
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let (type_, reason, note) = if pending.is_empty() {
+        (
+            EventType::Normal,
+            "NodesCleaned",
+            "no node is configured for this mirror any more".to_string(),
+        )
+    } else {
+        (
+            EventType::Warning,
+            "NodeCleanupTimedOut",
+            format!(
+                "gave up waiting for nodes {} after {:?}",
+                pending.join(", "),
+                NODE_CLEANUP_TIMEOUT
+            ),
+        )
+    };
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Delete".into(),
+        secondary: None,
+    };
+    record(ctx, &reference, &event).await;
+    let finalizers: Vec<String> = mirror
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    set_finalizers(mirrors, mirror, finalizers, "removing the finalizer").await?;
+    Ok(Action::await_change())
+}
+
+pub(super) const SERVICE_MONITOR_CRD: &str = "servicemonitors.monitoring.coreos.com";
