@@ -1,7 +1,9 @@
-//! The proxy's error type. Every failure a client can see is one of these; `http` maps it
-//! to an OCI error code, HTTP status and JSON body in one place.
+//! The proxy's error type. Every failure a client can see is one of these, the upstream's
+//! ([`UpstreamError`]) among them; this module maps each to an OCI error code and HTTP
+//! status, in one place, and `http` renders the JSON body.
 
 use crate::oci::ErrorCode;
+use crate::proxy::upstream::{Object, UpstreamError};
 use hyper::StatusCode;
 use std::sync::Arc;
 
@@ -24,15 +26,6 @@ pub enum ProxyError {
     /// The repository is outside the upstream's allow list, or on its deny list.
     #[error("repository {0:?} may not be pulled through this mirror")]
     RepositoryDenied(String),
-    /// Manifest not found upstream.
-    #[error("manifest unknown")]
-    ManifestUnknown,
-    /// Blob not found upstream.
-    #[error("blob unknown")]
-    BlobUnknown,
-    /// Repository not found upstream (tags, referrers).
-    #[error("repository unknown")]
-    NameUnknown,
     /// Range header that cannot be served.
     #[error("range not satisfiable")]
     RangeNotSatisfiable {
@@ -45,31 +38,18 @@ pub enum ProxyError {
     /// Path that is not part of the distribution API.
     #[error("not found")]
     NotFound,
-    /// Upstream manifest larger than the configured cap.
-    #[error("upstream manifest is larger than the {limit} byte limit")]
-    ManifestTooLarge {
-        /// The configured cap.
-        limit: u64,
-    },
-    /// Upstream refused our credentials or denied access.
-    #[error("upstream denied access (HTTP {0})")]
-    UpstreamDenied(u16),
-    /// Upstream rate limit.
-    #[error("upstream rate limit reached (HTTP 429)")]
-    UpstreamRateLimited,
-    /// Upstream unreachable, timed out, or answered 5xx.
-    #[error("upstream unavailable: {0}")]
-    UpstreamUnavailable(Arc<str>),
+    /// The upstream failed, or said no.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     /// Upstream sent content that does not match its digest (or its length).
     #[error("upstream sent invalid content: {0}")]
     UpstreamInvalid(Arc<str>),
     /// Upstream answered a manifest request with something that is not a manifest.
     #[error("upstream sent no manifest: {0}")]
     UpstreamNotAManifest(Arc<str>),
-    /// Upstream answered in a way a registry does not: a status it has no business
-    /// sending, a redirect without a target, a token endpoint's answer without a token.
-    #[error("upstream answered unexpectedly: {0}")]
-    UpstreamProtocol(Arc<str>),
+    /// A body the cache streams from a download failed part way (what prefetching reads).
+    #[error("reading a blob: {0}")]
+    Body(Arc<std::io::Error>),
     /// The client's `Accept` allows none of the manifest types there are.
     #[error("{0}")]
     NotAcceptable(String),
@@ -90,21 +70,15 @@ impl ProxyError {
             DigestInvalid(_) => (ErrorCode::DigestInvalid, StatusCode::BAD_REQUEST),
             UnknownRegistry(_) => (ErrorCode::NameUnknown, StatusCode::NOT_FOUND),
             RepositoryDenied(_) => (ErrorCode::Denied, StatusCode::FORBIDDEN),
-            ManifestUnknown => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
-            BlobUnknown => (ErrorCode::BlobUnknown, StatusCode::NOT_FOUND),
-            NameUnknown => (ErrorCode::NameUnknown, StatusCode::NOT_FOUND),
             RangeNotSatisfiable { .. } => {
                 (ErrorCode::SizeInvalid, StatusCode::RANGE_NOT_SATISFIABLE)
             }
             Unsupported(_) => (ErrorCode::Unsupported, StatusCode::METHOD_NOT_ALLOWED),
             NotFound => (ErrorCode::NameUnknown, StatusCode::NOT_FOUND),
-            ManifestTooLarge { .. } => (ErrorCode::SizeInvalid, StatusCode::BAD_GATEWAY),
-            UpstreamDenied(_) => (ErrorCode::Denied, StatusCode::FORBIDDEN),
-            UpstreamRateLimited => (ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS),
-            UpstreamUnavailable(_) => (ErrorCode::Unavailable, StatusCode::BAD_GATEWAY),
+            Upstream(e) => upstream_code_and_status(e),
+            Body(_) => (ErrorCode::Unavailable, StatusCode::BAD_GATEWAY),
             UpstreamInvalid(_) => (ErrorCode::DigestInvalid, StatusCode::BAD_GATEWAY),
             UpstreamNotAManifest(_) => (ErrorCode::ManifestInvalid, StatusCode::BAD_GATEWAY),
-            UpstreamProtocol(_) => (ErrorCode::Unknown, StatusCode::BAD_GATEWAY),
             // What Distribution answers (and the OCI conformance suite expects) when a
             // manifest exists only in types the client does not accept.
             NotAcceptable(_) => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
@@ -114,19 +88,67 @@ impl ProxyError {
 
     /// Whether the upstream is failing in a way that justifies serving a stale tag.
     pub fn upstream_is_down(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::UpstreamUnavailable(_) | ProxyError::UpstreamRateLimited
-        )
+        matches!(self, ProxyError::Upstream(e) if e.is_down())
+    }
+
+    /// Whether the upstream said it has no such object.
+    pub fn upstream_not_found(&self) -> bool {
+        matches!(self, ProxyError::Upstream(UpstreamError::NotFound(_)))
     }
 
     /// Wraps a local I/O error.
     pub fn internal(e: impl std::fmt::Display) -> ProxyError {
         ProxyError::Internal(e.to_string().into())
     }
+}
 
-    /// Wraps a transport failure talking to the upstream.
-    pub fn unavailable(e: impl std::fmt::Display) -> ProxyError {
-        ProxyError::UpstreamUnavailable(e.to_string().into())
+/// What the client sees of an upstream failure: a 404 as the registry's own (the object
+/// is unknown), a refusal as DENIED, the rate limit passed on, anything else a 502.
+fn upstream_code_and_status(e: &UpstreamError) -> (ErrorCode, StatusCode) {
+    use UpstreamError::*;
+    match e {
+        NotFound(Object::Manifest) => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
+        NotFound(Object::Blob) => (ErrorCode::BlobUnknown, StatusCode::NOT_FOUND),
+        NotFound(Object::Repository) => (ErrorCode::NameUnknown, StatusCode::NOT_FOUND),
+        Denied(_) => (ErrorCode::Denied, StatusCode::FORBIDDEN),
+        RateLimited => (ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS),
+        TooLarge { .. } => (ErrorCode::SizeInvalid, StatusCode::BAD_GATEWAY),
+        Protocol(_) => (ErrorCode::Unknown, StatusCode::BAD_GATEWAY),
+        Failed { .. }
+        | Unreachable { .. }
+        | NoAnswer { .. }
+        | Stalled { .. }
+        | Body(_)
+        | Truncated { .. } => (ErrorCode::Unavailable, StatusCode::BAD_GATEWAY),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_failures_map_to_client_errors() {
+        let code = |e: UpstreamError| ProxyError::from(e).code_and_status();
+        use UpstreamError::*;
+        assert_eq!(
+            code(NotFound(Object::Manifest)).0,
+            ErrorCode::ManifestUnknown
+        );
+        assert_eq!(code(NotFound(Object::Blob)).0, ErrorCode::BlobUnknown);
+        assert_eq!(code(Denied(401)).0, ErrorCode::Denied);
+        assert_eq!(code(RateLimited).1, StatusCode::TOO_MANY_REQUESTS);
+        let failed = || Failed {
+            server: "https://r.example".into(),
+            status: 503,
+        };
+        assert_eq!(
+            code(failed()),
+            (ErrorCode::Unavailable, StatusCode::BAD_GATEWAY)
+        );
+        assert!(ProxyError::from(failed()).upstream_is_down());
+        assert!(ProxyError::from(RateLimited).upstream_is_down());
+        assert!(!ProxyError::from(NotFound(Object::Manifest)).upstream_is_down());
+        assert!(!ProxyError::from(Denied(403)).upstream_is_down());
     }
 }

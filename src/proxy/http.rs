@@ -328,20 +328,20 @@ async fn route(
         }
         Route::Referrers(_, digest) => {
             outcome.reference = Some(digest.to_string());
-            let (body, content_type, filters) = cache
+            let referrers = cache
                 .referrers(&up, &repo, &digest, forward_query.as_deref())
                 .await?;
+            let content_type = referrers
+                .content_type
+                .unwrap_or_else(|| crate::oci::media::OCI_INDEX.to_string());
             let mut b = Response::builder()
                 .status(StatusCode::OK)
-                .header(
-                    header::CONTENT_TYPE,
-                    content_type.unwrap_or_else(|| crate::oci::media::OCI_INDEX.to_string()),
-                )
-                .header(header::CONTENT_LENGTH, body.len());
-            if let Some(f) = filters {
+                .header(header::CONTENT_TYPE, content_type)
+                .header(header::CONTENT_LENGTH, referrers.body.len());
+            if let Some(f) = referrers.filters_applied {
                 b = b.header("oci-filters-applied", f);
             }
-            Ok(b.body(if head { empty() } else { full(body) })
+            Ok(b.body(if head { empty() } else { full(referrers.body) })
                 .expect("valid response"))
         }
         Route::Base => unreachable!("answered above"),

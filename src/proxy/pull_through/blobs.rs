@@ -11,19 +11,14 @@ use super::*;
 use crate::oci::{Digest, Hasher};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::Reservation;
-use crate::proxy::metrics::{CacheResult, Kind};
-use crate::proxy::upstream::Upstream;
+use crate::proxy::metrics::CacheResult;
+use crate::proxy::upstream::{BlobBody, Upstream, UpstreamError};
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
-use futures::future::FutureExt;
 use futures::stream::StreamExt;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::{Method, StatusCode};
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -85,7 +80,7 @@ pub(super) enum Downloaded {
     /// In the temp file, verified: to be committed.
     Stored { len: u64, reservation: Reservation },
     /// Not to be cached: the body is still to be read.
-    Uncacheable { len: Option<u64>, body: Incoming },
+    Uncacheable { body: BlobBody },
 }
 
 /// Sends an uncacheable blob's body to `clients` as it arrives, hashing it on the way.
@@ -93,13 +88,8 @@ pub(super) enum Downloaded {
 /// client ever gets a complete wrong body; a failure reaches every client as an error.
 /// The slowest client sets the pace; one that goes away is dropped, and when none is
 /// left the upstream body is dropped too.
-pub(super) async fn relay(
-    mut body: Incoming,
-    digest: &Digest,
-    len: Option<u64>,
-    timeout: Duration,
-    mut clients: Vec<RelayTx>,
-) {
+pub(super) async fn relay(mut body: BlobBody, digest: &Digest, mut clients: Vec<RelayTx>) {
+    let len = body.content_length();
     let mut hasher = Hasher::new(digest.algorithm());
     let mut held: Option<Bytes> = None;
     let mut got = 0u64;
@@ -107,7 +97,7 @@ pub(super) async fn relay(
         if clients.is_empty() {
             return;
         }
-        match next_data(&mut body, timeout).await {
+        match body.next().await {
             Ok(Some(data)) => {
                 got += data.len() as u64;
                 hasher.update(&data);
@@ -118,18 +108,20 @@ pub(super) async fn relay(
             Ok(None) => {
                 let hashed = std::mem::replace(&mut hasher, Hasher::new(digest.algorithm()));
                 let got_digest = hashed.finish();
-                if len.is_some_and(|l| l != got) {
-                    break format!("blob body ended after {got} of {len:?} bytes");
+                if let Some(want) = len.filter(|l| *l != got) {
+                    break ProxyError::from(UpstreamError::Truncated { got, want });
                 }
                 if got_digest != *digest {
-                    break format!("upstream sent {got_digest} for {digest}");
+                    break ProxyError::UpstreamInvalid(
+                        format!("blob content hashes to {got_digest}, not {digest}").into(),
+                    );
                 }
                 if let Some(last) = held.take() {
                     send_all(&mut clients, last).await;
                 }
                 return;
             }
-            Err(e) => break e.to_string(),
+            Err(e) => break ProxyError::from(e),
         }
     };
     for client in &clients {
@@ -165,23 +157,6 @@ pub(super) fn relay_answer(
         body: Some(body),
         result,
     }
-}
-
-/// Sends a GET or HEAD for a blob upstream; any status but 200 is an error.
-pub(super) async fn blob_request(
-    up: &Upstream,
-    method: Method,
-    repository: &str,
-    digest: &Digest,
-) -> Result<hyper::Response<Incoming>, ProxyError> {
-    let path = format!("blobs/{digest}");
-    let resp = up
-        .request(method, Kind::Blob, repository, &path, None, None)
-        .await?;
-    if resp.status() != StatusCode::OK {
-        return Err(status_error(resp.status(), Kind::Blob));
-    }
-    Ok(resp)
 }
 
 impl PullThrough {
@@ -411,10 +386,7 @@ impl PullThrough {
             }
         }
         let (up2, repo, d) = (up.clone(), repository.to_string(), digest.clone());
-        let head = async move {
-            let resp = blob_request(&up2, Method::HEAD, &repo, &d).await?;
-            Ok(content_length(resp.headers()))
-        };
+        let head = async move { Ok(up2.blob_size(&repo, &d).await?) };
         let (len, started) = self
             .heads
             .run(digest.clone(), head, |e| {
@@ -441,11 +413,11 @@ impl PullThrough {
         repository: &str,
         digest: &Digest,
     ) -> Result<BlobAnswer, ProxyError> {
-        let resp = blob_request(up, Method::GET, repository, digest).await?;
-        let len = content_length(resp.headers());
+        let body = up.blob(repository, digest).await?;
+        let len = body.content_length();
         let (tx, rx) = mpsc::channel(RELAY_DEPTH);
-        let (d, timeout) = (digest.clone(), up.timeout());
-        tokio::spawn(async move { relay(resp.into_body(), &d, len, timeout, vec![tx]).await });
+        let d = digest.clone();
+        tokio::spawn(async move { relay(body, &d, vec![tx]).await });
         Ok(relay_answer(rx, len, CacheResult::Miss))
     }
 
@@ -476,15 +448,16 @@ impl PullThrough {
                 .map(|()| Some(len))
                 .map_err(ProxyError::internal)
             }
-            Ok(Downloaded::Uncacheable { len, body }) => {
+            Ok(Downloaded::Uncacheable { body }) => {
                 let clients = fetch
                     .relay
                     .lock()
                     .expect("relay lock")
                     .take()
                     .unwrap_or_default();
+                let len = body.content_length();
                 tx.send_replace(FetchState::Uncacheable { len });
-                relay(body, &digest, len, up.timeout(), clients).await;
+                relay(body, &digest, clients).await;
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -517,8 +490,8 @@ impl PullThrough {
         fetch: &BlobFetch,
         tx: &watch::Sender<FetchState>,
     ) -> Result<Downloaded, ProxyError> {
-        let resp = blob_request(up, Method::GET, repository, digest).await?;
-        let len = content_length(resp.headers());
+        let mut body = up.blob(repository, digest).await?;
+        let len = body.content_length();
         // With a size limit, a blob of unknown size cannot be accounted for: stream it.
         let reservation = match len {
             Some(l) => self.reserve(l).await,
@@ -526,22 +499,19 @@ impl PullThrough {
             None => None,
         };
         let Some(mut reservation) = reservation else {
-            let body = resp.into_body();
-            return Ok(Downloaded::Uncacheable { len, body });
+            return Ok(Downloaded::Uncacheable { body });
         };
         let mut file = match tokio::fs::File::create(&fetch.temp).await {
             Ok(f) => f,
             Err(e) if is_disk_full(&e) => {
                 self.mark_disk_full("cannot create a download file");
-                let body = resp.into_body();
-                return Ok(Downloaded::Uncacheable { len, body });
+                return Ok(Downloaded::Uncacheable { body });
             }
             Err(e) => return Err(ProxyError::internal(e)),
         };
         // The clients that waited read the file from now on, as later ones do.
         fetch.relay.lock().expect("relay lock").take();
         tx.send_replace(FetchState::Streaming { len, written: 0 });
-        let mut body = resp.into_body();
         let mut hasher = Hasher::new(digest.algorithm());
         let mut written = 0u64;
         let mut pending: Vec<u8> = Vec::with_capacity(CHUNK);
@@ -549,22 +519,16 @@ impl PullThrough {
         while !ended {
             // Wait for one chunk, then take whatever else is already here, so disk writes
             // and reader wake-ups happen per ~256 KiB rather than per network packet.
-            match next_data(&mut body, up.timeout()).await? {
+            match body.next().await? {
                 Some(data) => pending.extend_from_slice(&data),
                 None => ended = true,
             }
             while !ended && pending.len() < CHUNK {
-                match body.frame().now_or_never() {
+                match body.ready() {
                     None => break,
-                    Some(None) => ended = true,
-                    Some(Some(Err(e))) => {
-                        return Err(ProxyError::unavailable(format!("blob body: {e}")));
-                    }
-                    Some(Some(Ok(frame))) => {
-                        if let Ok(data) = frame.into_data() {
-                            pending.extend_from_slice(&data);
-                        }
-                    }
+                    Some(Ok(None)) => ended = true,
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(Some(data))) => pending.extend_from_slice(&data),
                 }
             }
             if pending.is_empty() {
@@ -595,12 +559,8 @@ impl PullThrough {
                 }
             });
         }
-        if let Some(l) = len
-            && written != l
-        {
-            return Err(ProxyError::unavailable(format!(
-                "blob body ended after {written} of {l} bytes"
-            )));
+        if let Some(want) = len.filter(|l| *l != written) {
+            return Err(UpstreamError::Truncated { got: written, want }.into());
         }
         let got = hasher.finish();
         if got != *digest {

@@ -1,71 +1,19 @@
-//! tags/list and referrers, passed through: what of a client's query is passed on and
-//! remembered, the upstream's `Link` pagination, and a short-lived cache of tags/list
-//! pages bounded in bytes and entries.
+//! tags/list and referrers, passed through, and a short-lived cache of tags/list pages
+//! bounded in bytes and entries.
 
 use super::*;
 use crate::oci::Digest;
 use crate::proxy::error::ProxyError;
-use crate::proxy::metrics::Kind;
-use crate::proxy::upstream::{Upstream, read_limited};
-use bytes::Bytes;
-use hyper::header::{self};
-use hyper::{Method, StatusCode};
+use crate::proxy::upstream::{Referrers, TagsPage, Upstream, tags_query};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Largest tags/list or referrers answer passed through.
-pub(super) const MAX_LIST_BYTES: usize = 4 << 20;
-
 /// Most bytes of tags/list answers kept at once.
 const MAX_BYTES: usize = 16 << 20;
 /// Most tags/list answers kept at once.
 const MAX_ENTRIES: usize = 4096;
-
-/// One page of a repository's tags, as the upstream answered it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TagsPage {
-    /// The JSON body.
-    pub body: Bytes,
-    /// The query of the next page (`n=...&last=...`), from the upstream's `Link`.
-    pub next: Option<String>,
-}
-
-/// The parameters of a tags/list query that mean something (`n`, `last`), in a fixed
-/// order: what is passed upstream and what the cache is keyed by. Anything else a
-/// client adds would only split the cache.
-pub fn query(client: Option<&str>) -> Option<String> {
-    let mut n = None;
-    let mut last = None;
-    for pair in client.unwrap_or("").split('&') {
-        match pair.split_once('=') {
-            Some(("n", v)) if !v.is_empty() => n = Some(v),
-            Some(("last", v)) if !v.is_empty() => last = Some(v),
-            _ => {}
-        }
-    }
-    let parts: Vec<String> = [("n", n), ("last", last)]
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
-        .collect();
-    (!parts.is_empty()).then(|| parts.join("&"))
-}
-
-/// The query of a `Link: <...>; rel="next"` header (a path or a full URL); `None` when
-/// there is no next page or the header names none.
-pub fn next_page(link: Option<&str>) -> Option<String> {
-    link?.split(',').find_map(|item| {
-        let (target, params) = item.trim().strip_prefix('<')?.split_once('>')?;
-        let next = params.split(';').any(|p| {
-            p.trim()
-                .strip_prefix("rel=")
-                .is_some_and(|r| r.trim_matches('"') == "next")
-        });
-        next.then(|| target.split_once('?').and_then(|(_, q)| query(Some(q))))
-            .flatten()
-    })
-}
 
 struct Entry {
     at: Instant,
@@ -145,7 +93,7 @@ impl TagLists {
 
 impl PullThrough {
     /// `tags/list`, reused for `tags_list_ttl`. Only `n` and `last` of the client's query
-    /// are passed on (see [`query`]); the upstream's next page is returned
+    /// are passed on (see [`tags_query`]); the upstream's next page is returned
     /// for the client's `Link`.
     pub async fn tags_list(
         &self,
@@ -153,7 +101,7 @@ impl PullThrough {
         repository: &str,
         query: Option<&str>,
     ) -> Result<TagsPage, ProxyError> {
-        let query = self::query(query);
+        let query = tags_query(query);
         let key = format!(
             "{}\0{repository}\0{}",
             up.name(),
@@ -162,77 +110,27 @@ impl PullThrough {
         if let Some(page) = self.tag_lists.get(&key, self.policy.tags_list_ttl) {
             return Ok(page);
         }
-        let resp = up
-            .request(
-                Method::GET,
-                Kind::Tags,
-                repository,
-                "tags/list",
-                query.as_deref(),
-                None,
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(status_error(resp.status(), Kind::Tags));
-        }
-        let next = next_page(header_str(resp.headers(), header::LINK));
-        let body = read_limited(resp.into_body(), MAX_LIST_BYTES, up.timeout()).await?;
-        let page = TagsPage { body, next };
+        let page = up.tags(repository, query.as_deref()).await?;
         self.tag_lists.put(key, page.clone());
         Ok(page)
     }
 
-    /// `referrers/<digest>`, passed through. Returns the body and its content type.
+    /// `referrers/<digest>`, passed through.
     pub async fn referrers(
         &self,
         up: &Upstream,
         repository: &str,
         digest: &Digest,
         query: Option<&str>,
-    ) -> Result<(Bytes, Option<String>, Option<String>), ProxyError> {
-        let resp = up
-            .request(
-                Method::GET,
-                Kind::Referrers,
-                repository,
-                &format!("referrers/{digest}"),
-                query,
-                None,
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(status_error(resp.status(), Kind::Referrers));
-        }
-        let content_type = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_string);
-        let filters = header_str(resp.headers(), "oci-filters-applied").map(str::to_string);
-        let body = read_limited(resp.into_body(), MAX_LIST_BYTES, up.timeout()).await?;
-        Ok((body, content_type, filters))
+    ) -> Result<Referrers, ProxyError> {
+        Ok(up.referrers(repository, digest, query).await?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_n_and_last_are_kept_in_order() {
-        assert_eq!(query(Some("last=b&x=1&n=10")), Some("n=10&last=b".into()));
-        assert_eq!(query(Some("cachebuster=7")), None);
-        assert_eq!(query(None), None);
-    }
-
-    #[test]
-    fn the_next_page_comes_from_the_link_header() {
-        let link = r#"</v2/library/alpine/tags/list?last=3.19&n=50>; rel="next""#;
-        assert_eq!(next_page(Some(link)), Some("n=50&last=3.19".into()));
-        let full = r#"<https://reg.example/v2/a/tags/list?n=2&last=b>; rel=next"#;
-        assert_eq!(next_page(Some(full)), Some("n=2&last=b".into()));
-        assert_eq!(
-            next_page(Some(r#"</v2/a/tags/list?n=2>; rel="prev""#)),
-            None
-        );
-        assert_eq!(next_page(None), None);
-    }
+    use bytes::Bytes;
 
     #[tokio::test]
     async fn pages_are_bounded_in_bytes_oldest_first() {

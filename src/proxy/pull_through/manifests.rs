@@ -4,16 +4,13 @@
 //! request; what a client's `Accept` allows decides what it is served.
 
 use super::*;
-use crate::oci::media::{Accept, MANIFEST_ACCEPT, manifest_media_type};
+use crate::oci::media::{Accept, manifest_media_type};
 use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
-use crate::proxy::metrics::{CacheResult, Kind};
+use crate::proxy::metrics::CacheResult;
 use crate::proxy::storage::{TagRecord, unix_now_ms};
 use crate::proxy::upstream::Upstream;
 use bytes::Bytes;
-use hyper::body::Incoming;
-use hyper::header::{self};
-use hyper::{Method, StatusCode};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -72,28 +69,6 @@ pub(super) fn acceptable(m: Manifest, accept: &Accept) -> Result<Manifest, Proxy
     }
 }
 
-/// Reads a manifest's body whole: at most `limit` bytes, within `timeout` in all.
-pub(super) async fn read_capped(
-    body: Incoming,
-    limit: u64,
-    timeout: Duration,
-) -> Result<Bytes, ProxyError> {
-    let read = async {
-        let mut body = body;
-        let mut out = Vec::new();
-        while let Some(data) = next_data(&mut body, timeout).await? {
-            if (out.len() + data.len()) as u64 > limit {
-                return Err(ProxyError::ManifestTooLarge { limit });
-            }
-            out.extend_from_slice(&data);
-        }
-        Ok(Bytes::from(out))
-    };
-    tokio::time::timeout(timeout, read).await.map_err(|_| {
-        ProxyError::unavailable(format!("the manifest did not arrive within {timeout:?}"))
-    })?
-}
-
 impl PullThrough {
     /// A manifest by tag or digest, of a media type `accept` allows.
     ///
@@ -109,7 +84,7 @@ impl PullThrough {
         reference: &Reference,
         accept: &Accept,
     ) -> Result<(Manifest, CacheResult), ProxyError> {
-        let fetch_as = |reference: String, expect: Option<Digest>, result| {
+        let fetch_as = |reference: Reference, expect: Option<Digest>, result| {
             let (this, up, repo, accept) = (
                 self.clone(),
                 up.clone(),
@@ -136,9 +111,8 @@ impl PullThrough {
                     // A digest's content never changes: another type is not to be had.
                     return Ok((acceptable(m, accept)?, CacheResult::Hit));
                 }
-                let d = digest.to_string();
-                let fetch = fetch_as(d.clone(), Some(digest.clone()), CacheResult::Miss);
-                self.coalesce(key(&d), fetch).await
+                let fetch = fetch_as(reference.clone(), Some(digest.clone()), CacheResult::Miss);
+                self.coalesce(key(&digest.to_string()), fetch).await
             }
             Reference::Tag(tag) => {
                 let state = self.tag_state(up, repository, tag).await;
@@ -151,7 +125,10 @@ impl PullThrough {
                 }
                 if *accept != Accept::Any {
                     return self
-                        .coalesce(key(tag), fetch_as(tag.clone(), None, CacheResult::Miss))
+                        .coalesce(
+                            key(tag),
+                            fetch_as(reference.clone(), None, CacheResult::Miss),
+                        )
                         .await;
                 }
                 let (this, up2, repo, tag) = (
@@ -265,31 +242,21 @@ impl PullThrough {
         };
         if let Some((m, st)) = &known {
             let head = up
-                .request(
-                    Method::HEAD,
-                    Kind::Manifest,
-                    repository,
-                    &format!("manifests/{tag}"),
-                    None,
-                    Some(MANIFEST_ACCEPT),
-                )
+                .manifest_digest(repository, &Reference::Tag(tag.to_string()))
                 .await;
             let outcome = match head {
-                Ok(resp) if resp.status() == StatusCode::OK => {
-                    if docker_digest(resp.headers()).as_ref() == Some(&m.digest) {
-                        self.confirm_tag(up, repository, tag, &m.digest).await;
-                        return Ok((m.clone(), CacheResult::Hit));
-                    }
-                    Ok(())
+                Ok(digest) if digest.as_ref() == Some(&m.digest) => {
+                    self.confirm_tag(up, repository, tag, &m.digest).await;
+                    return Ok((m.clone(), CacheResult::Hit));
                 }
-                Ok(resp) => Err(status_error(resp.status(), Kind::Manifest)),
-                Err(e) => Err(e),
+                Ok(_) => Ok(()),
+                Err(e) => Err(ProxyError::from(e)),
             };
             match outcome {
                 Ok(()) => {}
-                Err(ProxyError::ManifestUnknown) => {
+                Err(e) if e.upstream_not_found() => {
                     self.forget_tag(up, repository, tag).await;
-                    return Err(ProxyError::ManifestUnknown);
+                    return Err(e);
                 }
                 Err(e) if stale_ok(st, &e) => {
                     tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, cache = "stale", "serving last known digest");
@@ -298,17 +265,18 @@ impl PullThrough {
                 Err(e) => return Err(e),
             }
         }
+        let reference = Reference::Tag(tag.to_string());
         match self
-            .fetch_manifest(up, repository, tag, None, &Accept::Any)
+            .fetch_manifest(up, repository, &reference, None, &Accept::Any)
             .await
         {
             Ok(m) => {
                 self.confirm_tag(up, repository, tag, &m.digest).await;
                 Ok((m, CacheResult::Miss))
             }
-            Err(ProxyError::ManifestUnknown) => {
+            Err(e) if e.upstream_not_found() => {
                 self.forget_tag(up, repository, tag).await;
-                Err(ProxyError::ManifestUnknown)
+                Err(e)
             }
             Err(e) => match &known {
                 Some((m, st)) if stale_ok(st, &e) => Ok((m.clone(), CacheResult::Stale)),
@@ -375,30 +343,14 @@ impl PullThrough {
         self: &Arc<Self>,
         up: &Upstream,
         repository: &str,
-        reference: &str,
+        reference: &Reference,
         expect: Option<&Digest>,
         accept: &Accept,
     ) -> Result<Manifest, ProxyError> {
-        let resp = up
-            .request(
-                Method::GET,
-                Kind::Manifest,
-                repository,
-                &format!("manifests/{reference}"),
-                None,
-                Some(&accept.upstream_header()),
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(status_error(resp.status(), Kind::Manifest));
-        }
         let limit = self.policy.max_manifest_bytes;
-        let headers = resp.headers().clone();
-        if content_length(&headers).is_some_and(|l| l > limit) {
-            return Err(ProxyError::ManifestTooLarge { limit });
-        }
-        let body = read_capped(resp.into_body(), limit, up.timeout()).await?;
-        let claimed = docker_digest(&headers);
+        let answer = up.manifest(repository, reference, accept, limit).await?;
+        let claimed = answer.digest;
+        let body = answer.body;
         let algorithm = expect
             .or(claimed.as_ref())
             .map_or(crate::oci::Algorithm::Sha256, Digest::algorithm);
@@ -410,7 +362,7 @@ impl PullThrough {
                 format!("manifest {reference} hashes to {digest}, expected {want}").into(),
             ));
         }
-        let media_type = manifest_media_type(header_str(&headers, header::CONTENT_TYPE), &body)
+        let media_type = manifest_media_type(answer.content_type.as_deref(), &body)
             .map_err(|e| ProxyError::UpstreamNotAManifest(e.to_string().into()))?;
         self.store_manifest(&digest, &body, &media_type).await;
         Ok(Manifest {

@@ -30,7 +30,6 @@ pub mod single_flight;
 
 use blobs::*;
 use file_body::*;
-pub use lists::TagsPage;
 use lists::*;
 use live_reader::*;
 use manifests::*;
@@ -40,15 +39,12 @@ pub use range::ByteRange;
 use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::{Index, NoRoom, Reservation};
-use crate::proxy::metrics::{CacheResult, Kind, Metrics};
+use crate::proxy::metrics::{CacheResult, Metrics};
 use crate::proxy::storage::Storage;
 use crate::proxy::upstream::Upstream;
+pub use crate::proxy::upstream::{Referrers, TagsPage};
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use http_body_util::BodyExt;
-use hyper::StatusCode;
-use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap};
 use single_flight::{SingleFlight, Waiting};
 use std::collections::HashMap;
 use std::io;
@@ -118,57 +114,9 @@ pub struct PullThrough {
     large_reads: Arc<Semaphore>,
 }
 
-/// Maps an upstream status that is not success to the error the client gets.
-pub fn status_error(status: StatusCode, kind: Kind) -> ProxyError {
-    match status.as_u16() {
-        404 => match kind {
-            Kind::Manifest => ProxyError::ManifestUnknown,
-            Kind::Blob => ProxyError::BlobUnknown,
-            _ => ProxyError::NameUnknown,
-        },
-        401 | 403 => ProxyError::UpstreamDenied(status.as_u16()),
-        429 => ProxyError::UpstreamRateLimited,
-        500..=599 => ProxyError::unavailable(format!("upstream answered HTTP {status}")),
-        _ => ProxyError::UpstreamProtocol(
-            format!("HTTP {status}, which a registry does not answer here").into(),
-        ),
-    }
-}
-
-fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
-}
-
-fn docker_digest(headers: &HeaderMap) -> Option<Digest> {
-    header_str(headers, "docker-content-digest").and_then(|v| v.parse().ok())
-}
-
 /// Whether an I/O error means the disk is full.
 fn is_disk_full(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
-}
-
-async fn next_data(body: &mut Incoming, timeout: Duration) -> Result<Option<Bytes>, ProxyError> {
-    loop {
-        let frame = tokio::time::timeout(timeout, body.frame())
-            .await
-            .map_err(|_| {
-                ProxyError::unavailable(format!("no data from upstream for {timeout:?}"))
-            })?;
-        match frame {
-            None => return Ok(None),
-            Some(Err(e)) => return Err(ProxyError::unavailable(format!("blob body: {e}"))),
-            Some(Ok(f)) => {
-                if let Ok(data) = f.into_data() {
-                    return Ok(Some(data));
-                }
-            }
-        }
-    }
 }
 
 impl PullThrough {
@@ -351,23 +299,5 @@ pub(crate) mod test_support {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         (dir, path, data)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upstream_statuses_map_to_client_errors() {
-        use crate::oci::ErrorCode;
-        let code = |s: u16, k| status_error(StatusCode::from_u16(s).unwrap(), k).code_and_status();
-        assert_eq!(code(404, Kind::Manifest).0, ErrorCode::ManifestUnknown);
-        assert_eq!(code(404, Kind::Blob).0, ErrorCode::BlobUnknown);
-        assert_eq!(code(401, Kind::Blob).0, ErrorCode::Denied);
-        assert_eq!(code(429, Kind::Blob).1, StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(code(503, Kind::Blob).1, StatusCode::BAD_GATEWAY);
-        assert!(status_error(StatusCode::SERVICE_UNAVAILABLE, Kind::Manifest).upstream_is_down());
-        assert!(!status_error(StatusCode::NOT_FOUND, Kind::Manifest).upstream_is_down());
     }
 }

@@ -100,7 +100,7 @@ impl PullThrough {
                 let fetched = answer.result != CacheResult::Hit;
                 if let Some(mut body) = answer.body {
                     while let Some(chunk) = body.next().await {
-                        let chunk = chunk.map_err(ProxyError::unavailable)?;
+                        let chunk = chunk.map_err(|e| ProxyError::Body(Arc::new(e)))?;
                         if fetched {
                             bytes += chunk.len() as u64;
                             self.metrics.prefetch_bytes.inc_by(chunk.len() as u64);

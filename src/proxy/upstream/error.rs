@@ -1,0 +1,128 @@
+//! What can go wrong talking to an upstream registry. The cache decides what to do about
+//! it (serve stale, relay the error); [`crate::proxy::error`] maps it to what the client
+//! sees.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a request was for: what is missing when the upstream answers 404.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Object {
+    /// A manifest (by tag or digest).
+    Manifest,
+    /// A blob.
+    Blob,
+    /// A repository (its tags, its referrers).
+    Repository,
+}
+
+impl Object {
+    fn as_str(self) -> &'static str {
+        match self {
+            Object::Manifest => "manifest",
+            Object::Blob => "blob",
+            Object::Repository => "repository",
+        }
+    }
+}
+
+/// A failure of an upstream request. Cloneable so one failure can be handed to every
+/// request coalesced on it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream has no such object (HTTP 404).
+    #[error("{} unknown", .0.as_str())]
+    NotFound(Object),
+    /// The upstream refused our credentials or denied access (HTTP 401 or 403).
+    #[error("upstream denied access (HTTP {0})")]
+    Denied(u16),
+    /// The upstream's rate limit (HTTP 429).
+    #[error("upstream rate limit reached (HTTP 429)")]
+    RateLimited,
+    /// The upstream failed (HTTP 5xx).
+    #[error("upstream unavailable: {server} answered HTTP {status}")]
+    Failed {
+        /// `scheme://host[:port]` of the server.
+        server: String,
+        /// The status.
+        status: u16,
+    },
+    /// The upstream cannot be reached: DNS, connection refused or reset, TLS.
+    #[error("upstream unavailable: cannot reach {server}: {}", chain(.source))]
+    Unreachable {
+        /// `scheme://host[:port]` of the server tried (never the whole URL: a
+        /// redirect's query may carry a signature).
+        server: String,
+        /// What the HTTP client said.
+        #[source]
+        source: Arc<hyper_util::client::legacy::Error>,
+    },
+    /// No answer (headers) within the timeout.
+    #[error("upstream unavailable: no answer from {server} within {after:?}")]
+    NoAnswer {
+        /// `scheme://host[:port]` of the server.
+        server: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// A body stopped arriving: no data for the timeout, or all of it not within it.
+    #[error("upstream unavailable: {what} did not arrive within {after:?}")]
+    Stalled {
+        /// What was being read.
+        what: &'static str,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The connection failed while a body was being read.
+    #[error("upstream unavailable: reading the body: {}", chain(.0))]
+    Body(#[source] Arc<hyper::Error>),
+    /// A blob body ended before its `Content-Length`.
+    #[error("upstream unavailable: blob body ended after {got} of {want} bytes")]
+    Truncated {
+        /// Bytes received.
+        got: u64,
+        /// Bytes announced.
+        want: u64,
+    },
+    /// A manifest, tags/list, referrers or token answer larger than the cap.
+    #[error("upstream {what} is larger than the {limit} byte limit")]
+    TooLarge {
+        /// What was being read.
+        what: &'static str,
+        /// The cap.
+        limit: u64,
+    },
+    /// The upstream answered in a way a registry does not: a status it has no business
+    /// sending, a redirect without a target, a token endpoint's answer without a token.
+    #[error("upstream answered unexpectedly: {0}")]
+    Protocol(Arc<str>),
+}
+
+impl UpstreamError {
+    /// Whether the upstream is failing in a way that justifies serving a stale tag:
+    /// down, slow or rate limiting, not saying no.
+    pub fn is_down(&self) -> bool {
+        use UpstreamError::*;
+        match self {
+            RateLimited | Failed { .. } | Unreachable { .. } | NoAnswer { .. } => true,
+            Stalled { .. } | Body(_) | Truncated { .. } => true,
+            NotFound(_) | Denied(_) | TooLarge { .. } | Protocol(_) => false,
+        }
+    }
+
+    pub(super) fn protocol(message: impl Into<String>) -> UpstreamError {
+        UpstreamError::Protocol(message.into().into())
+    }
+}
+
+/// An error and its causes, `: `-separated, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

@@ -1,0 +1,495 @@
+//! One upstream registry, as the cache needs it: typed operations (a manifest, a blob, a
+//! tag's digest, a blob's size, tags/list, referrers) that build the URLs, authenticate
+//! ([`auth`]), read the headers and map the statuses ([`UpstreamError`]), and count every
+//! request in the upstream metrics. Knows nothing of the cache.
+
+mod auth;
+mod error;
+mod transport;
+
+pub use auth::{Challenge, parse_challenge};
+pub use error::{Object, UpstreamError};
+pub(crate) use transport::query_escape;
+pub use transport::{HttpClient, http_client, same_origin};
+
+use crate::api::{Credentials, RepositoryFilter, UpstreamConfig};
+use crate::oci::media::Accept;
+use crate::oci::{Digest, Reference};
+use crate::proxy::metrics::{Kind, Metrics};
+use auth::Auth;
+use bytes::Bytes;
+use futures::FutureExt;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap};
+use hyper::{Method, Response, StatusCode};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use transport::{Transport, origin_of, read_limited};
+
+/// Largest tags/list or referrers answer passed through.
+pub const MAX_LIST_BYTES: usize = 4 << 20;
+
+/// A manifest as the upstream sent it: not yet checked against its digest or its type.
+#[derive(Debug)]
+pub struct ManifestAnswer {
+    /// The bytes.
+    pub body: Bytes,
+    /// `Content-Type`.
+    pub content_type: Option<String>,
+    /// `Docker-Content-Digest`, when the upstream sent a valid one.
+    pub digest: Option<Digest>,
+}
+
+/// One page of a repository's tags, as the upstream answered it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagsPage {
+    /// The JSON body.
+    pub body: Bytes,
+    /// The query of the next page (`n=...&last=...`), from the upstream's `Link`.
+    pub next: Option<String>,
+}
+
+/// A referrers answer (an image index), as the upstream sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Referrers {
+    /// The JSON body.
+    pub body: Bytes,
+    /// `Content-Type`.
+    pub content_type: Option<String>,
+    /// `OCI-Filters-Applied`: the filters the upstream applied (`artifactType`).
+    pub filters_applied: Option<String>,
+}
+
+/// A blob's body as it arrives from the upstream.
+pub struct BlobBody {
+    length: Option<u64>,
+    body: Incoming,
+    timeout: Duration,
+}
+
+impl BlobBody {
+    /// `Content-Length`, when the upstream sent it.
+    pub fn content_length(&self) -> Option<u64> {
+        self.length
+    }
+
+    /// The next chunk, `None` at the end. Fails when none arrives within the timeout.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, self.data())
+            .await
+            .map_err(|_| UpstreamError::Stalled {
+                what: "the next chunk of a blob",
+                after: timeout,
+            })?
+    }
+
+    /// The next chunk if it is already here: `None` when it is not.
+    pub fn ready(&mut self) -> Option<Result<Option<Bytes>, UpstreamError>> {
+        self.data().now_or_never()
+    }
+
+    async fn data(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        loop {
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(UpstreamError::Body(Arc::new(e))),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The parameters of a tags/list query that mean something (`n`, `last`), in a fixed
+/// order: what is passed upstream and what a cache of pages is keyed by. Anything else a
+/// client adds would only split that cache.
+pub fn tags_query(client: Option<&str>) -> Option<String> {
+    let mut n = None;
+    let mut last = None;
+    for pair in client.unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("n", v)) if !v.is_empty() => n = Some(v),
+            Some(("last", v)) if !v.is_empty() => last = Some(v),
+            _ => {}
+        }
+    }
+    let parts: Vec<String> = [("n", n), ("last", last)]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("&"))
+}
+
+/// The query of a `Link: <...>; rel="next"` header (a path or a full URL); `None` when
+/// there is no next page or the header names none.
+pub fn next_page(link: Option<&str>) -> Option<String> {
+    link?.split(',').find_map(|item| {
+        let (target, params) = item.trim().strip_prefix('<')?.split_once('>')?;
+        let next = params.split(';').any(|p| {
+            p.trim()
+                .strip_prefix("rel=")
+                .is_some_and(|r| r.trim_matches('"') == "next")
+        });
+        next.then(|| {
+            target
+                .split_once('?')
+                .and_then(|(_, q)| tags_query(Some(q)))
+        })
+        .flatten()
+    })
+}
+
+fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn header_string(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<String> {
+    header_str(headers, name).map(str::to_string)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
+}
+
+fn docker_digest(headers: &HeaderMap) -> Option<Digest> {
+    header_str(headers, "docker-content-digest").and_then(|v| v.parse().ok())
+}
+
+/// One configured upstream registry.
+pub struct Upstream {
+    name: String,
+    base: String,
+    docker_hub: bool,
+    filter: RepositoryFilter,
+    transport: Transport,
+    auth: Auth,
+    metrics: Metrics,
+}
+
+/// One request to send: what `Upstream::call` needs besides the repository.
+struct Call<'a> {
+    method: Method,
+    /// What it is for: the metrics label, and what is missing on a 404.
+    kind: Kind,
+    object: Object,
+    /// After `/v2/<repository>/`.
+    path: &'a str,
+    query: Option<&'a str>,
+    accept: Option<&'a str>,
+}
+
+impl Upstream {
+    /// Builds an upstream from its config. `credentials` are already resolved (inline or
+    /// read from the credentials file).
+    pub fn new(
+        config: &UpstreamConfig,
+        credentials: Option<Credentials>,
+        client: HttpClient,
+        metrics: Metrics,
+        timeout: Duration,
+    ) -> Upstream {
+        Upstream {
+            name: config.registry.to_ascii_lowercase(),
+            base: config.base_url(),
+            docker_hub: config.is_docker_hub(),
+            filter: config.repositories.clone(),
+            transport: Transport::new(client, timeout),
+            auth: Auth::new(credentials),
+            metrics,
+        }
+    }
+
+    /// The registry name (the `upstream` metric label).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The time allowed for an answer, and between two chunks of a download.
+    pub fn timeout(&self) -> Duration {
+        self.transport.timeout()
+    }
+
+    /// The repository as the upstream knows it: Docker Hub puts single-name images under
+    /// `library/`.
+    pub fn canonical_repository(&self, repository: &str) -> String {
+        if self.docker_hub {
+            crate::api::docker_hub::repository(repository)
+        } else {
+            repository.to_string()
+        }
+    }
+
+    /// Whether the repository may be pulled through this upstream.
+    pub fn permits(&self, repository: &str) -> bool {
+        self.filter.permits(repository)
+    }
+
+    /// GETs a manifest of a type `accept` allows, reading at most `limit` bytes of it,
+    /// within the timeout in all.
+    pub async fn manifest(
+        &self,
+        repository: &str,
+        reference: &Reference,
+        accept: &Accept,
+        limit: u64,
+    ) -> Result<ManifestAnswer, UpstreamError> {
+        let path = format!("manifests/{reference}");
+        let header = accept.upstream_header();
+        let resp = self
+            .call(
+                repository,
+                Call {
+                    method: Method::GET,
+                    kind: Kind::Manifest,
+                    object: Object::Manifest,
+                    path: &path,
+                    query: None,
+                    accept: Some(&header),
+                },
+            )
+            .await?;
+        let too_large = UpstreamError::TooLarge {
+            what: "manifest",
+            limit,
+        };
+        if content_length(resp.headers()).is_some_and(|l| l > limit) {
+            return Err(too_large);
+        }
+        let content_type = header_string(resp.headers(), header::CONTENT_TYPE);
+        let digest = docker_digest(resp.headers());
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let body = read_limited(resp.into_body(), "manifest", limit, self.timeout()).await?;
+        Ok(ManifestAnswer {
+            body,
+            content_type,
+            digest,
+        })
+    }
+
+    /// HEADs a manifest: the digest the reference points at now, when the upstream says.
+    pub async fn manifest_digest(
+        &self,
+        repository: &str,
+        reference: &Reference,
+    ) -> Result<Option<Digest>, UpstreamError> {
+        let path = format!("manifests/{reference}");
+        let header = Accept::Any.upstream_header();
+        let resp = self
+            .call(
+                repository,
+                Call {
+                    method: Method::HEAD,
+                    kind: Kind::Manifest,
+                    object: Object::Manifest,
+                    path: &path,
+                    query: None,
+                    accept: Some(&header),
+                },
+            )
+            .await?;
+        Ok(docker_digest(resp.headers()))
+    }
+
+    /// GETs a blob, whole: its body is read as it arrives.
+    pub async fn blob(&self, repository: &str, digest: &Digest) -> Result<BlobBody, UpstreamError> {
+        let resp = self.blob_call(Method::GET, repository, digest).await?;
+        Ok(BlobBody {
+            length: content_length(resp.headers()),
+            body: resp.into_body(),
+            timeout: self.timeout(),
+        })
+    }
+
+    /// HEADs a blob: its size, when the upstream says.
+    pub async fn blob_size(
+        &self,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, UpstreamError> {
+        let resp = self.blob_call(Method::HEAD, repository, digest).await?;
+        Ok(content_length(resp.headers()))
+    }
+
+    async fn blob_call(
+        &self,
+        method: Method,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let path = format!("blobs/{digest}");
+        self.call(
+            repository,
+            Call {
+                method,
+                kind: Kind::Blob,
+                object: Object::Blob,
+                path: &path,
+                query: None,
+                accept: None,
+            },
+        )
+        .await
+    }
+
+    /// One page of `tags/list`: `query` is passed as [`tags_query`] leaves it.
+    pub async fn tags(
+        &self,
+        repository: &str,
+        query: Option<&str>,
+    ) -> Result<TagsPage, UpstreamError> {
+        let query = tags_query(query);
+        let resp = self
+            .call(
+                repository,
+                Call {
+                    method: Method::GET,
+                    kind: Kind::Tags,
+                    object: Object::Repository,
+                    path: "tags/list",
+                    query: query.as_deref(),
+                    accept: None,
+                },
+            )
+            .await?;
+        let next = next_page(header_str(resp.headers(), header::LINK));
+        let body = read_limited(
+            resp.into_body(),
+            "tags list",
+            MAX_LIST_BYTES,
+            self.timeout(),
+        )
+        .await?;
+        Ok(TagsPage { body, next })
+    }
+
+    /// `referrers/<digest>`, with the client's query (`artifactType`) passed on.
+    pub async fn referrers(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        query: Option<&str>,
+    ) -> Result<Referrers, UpstreamError> {
+        let path = format!("referrers/{digest}");
+        let resp = self
+            .call(
+                repository,
+                Call {
+                    method: Method::GET,
+                    kind: Kind::Referrers,
+                    object: Object::Repository,
+                    path: &path,
+                    query,
+                    accept: None,
+                },
+            )
+            .await?;
+        let content_type = header_string(resp.headers(), header::CONTENT_TYPE);
+        let filters_applied = header_string(resp.headers(), "oci-filters-applied");
+        let body = read_limited(
+            resp.into_body(),
+            "referrers list",
+            MAX_LIST_BYTES,
+            self.timeout(),
+        )
+        .await?;
+        Ok(Referrers {
+            body,
+            content_type,
+            filters_applied,
+        })
+    }
+
+    /// Sends `call` for `/v2/<repository>/<path>[?query]`, authenticating as the upstream
+    /// asks, and counts it. Any answer but 200 is an error.
+    async fn call(
+        &self,
+        repository: &str,
+        call: Call<'_>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut url = format!("{}/v2/{repository}/{}", self.base, call.path);
+        if let Some(q) = call.query.filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(q);
+        }
+        let scope = format!("repository:{repository}:pull");
+        let started = Instant::now();
+        let result = async {
+            let mut auth = self.auth.cached(&scope);
+            let mut resp = self
+                .transport
+                .send(&call.method, &url, auth.as_deref(), call.accept)
+                .await?;
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                let challenge = header_string(resp.headers(), header::WWW_AUTHENTICATE);
+                auth = self
+                    .auth
+                    .answer(
+                        challenge.as_deref(),
+                        &scope,
+                        &self.transport,
+                        (&self.metrics, &self.name),
+                    )
+                    .await?;
+                if auth.is_some() {
+                    resp = self
+                        .transport
+                        .send(&call.method, &url, auth.as_deref(), call.accept)
+                        .await?;
+                }
+            }
+            Ok(resp)
+        }
+        .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let code = result.as_ref().ok().map(|r| r.status().as_u16());
+        self.metrics.upstream(&self.name, call.kind, code, elapsed);
+        let resp = result?;
+        match resp.status().as_u16() {
+            200 => Ok(resp),
+            404 => Err(UpstreamError::NotFound(call.object)),
+            s @ (401 | 403) => Err(UpstreamError::Denied(s)),
+            429 => Err(UpstreamError::RateLimited),
+            s @ 500..=599 => Err(UpstreamError::Failed {
+                server: origin_of(&url),
+                status: s,
+            }),
+            s => Err(UpstreamError::protocol(format!(
+                "HTTP {s}, which a registry does not answer here"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_n_and_last_are_kept_in_order() {
+        assert_eq!(
+            tags_query(Some("last=b&x=1&n=10")),
+            Some("n=10&last=b".into())
+        );
+        assert_eq!(tags_query(Some("cachebuster=7")), None);
+        assert_eq!(tags_query(None), None);
+    }
+
+    #[test]
+    fn the_next_page_comes_from_the_link_header() {
+        let link = r#"</v2/library/alpine/tags/list?last=3.19&n=50>; rel="next""#;
+        assert_eq!(next_page(Some(link)), Some("n=50&last=3.19".into()));
+        let full = r#"<https://reg.example/v2/a/tags/list?n=2&last=b>; rel=next"#;
+        assert_eq!(next_page(Some(full)), Some("n=2&last=b".into()));
+        assert_eq!(
+            next_page(Some(r#"</v2/a/tags/list?n=2>; rel="prev""#)),
+            None
+        );
+        assert_eq!(next_page(None), None);
+    }
+}

@@ -1,0 +1,284 @@
+//! HTTP to the upstreams: the shared client (HTTP/1.1 and HTTP/2, TLS), redirects
+//! followed with credentials kept to their origin, timeouts, small bodies read whole.
+
+use super::error::UpstreamError;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The HTTP client shared by every upstream.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+const USER_AGENT: &str = concat!("pullthrough/", env!("CARGO_PKG_VERSION"));
+const MAX_REDIRECTS: usize = 5;
+
+/// Builds the shared client: HTTP/1.1 and HTTP/2, TLS with the Mozilla roots plus the
+/// system's (for private registries signed by a local CA).
+pub fn http_client(connect_timeout: Duration) -> HttpClient {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system certificate rustls cannot parse is skipped, not fatal.
+        let _ = roots.add(cert);
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(https)
+}
+
+/// HTTP requests to one upstream: redirects followed, credentials kept to their origin,
+/// every request bounded by the timeout.
+pub(super) struct Transport {
+    client: HttpClient,
+    timeout: Duration,
+}
+
+impl Transport {
+    pub(super) fn new(client: HttpClient, timeout: Duration) -> Transport {
+        Transport { client, timeout }
+    }
+
+    /// The time allowed for an answer, and between two chunks of a body.
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// One request, following redirects. `Authorization` is sent only to the origin it
+    /// was meant for (scheme, host and port: see [`same_origin`]): pre-signed storage URLs
+    /// must not receive registry credentials, nor may a redirect to plain HTTP.
+    pub(super) async fn send(
+        &self,
+        method: &Method,
+        url: &str,
+        auth: Option<&str>,
+        accept: Option<&str>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut uri: Uri = url
+            .parse()
+            .map_err(|e| UpstreamError::protocol(format!("{}: not a URL: {e}", origin_of(url))))?;
+        let origin = uri.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(uri.clone())
+                .header(header::USER_AGENT, USER_AGENT);
+            if let Some(a) = accept {
+                req = req.header(header::ACCEPT, a);
+            }
+            if let Some(a) = auth
+                && same_origin(&uri, &origin)
+            {
+                let mut v = HeaderValue::from_str(a).map_err(|_| {
+                    UpstreamError::protocol("a token that cannot be sent in a header")
+                })?;
+                v.set_sensitive(true);
+                req = req.header(header::AUTHORIZATION, v);
+            }
+            let req = req.body(Empty::new()).map_err(|e| {
+                UpstreamError::protocol(format!("cannot request {}: {e}", origin_of(url)))
+            })?;
+            // Errors name the server tried (never the whole URL: a redirect's query may
+            // carry a signature): "registry-1.docker.io: dns error" says where to look.
+            let server = origin_of(&uri.to_string());
+            let resp = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+                Err(_) => {
+                    return Err(UpstreamError::NoAnswer {
+                        server,
+                        after: self.timeout,
+                    });
+                }
+                Ok(Err(e)) => {
+                    return Err(UpstreamError::Unreachable {
+                        server,
+                        source: Arc::new(e),
+                    });
+                }
+                Ok(Ok(resp)) => resp,
+            };
+            if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
+                return Ok(resp);
+            }
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .ok_or_else(|| {
+                    UpstreamError::protocol(format!(
+                        "{} redirected without a Location",
+                        origin_of(url)
+                    ))
+                })?;
+            uri = resolve_location(&uri, location)?;
+        }
+        Err(UpstreamError::protocol(format!(
+            "more than {MAX_REDIRECTS} redirects from {}",
+            origin_of(url)
+        )))
+    }
+}
+
+/// Reads a small body whole, failing once it exceeds `limit` bytes or takes longer than
+/// `timeout` in all: an upstream that sends headers and then stalls (or trickles) must
+/// not hold a request past the configured timeout. `what` names the body in errors.
+pub(super) async fn read_limited(
+    body: Incoming,
+    what: &'static str,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, UpstreamError> {
+    let read = async {
+        let mut body = body;
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| UpstreamError::Body(Arc::new(e)))?;
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > limit {
+                    return Err(UpstreamError::TooLarge {
+                        what,
+                        limit: limit as u64,
+                    });
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(Bytes::from(out))
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| UpstreamError::Stalled {
+            what,
+            after: timeout,
+        })?
+}
+
+fn resolve_location(base: &Uri, location: &str) -> Result<Uri, UpstreamError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        UpstreamError::protocol(format!("bad redirect {location:?}: {e}"))
+    };
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return location.parse().map_err(|e| bad(&e));
+    }
+    if !location.starts_with('/') {
+        return Err(bad(&"relative redirects must be absolute paths"));
+    }
+    let scheme = base.scheme_str().unwrap_or("https");
+    let authority = base.authority().map(|a| a.as_str()).unwrap_or("");
+    format!("{scheme}://{authority}{location}")
+        .parse()
+        .map_err(|e| bad(&e))
+}
+
+/// Whether `to` is the same origin as `from`: scheme, host (in any case) and port (the
+/// scheme's default when not given). Credentials go only there: a redirect from https
+/// to http on the same host would otherwise send them in clear text.
+pub fn same_origin(to: &Uri, from: &Uri) -> bool {
+    let port = |u: &Uri| {
+        u.port_u16().or(match u.scheme_str() {
+            Some("http") => Some(80),
+            Some("https") => Some(443),
+            _ => None,
+        })
+    };
+    to.scheme() == from.scheme()
+        && to
+            .host()
+            .zip(from.host())
+            .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+        && port(to) == port(from)
+}
+
+/// `scheme://host[:port]` of a URL: what error messages name (a query may be secret).
+pub(super) fn origin_of(url: &str) -> String {
+    match url.parse::<Uri>() {
+        Ok(u) => format!(
+            "{}://{}",
+            u.scheme_str().unwrap_or("https"),
+            u.authority().map_or("", |a| a.as_str())
+        ),
+        Err(_) => "the upstream".to_string(),
+    }
+}
+
+/// Percent-encodes a query parameter value (RFC 3986 unreserved characters stay).
+pub(crate) fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_go_only_to_their_own_scheme_host_and_port() {
+        let same = |to: &str, from: &str| same_origin(&to.parse().unwrap(), &from.parse().unwrap());
+        assert!(same("https://reg.example/v2/x", "https://reg.example/v2/"));
+        assert!(same("https://REG.example:443/a", "https://reg.example/b"));
+        assert!(same("http://10.0.0.1:80/a", "http://10.0.0.1/b"));
+        assert!(
+            !same("http://reg.example/a", "https://reg.example/b"),
+            "https to http"
+        );
+        assert!(!same("http://reg.example:443/a", "https://reg.example/b"));
+        assert!(!same("https://reg.example:8443/a", "https://reg.example/b"));
+        assert!(!same("https://cdn.example/a", "https://reg.example/b"));
+    }
+
+    #[test]
+    fn resolves_redirects() {
+        let base: Uri = "https://registry.example/v2/a/blobs/x".parse().unwrap();
+        assert_eq!(
+            resolve_location(&base, "/storage/x?sig=1")
+                .unwrap()
+                .to_string(),
+            "https://registry.example/storage/x?sig=1"
+        );
+        assert_eq!(
+            resolve_location(&base, "https://cdn.example/x")
+                .unwrap()
+                .to_string(),
+            "https://cdn.example/x"
+        );
+        assert!(resolve_location(&base, "x").is_err());
+    }
+
+    #[test]
+    fn escapes_scope() {
+        assert_eq!(
+            query_escape("repository:a/b:pull"),
+            "repository%3Aa%2Fb%3Apull"
+        );
+    }
+}
