@@ -5,7 +5,7 @@
 //!   configuration types. They do no I/O.
 //! - [`proxy`] is the data plane (the OCI pull API as a pull-through cache). It never
 //!   talks to Kubernetes. Inside it, requests flow `http -> pull_through -> {upstream,
-//!   storage}`, never backwards.
+//!   index -> store}`, never backwards.
 //! - [`fsutil`] holds the file-system helpers the data plane and the node agent share.
 #![forbid(unsafe_code)]
 

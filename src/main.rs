@@ -116,16 +116,18 @@ struct NodeAgentArgs {
     servers: Vec<String>,
 }
 
-fn parse_quantity(s: &str) -> Result<u64, String> {
+fn parse_quantity(s: &str) -> Result<u64, pullthrough::api::quantity::QuantityError> {
     pullthrough::api::quantity::to_bytes(s)
 }
 
-fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+fn parse_listen(s: &str) -> Result<SocketAddr, pullthrough::api::proxy_config::ListenError> {
     pullthrough::api::proxy_config::parse_listen(s)
 }
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    pullthrough::api::duration::parse(s).map_err(|e| e.to_string())
+fn parse_duration(
+    s: &str,
+) -> Result<std::time::Duration, pullthrough::api::duration::DurationError> {
+    pullthrough::api::duration::parse(s)
 }
 
 fn pairs(
@@ -377,15 +379,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             admin_token_file,
             cache_dir,
         }) => {
-            pullthrough::api::image_ref::parse(&image).map_err(anyhow::Error::msg)?;
+            pullthrough::api::image_ref::parse(&image)?;
             let token_file = admin_token_file.unwrap_or_else(|| {
                 cache_dir.join(pullthrough::api::proxy_config::ADMIN_TOKEN_FILE)
             });
-            let token =
-                pullthrough::proxy::admin::read_token(&token_file).map_err(anyhow::Error::msg)?;
-            let answer = pullthrough::proxy::admin::drop_image(&admin_url, &image, &token)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let token = pullthrough::proxy::admin::read_token(&token_file)?;
+            let answer = pullthrough::proxy::admin::drop_image(&admin_url, &image, &token).await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
         }
     }

@@ -5,9 +5,31 @@
 //! single names live under `library/`. No tag means `latest`.
 
 use super::docker_hub;
-use crate::oci::reference::{validate_repository, validate_tag};
+use crate::oci::digest::DigestError;
+use crate::oci::reference::{ReferenceError, validate_repository, validate_tag};
 use crate::oci::{Digest, Reference};
 use std::fmt;
+
+/// Why a text is not an image reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid image reference {image:?}: {cause}")]
+pub struct ImageRefError {
+    /// The text.
+    pub image: String,
+    /// What is wrong with it.
+    pub cause: ImageRefCause,
+}
+
+/// What is wrong with an image reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageRefCause {
+    /// The part after `@`.
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    /// The repository or the tag.
+    #[error(transparent)]
+    Name(#[from] ReferenceError),
+}
 
 /// A parsed image reference.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -30,13 +52,13 @@ impl fmt::Display for ImageRef {
 }
 
 /// Parses and normalises an image reference.
-pub fn parse(s: &str) -> Result<ImageRef, String> {
-    let bad = |why: &str| format!("invalid image reference {s:?}: {why}");
+pub fn parse(s: &str) -> Result<ImageRef, ImageRefError> {
+    let bad = |cause: ImageRefCause| ImageRefError {
+        image: s.to_string(),
+        cause,
+    };
     let (rest, digest) = match s.split_once('@') {
-        Some((r, d)) => (
-            r,
-            Some(d.parse::<Digest>().map_err(|e| bad(&e.to_string()))?),
-        ),
+        Some((r, d)) => (r, Some(d.parse::<Digest>().map_err(|e| bad(e.into()))?)),
         None => (s, None),
     };
     let (registry, path) = match rest.split_once('/') {
@@ -61,11 +83,11 @@ pub fn parse(s: &str) -> Result<ImageRef, String> {
     } else {
         repository.to_string()
     };
-    validate_repository(&repository).map_err(|e| bad(&e.to_string()))?;
+    validate_repository(&repository).map_err(|e| bad(e.into()))?;
     let reference = match (digest, tag) {
         (Some(d), _) => Reference::Digest(d),
         (None, Some(t)) => {
-            validate_tag(t).map_err(|e| bad(&e.to_string()))?;
+            validate_tag(t).map_err(|e| bad(e.into()))?;
             Reference::Tag(t.to_string())
         }
         (None, None) => Reference::Tag("latest".into()),

@@ -2,7 +2,7 @@
 //! source of truth for the CRD (`pullthrough crd` prints it; `crds/` holds its output).
 //! Also the pure mapping from a mirror's spec to the [`ProxyConfig`] its proxy runs with.
 
-use super::proxy_config::{ProxyConfig, RepositoryFilter, UpstreamConfig};
+use super::proxy_config::{ConfigError, ProxyConfig, RepositoryFilter, UpstreamConfig};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -236,13 +236,32 @@ pub struct NodesStatus {
     pub ignoring_mirrors: i32,
 }
 
+/// Why a mirror's spec does not make a proxy configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The cache's size.
+    #[error("cache.storage: {0}")]
+    Storage(#[from] super::quantity::QuantityError),
+    /// One of the cache's durations.
+    #[error("cache.{field}: {source}")]
+    Duration {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        source: super::duration::DurationError,
+    },
+    /// The configuration it maps to.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
 /// Share of the cache volume the cache itself may fill: the rest is room for downloads in
 /// progress, tag records and the file system's own overhead.
 pub const CACHE_FILL_RATIO: f64 = 0.9;
 
 impl RegistryMirrorSpec {
     /// The proxy's size limit from the volume size (PVC size or emptyDir sizeLimit).
-    pub fn cache_limit(&self) -> Result<Option<u64>, String> {
+    pub fn cache_limit(&self) -> Result<Option<u64>, SpecError> {
         let storage = &self.cache.storage;
         let size = storage.size.as_ref().or(storage
             .empty_dir
@@ -251,8 +270,7 @@ impl RegistryMirrorSpec {
         match size {
             None => Ok(None),
             Some(q) => {
-                let bytes =
-                    super::quantity::to_bytes(&q.0).map_err(|e| format!("cache.storage: {e}"))?;
+                let bytes = super::quantity::to_bytes(&q.0)?;
                 Ok(Some((bytes as f64 * CACHE_FILL_RATIO) as u64))
             }
         }
@@ -260,10 +278,12 @@ impl RegistryMirrorSpec {
 
     /// The configuration the mirror's proxy runs with. Credentials are referenced as
     /// files where the pod mounts each upstream's Secret.
-    pub fn proxy_config(&self) -> Result<ProxyConfig, String> {
+    pub fn proxy_config(&self) -> Result<ProxyConfig, SpecError> {
         let defaults = ProxyConfig::default();
-        let parse = |field: &str, v: &Option<String>, default| match v {
-            Some(s) => super::duration::parse(s).map_err(|e| format!("cache.{field}: {e}")),
+        let parse = |field: &'static str, v: &Option<String>, default| match v {
+            Some(s) => {
+                super::duration::parse(s).map_err(|source| SpecError::Duration { field, source })
+            }
             None => Ok(default),
         };
         let config = ProxyConfig {
@@ -298,7 +318,7 @@ impl RegistryMirrorSpec {
             )?,
             ..defaults
         };
-        config.validate().map_err(|e| e.to_string())?;
+        config.validate()?;
         Ok(config)
     }
 }
@@ -437,6 +457,7 @@ cache: {tagTTL: 1m, staleIfError: 2h}
             wrong
                 .proxy_config()
                 .unwrap_err()
+                .to_string()
                 .contains("not one of the upstreams")
         );
         // What the controller writes, the proxy reads back unchanged.
@@ -447,7 +468,8 @@ cache: {tagTTL: 1m, staleIfError: 2h}
     fn invalid_specs_are_explained() {
         let mut spec = example(&["docker.io"]);
         spec.cache.tag_ttl = Some("5 minutes".into());
-        assert!(spec.proxy_config().unwrap_err().contains("cache.tagTTL"));
+        let err = spec.proxy_config().unwrap_err().to_string();
+        assert!(err.contains("cache.tagTTL"), "{err}");
         // Docker Hub's names are one registry, whatever the case.
         for pair in [
             ["docker.io", "index.docker.io"],
@@ -455,7 +477,11 @@ cache: {tagTTL: 1m, staleIfError: 2h}
             ["ghcr.io", "GHCR.io"],
         ] {
             assert!(
-                example(&pair).proxy_config().unwrap_err().contains("twice"),
+                example(&pair)
+                    .proxy_config()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("twice"),
                 "{pair:?}"
             );
         }

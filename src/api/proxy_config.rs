@@ -248,8 +248,8 @@ pub enum ConfigError {
     #[error("listen ({0}) and metricsListen ({1}) use the same port; give them different ones")]
     ListenClash(SocketAddr, SocketAddr),
     /// A pin or prefetch entry that is not an image reference.
-    #[error("{0}")]
-    BadImage(String),
+    #[error(transparent)]
+    BadImage(#[from] super::image_ref::ImageRefError),
     /// A pin or prefetch entry for a registry this proxy does not mirror.
     #[error("{list} entry {image:?} is on {registry}, which is not one of the upstreams")]
     ImageNotMirrored {
@@ -432,24 +432,55 @@ impl UpstreamConfig {
 /// A listen address: `IP:PORT` (`0.0.0.0:5000`, `[::]:5000`), `:PORT` for every
 /// interface, or `localhost:PORT` for the IPv4 loopback. Other host names are refused
 /// rather than looked up: an address to bind must not depend on DNS.
-pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+pub fn parse_listen(text: &str) -> Result<SocketAddr, ListenError> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
-    let (host, port) = text.rsplit_once(':').ok_or_else(|| {
-        format!("{text:?} is not an address: expected IP:PORT, e.g. 0.0.0.0:5000")
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| ListenError::NotAnAddress(text.to_string()))?;
+    let port: u16 = port.parse().map_err(|_| ListenError::BadPort {
+        text: text.to_string(),
+        port: port.to_string(),
     })?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("{text:?}: {port:?} is not a port number"))?;
     match host {
         "" => Ok(([0, 0, 0, 0], port).into()),
         h if h.eq_ignore_ascii_case("localhost") => Ok(([127, 0, 0, 1], port).into()),
-        h => Err(format!(
-            "{text:?}: {h:?} is a host name, which is not accepted; use an IP address \
-             (127.0.0.1:{port} for this machine only, 0.0.0.0:{port} for every interface)"
-        )),
+        h => Err(ListenError::HostName {
+            text: text.to_string(),
+            host: h.to_string(),
+            port,
+        }),
     }
+}
+
+/// Why a text is not a listen address (see [`parse_listen`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListenError {
+    /// No port at all.
+    #[error("{0:?} is not an address: expected IP:PORT, e.g. 0.0.0.0:5000")]
+    NotAnAddress(String),
+    /// The port is not a number from 0 to 65535.
+    #[error("{text:?}: {port:?} is not a port number")]
+    BadPort {
+        /// The address.
+        text: String,
+        /// Its port part.
+        port: String,
+    },
+    /// A host name, which would need DNS to bind.
+    #[error(
+        "{text:?}: {host:?} is a host name, which is not accepted; use an IP address \
+         (127.0.0.1:{port} for this machine only, 0.0.0.0:{port} for every interface)"
+    )]
+    HostName {
+        /// The address.
+        text: String,
+        /// Its host part.
+        host: String,
+        /// Its port.
+        port: u16,
+    },
 }
 
 fn listen_serde<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -640,7 +671,7 @@ staleIfError: 2h
         assert_eq!(ok("[::1]:5000"), "[::1]:5000");
         assert_eq!(ok("localhost:5000"), "127.0.0.1:5000");
         assert_eq!(ok(":5000"), "0.0.0.0:5000");
-        let err = parse_listen("registry.local:5000").unwrap_err();
+        let err = parse_listen("registry.local:5000").unwrap_err().to_string();
         assert!(err.contains("host name, which is not accepted"), "{err}");
         assert!(parse_listen("5000").is_err());
         assert!(parse_listen("localhost:http").is_err());

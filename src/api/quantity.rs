@@ -1,8 +1,13 @@
 //! Kubernetes resource quantities (`50Gi`, `500M`, `1.5Ti`, `2e9`) as byte counts.
 
+/// A text that is not a storage quantity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a storage quantity (e.g. 50Gi, 500M)")]
+pub struct QuantityError(pub String);
+
 /// Bytes in a quantity, rounded down. Errors on malformed or negative quantities.
-pub fn to_bytes(q: &str) -> Result<u64, String> {
-    let bad = || format!("{q:?} is not a storage quantity (e.g. 50Gi, 500M)");
+pub fn to_bytes(q: &str) -> Result<u64, QuantityError> {
+    let bad = || QuantityError(q.to_string());
     let q = q.trim();
     let split = q
         .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))

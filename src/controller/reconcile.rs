@@ -212,7 +212,7 @@ pub(super) async fn apply(
         (Err(message), _) => {
             observed.problem = Some(Problem {
                 reason: "InvalidSpec",
-                message,
+                message: message.to_string(),
             });
         }
         (Ok(_), Err(problem)) => observed.problem = Some(problem),

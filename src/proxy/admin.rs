@@ -10,8 +10,58 @@ use hyper::{Method, Request};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::io::{Read as _, Write as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Why `pullthrough cache drop` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The token file cannot be read.
+    #[error(
+        "cannot read the admin token {}: {source} (the proxy writes it at start; point \
+         --admin-token-file at it)",
+        path.display()
+    )]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The admin URL does not make a request.
+    #[error("invalid admin URL {url:?}: {source}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: hyper::http::Error,
+    },
+    /// No answer in time.
+    #[error("{0} did not answer within 60s")]
+    Timeout(String),
+    /// No connection.
+    #[error("cannot reach the proxy's admin endpoint at {url}: {source}")]
+    Unreachable {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The answer broke off.
+    #[error("reading the answer: {0}")]
+    Body(#[from] hyper::Error),
+    /// An answer that is not the endpoint's JSON.
+    #[error("unexpected answer ({status}): {body}")]
+    Unexpected {
+        /// Its status.
+        status: hyper::StatusCode,
+        /// Its body.
+        body: String,
+    },
+    /// The proxy said no; its reason.
+    #[error("{0}")]
+    Refused(String),
+}
 
 /// The token in `path`, created there (mode 0600, 32 random bytes as hex) if missing or
 /// empty.
@@ -37,15 +87,12 @@ pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
 }
 
 /// Reads the token `pullthrough cache drop` sends.
-pub fn read_token(path: &Path) -> Result<String, String> {
+pub fn read_token(path: &Path) -> Result<String, AdminError> {
     std::fs::read_to_string(path)
         .map(|t| t.trim().to_string())
-        .map_err(|e| {
-            format!(
-                "cannot read the admin token {}: {e} (the proxy writes it at start; \
-                 point --admin-token-file at it)",
-                path.display()
-            )
+        .map_err(|source| AdminError::Token {
+            path: path.to_path_buf(),
+            source,
         })
 }
 
@@ -65,7 +112,7 @@ pub async fn drop_image(
     admin_url: &str,
     image: &str,
     token: &str,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, AdminError> {
     let encoded = super::upstream::query_escape(image);
     let uri = format!(
         "{}/admin/cache?image={encoded}",
@@ -76,30 +123,28 @@ pub async fn drop_image(
         .uri(&uri)
         .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("invalid admin URL {admin_url:?}: {e}"))?;
+        .map_err(|source| AdminError::BadUrl {
+            url: admin_url.to_string(),
+            source,
+        })?;
     let client = Client::builder(TokioExecutor::new()).build_http();
     let resp = tokio::time::timeout(Duration::from_secs(60), client.request(req))
         .await
-        .map_err(|_| format!("{admin_url} did not answer within 60s"))?
-        .map_err(|e| format!("cannot reach the proxy's admin endpoint at {admin_url}: {e}"))?;
+        .map_err(|_| AdminError::Timeout(admin_url.to_string()))?
+        .map_err(|source| AdminError::Unreachable {
+            url: admin_url.to_string(),
+            source,
+        })?;
     let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("reading the answer: {e}"))?
-        .to_bytes();
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
-        format!(
-            "unexpected answer ({status}): {}",
-            String::from_utf8_lossy(&body)
-        )
-    })?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|_| AdminError::Unexpected {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })?;
     if !status.is_success() {
-        return Err(value["error"]
-            .as_str()
-            .unwrap_or("request failed")
-            .to_string());
+        let reason = value["error"].as_str().unwrap_or("request failed");
+        return Err(AdminError::Refused(reason.to_string()));
     }
     Ok(value)
 }

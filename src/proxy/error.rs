@@ -1,8 +1,9 @@
 //! The proxy's error type. Every failure a client can see is one of these, the upstream's
-//! ([`UpstreamError`]) among them; this module maps each to an OCI error code and HTTP
-//! status, in one place, and `http` renders the JSON body.
+//! ([`UpstreamError`]) and the store's ([`StoreError`]) among them; this module maps each
+//! to an OCI error code and HTTP status, in one place, and `http` renders the JSON body.
 
 use crate::oci::ErrorCode;
+use crate::proxy::store::StoreError;
 use crate::proxy::upstream::{Object, UpstreamError};
 use hyper::StatusCode;
 use std::sync::Arc;
@@ -53,7 +54,10 @@ pub enum ProxyError {
     /// The client's `Accept` allows none of the manifest types there are.
     #[error("{0}")]
     NotAcceptable(String),
-    /// Local failure (disk, bug).
+    /// The cache's store failed.
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+    /// Something that cannot happen did (a task ended without its result).
     #[error("internal error: {0}")]
     Internal(Arc<str>),
 }
@@ -82,7 +86,7 @@ impl ProxyError {
             // What Distribution answers (and the OCI conformance suite expects) when a
             // manifest exists only in types the client does not accept.
             NotAcceptable(_) => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
-            Internal(_) => (ErrorCode::Unknown, StatusCode::INTERNAL_SERVER_ERROR),
+            Storage(_) | Internal(_) => (ErrorCode::Unknown, StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
 
@@ -96,7 +100,7 @@ impl ProxyError {
         matches!(self, ProxyError::Upstream(UpstreamError::NotFound(_)))
     }
 
-    /// Wraps a local I/O error.
+    /// A broken invariant, described.
     pub fn internal(e: impl std::fmt::Display) -> ProxyError {
         ProxyError::Internal(e.to_string().into())
     }

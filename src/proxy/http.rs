@@ -264,11 +264,13 @@ async fn route(
             let result = cache.manifest(&up, &repo, &reference, &accept).await;
             let (m, res) = count(proxy, &up, Kind::Manifest, outcome, result)?;
             if !head {
-                proxy.metrics().served(
-                    up.name(),
-                    matches!(res, CacheResult::Hit | CacheResult::Stale),
-                    m.body.len() as u64,
-                );
+                proxy
+                    .metrics()
+                    .served_bytes(
+                        up.name(),
+                        matches!(res, CacheResult::Hit | CacheResult::Stale),
+                    )
+                    .inc_by(m.body.len() as u64);
             }
             Ok(Response::builder()
                 .status(StatusCode::OK)
@@ -289,7 +291,6 @@ async fn route(
                 .and_then(Result::ok);
             let spans = req.extensions().get::<crate::proxy::zero_copy::Spans>();
             let result = cache.blob(&up, &repo, &digest, range, head, spans).await;
-            let served = (proxy.metrics().clone(), up.name().to_string());
             let answer = count(
                 proxy,
                 &up,
@@ -301,7 +302,7 @@ async fn route(
                 }),
             )?
             .0;
-            Ok(blob_response(&digest, answer, served))
+            Ok(blob_response(&digest, answer, proxy.metrics(), up.name()))
         }
         Route::Tags(name) => {
             let page = cache
@@ -368,9 +369,10 @@ fn count<T>(
 fn blob_response(
     digest: &Digest,
     answer: BlobAnswer,
-    (metrics, upstream): (super::metrics::Metrics, String),
+    metrics: &super::metrics::Metrics,
+    upstream: &str,
 ) -> Response<Body> {
-    let from_cache = answer.result == CacheResult::Hit;
+    let served = metrics.served_bytes(upstream, answer.result == CacheResult::Hit);
     let mut b = Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header("docker-content-digest", digest.to_string())
@@ -389,7 +391,7 @@ fn blob_response(
     let body = match answer.body {
         Some(stream) => StreamBody::new(
             stream
-                .inspect_ok(move |chunk| metrics.served(&upstream, from_cache, chunk.len() as u64))
+                .inspect_ok(move |chunk| served.inc_by(chunk.len() as u64))
                 .map_ok(Frame::data),
         )
         .boxed_unsync(),
@@ -462,7 +464,7 @@ pub async fn handle_ops(
         Err(e) => {
             return Ok(json(
                 StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": e}),
+                serde_json::json!({"error": e.to_string()}),
             ));
         }
     };

@@ -274,12 +274,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts bytes sent to a client; `from_cache` picks the `source` label.
-    pub fn served(&self, upstream: &str, from_cache: bool, bytes: u64) {
+    /// The counter of bytes sent to clients of `upstream`; `from_cache` picks the
+    /// `source` label. Looked up once per response, counted per chunk.
+    pub fn served_bytes(&self, upstream: &str, from_cache: bool) -> IntCounter {
         let source = if from_cache { "cache" } else { "upstream" };
-        self.served_bytes
-            .with_label_values(&[upstream, source])
-            .inc_by(bytes);
+        self.served_bytes.with_label_values(&[upstream, source])
     }
 
     /// Counts an upstream request and its latency. `code` is the HTTP status, or `None`
@@ -353,7 +352,7 @@ mod tests {
     fn exports_the_documented_names() {
         let m = Metrics::new();
         m.request("docker.io", Kind::Blob, CacheResult::Hit);
-        m.served("docker.io", true, 10);
+        m.served_bytes("docker.io", true).inc_by(10);
         m.upstream("docker.io", Kind::Manifest, Some(200), 0.1);
         let text = m.render();
         for name in [

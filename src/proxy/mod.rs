@@ -3,7 +3,8 @@
 //!
 //! Layers, called only downwards: [`http`] (parse, validate, route, render errors) ->
 //! [`pull_through`] (cache logic, coalescing, streaming) -> [`upstream`] (registry client,
-//! auth) and [`storage`] (files). This module never imports `kube`.
+//! auth) and [`index`] (accounting, eviction) -> [`store`] (the bytes: the local disk).
+//! docs/architecture.md draws the rooms. This module never imports `kube`.
 
 pub mod admin;
 pub mod error;
@@ -11,7 +12,9 @@ pub mod http;
 pub mod index;
 pub mod metrics;
 pub mod pull_through;
-pub mod storage;
+pub mod store;
+#[cfg(test)]
+mod test_support;
 pub mod upstream;
 pub mod zero_copy;
 
@@ -19,18 +22,17 @@ use crate::api::docker_hub;
 use crate::api::dockerconfig::credentials_for;
 use crate::api::image_ref;
 use crate::api::{ConfigError, ProxyConfig};
-use crate::oci::Reference;
 use crate::server::ConnLimits;
 use index::Index;
 use metrics::Metrics;
-use pull_through::{CachePolicy, PullThrough};
+use pull_through::{CachePolicy, ConfiguredImage, PullThrough};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use storage::Storage;
+use store::DiskStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -49,6 +51,14 @@ pub enum StartError {
         path: PathBuf,
         /// What went wrong.
         source: std::io::Error,
+    },
+    /// The cache's store cannot be read.
+    #[error("cache directory {path}: {source}")]
+    CacheStore {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        source: store::StoreError,
     },
     /// A credentials file cannot be read or parsed.
     #[error("credentials file {path} for {registry}: {reason}")]
@@ -84,7 +94,7 @@ pub struct Proxy {
     upstreams: HashMap<String, Arc<Upstream>>,
     default: Arc<Upstream>,
     metrics: Metrics,
-    prefetch: Vec<(Arc<Upstream>, String, Reference, String)>,
+    prefetch: Vec<ConfiguredImage>,
     prefetch_platforms: Vec<String>,
     admin_token: String,
 }
@@ -92,17 +102,20 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the proxy: validates the config, opens (and cleans) the cache directory,
     /// resolves credentials.
-    pub fn build(config: &ProxyConfig) -> Result<Proxy, StartError> {
+    pub async fn build(config: &ProxyConfig) -> Result<Proxy, StartError> {
         config.validate()?;
         let metrics = Metrics::new();
         let cache_dir_error = |source| StartError::CacheDir {
             path: config.cache_dir.clone(),
             source,
         };
-        let (storage, stats) = Storage::open(&config.cache_dir).map_err(cache_dir_error)?;
-        let storage = Arc::new(storage);
-        let index = Index::rebuild(storage.clone(), config.max_cache_bytes, metrics.clone())
-            .map_err(cache_dir_error)?;
+        let (store, stats) = DiskStore::open(&config.cache_dir).map_err(cache_dir_error)?;
+        let index = Index::rebuild(Arc::new(store), config.max_cache_bytes, metrics.clone())
+            .await
+            .map_err(|source| StartError::CacheStore {
+                path: config.cache_dir.clone(),
+                source,
+            })?;
         let token_path = config.admin_token_path();
         let admin_token =
             admin::load_or_create_token(&token_path).map_err(|source| StartError::AdminToken {
@@ -158,19 +171,22 @@ impl Proxy {
             tags_list_ttl: config.tags_list_ttl,
             max_manifest_bytes: config.max_manifest_bytes,
         };
-        let resolve =
-            |image: &String| -> Result<(Arc<Upstream>, String, Reference, String), StartError> {
-                let r = image_ref::parse(image)
-                    .map_err(|e| StartError::Config(ConfigError::BadImage(e)))?;
-                let up = find_upstream(&upstreams, &r.registry).ok_or_else(|| {
-                    StartError::Config(ConfigError::ImageNotMirrored {
-                        list: "pin",
-                        image: image.clone(),
-                        registry: r.registry.clone(),
-                    })
-                })?;
-                Ok((up, r.repository, r.reference, image.clone()))
-            };
+        let resolve = |image: &String| -> Result<ConfiguredImage, StartError> {
+            let r = image_ref::parse(image).map_err(|e| StartError::Config(e.into()))?;
+            let upstream = find_upstream(&upstreams, &r.registry).ok_or_else(|| {
+                StartError::Config(ConfigError::ImageNotMirrored {
+                    list: "pin",
+                    image: image.clone(),
+                    registry: r.registry.clone(),
+                })
+            })?;
+            Ok(ConfiguredImage {
+                upstream,
+                repository: r.repository,
+                reference: r.reference,
+                name: image.clone(),
+            })
+        };
         let pins: Vec<_> = config.pin.iter().map(resolve).collect::<Result<_, _>>()?;
         let mut prefetch: Vec<_> = config
             .prefetch
@@ -179,25 +195,12 @@ impl Proxy {
             .collect::<Result<_, _>>()?;
         // Pinned images are kept, so they are fetched too.
         for p in &pins {
-            if !prefetch
-                .iter()
-                .any(|q| q.0.name() == p.0.name() && q.1 == p.1 && q.2 == p.2)
-            {
+            if !prefetch.iter().any(|q| q.same_image(p)) {
                 prefetch.push(p.clone());
             }
         }
-        let pins = pins
-            .into_iter()
-            .map(|(u, r, reference, _)| (u, r, reference))
-            .collect();
         Ok(Proxy {
-            cache: Arc::new(PullThrough::new(
-                storage,
-                index,
-                metrics.clone(),
-                policy,
-                pins,
-            )),
+            cache: Arc::new(PullThrough::new(index, metrics.clone(), policy, pins)),
             upstreams,
             default,
             metrics,
@@ -238,15 +241,10 @@ impl crate::server::Ops for Proxy {
         self.metrics.render()
     }
 
-    /// Ready when the cache directory is there. A full disk does not make the proxy
+    /// Ready when the store can be used (its directory is there). A full disk does not make the proxy
     /// unready: it still serves what it has and streams the rest through.
     fn readiness(&self) -> Result<(), String> {
-        let tmp = self.cache.storage().root().join("tmp");
-        if tmp.is_dir() {
-            Ok(())
-        } else {
-            Err(format!("cache directory {} is gone", tmp.display()))
-        }
+        self.cache.store().check().map_err(|e| e.to_string())
     }
 
     fn degraded(&self) -> Option<String> {
@@ -326,7 +324,7 @@ pub async fn serve(
     ops: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let proxy = Arc::new(Proxy::build(&config)?);
+    let proxy = Arc::new(Proxy::build(&config).await?);
     tracing::info!(
         listen = %api.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?,
         metrics = %ops.local_addr().map_err(|source| StartError::Bind { addr: config.metrics_listen, source })?,

@@ -1,27 +1,36 @@
 //! Blobs: one download per missing digest, shared by every request for it. The download
-//! runs on its own task, writes to a temp file and hashes as it goes; every client (the
-//! first included) reads that file as it grows, so a slow client never slows the download
-//! and memory stays bounded whatever the blob size. The last byte is withheld until the
-//! digest is verified: a client can never receive a complete body that does not match.
-//! The file is renamed into the cache only when the digest matches. A blob that cannot be
-//! cached is relayed through memory to the clients that waited for it; HEADs of uncached
-//! blobs are coalesced too.
+//! runs on its own task, writes to the store ([`BlobWrite`]) and hashes as it goes; every
+//! client (the first included) reads what was written as it grows ([`Written`]), so a slow
+//! client never slows the download and memory stays bounded whatever the blob size. The
+//! last byte is withheld until the digest is verified: a client can never receive a
+//! complete body that does not match. The write is committed only when the digest
+//! matches. A blob that cannot be cached is relayed through memory to the clients that
+//! waited for it; HEADs of uncached blobs are coalesced too.
 
 use super::*;
 use crate::oci::{Digest, Hasher};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::Reservation;
 use crate::proxy::metrics::CacheResult;
+use crate::proxy::store::{BlobWrite, Written};
 use crate::proxy::upstream::{BlobBody, Upstream, UpstreamError};
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
 use futures::stream::StreamExt;
 use std::io;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+/// What a download has written, for its clients to read (see [`Written`]).
+#[derive(Clone)]
+pub(super) struct Source(pub(super) Arc<dyn Written>);
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Source")
+    }
+}
 
 #[derive(Clone, Debug)]
 pub(super) enum FetchState {
@@ -29,14 +38,17 @@ pub(super) enum FetchState {
     Streaming {
         len: Option<u64>,
         written: u64,
+        source: Source,
     },
     /// Every byte is written and hashes to the digest: clients may have all of it while
-    /// the file is flushed to disk and renamed into the cache.
+    /// the write is made durable and committed into the cache.
     Verified {
         len: u64,
+        source: Source,
     },
     Done {
         len: u64,
+        source: Source,
     },
     Failed(ProxyError),
     /// The blob will not be cached (no room, disk full): the clients that waited for the
@@ -53,8 +65,19 @@ pub(super) const RELAY_DEPTH: usize = 8;
 /// Where a relayed blob's chunks go to one client.
 pub(super) type RelayTx = mpsc::Sender<io::Result<Bytes>>;
 
+impl FetchState {
+    /// Where the bytes written so far are read, once there are any.
+    pub(super) fn source(&self) -> Option<&Source> {
+        match self {
+            FetchState::Streaming { source, .. }
+            | FetchState::Verified { source, .. }
+            | FetchState::Done { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
 pub(super) struct BlobFetch {
-    pub(super) temp: PathBuf,
     pub(super) state: watch::Receiver<FetchState>,
     /// The clients that joined before the download's first answer. If the blob cannot
     /// be cached, the download relays its body to them, so that one upstream GET serves
@@ -75,10 +98,24 @@ impl BlobFetch {
     }
 }
 
+/// A client's place in a download (see [`PullThrough::join_or_start`]).
+pub(super) struct Joined {
+    pub(super) fetch: Arc<BlobFetch>,
+    /// Whether this client started it.
+    pub(super) leader: bool,
+    /// Where its body comes if the blob is relayed instead of cached.
+    pub(super) relayed: Option<mpsc::Receiver<io::Result<Bytes>>>,
+}
+
 /// How a download ended well.
 pub(super) enum Downloaded {
-    /// In the temp file, verified: to be committed.
-    Stored { len: u64, reservation: Reservation },
+    /// Written and verified: to be committed.
+    Stored {
+        len: u64,
+        reservation: Reservation,
+        write: Box<dyn BlobWrite>,
+        source: Source,
+    },
     /// Not to be cached: the body is still to be read.
     Uncacheable { body: BlobBody },
 }
@@ -176,7 +213,12 @@ impl PullThrough {
         if head {
             return self.head_blob(up, repository, digest).await;
         }
-        let Some((fetch, leader, relayed)) = self.join_or_start(up, repository, digest) else {
+        let Some(Joined {
+            fetch,
+            leader,
+            relayed,
+        }) = self.join_or_start(up, repository, digest)
+        else {
             // Finished between our cache check and taking the lock.
             return self
                 .cached_blob(digest, range, head, spans)
@@ -205,7 +247,7 @@ impl PullThrough {
                 };
             }
             FetchState::Streaming { len, .. } => len,
-            FetchState::Verified { len } | FetchState::Done { len } => Some(len),
+            FetchState::Verified { len, .. } | FetchState::Done { len, .. } => Some(len),
             FetchState::Connecting => unreachable!("waited for a later state"),
         };
         let span = match (range, len) {
@@ -216,18 +258,7 @@ impl PullThrough {
             _ => None,
         };
         let (start, end) = span.map_or((0, len), |(s, e)| (s, Some(e + 1)));
-        let reader = LiveReader {
-            rx,
-            temp: fetch.temp.clone(),
-            final_path: self.storage.blob_path(digest),
-            file: None,
-            pos: start,
-            end,
-            verified: None,
-            finished: false,
-            spans: spans.cloned(),
-            page_cache: PageCache::Kernel,
-        };
+        let reader = LiveReader::new(rx, start, end, spans.cloned());
         let body = futures::stream::unfold(reader, |mut r| async move {
             if r.finished {
                 return None;
@@ -257,23 +288,21 @@ impl PullThrough {
     /// Joins the running download of `digest` or starts one, with a place among the
     /// clients it would relay to (see [`BlobFetch::relay`]). `None` when the blob turned
     /// out to be cached already.
-    #[allow(clippy::type_complexity)]
     pub(super) fn join_or_start(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         repository: &str,
         digest: &Digest,
-    ) -> Option<(
-        Arc<BlobFetch>,
-        bool,
-        Option<mpsc::Receiver<io::Result<Bytes>>>,
-    )> {
+    ) -> Option<Joined> {
         let mut map = self.blobs.lock().expect("blob map lock");
         if let Some(f) = map.get(digest) {
-            let relayed = f.subscribe();
             // Uncounted once the download answers (see `blob`).
             self.metrics.fetch_waiters.inc();
-            return Some((f.clone(), false, relayed));
+            return Some(Joined {
+                relayed: f.subscribe(),
+                fetch: f.clone(),
+                leader: false,
+            });
         }
         if self.index.contains(digest) {
             return None;
@@ -281,7 +310,6 @@ impl PullThrough {
         self.metrics.fetch_waiters.inc();
         let (tx, rx) = watch::channel(FetchState::Connecting);
         let fetch = Arc::new(BlobFetch {
-            temp: self.storage.temp_path(),
             state: rx,
             relay: Mutex::new(Some(Vec::new())),
         });
@@ -295,12 +323,16 @@ impl PullThrough {
             fetch.clone(),
         );
         tokio::spawn(async move { this.download(up2, repo, d, f, tx).await });
-        Some((fetch, true, relayed))
+        Some(Joined {
+            fetch,
+            leader: true,
+            relayed,
+        })
     }
 
     /// A cached blob's answer, or `None` if it is not cached. With `spans` (an HTTP/1
-    /// connection), the body hands the connection file ranges to send instead of bytes
-    /// wherever they are in the page cache (see [`file_chunks`]).
+    /// connection), the body may hand the connection file ranges to send instead of bytes
+    /// (see [`crate::proxy::store::StoredBlob::read`]).
     pub(super) async fn cached_blob(
         &self,
         digest: &Digest,
@@ -312,17 +344,11 @@ impl PullThrough {
         let Some(guard) = self.index.acquire(digest) else {
             return Ok(None);
         };
-        let path = self.storage.blob_path(digest);
-        let file = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
-                self.discard(digest).await;
-                return Ok(None);
-            }
-            Ok(Err(e)) => return Err(ProxyError::internal(e)),
-            Err(e) => return Err(ProxyError::internal(e)),
+        let Some(blob) = self.store().open(digest).await? else {
+            self.discard(digest).await;
+            return Ok(None);
         };
-        let len = file.metadata().map_err(ProxyError::internal)?.len();
+        let len = blob.len();
         let span = match range {
             Some(r) => Some(
                 r.resolve(len)
@@ -334,24 +360,13 @@ impl PullThrough {
             None
         } else {
             let (start, count) = span.map_or((0, len), |(s, e)| (s, e - s + 1));
-            // Ranges sent from the page cache need no chunk buffers.
-            let large = match spans {
-                Some(_) => None,
-                None => self.large_reads.clone().try_acquire_owned().ok(),
-            };
             Some(
-                file_chunks(
-                    ChunkReader::new(file, PageCache::Kernel),
-                    start,
-                    count,
-                    large,
-                    spans.cloned(),
-                )
-                .map(move |chunk| {
-                    let _held = &guard;
-                    chunk
-                })
-                .boxed(),
+                blob.read(start, count, spans.cloned())
+                    .map(move |chunk| {
+                        let _held = &guard;
+                        chunk
+                    })
+                    .boxed(),
             )
         };
         Ok(Some(BlobAnswer {
@@ -373,7 +388,7 @@ impl PullThrough {
         if let Some(f) = self.running(digest) {
             let len = match &*f.state.borrow() {
                 FetchState::Streaming { len, .. } | FetchState::Uncacheable { len } => *len,
-                FetchState::Verified { len } | FetchState::Done { len } => Some(*len),
+                FetchState::Verified { len, .. } | FetchState::Done { len, .. } => Some(*len),
                 _ => None,
             };
             if len.is_some() {
@@ -433,20 +448,28 @@ impl PullThrough {
     ) {
         self.metrics.inflight_fetches.inc();
         let started = Instant::now();
-        let temp = fetch.temp.clone();
         let result = self
             .download_to(&up, &repository, &digest, &fetch, &tx)
             .await;
         let result = match result {
-            Ok(Downloaded::Stored { len, reservation }) => {
-                let (this, t, d) = (self.clone(), temp.clone(), digest.clone());
-                tokio::task::spawn_blocking(move || {
-                    this.index.commit_blob(&t, &d, len, reservation)
-                })
-                .await
-                .expect("commit task")
-                .map(|()| Some(len))
-                .map_err(ProxyError::internal)
+            Ok(Downloaded::Stored {
+                len,
+                reservation,
+                write,
+                source,
+            }) => {
+                let committed = self
+                    .index
+                    .commit_blob(write, &digest, len, reservation)
+                    .await;
+                if let Err(e) = &committed
+                    && e.is_full()
+                {
+                    self.mark_disk_full("a download could not be stored");
+                }
+                committed
+                    .map(|()| Some((len, source)))
+                    .map_err(ProxyError::from)
             }
             Ok(Downloaded::Uncacheable { body }) => {
                 let clients = fetch
@@ -463,15 +486,14 @@ impl PullThrough {
             Err(e) => Err(e),
         };
         match result {
-            Ok(Some(len)) => {
+            Ok(Some((len, source))) => {
                 self.mark_disk_ok();
                 tracing::info!(upstream = up.name(), repo = %repository, %digest, bytes = len,
                     seconds = started.elapsed().as_secs_f64(), "blob cached");
-                tx.send_replace(FetchState::Done { len });
+                tx.send_replace(FetchState::Done { len, source });
             }
             Ok(None) => {}
             Err(e) => {
-                let _ = tokio::fs::remove_file(&temp).await;
                 tracing::warn!(upstream = up.name(), repo = %repository, %digest, error = %e, "blob download failed; nothing cached");
                 tx.send_replace(FetchState::Failed(e));
             }
@@ -480,8 +502,8 @@ impl PullThrough {
         self.metrics.inflight_fetches.dec();
     }
 
-    /// Downloads into the fetch's temp file, or hands the body back when the blob is not
-    /// to be cached.
+    /// Downloads into a new write to the store, or hands the body back when the blob is
+    /// not to be cached.
     pub(super) async fn download_to(
         self: &Arc<Self>,
         up: &Upstream,
@@ -501,17 +523,22 @@ impl PullThrough {
         let Some(mut reservation) = reservation else {
             return Ok(Downloaded::Uncacheable { body });
         };
-        let mut file = match tokio::fs::File::create(&fetch.temp).await {
-            Ok(f) => f,
-            Err(e) if is_disk_full(&e) => {
-                self.mark_disk_full("cannot create a download file");
+        let mut write = match self.store().begin().await {
+            Ok(w) => w,
+            Err(e) if e.is_full() => {
+                self.mark_disk_full("cannot begin a download");
                 return Ok(Downloaded::Uncacheable { body });
             }
-            Err(e) => return Err(ProxyError::internal(e)),
+            Err(e) => return Err(e.into()),
         };
-        // The clients that waited read the file from now on, as later ones do.
+        let source = Source(write.written());
+        // The clients that waited read the write from now on, as later ones do.
         fetch.relay.lock().expect("relay lock").take();
-        tx.send_replace(FetchState::Streaming { len, written: 0 });
+        tx.send_replace(FetchState::Streaming {
+            len,
+            written: 0,
+            source: source.clone(),
+        });
         let mut hasher = Hasher::new(digest.algorithm());
         let mut written = 0u64;
         let mut pending: Vec<u8> = Vec::with_capacity(CHUNK);
@@ -541,15 +568,11 @@ impl PullThrough {
                 ));
             }
             hasher.update(&pending);
-            let wrote = match file.write_all(&pending).await {
-                Ok(()) => file.flush().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = wrote {
-                if is_disk_full(&e) {
+            if let Err(e) = write.append(&pending).await {
+                if e.is_full() {
                     self.mark_disk_full("a download ran out of space");
                 }
-                return Err(ProxyError::internal(e));
+                return Err(e.into());
             }
             reservation.wrote(pending.len() as u64);
             pending.clear();
@@ -568,12 +591,16 @@ impl PullThrough {
                 format!("blob content hashes to {got}, not {digest}").into(),
             ));
         }
-        // The clients need not wait for the disk: what they read is verified already.
-        tx.send_replace(FetchState::Verified { len: written });
-        file.sync_data().await.map_err(ProxyError::internal)?;
+        // The clients need not wait for the commit: what they read is verified already.
+        tx.send_replace(FetchState::Verified {
+            len: written,
+            source: source.clone(),
+        });
         Ok(Downloaded::Stored {
             len: written,
             reservation,
+            write,
+            source,
         })
     }
 

@@ -8,7 +8,7 @@ use crate::oci::media::{Accept, manifest_media_type};
 use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
 use crate::proxy::metrics::CacheResult;
-use crate::proxy::storage::{TagRecord, unix_now_ms};
+use crate::proxy::store::{TagKey, TagRecord, unix_now_ms};
 use crate::proxy::upstream::Upstream;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -92,6 +92,13 @@ impl PullThrough {
                 accept.clone(),
             );
             async move {
+                // A fetch that ended between the caller's look at the cache and this one's
+                // start may have stored it.
+                if let Some(d) = &expect
+                    && let Some(m) = this.cached_manifest(d).await?
+                {
+                    return Ok((acceptable(m, &accept)?, CacheResult::Hit));
+                }
                 let m = this
                     .fetch_manifest(&up, &repo, &reference, expect.as_ref(), &accept)
                     .await?;
@@ -115,10 +122,8 @@ impl PullThrough {
                 self.coalesce(key(&digest.to_string()), fetch).await
             }
             Reference::Tag(tag) => {
-                let state = self.tag_state(up, repository, tag).await;
-                if let Some(st) = &state
-                    && freshness(st.age(), &self.policy) == Freshness::Fresh
-                    && let Some(m) = self.cached_manifest(&st.digest).await?
+                let (_, fresh) = self.fresh_tag(up, repository, tag).await?;
+                if let Some(m) = fresh
                     && accept.allows(&m.media_type)
                 {
                     return Ok((m, CacheResult::Hit));
@@ -138,6 +143,12 @@ impl PullThrough {
                     tag.clone(),
                 );
                 self.coalesce(key(&tag), async move {
+                    // A fetch that ended between the caller's look at the tag and this
+                    // one's start may have refreshed it.
+                    let (state, fresh) = this.fresh_tag(&up2, &repo, &tag).await?;
+                    if let Some(m) = fresh {
+                        return Ok((m, CacheResult::Hit));
+                    }
                     this.resolve_tag(&up2, &repo, &tag, state).await
                 })
                 .await
@@ -164,6 +175,23 @@ impl PullThrough {
         }
     }
 
+    /// A tag's state, and the cached manifest it points to if it is fresh.
+    async fn fresh_tag(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        tag: &str,
+    ) -> Result<(Option<TagState>, Option<Manifest>), ProxyError> {
+        let state = self.tag_state(up, repository, tag).await;
+        let fresh = match &state {
+            Some(st) if freshness(st.age(), &self.policy) == Freshness::Fresh => {
+                self.cached_manifest(&st.digest).await?
+            }
+            _ => None,
+        };
+        Ok((state, fresh))
+    }
+
     pub(super) async fn tag_state(
         &self,
         up: &Upstream,
@@ -174,7 +202,18 @@ impl PullThrough {
         if let Some(st) = self.tags.lock().expect("tag map lock").get(&key) {
             return Some(st.clone());
         }
-        let rec = self.storage.get_tag(up.name(), repository, tag).await?;
+        let stored = TagKey {
+            upstream: up.name(),
+            repository,
+            tag,
+        };
+        let rec = match self.store().tag(stored).await {
+            Ok(rec) => rec?,
+            Err(e) => {
+                tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, "could not read a tag record");
+                return None;
+            }
+        };
         let digest: Digest = rec.digest.parse().ok()?;
         let st = TagState {
             digest,
@@ -211,7 +250,7 @@ impl PullThrough {
             digest: digest.to_string(),
             checked_at_ms: unix_now_ms(),
         };
-        if let Err(e) = self.storage.put_tag(&rec).await {
+        if let Err(e) = self.store().put_tag(&rec).await {
             tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, "could not persist tag");
         }
     }
@@ -221,7 +260,14 @@ impl PullThrough {
             .lock()
             .expect("tag map lock")
             .remove(&tag_key(up, repository, tag));
-        let _ = self.storage.delete_tag(up.name(), repository, tag).await;
+        let key = TagKey {
+            upstream: up.name(),
+            repository,
+            tag,
+        };
+        if let Err(e) = self.store().delete_tag(key).await {
+            tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, "could not remove a tag record");
+        }
     }
 
     /// Tag not fresh (or unknown): revalidate with HEAD, fetch on change, fall back to the
@@ -292,18 +338,14 @@ impl PullThrough {
         let Some(_guard) = self.index.acquire_manifest(digest) else {
             return Ok(None);
         };
-        let found = self
-            .storage
-            .get_manifest(digest)
-            .await
-            .map_err(ProxyError::internal)?;
+        let found = self.store().manifest(digest).await?;
         if found.is_none() {
             self.discard(digest).await;
         }
-        Ok(found.map(|(body, media_type)| Manifest {
+        Ok(found.map(|m| Manifest {
             digest: digest.clone(),
-            media_type,
-            body,
+            media_type: m.media_type,
+            body: m.body,
         }))
     }
 
@@ -326,14 +368,14 @@ impl PullThrough {
             body.clone(),
             media_type.to_string(),
         );
-        let result = tokio::task::spawn_blocking(move || {
-            this.index.commit_manifest(&d, &b, &mt, reservation)
-        })
-        .await
-        .expect("commit task");
+        // On its own task: the index and the store agree even if the client goes away.
+        let result =
+            tokio::spawn(async move { this.index.commit_manifest(&d, b, &mt, reservation).await })
+                .await
+                .expect("commit task");
         match result {
             Ok(()) => self.mark_disk_ok(),
-            Err(e) if is_disk_full(&e) => self.mark_disk_full("manifest write failed"),
+            Err(e) if e.is_full() => self.mark_disk_full("manifest write failed"),
             Err(e) => tracing::warn!(%digest, error = %e, "could not cache a manifest"),
         }
     }

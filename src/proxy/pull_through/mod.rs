@@ -2,25 +2,24 @@
 //! cache or the upstream, and fills the cache on the way.
 //!
 //! Blobs: one download per missing digest, shared by every request for it. The download
-//! runs on its own task, writes to a temp file and hashes as it goes; every client (the
-//! first included) reads that file as it grows, so a slow client never slows the download
-//! and memory stays bounded whatever the blob size. The last byte is withheld until the
-//! digest is verified: a client can never receive a complete body that does not match.
-//! The file is renamed into the cache only when the digest matches.
+//! runs on its own task, writes to the store and hashes as it goes; every client (the
+//! first included) reads what was written as it grows, so a slow client never slows the
+//! download and memory stays bounded whatever the blob size. The last byte is withheld
+//! until the digest is verified: a client can never receive a complete body that does not
+//! match. The write is committed into the cache only when the digest matches.
 //!
 //! Manifests: cached by digest forever. A tag maps to a digest for `tag_ttl`, then is
 //! revalidated with a HEAD; when the upstream is down the last digest is served for up to
 //! `stale_if_error` more. Concurrent misses for one manifest share one upstream request.
 //!
 //! The rooms: [`manifests`] (tags, freshness, coalesced fetches), [`blobs`] (downloads,
-//! relays, HEADs), [`live_reader`] (a client reading a download in progress), [`file_body`] (reading cache files,
-//! page cache and `sendfile`), [`prefetch`] (prefetch, eviction at start, dropping
-//! images), [`lists`] (tags/list, referrers), [`range`] (`Range` requests) and
-//! [`single_flight`] (one fetch per key). This module holds the cache itself and what
-//! they share: the policy, disk space and reservations, pins.
+//! relays, HEADs), [`live_reader`] (a client reading a download in progress), [`prefetch`]
+//! (prefetch, eviction at start, dropping images), [`lists`] (tags/list, referrers),
+//! [`range`] (`Range` requests) and [`single_flight`] (one fetch per key). This module
+//! holds the cache itself and what they share: the policy, space and reservations, pins.
+//! Bytes are kept by a [`BlobStore`] reached through the [`Index`], never by path.
 
 mod blobs;
-mod file_body;
 mod lists;
 mod live_reader;
 mod manifests;
@@ -29,7 +28,6 @@ mod range;
 pub mod single_flight;
 
 use blobs::*;
-use file_body::*;
 use lists::*;
 use live_reader::*;
 use manifests::*;
@@ -40,7 +38,7 @@ use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::{Index, NoRoom, Reservation};
 use crate::proxy::metrics::{CacheResult, Metrics};
-use crate::proxy::storage::Storage;
+use crate::proxy::store::{BlobStore, CHUNK};
 use crate::proxy::upstream::Upstream;
 pub use crate::proxy::upstream::{Referrers, TagsPage};
 use bytes::Bytes;
@@ -50,7 +48,6 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// Limits and timings of the cache.
@@ -77,6 +74,28 @@ pub struct Manifest {
     pub body: Bytes,
 }
 
+/// An image the configuration names (to pin or to prefetch), resolved to its upstream.
+#[derive(Clone)]
+pub struct ConfiguredImage {
+    /// The upstream that serves it.
+    pub upstream: Arc<Upstream>,
+    /// Its canonical repository.
+    pub repository: String,
+    /// Its tag or digest.
+    pub reference: Reference,
+    /// As the configuration wrote it, for the logs.
+    pub name: String,
+}
+
+impl ConfiguredImage {
+    /// Whether both name the same image (however each was written).
+    pub fn same_image(&self, other: &ConfiguredImage) -> bool {
+        self.upstream.name() == other.upstream.name()
+            && self.repository == other.repository
+            && self.reference == other.reference
+    }
+}
+
 /// What a blob request is answered with.
 pub struct BlobAnswer {
     /// Full size of the blob, when known (it is unless a miss is streamed chunked).
@@ -98,11 +117,10 @@ const DISK_MARGIN: u64 = 16 << 20;
 
 /// The cache and its in-flight fetches.
 pub struct PullThrough {
-    storage: Arc<Storage>,
     index: Arc<Index>,
     metrics: Metrics,
     policy: CachePolicy,
-    pins: Vec<(Arc<Upstream>, String, Reference)>,
+    pins: Vec<ConfiguredImage>,
     disk_full_until: Mutex<Option<Instant>>,
     blobs: Mutex<HashMap<Digest, Arc<BlobFetch>>>,
     manifests: SingleFlight<String, ManifestResult>,
@@ -110,27 +128,17 @@ pub struct PullThrough {
     heads: SingleFlight<Digest, Result<Option<u64>, ProxyError>>,
     tags: Mutex<HashMap<String, TagState>>,
     tag_lists: TagLists,
-    /// Slots for serving cached blobs in [`LARGE_CHUNK`] reads.
-    large_reads: Arc<Semaphore>,
-}
-
-/// Whether an I/O error means the disk is full.
-fn is_disk_full(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
 }
 
 impl PullThrough {
-    /// A cache over `storage`, indexed by `index`, never evicting what `pins` (upstream,
-    /// repository, reference) resolve to.
+    /// A cache over `index` and its store, never evicting what `pins` resolve to.
     pub fn new(
-        storage: Arc<Storage>,
         index: Arc<Index>,
         metrics: Metrics,
         policy: CachePolicy,
-        pins: Vec<(Arc<Upstream>, String, Reference)>,
+        pins: Vec<ConfiguredImage>,
     ) -> PullThrough {
         PullThrough {
-            storage,
             index,
             manifests: SingleFlight::new(metrics.fetch_waiters.clone()),
             heads: SingleFlight::new(metrics.fetch_waiters.clone()),
@@ -141,13 +149,12 @@ impl PullThrough {
             blobs: Mutex::new(HashMap::new()),
             tags: Mutex::new(HashMap::new()),
             tag_lists: TagLists::default(),
-            large_reads: Arc::new(Semaphore::new(LARGE_READERS)),
         }
     }
 
-    /// The storage underneath.
-    pub fn storage(&self) -> &Storage {
-        &self.storage
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        self.index.store()
     }
 
     /// The index.
@@ -183,10 +190,11 @@ impl PullThrough {
         }
     }
 
-    /// Drops a cached object found unusable (see [`Index::discard`]).
+    /// Drops a cached object found unusable (see [`Index::discard`]). It runs on its own
+    /// task, so that the index and the store agree even if the caller goes away.
     async fn discard(&self, digest: &Digest) {
         let (index, d) = (self.index.clone(), digest.clone());
-        let _ = tokio::task::spawn_blocking(move || index.discard(&d)).await;
+        let _ = tokio::spawn(async move { index.discard(&d).await }).await;
     }
 
     /// Digests that must never be evicted: the closure of the pinned images.
@@ -194,13 +202,13 @@ impl PullThrough {
         let roots: Vec<Digest> = self
             .pins
             .iter()
-            .filter_map(|(up, repo, reference)| match reference {
+            .filter_map(|pin| match &pin.reference {
                 Reference::Digest(d) => Some(d.clone()),
                 Reference::Tag(t) => self
                     .tags
                     .lock()
                     .expect("tag map lock")
-                    .get(&tag_key(up, repo, t))
+                    .get(&tag_key(&pin.upstream, &pin.repository, t))
                     .map(|st| st.digest.clone()),
             })
             .collect();
@@ -214,17 +222,18 @@ impl PullThrough {
         if self.disk_full() {
             return None;
         }
-        // Whatever the size limit says, the file system has the last word.
-        let free = self.storage.available_space().ok();
+        // Whatever the size limit says, the store has the last word.
+        let free = self.store().free_space();
         if free.is_some_and(|free| free < DISK_MARGIN) {
             self.mark_disk_full("less than the margin free on the cache volume");
             return None;
         }
+        // On its own task: what it evicts is removed even if the caller goes away.
         let this = self.clone();
-        let reservation = tokio::task::spawn_blocking(move || {
+        let reservation = tokio::spawn(async move {
             let pinned = this.pinned();
             let room = free.map(|free| free - DISK_MARGIN);
-            this.index.reserve(size, &pinned, room)
+            this.index.reserve(size, &pinned, room).await
         })
         .await
         .expect("reserve task");
@@ -262,42 +271,11 @@ impl PullThrough {
             .is_some_and(|until| Instant::now() >= until);
         if due
             && self
-                .storage
-                .available_space()
-                .is_ok_and(|free| free >= DISK_MARGIN)
+                .store()
+                .free_space()
+                .is_none_or(|free| free >= DISK_MARGIN)
         {
             self.mark_disk_ok();
         }
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod test_support {
-    use super::*;
-
-    /// Fails with the lengths, digests and first difference of two byte strings, never
-    /// the bytes themselves (a blob-sized message helps nobody).
-    #[track_caller]
-    pub(crate) fn assert_same(got: &[u8], want: &[u8], what: &str) {
-        if got != want {
-            let sha = |b: &[u8]| Digest::of(crate::oci::Algorithm::Sha256, b);
-            let at = got.iter().zip(want).position(|(a, b)| a != b);
-            panic!(
-                "{what}: got {} bytes ({}), want {} ({}), first difference at {at:?}",
-                got.len(),
-                sha(got),
-                want.len(),
-                sha(want)
-            );
-        }
-    }
-
-    /// A file of `len` known bytes in a temp dir.
-    pub(crate) fn blob_file(len: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        (dir, path, data)
     }
 }

@@ -26,43 +26,52 @@ pub(super) fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[St
     wanted.iter().any(|w| *w == short || *w == long)
 }
 
+/// What prefetching an image took.
+pub(super) struct Prefetched {
+    /// Manifests it has (the index and the wanted platforms' images).
+    manifests: usize,
+    /// Blobs they reference.
+    blobs: usize,
+    /// Bytes downloaded for them (not counting what was cached already).
+    bytes: u64,
+}
+
 impl PullThrough {
     /// Pulls images into the cache ahead of need, one after the other, logging progress
     /// and counting it in `pullthrough_prefetch_images{state}` and
     /// `pullthrough_prefetch_bytes_total`. `platforms` limits multi-platform images.
-    pub async fn prefetch(
-        self: &Arc<Self>,
-        images: &[(Arc<Upstream>, String, Reference, String)],
-        platforms: &[String],
-    ) {
+    pub async fn prefetch(self: &Arc<Self>, images: &[ConfiguredImage], platforms: &[String]) {
         let gauge = |state: &str| self.metrics.prefetch_images.with_label_values(&[state]);
         gauge("pending").set(images.len() as i64);
-        for (up, repo, reference, name) in images {
+        for image in images {
             let started = Instant::now();
-            tracing::info!(image = %name, "prefetching");
-            match self.prefetch_one(up, repo, reference, platforms).await {
-                Ok((manifests, blobs, bytes)) => {
+            tracing::info!(image = %image.name, "prefetching");
+            match self.prefetch_one(image, platforms).await {
+                Ok(Prefetched {
+                    manifests,
+                    blobs,
+                    bytes,
+                }) => {
                     gauge("done").inc();
-                    tracing::info!(image = %name, manifests, blobs, bytes,
+                    tracing::info!(image = %image.name, manifests, blobs, bytes,
                         seconds = started.elapsed().as_secs_f64(), "prefetched");
                 }
                 Err(e) => {
                     gauge("failed").inc();
-                    tracing::warn!(image = %name, error = %e, "prefetch failed");
+                    tracing::warn!(image = %image.name, error = %e, "prefetch failed");
                 }
             }
             gauge("pending").dec();
         }
     }
 
-    /// Returns (manifests, blobs, bytes downloaded).
+    /// Pulls one image (its platforms among `platforms`) into the cache.
     pub(super) async fn prefetch_one(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
-        repository: &str,
-        reference: &Reference,
+        image: &ConfiguredImage,
         platforms: &[String],
-    ) -> Result<(usize, usize, u64), ProxyError> {
+    ) -> Result<Prefetched, ProxyError> {
+        let (up, repository, reference) = (&image.upstream, &*image.repository, &image.reference);
         let (top, _) = self
             .manifest(up, repository, reference, &Accept::Any)
             .await?;
@@ -111,7 +120,11 @@ impl PullThrough {
                 blobs += 1;
             }
         }
-        Ok((manifests, blobs, bytes))
+        Ok(Prefetched {
+            manifests,
+            blobs,
+            bytes,
+        })
     }
 
     /// Evicts down to the size limit (after a restart with a lower limit), keeping pins.
@@ -140,12 +153,13 @@ impl PullThrough {
         let Some(root) = root else {
             return crate::proxy::index::Removal::default();
         };
+        // On its own task: the index and the store agree even if the caller goes away.
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             let dropped = this.index.closure([root.clone()]);
             let keep: std::collections::HashSet<Digest> =
                 this.pinned().difference(&dropped).cloned().collect();
-            this.index.drop_images(&[root], &keep)
+            this.index.drop_images(&[root], &keep).await
         })
         .await
         .expect("drop task")

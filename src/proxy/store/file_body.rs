@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
 
 /// Size of disk reads and writes.
-pub(super) const CHUNK: usize = 256 * 1024;
+pub const CHUNK: usize = 256 * 1024;
 
 /// Size of the reads of a cached blob served with one of the [`LARGE_READERS`] slots.
 /// Fewer, larger reads and socket writes cost less CPU per byte: about 10% less server
@@ -48,7 +48,7 @@ pub(super) fn file_chunks(
     large: Option<OwnedSemaphorePermit>,
     spans: Option<Spans>,
 ) -> BoxStream<'static, io::Result<Bytes>> {
-    pub(super) struct State {
+    struct State {
         reader: ChunkReader,
         pos: u64,
         left: u64,
@@ -83,7 +83,7 @@ pub(super) fn file_chunks(
 
 /// How many chunk buffers a [`ChunkReader`] keeps for reuse: the connection holds about
 /// two chunks queued for the socket while the next one is read.
-pub(super) const RECYCLED: usize = 3;
+const RECYCLED: usize = 3;
 
 /// Reads a file known to hold the bytes asked for, a chunk at a time.
 ///
@@ -97,18 +97,18 @@ pub(super) const RECYCLED: usize = 3;
 /// that serving a cached blob neither allocates nor zeroes memory for each chunk. A buffer
 /// still held anywhere else is never written to.
 pub(super) struct ChunkReader {
-    pub(super) file: Arc<std::fs::File>,
-    pub(super) page_cache: PageCache,
-    pub(super) sent: Vec<Bytes>,
+    file: Arc<std::fs::File>,
+    page_cache: PageCache,
+    sent: Vec<Bytes>,
     /// Bytes read from the page cache since the task last let its worker go (see
     /// [`YIELD_EVERY`]).
-    pub(super) unyielded: u64,
+    unyielded: u64,
 }
 
 /// How a [`ChunkReader`] reads without waiting for the disk: what decides between the
 /// page-cache paths (read on the task, `sendfile(2)` ranges) and the blocking pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum PageCache {
+pub(crate) enum PageCache {
     /// Ask the kernel (`preadv2` with `RWF_NOWAIT`).
     Kernel,
     /// As if nothing were in the page cache: every read goes to the blocking pool. Tests
@@ -124,12 +124,7 @@ pub(super) enum PageCache {
 impl PageCache {
     /// Reads into `buf` at `pos` only what is in the page cache; `Err` (`EAGAIN`, or a
     /// kernel without the flag) when that is nothing.
-    pub(super) fn read_nowait(
-        self,
-        file: &std::fs::File,
-        buf: &mut [u8],
-        pos: u64,
-    ) -> io::Result<usize> {
+    fn read_nowait(self, file: &std::fs::File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
         use rustix::io::{ReadWriteFlags, preadv2};
         match self {
             PageCache::Kernel => Ok(preadv2(
@@ -157,8 +152,13 @@ impl PageCache {
 
 impl ChunkReader {
     pub(super) fn new(file: std::fs::File, page_cache: PageCache) -> ChunkReader {
+        ChunkReader::shared(Arc::new(file), page_cache)
+    }
+
+    /// A reader of a file others read too.
+    pub(super) fn shared(file: Arc<std::fs::File>, page_cache: PageCache) -> ChunkReader {
         ChunkReader {
-            file: Arc::new(file),
+            file,
             page_cache,
             sent: Vec::with_capacity(RECYCLED),
             unyielded: 0,
@@ -185,7 +185,7 @@ impl ChunkReader {
     }
 
     /// Lets the worker thread go if [`YIELD_EVERY`] bytes went out since it last did.
-    pub(super) async fn yield_now_and_then(&mut self) {
+    async fn yield_now_and_then(&mut self) {
         if self.unyielded >= YIELD_EVERY {
             self.unyielded = 0;
             tokio::task::yield_now().await;
@@ -197,7 +197,7 @@ impl ChunkReader {
     /// disk on a worker thread. Only the range's first and last bytes are checked (pages
     /// are read and dropped in runs); a page evicted in between makes the send wait for
     /// the disk. `None` when the bytes must be read instead.
-    pub(super) async fn span(&mut self, spans: &Spans, pos: u64, want: usize) -> Option<Bytes> {
+    async fn span(&mut self, spans: &Spans, pos: u64, want: usize) -> Option<Bytes> {
         self.yield_now_and_then().await;
         let resident = [pos, pos + want as u64 - 1].into_iter().all(|at| {
             let mut byte = [0u8];
@@ -219,7 +219,7 @@ impl ChunkReader {
 
     /// Between 1 and `want` (> 0) bytes at `pos`; an error if the file ends there, since
     /// callers read only what they know was written.
-    pub(super) async fn read(&mut self, pos: u64, want: usize) -> io::Result<Bytes> {
+    async fn read(&mut self, pos: u64, want: usize) -> io::Result<Bytes> {
         self.yield_now_and_then().await;
         let mut buf = self.buffer(want);
         if let Ok(n @ 1..) = self.page_cache.read_nowait(&self.file, &mut buf, pos) {
@@ -246,7 +246,7 @@ impl ChunkReader {
     }
 
     /// A `want`-byte buffer: a sent chunk's that nobody holds any more, or a new one.
-    pub(super) fn buffer(&mut self, want: usize) -> BytesMut {
+    fn buffer(&mut self, want: usize) -> BytesMut {
         let free = self.sent.iter().position(Bytes::is_unique);
         let mut buf = match free.map(|i| self.sent.swap_remove(i).try_into_mut()) {
             Some(Ok(buf)) => buf,
@@ -256,13 +256,13 @@ impl ChunkReader {
         buf
     }
 
-    pub(super) fn hand_out(&mut self, buf: BytesMut) -> Bytes {
+    fn hand_out(&mut self, buf: BytesMut) -> Bytes {
         let chunk = buf.freeze();
         self.keep(chunk.clone());
         chunk
     }
 
-    pub(super) fn keep(&mut self, buffer: Bytes) {
+    fn keep(&mut self, buffer: Bytes) {
         if self.sent.len() < RECYCLED {
             self.sent.push(buffer);
         }
@@ -272,7 +272,7 @@ impl ChunkReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::pull_through::test_support::*;
+    use crate::proxy::test_support::*;
     use std::collections::HashSet;
     use tokio::sync::Semaphore;
 

@@ -1,0 +1,627 @@
+//! The cache's index: what is stored, how big, when last used, which manifests reference
+//! which blobs, and what is being read right now. It enforces the size limit by evicting
+//! least recently used objects, never a pinned one or one being served, and it is the one
+//! place that adds objects to or removes them from the store ([`BlobStore`]): what goes
+//! is decided under its lock, so eviction and commits cannot interleave, and the store's
+//! I/O runs outside it. An object being removed or committed is busy: a commit of it waits
+//! until that is over, so a removal never deletes what a later commit stored.
+//!
+//! It survives restarts by being rebuilt from the store: sizes, last use (touched, at
+//! most once a minute, on use), manifest references by parsing the manifests.
+
+mod removal;
+pub use removal::Removal;
+
+use super::metrics::Metrics;
+use super::store::{BlobStore, BlobWrite, StoreResult, unix_now_ms};
+use crate::oci::Digest;
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// How often a use is recorded in the store.
+const PERSIST_EVERY_MS: u64 = 60_000;
+
+/// One cached object.
+#[derive(Debug, Clone)]
+struct Entry {
+    size: u64,
+    last_used_ms: u64,
+    persisted_ms: u64,
+    in_use: u32,
+    /// For manifests: the digests they reference (children, config, layers).
+    refs: Option<Vec<Digest>>,
+}
+
+impl Entry {
+    fn new(size: u64, used_ms: u64, refs: Option<Vec<Digest>>) -> Entry {
+        Entry {
+            size,
+            last_used_ms: used_ms,
+            persisted_ms: used_ms,
+            in_use: 0,
+            refs,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Digest, Entry>,
+    total: u64,
+    /// Sizes of the objects being downloaded or written (with or without a limit).
+    reserved: u64,
+    /// Bytes of those already written (see [`Reservation::wrote`]).
+    written: u64,
+    /// Objects being removed from the store or committed to it (see [`Busy`]).
+    busy: HashSet<Digest>,
+}
+
+/// The index of one cache store.
+pub struct Index {
+    store: Arc<dyn BlobStore>,
+    limit: Option<u64>,
+    metrics: Metrics,
+    inner: Mutex<Inner>,
+    /// Woken whenever an object stops being busy.
+    settled: Notify,
+    /// How many times a commit waited for a busy object (tests).
+    #[cfg(test)]
+    commit_waits: std::sync::atomic::AtomicUsize,
+}
+
+/// An object being committed: no removal takes it, and other commits of it wait, until
+/// this is dropped.
+struct Busy<'a> {
+    index: &'a Index,
+    digest: Digest,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.index.inner.lock().expect("index lock");
+        inner.busy.remove(&self.digest);
+        drop(inner);
+        self.index.settled.notify_waiters();
+    }
+}
+
+/// Why an object cannot be cached now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// Under the size limit: everything else is pinned or in use, or the object is
+    /// larger than the whole cache.
+    Limit,
+    /// On the volume: the free space, less what the downloads in progress will still
+    /// write, is smaller than the object.
+    Disk,
+}
+
+/// Space set aside for a download; given back when dropped unless committed.
+pub struct Reservation {
+    index: Arc<Index>,
+    size: u64,
+    written: u64,
+}
+
+impl Reservation {
+    /// Records that `bytes` more of the object are on disk: they no longer count as
+    /// space still to be taken from the volume.
+    pub fn wrote(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.size.saturating_sub(self.written));
+        if bytes > 0 {
+            self.written += bytes;
+            self.index.inner.lock().expect("index lock").written += bytes;
+        }
+    }
+
+    fn release(&mut self, inner: &mut Inner) {
+        inner.reserved = inner.reserved.saturating_sub(self.size);
+        inner.written = inner.written.saturating_sub(self.written);
+        self.size = 0;
+        self.written = 0;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.size > 0 {
+            let index = self.index.clone();
+            let mut inner = index.inner.lock().expect("index lock");
+            self.release(&mut inner);
+        }
+    }
+}
+
+/// A cached object being read: it cannot be evicted until this is dropped.
+pub struct UseGuard {
+    index: Arc<Index>,
+    digest: Digest,
+}
+
+impl Drop for UseGuard {
+    fn drop(&mut self) {
+        let mut inner = self.index.inner.lock().expect("index lock");
+        if let Some(e) = inner.entries.get_mut(&self.digest) {
+            e.in_use = e.in_use.saturating_sub(1);
+        }
+    }
+}
+
+/// The digests a manifest references: an index's manifests, an image's config and layers
+/// (and an artifact's blobs). Not its `subject`, which it does not own.
+pub fn manifest_refs(body: &[u8]) -> Vec<Digest> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut push = |d: &serde_json::Value| {
+        if let Some(d) = d
+            .get("digest")
+            .and_then(|d| d.as_str())
+            .and_then(|d| d.parse().ok())
+        {
+            out.push(d);
+        }
+    };
+    for key in ["manifests", "layers", "blobs"] {
+        if let Some(list) = v.get(key).and_then(|l| l.as_array()) {
+            list.iter().for_each(&mut push);
+        }
+    }
+    if let Some(c) = v.get("config") {
+        push(c);
+    }
+    out
+}
+
+impl Index {
+    /// Rebuilds the index from the store (at start). If the store holds more than `limit`
+    /// (the limit was lowered), [`Index::reserve`] evicts down to it, pins known, once the
+    /// cache is running. A manifest that no longer matches its digest is removed.
+    pub async fn rebuild(
+        store: Arc<dyn BlobStore>,
+        limit: Option<u64>,
+        metrics: Metrics,
+    ) -> StoreResult<Arc<Index>> {
+        let mut inner = Inner::default();
+        for listed in store.list().await? {
+            let refs = if listed.manifest {
+                match store.manifest(&listed.digest).await? {
+                    Some(m) => Some(manifest_refs(&m.body)),
+                    None => {
+                        store.remove(&listed.digest).await?;
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            inner.total += listed.size;
+            inner
+                .entries
+                .insert(listed.digest, Entry::new(listed.size, listed.used_ms, refs));
+        }
+        let index = Arc::new(Index {
+            store,
+            limit,
+            metrics,
+            inner: Mutex::new(inner),
+            settled: Notify::new(),
+            #[cfg(test)]
+            commit_waits: Default::default(),
+        });
+        index
+            .metrics
+            .cache_limit_bytes
+            .set(limit.unwrap_or(0) as i64);
+        index.publish();
+        Ok(index)
+    }
+
+    fn publish(&self) {
+        let inner = self.inner.lock().expect("index lock");
+        self.metrics.cache_size_bytes.set(inner.total as i64);
+        self.metrics.cache_blobs.set(inner.entries.len() as i64);
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn BlobStore> {
+        &self.store
+    }
+
+    /// The size limit, if any.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    /// Bytes committed.
+    pub fn total(&self) -> u64 {
+        self.inner.lock().expect("index lock").total
+    }
+
+    /// Whether the object is cached.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.inner
+            .lock()
+            .expect("index lock")
+            .entries
+            .contains_key(digest)
+    }
+
+    /// Marks a cached object (blob or manifest: a manifest is a blob too) as in use, and
+    /// used now. `None` when it is not cached.
+    pub fn acquire(self: &Arc<Self>, digest: &Digest) -> Option<UseGuard> {
+        self.acquire_if(digest, |_| true)
+    }
+
+    /// Like [`Self::acquire`], for manifests only: a blob's digest asked for as a manifest
+    /// is not cached as one, and must not be touched.
+    pub fn acquire_manifest(self: &Arc<Self>, digest: &Digest) -> Option<UseGuard> {
+        self.acquire_if(digest, |e| e.refs.is_some())
+    }
+
+    fn acquire_if(
+        self: &Arc<Self>,
+        digest: &Digest,
+        wanted: impl Fn(&Entry) -> bool,
+    ) -> Option<UseGuard> {
+        let now = unix_now_ms();
+        let persist = {
+            let mut inner = self.inner.lock().expect("index lock");
+            let e = inner.entries.get_mut(digest).filter(|e| wanted(e))?;
+            e.in_use += 1;
+            e.last_used_ms = now;
+            let due = now.saturating_sub(e.persisted_ms) >= PERSIST_EVERY_MS;
+            if due {
+                e.persisted_ms = now;
+            }
+            due
+        };
+        if persist {
+            // Last use survives a restart.
+            self.store.touch(digest);
+        }
+        Some(UseGuard {
+            index: self.clone(),
+            digest: digest.clone(),
+        })
+    }
+
+    /// Sets `size` bytes aside, evicting least recently used objects (except `pinned`
+    /// ones and those in use) as needed under the size limit. `free` is the space the
+    /// store can give (what is free less a safety margin), when known: the object must
+    /// fit in it beside what the downloads in progress will still write, so that
+    /// concurrent downloads never overcommit the disk.
+    pub async fn reserve(
+        self: &Arc<Self>,
+        size: u64,
+        pinned: &HashSet<Digest>,
+        free: Option<u64>,
+    ) -> Result<Reservation, NoRoom> {
+        let mut doomed = Vec::new();
+        let reserved = self.reserve_locked(size, pinned, free, &mut doomed);
+        if !doomed.is_empty() {
+            let removal = self.remove_doomed(doomed).await;
+            let evicted = (removal.manifests.len() + removal.blobs.len()) as u64;
+            self.metrics.cache_evictions.inc_by(evicted);
+            tracing::info!(
+                objects = evicted,
+                bytes = removal.bytes,
+                "evicted least recently used objects"
+            );
+        }
+        self.publish();
+        reserved
+    }
+
+    fn reserve_locked(
+        self: &Arc<Self>,
+        size: u64,
+        pinned: &HashSet<Digest>,
+        free: Option<u64>,
+        doomed: &mut Vec<(Digest, Entry)>,
+    ) -> Result<Reservation, NoRoom> {
+        let mut inner = self.inner.lock().expect("index lock");
+        let pending = inner.reserved.saturating_sub(inner.written);
+        if free.is_some_and(|free| free < pending.saturating_add(size)) {
+            return Err(NoRoom::Disk);
+        }
+        if let Some(limit) = self.limit {
+            if size > limit {
+                return Err(NoRoom::Limit);
+            }
+            let wanted = inner.total + inner.reserved + size;
+            if wanted > limit {
+                self.evict_locked(&mut inner, wanted - limit, pinned, doomed);
+            }
+            if inner.total + inner.reserved + size > limit {
+                return Err(NoRoom::Limit);
+            }
+        }
+        inner.reserved += size;
+        Ok(Reservation {
+            index: self.clone(),
+            size,
+            written: 0,
+        })
+    }
+
+    /// Makes `digest` busy for a commit: waits while it is being removed or committed,
+    /// and says `None` when it is cached by the time it is free.
+    async fn claim(&self, digest: &Digest) -> Option<Busy<'_>> {
+        loop {
+            let settled = {
+                let mut inner = self.inner.lock().expect("index lock");
+                if inner.entries.contains_key(digest) {
+                    return None;
+                }
+                if inner.busy.insert(digest.clone()) {
+                    return Some(Busy {
+                        index: self,
+                        digest: digest.clone(),
+                    });
+                }
+                // Registered before the lock goes: no wake-up is missed.
+                self.settled.notified()
+            };
+            #[cfg(test)]
+            self.commit_waits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            settled.await;
+        }
+    }
+
+    fn add_locked(&self, inner: &mut Inner, digest: &Digest, entry: Entry) {
+        inner.total += entry.size;
+        if let Some(old) = inner.entries.insert(digest.clone(), entry) {
+            inner.total = inner.total.saturating_sub(old.size);
+        }
+    }
+
+    /// Commits a verified download to the store and counts it. Already cached (by a
+    /// concurrent commit of the same bytes), the write is dropped.
+    pub async fn commit_blob(
+        &self,
+        write: Box<dyn BlobWrite>,
+        digest: &Digest,
+        size: u64,
+        mut reservation: Reservation,
+    ) -> StoreResult<()> {
+        let Some(busy) = self.claim(digest).await else {
+            return Ok(());
+        };
+        write.commit(digest.clone()).await?;
+        let mut inner = self.inner.lock().expect("index lock");
+        self.add_locked(&mut inner, digest, Entry::new(size, unix_now_ms(), None));
+        reservation.release(&mut inner);
+        drop(inner);
+        drop(busy);
+        self.publish();
+        Ok(())
+    }
+
+    /// Stores a verified manifest and its media type, and counts it.
+    pub async fn commit_manifest(
+        &self,
+        digest: &Digest,
+        body: Bytes,
+        media_type: &str,
+        reservation: Reservation,
+    ) -> StoreResult<()> {
+        let Some(busy) = self.claim(digest).await else {
+            return Ok(());
+        };
+        let refs = manifest_refs(&body);
+        let size = body.len() as u64;
+        self.store.put_manifest(digest, body, media_type).await?;
+        let mut inner = self.inner.lock().expect("index lock");
+        self.add_locked(
+            &mut inner,
+            digest,
+            Entry::new(size, unix_now_ms(), Some(refs)),
+        );
+        drop(inner);
+        drop((busy, reservation));
+        self.publish();
+        Ok(())
+    }
+
+    /// Everything reachable from `roots` through manifest references.
+    pub fn closure(&self, roots: impl IntoIterator<Item = Digest>) -> HashSet<Digest> {
+        let inner = self.inner.lock().expect("index lock");
+        let mut seen = HashSet::new();
+        let mut todo: Vec<Digest> = roots.into_iter().collect();
+        while let Some(d) = todo.pop() {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            if let Some(refs) = inner.entries.get(&d).and_then(|e| e.refs.as_ref()) {
+                todo.extend(refs.iter().cloned());
+            }
+        }
+        seen
+    }
+
+    /// Ages an object's last use (tests of the eviction order).
+    #[cfg(test)]
+    pub fn set_last_used(&self, digest: &Digest, ago: std::time::Duration) {
+        let mut inner = self.inner.lock().expect("index lock");
+        if let Some(e) = inner.entries.get_mut(digest) {
+            e.last_used_ms = unix_now_ms().saturating_sub(ago.as_millis() as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+    use crate::proxy::store::DiskStore;
+    use std::time::Duration;
+
+    pub(super) async fn open(dir: &std::path::Path, limit: Option<u64>) -> Arc<Index> {
+        let (store, _) = DiskStore::open(dir).unwrap();
+        Index::rebuild(Arc::new(store), limit, Metrics::new())
+            .await
+            .unwrap()
+    }
+
+    pub(super) async fn setup(limit: Option<u64>) -> (tempfile::TempDir, Arc<Index>) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = open(dir.path(), limit).await;
+        (dir, index)
+    }
+
+    pub(super) async fn add_blob(index: &Arc<Index>, bytes: &[u8]) -> Digest {
+        let d = Digest::of(Algorithm::Sha256, bytes);
+        let r = index
+            .reserve(bytes.len() as u64, &HashSet::new(), None)
+            .await
+            .unwrap();
+        let mut w = index.store.begin().await.unwrap();
+        w.append(bytes).await.unwrap();
+        index
+            .commit_blob(w, &d, bytes.len() as u64, r)
+            .await
+            .unwrap();
+        d
+    }
+
+    pub(super) async fn add_manifest(index: &Arc<Index>, refs: &[&Digest]) -> Digest {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"digest": refs[0].to_string(), "size": 1},
+            "layers": refs[1..].iter().map(|d| serde_json::json!({"digest": d.to_string(), "size": 1})).collect::<Vec<_>>()
+        }))
+        .unwrap();
+        let d = Digest::of(Algorithm::Sha256, &body);
+        let r = index
+            .reserve(body.len() as u64, &HashSet::new(), None)
+            .await
+            .unwrap();
+        let mt = "application/vnd.oci.image.manifest.v1+json";
+        index.commit_manifest(&d, body.into(), mt, r).await.unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn evicts_least_recently_used_but_never_pinned_or_in_use() {
+        let (_dir, index) = setup(Some(3000)).await;
+        let a = add_blob(&index, &[1; 1000]).await;
+        let b = add_blob(&index, &[2; 1000]).await;
+        let c = add_blob(&index, &[3; 1000]).await;
+        index.set_last_used(&a, Duration::from_secs(30));
+        index.set_last_used(&b, Duration::from_secs(20));
+        index.set_last_used(&c, Duration::from_secs(10));
+        // a is pinned, b is being read: c, the newest, is the one that can go.
+        let guard = index.acquire(&b).unwrap();
+        let pinned = HashSet::from([a.clone()]);
+        let r = index.reserve(1000, &pinned, None).await.unwrap();
+        assert!(index.contains(&a) && index.contains(&b) && !index.contains(&c));
+        drop(r);
+        // Nothing else may go: no room.
+        assert!(index.reserve(2000, &pinned, None).await.is_err());
+        drop(guard);
+        // Now b (least recently used unpinned) goes.
+        let _r = index.reserve(1500, &pinned, None).await.unwrap();
+        assert!(!index.contains(&b));
+        assert!(
+            index.store.open(&b).await.unwrap().is_none(),
+            "the file went too"
+        );
+        assert!(
+            index.reserve(5000, &pinned, None).await.is_err(),
+            "larger than the cache"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_manifest_takes_its_own_blobs_along_and_state_survives_restart() {
+        let (dir, index) = setup(Some(10_000)).await;
+        let shared = add_blob(&index, &[9; 500]).await;
+        let own = add_blob(&index, &[8; 500]).await;
+        let m1 = add_manifest(&index, &[&shared, &own]).await;
+        let other = add_blob(&index, &[7; 500]).await;
+        let m2 = add_manifest(&index, &[&shared, &other]).await;
+        assert_eq!(
+            index.closure([m1.clone()]),
+            HashSet::from([m1.clone(), shared.clone(), own.clone()])
+        );
+        let removal = index
+            .drop_images(std::slice::from_ref(&m1), &HashSet::new())
+            .await;
+        assert_eq!(removal.manifests, vec![m1.to_string()]);
+        assert_eq!(
+            removal.blobs,
+            vec![own.to_string()],
+            "the shared blob stays with m2"
+        );
+        assert!(index.contains(&shared) && index.contains(&m2));
+        let total = index.total();
+
+        // A new process rebuilds the same index from the files.
+        let again = open(dir.path(), Some(10_000)).await;
+        assert_eq!(again.total(), total);
+        assert!(again.contains(&m2) && again.contains(&shared) && !again.contains(&own));
+        assert_eq!(
+            again.closure([m2.clone()]).len(),
+            3,
+            "references re-parsed from the manifest"
+        );
+        // A lower limit at start: the first reservation evicts down to it.
+        let small = open(dir.path(), Some(600)).await;
+        assert!(small.total() > 600);
+        drop(small.reserve(0, &HashSet::new(), None).await.unwrap());
+        assert!(small.total() <= 600, "{}", small.total());
+    }
+
+    #[tokio::test]
+    async fn downloads_in_progress_count_against_the_free_space() {
+        let (_dir, index) = setup(None).await;
+        let none = HashSet::new();
+        // 50 bytes free: a 20-byte download fits, twice; a third does not while the two
+        // have written nothing.
+        let mut a = index.reserve(20, &none, Some(50)).await.unwrap();
+        let b = index.reserve(20, &none, Some(50)).await.unwrap();
+        assert_eq!(
+            index.reserve(20, &none, Some(50)).await.err(),
+            Some(NoRoom::Disk)
+        );
+        // What a download has written is already out of the free space measured: with
+        // 15 bytes written, 35 are free and 25 still to come.
+        a.wrote(15);
+        assert_eq!(
+            index.reserve(11, &none, Some(35)).await.err(),
+            Some(NoRoom::Disk)
+        );
+        let c = index.reserve(10, &none, Some(35)).await.unwrap();
+        drop((b, c));
+        // Writing past its size counts only up to it.
+        a.wrote(100);
+        assert!(
+            index.reserve(45, &none, Some(50)).await.is_ok(),
+            "nothing pending"
+        );
+        drop(a);
+        // Larger than the free space: no room on the disk, whatever else runs.
+        assert_eq!(
+            index.reserve(60, &none, Some(50)).await.err(),
+            Some(NoRoom::Disk)
+        );
+        let inner = index.inner.lock().unwrap();
+        assert_eq!((inner.reserved, inner.written), (0, 0), "all given back");
+    }
+
+    #[test]
+    fn manifest_refs_cover_indexes_images_and_artifacts() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let index = serde_json::json!({"manifests": [{"digest": d('a')}, {"digest": d('b')}], "subject": {"digest": d('f')}});
+        assert_eq!(manifest_refs(index.to_string().as_bytes()).len(), 2);
+        let image =
+            serde_json::json!({"config": {"digest": d('c')}, "layers": [{"digest": d('d')}]});
+        assert_eq!(manifest_refs(image.to_string().as_bytes()).len(), 2);
+        assert!(manifest_refs(b"not json").is_empty());
+    }
+}

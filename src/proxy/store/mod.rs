@@ -1,0 +1,243 @@
+//! Where the cache keeps its objects: the seam between the cache's logic and the bytes.
+//!
+//! The cache ([`crate::proxy::pull_through`]) and its [`crate::proxy::index`] talk to a
+//! [`BlobStore`] and never to file paths. A store holds content-addressed objects (blobs,
+//! and manifests with their media type) and tag records. Its writes are begun, appended to
+//! and committed under a digest the caller has verified, so that an object becomes visible
+//! whole or not at all (a rename on a disk, the completion of a multipart upload in an
+//! object store); a write dropped before its commit leaves nothing. Its reads are ranges of
+//! a committed object (a file range, a ranged GET). While a write runs, the clients
+//! waiting for it follow what it has written so far through [`Written`].
+//!
+//! [`disk::DiskStore`] is the local-disk store: it keeps the page-cache reads and the
+//! `sendfile(2)` ranges of its `file_body` module.
+
+pub mod disk;
+mod file_body;
+
+use crate::oci::Digest;
+use crate::proxy::zero_copy::Spans;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use disk::DiskStore;
+pub use file_body::CHUNK;
+#[cfg(test)]
+pub(crate) use file_body::PageCache;
+
+/// A store's failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store has no room left for what is being written.
+    #[error("no space left in the cache store while {0}")]
+    Full(&'static str),
+    /// Reading or writing failed.
+    #[error("cache store failed while {what}: {source}")]
+    Io {
+        /// What the store was doing.
+        what: &'static str,
+        /// The cause.
+        source: Arc<io::Error>,
+    },
+}
+
+impl StoreError {
+    /// `what` failed with `e`: [`StoreError::Full`] when `e` says there is no space left.
+    pub fn io(what: &'static str, e: io::Error) -> StoreError {
+        if e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
+            StoreError::Full(what)
+        } else {
+            StoreError::Io {
+                what,
+                source: Arc::new(e),
+            }
+        }
+    }
+
+    /// Whether the store is out of space.
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Full(_))
+    }
+}
+
+/// A store operation's result.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One committed object, as [`BlobStore::list`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last used as far as the store knows ([`BlobStore::touch`]),
+    /// milliseconds since the epoch.
+    pub used_ms: u64,
+    /// Whether it was stored as a manifest (with a media type).
+    pub manifest: bool,
+}
+
+/// A cached manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredManifest {
+    /// Its bytes (they hash to the digest it was asked for).
+    pub body: Bytes,
+    /// Its media type.
+    pub media_type: String,
+}
+
+/// Where a tag last pointed, persisted so a restart keeps serving (and serving stale).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TagRecord {
+    /// Upstream registry.
+    pub upstream: String,
+    /// Canonical repository.
+    pub repository: String,
+    /// The tag.
+    pub tag: String,
+    /// Digest of the manifest the tag resolved to.
+    pub digest: String,
+    /// When the upstream last confirmed it, milliseconds since the epoch.
+    pub checked_at_ms: u64,
+}
+
+/// Which tag: upstream registry, canonical repository, tag.
+#[derive(Debug, Clone, Copy)]
+pub struct TagKey<'a> {
+    /// Upstream registry.
+    pub upstream: &'a str,
+    /// Canonical repository.
+    pub repository: &'a str,
+    /// The tag.
+    pub tag: &'a str,
+}
+
+impl TagRecord {
+    /// Whether this record is `key`'s.
+    pub fn is_for(&self, key: TagKey<'_>) -> bool {
+        self.upstream == key.upstream && self.repository == key.repository && self.tag == key.tag
+    }
+}
+
+/// The cache's storage. The [`crate::proxy::index::Index`] decides what is added and
+/// removed; a store does what it is told and keeps no accounting of its own.
+pub trait BlobStore: Send + Sync + 'static {
+    /// Every committed object, to rebuild the index at start. Debris of an earlier run
+    /// (partial writes, half-removed objects) is cleaned up first.
+    fn list(&self) -> BoxFuture<'_, StoreResult<Vec<Listed>>>;
+
+    /// A committed object for reading; `None` when it is not there.
+    fn open<'a>(
+        &'a self,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, StoreResult<Option<Box<dyn StoredBlob>>>>;
+
+    /// Begins writing an object whose digest the caller verifies as it writes.
+    fn begin(&self) -> BoxFuture<'_, StoreResult<Box<dyn BlobWrite>>>;
+
+    /// Removes an object (and its media type). Removing what is not there is no error.
+    fn remove<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// Records that an object was used now, so that a restart knows its last use. Best
+    /// effort, in the background.
+    fn touch(&self, digest: &Digest);
+
+    /// A cached manifest. Content that no longer matches its digest (corruption) is
+    /// reported as absent.
+    fn manifest<'a>(
+        &'a self,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, StoreResult<Option<StoredManifest>>>;
+
+    /// Stores a verified manifest and its media type.
+    fn put_manifest<'a>(
+        &'a self,
+        digest: &'a Digest,
+        body: Bytes,
+        media_type: &'a str,
+    ) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// The persisted record of a tag, if there is one.
+    fn tag<'a>(&'a self, key: TagKey<'a>) -> BoxFuture<'a, StoreResult<Option<TagRecord>>>;
+
+    /// Persists a tag record.
+    fn put_tag<'a>(&'a self, record: &'a TagRecord) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// Forgets a tag.
+    fn delete_tag<'a>(&'a self, key: TagKey<'a>) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// Bytes the store can still take, when it has such a bound (a volume does, a bucket
+    /// does not).
+    fn free_space(&self) -> Option<u64>;
+
+    /// Whether the store can be used at all (the readiness check): why not, if not.
+    fn check(&self) -> StoreResult<()>;
+}
+
+/// A committed object open for reading.
+pub trait StoredBlob: Send {
+    /// Its size.
+    fn len(&self) -> u64;
+
+    /// Whether it is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its `count` bytes from `start` (which the caller checked against [`Self::len`]), a
+    /// chunk at a time. With `spans` (an HTTP/1 connection, see
+    /// [`crate::proxy::zero_copy`]), a store that can may hand over file ranges to send
+    /// instead of bytes.
+    fn read(
+        self: Box<Self>,
+        start: u64,
+        count: u64,
+        spans: Option<Spans>,
+    ) -> BoxStream<'static, io::Result<Bytes>>;
+}
+
+/// An object being written. Dropped before [`BlobWrite::commit`], it is aborted: nothing
+/// of it stays visible or billed.
+pub trait BlobWrite: Send {
+    /// Appends bytes (a store may buffer them into larger parts).
+    fn append<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// What was written so far, for the readers that follow the write. It stays readable
+    /// for them after the commit, and after an abort, as long as they hold it.
+    fn written(&self) -> Arc<dyn Written>;
+
+    /// Makes the object durable and visible under `digest`, which its bytes hash to.
+    fn commit(self: Box<Self>, digest: Digest) -> BoxFuture<'static, StoreResult<()>>;
+}
+
+/// The bytes of a write in progress, as far as they are written.
+pub trait Written: Send + Sync {
+    /// A new reader of them.
+    fn reader(&self) -> StoreResult<Box<dyn WrittenReader>>;
+}
+
+/// One client's reader of a write in progress.
+pub trait WrittenReader: Send {
+    /// Between 1 and `left.min(max)` (`left` > 0) of the bytes at `pos`, which the caller
+    /// knows are written. With `spans`, a file range to send where the store can.
+    fn read<'a>(
+        &'a mut self,
+        spans: Option<&'a Spans>,
+        pos: u64,
+        left: u64,
+    ) -> BoxFuture<'a, io::Result<Bytes>>;
+}
+
+/// Milliseconds since the epoch now.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
