@@ -184,6 +184,20 @@ struct Call<'a> {
     accept: Option<&'a str>,
 }
 
+impl<'a> Call<'a> {
+    /// A request for the manifest at `path` (`manifests/<reference>`).
+    fn manifest(method: Method, path: &'a str, accept: &'a str) -> Call<'a> {
+        Call {
+            method,
+            kind: Kind::Manifest,
+            object: Object::Manifest,
+            path,
+            query: None,
+            accept: Some(accept),
+        }
+    }
+}
+
 impl Upstream {
     /// Builds an upstream from its config. `credentials` are already resolved (inline or
     /// read from the credentials file).
@@ -242,17 +256,7 @@ impl Upstream {
         let path = format!("manifests/{reference}");
         let header = accept.upstream_header();
         let resp = self
-            .call(
-                repository,
-                Call {
-                    method: Method::GET,
-                    kind: Kind::Manifest,
-                    object: Object::Manifest,
-                    path: &path,
-                    query: None,
-                    accept: Some(&header),
-                },
-            )
+            .call(repository, Call::manifest(Method::GET, &path, &header))
             .await?;
         let too_large = UpstreamError::TooLarge {
             what: "manifest",
@@ -281,17 +285,7 @@ impl Upstream {
         let path = format!("manifests/{reference}");
         let header = Accept::Any.upstream_header();
         let resp = self
-            .call(
-                repository,
-                Call {
-                    method: Method::HEAD,
-                    kind: Kind::Manifest,
-                    object: Object::Manifest,
-                    path: &path,
-                    query: None,
-                    accept: Some(&header),
-                },
-            )
+            .call(repository, Call::manifest(Method::HEAD, &path, &header))
             .await?;
         Ok(docker_digest(resp.headers()))
     }
