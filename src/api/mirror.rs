@@ -245,7 +245,7 @@ pub enum SpecError {
     /// One of the cache's durations.
     #[error("cache.{field}: {source}")]
     Duration {
-        /// The field.
+        /// The field under `cache`, as the CRD spells it.
         field: &'static str,
         /// What is wrong with it.
         source: super::duration::DurationError,

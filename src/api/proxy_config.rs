@@ -139,7 +139,7 @@ pub struct UpstreamConfig {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Credentials {
-    /// User name.
+    /// For Basic auth, and for token requests when the registry asks for a token.
     pub username: String,
     /// Password or access token.
     pub password: String,
@@ -222,7 +222,7 @@ pub enum ConfigError {
     /// URL that is not http(s)://host[:port][/path].
     #[error("upstream {registry:?} has invalid url {url:?}: expected http(s)://host[:port]")]
     BadUrl {
-        /// The registry.
+        /// The upstream, as configured.
         registry: String,
         /// The offending URL.
         url: String,
@@ -257,7 +257,7 @@ pub enum ConfigError {
         list: &'static str,
         /// The entry.
         image: String,
-        /// Its registry.
+        /// The registry the entry names, which no upstream serves.
         registry: String,
     },
 }
@@ -478,7 +478,7 @@ pub enum ListenError {
         text: String,
         /// Its host part.
         host: String,
-        /// Its port.
+        /// Its port, for the addresses suggested instead.
         port: u16,
     },
 }

@@ -85,7 +85,7 @@ pub struct Context {
     pub store: Store<RegistryMirror>,
     /// Event recorder.
     pub recorder: Recorder,
-    /// Metrics.
+    /// Reconcile counts and durations.
     pub metrics: ControllerMetrics,
     failures: Mutex<HashMap<ObjectRef<RegistryMirror>, u32>>,
     /// Whether this replica holds the leader Lease: reconciles do nothing without it.

@@ -31,7 +31,7 @@ pub enum AdminError {
     /// The admin URL does not make a request.
     #[error("invalid admin URL {url:?}: {source}")]
     BadUrl {
-        /// The URL.
+        /// The admin URL given.
         url: String,
         /// Why.
         source: hyper::http::Error,
@@ -42,7 +42,7 @@ pub enum AdminError {
     /// No connection.
     #[error("cannot reach the proxy's admin endpoint at {url}: {source}")]
     Unreachable {
-        /// The URL.
+        /// The admin URL given.
         url: String,
         /// Why.
         source: hyper_util::client::legacy::Error,
@@ -53,9 +53,9 @@ pub enum AdminError {
     /// An answer that is not the endpoint's JSON.
     #[error("unexpected answer ({status}): {body}")]
     Unexpected {
-        /// Its status.
+        /// The HTTP status it came with.
         status: hyper::StatusCode,
-        /// Its body.
+        /// What it said, as text.
         body: String,
     },
     /// The proxy said no; its reason.

@@ -63,7 +63,7 @@ pub enum StartError {
     /// A credentials file cannot be read or parsed.
     #[error("credentials file {path} for {registry}: {reason}")]
     Credentials {
-        /// The registry.
+        /// The upstream the credentials are for.
         registry: String,
         /// The file.
         path: PathBuf,
@@ -225,12 +225,12 @@ impl Proxy {
         self.default.clone()
     }
 
-    /// The cache.
+    /// The pull-through cache the routes call.
     pub fn cache(&self) -> &Arc<PullThrough> {
         &self.cache
     }
 
-    /// The metrics.
+    /// The registry-API metrics, also served on the operations port.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

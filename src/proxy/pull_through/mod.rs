@@ -68,7 +68,7 @@ pub struct CachePolicy {
 pub struct Manifest {
     /// Its digest (verified).
     pub digest: Digest,
-    /// Its media type.
+    /// Its media type, from the upstream (or from the document itself).
     pub media_type: String,
     /// Its bytes.
     pub body: Bytes,
@@ -157,7 +157,7 @@ impl PullThrough {
         self.index.store()
     }
 
-    /// The index.
+    /// What is cached (sizes, references, objects in use).
     pub fn index(&self) -> &Arc<Index> {
         &self.index
     }

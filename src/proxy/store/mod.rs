@@ -71,7 +71,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// One committed object, as [`BlobStore::list`] finds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
-    /// Its digest.
+    /// The digest it is stored under.
     pub digest: Digest,
     /// Its size in bytes.
     pub size: u64,
@@ -87,7 +87,7 @@ pub struct Listed {
 pub struct StoredManifest {
     /// Its bytes (they hash to the digest it was asked for).
     pub body: Bytes,
-    /// Its media type.
+    /// The media type it was served with.
     pub media_type: String,
 }
 

@@ -44,7 +44,7 @@ pub enum UpstreamError {
     Failed {
         /// `scheme://host[:port]` of the server.
         server: String,
-        /// The status.
+        /// The HTTP status it answered with (5xx or unexpected).
         status: u16,
     },
     /// The upstream cannot be reached: DNS, connection refused or reset, TLS.
