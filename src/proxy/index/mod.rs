@@ -481,7 +481,7 @@ mod tests {
             .await
             .unwrap();
         let mut w = index.store.begin().await.unwrap();
-        w.append(bytes).await.unwrap();
+        w.append(vec![Bytes::copy_from_slice(bytes)]).await.unwrap();
         index
             .commit_blob(w, &d, bytes.len() as u64, r)
             .await

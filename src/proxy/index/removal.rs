@@ -324,7 +324,7 @@ mod tests {
         // or the removal would delete what it stored.
         let r = index.reserve(3000, &HashSet::new(), None).await.unwrap();
         let mut w = index.store().begin().await.unwrap();
-        w.append(&data).await.unwrap();
+        w.append(vec![Bytes::copy_from_slice(&data)]).await.unwrap();
         let commit = tokio::spawn({
             let (index, blob) = (index.clone(), blob.clone());
             async move { index.commit_blob(w, &blob, 3000, r).await }

@@ -12,7 +12,7 @@ use crate::oci::{Digest, Hasher};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::Reservation;
 use crate::proxy::metrics::CacheResult;
-use crate::proxy::store::{BlobWrite, Written};
+use crate::proxy::store::{BlobWrite, StoreError, Written};
 use crate::proxy::upstream::{BlobBody, Upstream, UpstreamError};
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
@@ -118,6 +118,26 @@ pub(super) enum Downloaded {
     },
     /// Not to be cached: the body is still to be read.
     Uncacheable { body: BlobBody },
+}
+
+/// Records that the store holds `now` bytes of a download the clients may read (where
+/// `readable` were before): they are off the space still to be taken, and the clients
+/// are told.
+fn landed(
+    now: u64,
+    readable: &mut u64,
+    reservation: &mut Reservation,
+    tx: &watch::Sender<FetchState>,
+) {
+    if now > *readable {
+        reservation.wrote(now - *readable);
+        *readable = now;
+        tx.send_modify(|s| {
+            if let FetchState::Streaming { written, .. } = s {
+                *written = now;
+            }
+        });
+    }
 }
 
 /// Sends an uncacheable blob's body to `clients` as it arrives, hashing it on the way.
@@ -540,48 +560,69 @@ impl PullThrough {
             source: source.clone(),
         });
         let mut hasher = Hasher::new(digest.algorithm());
-        let mut written = 0u64;
-        let mut pending: Vec<u8> = Vec::with_capacity(CHUNK);
+        // Bytes received, and bytes in the store that the clients may read.
+        let mut received = 0u64;
+        let mut readable = 0u64;
+        let mut batch: Vec<Bytes> = Vec::new();
         let mut ended = false;
-        while !ended {
-            // Wait for one chunk, then take whatever else is already here, so disk writes
+        loop {
+            // Wait for one chunk, then take whatever else is already here, so that writes
             // and reader wake-ups happen per ~256 KiB rather than per network packet.
-            match body.next().await? {
-                Some(data) => pending.extend_from_slice(&data),
-                None => ended = true,
+            let mut batch_len = 0;
+            if !ended {
+                let next = match body.ready() {
+                    Some(next) => next,
+                    None => {
+                        // Nothing to go on with yet: let the clients have what was written
+                        // meanwhile, before waiting for the upstream.
+                        let now = write.flush().await.map_err(|e| self.store_failed(e))?;
+                        landed(now, &mut readable, &mut reservation, tx);
+                        body.next().await
+                    }
+                };
+                match next? {
+                    Some(data) => {
+                        batch_len += data.len();
+                        batch.push(data);
+                    }
+                    None => ended = true,
+                }
             }
-            while !ended && pending.len() < CHUNK {
+            while !ended && batch_len < CHUNK {
                 match body.ready() {
                     None => break,
                     Some(Ok(None)) => ended = true,
                     Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(Some(data))) => pending.extend_from_slice(&data),
+                    Some(Ok(Some(data))) => {
+                        batch_len += data.len();
+                        batch.push(data);
+                    }
                 }
             }
-            if pending.is_empty() {
-                continue;
-            }
-            written += pending.len() as u64;
-            if len.is_some_and(|l| written > l) {
+            received += batch_len as u64;
+            if len.is_some_and(|l| received > l) {
                 return Err(ProxyError::UpstreamInvalid(
                     "blob body longer than its Content-Length".into(),
                 ));
             }
-            hasher.update(&pending);
-            if let Err(e) = write.append(&pending).await {
-                if e.is_full() {
-                    self.mark_disk_full("a download ran out of space");
-                }
-                return Err(e.into());
+            for chunk in &batch {
+                hasher.update(chunk);
             }
-            reservation.wrote(pending.len() as u64);
-            pending.clear();
-            tx.send_modify(|s| {
-                if let FetchState::Streaming { written: w, .. } = s {
-                    *w = written;
-                }
-            });
+            // The store writes this batch while the next one is received and hashed; at
+            // the end, everything must be readable before the digest is checked.
+            let mut now = write
+                .append(std::mem::take(&mut batch))
+                .await
+                .map_err(|e| self.store_failed(e))?;
+            if ended {
+                now = write.flush().await.map_err(|e| self.store_failed(e))?;
+            }
+            landed(now, &mut readable, &mut reservation, tx);
+            if ended {
+                break;
+            }
         }
+        let written = readable;
         if let Some(want) = len.filter(|l| *l != written) {
             return Err(UpstreamError::Truncated { got: written, want }.into());
         }
@@ -602,6 +643,15 @@ impl PullThrough {
             write,
             source,
         })
+    }
+
+    /// What a download that the store failed says; a full store also turns caching off
+    /// for a while.
+    fn store_failed(&self, e: StoreError) -> ProxyError {
+        if e.is_full() {
+            self.mark_disk_full("a download ran out of space");
+        }
+        e.into()
     }
 
     /// The running download of `digest`, if there is one.

@@ -114,7 +114,11 @@ mod tests {
         let (store, _) = DiskStore::open(dir).unwrap();
         let store = store.with_page_cache(PageCache::Full);
         let mut write = store.begin().await.unwrap();
-        write.append(data).await.unwrap();
+        write
+            .append(vec![Bytes::copy_from_slice(data)])
+            .await
+            .unwrap();
+        write.flush().await.unwrap();
         let source = Source(write.written());
         let (tx, rx) = watch::channel(FetchState::Streaming {
             len: Some(data.len() as u64),

@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 
 /// What `open` found on disk.
@@ -246,10 +245,11 @@ impl BlobStore for DiskStore {
                 }
             })
             .await?;
-            let file = tokio::fs::File::from_std(file);
             Ok(Box::new(DiskWrite {
                 temp,
-                file: Some(file),
+                file: Arc::new(file),
+                in_flight: None,
+                landed: 0,
                 written: Arc::new(DiskWritten {
                     file: Arc::new(reader),
                     page_cache: self.page_cache,
@@ -408,28 +408,69 @@ impl StoredBlob for DiskBlob {
 }
 
 /// A download's temp file. Dropped uncommitted, it is removed.
+///
+/// Chunks are written on the blocking pool, one batch at a time, straight from the buffers
+/// they arrived in (`writev`, no copy in user space): while a batch is written, the
+/// download receives and hashes the next one.
 struct DiskWrite {
     temp: PathBuf,
-    /// `None` once committed.
-    file: Option<tokio::fs::File>,
+    file: Arc<std::fs::File>,
+    /// The batch being written, and its length.
+    in_flight: Option<(tokio::task::JoinHandle<io::Result<()>>, u64)>,
+    /// Bytes in the file.
+    landed: u64,
     written: Arc<DiskWritten>,
     blobs: PathBuf,
 }
 
+/// Writes all of `chunks` at the file's position.
+fn write_all_vectored(mut file: &std::fs::File, chunks: &[Bytes]) -> io::Result<()> {
+    use std::io::Write as _;
+    let mut slices: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(c)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = file.write_vectored(slices)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+impl DiskWrite {
+    /// Waits for the batch being written, if any; says how many bytes the file holds.
+    /// Cancel-safe: a batch stays in flight until its write is seen to end.
+    async fn settle(&mut self) -> StoreResult<u64> {
+        if let Some((task, len)) = &mut self.in_flight {
+            let len = *len;
+            let result = task.await;
+            self.in_flight = None;
+            result
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+                .map_err(|e| StoreError::io("writing a download", e))?;
+            self.landed += len;
+        }
+        Ok(self.landed)
+    }
+}
+
 impl BlobWrite for DiskWrite {
-    fn append<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, StoreResult<()>> {
+    fn append(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, StoreResult<u64>> {
         Box::pin(async move {
-            let what = "writing a download";
-            let file = self
-                .file
-                .as_mut()
-                .expect("a write appended to after its commit");
-            file.write_all(data)
-                .await
-                .map_err(|e| StoreError::io(what, e))?;
-            // Readers read the file: the bytes must be in it, not in a buffer.
-            file.flush().await.map_err(|e| StoreError::io(what, e))
+            let landed = self.settle().await?;
+            let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+            if len > 0 {
+                let file = self.file.clone();
+                let task = tokio::task::spawn_blocking(move || write_all_vectored(&file, &chunks));
+                self.in_flight = Some((task, len));
+            }
+            Ok(landed)
         })
+    }
+
+    fn flush(&mut self) -> BoxFuture<'_, StoreResult<u64>> {
+        Box::pin(self.settle())
     }
 
     fn written(&self) -> Arc<dyn Written> {
@@ -437,17 +478,15 @@ impl BlobWrite for DiskWrite {
     }
 
     fn commit(mut self: Box<Self>, digest: Digest) -> BoxFuture<'static, StoreResult<()>> {
-        let file = self.file.take().expect("committed once");
         let temp = self.temp.clone();
         let path = self
             .blobs
             .join(digest.algorithm().as_str())
             .join(digest.hex());
         Box::pin(async move {
-            file.sync_data()
-                .await
-                .map_err(|e| StoreError::io("flushing a download", e))?;
-            drop(file);
+            self.settle().await?;
+            let file = self.file.clone();
+            blocking("flushing a download", move || file.sync_data()).await?;
             let result = blocking("moving a download into the cache", {
                 let temp = temp.clone();
                 move || std::fs::rename(&temp, &path)
@@ -525,7 +564,8 @@ mod tests {
 
         // Aborted: nothing left, not even in tmp/.
         let mut w = s.begin().await.unwrap();
-        w.append(&data).await.unwrap();
+        w.append(vec![Bytes::from(data.clone())]).await.unwrap();
+        assert_eq!(w.flush().await.unwrap(), data.len() as u64);
         drop(w);
         assert!(read_all(&s, &d).await.is_none());
         assert_eq!(
@@ -536,9 +576,14 @@ mod tests {
         // Followed while written, and after the commit through the same reader.
         let mut w = s.begin().await.unwrap();
         let mut r = w.written().reader().unwrap();
-        w.append(&data[..10]).await.unwrap();
+        // Written in the background: readable once the next append (or a flush) says so.
+        let first = Bytes::copy_from_slice(&data[..10]);
+        assert_eq!(w.append(vec![first]).await.unwrap(), 0);
+        let (a, b) = data[10..].split_at(CHUNK);
+        let rest = vec![Bytes::copy_from_slice(a), Bytes::copy_from_slice(b)];
+        assert_eq!(w.append(rest).await.unwrap(), 10);
         assert_eq!(r.read(None, 0, 10).await.unwrap(), &data[..10]);
-        w.append(&data[10..]).await.unwrap();
+        assert_eq!(w.flush().await.unwrap(), data.len() as u64);
         assert!(
             read_all(&s, &d).await.is_none(),
             "visible before its commit"
@@ -561,7 +606,10 @@ mod tests {
 
         // A crash mid-write: the next start removes the partial file.
         let mut w = s.begin().await.unwrap();
-        w.append(b"partial").await.unwrap();
+        w.append(vec![Bytes::from_static(b"partial")])
+            .await
+            .unwrap();
+        w.flush().await.unwrap();
         std::mem::forget(w);
         let (s, stats) = DiskStore::open(dir.path()).unwrap();
         assert_eq!(stats.removed_partials, 1);

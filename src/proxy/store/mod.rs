@@ -205,8 +205,15 @@ pub trait StoredBlob: Send {
 /// An object being written. Dropped before [`BlobWrite::commit`], it is aborted: nothing
 /// of it stays visible or billed.
 pub trait BlobWrite: Send {
-    /// Appends bytes (a store may buffer them into larger parts).
-    fn append<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, StoreResult<()>>;
+    /// Hands `chunks` over to be appended, in order, and says how many bytes of the
+    /// object (of all handed over so far) its followers can read now. A store may write
+    /// them in the background (the disk store does, so that the next chunks are received
+    /// and hashed meanwhile) or buffer them into larger parts: the call waits at most for
+    /// what was handed over before.
+    fn append(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, StoreResult<u64>>;
+
+    /// Waits until all that was handed over can be read, and says how much that is.
+    fn flush(&mut self) -> BoxFuture<'_, StoreResult<u64>>;
 
     /// What was written so far, for the readers that follow the write. It stays readable
     /// for them after the commit, and after an abort, as long as they hold it.
