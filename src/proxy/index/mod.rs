@@ -312,7 +312,6 @@ impl Index {
                 "evicted least recently used objects"
             );
         }
-        self.publish();
         reserved
     }
 

@@ -477,20 +477,12 @@ impl PullThrough {
                 reservation,
                 write,
                 source,
-            }) => {
-                let committed = self
-                    .index
-                    .commit_blob(write, &digest, len, reservation)
-                    .await;
-                if let Err(e) = &committed
-                    && e.is_full()
-                {
-                    self.mark_disk_full("a download could not be stored");
-                }
-                committed
-                    .map(|()| Some((len, source)))
-                    .map_err(ProxyError::from)
-            }
+            }) => self
+                .index
+                .commit_blob(write, &digest, len, reservation)
+                .await
+                .map(|()| Some((len, source)))
+                .map_err(|e| self.store_failed(e)),
             Ok(Downloaded::Uncacheable { body }) => {
                 let clients = fetch
                     .relay
@@ -564,29 +556,27 @@ impl PullThrough {
         let mut received = 0u64;
         let mut readable = 0u64;
         let mut batch: Vec<Bytes> = Vec::new();
-        let mut ended = false;
         loop {
             // Wait for one chunk, then take whatever else is already here, so that writes
             // and reader wake-ups happen per ~256 KiB rather than per network packet.
+            let mut ended = false;
             let mut batch_len = 0;
-            if !ended {
-                let next = match body.ready() {
-                    Some(next) => next,
-                    None => {
-                        // Nothing to go on with yet: let the clients have what was written
-                        // meanwhile, before waiting for the upstream.
-                        let now = write.flush().await.map_err(|e| self.store_failed(e))?;
-                        landed(now, &mut readable, &mut reservation, tx);
-                        body.next().await
-                    }
-                };
-                match next? {
-                    Some(data) => {
-                        batch_len += data.len();
-                        batch.push(data);
-                    }
-                    None => ended = true,
+            let next = match body.ready() {
+                Some(next) => next,
+                None => {
+                    // Nothing to go on with yet: let the clients have what was written
+                    // meanwhile, before waiting for the upstream.
+                    let now = write.flush().await.map_err(|e| self.store_failed(e))?;
+                    landed(now, &mut readable, &mut reservation, tx);
+                    body.next().await
                 }
+            };
+            match next? {
+                Some(data) => {
+                    batch_len += data.len();
+                    batch.push(data);
+                }
+                None => ended = true,
             }
             while !ended && batch_len < CHUNK {
                 match body.ready() {
@@ -645,8 +635,8 @@ impl PullThrough {
         })
     }
 
-    /// What a download that the store failed says; a full store also turns caching off
-    /// for a while.
+    /// What a download that the store failed (writing or committing it) says; a full
+    /// store also turns caching off for a while.
     fn store_failed(&self, e: StoreError) -> ProxyError {
         if e.is_full() {
             self.mark_disk_full("a download ran out of space");

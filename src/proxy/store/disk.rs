@@ -181,21 +181,20 @@ impl BlobStore for DiskStore {
                 .into_iter()
                 .map(|(d, _)| d)
                 .collect();
-            let mut out = Vec::new();
-            for (digest, meta) in DiskStore::list_dir(&root, "blobs")? {
-                out.push(Listed {
+            let out: Vec<Listed> = DiskStore::list_dir(&root, "blobs")?
+                .into_iter()
+                .map(|(digest, meta)| Listed {
                     manifest: manifests.contains(&digest),
                     size: meta.len(),
                     used_ms: mtime_ms(&meta),
                     digest,
-                });
-            }
+                })
+                .collect();
             // A media type file whose manifest is gone (a crash between the two removals).
-            for d in manifests {
-                if !out.iter().any(|l| l.digest == d) {
-                    let path = root.join("meta").join(d.algorithm().as_str()).join(d.hex());
-                    let _ = std::fs::remove_file(path);
-                }
+            let blobs: std::collections::HashSet<&Digest> = out.iter().map(|l| &l.digest).collect();
+            for d in manifests.iter().filter(|d| !blobs.contains(d)) {
+                let path = root.join("meta").join(d.algorithm().as_str()).join(d.hex());
+                let _ = std::fs::remove_file(path);
             }
             Ok(out)
         }))
