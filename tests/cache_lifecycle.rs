@@ -349,6 +349,45 @@ async fn a_process_killed_mid_download_leaves_nothing_corrupt() {
     assert_eq!(sha256(&on_disk), layer.digest);
 }
 
+/// A download sets its blob's space aside when it begins: the volume filling up (with
+/// something else) while it runs does not cut its clients off, and the blob is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_during_a_download_does_not_cut_it() {
+    let up = FaultUpstream::start().await;
+    let layer = Blob::new(LAYER, random_bytes(96, 8_000_000));
+    up.add_blob(&layer);
+    let release = up.hold_blobs(320 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&dir.path().join("small"), 40);
+    let mut cfg = config(&up);
+    cfg.cache_dir = fs.0.join("cache");
+    let proxy = Proxy::start_config(cfg).await;
+
+    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
+    let mut resp = http().get(&url).send().await.unwrap();
+    let mut body = Vec::new();
+    while body.len() < 300_000 {
+        body.extend_from_slice(&resp.chunk().await.unwrap().unwrap());
+    }
+    // Fill what is left of the volume, then let the upstream go on.
+    let mut filler = std::fs::File::create(fs.0.join("filler")).unwrap();
+    let mib = vec![0u8; 1 << 20];
+    let mut filled = 0;
+    while std::io::Write::write_all(&mut filler, &mib).is_ok() {
+        filled += 1;
+        assert!(filled <= 40, "the volume never filled");
+    }
+    drop(release);
+    while let Some(chunk) = resp.chunk().await.expect("the download went on") {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(sha256(&body), layer.digest);
+    proxy.settled().await;
+    assert!(cached(&proxy.cache_dir, &layer.digest), "cached");
+    proxy.stop().await;
+    drop(fs);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_streams_through_and_caching_resumes_when_space_returns() {
     let up = FaultUpstream::start().await;

@@ -258,6 +258,49 @@ async fn concurrent_downloads_never_overcommit_the_disk() {
     );
 }
 
+/// Space a download set aside on the volume when it began counts once: a second download
+/// that fits beside it is cached too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_that_fit_together_are_all_cached() {
+    let up = FaultUpstream::start().await;
+    let layers: Vec<Blob> = (0..2)
+        .map(|i| Blob::new(LAYER, random_bytes(425 + i, 12 << 20)))
+        .collect();
+    for l in &layers {
+        up.add_blob(l);
+    }
+    let release = up.hold_blobs(320 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&dir.path().join("small"), 50);
+    let mut cfg = config(&up);
+    cfg.cache_dir = fs.0.join("cache");
+    let proxy = Proxy::start_config(cfg).await;
+
+    // 2 x 12 MiB beside a 16 MiB margin on 50 MiB. The first is under way (its space
+    // taken from the volume) before the second begins.
+    let mut bodies = Vec::new();
+    for l in &layers {
+        let url = format!("{}/v2/a/b/blobs/{}", proxy.url, l.digest);
+        let mut resp = http().get(&url).send().await.unwrap();
+        let mut body = Vec::new();
+        while body.len() < 300_000 {
+            body.extend_from_slice(&resp.chunk().await.unwrap().unwrap());
+        }
+        bodies.push((resp, body));
+    }
+    drop(release);
+    for ((mut resp, mut body), l) in bodies.into_iter().zip(&layers) {
+        while let Some(chunk) = resp.chunk().await.unwrap() {
+            body.extend_from_slice(&chunk);
+        }
+        assert_eq!(sha256(&body), l.digest);
+    }
+    proxy.settled().await;
+    for l in &layers {
+        assert!(cached(&proxy.cache_dir, &l.digest), "both cached");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uncacheable_blob_costs_one_upstream_get_for_every_client_waiting() {
     let up = FaultUpstream::start().await;

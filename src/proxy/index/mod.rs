@@ -479,7 +479,7 @@ mod tests {
             .reserve(bytes.len() as u64, &HashSet::new(), None)
             .await
             .unwrap();
-        let mut w = index.store.begin().await.unwrap();
+        let mut w = index.store.begin(None).await.unwrap();
         w.append(vec![Bytes::copy_from_slice(bytes)]).await.unwrap();
         index
             .commit_blob(w, &d, bytes.len() as u64, r)

@@ -535,7 +535,7 @@ impl PullThrough {
         let Some(mut reservation) = reservation else {
             return Ok(Downloaded::Uncacheable { body });
         };
-        let mut write = match self.store().begin().await {
+        let mut write = match self.store().begin(len).await {
             Ok(w) => w,
             Err(e) if e.is_full() => {
                 self.mark_disk_full("cannot begin a download");
@@ -543,6 +543,7 @@ impl PullThrough {
             }
             Err(e) => return Err(e.into()),
         };
+        reservation.wrote(write.set_aside());
         let source = Source(write.written());
         // The clients that waited read the write from now on, as later ones do.
         fetch.relay.lock().expect("relay lock").take();

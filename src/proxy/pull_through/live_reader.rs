@@ -113,7 +113,7 @@ mod tests {
     ) {
         let (store, _) = DiskStore::open(dir).unwrap();
         let store = store.with_page_cache(PageCache::Full);
-        let mut write = store.begin().await.unwrap();
+        let mut write = store.begin(None).await.unwrap();
         write
             .append(vec![Bytes::copy_from_slice(data)])
             .await

@@ -24,6 +24,7 @@ use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use rustix::fs::FallocateFlags;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -225,13 +226,13 @@ impl BlobStore for DiskStore {
         })
     }
 
-    fn begin(&self) -> BoxFuture<'_, StoreResult<Box<dyn BlobWrite>>> {
+    fn begin(&self, len: Option<u64>) -> BoxFuture<'_, StoreResult<Box<dyn BlobWrite>>> {
         let temp = self.temp_path();
         Box::pin(async move {
             // Readers follow the write through a descriptor of their own (they read at
             // offsets, so the shared file position does not matter), which outlives the
             // temp file's name.
-            let (file, reader) = blocking("creating a download file", {
+            let (file, reader, set_aside) = blocking("creating a download file", {
                 let temp = temp.clone();
                 move || {
                     let file = std::fs::File::options()
@@ -239,8 +240,22 @@ impl BlobStore for DiskStore {
                         .write(true)
                         .create_new(true)
                         .open(&temp)?;
+                    // The blocks are set aside at once (the file's size still grows
+                    // with the writes): no ENOSPC halfway, one allocation instead of
+                    // one per page written. File systems without fallocate skip it.
+                    let mut set_aside = 0;
+                    if let Some(len) = len.filter(|l| *l > 0) {
+                        match rustix::fs::fallocate(&file, FallocateFlags::KEEP_SIZE, 0, len) {
+                            Ok(()) => set_aside = len,
+                            Err(e) if e == rustix::io::Errno::NOSPC => {
+                                let _ = std::fs::remove_file(&temp);
+                                return Err(e.into());
+                            }
+                            Err(_) => {}
+                        }
+                    }
                     let reader = file.try_clone()?;
-                    Ok((file, reader))
+                    Ok((file, reader, set_aside))
                 }
             })
             .await?;
@@ -249,6 +264,7 @@ impl BlobStore for DiskStore {
                 file: Arc::new(file),
                 in_flight: None,
                 landed: 0,
+                set_aside,
                 written: Arc::new(DiskWritten {
                     file: Arc::new(reader),
                     page_cache: self.page_cache,
@@ -418,6 +434,8 @@ struct DiskWrite {
     in_flight: Option<(tokio::task::JoinHandle<io::Result<()>>, u64)>,
     /// Bytes in the file.
     landed: u64,
+    /// Bytes preallocated when it began.
+    set_aside: u64,
     written: Arc<DiskWritten>,
     blobs: PathBuf,
 }
@@ -470,6 +488,10 @@ impl BlobWrite for DiskWrite {
 
     fn flush(&mut self) -> BoxFuture<'_, StoreResult<u64>> {
         Box::pin(self.settle())
+    }
+
+    fn set_aside(&self) -> u64 {
+        self.set_aside
     }
 
     fn written(&self) -> Arc<dyn Written> {
@@ -562,7 +584,7 @@ mod tests {
         let d = Digest::of(Algorithm::Sha256, &data);
 
         // Aborted: nothing left, not even in tmp/.
-        let mut w = s.begin().await.unwrap();
+        let mut w = s.begin(None).await.unwrap();
         w.append(vec![Bytes::from(data.clone())]).await.unwrap();
         assert_eq!(w.flush().await.unwrap(), data.len() as u64);
         drop(w);
@@ -573,7 +595,7 @@ mod tests {
         );
 
         // Followed while written, and after the commit through the same reader.
-        let mut w = s.begin().await.unwrap();
+        let mut w = s.begin(None).await.unwrap();
         let mut r = w.written().reader().unwrap();
         // Written in the background: readable once the next append (or a flush) says so.
         let first = Bytes::copy_from_slice(&data[..10]);
@@ -604,7 +626,7 @@ mod tests {
         );
 
         // A crash mid-write: the next start removes the partial file.
-        let mut w = s.begin().await.unwrap();
+        let mut w = s.begin(None).await.unwrap();
         w.append(vec![Bytes::from_static(b"partial")])
             .await
             .unwrap();

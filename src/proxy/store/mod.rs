@@ -138,8 +138,10 @@ pub trait BlobStore: Send + Sync + 'static {
         digest: &'a Digest,
     ) -> BoxFuture<'a, StoreResult<Option<Box<dyn StoredBlob>>>>;
 
-    /// Begins writing an object whose digest the caller verifies as it writes.
-    fn begin(&self) -> BoxFuture<'_, StoreResult<Box<dyn BlobWrite>>>;
+    /// Begins writing an object whose digest the caller verifies as it writes. With the
+    /// length known, the store may set the space aside at once, so that a full store
+    /// says so here rather than in the middle of the download.
+    fn begin(&self, len: Option<u64>) -> BoxFuture<'_, StoreResult<Box<dyn BlobWrite>>>;
 
     /// Removes an object (and its media type). Removing what is not there is no error.
     fn remove<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, StoreResult<()>>;
@@ -214,6 +216,12 @@ pub trait BlobWrite: Send {
 
     /// Waits until all that was handed over can be read, and says how much that is.
     fn flush(&mut self) -> BoxFuture<'_, StoreResult<u64>>;
+
+    /// Bytes of the volume that the store took for the object when it began (see
+    /// [`BlobStore::begin`]): they are no longer space still to be taken.
+    fn set_aside(&self) -> u64 {
+        0
+    }
 
     /// What was written so far, for the readers that follow the write. It stays readable
     /// for them after the commit, and after an abort, as long as they hold it.
