@@ -241,8 +241,8 @@ impl BlobStore for DiskStore {
                         .create_new(true)
                         .open(&temp)?;
                     // The blocks are set aside at once (the file's size still grows
-                    // with the writes): no ENOSPC halfway, one allocation instead of
-                    // one per page written. File systems without fallocate skip it.
+                    // with the writes), so that no ENOSPC comes halfway. No faster
+                    // (docs/benchmarks.md). File systems without fallocate skip it.
                     let mut set_aside = 0;
                     if let Some(len) = len.filter(|l| *l > 0) {
                         match rustix::fs::fallocate(&file, FallocateFlags::KEEP_SIZE, 0, len) {
