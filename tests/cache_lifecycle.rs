@@ -303,11 +303,8 @@ async fn a_process_killed_mid_download_leaves_nothing_corrupt() {
     let mut proxy = start_process(&up, &cache, "").await;
 
     let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
-    let mut resp = http().get(&url).send().await.unwrap();
-    let mut got = 0;
-    while got < 300_000 {
-        got += resp.chunk().await.unwrap().unwrap().len();
-    }
+    let (mut resp, begun) = get_begun(&url, 300_000).await;
+    let got = begun.len();
     let partials: Vec<PathBuf> = std::fs::read_dir(cache.join("tmp"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -364,11 +361,7 @@ async fn a_disk_that_fills_during_a_download_does_not_cut_it() {
     let proxy = Proxy::start_config(cfg).await;
 
     let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
-    let mut resp = http().get(&url).send().await.unwrap();
-    let mut body = Vec::new();
-    while body.len() < 300_000 {
-        body.extend_from_slice(&resp.chunk().await.unwrap().unwrap());
-    }
+    let begun = get_begun(&url, 300_000).await;
     // Fill what is left of the volume, then let the upstream go on.
     let mut filler = std::fs::File::create(fs.0.join("filler")).unwrap();
     let mib = vec![0u8; 1 << 20];
@@ -378,9 +371,7 @@ async fn a_disk_that_fills_during_a_download_does_not_cut_it() {
         assert!(filled <= 40, "the volume never filled");
     }
     drop(release);
-    while let Some(chunk) = resp.chunk().await.expect("the download went on") {
-        body.extend_from_slice(&chunk);
-    }
+    let body = get_finished(begun).await;
     assert_eq!(sha256(&body), layer.digest);
     proxy.settled().await;
     assert!(cached(&proxy.cache_dir, &layer.digest), "cached");

@@ -278,22 +278,14 @@ async fn downloads_that_fit_together_are_all_cached() {
 
     // 2 x 12 MiB beside a 16 MiB margin on 50 MiB. The first is under way (its space
     // taken from the volume) before the second begins.
-    let mut bodies = Vec::new();
+    let mut begun = Vec::new();
     for l in &layers {
         let url = format!("{}/v2/a/b/blobs/{}", proxy.url, l.digest);
-        let mut resp = http().get(&url).send().await.unwrap();
-        let mut body = Vec::new();
-        while body.len() < 300_000 {
-            body.extend_from_slice(&resp.chunk().await.unwrap().unwrap());
-        }
-        bodies.push((resp, body));
+        begun.push(get_begun(&url, 300_000).await);
     }
     drop(release);
-    for ((mut resp, mut body), l) in bodies.into_iter().zip(&layers) {
-        while let Some(chunk) = resp.chunk().await.unwrap() {
-            body.extend_from_slice(&chunk);
-        }
-        assert_eq!(sha256(&body), l.digest);
+    for (b, l) in begun.into_iter().zip(&layers) {
+        assert_eq!(sha256(&get_finished(b).await), l.digest);
     }
     proxy.settled().await;
     for l in &layers {

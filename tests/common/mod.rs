@@ -754,6 +754,25 @@ pub async fn get_bytes(url: &str) -> bytes::Bytes {
     http().get(url).send().await.unwrap().bytes().await.unwrap()
 }
 
+/// A GET of `url` under way: its answer, and the first `at_least` bytes of its body (or
+/// a little more) already read.
+pub async fn get_begun(url: &str, at_least: usize) -> (reqwest::Response, Vec<u8>) {
+    let mut resp = http().get(url).send().await.unwrap();
+    let mut body = Vec::new();
+    while body.len() < at_least {
+        body.extend_from_slice(&resp.chunk().await.unwrap().expect("a body that long"));
+    }
+    (resp, body)
+}
+
+/// The whole body of a GET begun with [`get_begun`]; fails if the body is cut.
+pub async fn get_finished((mut resp, mut body): (reqwest::Response, Vec<u8>)) -> Vec<u8> {
+    while let Some(chunk) = resp.chunk().await.expect("the body went on to its end") {
+        body.extend_from_slice(&chunk);
+    }
+    body
+}
+
 /// The status and OCI error code of an error answer.
 pub async fn error_code(r: reqwest::Response) -> (u16, String) {
     let status = r.status().as_u16();
