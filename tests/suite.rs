@@ -18,3 +18,4 @@ mod packaging;
 mod properties;
 mod proxy_faults;
 mod proxy_registry;
+mod s3_shared;

@@ -290,6 +290,7 @@ impl RegistryMirrorSpec {
             listen: ([0, 0, 0, 0], PROXY_PORT).into(),
             metrics_listen: ([0, 0, 0, 0], METRICS_PORT).into(),
             cache_dir: PathBuf::from(CACHE_MOUNT),
+            storage: Default::default(),
             upstreams: self
                 .upstreams
                 .iter()

@@ -25,6 +25,10 @@ pub struct ProxyConfig {
     /// Directory holding the cache (created if missing).
     #[serde(default = "default_cache_dir")]
     pub cache_dir: PathBuf,
+    /// Where the objects are kept: `cacheDir` on the local disk (the default), or an
+    /// S3-compatible bucket that replicas share (`cacheDir` then only spools downloads).
+    #[serde(default, skip_serializing_if = "StorageConfig::is_local")]
+    pub storage: StorageConfig,
     /// Registries this proxy mirrors. Requests for any other registry are refused.
     #[serde(default = "default_upstreams")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -133,6 +137,64 @@ pub struct UpstreamConfig {
     /// Which repositories may be pulled through.
     #[serde(default, skip_serializing_if = "RepositoryFilter::is_empty")]
     pub repositories: RepositoryFilter,
+}
+
+/// Where the cache keeps its objects.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StorageConfig {
+    /// An S3-compatible bucket (AWS S3, GCS's S3 API, Ceph RGW, MinIO) instead of the
+    /// local disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Config>,
+}
+
+impl StorageConfig {
+    /// The local disk.
+    pub fn is_local(&self) -> bool {
+        self.s3.is_none()
+    }
+}
+
+/// An S3-compatible bucket. Credentials come from the environment, as the AWS tools take
+/// them (`AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, web identity, instance
+/// metadata), never from this file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct S3Config {
+    /// The bucket (it must exist).
+    pub bucket: String,
+    /// Key prefix of every object (`mirrors/docker-hub`); none by default.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+    /// Endpoint URL of a store other than AWS (`http://rgw.ceph:7480`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Region; from `AWS_REGION` or `us-east-1` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`) instead of virtual-hosted ones
+    /// (`bucket.endpoint/key`); by default on with an `endpoint`, off without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
+    /// Age after which the multipart upload of a replica that died is aborted (at a
+    /// replica's start): longer than any download takes.
+    #[serde(
+        default = "default_abandon_uploads_after",
+        with = "crate::api::duration::serde"
+    )]
+    pub abandon_uploads_after: Duration,
+}
+
+impl S3Config {
+    /// Whether requests are path-style.
+    pub fn path_style(&self) -> bool {
+        self.path_style.unwrap_or(self.endpoint.is_some())
+    }
+}
+
+fn default_abandon_uploads_after() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// Username and password (or token) for an upstream.
@@ -244,6 +306,9 @@ pub enum ConfigError {
         "maxCacheBytes (--max-cache-size) must be greater than zero; leave it out for no limit"
     )]
     ZeroCacheLimit,
+    /// An S3 bucket setting that cannot work.
+    #[error("storage.s3: {0}")]
+    BadS3(&'static str),
     /// The registry API and the operations endpoint on one port.
     #[error("listen ({0}) and metricsListen ({1}) use the same port; give them different ones")]
     ListenClash(SocketAddr, SocketAddr),
@@ -326,6 +391,25 @@ impl ProxyConfig {
         if self.max_cache_bytes == Some(0) {
             return Err(ConfigError::ZeroCacheLimit);
         }
+        if let Some(s3) = &self.storage.s3 {
+            if s3.bucket.is_empty() {
+                return Err(ConfigError::BadS3("bucket is required"));
+            }
+            if s3
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| split_url(e).is_none())
+            {
+                return Err(ConfigError::BadS3(
+                    "endpoint must be an http(s)://host[:port] URL",
+                ));
+            }
+            if self.max_cache_bytes.is_some() {
+                return Err(ConfigError::BadS3(
+                    "maxCacheBytes is not applied to a bucket yet; leave it out (bound the bucket with a lifecycle rule)",
+                ));
+            }
+        }
         for (zero, name) in [
             (self.max_connections == 0, "maxConnections"),
             (self.client_header_timeout.is_zero(), "clientHeaderTimeout"),
@@ -381,6 +465,7 @@ impl Default for ProxyConfig {
             listen: default_listen(),
             metrics_listen: default_metrics_listen(),
             cache_dir: default_cache_dir(),
+            storage: StorageConfig::default(),
             upstreams: default_upstreams(),
             default_upstream: None,
             tag_ttl: default_tag_ttl(),

@@ -32,7 +32,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use store::DiskStore;
+use store::s3::{Bucket, S3Store};
+use store::{BlobStore, DiskStore};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -53,12 +54,20 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// The cache's store cannot be read.
-    #[error("cache directory {path}: {source}")]
+    #[error("cache store {name}: {source}")]
     CacheStore {
-        /// The directory.
-        path: PathBuf,
+        /// The directory or bucket.
+        name: String,
         /// What went wrong.
         source: store::StoreError,
+    },
+    /// The bucket's settings cannot make a client.
+    #[error("storage.s3 ({name}): {source}")]
+    Bucket {
+        /// The bucket.
+        name: String,
+        /// What went wrong.
+        source: object_store::Error,
     },
     /// A credentials file cannot be read or parsed.
     #[error("credentials file {path} for {registry}: {reason}")]
@@ -109,13 +118,37 @@ impl Proxy {
             path: config.cache_dir.clone(),
             source,
         };
-        let (store, stats) = DiskStore::open(&config.cache_dir).map_err(cache_dir_error)?;
-        let index = Index::rebuild(Arc::new(store), config.max_cache_bytes, metrics.clone())
+        let (store, name, stats): (Arc<dyn BlobStore>, String, _) = match &config.storage.s3 {
+            None => {
+                let (disk, stats) = DiskStore::open(&config.cache_dir).map_err(cache_dir_error)?;
+                let name = config.cache_dir.display().to_string();
+                (Arc::new(disk), name, stats)
+            }
+            Some(s3) => {
+                let bucket = Bucket::s3(s3).map_err(|source| StartError::Bucket {
+                    name: s3.bucket.clone(),
+                    source,
+                })?;
+                let spool = config.cache_dir.join("spool");
+                let store = S3Store::new(
+                    bucket,
+                    &s3.bucket,
+                    &s3.prefix,
+                    &spool,
+                    s3.abandon_uploads_after,
+                )
+                .map_err(cache_dir_error)?;
+                let name = store.name().to_string();
+                (Arc::new(store), name, Default::default())
+            }
+        };
+        let index = Index::rebuild(store, config.max_cache_bytes, metrics.clone())
             .await
             .map_err(|source| StartError::CacheStore {
-                path: config.cache_dir.clone(),
+                name: name.clone(),
                 source,
             })?;
+        tracing::info!(store = %name, shared = index.store().shared(), bytes = index.total(), "cache store open");
         let token_path = config.admin_token_path();
         let admin_token =
             admin::load_or_create_token(&token_path).map_err(|source| StartError::AdminToken {

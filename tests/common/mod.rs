@@ -42,7 +42,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// reqwest's TLS takes rustls's process-wide provider (the proxy's S3 client brings
+/// reqwest in without one of its own): ring, as the proxy installs it.
+pub fn tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn http() -> reqwest::Client {
+    tls_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()

@@ -262,6 +262,32 @@ impl Index {
         self.acquire_if(digest, |e| e.refs.is_some())
     }
 
+    /// Counts an object that another process committed to a shared store (see
+    /// [`BlobStore::shared`]), found there with `size` (and, for a manifest, its `refs`),
+    /// and marks it in use as [`Self::acquire`] does.
+    pub fn adopt(
+        self: &Arc<Self>,
+        digest: &Digest,
+        size: u64,
+        refs: Option<Vec<Digest>>,
+    ) -> UseGuard {
+        let mut inner = self.inner.lock().expect("index lock");
+        if !inner.entries.contains_key(digest) {
+            let entry = Entry::new(size, unix_now_ms(), refs);
+            self.add_locked(&mut inner, digest, entry);
+        }
+        if let Some(e) = inner.entries.get_mut(digest) {
+            e.in_use += 1;
+            e.last_used_ms = unix_now_ms();
+        }
+        drop(inner);
+        self.publish();
+        UseGuard {
+            index: self.clone(),
+            digest: digest.clone(),
+        }
+    }
+
     fn acquire_if(
         self: &Arc<Self>,
         digest: &Digest,
@@ -479,7 +505,7 @@ mod tests {
             .reserve(bytes.len() as u64, &HashSet::new(), None)
             .await
             .unwrap();
-        let mut w = index.store.begin(None).await.unwrap();
+        let mut w = index.store.begin(&d, None).await.unwrap();
         w.append(vec![Bytes::copy_from_slice(bytes)]).await.unwrap();
         index
             .commit_blob(w, &d, bytes.len() as u64, r)

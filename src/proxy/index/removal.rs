@@ -256,8 +256,12 @@ mod tests {
         ) -> BoxFuture<'a, StoreResult<Option<Box<dyn StoredBlob>>>> {
             self.disk.open(digest)
         }
-        fn begin(&self, len: Option<u64>) -> BoxFuture<'_, StoreResult<Box<dyn BlobWrite>>> {
-            self.disk.begin(len)
+        fn begin<'a>(
+            &'a self,
+            digest: &'a Digest,
+            len: Option<u64>,
+        ) -> BoxFuture<'a, StoreResult<Box<dyn BlobWrite>>> {
+            self.disk.begin(digest, len)
         }
         fn touch(&self, digest: &Digest) {
             self.disk.touch(digest)
@@ -323,7 +327,7 @@ mod tests {
         // Meanwhile the blob is downloaded again: its commit must wait for the removal,
         // or the removal would delete what it stored.
         let r = index.reserve(3000, &HashSet::new(), None).await.unwrap();
-        let mut w = index.store().begin(None).await.unwrap();
+        let mut w = index.store().begin(&blob, None).await.unwrap();
         w.append(vec![Bytes::copy_from_slice(&data)]).await.unwrap();
         let commit = tokio::spawn({
             let (index, blob) = (index.clone(), blob.clone());

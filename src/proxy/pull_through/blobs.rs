@@ -227,8 +227,18 @@ impl PullThrough {
         head: bool,
         spans: Option<&Spans>,
     ) -> Result<BlobAnswer, ProxyError> {
-        if let Some(answer) = self.cached_blob(digest, range, head, spans).await? {
-            return Ok(answer);
+        match self.cached_blob(digest, range, head, spans).await {
+            Ok(Some(answer)) => return Ok(answer),
+            Ok(None) => {}
+            // The store cannot be read (a bucket that is down): the upstream can.
+            Err(ProxyError::Storage(e)) => {
+                tracing::warn!(%digest, error = %e, "cache store unreadable; serving the blob from the upstream");
+                return match head {
+                    true => self.head_blob(up, repository, digest).await,
+                    false => self.pass_through(up, repository, digest).await,
+                };
+            }
+            Err(e) => return Err(e),
         }
         if head {
             return self.head_blob(up, repository, digest).await;
@@ -361,12 +371,22 @@ impl PullThrough {
         spans: Option<&Spans>,
     ) -> Result<Option<BlobAnswer>, ProxyError> {
         // Held by the body stream: the blob cannot be evicted while it is being sent.
-        let Some(guard) = self.index.acquire(digest) else {
-            return Ok(None);
-        };
-        let Some(blob) = self.store().open(digest).await? else {
-            self.discard(digest).await;
-            return Ok(None);
+        let (guard, blob) = match self.index.acquire(digest) {
+            Some(guard) => {
+                let Some(blob) = self.store().open(digest).await? else {
+                    self.discard(digest).await;
+                    return Ok(None);
+                };
+                (guard, blob)
+            }
+            // Another replica may have stored it in the store this one shares.
+            None if self.store().shared() => {
+                let Some(blob) = self.store().open(digest).await? else {
+                    return Ok(None);
+                };
+                (self.index.adopt(digest, blob.len(), None), blob)
+            }
+            None => return Ok(None),
         };
         let len = blob.len();
         let span = match range {
@@ -535,13 +555,17 @@ impl PullThrough {
         let Some(mut reservation) = reservation else {
             return Ok(Downloaded::Uncacheable { body });
         };
-        let mut write = match self.store().begin(len).await {
+        let mut write = match self.store().begin(digest, len).await {
             Ok(w) => w,
-            Err(e) if e.is_full() => {
-                self.mark_disk_full("cannot begin a download");
+            Err(e) => {
+                // Not cached, still served: the clients get the body relayed.
+                if e.is_full() {
+                    self.mark_disk_full("cannot begin a download");
+                } else {
+                    tracing::warn!(%digest, error = %e, "cannot write to the cache store; relaying the blob uncached");
+                }
                 return Ok(Downloaded::Uncacheable { body });
             }
-            Err(e) => return Err(e.into()),
         };
         reservation.wrote(write.set_aside());
         let source = Source(write.written());

@@ -113,7 +113,8 @@ mod tests {
     ) {
         let (store, _) = DiskStore::open(dir).unwrap();
         let store = store.with_page_cache(PageCache::Full);
-        let mut write = store.begin(None).await.unwrap();
+        let digest = crate::oci::Digest::of(crate::oci::Algorithm::Sha256, data);
+        let mut write = store.begin(&digest, None).await.unwrap();
         write
             .append(vec![Bytes::copy_from_slice(data)])
             .await

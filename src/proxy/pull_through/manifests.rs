@@ -331,17 +331,41 @@ impl PullThrough {
         }
     }
 
+    /// A cached manifest. A store that cannot be read (a bucket that is down) is as good
+    /// as a miss: the upstream is asked.
     pub(super) async fn cached_manifest(
         &self,
         digest: &Digest,
     ) -> Result<Option<Manifest>, ProxyError> {
-        let Some(_guard) = self.index.acquire_manifest(digest) else {
-            return Ok(None);
-        };
-        let found = self.store().manifest(digest).await?;
-        if found.is_none() {
-            self.discard(digest).await;
+        match self.stored_manifest(digest).await {
+            Err(ProxyError::Storage(e)) => {
+                tracing::warn!(%digest, error = %e, "cache store unreadable; asking the upstream for the manifest");
+                Ok(None)
+            }
+            found => found,
         }
+    }
+
+    async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, ProxyError> {
+        let (found, _guard) = match self.index.acquire_manifest(digest) {
+            Some(guard) => {
+                let found = self.store().manifest(digest).await?;
+                if found.is_none() {
+                    self.discard(digest).await;
+                }
+                (found, guard)
+            }
+            // Another replica may have stored it in the store this one shares.
+            None if self.store().shared() => {
+                let Some(m) = self.store().manifest(digest).await? else {
+                    return Ok(None);
+                };
+                let refs = crate::proxy::index::manifest_refs(&m.body);
+                let guard = self.index.adopt(digest, m.body.len() as u64, Some(refs));
+                (Some(m), guard)
+            }
+            None => return Ok(None),
+        };
         Ok(found.map(|m| Manifest {
             digest: digest.clone(),
             media_type: m.media_type,

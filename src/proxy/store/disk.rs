@@ -17,7 +17,7 @@
 use super::file_body::{ChunkReader, LARGE_READERS, PageCache, file_chunks};
 use super::{
     BlobStore, BlobWrite, CHUNK, Listed, StoreError, StoreResult, StoredBlob, StoredManifest,
-    TagKey, TagRecord, Written, WrittenReader,
+    TagKey, TagRecord, Written, WrittenReader, tag_name,
 };
 use crate::oci::{Algorithm, Digest};
 use crate::proxy::zero_copy::Spans;
@@ -82,12 +82,22 @@ fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
 impl DiskStore {
     /// Creates the layout if missing and removes partial writes left by a crash.
     pub fn open(root: &Path) -> io::Result<(DiskStore, Stats)> {
-        let mut stats = Stats::default();
         for alg in ALGORITHMS {
             std::fs::create_dir_all(root.join("blobs").join(alg.as_str()))?;
             std::fs::create_dir_all(root.join("meta").join(alg.as_str()))?;
         }
         std::fs::create_dir_all(root.join("tags"))?;
+        DiskStore::spool_with_stats(root)
+    }
+
+    /// A directory used only for writes in progress, never committed (the spool of the
+    /// [`super::s3::S3Store`]'s downloads): `tmp/` under `root`, emptied.
+    pub fn spool(root: &Path) -> io::Result<DiskStore> {
+        Ok(DiskStore::spool_with_stats(root)?.0)
+    }
+
+    fn spool_with_stats(root: &Path) -> io::Result<(DiskStore, Stats)> {
+        let mut stats = Stats::default();
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&tmp)?;
         for entry in std::fs::read_dir(&tmp)? {
@@ -128,9 +138,7 @@ impl DiskStore {
     }
 
     fn tag_path(&self, key: TagKey<'_>) -> PathBuf {
-        let key = format!("{}\0{}\0{}", key.upstream, key.repository, key.tag);
-        let name = Digest::of(Algorithm::Sha256, key.as_bytes());
-        self.root.join("tags").join(name.hex())
+        self.root.join("tags").join(tag_name(key))
     }
 
     /// A fresh, unique path under `tmp/` for a write.
@@ -226,7 +234,11 @@ impl BlobStore for DiskStore {
         })
     }
 
-    fn begin(&self, len: Option<u64>) -> BoxFuture<'_, StoreResult<Box<dyn BlobWrite>>> {
+    fn begin<'a>(
+        &'a self,
+        _digest: &'a Digest,
+        len: Option<u64>,
+    ) -> BoxFuture<'a, StoreResult<Box<dyn BlobWrite>>> {
         let temp = self.temp_path();
         Box::pin(async move {
             // Readers follow the write through a descriptor of their own (they read at
@@ -584,7 +596,7 @@ mod tests {
         let d = Digest::of(Algorithm::Sha256, &data);
 
         // Aborted: nothing left, not even in tmp/.
-        let mut w = s.begin(None).await.unwrap();
+        let mut w = s.begin(&d, None).await.unwrap();
         w.append(vec![Bytes::from(data.clone())]).await.unwrap();
         assert_eq!(w.flush().await.unwrap(), data.len() as u64);
         drop(w);
@@ -595,7 +607,7 @@ mod tests {
         );
 
         // Followed while written, and after the commit through the same reader.
-        let mut w = s.begin(None).await.unwrap();
+        let mut w = s.begin(&d, None).await.unwrap();
         let mut r = w.written().reader().unwrap();
         // Written in the background: readable once the next append (or a flush) says so.
         let first = Bytes::copy_from_slice(&data[..10]);
@@ -626,7 +638,7 @@ mod tests {
         );
 
         // A crash mid-write: the next start removes the partial file.
-        let mut w = s.begin(None).await.unwrap();
+        let mut w = s.begin(&d, None).await.unwrap();
         w.append(vec![Bytes::from_static(b"partial")])
             .await
             .unwrap();

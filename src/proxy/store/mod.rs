@@ -10,12 +10,14 @@
 //! waiting for it follow what it has written so far through [`Written`].
 //!
 //! [`disk::DiskStore`] is the local-disk store: it keeps the page-cache reads and the
-//! `sendfile(2)` ranges of its `file_body` module.
+//! `sendfile(2)` ranges of its `file_body` module. [`s3::S3Store`] keeps the cache in an
+//! S3-compatible bucket that several replicas share ([`BlobStore::shared`]).
 
 pub mod disk;
 mod file_body;
+pub mod s3;
 
-use crate::oci::Digest;
+use crate::oci::{Algorithm, Digest};
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -138,10 +140,15 @@ pub trait BlobStore: Send + Sync + 'static {
         digest: &'a Digest,
     ) -> BoxFuture<'a, StoreResult<Option<Box<dyn StoredBlob>>>>;
 
-    /// Begins writing an object whose digest the caller verifies as it writes. With the
-    /// length known, the store may set the space aside at once, so that a full store
-    /// says so here rather than in the middle of the download.
-    fn begin(&self, len: Option<u64>) -> BoxFuture<'_, StoreResult<Box<dyn BlobWrite>>>;
+    /// Begins writing the object `digest`, which the caller verifies as it writes (and
+    /// commits only under that digest). With the length known, the store may set the
+    /// space aside at once, so that a full store says so here rather than in the middle
+    /// of the download.
+    fn begin<'a>(
+        &'a self,
+        digest: &'a Digest,
+        len: Option<u64>,
+    ) -> BoxFuture<'a, StoreResult<Box<dyn BlobWrite>>>;
 
     /// Removes an object (and its media type). Removing what is not there is no error.
     fn remove<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, StoreResult<()>>;
@@ -180,6 +187,21 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Whether the store can be used at all (the readiness check): why not, if not.
     fn check(&self) -> StoreResult<()>;
+
+    /// Whether other processes add objects to this store too (replicas sharing a
+    /// bucket): an object the index does not know may still be there.
+    fn shared(&self) -> bool {
+        false
+    }
+}
+
+/// The name a tag's record is stored under: a hash of the key, so that no client input
+/// ever becomes a path.
+pub fn tag_name(key: TagKey<'_>) -> String {
+    let key = format!("{}\0{}\0{}", key.upstream, key.repository, key.tag);
+    Digest::of(Algorithm::Sha256, key.as_bytes())
+        .hex()
+        .to_string()
 }
 
 /// A committed object open for reading.
@@ -227,7 +249,8 @@ pub trait BlobWrite: Send {
     /// for them after the commit, and after an abort, as long as they hold it.
     fn written(&self) -> Arc<dyn Written>;
 
-    /// Makes the object durable and visible under `digest`, which its bytes hash to.
+    /// Makes the object durable and visible under `digest`, which its bytes hash to (the
+    /// digest it was begun with).
     fn commit(self: Box<Self>, digest: Digest) -> BoxFuture<'static, StoreResult<()>>;
 }
 

@@ -1,0 +1,250 @@
+//! The cache in an S3 bucket that replicas share. The tests that need a real S3 server
+//! (Ceph's RADOS Gateway, started by `./scripts/test` with `scripts/s3-rgw`) are ignored
+//! unless asked for:
+//!
+//! ```sh
+//! eval "$(scripts/s3-rgw up /tmp/rgw)"
+//! cargo test --test suite s3_shared -- --ignored
+//! ```
+//!
+//! Each test keeps its objects under a key prefix of its own in the one bucket.
+
+use crate::common::fault::FaultUpstream;
+use crate::common::*;
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, ObjectStoreExt};
+use pullthrough::api::proxy_config::{ProxyConfig, S3Config, StorageConfig};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NEEDS_S3: &str = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)";
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set ({NEEDS_S3})"))
+}
+
+/// A key prefix no other test (or run) uses.
+fn prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("tests/{test}-{}-{nanos}", std::process::id())
+}
+
+/// The test bucket, under `prefix`.
+fn s3(prefix: &str) -> S3Config {
+    S3Config {
+        bucket: env("PULLTHROUGH_S3_BUCKET"),
+        prefix: prefix.to_string(),
+        endpoint: Some(env("PULLTHROUGH_S3_ENDPOINT")),
+        region: None,
+        path_style: None,
+        abandon_uploads_after: Duration::from_secs(24 * 3600),
+    }
+}
+
+/// The test's own client of the bucket, to look at what the proxies left there.
+fn bucket() -> AmazonS3 {
+    AmazonS3Builder::from_env()
+        .with_endpoint(env("PULLTHROUGH_S3_ENDPOINT"))
+        .with_bucket_name(env("PULLTHROUGH_S3_BUCKET"))
+        .with_allow_http(true)
+        .build()
+        .unwrap()
+}
+
+/// Keys under `prefix/dir`.
+async fn keys(b: &AmazonS3, prefix: &str, dir: &str) -> Vec<String> {
+    let under = Key::from(format!("{prefix}/{dir}"));
+    let listed: Vec<_> = b.list(Some(&under)).collect().await;
+    listed
+        .into_iter()
+        .map(|m| m.unwrap().location.to_string())
+        .collect()
+}
+
+fn with_storage(mut c: ProxyConfig, s3: S3Config) -> ProxyConfig {
+    c.storage = StorageConfig { s3: Some(s3) };
+    c
+}
+
+/// The binary run as a proxy with `config`, killed when dropped.
+struct ProxyProcess {
+    child: Child,
+    url: String,
+    metrics_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    async fn start(mut config: ProxyConfig, envs: &[(&str, &str)]) -> ProxyProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, ops) = (free_port(), free_port());
+        config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        config.metrics_listen = format!("127.0.0.1:{ops}").parse().unwrap();
+        config.cache_dir = dir.path().join("cache");
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, config.to_yaml()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+            .args(["proxy", "--config"])
+            .arg(&path)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("proxy.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let p = ProxyProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            metrics_url: format!("http://127.0.0.1:{ops}"),
+            _dir: dir,
+        };
+        assert!(
+            serving(&p.url, Duration::from_secs(60)).await,
+            "the proxy did not start"
+        );
+        p
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn a_replica_that_never_saw_an_image_serves_it_from_the_bucket() {
+    let up = Registry::start().await;
+    let img = Image::generate(31, &[9 << 20, 3 << 20], "amd64");
+    push_image(&up.url, "team/app", "v1", &img).await;
+    let prefix = prefix("shared");
+    let upstreams = [(up.host(), up.url.clone())];
+    let upstreams: Vec<(&str, &str)> = upstreams
+        .iter()
+        .map(|(h, u)| (h.as_str(), u.as_str()))
+        .collect();
+    let a = Proxy::start_config(with_storage(config_for(&upstreams), s3(&prefix))).await;
+    let b = Proxy::start_config(with_storage(config_for(&upstreams), s3(&prefix))).await;
+    let first = pull(&a.url, "team/app", "v1", None).await.unwrap();
+    a.settled().await;
+    let second = pull(&b.url, "team/app", "v1", None).await.unwrap();
+    assert_eq!(first.digests, second.digests);
+    for blob in img.blobs() {
+        up.assert_gets(&format!("/blobs/{}", blob.digest), 1);
+    }
+    // The tag too: its record in the bucket is fresh, so b asks the upstream nothing.
+    assert_eq!(
+        up.gets("/manifests/v1", 1),
+        1,
+        "manifest GETs at the upstream"
+    );
+    assert_eq!(b.upstream_requests().await, 0.0, "b asked the upstream");
+    let hits = b
+        .metric("pullthrough_requests_total", &[("result", "hit")])
+        .await;
+    assert!(hits >= 4.0, "hits at b: {hits}");
+    let stored = keys(&bucket(), &prefix, "blobs").await;
+    assert_eq!(stored.len(), 4, "objects: {stored:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn a_download_killed_with_its_process_leaves_nothing_visible() {
+    let up = FaultUpstream::start().await;
+    let blob = Blob::new(
+        "application/octet-stream",
+        random_bytes(32, (20 << 20) + 77),
+    );
+    up.add_blob(&blob);
+    let prefix = prefix("killed");
+    let b = bucket();
+    let config = with_storage(config_for(&[("fault.test", up.url.as_str())]), s3(&prefix));
+    let mut owner = ProxyProcess::start(config.clone(), &[]).await;
+    // The body stops half-way until released: the upload is then in progress.
+    let release = up.hold_blobs(10 << 20);
+    let url = format!("{}/v2/r/blobs/{}", owner.url, blob.digest);
+    let get = tokio::spawn(async move { http().get(url).send().await?.bytes().await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while keys(&b, &prefix, "uploads").await.is_empty() {
+        assert!(Instant::now() < deadline, "no upload began");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    owner.kill();
+    assert!(
+        get.await.unwrap().is_err(),
+        "a whole body from a killed proxy"
+    );
+    let hex = blob.digest.trim_start_matches("sha256:");
+    let key = Key::from(format!("{prefix}/blobs/sha256/{hex}"));
+    assert!(
+        matches!(
+            b.head(&key).await,
+            Err(object_store::Error::NotFound { .. })
+        ),
+        "a partial object is visible"
+    );
+    release.send(true).unwrap();
+
+    // The next replica to start aborts the abandoned upload, and serves the blob whole.
+    let mut s3 = s3(&prefix);
+    s3.abandon_uploads_after = Duration::ZERO;
+    let next = Proxy::start_config(with_storage(
+        config_for(&[("fault.test", up.url.as_str())]),
+        s3,
+    ))
+    .await;
+    assert!(keys(&b, &prefix, "uploads").await.is_empty(), "upload left");
+    let got = http()
+        .get(format!("{}/v2/r/blobs/{}", next.url, blob.digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(sha256(&got.bytes().await.unwrap()), blob.digest);
+    next.settled().await;
+    assert_eq!(b.head(&key).await.unwrap().size, blob.bytes.len() as u64);
+}
+
+/// No S3 server needed: the bucket's endpoint has nothing listening.
+#[tokio::test]
+async fn a_bucket_that_is_down_costs_no_pull_and_no_readiness() {
+    let up = Registry::start().await;
+    let img = Image::generate(33, &[2 << 20, 1 << 20], "amd64");
+    push_image(&up.url, "team/app", "v1", &img).await;
+    let down = S3Config {
+        bucket: "gone".into(),
+        prefix: String::new(),
+        endpoint: Some(format!("http://127.0.0.1:{}", free_port())),
+        region: None,
+        path_style: None,
+        abandon_uploads_after: Duration::from_secs(3600),
+    };
+    let host = up.host();
+    let config = with_storage(config_for(&[(&host, &up.url)]), down);
+    let creds = [
+        ("AWS_ACCESS_KEY_ID", "nobody"),
+        ("AWS_SECRET_ACCESS_KEY", "nothing"),
+    ];
+    let p = ProxyProcess::start(config, &creds).await;
+    for _ in 0..2 {
+        let pulled = pull(&p.url, "team/app", "v1", None).await.unwrap();
+        assert_eq!(pulled.digests.len(), 4);
+    }
+    let ready = http()
+        .get(format!("{}/readyz", p.metrics_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "not ready while the bucket is down");
+}
