@@ -15,7 +15,9 @@ use futures::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt};
-use pullthrough::api::proxy_config::{ProxyConfig, S3Config, StorageConfig};
+use pullthrough::api::proxy_config::{PeersConfig, ProxyConfig, S3Config, StorageConfig};
+use pullthrough::proxy::peers::owner_of;
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -80,9 +82,14 @@ struct ProxyProcess {
 }
 
 impl ProxyProcess {
-    async fn start(mut config: ProxyConfig, envs: &[(&str, &str)]) -> ProxyProcess {
+    async fn start(config: ProxyConfig, envs: &[(&str, &str)]) -> ProxyProcess {
+        ProxyProcess::start_at(config, free_port(), envs).await
+    }
+
+    /// Listening on 127.0.0.1:`port`.
+    async fn start_at(mut config: ProxyConfig, port: u16, envs: &[(&str, &str)]) -> ProxyProcess {
         let dir = tempfile::tempdir().unwrap();
-        let (port, ops) = (free_port(), free_port());
+        let ops = free_port();
         config.listen = format!("127.0.0.1:{port}").parse().unwrap();
         config.metrics_listen = format!("127.0.0.1:{ops}").parse().unwrap();
         config.cache_dir = dir.path().join("cache");
@@ -247,4 +254,150 @@ async fn a_bucket_that_is_down_costs_no_pull_and_no_readiness() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 200, "not ready while the bucket is down");
+}
+
+/// `config` as the replica at `me` among `replicas`.
+fn as_replica(mut config: ProxyConfig, me: SocketAddr, replicas: &[SocketAddr]) -> ProxyConfig {
+    config.peers = Some(PeersConfig {
+        addresses: replicas.to_vec(),
+        dns: None,
+        self_address: Some(me),
+    });
+    config
+}
+
+/// Listeners on free loopback ports for a replica: its registry API and operations port.
+async fn listeners() -> (tokio::net::TcpListener, tokio::net::TcpListener) {
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    (api, ops)
+}
+
+async fn get_blob(url: String) -> Result<(u16, String), reqwest::Error> {
+    let r = http().get(url).send().await?;
+    let status = r.status().as_u16();
+    Ok((status, sha256(&r.bytes().await?)))
+}
+
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn sixteen_cold_pulls_over_three_replicas_fetch_the_blob_once() {
+    let up = Registry::start().await;
+    let blob = Blob::new("application/octet-stream", random_bytes(41, 64 << 20));
+    push_blob(&up.url, "team/big", &blob).await;
+    let prefix = prefix("peers");
+    let host = up.host();
+    let mut bound = Vec::new();
+    for _ in 0..3 {
+        bound.push(listeners().await);
+    }
+    let addrs: Vec<SocketAddr> = bound.iter().map(|(a, _)| a.local_addr().unwrap()).collect();
+    let mut replicas = Vec::new();
+    for (i, (api, ops)) in bound.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = with_storage(config_for(&[(&host, &up.url)]), s3(&prefix));
+        c.cache_dir = dir.path().join("cache");
+        let c = as_replica(c, addrs[i], &addrs);
+        replicas.push(Proxy::start_on(c, api, ops, Some(dir)).await);
+    }
+    let gets = (0..16).map(|i| {
+        get_blob(format!(
+            "{}/v2/team/big/blobs/{}",
+            replicas[i % 3].url,
+            blob.digest
+        ))
+    });
+    for got in futures::future::join_all(gets).await {
+        assert_eq!(got.unwrap(), (200, blob.digest.clone()));
+    }
+    up.assert_gets(&format!("/blobs/{}", blob.digest), 1);
+    let digest = blob.digest.parse().unwrap();
+    let owner = owner_of(&addrs, &digest).unwrap();
+    let (mut asked, mut failed) = (0.0, 0.0);
+    for (r, addr) in replicas.iter().zip(&addrs) {
+        let m = r.metrics().await;
+        let owner_answered =
+            metric_value(&m, "pullthrough_peer_fetches_total", &[("result", "owner")]);
+        assert!(
+            *addr != owner || owner_answered == 0.0,
+            "the owner asked a replica"
+        );
+        asked += owner_answered;
+        failed += metric_value(
+            &m,
+            "pullthrough_peer_fetches_total",
+            &[("result", "failed")],
+        );
+    }
+    assert!(
+        asked >= 2.0 && failed == 0.0,
+        "asked the owner {asked} times, failed {failed}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn when_the_owner_dies_mid_download_the_others_fetch_the_blob_themselves() {
+    let up = FaultUpstream::start().await;
+    let prefix = prefix("owner-killed");
+    let (api, ops) = listeners().await;
+    let asker = api.local_addr().unwrap();
+    let owner = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addrs = [owner, asker];
+    // A blob the replica to be killed owns.
+    let blob = (50..)
+        .map(|seed| {
+            Blob::new(
+                "application/octet-stream",
+                random_bytes(seed, (20 << 20) + 5),
+            )
+        })
+        .take(64)
+        .find(|b| owner_of(&addrs, &b.digest.parse().unwrap()) == Some(owner))
+        .expect("a blob the first replica owns");
+    up.add_blob(&blob);
+    let config = with_storage(config_for(&[("fault.test", up.url.as_str())]), s3(&prefix));
+    let mut owning =
+        ProxyProcess::start_at(as_replica(config.clone(), owner, &addrs), owner.port(), &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = as_replica(config, asker, &addrs);
+    c.cache_dir = dir.path().join("cache");
+    let asking = Proxy::start_on(c, api, ops, Some(dir)).await;
+
+    // The owner's download stops half-way until released; then the owner is killed.
+    let release = up.hold_blobs(10 << 20);
+    let url = format!("{}/v2/r/blobs/{}", asking.url, blob.digest);
+    let first = tokio::spawn(get_blob(url.clone()));
+    let b = bucket();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while keys(&b, &prefix, "uploads").await.is_empty() {
+        assert!(Instant::now() < deadline, "the owner began no upload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    owning.kill();
+    match first.await.unwrap() {
+        Err(_) => {}
+        Ok((status, digest)) => assert!(
+            status != 200 || digest != blob.digest,
+            "a whole body from a killed owner"
+        ),
+    }
+    let hex = blob.digest.trim_start_matches("sha256:");
+    let key = Key::from(format!("{prefix}/blobs/sha256/{hex}"));
+    assert!(
+        matches!(
+            b.head(&key).await,
+            Err(object_store::Error::NotFound { .. })
+        ),
+        "a partial object is visible"
+    );
+    release.send(true).unwrap();
+    // Asked again, the replica left fetches it itself, whole, and caches it.
+    assert_eq!(get_blob(url).await.unwrap(), (200, blob.digest.clone()));
+    let failed = asking
+        .metric("pullthrough_peer_fetches_total", &[("result", "failed")])
+        .await;
+    assert!(failed >= 1.0, "the owner's failure was not counted");
+    asking.settled().await;
+    assert_eq!(b.head(&key).await.unwrap().size, blob.bytes.len() as u64);
 }

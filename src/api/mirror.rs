@@ -291,6 +291,7 @@ impl RegistryMirrorSpec {
             metrics_listen: ([0, 0, 0, 0], METRICS_PORT).into(),
             cache_dir: PathBuf::from(CACHE_MOUNT),
             storage: Default::default(),
+            peers: None,
             upstreams: self
                 .upstreams
                 .iter()

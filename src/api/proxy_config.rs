@@ -29,6 +29,10 @@ pub struct ProxyConfig {
     /// S3-compatible bucket that replicas share (`cacheDir` then only spools downloads).
     #[serde(default, skip_serializing_if = "StorageConfig::is_local")]
     pub storage: StorageConfig,
+    /// The other replicas that share the bucket: a blob missing from it is asked of the
+    /// replica that owns it, so that the fleet fetches it from the upstream once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<PeersConfig>,
     /// Registries this proxy mirrors. Requests for any other registry are refused.
     #[serde(default = "default_upstreams")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -197,6 +201,23 @@ fn default_abandon_uploads_after() -> Duration {
     Duration::from_secs(24 * 3600)
 }
 
+/// How a replica finds the others (a fixed list, or a DNS name: a headless Service).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeersConfig {
+    /// The replicas' registry API addresses (`IP:PORT`), this one's among them or not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<SocketAddr>,
+    /// A name whose addresses are the ready replicas (the headless Service the controller
+    /// makes), each at `listen`'s port; looked up every 5 seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
+    /// This replica's address as the others reach it; by default the `POD_IP`
+    /// environment variable with `listen`'s port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_address: Option<SocketAddr>,
+}
+
 /// Username and password (or token) for an upstream.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -306,6 +327,9 @@ pub enum ConfigError {
         "maxCacheBytes (--max-cache-size) must be greater than zero; leave it out for no limit"
     )]
     ZeroCacheLimit,
+    /// Peers set up in a way that cannot work.
+    #[error("peers: {0}")]
+    BadPeers(&'static str),
     /// An S3 bucket setting that cannot work.
     #[error("storage.s3: {0}")]
     BadS3(&'static str),
@@ -421,6 +445,16 @@ impl ProxyConfig {
                 return Err(ConfigError::Zero(name));
             }
         }
+        if let Some(p) = &self.peers {
+            if self.storage.s3.is_none() {
+                return Err(ConfigError::BadPeers(
+                    "replicas share a bucket: set storage.s3 too",
+                ));
+            }
+            if p.addresses.is_empty() && p.dns.is_none() {
+                return Err(ConfigError::BadPeers("give addresses or dns"));
+            }
+        }
         if listeners_clash(self.listen, self.metrics_listen) {
             return Err(ConfigError::ListenClash(self.listen, self.metrics_listen));
         }
@@ -466,6 +500,7 @@ impl Default for ProxyConfig {
             metrics_listen: default_metrics_listen(),
             cache_dir: default_cache_dir(),
             storage: StorageConfig::default(),
+            peers: None,
             upstreams: default_upstreams(),
             default_upstream: None,
             tag_ttl: default_tag_ttl(),

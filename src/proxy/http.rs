@@ -5,7 +5,8 @@
 use super::Proxy;
 use super::error::ProxyError;
 use super::metrics::{CacheResult, Kind};
-use super::pull_through::{BlobAnswer, ByteRange};
+use super::peers::PEER_HEADER;
+use super::pull_through::{BlobAnswer, BlobAsk, ByteRange};
 use super::upstream::Upstream;
 use crate::oci::error::error_body;
 use crate::oci::media::Accept;
@@ -289,8 +290,13 @@ async fn route(
                 .and_then(|v| v.to_str().ok())
                 .and_then(ByteRange::parse)
                 .and_then(Result::ok);
-            let spans = req.extensions().get::<crate::proxy::zero_copy::Spans>();
-            let result = cache.blob(&up, &repo, &digest, range, head, spans).await;
+            let ask = BlobAsk {
+                range,
+                head,
+                spans: req.extensions().get::<crate::proxy::zero_copy::Spans>(),
+                from_peer: req.headers().contains_key(PEER_HEADER),
+            };
+            let result = cache.blob(&up, &repo, &digest, ask).await;
             let answer = count(
                 proxy,
                 &up,

@@ -80,6 +80,26 @@ impl CacheResult {
     }
 }
 
+/// How a replica's request to the owner of a blob went, the `result` label of
+/// `pullthrough_peer_fetches_total` (see [`crate::proxy::peers`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerFetch {
+    /// The owner answered with the blob.
+    Owner,
+    /// The owner could not be asked or did not answer well: fetched here instead.
+    Failed,
+}
+
+impl PeerFetch {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerFetch::Owner => "owner",
+            PeerFetch::Failed => "failed",
+        }
+    }
+}
+
 /// All proxy metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -110,6 +130,7 @@ pub struct Metrics {
     pub prefetch_images: IntGaugeVec,
     /// Bytes pulled into the cache by prefetching.
     pub prefetch_bytes: IntCounter,
+    peer_fetches: IntCounterVec,
 }
 
 impl Metrics {
@@ -207,6 +228,17 @@ impl Metrics {
         for state in ["pending", "done", "failed"] {
             prefetch_images.with_label_values(&[state]);
         }
+        let peer_fetches = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_peer_fetches_total",
+                "Missing blobs asked of the replica that owns them, by result (owner: it served them; failed: fetched here instead).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for r in [PeerFetch::Owner, PeerFetch::Failed] {
+            peer_fetches.with_label_values(&[r.as_str()]);
+        }
         let names = crate::server::register_all(
             &registry,
             vec![
@@ -224,6 +256,7 @@ impl Metrics {
                 Box::new(inflight_fetches.clone()),
                 Box::new(fetch_waiters.clone()),
                 Box::new(sendfile_bytes.clone()),
+                Box::new(peer_fetches.clone()),
             ],
         );
         Metrics {
@@ -243,7 +276,15 @@ impl Metrics {
             cache_disk_full,
             prefetch_images,
             prefetch_bytes,
+            peer_fetches,
         }
+    }
+
+    /// Counts one request to the owner of a blob.
+    pub fn peer_fetch(&self, result: PeerFetch) {
+        self.peer_fetches
+            .with_label_values(&[result.as_str()])
+            .inc();
     }
 
     /// Creates the series of one upstream at zero, so that dashboards and alerts see

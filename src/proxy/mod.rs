@@ -11,6 +11,7 @@ pub mod error;
 pub mod http;
 pub mod index;
 pub mod metrics;
+pub mod peers;
 pub mod pull_through;
 pub mod store;
 #[cfg(test)]
@@ -232,8 +233,28 @@ impl Proxy {
                 prefetch.push(p.clone());
             }
         }
+        let mut cache = PullThrough::new(index, metrics.clone(), policy, pins);
+        if let Some(p) = &config.peers {
+            let port = config.listen.port();
+            let me = match p.self_address {
+                Some(a) => a,
+                None => std::env::var("POD_IP")
+                    .ok()
+                    .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+                    .map(|ip| SocketAddr::new(ip, port))
+                    .ok_or(StartError::Config(ConfigError::BadPeers(
+                        "selfAddress is not set and POD_IP is not an IP address",
+                    )))?,
+            };
+            let peers = match &p.dns {
+                Some(name) => peers::Peers::dns(me, name.clone(), port),
+                None => peers::Peers::fixed(me, &p.addresses),
+            };
+            tracing::info!(%me, replicas = ?peers.replicas(), dns = ?p.dns, "asking the replica that owns a missing blob for it");
+            cache = cache.with_peers(Arc::new(peers));
+        }
         Ok(Proxy {
-            cache: Arc::new(PullThrough::new(index, metrics.clone(), policy, pins)),
+            cache: Arc::new(cache),
             upstreams,
             default,
             metrics,

@@ -229,6 +229,18 @@ impl Proxy {
         };
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Proxy::start_on(config, api, ops, dir).await
+    }
+
+    /// A proxy serving on listeners the test bound (it knows their addresses before the
+    /// proxy starts), keeping `dir` while it runs.
+    pub async fn start_on(
+        config: ProxyConfig,
+        api: tokio::net::TcpListener,
+        ops: tokio::net::TcpListener,
+        dir: Option<tempfile::TempDir>,
+    ) -> Proxy {
+        init_tracing();
         let host = api.local_addr().unwrap().to_string();
         let metrics_url = format!("http://{}", ops.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -11,13 +11,14 @@ use super::*;
 use crate::oci::{Digest, Hasher};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::Reservation;
-use crate::proxy::metrics::CacheResult;
+use crate::proxy::metrics::{CacheResult, PeerFetch};
 use crate::proxy::store::{BlobWrite, StoreError, Written};
 use crate::proxy::upstream::{BlobBody, Upstream, UpstreamError};
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
 use futures::stream::StreamExt;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -79,6 +80,9 @@ impl FetchState {
 
 pub(super) struct BlobFetch {
     pub(super) state: watch::Receiver<FetchState>,
+    /// The replica that owns the blob, when the download asks it instead of the upstream
+    /// (see [`crate::proxy::peers`]): the owner caches it, this replica relays it.
+    pub(super) via: Option<SocketAddr>,
     /// The clients that joined before the download's first answer. If the blob cannot
     /// be cached, the download relays its body to them, so that one upstream GET serves
     /// them all; once the download streams into the cache (they read the file) or the
@@ -216,6 +220,19 @@ pub(super) fn relay_answer(
     }
 }
 
+/// How a client asks for a blob.
+#[derive(Clone, Copy, Default)]
+pub struct BlobAsk<'a> {
+    /// The `Range` it asks for, if any.
+    pub range: Option<ByteRange>,
+    /// A HEAD.
+    pub head: bool,
+    /// The HTTP/1 connection's file ranges (see [`crate::proxy::zero_copy`]).
+    pub spans: Option<&'a Spans>,
+    /// Asked by another replica for a blob this one owns (see [`crate::proxy::peers`]).
+    pub from_peer: bool,
+}
+
 impl PullThrough {
     /// A blob (body or HEAD), from the cache, a running download, or a new one.
     pub async fn blob(
@@ -223,10 +240,14 @@ impl PullThrough {
         up: &Arc<Upstream>,
         repository: &str,
         digest: &Digest,
-        range: Option<ByteRange>,
-        head: bool,
-        spans: Option<&Spans>,
+        ask: BlobAsk<'_>,
     ) -> Result<BlobAnswer, ProxyError> {
+        let BlobAsk {
+            range,
+            head,
+            spans,
+            from_peer,
+        } = ask;
         match self.cached_blob(digest, range, head, spans).await {
             Ok(Some(answer)) => return Ok(answer),
             Ok(None) => {}
@@ -235,7 +256,7 @@ impl PullThrough {
                 tracing::warn!(%digest, error = %e, "cache store unreadable; serving the blob from the upstream");
                 return match head {
                     true => self.head_blob(up, repository, digest).await,
-                    false => self.pass_through(up, repository, digest).await,
+                    false => self.pass_through(up, repository, digest, None).await,
                 };
             }
             Err(e) => return Err(e),
@@ -243,11 +264,16 @@ impl PullThrough {
         if head {
             return self.head_blob(up, repository, digest).await;
         }
+        // Another replica asking: never through a download that asks a replica in turn
+        // (two replicas whose views of the owner differ would wait on each other).
+        if from_peer && self.running(digest).is_some_and(|f| f.via.is_some()) {
+            return self.pass_through(up, repository, digest, None).await;
+        }
         let Some(Joined {
             fetch,
             leader,
             relayed,
-        }) = self.join_or_start(up, repository, digest)
+        }) = self.join_or_start(up, repository, digest, from_peer)
         else {
             // Finished between our cache check and taking the lock.
             return self
@@ -273,7 +299,7 @@ impl PullThrough {
                 };
                 return match relayed {
                     Some(rx) => Ok(relay_answer(rx, len, result)),
-                    None => self.pass_through(up, repository, digest).await,
+                    None => self.pass_through(up, repository, digest, fetch.via).await,
                 };
             }
             FetchState::Streaming { len, .. } => len,
@@ -323,6 +349,7 @@ impl PullThrough {
         up: &Arc<Upstream>,
         repository: &str,
         digest: &Digest,
+        from_peer: bool,
     ) -> Option<Joined> {
         let mut map = self.blobs.lock().expect("blob map lock");
         if let Some(f) = map.get(digest) {
@@ -339,8 +366,13 @@ impl PullThrough {
         }
         self.metrics.fetch_waiters.inc();
         let (tx, rx) = watch::channel(FetchState::Connecting);
+        let via = match (&self.peers, from_peer) {
+            (Some(peers), false) => peers.owner(digest),
+            _ => None,
+        };
         let fetch = Arc::new(BlobFetch {
             state: rx,
+            via,
             relay: Mutex::new(Some(Vec::new())),
         });
         let relayed = fetch.subscribe();
@@ -460,15 +492,16 @@ impl PullThrough {
         })
     }
 
-    /// Streams a blob from the upstream for this client alone, without caching it (see
-    /// [`relay`]).
+    /// Streams a blob from the upstream (or from the replica `via` that owns it) for this
+    /// client alone, without caching it (see [`relay`]).
     pub(super) async fn pass_through(
         &self,
         up: &Upstream,
         repository: &str,
         digest: &Digest,
+        via: Option<SocketAddr>,
     ) -> Result<BlobAnswer, ProxyError> {
-        let body = up.blob(repository, digest).await?;
+        let (body, _) = self.blob_body(up, repository, digest, via).await?;
         let len = body.content_length();
         let (tx, rx) = mpsc::channel(RELAY_DEPTH);
         let d = digest.clone();
@@ -544,7 +577,11 @@ impl PullThrough {
         fetch: &BlobFetch,
         tx: &watch::Sender<FetchState>,
     ) -> Result<Downloaded, ProxyError> {
-        let mut body = up.blob(repository, digest).await?;
+        let (mut body, from_owner) = self.blob_body(up, repository, digest, fetch.via).await?;
+        if from_owner {
+            // The owner caches it: this replica relays it to its clients.
+            return Ok(Downloaded::Uncacheable { body });
+        }
         let len = body.content_length();
         // With a size limit, a blob of unknown size cannot be accounted for: stream it.
         let reservation = match len {
@@ -658,6 +695,30 @@ impl PullThrough {
             write,
             source,
         })
+    }
+
+    /// A blob's body from the replica `via` that owns it, or from the upstream when there
+    /// is none or it cannot answer; says whether it came from the owner.
+    async fn blob_body(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+        via: Option<SocketAddr>,
+    ) -> Result<(BlobBody, bool), ProxyError> {
+        if let (Some(owner), Some(peers)) = (via, &self.peers) {
+            match up.blob_via(owner, peers.me(), repository, digest).await {
+                Ok(body) => {
+                    self.metrics.peer_fetch(PeerFetch::Owner);
+                    return Ok((body, true));
+                }
+                Err(e) => {
+                    self.metrics.peer_fetch(PeerFetch::Failed);
+                    tracing::warn!(%owner, %digest, error = %e, "the replica that owns the blob did not serve it; fetching it here");
+                }
+            }
+        }
+        Ok((up.blob(repository, digest).await?, false))
     }
 
     /// What a download that the store failed (writing or committing it) says; a full

@@ -27,6 +27,7 @@ mod prefetch;
 mod range;
 pub mod single_flight;
 
+pub use blobs::BlobAsk;
 use blobs::*;
 use lists::*;
 use live_reader::*;
@@ -38,6 +39,7 @@ use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::{Index, NoRoom, Reservation};
 use crate::proxy::metrics::{CacheResult, Metrics};
+use crate::proxy::peers::Peers;
 use crate::proxy::store::{BlobStore, CHUNK};
 use crate::proxy::upstream::Upstream;
 pub use crate::proxy::upstream::{Referrers, TagsPage};
@@ -128,6 +130,8 @@ pub struct PullThrough {
     heads: SingleFlight<Digest, Result<Option<u64>, ProxyError>>,
     tags: Mutex<HashMap<String, TagState>>,
     tag_lists: TagLists,
+    /// The replicas that share the store, when there are any (see [`Peers`]).
+    peers: Option<Arc<Peers>>,
 }
 
 impl PullThrough {
@@ -149,7 +153,15 @@ impl PullThrough {
             blobs: Mutex::new(HashMap::new()),
             tags: Mutex::new(HashMap::new()),
             tag_lists: TagLists::default(),
+            peers: None,
         }
+    }
+
+    /// The same cache, asking the replica that owns a missing blob for it (see
+    /// [`Peers`]) instead of the upstream.
+    pub fn with_peers(mut self, peers: Arc<Peers>) -> PullThrough {
+        self.peers = Some(peers);
+        self
     }
 
     /// The store underneath.

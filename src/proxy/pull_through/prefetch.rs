@@ -105,7 +105,7 @@ impl PullThrough {
         let mut bytes = 0u64;
         for image in images {
             for d in crate::proxy::index::manifest_refs(&image.body) {
-                let answer = self.blob(up, repository, &d, None, false, None).await?;
+                let answer = self.blob(up, repository, &d, BlobAsk::default()).await?;
                 let fetched = answer.result != CacheResult::Hit;
                 if let Some(mut body) = answer.body {
                     while let Some(chunk) = body.next().await {

@@ -16,6 +16,7 @@ use crate::api::{Credentials, RepositoryFilter, UpstreamConfig};
 use crate::oci::media::Accept;
 use crate::oci::{Digest, Reference};
 use crate::proxy::metrics::{Kind, Metrics};
+use crate::proxy::peers::PEER_HEADER;
 use auth::Auth;
 use bytes::Bytes;
 use futures::FutureExt;
@@ -23,6 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap};
 use hyper::{Method, Response, StatusCode};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -298,6 +300,38 @@ impl Upstream {
             body: resp.into_body(),
             timeout: self.timeout(),
         })
+    }
+
+    /// GETs a blob from `owner`, the replica that owns it (see [`crate::proxy::peers`]),
+    /// which fetches it from this upstream for every replica and caches it. Not an
+    /// upstream request: it is not counted as one.
+    pub async fn blob_via(
+        &self,
+        owner: SocketAddr,
+        me: SocketAddr,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<BlobBody, UpstreamError> {
+        let url = format!(
+            "http://{owner}/v2/{repository}/blobs/{digest}?ns={}",
+            self.name
+        );
+        let me = me.to_string();
+        let resp = self
+            .transport
+            .send_with(&Method::GET, &url, None, None, Some((PEER_HEADER, &me)))
+            .await?;
+        match resp.status().as_u16() {
+            200 => Ok(BlobBody {
+                length: content_length(resp.headers()),
+                body: resp.into_body(),
+                timeout: self.timeout(),
+            }),
+            status => Err(UpstreamError::Failed {
+                server: owner.to_string(),
+                status,
+            }),
+        }
     }
 
     /// HEADs a blob: its size, when the upstream says.

@@ -78,6 +78,18 @@ impl Transport {
         auth: Option<&str>,
         accept: Option<&str>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        self.send_with(method, url, auth, accept, None).await
+    }
+
+    /// [`Self::send`], with one more header.
+    pub(super) async fn send_with(
+        &self,
+        method: &Method,
+        url: &str,
+        auth: Option<&str>,
+        accept: Option<&str>,
+        extra: Option<(&'static str, &str)>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let mut uri: Uri = url
             .parse()
             .map_err(|e| UpstreamError::protocol(format!("{}: not a URL: {e}", origin_of(url))))?;
@@ -89,6 +101,9 @@ impl Transport {
                 .header(header::USER_AGENT, USER_AGENT);
             if let Some(a) = accept {
                 req = req.header(header::ACCEPT, a);
+            }
+            if let Some((name, value)) = extra {
+                req = req.header(name, value);
             }
             if let Some(a) = auth
                 && same_origin(&uri, &origin)
