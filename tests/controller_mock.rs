@@ -252,6 +252,7 @@ async fn create_applies_every_child_and_reports_status() {
             "PATCH deployments",
             "DELETE statefulsets",
             "PATCH services",
+            "DELETE services",
             "PATCH poddisruptionbudgets",
             "GET customresourcedefinitions",
             "GET nodes",
@@ -303,6 +304,7 @@ async fn create_applies_every_child_and_reports_status() {
     let status = applied.body;
     assert_eq!(status["status"]["endpoint"], "http://10.96.0.10:5000");
     assert_eq!(status["status"]["readyReplicas"], 2);
+    assert_eq!(status["status"]["storage"], "emptyDir");
     assert_eq!(status["status"]["observedGeneration"], 1);
     assert_eq!(
         status["status"]["nodes"],
@@ -322,6 +324,42 @@ async fn create_applies_every_child_and_reports_status() {
         "{}",
         f.ctx.metrics.render()
     );
+}
+
+#[tokio::test]
+async fn a_mirror_on_s3_runs_replicas_that_find_each_other_through_a_headless_service() {
+    let f = fake(World::default());
+    let m = mirror(
+        "shared",
+        100,
+        "upstreams: [{registry: docker.io}]\nreplicas: 3\ncache: {storage: {s3: {bucket: cache, prefix: hub}}}",
+        true,
+    );
+    reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
+    let summary = f.summary();
+    assert_eq!(
+        summary.iter().filter(|c| *c == "PATCH services").count(),
+        2,
+        "{summary:?}"
+    );
+    assert!(
+        !summary
+            .iter()
+            .any(|c| c.contains("statefulsets") && c.starts_with("PATCH"))
+    );
+    let peers = f.find("PATCH", "/services/pullthrough-shared-peers");
+    assert_eq!(peers.body["spec"]["clusterIP"], "None");
+    let cm = f.find("PATCH", "/configmaps/pullthrough-shared");
+    let config =
+        pullthrough::api::ProxyConfig::from_yaml(cm.body["data"]["config.yaml"].as_str().unwrap())
+            .unwrap();
+    assert_eq!(config.storage.s3.unwrap().bucket, "cache");
+    assert_eq!(
+        config.peers.unwrap().dns.as_deref(),
+        Some("pullthrough-shared-peers")
+    );
+    let status = f.find("PATCH", "/registrymirrors/shared/status").body;
+    assert_eq!(status["status"]["storage"], "s3://cache/hub");
 }
 
 #[tokio::test]

@@ -2,7 +2,10 @@
 //! source of truth for the CRD (`pullthrough crd` prints it; `crds/` holds its output).
 //! Also the pure mapping from a mirror's spec to the [`ProxyConfig`] its proxy runs with.
 
-use super::proxy_config::{ConfigError, ProxyConfig, RepositoryFilter, UpstreamConfig};
+use super::proxy_config::{
+    ConfigError, ProxyConfig, RepositoryFilter, S3Config, StorageConfig, UpstreamConfig,
+    default_abandon_uploads_after,
+};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -131,10 +134,11 @@ pub struct CacheSpec {
 }
 
 /// Cache volume: a PersistentVolumeClaim per pod (StatefulSet) when `size` is set, else an
-/// emptyDir (Deployment).
+/// emptyDir (Deployment); or an S3-compatible bucket that every replica shares (a
+/// Deployment whose emptyDir only spools downloads).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(cel, validation = Rule::new("!(has(self.size) && has(self.emptyDir))").message("set either size (a PersistentVolumeClaim) or emptyDir, not both"), validation = Rule::new("!has(self.size) || isQuantity(string(self.size))").message("size must be a quantity, e.g. 50Gi"))]
+#[x_kube(cel, validation = Rule::new("!(has(self.size) && has(self.emptyDir))").message("set either size (a PersistentVolumeClaim) or emptyDir, not both"), validation = Rule::new("!(has(self.s3) && has(self.size))").message("a mirror on s3 keeps no volume per pod: leave size out"), validation = Rule::new("!has(self.size) || isQuantity(string(self.size))").message("size must be a quantity, e.g. 50Gi"))]
 pub struct StorageSpec {
     /// Size of each pod's PersistentVolumeClaim (e.g. `50Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,6 +149,37 @@ pub struct StorageSpec {
     /// Use an emptyDir (lost when the pod goes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub empty_dir: Option<EmptyDirSpec>,
+    /// Keep the cache in an S3-compatible bucket that every replica shares: one upstream
+    /// fetch per blob for the whole mirror, and a cache that outlives its pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3StorageSpec>,
+}
+
+/// An S3-compatible bucket (AWS S3, GCS's S3 API, Ceph RGW, MinIO).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3StorageSpec {
+    /// The bucket; it must exist.
+    #[schemars(length(min = 1))]
+    pub bucket: String,
+    /// Key prefix of the mirror's objects (several mirrors can share a bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Endpoint URL of a store other than AWS (`http://rgw.ceph.svc:7480`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Region; `us-east-1` when unset and the Secret gives no `AWS_REGION`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Path-style requests; by default on with an `endpoint`, off without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
+    /// A Secret in the mirror's namespace whose keys are environment variables of the
+    /// AWS tools (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, optionally
+    /// `AWS_SESSION_TOKEN`, `AWS_REGION`); without one, the pod's own identity (web
+    /// identity such as EKS IRSA, or the instance's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretReference>,
 }
 
 /// emptyDir options.
@@ -197,6 +232,10 @@ pub struct RegistryMirrorStatus {
     /// Proxy pods ready.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Where the cache is kept: `s3://<bucket>/<prefix>` (shared by the replicas),
+    /// `persistentVolumeClaim` or `emptyDir` (one per pod).
+    #[serde(default)]
+    pub storage: Option<String>,
     /// Node configuration progress.
     #[serde(default)]
     pub nodes: Option<NodesStatus>,
@@ -276,6 +315,20 @@ impl RegistryMirrorSpec {
         }
     }
 
+    /// Where the cache is kept, as the status says it (see [`RegistryMirrorStatus::storage`]).
+    pub fn storage_kind(&self) -> String {
+        let storage = &self.cache.storage;
+        match (&storage.s3, &storage.size) {
+            (Some(s3), _) => format!(
+                "s3://{}/{}",
+                s3.bucket,
+                s3.prefix.as_deref().unwrap_or("").trim_matches('/')
+            ),
+            (None, Some(_)) => "persistentVolumeClaim".into(),
+            (None, None) => "emptyDir".into(),
+        }
+    }
+
     /// The configuration the mirror's proxy runs with. Credentials are referenced as
     /// files where the pod mounts each upstream's Secret.
     pub fn proxy_config(&self) -> Result<ProxyConfig, SpecError> {
@@ -290,7 +343,16 @@ impl RegistryMirrorSpec {
             listen: ([0, 0, 0, 0], PROXY_PORT).into(),
             metrics_listen: ([0, 0, 0, 0], METRICS_PORT).into(),
             cache_dir: PathBuf::from(CACHE_MOUNT),
-            storage: Default::default(),
+            storage: StorageConfig {
+                s3: self.cache.storage.s3.as_ref().map(|s| S3Config {
+                    bucket: s.bucket.clone(),
+                    prefix: s.prefix.clone().unwrap_or_default(),
+                    endpoint: s.endpoint.clone(),
+                    region: s.region.clone(),
+                    path_style: s.path_style,
+                    abandon_uploads_after: default_abandon_uploads_after(),
+                }),
+            },
             peers: None,
             upstreams: self
                 .upstreams
@@ -308,7 +370,11 @@ impl RegistryMirrorSpec {
                 })
                 .collect(),
             default_upstream: None,
-            max_cache_bytes: self.cache_limit()?,
+            // A bucket's emptyDir only spools downloads: the limit is not its size.
+            max_cache_bytes: match self.cache.storage.s3 {
+                Some(_) => None,
+                None => self.cache_limit()?,
+            },
             pin: self.cache.pin.clone(),
             prefetch: self.cache.prefetch.clone(),
             prefetch_platforms: self.cache.prefetch_platforms.clone(),

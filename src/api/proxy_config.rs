@@ -197,7 +197,8 @@ impl S3Config {
     }
 }
 
-fn default_abandon_uploads_after() -> Duration {
+/// How long after it began a multipart upload is taken for abandoned, by default.
+pub fn default_abandon_uploads_after() -> Duration {
     Duration::from_secs(24 * 3600)
 }
 

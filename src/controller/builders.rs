@@ -2,19 +2,20 @@
 //! reconciler applies what these return, and tests check them directly.
 
 use crate::api::mirror::{
-    CACHE_MOUNT, CONFIG_MOUNT, METRICS_PORT, PROXY_PORT, RegistryMirror, SECRETS_MOUNT,
+    CACHE_MOUNT, CONFIG_MOUNT, METRICS_PORT, PROXY_PORT, RegistryMirror, SECRETS_MOUNT, SpecError,
 };
+use crate::api::proxy_config::{PeersConfig, ProxyConfig};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, StatefulSet,
     StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretEnvSource, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -43,6 +44,30 @@ pub struct ChildSettings {
 /// Name of every child object of a mirror.
 pub fn child_name(mirror: &RegistryMirror) -> String {
     format!("pullthrough-{}", mirror.name_any())
+}
+
+/// Name of the headless Service through which the replicas of a mirror on S3 find each
+/// other (see [`crate::proxy::peers`]).
+pub fn peers_service_name(mirror: &RegistryMirror) -> String {
+    peers_of(&child_name(mirror))
+}
+
+/// [`peers_service_name`], from the name of the other children.
+pub fn peers_of(child: &str) -> String {
+    format!("{child}-peers")
+}
+
+/// The configuration the mirror's proxies run with: the spec's, and with a bucket, the
+/// replicas found through the headless Service (each pod's own address from `POD_IP`).
+pub fn proxy_config(mirror: &RegistryMirror) -> Result<ProxyConfig, SpecError> {
+    let mut config = mirror.spec.proxy_config()?;
+    if config.storage.s3.is_some() {
+        config.peers = Some(PeersConfig {
+            dns: Some(peers_service_name(mirror)),
+            ..PeersConfig::default()
+        });
+    }
+    Ok(config)
 }
 
 /// Labels selecting a mirror's proxy pods.
@@ -196,6 +221,30 @@ fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -
             });
         }
     }
+    // Where `kubectl exec ... pullthrough cache drop` finds the admin token.
+    let mut env = vec![EnvVar {
+        name: "PULLTHROUGH_ADMIN_TOKEN_FILE".into(),
+        value: Some(format!(
+            "{CACHE_MOUNT}/{}",
+            crate::api::proxy_config::ADMIN_TOKEN_FILE
+        )),
+        ..EnvVar::default()
+    }];
+    let s3 = mirror.spec.cache.storage.s3.as_ref();
+    if s3.is_some() {
+        // The address the other replicas know this one by.
+        env.push(EnvVar {
+            name: "POD_IP".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    }
     let container = Container {
         name: "proxy".into(),
         image: Some(settings.proxy_image.clone()),
@@ -221,15 +270,16 @@ fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -
                 ..ContainerPort::default()
             },
         ]),
-        // Where `kubectl exec ... pullthrough cache drop` finds the admin token.
-        env: Some(vec![EnvVar {
-            name: "PULLTHROUGH_ADMIN_TOKEN_FILE".into(),
-            value: Some(format!(
-                "{CACHE_MOUNT}/{}",
-                crate::api::proxy_config::ADMIN_TOKEN_FILE
-            )),
-            ..EnvVar::default()
-        }]),
+        env: Some(env),
+        env_from: s3.and_then(|s| s.credentials_secret_ref.as_ref()).map(|r| {
+            vec![EnvFromSource {
+                secret_ref: Some(SecretEnvSource {
+                    name: r.name.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvFromSource::default()
+            }]
+        }),
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: mirror.spec.resources.clone(),
@@ -391,6 +441,30 @@ pub fn service(mirror: &RegistryMirror) -> Service {
                 port("registry", PROXY_PORT),
                 port("metrics", METRICS_PORT),
             ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The headless Service of a mirror on S3: its DNS name resolves to the ready replicas,
+/// which is how each finds the owner of a digest (see [`crate::proxy::peers`]).
+pub fn peers_service(mirror: &RegistryMirror) -> Service {
+    let mut metadata = meta(mirror);
+    metadata.name = Some(peers_service_name(mirror));
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(mirror)),
+            ports: Some(vec![ServicePort {
+                name: Some("registry".into()),
+                port: PROXY_PORT.into(),
+                target_port: Some(IntOrString::String("registry".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            publish_not_ready_addresses: Some(false),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -617,6 +691,56 @@ pub(crate) mod tests {
             Some(mount.mount_path.as_str()),
             "the proxy config points where the Secret is mounted"
         );
+    }
+
+    #[test]
+    fn a_mirror_on_s3_runs_replicas_that_find_each_other() {
+        let m = mirror(
+            "upstreams: [{registry: docker.io}]\nreplicas: 3\ncache: {storage: {s3: {bucket: b, endpoint: 'http://rgw:80', credentialsSecretRef: {name: keys}}, emptyDir: {sizeLimit: 5Gi}}}",
+        );
+        assert!(!uses_pvc(&m), "no volume per pod");
+        let config = proxy_config(&m).unwrap();
+        let s3 = config.storage.s3.as_ref().unwrap();
+        assert_eq!(
+            (s3.bucket.as_str(), s3.endpoint.as_deref()),
+            ("b", Some("http://rgw:80"))
+        );
+        assert_eq!(config.max_cache_bytes, None, "the emptyDir only spools");
+        let peers = config.peers.as_ref().unwrap();
+        assert_eq!(peers.dns.as_deref(), Some("pullthrough-public-peers"));
+        let svc = peers_service(&m);
+        assert_eq!(
+            svc.metadata.name.as_deref(),
+            Some("pullthrough-public-peers")
+        );
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.selector.as_ref(), Some(&selector_labels(&m)));
+        let d = deployment(&m, &settings(), "h");
+        let c = &pod(&d.spec.as_ref().unwrap().template).containers[0];
+        let pod_ip = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "POD_IP")
+            .unwrap();
+        let field = pod_ip
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(field.field_path, "status.podIP");
+        let from = &c.env_from.as_ref().unwrap()[0];
+        assert_eq!(from.secret_ref.as_ref().unwrap().name, "keys");
+        // Without a bucket: no peers, no POD_IP.
+        let plain = mirror("upstreams: [{registry: docker.io}]");
+        assert!(proxy_config(&plain).unwrap().peers.is_none());
+        let d = deployment(&plain, &settings(), "h");
+        let c = &pod(&d.spec.as_ref().unwrap().template).containers[0];
+        assert!(c.env.as_ref().unwrap().iter().all(|e| e.name != "POD_IP") && c.env_from.is_none());
     }
 
     #[test]

@@ -116,6 +116,7 @@ pub(super) async fn delete_children(client: &Client, ns: &str, child: &str) -> R
     delete_child::<StatefulSet>(client, ns, child).await?;
     delete_child::<PodDisruptionBudget>(client, ns, child).await?;
     delete_child::<Service>(client, ns, child).await?;
+    delete_child::<Service>(client, ns, &builders::peers_of(child)).await?;
     delete_child::<ConfigMap>(client, ns, child).await
 }
 
@@ -168,6 +169,34 @@ pub(super) async fn read_secrets(
             Err(e) => return Ok(Err(invalid(e.to_string()))),
         }
     }
+    // The bucket's credentials: its keys become the pods' environment.
+    if let Some(reference) = mirror
+        .spec
+        .cache
+        .storage
+        .s3
+        .as_ref()
+        .and_then(|s| s.credentials_secret_ref.as_ref())
+    {
+        let secret = secrets
+            .get_opt(&reference.name)
+            .await
+            .map_err(kube_err(format!("reading Secret {}", reference.name)))?;
+        let data = secret.and_then(|s| s.data).unwrap_or_default();
+        if !data.contains_key("AWS_ACCESS_KEY_ID") || !data.contains_key("AWS_SECRET_ACCESS_KEY") {
+            return Ok(Err(Problem {
+                reason: "SecretInvalid",
+                message: format!(
+                    "Secret {ns}/{} (credentials of the bucket) must exist and have the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                    reference.name
+                ),
+            }));
+        }
+        // Pods roll when the credentials change.
+        for value in data.values() {
+            out.push(value.0.clone());
+        }
+    }
     Ok(Ok(out))
 }
 
@@ -193,9 +222,10 @@ pub(super) async fn apply(
     let mut observed = Observed {
         generation: mirror.meta().generation,
         replicas: mirror.spec.replicas,
+        storage: Some(mirror.spec.storage_kind()),
         ..Observed::default()
     };
-    let config = mirror.spec.proxy_config();
+    let config = builders::proxy_config(mirror);
     let secrets = match &config {
         Ok(_) => read_secrets(mirror, ctx, ns).await?,
         Err(_) => Ok(Vec::new()),
@@ -247,6 +277,13 @@ pub(super) async fn apply(
             }
             let svc = apply_child(client, ns, &builders::service(mirror)).await?;
             observed.endpoint = builders::endpoint(&svc);
+            // Replicas sharing a bucket find each other through a headless Service.
+            let peers = builders::peers_service_name(mirror);
+            if mirror.spec.cache.storage.s3.is_some() {
+                apply_child(client, ns, &builders::peers_service(mirror)).await?;
+            } else {
+                delete_child::<Service>(client, ns, &peers).await?;
+            }
             if mirror.spec.replicas > 1 {
                 apply_child(client, ns, &builders::pdb(mirror)).await?;
             } else {

@@ -45,6 +45,8 @@ pub struct Observed {
     pub updated_replicas: i32,
     /// Service endpoint.
     pub endpoint: Option<String>,
+    /// Where the cache is kept.
+    pub storage: Option<String>,
     /// Configuration or credentials problem.
     pub problem: Option<Problem>,
     /// The registries this mirror serves.
@@ -340,6 +342,7 @@ pub fn build_status(
         observed_generation: o.generation,
         endpoint: o.endpoint.clone(),
         ready_replicas: o.ready_replicas,
+        storage: o.storage.clone(),
         nodes: o.nodes.clone(),
         served_registries: o.served.clone(),
         lost_registries: o
