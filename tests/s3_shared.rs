@@ -163,6 +163,23 @@ async fn a_replica_that_never_saw_an_image_serves_it_from_the_bucket() {
     assert!(hits >= 4.0, "hits at b: {hits}");
     let stored = keys(&bucket(), &prefix, "blobs").await;
     assert_eq!(stored.len(), 4, "objects: {stored:?}");
+    // What went to the bucket and came back, as each replica counts it.
+    let image_bytes: usize = img.blobs().map(|b| b.bytes.len()).sum();
+    let written = a
+        .metric("pullthrough_store_bytes_total", &[("direction", "written")])
+        .await;
+    let read = b
+        .metric("pullthrough_store_bytes_total", &[("direction", "read")])
+        .await;
+    assert!(written >= image_bytes as f64, "written {written}");
+    assert!(read >= image_bytes as f64, "read {read}");
+    let parts = a
+        .metric(
+            "pullthrough_store_requests_total",
+            &[("op", "put_part"), ("result", "ok")],
+        )
+        .await;
+    assert!(parts >= 2.0, "parts uploaded: {parts}");
 }
 
 #[tokio::test]

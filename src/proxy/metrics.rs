@@ -131,7 +131,23 @@ pub struct Metrics {
     /// Bytes pulled into the cache by prefetching.
     pub prefetch_bytes: IntCounter,
     peer_fetches: IntCounterVec,
+    store_requests: IntCounterVec,
+    store_duration: HistogramVec,
+    store_bytes: IntCounterVec,
 }
+
+/// Operations on an object store, the `op` label of `pullthrough_store_requests_total`.
+pub const STORE_OPS: [&str; 9] = [
+    "head",
+    "get",
+    "put",
+    "delete",
+    "list",
+    "create_upload",
+    "put_part",
+    "complete_upload",
+    "abort_upload",
+];
 
 impl Metrics {
     /// Creates and registers every metric.
@@ -239,6 +255,40 @@ impl Metrics {
         for r in [PeerFetch::Owner, PeerFetch::Failed] {
             peer_fetches.with_label_values(&[r.as_str()]);
         }
+        let store_requests = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_store_requests_total",
+                "Requests to the object store (a shared bucket), by operation and result (ok, not_found, error).",
+            ),
+            &["op", "result"],
+        )
+        .expect("valid metric");
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pullthrough_store_request_duration_seconds",
+                "Time the object store took to answer, by operation.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+            &["op"],
+        )
+        .expect("valid metric");
+        let store_bytes = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_store_bytes_total",
+                "Bytes read from and written to the object store.",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        for d in ["read", "written"] {
+            store_bytes.with_label_values(&[d]);
+        }
+        for op in STORE_OPS {
+            store_requests.with_label_values(&[op, "ok"]);
+            store_duration.with_label_values(&[op]);
+        }
         let names = crate::server::register_all(
             &registry,
             vec![
@@ -257,6 +307,9 @@ impl Metrics {
                 Box::new(fetch_waiters.clone()),
                 Box::new(sendfile_bytes.clone()),
                 Box::new(peer_fetches.clone()),
+                Box::new(store_requests.clone()),
+                Box::new(store_duration.clone()),
+                Box::new(store_bytes.clone()),
             ],
         );
         Metrics {
@@ -277,7 +330,24 @@ impl Metrics {
             prefetch_images,
             prefetch_bytes,
             peer_fetches,
+            store_requests,
+            store_duration,
+            store_bytes,
         }
+    }
+
+    /// Counts one request to the object store and its latency.
+    pub fn store_request(&self, op: &'static str, result: &'static str, seconds: f64) {
+        self.store_requests.with_label_values(&[op, result]).inc();
+        self.store_duration
+            .with_label_values(&[op])
+            .observe(seconds);
+    }
+
+    /// The counter of bytes `read` from (or else written to) the object store.
+    pub fn store_bytes(&self, read: bool) -> IntCounter {
+        let direction = if read { "read" } else { "written" };
+        self.store_bytes.with_label_values(&[direction])
     }
 
     /// Counts one request to the owner of a blob.

@@ -126,10 +126,11 @@ impl Proxy {
                 (Arc::new(disk), name, stats)
             }
             Some(s3) => {
-                let bucket = Bucket::s3(s3).map_err(|source| StartError::Bucket {
-                    name: s3.bucket.clone(),
-                    source,
-                })?;
+                let bucket =
+                    Bucket::s3(s3, metrics.clone()).map_err(|source| StartError::Bucket {
+                        name: s3.bucket.clone(),
+                        source,
+                    })?;
                 let spool = config.cache_dir.join("spool");
                 let store = S3Store::new(
                     bucket,

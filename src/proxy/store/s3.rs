@@ -25,6 +25,7 @@ use super::{
 };
 use crate::api::proxy_config::S3Config;
 use crate::oci::{Algorithm, Digest};
+use crate::proxy::metrics::Metrics;
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -38,11 +39,13 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// Size of the parts a download is uploaded in (S3's least is 5 MiB but for the last).
 pub const PART: usize = 8 << 20;
@@ -75,28 +78,143 @@ fn absent_ok<T>(r: object_store::Result<T>) -> object_store::Result<Option<T>> {
     }
 }
 
-/// The bucket, as the cache uses it: objects, and multipart uploads with their ids.
+/// The bucket, as the cache uses it: objects, and multipart uploads with their ids;
+/// every request counted and timed (`pullthrough_store_*`).
 #[derive(Clone)]
 pub struct Bucket {
     objects: Arc<dyn ObjectStore>,
     parts: Arc<dyn MultipartStore>,
+    metrics: Metrics,
 }
 
 impl Bucket {
     /// One store that is both.
-    pub fn new<S: ObjectStore + MultipartStore>(store: S) -> Bucket {
+    pub fn new<S: ObjectStore + MultipartStore>(store: S, metrics: Metrics) -> Bucket {
         let store = Arc::new(store);
         Bucket {
             objects: store.clone(),
             parts: store,
+            metrics,
         }
+    }
+
+    /// Runs one request, counting it as `op`.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        request: impl Future<Output = object_store::Result<T>>,
+    ) -> object_store::Result<T> {
+        let started = Instant::now();
+        let result = request.await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(object_store::Error::NotFound { .. }) => "not_found",
+            Err(_) => "error",
+        };
+        self.metrics
+            .store_request(op, outcome, started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn head(&self, key: &Key) -> object_store::Result<object_store::ObjectMeta> {
+        self.timed("head", self.objects.head(key)).await
+    }
+
+    /// An object whole.
+    async fn get_bytes(&self, key: &Key) -> object_store::Result<Bytes> {
+        let bytes = self
+            .timed("get", async { self.objects.get(key).await?.bytes().await })
+            .await?;
+        self.metrics.store_bytes(true).inc_by(bytes.len() as u64);
+        Ok(bytes)
+    }
+
+    async fn put(&self, key: &Key, body: Bytes, opts: PutOptions) -> object_store::Result<()> {
+        let len = body.len() as u64;
+        self.timed(
+            "put",
+            self.objects.put_opts(key, PutPayload::from(body), opts),
+        )
+        .await?;
+        self.metrics.store_bytes(false).inc_by(len);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &Key) -> object_store::Result<()> {
+        self.timed("delete", self.objects.delete(key)).await
+    }
+
+    /// Every object under `prefix`.
+    async fn list(&self, prefix: &Key) -> object_store::Result<Vec<object_store::ObjectMeta>> {
+        self.timed("list", self.objects.list(Some(prefix)).try_collect())
+            .await
+    }
+
+    async fn create_upload(&self, key: &Key) -> object_store::Result<MultipartId> {
+        self.timed("create_upload", self.parts.create_multipart(key))
+            .await
+    }
+
+    async fn put_part(
+        &self,
+        key: &Key,
+        id: &MultipartId,
+        idx: usize,
+        chunks: Vec<Bytes>,
+    ) -> object_store::Result<PartId> {
+        let payload = PutPayload::from_iter(chunks);
+        let len = payload.content_length() as u64;
+        let part = self
+            .timed("put_part", self.parts.put_part(key, id, idx, payload))
+            .await?;
+        self.metrics.store_bytes(false).inc_by(len);
+        Ok(part)
+    }
+
+    async fn complete_upload(
+        &self,
+        key: &Key,
+        id: &MultipartId,
+        parts: Vec<PartId>,
+    ) -> object_store::Result<()> {
+        self.timed(
+            "complete_upload",
+            self.parts.complete_multipart(key, id, parts),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn abort_upload(&self, key: &Key, id: &MultipartId) -> object_store::Result<()> {
+        self.timed("abort_upload", self.parts.abort_multipart(key, id))
+            .await
+    }
+
+    /// `count` bytes from `start`, as they arrive.
+    fn read(&self, key: Key, start: u64, count: u64) -> BoxStream<'static, io::Result<Bytes>> {
+        let bucket = self.clone();
+        let read = self.metrics.store_bytes(true);
+        stream::once(async move {
+            let opts = GetOptions::new().with_range(Some(GetRange::Bounded(start..start + count)));
+            let got = bucket
+                .timed("get", bucket.objects.get_opts(&key, opts))
+                .await;
+            got.map(|got| got.into_stream())
+        })
+        .try_flatten()
+        .map_ok(move |chunk| {
+            read.inc_by(chunk.len() as u64);
+            chunk
+        })
+        .map_err(io::Error::other)
+        .boxed()
     }
 
     /// An S3 bucket as configured. Credentials come from the environment as the AWS
     /// tools take them (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
     /// web identity with `AWS_WEB_IDENTITY_TOKEN_FILE` and `AWS_ROLE_ARN`, the instance
     /// metadata), so a Kubernetes Secret mounted as environment works, as does IRSA.
-    pub fn s3(config: &S3Config) -> Result<Bucket, object_store::Error> {
+    pub fn s3(config: &S3Config, metrics: Metrics) -> Result<Bucket, object_store::Error> {
         // reqwest takes TLS from rustls's process-wide provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
         // A bucket that is down costs a request a few hundred milliseconds, not minutes
@@ -123,7 +241,7 @@ impl Bucket {
                 .with_endpoint(endpoint)
                 .with_allow_http(endpoint.starts_with("http://"));
         }
-        Ok(Bucket::new(b.build()?))
+        Ok(Bucket::new(b.build()?, metrics))
     }
 }
 
@@ -194,10 +312,13 @@ impl S3Store {
     async fn abort_abandoned(&self) -> StoreResult<usize> {
         let what = "aborting abandoned uploads";
         let now = unix_now_ms();
-        let mut records = self.bucket.objects.list(Some(&self.key(["uploads"])));
+        let records = self
+            .bucket
+            .list(&self.key(["uploads"]))
+            .await
+            .map_err(|e| s3_error(what, e))?;
         let mut old = Vec::new();
-        while let Some(meta) = records.next().await {
-            let meta = meta.map_err(|e| s3_error(what, e))?;
+        for meta in records {
             let age = now.saturating_sub(meta.last_modified.timestamp_millis().max(0) as u64);
             if age >= self.abandon_after.as_millis() as u64 {
                 old.push(meta.location);
@@ -205,32 +326,25 @@ impl S3Store {
         }
         let mut aborted = 0;
         for location in old {
-            let Some(got) = absent_ok(self.bucket.objects.get(&location).await)
-                .map_err(|e| s3_error(what, e))?
+            let Some(bytes) =
+                absent_ok(self.bucket.get_bytes(&location).await).map_err(|e| s3_error(what, e))?
             else {
                 continue;
             };
-            let bytes = got.bytes().await.map_err(|e| s3_error(what, e))?;
             if let Ok(rec) = serde_json::from_slice::<UploadRecord>(&bytes) {
                 let key = Key::from(rec.key.as_str());
-                match self.bucket.parts.abort_multipart(&key, &rec.id).await {
+                match self.bucket.abort_upload(&key, &rec.id).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => aborted += 1,
                     Err(e) => return Err(s3_error(what, e)),
                 }
             }
-            absent_ok(self.bucket.objects.delete(&location).await)
-                .map_err(|e| s3_error(what, e))?;
+            absent_ok(self.bucket.delete(&location).await).map_err(|e| s3_error(what, e))?;
         }
         Ok(aborted)
     }
 
     async fn get_bytes(&self, what: &'static str, key: &Key) -> StoreResult<Option<Bytes>> {
-        let Some(got) =
-            absent_ok(self.bucket.objects.get(key).await).map_err(|e| s3_error(what, e))?
-        else {
-            return Ok(None);
-        };
-        absent_ok(got.bytes().await).map_err(|e| s3_error(what, e))
+        absent_ok(self.bucket.get_bytes(key).await).map_err(|e| s3_error(what, e))
     }
 
     async fn put(
@@ -249,15 +363,13 @@ impl S3Store {
             ..Default::default()
         };
         self.bucket
-            .objects
-            .put_opts(key, PutPayload::from(body), opts)
+            .put(key, body, opts)
             .await
-            .map_err(|e| s3_error(what, e))?;
-        Ok(())
+            .map_err(|e| s3_error(what, e))
     }
 
     async fn delete(&self, what: &'static str, key: &Key) -> StoreResult<()> {
-        absent_ok(self.bucket.objects.delete(key).await).map_err(|e| s3_error(what, e))?;
+        absent_ok(self.bucket.delete(key).await).map_err(|e| s3_error(what, e))?;
         Ok(())
     }
 }
@@ -288,11 +400,11 @@ impl BlobStore for S3Store {
     ) -> BoxFuture<'a, StoreResult<Option<Box<dyn StoredBlob>>>> {
         let key = self.blob_key(digest);
         Box::pin(async move {
-            let meta = absent_ok(self.bucket.objects.head(&key).await)
+            let meta = absent_ok(self.bucket.head(&key).await)
                 .map_err(|e| s3_error("looking a blob up in the bucket", e))?;
             Ok(meta.map(|m| {
                 Box::new(S3Blob {
-                    objects: self.bucket.objects.clone(),
+                    bucket: self.bucket.clone(),
                     key,
                     len: m.size,
                 }) as Box<dyn StoredBlob>
@@ -311,8 +423,7 @@ impl BlobStore for S3Store {
             let key = self.blob_key(digest);
             let id = self
                 .bucket
-                .parts
-                .create_multipart(&key)
+                .create_upload(&key)
                 .await
                 .map_err(|e| s3_error(what, e))?;
             let write = S3Write {
@@ -449,7 +560,7 @@ fn record_name(key: &str, id: &str) -> String {
 
 /// A blob in the bucket.
 struct S3Blob {
-    objects: Arc<dyn ObjectStore>,
+    bucket: Bucket,
     key: Key,
     len: u64,
 }
@@ -468,17 +579,7 @@ impl StoredBlob for S3Blob {
         if count == 0 {
             return stream::empty().boxed();
         }
-        let S3Blob { objects, key, .. } = *self;
-        stream::once(async move {
-            let opts = GetOptions::new().with_range(Some(GetRange::Bounded(start..start + count)));
-            objects
-                .get_opts(&key, opts)
-                .await
-                .map(|got| got.into_stream())
-        })
-        .try_flatten()
-        .map_err(io::Error::other)
-        .boxed()
+        self.bucket.read(self.key, start, count)
     }
 }
 
@@ -513,11 +614,9 @@ impl S3Write {
             return;
         }
         let idx = self.done.len() + self.uploading.len();
-        let (parts, key, id) = (self.bucket.parts.clone(), self.key.clone(), self.id.clone());
+        let (bucket, key, id) = (self.bucket.clone(), self.key.clone(), self.id.clone());
         self.uploading.push_back(tokio::spawn(async move {
-            parts
-                .put_part(&key, &id, idx, PutPayload::from_iter(chunks))
-                .await
+            bucket.put_part(&key, &id, idx, chunks).await
         }));
     }
 
@@ -597,12 +696,11 @@ impl BlobWrite for S3Write {
             }
             let parts = std::mem::take(&mut self.done);
             self.bucket
-                .parts
-                .complete_multipart(&self.key, &self.id, parts)
+                .complete_upload(&self.key, &self.id, parts)
                 .await
                 .map_err(|e| s3_error("completing an upload", e))?;
             self.finished = true;
-            if let Err(e) = absent_ok(self.bucket.objects.delete(&self.record).await) {
+            if let Err(e) = absent_ok(self.bucket.delete(&self.record).await) {
                 tracing::warn!(key = %self.record, error = %e, "could not remove an upload's record");
             }
             Ok(())
@@ -628,11 +726,11 @@ impl Drop for S3Write {
             self.record.clone(),
         );
         rt.spawn(async move {
-            if let Err(e) = bucket.parts.abort_multipart(&key, &id).await {
+            if let Err(e) = bucket.abort_upload(&key, &id).await {
                 tracing::warn!(%key, error = %e, "could not abort an upload; it is retried at the next start after it is abandoned");
                 return;
             }
-            let _ = bucket.objects.delete(&record).await;
+            let _ = bucket.delete(&record).await;
         });
     }
 }
@@ -643,7 +741,7 @@ mod tests {
     use object_store::memory::InMemory;
 
     fn store(mem: &InMemory, spool: &Path, abandon_after: Duration) -> S3Store {
-        let bucket = Bucket::new(mem.clone());
+        let bucket = Bucket::new(mem.clone(), Metrics::new());
         S3Store::new(bucket, "test", "a/b", spool, abandon_after).unwrap()
     }
 
