@@ -199,7 +199,7 @@ async fn a_download_killed_with_its_process_leaves_nothing_visible() {
     let release = up.hold_blobs(10 << 20);
     let url = format!("{}/v2/r/blobs/{}", owner.url, blob.digest);
     let get = tokio::spawn(async move { http().get(url).send().await?.bytes().await });
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while keys(&b, &prefix, "uploads").await.is_empty() {
         assert!(Instant::now() < deadline, "no upload began");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -386,7 +386,7 @@ async fn when_the_owner_dies_mid_download_the_others_fetch_the_blob_themselves()
     let url = format!("{}/v2/r/blobs/{}", asking.url, blob.digest);
     let first = tokio::spawn(get_blob(url.clone()));
     let b = bucket();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while keys(&b, &prefix, "uploads").await.is_empty() {
         assert!(Instant::now() < deadline, "the owner began no upload");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -38,20 +38,20 @@ use object_store::{
     ObjectStoreExt, PutOptions, PutPayload, RetryConfig,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Size of the parts a download is uploaded in (S3's least is 5 MiB but for the last).
 pub const PART: usize = 8 << 20;
 
-/// Parts of one download uploaded at once. With [`PART`], a download holds at most
-/// 3 x 8 MiB of its chunks for the bucket (the parts in flight and the one filling).
+/// Parts of one download uploaded at once (at most 2 x 8 MiB of a download in memory
+/// for the bucket).
 const PARTS_IN_FLIGHT: usize = 2;
 
 /// A multipart upload in progress, as recorded under `uploads/`.
@@ -85,6 +85,21 @@ pub struct Bucket {
     objects: Arc<dyn ObjectStore>,
     parts: Arc<dyn MultipartStore>,
     metrics: Metrics,
+    /// Until when requests are not sent (see [`DOWN_FOR`]).
+    down_until: Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+/// After a request fails (an error, not an answer such as "not found") or takes too long,
+/// the bucket is left alone this long: requests fail at once and the cache serves from
+/// the upstream meanwhile, instead of every client waiting for a bucket that is down.
+pub const DOWN_FOR: Duration = Duration::from_secs(10);
+
+/// How long one request to the bucket may take: a part longer than the rest.
+fn request_timeout(op: &str) -> Duration {
+    match op {
+        "put_part" => Duration::from_secs(120),
+        _ => Duration::from_secs(20),
+    }
 }
 
 impl Bucket {
@@ -95,6 +110,7 @@ impl Bucket {
             objects: store.clone(),
             parts: store,
             metrics,
+            down_until: Default::default(),
         }
     }
 
@@ -105,11 +121,30 @@ impl Bucket {
         request: impl Future<Output = object_store::Result<T>>,
     ) -> object_store::Result<T> {
         let started = Instant::now();
-        let result = request.await;
+        let down = *self.down_until.lock().expect("bucket lock");
+        if down.is_some_and(|until| started < until) {
+            self.metrics.store_request(op, "skipped", 0.0);
+            let e = io::Error::other("the bucket failed a moment ago; not asked again yet");
+            return Err(object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            });
+        }
+        let result = match tokio::time::timeout(request_timeout(op), request).await {
+            Ok(result) => result,
+            Err(_) => Err(object_store::Error::Generic {
+                store: "S3",
+                source: format!("no answer within {:?}", request_timeout(op)).into(),
+            }),
+        };
         let outcome = match &result {
             Ok(_) => "ok",
             Err(object_store::Error::NotFound { .. }) => "not_found",
-            Err(_) => "error",
+            Err(e) => {
+                tracing::warn!(op, error = %e, "the bucket failed; leaving it alone for {DOWN_FOR:?}");
+                *self.down_until.lock().expect("bucket lock") = Some(Instant::now() + DOWN_FOR);
+                "error"
+            }
         };
         self.metrics
             .store_request(op, outcome, started.elapsed().as_secs_f64());
@@ -426,6 +461,14 @@ impl BlobStore for S3Store {
                 .create_upload(&key)
                 .await
                 .map_err(|e| s3_error(what, e))?;
+            let (landed, rx) = watch::channel(Landed::default());
+            let uploader = tokio::spawn(upload_parts(
+                self.bucket.clone(),
+                key.clone(),
+                id.clone(),
+                spool.written(),
+                rx,
+            ));
             let write = S3Write {
                 spool,
                 bucket: self.bucket.clone(),
@@ -433,11 +476,8 @@ impl BlobStore for S3Store {
                 key,
                 id,
                 digest: digest.clone(),
-                part: Vec::new(),
-                part_len: 0,
-                uploading: VecDeque::new(),
-                done: Vec::new(),
-                failed: None,
+                landed,
+                uploader: Some(uploader),
                 finished: false,
             };
             let rec = UploadRecord {
@@ -583,7 +623,10 @@ impl StoredBlob for S3Blob {
     }
 }
 
-/// A download being uploaded in parts (and spooled for its clients).
+/// A download spooled for its clients and uploaded in parts from the spool by a task of
+/// its own, which follows the spool as the bytes land: the download never waits for the
+/// bucket (a slow or hung bucket delays only the blob's caching), and the parts are read
+/// back from the page cache rather than held in memory.
 struct S3Write {
     spool: Box<dyn BlobWrite>,
     bucket: Bucket,
@@ -592,82 +635,97 @@ struct S3Write {
     /// Its record under `uploads/`.
     record: Key,
     digest: Digest,
-    /// The part being filled.
-    part: Vec<Bytes>,
-    part_len: usize,
-    /// Parts being uploaded, in order.
-    uploading: VecDeque<JoinHandle<object_store::Result<PartId>>>,
-    /// Parts uploaded, in order.
-    done: Vec<PartId>,
-    /// The first failure of a part: the upload will not complete, the spool goes on.
-    failed: Option<StoreError>,
-    /// Completed (or aborted already): nothing to abort when dropped.
+    /// What the uploader may read of the spool.
+    landed: watch::Sender<Landed>,
+    /// The uploader: the parts, in order, once it has sent the last one.
+    uploader: Option<JoinHandle<StoreResult<Vec<PartId>>>>,
+    /// Completed: nothing to abort when dropped.
     finished: bool,
 }
 
-impl S3Write {
-    /// Starts uploading the part filled so far.
-    fn send_part(&mut self) {
-        let chunks = std::mem::take(&mut self.part);
-        self.part_len = 0;
-        if self.failed.is_some() {
-            return;
-        }
-        let idx = self.done.len() + self.uploading.len();
-        let (bucket, key, id) = (self.bucket.clone(), self.key.clone(), self.id.clone());
-        self.uploading.push_back(tokio::spawn(async move {
-            bucket.put_part(&key, &id, idx, chunks).await
-        }));
-    }
+/// How much of the spool is written, and whether that is all of it.
+#[derive(Clone, Copy, Default)]
+struct Landed {
+    bytes: u64,
+    end: bool,
+}
 
-    /// Waits for the oldest part in flight.
-    async fn settle_one(&mut self) {
-        let Some(task) = self.uploading.pop_front() else {
-            return;
-        };
-        let result = task.await.unwrap_or_else(|e| {
-            Err(object_store::Error::Generic {
-                store: "S3",
-                source: Box::new(e),
-            })
-        });
-        match result {
-            Ok(part) => self.done.push(part),
-            Err(e) => {
-                if self.failed.is_none() {
-                    tracing::warn!(key = %self.key, error = %e, "upload of a part failed; the blob will not be cached");
-                    self.failed = Some(s3_error("uploading a part", e));
-                }
-                for t in self.uploading.drain(..) {
-                    t.abort();
-                }
+/// Uploads the spool `written` in parts as it grows (told by `landed`): a whole [`PART`]
+/// whenever one is there, the rest at the end (an empty part for an empty blob), with
+/// [`PARTS_IN_FLIGHT`] at once. Ends with the parts once the end is uploaded, or fails
+/// when a part does or the write is dropped.
+async fn upload_parts(
+    bucket: Bucket,
+    key: Key,
+    id: MultipartId,
+    written: Arc<dyn Written>,
+    mut landed: watch::Receiver<Landed>,
+) -> StoreResult<Vec<PartId>> {
+    let what = "uploading a part";
+    let mut reader = written.reader()?;
+    let (mut pos, mut sent) = (0u64, 0usize);
+    let mut parts = Vec::new();
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    loop {
+        let Landed { bytes, end } = *landed.borrow_and_update();
+        let ready = bytes - pos;
+        if ready >= PART as u64 || (end && (ready > 0 || sent == 0)) {
+            let len = ready.min(PART as u64);
+            let mut chunks = Vec::new();
+            let mut at = pos;
+            while at < pos + len {
+                let chunk = reader
+                    .read(None, at, pos + len - at)
+                    .await
+                    .map_err(|e| StoreError::io("reading the spool", e))?;
+                at += chunk.len() as u64;
+                chunks.push(chunk);
             }
+            in_flight.push_back(bucket.put_part(&key, &id, sent, chunks));
+            pos += len;
+            sent += 1;
+            while in_flight.len() >= PARTS_IN_FLIGHT {
+                let part = in_flight.next().await.expect("a part in flight");
+                parts.push(part.map_err(|e| s3_error(what, e))?);
+            }
+            continue;
         }
+        if end {
+            break;
+        }
+        if landed.changed().await.is_err() {
+            let e = io::Error::other("the download was dropped");
+            return Err(StoreError::io(what, e));
+        }
+    }
+    while let Some(part) = in_flight.next().await {
+        parts.push(part.map_err(|e| s3_error(what, e))?);
+    }
+    Ok(parts)
+}
+
+impl S3Write {
+    /// Lets the uploader read `bytes` of the spool.
+    fn landed(&self, bytes: u64, end: bool) {
+        self.landed.send_replace(Landed { bytes, end });
     }
 }
 
 impl BlobWrite for S3Write {
     fn append(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, StoreResult<u64>> {
         Box::pin(async move {
-            if self.failed.is_none() {
-                for c in &chunks {
-                    self.part_len += c.len();
-                    self.part.push(c.clone());
-                    if self.part_len >= PART {
-                        self.send_part();
-                    }
-                }
-            }
             let landed = self.spool.append(chunks).await?;
-            while self.uploading.len() > PARTS_IN_FLIGHT {
-                self.settle_one().await;
-            }
+            self.landed(landed, false);
             Ok(landed)
         })
     }
 
     fn flush(&mut self) -> BoxFuture<'_, StoreResult<u64>> {
-        self.spool.flush()
+        Box::pin(async move {
+            let landed = self.spool.flush().await?;
+            self.landed(landed, false);
+            Ok(landed)
+        })
     }
 
     fn written(&self) -> Arc<dyn Written> {
@@ -683,18 +741,12 @@ impl BlobWrite for S3Write {
                 ));
                 return Err(StoreError::io("completing an upload", e));
             }
-            self.spool.flush().await?;
-            // The last part (S3 takes an empty one when it is the only one).
-            if self.part_len > 0 || self.done.len() + self.uploading.len() == 0 {
-                self.send_part();
-            }
-            while !self.uploading.is_empty() {
-                self.settle_one().await;
-            }
-            if let Some(e) = self.failed.take() {
-                return Err(e);
-            }
-            let parts = std::mem::take(&mut self.done);
+            let len = self.spool.flush().await?;
+            self.landed(len, true);
+            let uploader = self.uploader.take().expect("one commit");
+            let parts = uploader
+                .await
+                .unwrap_or_else(|e| Err(StoreError::io("uploading a part", io::Error::other(e))))?;
             self.bucket
                 .complete_upload(&self.key, &self.id, parts)
                 .await
@@ -710,7 +762,7 @@ impl BlobWrite for S3Write {
 
 impl Drop for S3Write {
     fn drop(&mut self) {
-        for t in self.uploading.drain(..) {
+        if let Some(t) = self.uploader.take() {
             t.abort();
         }
         if self.finished {
