@@ -94,9 +94,11 @@ pub struct Bucket {
 /// the upstream meanwhile, instead of every client waiting for a bucket that is down.
 pub const DOWN_FOR: Duration = Duration::from_secs(10);
 
-/// How long one request to the bucket may take: a part longer than the rest.
+/// How long one request to the bucket may take (for a ranged read, until its headers):
+/// the lookups that clients wait for least, a part the most.
 fn request_timeout(op: &str) -> Duration {
     match op {
+        "head" | "get" => Duration::from_secs(10),
         "put_part" => Duration::from_secs(120),
         _ => Duration::from_secs(20),
     }
@@ -453,41 +455,24 @@ impl BlobStore for S3Store {
         len: Option<u64>,
     ) -> BoxFuture<'a, StoreResult<Box<dyn BlobWrite>>> {
         Box::pin(async move {
-            let what = "beginning an upload";
+            // Only the spool is made here: the upload begins on the uploader's task, so
+            // that a bucket that is slow to answer delays no client.
             let spool = self.spool.begin(digest, len).await?;
-            let key = self.blob_key(digest);
-            let id = self
-                .bucket
-                .create_upload(&key)
-                .await
-                .map_err(|e| s3_error(what, e))?;
             let (landed, rx) = watch::channel(Landed::default());
-            let uploader = tokio::spawn(upload_parts(
+            let uploader = tokio::spawn(upload(
                 self.bucket.clone(),
-                key.clone(),
-                id.clone(),
+                self.blob_key(digest),
+                self.key(["uploads"]),
                 spool.written(),
                 rx,
             ));
-            let write = S3Write {
+            Ok(Box::new(S3Write {
                 spool,
                 bucket: self.bucket.clone(),
-                record: self.key(["uploads", &record_name(key.as_ref(), &id)]),
-                key,
-                id,
                 digest: digest.clone(),
                 landed,
                 uploader: Some(uploader),
-                finished: false,
-            };
-            let rec = UploadRecord {
-                key: write.key.to_string(),
-                id: write.id.clone(),
-            };
-            let body = serde_json::to_vec(&rec).expect("an upload record serializes");
-            // Dropped on failure: the upload is aborted.
-            self.put(what, &write.record, body.into(), None).await?;
-            Ok(Box::new(write) as Box<dyn BlobWrite>)
+            }) as Box<dyn BlobWrite>)
         })
     }
 
@@ -630,17 +615,49 @@ impl StoredBlob for S3Blob {
 struct S3Write {
     spool: Box<dyn BlobWrite>,
     bucket: Bucket,
+    digest: Digest,
+    /// What the uploader may read of the spool.
+    landed: watch::Sender<Landed>,
+    /// The uploader: the upload and its parts, in order, once it has sent the last one.
+    uploader: Option<JoinHandle<StoreResult<Uploaded>>>,
+}
+
+/// An upload with every part sent, to be completed.
+type Uploaded = (Upload, Vec<PartId>);
+
+/// A multipart upload begun: aborted (and its record removed) when dropped before it is
+/// completed, also when the task that holds it is aborted.
+struct Upload {
+    bucket: Bucket,
     key: Key,
     id: MultipartId,
     /// Its record under `uploads/`.
     record: Key,
-    digest: Digest,
-    /// What the uploader may read of the spool.
-    landed: watch::Sender<Landed>,
-    /// The uploader: the parts, in order, once it has sent the last one.
-    uploader: Option<JoinHandle<StoreResult<Vec<PartId>>>>,
-    /// Completed: nothing to abort when dropped.
-    finished: bool,
+    completed: bool,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.completed {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (bucket, key, id, record) = (
+            self.bucket.clone(),
+            self.key.clone(),
+            self.id.clone(),
+            self.record.clone(),
+        );
+        rt.spawn(async move {
+            if let Err(e) = bucket.abort_upload(&key, &id).await {
+                tracing::warn!(%key, error = %e, "could not abort an upload; it is retried at the next start after it is abandoned");
+                return;
+            }
+            let _ = bucket.delete(&record).await;
+        });
+    }
 }
 
 /// How much of the spool is written, and whether that is all of it.
@@ -650,17 +667,39 @@ struct Landed {
     end: bool,
 }
 
-/// Uploads the spool `written` in parts as it grows (told by `landed`): a whole [`PART`]
-/// whenever one is there, the rest at the end (an empty part for an empty blob), with
-/// [`PARTS_IN_FLIGHT`] at once. Ends with the parts once the end is uploaded, or fails
-/// when a part does or the write is dropped.
-async fn upload_parts(
+/// Begins a multipart upload of `key`, records it under `records`, and uploads the
+/// spool `written` in parts as it grows (told by `landed`): a whole [`PART`] whenever one
+/// is there, the rest at the end (an empty part for an empty blob), with
+/// [`PARTS_IN_FLIGHT`] at once. Ends with the upload and its parts once the end is
+/// uploaded, or fails when the bucket does or the write is dropped.
+async fn upload(
     bucket: Bucket,
     key: Key,
-    id: MultipartId,
+    records: Key,
     written: Arc<dyn Written>,
     mut landed: watch::Receiver<Landed>,
-) -> StoreResult<Vec<PartId>> {
+) -> StoreResult<Uploaded> {
+    let what = "beginning an upload";
+    let id = bucket
+        .create_upload(&key)
+        .await
+        .map_err(|e| s3_error(what, e))?;
+    let upload = Upload {
+        record: records.join(record_name(key.as_ref(), &id)),
+        bucket: bucket.clone(),
+        key: key.clone(),
+        id: id.clone(),
+        completed: false,
+    };
+    let rec = UploadRecord {
+        key: key.to_string(),
+        id: id.clone(),
+    };
+    let body = serde_json::to_vec(&rec).expect("an upload record serializes");
+    bucket
+        .put(&upload.record, body.into(), PutOptions::default())
+        .await
+        .map_err(|e| s3_error(what, e))?;
     let what = "uploading a part";
     let mut reader = written.reader()?;
     let (mut pos, mut sent) = (0u64, 0usize);
@@ -701,7 +740,8 @@ async fn upload_parts(
     while let Some(part) = in_flight.next().await {
         parts.push(part.map_err(|e| s3_error(what, e))?);
     }
-    Ok(parts)
+    drop(in_flight);
+    Ok((upload, parts))
 }
 
 impl S3Write {
@@ -744,16 +784,16 @@ impl BlobWrite for S3Write {
             let len = self.spool.flush().await?;
             self.landed(len, true);
             let uploader = self.uploader.take().expect("one commit");
-            let parts = uploader
+            let (mut upload, parts) = uploader
                 .await
                 .unwrap_or_else(|e| Err(StoreError::io("uploading a part", io::Error::other(e))))?;
             self.bucket
-                .complete_upload(&self.key, &self.id, parts)
+                .complete_upload(&upload.key, &upload.id, parts)
                 .await
                 .map_err(|e| s3_error("completing an upload", e))?;
-            self.finished = true;
-            if let Err(e) = absent_ok(self.bucket.delete(&self.record).await) {
-                tracing::warn!(key = %self.record, error = %e, "could not remove an upload's record");
+            upload.completed = true;
+            if let Err(e) = absent_ok(self.bucket.delete(&upload.record).await) {
+                tracing::warn!(key = %upload.record, error = %e, "could not remove an upload's record");
             }
             Ok(())
         })
@@ -762,28 +802,10 @@ impl BlobWrite for S3Write {
 
 impl Drop for S3Write {
     fn drop(&mut self) {
+        // Its `Upload`, dropped with the task (or with the task's result), is aborted.
         if let Some(t) = self.uploader.take() {
             t.abort();
         }
-        if self.finished {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (bucket, key, id, record) = (
-            self.bucket.clone(),
-            self.key.clone(),
-            self.id.clone(),
-            self.record.clone(),
-        );
-        rt.spawn(async move {
-            if let Err(e) = bucket.abort_upload(&key, &id).await {
-                tracing::warn!(%key, error = %e, "could not abort an upload; it is retried at the next start after it is abandoned");
-                return;
-            }
-            let _ = bucket.delete(&record).await;
-        });
     }
 }
 
@@ -812,6 +834,18 @@ mod tests {
             .collect()
     }
 
+    /// How many objects are under `prefix`, once they are `n` (the uploader and the
+    /// aborts run on tasks of their own; waits 5 s at the most).
+    async fn settle_keys(mem: &InMemory, prefix: &str, n: usize) -> usize {
+        for _ in 0..500 {
+            if keys(mem, prefix).await.len() == n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        keys(mem, prefix).await.len()
+    }
+
     #[tokio::test]
     async fn uploads_are_visible_only_when_committed_and_followed_from_the_spool() {
         let dir = tempfile::tempdir().unwrap();
@@ -821,17 +855,13 @@ mod tests {
         let data: Vec<u8> = (0..2 * PART + 1000).map(|i| (i % 251) as u8).collect();
         let d = Digest::of(Algorithm::Sha256, &data);
         let mut w = s.begin(&d, Some(data.len() as u64)).await.unwrap();
-        assert_eq!(
-            keys(&mem, "a/b/uploads/").await.len(),
-            1,
-            "no upload record"
-        );
         let mut r = w.written().reader().unwrap();
         for chunk in data.chunks(super::super::CHUNK) {
             w.append(vec![Bytes::copy_from_slice(chunk)]).await.unwrap();
         }
         assert_eq!(w.flush().await.unwrap(), data.len() as u64);
         assert_eq!(r.read(None, 0, 10).await.unwrap(), &data[..10]);
+        assert_eq!(settle_keys(&mem, "a/b/uploads/", 1).await, 1, "no record");
         assert!(s.open(&d).await.unwrap().is_none(), "visible before commit");
         w.commit(d.clone()).await.unwrap();
         let len = data.len() as u64;
@@ -851,15 +881,9 @@ mod tests {
         let d = Digest::of(Algorithm::Sha256, &data);
         let mut w = s.begin(&d, None).await.unwrap();
         w.append(vec![Bytes::from(data.clone())]).await.unwrap();
+        assert_eq!(settle_keys(&mem, "a/b/uploads/", 1).await, 1, "no record");
         drop(w);
-        // The abort runs on its own task: bounded wait for its record to go.
-        for _ in 0..500 {
-            if keys(&mem, "a/b/uploads/").await.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(keys(&mem, "a/b/uploads/").await.is_empty(), "record left");
+        assert_eq!(settle_keys(&mem, "a/b/uploads/", 0).await, 0, "record left");
         assert!(s.open(&d).await.unwrap().is_none());
 
         let other = Digest::of(Algorithm::Sha256, b"other");
@@ -877,6 +901,7 @@ mod tests {
         let d = Digest::of(Algorithm::Sha256, b"x");
         let mut w = s.begin(&d, None).await.unwrap();
         w.append(vec![Bytes::from_static(b"x")]).await.unwrap();
+        assert_eq!(settle_keys(&mem, "a/b/uploads/", 1).await, 1, "no record");
         std::mem::forget(w);
         // Younger than the age of abandonment: another replica may be uploading it.
         assert!(s.list().await.unwrap().is_empty());
@@ -885,6 +910,41 @@ mod tests {
         s.list().await.unwrap();
         assert!(keys(&mem, "a/b/uploads/").await.is_empty(), "record left");
         assert!(s.open(&d).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_bucket_that_does_not_answer_holds_up_no_download() {
+        use object_store::throttle::{ThrottleConfig, ThrottledStore};
+        let dir = tempfile::tempdir().unwrap();
+        let mem = InMemory::new();
+        let hung = ThrottleConfig {
+            wait_put_per_call: Duration::from_secs(3600),
+            ..ThrottleConfig::default()
+        };
+        let bucket = Bucket::new(ThrottledStore::new(mem.clone(), hung), Metrics::new());
+        let s = S3Store::new(bucket, "test", "a/b", dir.path(), Duration::from_secs(3600)).unwrap();
+        // More parts than are ever in flight: none of them is ever uploaded.
+        let data: Vec<u8> = (0..4 * PART + 7).map(|i| (i % 253) as u8).collect();
+        let d = Digest::of(Algorithm::Sha256, &data);
+        let mut w = s.begin(&d, Some(data.len() as u64)).await.unwrap();
+        let mut r = w.written().reader().unwrap();
+        let written = tokio::time::timeout(Duration::from_secs(60), async {
+            for chunk in data.chunks(super::super::CHUNK) {
+                w.append(vec![Bytes::copy_from_slice(chunk)]).await.unwrap();
+            }
+            w.flush().await.unwrap()
+        })
+        .await
+        .expect("the download waited for the bucket");
+        assert_eq!(written, data.len() as u64);
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            let pos = got.len() as u64;
+            let left = data.len() as u64 - pos;
+            got.extend_from_slice(&r.read(None, pos, left).await.unwrap());
+        }
+        assert!(got == data, "the clients read the spool whole");
+        assert!(keys(&mem, "a/b/blobs/").await.is_empty());
     }
 
     #[tokio::test]
