@@ -68,6 +68,20 @@ async fn keys(b: &AmazonS3, prefix: &str, dir: &str) -> Vec<String> {
         .collect()
 }
 
+/// Where `blob` is stored under `prefix`.
+fn blob_key(prefix: &str, blob: &Blob) -> Key {
+    let hex = blob.digest.trim_start_matches("sha256:");
+    Key::from(format!("{prefix}/blobs/sha256/{hex}"))
+}
+
+/// Fails if anything, even a part of it, is visible under `key`.
+async fn assert_absent(b: &AmazonS3, key: &Key) {
+    assert!(
+        matches!(b.head(key).await, Err(object_store::Error::NotFound { .. })),
+        "a partial object is visible"
+    );
+}
+
 fn with_storage(mut c: ProxyConfig, s3: S3Config) -> ProxyConfig {
     c.storage = StorageConfig { s3: Some(s3) };
     c
@@ -209,15 +223,8 @@ async fn a_download_killed_with_its_process_leaves_nothing_visible() {
         get.await.unwrap().is_err(),
         "a whole body from a killed proxy"
     );
-    let hex = blob.digest.trim_start_matches("sha256:");
-    let key = Key::from(format!("{prefix}/blobs/sha256/{hex}"));
-    assert!(
-        matches!(
-            b.head(&key).await,
-            Err(object_store::Error::NotFound { .. })
-        ),
-        "a partial object is visible"
-    );
+    let key = blob_key(&prefix, &blob);
+    assert_absent(&b, &key).await;
     release.send(true).unwrap();
 
     // The next replica to start aborts the abandoned upload, and serves the blob whole.
@@ -399,15 +406,8 @@ async fn when_the_owner_dies_mid_download_the_others_fetch_the_blob_themselves()
             "a whole body from a killed owner"
         ),
     }
-    let hex = blob.digest.trim_start_matches("sha256:");
-    let key = Key::from(format!("{prefix}/blobs/sha256/{hex}"));
-    assert!(
-        matches!(
-            b.head(&key).await,
-            Err(object_store::Error::NotFound { .. })
-        ),
-        "a partial object is visible"
-    );
+    let key = blob_key(&prefix, &blob);
+    assert_absent(&b, &key).await;
     release.send(true).unwrap();
     // Asked again, the replica left fetches it itself, whole, and caches it.
     assert_eq!(get_blob(url).await.unwrap(), (200, blob.digest.clone()));

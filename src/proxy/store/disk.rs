@@ -358,22 +358,14 @@ impl BlobStore for DiskStore {
             else {
                 return Ok(None);
             };
-            // Unreadable: as good as absent (the upstream is asked again).
-            let rec = serde_json::from_slice::<TagRecord>(&bytes).ok();
-            // The file name is a hash: check the record really is this tag's.
-            Ok(rec.filter(|r| r.is_for(key)))
+            Ok(TagRecord::parse_for(&bytes, key))
         })
     }
 
     fn put_tag<'a>(&'a self, record: &'a TagRecord) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async move {
-            let path = self.tag_path(TagKey {
-                upstream: &record.upstream,
-                repository: &record.repository,
-                tag: &record.tag,
-            });
-            let body = serde_json::to_vec(record).expect("a tag record serializes");
-            self.write_atomic("writing a tag record", path, body.into())
+            let path = self.tag_path(record.key());
+            self.write_atomic("writing a tag record", path, record.to_bytes())
                 .await
         })
     }

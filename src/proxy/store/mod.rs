@@ -125,6 +125,31 @@ impl TagRecord {
     pub fn is_for(&self, key: TagKey<'_>) -> bool {
         self.upstream == key.upstream && self.repository == key.repository && self.tag == key.tag
     }
+
+    /// Which tag it is.
+    pub fn key(&self) -> TagKey<'_> {
+        TagKey {
+            upstream: &self.upstream,
+            repository: &self.repository,
+            tag: &self.tag,
+        }
+    }
+
+    /// As stored.
+    pub fn to_bytes(&self) -> Bytes {
+        serde_json::to_vec(self)
+            .expect("a tag record serializes")
+            .into()
+    }
+
+    /// `key`'s record from what was stored under its name: `None` when it cannot be read
+    /// (as good as absent: the upstream is asked again) or is another tag's (the name is
+    /// a hash).
+    pub fn parse_for(bytes: &[u8], key: TagKey<'_>) -> Option<TagRecord> {
+        serde_json::from_slice::<TagRecord>(bytes)
+            .ok()
+            .filter(|r| r.is_for(key))
+    }
 }
 
 /// The cache's storage. The [`crate::proxy::index::Index`] decides what is added and

@@ -537,20 +537,14 @@ impl BlobStore for S3Store {
             else {
                 return Ok(None);
             };
-            let rec = serde_json::from_slice::<TagRecord>(&bytes).ok();
-            Ok(rec.filter(|r| r.is_for(key)))
+            Ok(TagRecord::parse_for(&bytes, key))
         })
     }
 
     fn put_tag<'a>(&'a self, record: &'a TagRecord) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async move {
-            let key = self.tag_key(TagKey {
-                upstream: &record.upstream,
-                repository: &record.repository,
-                tag: &record.tag,
-            });
-            let body = serde_json::to_vec(record).expect("a tag record serializes");
-            self.put("writing a tag record", &key, body.into(), None)
+            let key = self.tag_key(record.key());
+            self.put("writing a tag record", &key, record.to_bytes(), None)
                 .await
         })
     }
