@@ -14,7 +14,9 @@
 //! `uploads/` lets [`BlobStore::list`] (at every start of every replica) abort it once it
 //! is older than the uploads any replica still runs. While a download runs, its clients
 //! read it from a spool file on the local disk (a [`DiskStore`] write that is never
-//! committed), since the bucket has nothing of it to show until the end.
+//! committed), since the bucket has nothing of it to show until the end; a task of its
+//! own begins the upload and reads the parts back from the spool as they land, so that
+//! neither the download nor its clients ever wait for the bucket.
 //!
 //! Paths are built from validated digests and from hashes of keys, as on the disk.
 
