@@ -576,3 +576,26 @@ fn the_readme_configuration_example_is_valid_and_shows_every_field() {
         "the README's example",
     );
 }
+
+#[test]
+fn the_chart_s_mirror_example_is_a_mirror_that_runs() {
+    let values = read("charts/pullthrough/values.yaml");
+    // The commented example under `mirrors`, uncommented.
+    let example: String = values
+        .lines()
+        .skip_while(|l| !l.starts_with("#   mirrors:"))
+        .take_while(|l| l.starts_with("#  "))
+        .map(|l| format!("{}\n", &l[1..]))
+        .collect();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&example).expect("the example parses");
+    let mirrors = doc["mirrors"].as_sequence().expect("a list of mirrors");
+    assert!(!mirrors.is_empty(), "no example mirror");
+    for m in mirrors {
+        let spec: pullthrough::api::mirror::RegistryMirrorSpec =
+            serde_yaml::from_value(m["spec"].clone()).expect("a RegistryMirror spec");
+        let config = spec.proxy_config().expect("a spec the proxy can run");
+        assert!(config.storage.s3.is_some(), "the example shares a bucket");
+    }
+    let template = read("charts/pullthrough/templates/mirrors.yaml");
+    assert!(template.contains("range .Values.mirrors") && template.contains("toYaml .spec"));
+}
