@@ -44,6 +44,7 @@ fn s3(prefix: &str) -> S3Config {
         endpoint: Some(env("PULLTHROUGH_S3_ENDPOINT")),
         region: None,
         path_style: None,
+        redirect: false,
         abandon_uploads_after: Duration::from_secs(24 * 3600),
     }
 }
@@ -259,6 +260,7 @@ async fn a_bucket_that_is_down_costs_no_pull_and_no_readiness() {
         endpoint: Some(format!("http://127.0.0.1:{}", free_port())),
         region: None,
         path_style: None,
+        redirect: false,
         abandon_uploads_after: Duration::from_secs(3600),
     };
     let host = up.host();
@@ -417,4 +419,60 @@ async fn when_the_owner_dies_mid_download_the_others_fetch_the_blob_themselves()
     assert!(failed >= 1.0, "the owner's failure was not counted");
     asking.settled().await;
     assert_eq!(b.head(&key).await.unwrap().size, blob.bytes.len() as u64);
+}
+
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn with_redirect_a_cached_blob_comes_straight_from_the_bucket() {
+    let up = Registry::start().await;
+    let blob = Blob::new("application/octet-stream", random_bytes(60, (3 << 20) + 11));
+    push_blob(&up.url, "team/app", &blob).await;
+    let mut s3 = s3(&prefix("redirect"));
+    s3.redirect = true;
+    let host = up.host();
+    let p = Proxy::start_config(with_storage(config_for(&[(&host, &up.url)]), s3)).await;
+    let url = format!("{}/v2/team/app/blobs/{}", p.url, blob.digest);
+    // Cold: served by the proxy as ever.
+    assert_eq!(
+        get_blob(url.clone()).await.unwrap(),
+        (200, blob.digest.clone())
+    );
+    p.settled().await;
+    let sent = p
+        .metric("pullthrough_served_bytes_total", &[("source", "cache")])
+        .await;
+    // Warm: a 307 to a signed URL of the bucket, which serves the bytes (and a Range).
+    tls_provider();
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_follow.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        location.starts_with(&env("PULLTHROUGH_S3_ENDPOINT")),
+        "{location}"
+    );
+    assert!(
+        location.contains("X-Amz-Signature="),
+        "not signed: {location}"
+    );
+    assert_eq!(
+        get_blob(url.clone()).await.unwrap(),
+        (200, blob.digest.clone())
+    );
+    let part = http()
+        .get(&url)
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(&part.bytes().await.unwrap()[..], &blob.bytes[10..20]);
+    let after = p
+        .metric("pullthrough_served_bytes_total", &[("source", "cache")])
+        .await;
+    assert_eq!(after, sent, "the proxy sent the warm bytes itself");
+    up.assert_gets(&format!("/blobs/{}", blob.digest), 1);
 }

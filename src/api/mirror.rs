@@ -174,6 +174,10 @@ pub struct S3StorageSpec {
     /// Path-style requests; by default on with an `endpoint`, off without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_style: Option<bool>,
+    /// Send clients of cached blobs to a URL of the bucket signed for 10 minutes (a 307)
+    /// instead of through the proxy: the nodes must reach the bucket's endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<bool>,
     /// A Secret in the mirror's namespace whose keys are environment variables of the
     /// AWS tools (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, optionally
     /// `AWS_SESSION_TOKEN`, `AWS_REGION`); without one, the pod's own identity (web
@@ -350,6 +354,7 @@ impl RegistryMirrorSpec {
                     endpoint: s.endpoint.clone(),
                     region: s.region.clone(),
                     path_style: s.path_style,
+                    redirect: s.redirect.unwrap_or(false),
                     abandon_uploads_after: default_abandon_uploads_after(),
                 }),
             },

@@ -181,6 +181,11 @@ pub struct S3Config {
     /// (`bucket.endpoint/key`); by default on with an `endpoint`, off without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_style: Option<bool>,
+    /// Cached blobs are not sent through the proxy but by a redirect (307) to a URL of the
+    /// bucket signed for 10 minutes: the bytes go straight from the store to the client
+    /// (containerd follows it, and sends its registry credentials only to the registry).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redirect: bool,
     /// Age after which the multipart upload of a replica that died is aborted (at a
     /// replica's start): longer than any download takes.
     #[serde(

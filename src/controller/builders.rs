@@ -696,7 +696,7 @@ pub(crate) mod tests {
     #[test]
     fn a_mirror_on_s3_runs_replicas_that_find_each_other() {
         let m = mirror(
-            "upstreams: [{registry: docker.io}]\nreplicas: 3\ncache: {storage: {s3: {bucket: b, endpoint: 'http://rgw:80', credentialsSecretRef: {name: keys}}, emptyDir: {sizeLimit: 5Gi}}}",
+            "upstreams: [{registry: docker.io}]\nreplicas: 3\ncache: {storage: {s3: {bucket: b, endpoint: 'http://rgw:80', credentialsSecretRef: {name: keys}, redirect: true}, emptyDir: {sizeLimit: 5Gi}}}",
         );
         assert!(!uses_pvc(&m), "no volume per pod");
         let config = proxy_config(&m).unwrap();
@@ -706,6 +706,7 @@ pub(crate) mod tests {
             ("b", Some("http://rgw:80"))
         );
         assert_eq!(config.max_cache_bytes, None, "the emptyDir only spools");
+        assert!(s3.redirect);
         let peers = config.peers.as_ref().unwrap();
         assert_eq!(peers.dns.as_deref(), Some("pullthrough-public-peers"));
         let svc = peers_service(&m);

@@ -379,6 +379,17 @@ fn blob_response(
     upstream: &str,
 ) -> Response<Body> {
     let served = metrics.served_bytes(upstream, answer.result == CacheResult::Hit);
+    if let Some(url) = &answer.redirect {
+        // The bytes come from the bucket; containerd sends its registry credentials only
+        // to the registry, not to where it is redirected.
+        return Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, url.as_str())
+            .header("docker-content-digest", digest.to_string())
+            .header(header::CONTENT_LENGTH, 0)
+            .body(empty())
+            .expect("valid response");
+    }
     let mut b = Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header("docker-content-digest", digest.to_string())

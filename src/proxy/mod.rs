@@ -140,6 +140,11 @@ impl Proxy {
                     s3.abandon_uploads_after,
                 )
                 .map_err(cache_dir_error)?;
+                let store = if s3.redirect {
+                    store.with_redirect()
+                } else {
+                    store
+                };
                 let name = store.name().to_string();
                 (Arc::new(store), name, Default::default())
             }

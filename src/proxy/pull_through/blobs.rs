@@ -217,6 +217,7 @@ pub(super) fn relay_answer(
         range: None,
         body: Some(body),
         result,
+        redirect: None,
     }
 }
 
@@ -338,6 +339,7 @@ impl PullThrough {
             } else {
                 CacheResult::Coalesced
             },
+            redirect: None,
         })
     }
 
@@ -421,6 +423,16 @@ impl PullThrough {
             None => return Ok(None),
         };
         let len = blob.len();
+        // A store that hands out URLs of its own: the client fetches the bytes there.
+        if !head && let Some(url) = self.store().presign(digest).await? {
+            return Ok(Some(BlobAnswer {
+                len: Some(len),
+                range: None,
+                body: None,
+                result: CacheResult::Hit,
+                redirect: Some(url),
+            }));
+        }
         let span = match range {
             Some(r) => Some(
                 r.resolve(len)
@@ -446,6 +458,7 @@ impl PullThrough {
             range: span,
             body,
             result: CacheResult::Hit,
+            redirect: None,
         }))
     }
 
@@ -469,6 +482,7 @@ impl PullThrough {
                     range: None,
                     body: None,
                     result: CacheResult::Coalesced,
+                    redirect: None,
                 });
             }
         }
@@ -489,6 +503,7 @@ impl PullThrough {
             } else {
                 CacheResult::Coalesced
             },
+            redirect: None,
         })
     }
 

@@ -108,6 +108,8 @@ pub struct BlobAnswer {
     pub body: Option<BoxStream<'static, io::Result<Bytes>>>,
     /// How it was answered.
     pub result: CacheResult,
+    /// Where the client is sent for the bytes instead (a presigned URL of the bucket).
+    pub redirect: Option<String>,
 }
 
 /// How long the cache stays in stream-through mode after the disk filled up before it

@@ -213,6 +213,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Whether the store can be used at all (the readiness check): why not, if not.
     fn check(&self) -> StoreResult<()>;
 
+    /// A short-lived URL a client can GET a committed blob from directly, when the store
+    /// is set up to hand them out (an S3 bucket with `redirect`); `None` otherwise.
+    fn presign<'a>(&'a self, _digest: &'a Digest) -> BoxFuture<'a, StoreResult<Option<String>>> {
+        Box::pin(async { Ok(None) })
+    }
+
     /// Whether other processes add objects to this store too (replicas sharing a
     /// bucket): an object the index does not know may still be there.
     fn shared(&self) -> bool {

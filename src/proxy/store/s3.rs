@@ -35,6 +35,7 @@ use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
+use object_store::signer::{Method, Signer};
 use object_store::{
     Attribute, Attributes, ClientOptions, GetOptions, GetRange, MultipartId, ObjectStore,
     ObjectStoreExt, PutOptions, PutPayload, RetryConfig,
@@ -89,7 +90,12 @@ pub struct Bucket {
     metrics: Metrics,
     /// Until when requests are not sent (see [`DOWN_FOR`]).
     down_until: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// What signs URLs of objects, when the store can.
+    signer: Option<Arc<dyn Signer>>,
 }
+
+/// How long a URL handed to a client for a blob is valid.
+pub const REDIRECT_EXPIRY: Duration = Duration::from_secs(600);
 
 /// After a request fails (an error, not an answer such as "not found") or takes too long,
 /// the bucket is left alone this long: requests fail at once and the cache serves from
@@ -115,7 +121,18 @@ impl Bucket {
             parts: store,
             metrics,
             down_until: Default::default(),
+            signer: None,
         }
+    }
+
+    /// A URL that GETs `key` for [`REDIRECT_EXPIRY`], signed with the store's
+    /// credentials; `None` when the store signs none.
+    async fn signed_get(&self, key: &Key) -> object_store::Result<Option<String>> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let url = signer.signed_url(Method::GET, key, REDIRECT_EXPIRY).await?;
+        Ok(Some(url.to_string()))
     }
 
     /// Runs one request, counting it as `op`.
@@ -280,7 +297,14 @@ impl Bucket {
                 .with_endpoint(endpoint)
                 .with_allow_http(endpoint.starts_with("http://"));
         }
-        Ok(Bucket::new(b.build()?, metrics))
+        let s3 = Arc::new(b.build()?);
+        Ok(Bucket {
+            objects: s3.clone(),
+            parts: s3.clone(),
+            metrics,
+            down_until: Default::default(),
+            signer: Some(s3),
+        })
     }
 }
 
@@ -293,6 +317,8 @@ pub struct S3Store {
     spool: DiskStore,
     /// Uploads older than this are taken for abandoned.
     abandon_after: Duration,
+    /// Whether clients are sent to signed URLs of cached blobs.
+    redirect: bool,
     /// `s3://bucket/prefix`, for what is logged.
     name: String,
 }
@@ -318,7 +344,15 @@ impl S3Store {
             prefix,
             spool: DiskStore::spool(spool)?,
             abandon_after,
+            redirect: false,
         })
+    }
+
+    /// The same store, sending clients of cached blobs to signed URLs of the bucket (see
+    /// [`BlobStore::presign`]).
+    pub fn with_redirect(mut self) -> S3Store {
+        self.redirect = true;
+        self
     }
 
     /// `s3://bucket/prefix`.
@@ -569,6 +603,18 @@ impl BlobStore for S3Store {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn presign<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, StoreResult<Option<String>>> {
+        Box::pin(async move {
+            if !self.redirect {
+                return Ok(None);
+            }
+            self.bucket
+                .signed_get(&self.blob_key(digest))
+                .await
+                .map_err(|e| s3_error("signing a URL", e))
+        })
     }
 }
 
