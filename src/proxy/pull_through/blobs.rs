@@ -51,6 +51,13 @@ pub(super) enum FetchState {
         len: u64,
         source: Source,
     },
+    /// Verified, so its clients may have all of it, but the store could not keep it (a
+    /// bucket that is down): not cached, and said so to whoever waits for it to be.
+    Unstored {
+        len: u64,
+        source: Source,
+        error: ProxyError,
+    },
     Failed(ProxyError),
     /// The blob will not be cached (no room, disk full): the clients that waited for the
     /// download get its body relayed through memory (see [`BlobFetch::relay`]); later
@@ -72,7 +79,8 @@ impl FetchState {
         match self {
             FetchState::Streaming { source, .. }
             | FetchState::Verified { source, .. }
-            | FetchState::Done { source, .. } => Some(source),
+            | FetchState::Done { source, .. }
+            | FetchState::Unstored { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -304,7 +312,9 @@ impl PullThrough {
                 };
             }
             FetchState::Streaming { len, .. } => len,
-            FetchState::Verified { len, .. } | FetchState::Done { len, .. } => Some(len),
+            FetchState::Verified { len, .. }
+            | FetchState::Done { len, .. }
+            | FetchState::Unstored { len, .. } => Some(len),
             FetchState::Connecting => unreachable!("waited for a later state"),
         };
         let span = match (range, len) {
@@ -473,7 +483,9 @@ impl PullThrough {
         if let Some(f) = self.running(digest) {
             let len = match &*f.state.borrow() {
                 FetchState::Streaming { len, .. } | FetchState::Uncacheable { len } => *len,
-                FetchState::Verified { len, .. } | FetchState::Done { len, .. } => Some(*len),
+                FetchState::Verified { len, .. }
+                | FetchState::Done { len, .. }
+                | FetchState::Unstored { len, .. } => Some(*len),
                 _ => None,
             };
             if len.is_some() {
@@ -545,12 +557,21 @@ impl PullThrough {
                 reservation,
                 write,
                 source,
-            }) => self
+            }) => match self
                 .index
                 .commit_blob(write, &digest, len, reservation)
                 .await
-                .map(|()| Some((len, source)))
-                .map_err(|e| self.store_failed(e)),
+            {
+                Ok(()) => Ok(Some((len, source))),
+                // Its clients still get all of it: the bytes are verified and spooled.
+                Err(e) => {
+                    let error = self.store_failed(e);
+                    tracing::warn!(upstream = up.name(), repo = %repository, %digest, error = %error,
+                        "blob served but not cached: the store could not keep it");
+                    tx.send_replace(FetchState::Unstored { len, source, error });
+                    Ok(None)
+                }
+            },
             Ok(Downloaded::Uncacheable { body }) => {
                 let clients = fetch
                     .relay
@@ -767,6 +788,7 @@ impl PullThrough {
                     s,
                     FetchState::Done { .. }
                         | FetchState::Failed(_)
+                        | FetchState::Unstored { .. }
                         | FetchState::Uncacheable { .. }
                 )
             })
@@ -774,7 +796,7 @@ impl PullThrough {
             .map_err(|_| ProxyError::internal("download task ended without a result"))?
             .clone();
         match state {
-            FetchState::Failed(e) => Err(e),
+            FetchState::Failed(e) | FetchState::Unstored { error: e, .. } => Err(e),
             _ => Ok(()),
         }
     }

@@ -56,7 +56,9 @@ impl LiveReader {
             }
             // How much may be read, and whether that is all.
             let (available, ended) = match (&state, self.verified) {
-                (FetchState::Done { len, .. }, _) => (*len, true),
+                (FetchState::Done { len, .. } | FetchState::Unstored { len, .. }, _) => {
+                    (*len, true)
+                }
                 (FetchState::Verified { len, .. }, _) => {
                     self.verified = Some(*len);
                     (*len, true)
@@ -165,6 +167,28 @@ mod tests {
         // Committing failed: the write is aborted (its file removed), the download failed.
         drop(write);
         tx.send_replace(FetchState::Failed(ProxyError::internal("disk gone")));
+        while let Some(chunk) = r.next_chunk().await.unwrap() {
+            got.extend_from_slice(&chunk);
+        }
+        assert_same(&got, &data, "the blob");
+    }
+
+    #[tokio::test]
+    async fn verified_bytes_go_out_to_a_reader_that_missed_the_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..CHUNK * 2 + 10).map(|i| (i % 253) as u8).collect();
+        let (tx, source, write, mut r) = live_reader(dir.path(), &data).await;
+        let mut got = r.next_chunk().await.unwrap().unwrap().to_vec();
+        // Verified, then not kept by the store, both while this reader was busy (a slow
+        // client): it sees only the second state.
+        let len = data.len() as u64;
+        tx.send_replace(FetchState::Verified {
+            len,
+            source: source.clone(),
+        });
+        drop(write);
+        let error = ProxyError::internal("the bucket refused it");
+        tx.send_replace(FetchState::Unstored { len, source, error });
         while let Some(chunk) = r.next_chunk().await.unwrap() {
             got.extend_from_slice(&chunk);
         }
