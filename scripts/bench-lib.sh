@@ -34,6 +34,12 @@ push_blob() { # REPOSITORY FILE
   echo "sha256:$hex"
 }
 
+# "median (min–max)" of the numbers given, to two decimals.
+median_range() { # VALUES...
+  printf '%s\n' "$@" | sort -g |
+    awk '{v[NR]=$1} END {m=(NR%2)?v[(NR+1)/2]:(v[NR/2]+v[NR/2+1])/2; printf "%.2f (%.2f–%.2f)", m, v[1], v[NR]}'
+}
+
 # Seconds taken by GET URL with curl piped into openssl's SHA-256 (a client that hashes
 # what it receives, as containerd does); fails unless the bytes hash to HEX.
 hashed_get() { # URL HEX

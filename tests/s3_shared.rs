@@ -15,7 +15,9 @@ use futures::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt};
-use pullthrough::api::proxy_config::{PeersConfig, ProxyConfig, S3Config, StorageConfig};
+use pullthrough::api::proxy_config::{
+    PeersConfig, ProxyConfig, S3Config, StorageConfig, default_abandon_uploads_after,
+};
 use pullthrough::proxy::peers::owner_of;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -38,14 +40,23 @@ fn prefix(test: &str) -> String {
 
 /// The test bucket, under `prefix`.
 fn s3(prefix: &str) -> S3Config {
+    bucket_at(
+        &env("PULLTHROUGH_S3_ENDPOINT"),
+        &env("PULLTHROUGH_S3_BUCKET"),
+        prefix,
+    )
+}
+
+/// `bucket` of the S3 server at `endpoint`, under `prefix`, with the defaults.
+fn bucket_at(endpoint: &str, bucket: &str, prefix: &str) -> S3Config {
     S3Config {
-        bucket: env("PULLTHROUGH_S3_BUCKET"),
+        bucket: bucket.to_string(),
         prefix: prefix.to_string(),
-        endpoint: Some(env("PULLTHROUGH_S3_ENDPOINT")),
+        endpoint: Some(endpoint.to_string()),
         region: None,
         path_style: None,
         redirect: false,
-        abandon_uploads_after: Duration::from_secs(24 * 3600),
+        abandon_uploads_after: default_abandon_uploads_after(),
     }
 }
 
@@ -254,15 +265,7 @@ async fn a_bucket_that_is_down_costs_no_pull_and_no_readiness() {
     let up = Registry::start().await;
     let img = Image::generate(33, &[2 << 20, 1 << 20], "amd64");
     push_image(&up.url, "team/app", "v1", &img).await;
-    let down = S3Config {
-        bucket: "gone".into(),
-        prefix: String::new(),
-        endpoint: Some(format!("http://127.0.0.1:{}", free_port())),
-        region: None,
-        path_style: None,
-        redirect: false,
-        abandon_uploads_after: Duration::from_secs(3600),
-    };
+    let down = bucket_at(&format!("http://127.0.0.1:{}", free_port()), "gone", "");
     let host = up.host();
     let config = with_storage(config_for(&[(&host, &up.url)]), down);
     let creds = [

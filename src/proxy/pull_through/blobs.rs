@@ -263,10 +263,9 @@ impl PullThrough {
             // The store cannot be read (a bucket that is down): the upstream can.
             Err(ProxyError::Storage(e)) => {
                 tracing::warn!(%digest, error = %e, "cache store unreadable; serving the blob from the upstream");
-                return match head {
-                    true => self.head_blob(up, repository, digest).await,
-                    false => self.pass_through(up, repository, digest, None).await,
-                };
+                if !head {
+                    return self.pass_through(up, repository, digest, None).await;
+                }
             }
             Err(e) => return Err(e),
         }
@@ -415,23 +414,18 @@ impl PullThrough {
         spans: Option<&Spans>,
     ) -> Result<Option<BlobAnswer>, ProxyError> {
         // Held by the body stream: the blob cannot be evicted while it is being sent.
-        let (guard, blob) = match self.index.acquire(digest) {
-            Some(guard) => {
-                let Some(blob) = self.store().open(digest).await? else {
-                    self.discard(digest).await;
-                    return Ok(None);
-                };
-                (guard, blob)
+        // Not in the index, it may still be in a store another replica shares.
+        let known = self.index.acquire(digest);
+        if known.is_none() && !self.store().shared() {
+            return Ok(None);
+        }
+        let Some(blob) = self.store().open(digest).await? else {
+            if known.is_some() {
+                self.discard(digest).await;
             }
-            // Another replica may have stored it in the store this one shares.
-            None if self.store().shared() => {
-                let Some(blob) = self.store().open(digest).await? else {
-                    return Ok(None);
-                };
-                (self.index.adopt(digest, blob.len(), None), blob)
-            }
-            None => return Ok(None),
+            return Ok(None);
         };
+        let guard = known.unwrap_or_else(|| self.index.adopt(digest, blob.len(), None));
         let len = blob.len();
         // A store that hands out URLs of its own: the client fetches the bytes there.
         if !head && let Some(url) = self.store().presign(digest).await? {

@@ -347,24 +347,22 @@ impl PullThrough {
     }
 
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, ProxyError> {
-        let (found, _guard) = match self.index.acquire_manifest(digest) {
-            Some(guard) => {
-                let found = self.store().manifest(digest).await?;
-                if found.is_none() {
-                    self.discard(digest).await;
-                }
-                (found, guard)
+        // Not in the index, it may still be in a store another replica shares.
+        let known = self.index.acquire_manifest(digest);
+        if known.is_none() && !self.store().shared() {
+            return Ok(None);
+        }
+        let found = self.store().manifest(digest).await?;
+        let _guard = match (&found, known) {
+            (None, Some(_)) => {
+                self.discard(digest).await;
+                None
             }
-            // Another replica may have stored it in the store this one shares.
-            None if self.store().shared() => {
-                let Some(m) = self.store().manifest(digest).await? else {
-                    return Ok(None);
-                };
+            (Some(m), None) => {
                 let refs = crate::proxy::index::manifest_refs(&m.body);
-                let guard = self.index.adopt(digest, m.body.len() as u64, Some(refs));
-                (Some(m), guard)
+                Some(self.index.adopt(digest, m.body.len() as u64, Some(refs)))
             }
-            None => return Ok(None),
+            (_, known) => known,
         };
         Ok(found.map(|m| Manifest {
             digest: digest.clone(),

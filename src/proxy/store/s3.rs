@@ -115,13 +115,20 @@ fn request_timeout(op: &str) -> Duration {
 impl Bucket {
     /// One store that is both.
     pub fn new<S: ObjectStore + MultipartStore>(store: S, metrics: Metrics) -> Bucket {
-        let store = Arc::new(store);
+        Bucket::of(Arc::new(store), None, metrics)
+    }
+
+    fn of<S: ObjectStore + MultipartStore>(
+        store: Arc<S>,
+        signer: Option<Arc<dyn Signer>>,
+        metrics: Metrics,
+    ) -> Bucket {
         Bucket {
             objects: store.clone(),
             parts: store,
             metrics,
             down_until: Default::default(),
-            signer: None,
+            signer,
         }
     }
 
@@ -298,13 +305,7 @@ impl Bucket {
                 .with_allow_http(endpoint.starts_with("http://"));
         }
         let s3 = Arc::new(b.build()?);
-        Ok(Bucket {
-            objects: s3.clone(),
-            parts: s3.clone(),
-            metrics,
-            down_until: Default::default(),
-            signer: Some(s3),
-        })
+        Ok(Bucket::of(s3.clone(), Some(s3), metrics))
     }
 }
 

@@ -295,11 +295,16 @@ impl Upstream {
     /// GETs a blob, whole: its body is read as it arrives.
     pub async fn blob(&self, repository: &str, digest: &Digest) -> Result<BlobBody, UpstreamError> {
         let resp = self.blob_call(Method::GET, repository, digest).await?;
-        Ok(BlobBody {
+        Ok(self.blob_body(resp))
+    }
+
+    /// The body of a blob's answer, read with this upstream's timeout.
+    fn blob_body(&self, resp: Response<Incoming>) -> BlobBody {
+        BlobBody {
             length: content_length(resp.headers()),
             body: resp.into_body(),
             timeout: self.timeout(),
-        })
+        }
     }
 
     /// GETs a blob from `owner`, the replica that owns it (see [`crate::proxy::peers`]),
@@ -322,11 +327,7 @@ impl Upstream {
             .send_with(&Method::GET, &url, None, None, Some((PEER_HEADER, &me)))
             .await?;
         match resp.status().as_u16() {
-            200 => Ok(BlobBody {
-                length: content_length(resp.headers()),
-                body: resp.into_body(),
-                timeout: self.timeout(),
-            }),
+            200 => Ok(self.blob_body(resp)),
             status => Err(UpstreamError::Failed {
                 server: owner.to_string(),
                 status,
