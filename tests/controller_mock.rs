@@ -363,6 +363,53 @@ async fn a_mirror_on_s3_runs_replicas_that_find_each_other_through_a_headless_se
 }
 
 #[tokio::test]
+async fn a_bucket_with_a_size_limit_gets_its_replicas_a_lease_of_their_own() {
+    let f = fake(World::default());
+    let m = mirror(
+        "shared",
+        100,
+        "upstreams: [{registry: docker.io}]\nreplicas: 3\ncache: {storage: {s3: {bucket: cache, maxSize: 200Gi}}}",
+        true,
+    );
+    reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
+    let sa = f.find("PATCH", "/serviceaccounts/pullthrough-shared-proxy");
+    assert_eq!(sa.body["kind"], "ServiceAccount");
+    let role = f.find("PATCH", "/roles/pullthrough-shared-evictor");
+    assert_eq!(
+        role.body["rules"][1]["resourceNames"][0],
+        "pullthrough-shared-evictor"
+    );
+    let binding = f.find("PATCH", "/rolebindings/pullthrough-shared-evictor");
+    assert_eq!(
+        binding.body["subjects"][0]["name"],
+        "pullthrough-shared-proxy"
+    );
+    let dep = f.find("PATCH", "/deployments/pullthrough-shared");
+    let pod = &dep.body["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "pullthrough-shared-proxy");
+    let cm = f.find("PATCH", "/configmaps/pullthrough-shared");
+    let config =
+        pullthrough::api::ProxyConfig::from_yaml(cm.body["data"]["config.yaml"].as_str().unwrap())
+            .unwrap();
+    assert_eq!(config.max_cache_bytes, Some(200 << 30));
+    let lease = config.storage.s3.unwrap().eviction.lease;
+    assert_eq!(lease.as_deref(), Some("pullthrough-shared-evictor"));
+
+    // Without the limit the three go.
+    let f = fake(World::default());
+    let m = mirror(
+        "shared",
+        100,
+        "upstreams: [{registry: docker.io}]\ncache: {storage: {s3: {bucket: cache}}}",
+        true,
+    );
+    reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
+    for part in ["/rolebindings/", "/roles/", "/serviceaccounts/"] {
+        f.find("DELETE", part);
+    }
+}
+
+#[tokio::test]
 async fn updates_roll_the_pods_and_storage_switches_the_workload() {
     let f = fake(World {
         ready_replicas: 1,

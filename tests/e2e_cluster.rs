@@ -17,9 +17,11 @@
 
 use crate::common::{free_port, metric_value, root, scrape};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -107,6 +109,13 @@ struct Env {
 
 impl Env {
     async fn new(test: &str) -> Env {
+        Env::start(test, false).await
+    }
+
+    /// With `shipped_rbac`, the controller runs as a service account of the namespace
+    /// bound to the ClusterRole and Role of deploy/02-rbac.yaml (impersonated), not as
+    /// the cluster's admin.
+    async fn start(test: &str, shipped_rbac: bool) -> Env {
         crate::common::init_tracing();
         let client = client_from(&kubeconfig_path()).await;
         install_crd(&client).await;
@@ -118,6 +127,22 @@ impl Env {
             .create(&PostParams::default(), &object)
             .await
             .unwrap();
+        // With the shipped RBAC, the controller's own Lease is in a namespace of its own,
+        // as in an install (pullthrough-system): it holds nothing in the mirror's.
+        let lease_ns = match shipped_rbac {
+            false => ns.clone(),
+            true => {
+                let lease_ns = format!("{ns}-system");
+                let object: Namespace =
+                    serde_json::from_value(serde_json::json!({"metadata": {"name": lease_ns}}))
+                        .unwrap();
+                namespaces
+                    .create(&PostParams::default(), &object)
+                    .await
+                    .unwrap();
+                lease_ns
+            }
+        };
         let port = free_port();
         let options = ControllerOptions {
             settings: ChildSettings {
@@ -126,12 +151,16 @@ impl Env {
                 image_pull_policy: Some("IfNotPresent".into()),
             },
             metrics_listen: format!("127.0.0.1:{port}").parse().unwrap(),
-            lease_namespace: ns.clone(),
+            lease_namespace: lease_ns.clone(),
             identity: format!("e2e-{test}"),
             namespace: Some(ns.clone()),
         };
+        let controller_client = match shipped_rbac {
+            false => client.clone(),
+            true => controller_as_shipped(&client, &ns, &lease_ns).await,
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let controller = tokio::spawn(run(client.clone(), options, async {
+        let controller = tokio::spawn(run(controller_client, options, async {
             let _ = stopped.await;
         }));
         Env {
@@ -253,13 +282,115 @@ impl Drop for Env {
                             .await;
                     }
                 }
-                let _ = Api::<Namespace>::all(client)
-                    .delete(&ns, &DeleteParams::background())
+                let name = shipped_rbac_name(&ns);
+                let _ = Api::<ClusterRoleBinding>::all(client.clone())
+                    .delete(&name, &DeleteParams::background())
                     .await;
+                let _ = Api::<ClusterRole>::all(client.clone())
+                    .delete(&name, &DeleteParams::background())
+                    .await;
+                let namespaces = Api::<Namespace>::all(client);
+                let _ = namespaces
+                    .delete(&format!("{ns}-system"), &DeleteParams::background())
+                    .await;
+                let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
             });
         })
         .join();
     }
+}
+
+/// Name of the cluster-scoped copies of the shipped RBAC for the namespace `ns`.
+fn shipped_rbac_name(ns: &str) -> String {
+    format!("e2e-{ns}")
+}
+
+/// A client acting as the service account `pullthrough-controller` of `ns`, made here and
+/// bound to copies of the controller's ClusterRole and leader-election Role (in
+/// `lease_ns`) exactly as deploy/02-rbac.yaml ships them.
+async fn controller_as_shipped(admin: &Client, ns: &str, lease_ns: &str) -> Client {
+    let docs = documents(&root().join("deploy/02-rbac.yaml"));
+    let rules = |kind: &str, name: &str| {
+        let doc = docs
+            .iter()
+            .find(|d| d.types.as_ref().is_some_and(|t| t.kind == kind) && d.name_any() == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in deploy/02-rbac.yaml"));
+        doc.data["rules"].clone()
+    };
+    let name = shipped_rbac_name(ns);
+    let sa = "pullthrough-controller";
+    let subject = serde_json::json!([{"kind": "ServiceAccount", "name": sa, "namespace": ns}]);
+    let create = |api: Api<DynamicObject>, obj: serde_json::Value| async move {
+        let obj: DynamicObject = serde_json::from_value(obj).unwrap();
+        api.create(&PostParams::default(), &obj).await.unwrap();
+    };
+    let ar = |kind: &str| {
+        let (group, version) = match kind {
+            "ServiceAccount" => ("", "v1"),
+            _ => ("rbac.authorization.k8s.io", "v1"),
+        };
+        kube::discovery::ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
+    };
+    create(
+        Api::namespaced_with(admin.clone(), ns, &ar("ServiceAccount")),
+        serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}}),
+    )
+    .await;
+    create(
+        Api::all_with(admin.clone(), &ar("ClusterRole")),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name}, "rules": rules("ClusterRole", "pullthrough-controller")}),
+    )
+    .await;
+    create(
+        Api::all_with(admin.clone(), &ar("ClusterRoleBinding")),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name}, "subjects": subject,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}}),
+    )
+    .await;
+    create(
+        Api::namespaced_with(admin.clone(), lease_ns, &ar("Role")),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "leader-election"},
+            "rules": rules("Role", "pullthrough-leader-election")}),
+    )
+    .await;
+    create(
+        Api::namespaced_with(admin.clone(), lease_ns, &ar("RoleBinding")),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "leader-election"}, "subjects": subject,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "leader-election"}}),
+    )
+    .await;
+    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("readable kubeconfig");
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("usable kubeconfig");
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{sa}"));
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        format!("system:serviceaccounts:{ns}"),
+        "system:authenticated".into(),
+    ]);
+    Client::try_from(config).expect("client")
+}
+
+/// Whether the API server lets the service account `sa` of `ns` `verb` the Lease `name`.
+async fn may_lease(client: &Client, ns: &str, sa: &str, verb: &str, name: &str) -> bool {
+    let review: SubjectAccessReview = serde_json::from_value(serde_json::json!({
+        "spec": {
+            "user": format!("system:serviceaccount:{ns}:{sa}"),
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}")],
+            "resourceAttributes": {"namespace": ns, "group": "coordination.k8s.io",
+                "resource": "leases", "verb": verb, "name": name},
+        }
+    }))
+    .unwrap();
+    let api: Api<SubjectAccessReview> = Api::all(client.clone());
+    let answer = api.create(&PostParams::default(), &review).await.unwrap();
+    answer.status.is_some_and(|s| s.allowed)
 }
 
 /// Every document of a YAML file.
@@ -768,4 +899,57 @@ async fn with_a_node_proxy_pods_run_and_the_node_agent_reports() {
     assert!(!hosts.exists(), "the file outlived its mirror");
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
+async fn with_the_shipped_rbac_an_evicting_mirror_s_pods_may_hold_their_lease_and_no_other() {
+    let env = Env::start("evictor", true).await;
+    let registry = env.registry("hub");
+    env.create(
+        "bucket",
+        &format!("  upstreams: [{{registry: {registry}}}]\n  cache: {{storage: {{s3: {{bucket: b, endpoint: 'http://127.0.0.1:9', maxSize: 10Gi}}}}}}"),
+    )
+    .await;
+    // Made by the controller acting as its own service account: the API server let it
+    // grant what it holds.
+    let bindings: Api<RoleBinding> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually(60, "the evictor's RoleBinding", || async {
+        bindings
+            .get_opt("pullthrough-bucket-evictor")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    let dep = eventually(60, "the Deployment", || async {
+        deployments
+            .get_opt("pullthrough-bucket")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let pod = dep.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some("pullthrough-bucket-proxy")
+    );
+    let (ns, sa) = (env.ns.as_str(), "pullthrough-bucket-proxy");
+    let lease = "pullthrough-bucket-evictor";
+    for verb in ["get", "update", "create"] {
+        assert!(
+            may_lease(&env.client, ns, sa, verb, lease).await,
+            "may not {verb} its Lease"
+        );
+    }
+    assert!(
+        !may_lease(&env.client, ns, sa, "update", "pullthrough-controller").await,
+        "may update another Lease"
+    );
+    assert!(
+        !may_lease(&env.client, ns, "default", "update", lease).await,
+        "the default account may"
+    );
 }

@@ -6,7 +6,7 @@ use hyper::{Request, Response};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::client::Body;
 use kube::{Api, Client};
-use pullthrough::controller::leader::LeaseLock;
+use pullthrough::lease::LeaseLock;
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

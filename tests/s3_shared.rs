@@ -16,7 +16,8 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt};
 use pullthrough::api::proxy_config::{
-    PeersConfig, ProxyConfig, S3Config, StorageConfig, default_abandon_uploads_after,
+    EvictionConfig, PeersConfig, ProxyConfig, S3Config, StorageConfig,
+    default_abandon_uploads_after,
 };
 use pullthrough::proxy::peers::owner_of;
 use std::net::SocketAddr;
@@ -57,6 +58,7 @@ fn bucket_at(endpoint: &str, bucket: &str, prefix: &str) -> S3Config {
         path_style: None,
         redirect: false,
         abandon_uploads_after: default_abandon_uploads_after(),
+        eviction: Default::default(),
     }
 }
 
@@ -478,4 +480,99 @@ async fn with_redirect_a_cached_blob_comes_straight_from_the_bucket() {
         .await;
     assert_eq!(after, sent, "the proxy sent the warm bytes itself");
     up.assert_gets(&format!("/blobs/{}", blob.digest), 1);
+}
+
+/// Bytes of the objects under `prefix/blobs`, as the bucket lists them.
+async fn bucket_bytes(b: &AmazonS3, prefix: &str) -> u64 {
+    let under = Key::from(format!("{prefix}/blobs"));
+    let listed: Vec<_> = b.list(Some(&under)).collect().await;
+    listed.into_iter().map(|m| m.unwrap().size).sum()
+}
+
+#[tokio::test]
+#[ignore = "needs an S3 server and a cluster: PULLTHROUGH_S3_ENDPOINT, PULLTHROUGH_E2E_KUBECONFIG"]
+async fn three_replicas_elect_one_evictor_on_a_lease_and_keep_the_bucket_under_its_limit() {
+    let kubeconfig = std::env::var("PULLTHROUGH_E2E_KUBECONFIG")
+        .expect("set PULLTHROUGH_E2E_KUBECONFIG to the kubeconfig of a test cluster (the Lease)");
+    let up = Registry::start().await;
+    // Six images of 3 MiB, two per replica; the bucket may hold 8 MiB.
+    let images: Vec<Image> = (0..6)
+        .map(|i| Image::generate(700 + i, &[3 << 20], "amd64"))
+        .collect();
+    for (i, img) in images.iter().enumerate() {
+        push_image(&up.url, &format!("team/app{i}"), "1", img).await;
+    }
+    let limit: u64 = 8 << 20;
+    let prefix = prefix("evict");
+    let lease = format!("evict-{}", &sha256(prefix.as_bytes())[7..19]);
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+        .collect();
+    let mut replicas = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let mut s3 = s3(&prefix);
+        s3.eviction = EvictionConfig {
+            lease: Some(lease.clone()),
+            lease_namespace: Some("default".into()),
+            every: Duration::from_secs(2),
+            record_every: Duration::from_secs(1),
+            grace: Duration::from_secs(3),
+        };
+        let mut c = with_storage(config_for(&[(&up.host(), &up.url)]), s3);
+        c.max_cache_bytes = Some(limit);
+        let c = as_replica(c, addrs[i], &addrs);
+        let envs = [("KUBECONFIG", kubeconfig.as_str()), ("POD_NAME", "")];
+        replicas.push(ProxyProcess::start_at(c, *port, &envs).await);
+    }
+    for (i, img) in images.iter().enumerate() {
+        let r = &replicas[i % 3];
+        let got = pull(&r.url, &format!("team/app{i}"), "1", None)
+            .await
+            .unwrap();
+        assert_eq!(got.top, img.manifest.digest);
+    }
+    let b = bucket();
+    // Graced 3 s, marked, deleted a round (2 s) later: well within a minute.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut bytes = bucket_bytes(&b, &prefix).await;
+    while bytes > limit && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        bytes = bucket_bytes(&b, &prefix).await;
+    }
+    assert!(
+        bytes <= limit,
+        "the bucket holds {bytes} bytes, over {limit}"
+    );
+    let newest = &images[5];
+    for blob in newest.blobs() {
+        assert!(
+            b.head(&blob_key(&prefix, blob)).await.is_ok(),
+            "the newest image was evicted"
+        );
+    }
+    // One replica evicted, the others did not.
+    let mut evictors = Vec::new();
+    for r in &replicas {
+        let m = scrape(&r.metrics_url).await;
+        let evicting = metric_value(&m, "pullthrough_store_evictor", &[]);
+        let evicted = metric_value(&m, "pullthrough_cache_evictions_total", &[]);
+        assert!(
+            evicting == 1.0 || evicted == 0.0,
+            "a replica that does not lead evicted"
+        );
+        if evicting == 1.0 {
+            evictors.push(evicted);
+        }
+    }
+    assert!(
+        evictors.len() == 1 && evictors[0] > 0.0,
+        "evictors: {evictors:?}"
+    );
+    // An evicted image is pulled again, correct, by the replica that cached it.
+    let again = pull(&replicas[0].url, "team/app0", "1", None)
+        .await
+        .unwrap();
+    assert_eq!(again.top, images[0].manifest.digest);
 }

@@ -138,7 +138,7 @@ pub struct CacheSpec {
 /// Deployment whose emptyDir only spools downloads).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(cel, validation = Rule::new("!(has(self.size) && has(self.emptyDir))").message("set either size (a PersistentVolumeClaim) or emptyDir, not both"), validation = Rule::new("!(has(self.s3) && has(self.size))").message("a mirror on s3 keeps no volume per pod: leave size out"), validation = Rule::new("!has(self.size) || isQuantity(string(self.size))").message("size must be a quantity, e.g. 50Gi"))]
+#[x_kube(cel, validation = Rule::new("!(has(self.size) && has(self.emptyDir))").message("set either size (a PersistentVolumeClaim) or emptyDir, not both"), validation = Rule::new("!(has(self.s3) && has(self.size))").message("a mirror on s3 keeps no volume per pod: leave size out"), validation = Rule::new("!has(self.size) || isQuantity(string(self.size))").message("size must be a quantity, e.g. 50Gi"), validation = Rule::new("!has(self.s3) || !has(self.s3.maxSize) || isQuantity(string(self.s3.maxSize))").message("s3.maxSize must be a quantity, e.g. 500Gi"))]
 pub struct StorageSpec {
     /// Size of each pod's PersistentVolumeClaim (e.g. `50Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,6 +178,11 @@ pub struct S3StorageSpec {
     /// instead of through the proxy: the nodes must reach the bucket's endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect: Option<bool>,
+    /// The bytes of cached objects the bucket may hold (e.g. `500Gi`): one replica,
+    /// elected on a Lease, evicts the least recently used objects of all the replicas'
+    /// uses beyond it. Unbounded when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<Quantity>,
     /// A Secret in the mirror's namespace whose keys are environment variables of the
     /// AWS tools (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, optionally
     /// `AWS_SESSION_TOKEN`, `AWS_REGION`); without one, the pod's own identity (web
@@ -356,6 +361,7 @@ impl RegistryMirrorSpec {
                     path_style: s.path_style,
                     redirect: s.redirect.unwrap_or(false),
                     abandon_uploads_after: default_abandon_uploads_after(),
+                    eviction: Default::default(),
                 }),
             },
             peers: None,
@@ -375,9 +381,13 @@ impl RegistryMirrorSpec {
                 })
                 .collect(),
             default_upstream: None,
-            // A bucket's emptyDir only spools downloads: the limit is not its size.
-            max_cache_bytes: match self.cache.storage.s3 {
-                Some(_) => None,
+            // A bucket's emptyDir only spools downloads: the limit is the bucket's own.
+            max_cache_bytes: match &self.cache.storage.s3 {
+                Some(s3) => s3
+                    .max_size
+                    .as_ref()
+                    .map(|q| super::quantity::to_bytes(&q.0))
+                    .transpose()?,
                 None => self.cache_limit()?,
             },
             pin: self.cache.pin.clone(),
@@ -588,6 +598,9 @@ cache: {tagTTL: 1m, staleIfError: 2h}
         let both = serde_json::json!({"size": "1Gi", "emptyDir": {}});
         assert!(StorageSpec::validate_cel(&both, None).is_err());
         StorageSpec::validate_cel(&serde_json::json!({"size": "1Gi"}), None).unwrap();
+        let bucket = |max: &str| serde_json::json!({"s3": {"bucket": "b", "maxSize": max}});
+        assert!(StorageSpec::validate_cel(&bucket("lots"), None).is_err());
+        StorageSpec::validate_cel(&bucket("500Gi"), None).unwrap();
     }
 
     #[test]

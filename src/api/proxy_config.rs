@@ -193,6 +193,68 @@ pub struct S3Config {
         with = "crate::api::duration::serde"
     )]
     pub abandon_uploads_after: Duration,
+    /// How the replicas keep the bucket under `maxCacheBytes` (with a limit only).
+    #[serde(default, skip_serializing_if = "EvictionConfig::is_default")]
+    pub eviction: EvictionConfig,
+}
+
+/// How long a URL of the bucket handed to a client for a blob (`redirect`) is valid.
+pub const REDIRECT_EXPIRY: Duration = Duration::from_secs(600);
+
+/// How the replicas that share a bucket keep it under `maxCacheBytes`: each records what
+/// it uses, one (elected on a Kubernetes Lease) evicts the least recently used objects.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EvictionConfig {
+    /// The Kubernetes Lease the replicas elect the evicting one on (needed with
+    /// `peers`); without one, this process evicts alone. The API server is found as
+    /// kubectl finds it (in a pod: its service account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// The Lease's namespace; by default `POD_NAMESPACE`, else the client's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_namespace: Option<String>,
+    /// How often the evicting replica lists the bucket, deletes what it marked in the
+    /// round before (if unused since) and marks what is over the limit.
+    #[serde(default = "default_evict_every", with = "crate::api::duration::serde")]
+    pub every: Duration,
+    /// How often each replica writes what it used (and is reading) to an access record.
+    #[serde(default = "default_record_every", with = "crate::api::duration::serde")]
+    pub record_every: Duration,
+    /// Objects used more recently than this are never evicted: longer than the signed
+    /// URLs of `redirect` live (10 minutes).
+    #[serde(default = "default_evict_grace", with = "crate::api::duration::serde")]
+    pub grace: Duration,
+}
+
+impl Default for EvictionConfig {
+    fn default() -> EvictionConfig {
+        EvictionConfig {
+            lease: None,
+            lease_namespace: None,
+            every: default_evict_every(),
+            record_every: default_record_every(),
+            grace: default_evict_grace(),
+        }
+    }
+}
+
+impl EvictionConfig {
+    fn is_default(&self) -> bool {
+        *self == EvictionConfig::default()
+    }
+}
+
+fn default_evict_every() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_record_every() -> Duration {
+    Duration::from_secs(20)
+}
+
+fn default_evict_grace() -> Duration {
+    Duration::from_secs(15 * 60)
 }
 
 impl S3Config {
@@ -434,9 +496,25 @@ impl ProxyConfig {
                     "endpoint must be an http(s)://host[:port] URL",
                 ));
             }
-            if self.max_cache_bytes.is_some() {
+            let ev = &s3.eviction;
+            if self.max_cache_bytes.is_some() && self.peers.is_some() && ev.lease.is_none() {
                 return Err(ConfigError::BadS3(
-                    "maxCacheBytes is not applied to a bucket yet; leave it out (bound the bucket with a lifecycle rule)",
+                    "maxCacheBytes with peers needs eviction.lease: the replicas elect the one that evicts on it",
+                ));
+            }
+            if ev.every.is_zero() || ev.record_every.is_zero() {
+                return Err(ConfigError::BadS3(
+                    "eviction.every and eviction.recordEvery must not be zero",
+                ));
+            }
+            if ev.every < ev.record_every * 2 {
+                return Err(ConfigError::BadS3(
+                    "eviction.every must be at least twice eviction.recordEvery (a use is recorded before what it reads is deleted)",
+                ));
+            }
+            if s3.redirect && ev.grace < REDIRECT_EXPIRY {
+                return Err(ConfigError::BadS3(
+                    "eviction.grace must be at least 10m with redirect (the life of a signed URL)",
                 ));
             }
         }
@@ -788,6 +866,30 @@ staleIfError: 2h
         assert!(ProxyConfig::from_yaml("maxCacheBytes: -1").is_err());
         let c = ProxyConfig::from_yaml("maxCacheBytes: 0").unwrap();
         assert_eq!(c.validate(), Err(ConfigError::ZeroCacheLimit));
+    }
+
+    #[test]
+    fn a_shared_bucket_with_a_limit_elects_its_evictor() {
+        let base = "maxCacheBytes: 1Gi\nstorage: {s3: {bucket: b, endpoint: 'http://s3:7480'";
+        let cfg = |rest: &str| ProxyConfig::from_yaml(&format!("{base}{rest}")).unwrap();
+        let alone = cfg("}}");
+        assert_eq!(alone.validate(), Ok(()), "one process evicts alone");
+        let ev = &alone.storage.s3.as_ref().unwrap().eviction;
+        assert_eq!(
+            (ev.every, ev.record_every, ev.grace.as_secs()),
+            (Duration::from_secs(60), Duration::from_secs(20), 900)
+        );
+        let peers = "}}\npeers: {dns: p.ns.svc}";
+        let err = |c: ProxyConfig| c.validate().unwrap_err().to_string();
+        assert!(err(cfg(peers)).contains("eviction.lease"));
+        let leased = cfg(&format!(
+            ", eviction: {{lease: m-evictor, every: 10s, recordEvery: 5s}}{peers}"
+        ));
+        assert_eq!(leased.validate(), Ok(()));
+        assert_eq!(ProxyConfig::from_yaml(&leased.to_yaml()).unwrap(), leased);
+        assert!(err(cfg(", eviction: {every: 10s, recordEvery: 6s}}}")).contains("twice"));
+        assert!(err(cfg(", redirect: true, eviction: {grace: 5m}}}")).contains("10m"));
+        assert_eq!(cfg(", redirect: true}}").validate(), Ok(()));
     }
 
     #[test]

@@ -14,10 +14,11 @@ use k8s_openapi::api::core::v1::{
     EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
     ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
     PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretEnvSource, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    SecretEnvSource, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -61,13 +62,100 @@ pub fn peers_of(child: &str) -> String {
 /// replicas found through the headless Service (each pod's own address from `POD_IP`).
 pub fn proxy_config(mirror: &RegistryMirror) -> Result<ProxyConfig, SpecError> {
     let mut config = mirror.spec.proxy_config()?;
-    if config.storage.s3.is_some() {
+    let limited = config.max_cache_bytes.is_some();
+    if let Some(s3) = &mut config.storage.s3 {
         config.peers = Some(PeersConfig {
             dns: Some(peers_service_name(mirror)),
             ..PeersConfig::default()
         });
+        if limited {
+            s3.eviction.lease = Some(evictor_name(mirror));
+            s3.eviction.lease_namespace = mirror.namespace();
+        }
     }
+    config.validate()?;
     Ok(config)
+}
+
+/// Whether the mirror's replicas share a bucket with a size limit: one of them, elected
+/// on a Lease, evicts (and the pods need a service account that may hold it).
+pub fn evicts(mirror: &RegistryMirror) -> bool {
+    mirror
+        .spec
+        .cache
+        .storage
+        .s3
+        .as_ref()
+        .is_some_and(|s| s.max_size.is_some())
+}
+
+/// Name of the Lease the replicas of an evicting mirror elect on, and of the Role and
+/// RoleBinding that let them hold it.
+pub fn evictor_name(mirror: &RegistryMirror) -> String {
+    evictor_rbac_names(&child_name(mirror)).0
+}
+
+/// Name of the service account of an evicting mirror's pods.
+pub fn proxy_service_account_name(mirror: &RegistryMirror) -> String {
+    evictor_rbac_names(&child_name(mirror)).1
+}
+
+/// [`evictor_name`] and [`proxy_service_account_name`], from the name of the other
+/// children.
+pub fn evictor_rbac_names(child: &str) -> (String, String) {
+    (format!("{child}-evictor"), format!("{child}-proxy"))
+}
+
+/// The service account of an evicting mirror's pods.
+pub fn proxy_service_account(mirror: &RegistryMirror) -> ServiceAccount {
+    let mut metadata = meta(mirror);
+    metadata.name = Some(proxy_service_account_name(mirror));
+    ServiceAccount {
+        metadata,
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+/// What the pods of an evicting mirror may do: hold their one Lease, nothing else.
+pub fn evictor_role(mirror: &RegistryMirror) -> Role {
+    let mut metadata = meta(mirror);
+    metadata.name = Some(evictor_name(mirror));
+    let leases = |verbs: &[&str], names: Option<Vec<String>>| PolicyRule {
+        api_groups: Some(vec!["coordination.k8s.io".into()]),
+        resources: Some(vec!["leases".into()]),
+        resource_names: names,
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..PolicyRule::default()
+    };
+    Role {
+        metadata,
+        rules: Some(vec![
+            // A create names no object yet: it cannot be narrowed to one name.
+            leases(&["create"], None),
+            leases(&["get", "update"], Some(vec![evictor_name(mirror)])),
+        ]),
+    }
+}
+
+/// Binds [`evictor_role`] to [`proxy_service_account`].
+pub fn evictor_role_binding(mirror: &RegistryMirror) -> RoleBinding {
+    let mut metadata = meta(mirror);
+    metadata.name = Some(evictor_name(mirror));
+    RoleBinding {
+        metadata,
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: evictor_name(mirror),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: proxy_service_account_name(mirror),
+            namespace: mirror.namespace(),
+            ..Subject::default()
+        }]),
+    }
 }
 
 /// Labels selecting a mirror's proxy pods.
@@ -245,6 +333,20 @@ fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -
             ..EnvVar::default()
         });
     }
+    if evicts(mirror) {
+        // The Lease's holder is the pod; its namespace is the mirror's.
+        env.push(EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    }
     let container = Container {
         name: "proxy".into(),
         image: Some(settings.proxy_image.clone()),
@@ -316,7 +418,9 @@ fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -
         spec: Some(PodSpec {
             containers: vec![container],
             volumes: Some(volumes),
-            automount_service_account_token: Some(false),
+            // Only an evicting mirror's pods talk to the API server (for their Lease).
+            service_account_name: evicts(mirror).then(|| proxy_service_account_name(mirror)),
+            automount_service_account_token: Some(evicts(mirror)),
             enable_service_links: Some(false),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
@@ -742,6 +846,88 @@ pub(crate) mod tests {
         let d = deployment(&plain, &settings(), "h");
         let c = &pod(&d.spec.as_ref().unwrap().template).containers[0];
         assert!(c.env.as_ref().unwrap().iter().all(|e| e.name != "POD_IP") && c.env_from.is_none());
+    }
+
+    #[test]
+    fn a_bucket_with_a_size_limit_has_replicas_that_may_elect_their_evictor() {
+        let m = mirror(
+            "upstreams: [{registry: docker.io}]\nreplicas: 3\ncache: {storage: {s3: {bucket: b, maxSize: 100Gi}}}",
+        );
+        assert!(evicts(&m));
+        let config = proxy_config(&m).unwrap();
+        assert_eq!(
+            config.max_cache_bytes,
+            Some(100 << 30),
+            "the bucket's own size"
+        );
+        let ev = &config.storage.s3.as_ref().unwrap().eviction;
+        assert_eq!(ev.lease.as_deref(), Some("pullthrough-public-evictor"));
+        assert_eq!(ev.lease_namespace, m.namespace());
+        let d = deployment(&m, &settings(), "h");
+        let p = pod(&d.spec.as_ref().unwrap().template);
+        assert_eq!(
+            p.service_account_name.as_deref(),
+            Some("pullthrough-public-proxy")
+        );
+        assert_eq!(p.automount_service_account_token, Some(true));
+        let env = p.containers[0].env.as_ref().unwrap();
+        let name = env.iter().find(|e| e.name == "POD_NAME").unwrap();
+        let field = name
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(field.field_path, "metadata.name");
+        let sa = proxy_service_account(&m);
+        assert_eq!(
+            sa.metadata.name.as_deref(),
+            Some("pullthrough-public-proxy")
+        );
+        let role = evictor_role(&m);
+        let rules = role.rules.unwrap();
+        assert!(
+            rules
+                .iter()
+                .all(|r| r.resources.as_deref() == Some(&["leases".to_string()][..]))
+        );
+        let named = rules
+            .iter()
+            .find(|r| r.verbs.contains(&"update".to_string()))
+            .unwrap();
+        assert_eq!(
+            named.resource_names.as_deref(),
+            Some(&["pullthrough-public-evictor".to_string()][..])
+        );
+        let binding = evictor_role_binding(&m);
+        assert_eq!(binding.role_ref.name, "pullthrough-public-evictor");
+        let subject = &binding.subjects.unwrap()[0];
+        assert_eq!(
+            (subject.name.as_str(), subject.namespace.clone()),
+            ("pullthrough-public-proxy", m.namespace())
+        );
+        // Unbounded, or on a disk: no API access for the pods.
+        for yaml in [
+            "upstreams: [{registry: docker.io}]\ncache: {storage: {s3: {bucket: b}}}",
+            "upstreams: [{registry: docker.io}]",
+        ] {
+            let m = mirror(yaml);
+            assert!(!evicts(&m));
+            let d = deployment(&m, &settings(), "h");
+            let p = pod(&d.spec.as_ref().unwrap().template);
+            assert_eq!(
+                (
+                    p.service_account_name.as_deref(),
+                    p.automount_service_account_token
+                ),
+                (None, Some(false))
+            );
+        }
+        let bad = mirror(
+            "upstreams: [{registry: docker.io}]\ncache: {storage: {s3: {bucket: b, maxSize: lots}}}",
+        );
+        assert!(proxy_config(&bad).is_err());
     }
 
     #[test]

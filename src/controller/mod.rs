@@ -4,7 +4,6 @@
 //! from the pure [`builders`] and the status from the pure [`status`] module.
 
 pub mod builders;
-pub mod leader;
 mod metrics;
 mod reconcile;
 pub mod status;
@@ -274,7 +273,7 @@ pub async fn run(
     });
     let ops_task = tokio::spawn(crate::server::serve_ops(listener, ops, stop_rx));
 
-    let lock = leader::LeaseLock::new(
+    let lock = crate::lease::LeaseLock::new(
         Api::<Lease>::namespaced(client.clone(), &options.lease_namespace),
         "pullthrough-controller",
         &options.identity,
@@ -373,7 +372,7 @@ pub async fn run(
 
 /// Gives the Lease up on shutdown, so that another replica takes over at once.
 async fn lock_release(client: &Client, options: &ControllerOptions) {
-    leader::LeaseLock::new(
+    crate::lease::LeaseLock::new(
         Api::<Lease>::namespaced(client.clone(), &options.lease_namespace),
         "pullthrough-controller",
         &options.identity,

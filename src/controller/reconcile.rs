@@ -8,8 +8,9 @@ use crate::api::dockerconfig::credentials_for;
 use crate::api::mirror::{FINALIZER, RegistryMirror, RegistryMirrorStatus, mirror_key};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
@@ -117,7 +118,16 @@ pub(super) async fn delete_children(client: &Client, ns: &str, child: &str) -> R
     delete_child::<PodDisruptionBudget>(client, ns, child).await?;
     delete_child::<Service>(client, ns, child).await?;
     delete_child::<Service>(client, ns, &builders::peers_of(child)).await?;
+    delete_evictor_rbac(client, ns, child).await?;
     delete_child::<ConfigMap>(client, ns, child).await
+}
+
+/// Removes the service account, Role and RoleBinding of a mirror that no longer evicts.
+async fn delete_evictor_rbac(client: &Client, ns: &str, child: &str) -> Result<(), Error> {
+    let (evictor, account) = builders::evictor_rbac_names(child);
+    delete_child::<RoleBinding>(client, ns, &evictor).await?;
+    delete_child::<Role>(client, ns, &evictor).await?;
+    delete_child::<ServiceAccount>(client, ns, &account).await
 }
 
 /// Reads the credentials Secrets: their data for the config hash, or the problem.
@@ -252,6 +262,14 @@ pub(super) async fn apply(
             let yaml = config.to_yaml();
             let hash = builders::config_hash(&yaml, &secret_data);
             apply_child(client, ns, &builders::config_map(mirror, &yaml)).await?;
+            // The replicas of a bucket with a size limit elect their evictor on a Lease.
+            if builders::evicts(mirror) {
+                apply_child(client, ns, &builders::proxy_service_account(mirror)).await?;
+                apply_child(client, ns, &builders::evictor_role(mirror)).await?;
+                apply_child(client, ns, &builders::evictor_role_binding(mirror)).await?;
+            } else if mirror.spec.cache.storage.s3.is_some() {
+                delete_evictor_rbac(client, ns, &child).await?;
+            }
             if builders::uses_pvc(mirror) {
                 let sts = apply_child(
                     client,

@@ -124,6 +124,10 @@ pub struct Metrics {
     pub cache_limit_bytes: IntGauge,
     /// Objects evicted to stay under the limit.
     pub cache_evictions: IntCounter,
+    /// Bytes in the shared bucket, as the evicting replica last counted them.
+    pub store_bucket_bytes: IntGauge,
+    /// 1 on the replica that evicts from the shared bucket.
+    pub store_evictor: IntGauge,
     /// 1 while the cache's disk is full and blobs are streamed through uncached.
     pub cache_disk_full: IntGauge,
     /// Prefetch images by state (pending, done, failed).
@@ -289,9 +293,21 @@ impl Metrics {
             store_requests.with_label_values(&[op, "ok"]);
             store_duration.with_label_values(&[op]);
         }
+        let store_bucket_bytes = IntGauge::new(
+            "pullthrough_store_bucket_bytes",
+            "Bytes of cached objects in the shared bucket, as the evicting replica last counted them (0 on the others).",
+        )
+        .expect("valid metric");
+        let store_evictor = IntGauge::new(
+            "pullthrough_store_evictor",
+            "1 on the replica that keeps the shared bucket under maxCacheBytes, 0 on the others.",
+        )
+        .expect("valid metric");
         let names = crate::server::register_all(
             &registry,
             vec![
+                Box::new(store_bucket_bytes.clone()),
+                Box::new(store_evictor.clone()),
                 Box::new(cache_limit_bytes.clone()),
                 Box::new(cache_evictions.clone()),
                 Box::new(cache_disk_full.clone()),
@@ -326,6 +342,8 @@ impl Metrics {
             sendfile_bytes,
             cache_limit_bytes,
             cache_evictions,
+            store_bucket_bytes,
+            store_evictor,
             cache_disk_full,
             prefetch_images,
             prefetch_bytes,

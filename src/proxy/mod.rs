@@ -13,6 +13,7 @@ pub mod index;
 pub mod metrics;
 pub mod peers;
 pub mod pull_through;
+pub mod shared_eviction;
 pub mod store;
 #[cfg(test)]
 mod test_support;
@@ -27,6 +28,7 @@ use crate::server::ConnLimits;
 use index::Index;
 use metrics::Metrics;
 use pull_through::{CachePolicy, ConfiguredImage, PullThrough};
+use shared_eviction::SharedEviction;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -62,6 +64,9 @@ pub enum StartError {
         /// What went wrong.
         source: store::StoreError,
     },
+    /// The shared bucket's eviction cannot be set up (no client for its Lease).
+    #[error("storage.s3.eviction: {0}")]
+    Eviction(String),
     /// The bucket's settings cannot make a client.
     #[error("storage.s3 ({name}): {source}")]
     Bucket {
@@ -107,6 +112,8 @@ pub struct Proxy {
     prefetch: Vec<ConfiguredImage>,
     prefetch_platforms: Vec<String>,
     admin_token: String,
+    /// The shared bucket's size limit at work, when it has one.
+    eviction: Option<Arc<SharedEviction>>,
 }
 
 impl Proxy {
@@ -119,6 +126,8 @@ impl Proxy {
             path: config.cache_dir.clone(),
             source,
         };
+        // A bucket's limit is kept by its evictor, not by each replica's index.
+        let mut shared = None;
         let (store, name, stats): (Arc<dyn BlobStore>, String, _) = match &config.storage.s3 {
             None => {
                 let (disk, stats) = DiskStore::open(&config.cache_dir).map_err(cache_dir_error)?;
@@ -145,11 +154,19 @@ impl Proxy {
                 } else {
                     store
                 };
+                let store = if config.max_cache_bytes.is_some() {
+                    store.with_access_records()
+                } else {
+                    store
+                };
                 let name = store.name().to_string();
-                (Arc::new(store), name, Default::default())
+                let store = Arc::new(store);
+                shared = Some(store.clone());
+                (store, name, Default::default())
             }
         };
-        let index = Index::rebuild(store, config.max_cache_bytes, metrics.clone())
+        let index_limit = config.max_cache_bytes.filter(|_| shared.is_none());
+        let index = Index::rebuild(store, index_limit, metrics.clone())
             .await
             .map_err(|source| StartError::CacheStore {
                 name: name.clone(),
@@ -239,6 +256,23 @@ impl Proxy {
                 prefetch.push(p.clone());
             }
         }
+        let eviction = match (&shared, config.max_cache_bytes, &config.storage.s3) {
+            (Some(bucket), Some(limit), Some(s3)) => {
+                metrics.cache_limit_bytes.set(limit as i64);
+                let eviction = SharedEviction::new(
+                    bucket.clone(),
+                    index.clone(),
+                    limit,
+                    &s3.eviction,
+                    pins.clone(),
+                    metrics.clone(),
+                )
+                .await
+                .map_err(StartError::Eviction)?;
+                Some(Arc::new(eviction))
+            }
+            _ => None,
+        };
         let mut cache = PullThrough::new(index, metrics.clone(), policy, pins);
         if let Some(p) = &config.peers {
             let port = config.listen.port();
@@ -267,6 +301,7 @@ impl Proxy {
             prefetch,
             prefetch_platforms: config.prefetch_platforms.clone(),
             admin_token,
+            eviction,
         })
     }
 
@@ -440,9 +475,17 @@ pub async fn serve(
             p.cache.recheck_disk();
         }
     });
+    let eviction = proxy.eviction.clone().map(|e| tokio::spawn(e.run()));
     shutdown.await;
     startup.abort();
     disk_watch.abort();
+    if let Some(task) = eviction {
+        task.abort();
+        let _ = task.await;
+    }
+    if let Some(e) = &proxy.eviction {
+        e.release().await;
+    }
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = api_task.await;

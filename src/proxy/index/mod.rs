@@ -13,7 +13,7 @@ mod removal;
 pub use removal::Removal;
 
 use super::metrics::Metrics;
-use super::store::{BlobStore, BlobWrite, StoreResult, unix_now_ms};
+use super::store::{BlobStore, BlobWrite, Listed, StoreResult, unix_now_ms};
 use crate::oci::Digest;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
@@ -46,7 +46,7 @@ impl Entry {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Inner {
     entries: HashMap<Digest, Entry>,
     total: u64,
@@ -185,7 +185,7 @@ impl Index {
         limit: Option<u64>,
         metrics: Metrics,
     ) -> StoreResult<Arc<Index>> {
-        let mut inner = Inner::default();
+        let mut entries = Vec::new();
         for listed in store.list().await? {
             let refs = if listed.manifest {
                 match store.manifest(&listed.digest).await? {
@@ -198,6 +198,21 @@ impl Index {
             } else {
                 None
             };
+            entries.push((listed, refs));
+        }
+        Ok(Index::of_listing(store, entries, limit, metrics))
+    }
+
+    /// The index of the objects `entries` list (with, for a manifest, the digests it
+    /// references), as [`Self::rebuild`] builds it from the store's own listing.
+    pub fn of_listing(
+        store: Arc<dyn BlobStore>,
+        entries: Vec<(Listed, Option<Vec<Digest>>)>,
+        limit: Option<u64>,
+        metrics: Metrics,
+    ) -> Arc<Index> {
+        let mut inner = Inner::default();
+        for (listed, refs) in entries {
             inner.total += listed.size;
             inner
                 .entries
@@ -217,7 +232,7 @@ impl Index {
             .cache_limit_bytes
             .set(limit.unwrap_or(0) as i64);
         index.publish();
-        Ok(index)
+        index
     }
 
     fn publish(&self) {
@@ -279,8 +294,10 @@ impl Index {
         if let Some(e) = inner.entries.get_mut(digest) {
             e.in_use += 1;
             e.last_used_ms = unix_now_ms();
+            e.persisted_ms = e.last_used_ms;
         }
         drop(inner);
+        self.store.touch(digest);
         self.publish();
         UseGuard {
             index: self.clone(),
@@ -467,6 +484,33 @@ impl Index {
             }
         }
         seen
+    }
+
+    /// The objects an eviction down to the limit would take now (least recently used
+    /// first, a manifest with the blobs only it references; never `pinned` ones or those
+    /// in use), without taking them.
+    pub fn over_limit(&self, pinned: &HashSet<Digest>) -> Vec<Digest> {
+        let Some(limit) = self.limit else {
+            return Vec::new();
+        };
+        let mut inner = self.inner.lock().expect("index lock").clone();
+        let over = (inner.total + inner.reserved).saturating_sub(limit);
+        let mut doomed = Vec::new();
+        if over > 0 {
+            self.evict_locked(&mut inner, over, pinned, &mut doomed);
+        }
+        doomed.into_iter().map(|(d, _)| d).collect()
+    }
+
+    /// The objects being read now.
+    pub fn in_use(&self) -> Vec<Digest> {
+        let inner = self.inner.lock().expect("index lock");
+        inner
+            .entries
+            .iter()
+            .filter(|(_, e)| e.in_use > 0)
+            .map(|(d, _)| d.clone())
+            .collect()
     }
 
     /// Ages an object's last use (tests of the eviction order).

@@ -219,6 +219,13 @@ pub trait BlobStore: Send + Sync + 'static {
         Box::pin(async { Ok(None) })
     }
 
+    /// Writes down the uses recorded by [`Self::touch`] since the last call, and
+    /// `in_use` (objects being read) as used now, where other processes need to know
+    /// them (the access records of a shared bucket with a size limit). Nothing by default.
+    fn record_uses(&self, _in_use: Vec<Digest>) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether other processes add objects to this store too (replicas sharing a
     /// bucket): an object the index does not know may still be there.
     fn shared(&self) -> bool {

@@ -5,6 +5,8 @@
 //! <prefix>/meta/<alg>/<hex>     media type of a cached manifest (written before it)
 //! <prefix>/tags/<sha256(key)>   tag -> digest record (JSON)
 //! <prefix>/uploads/<name>       a multipart upload in progress: its key and upload id
+//! <prefix>/access/<writer>-<ms> what a replica used lately, for the evictor (JSON)
+//! <prefix>/access/merged        the evictor's merged view of the last uses (JSON)
 //! ```
 //!
 //! A download is uploaded in parts straight under its final key: S3 shows an object only
@@ -19,6 +21,11 @@
 //! neither the download nor its clients ever wait for the bucket.
 //!
 //! Paths are built from validated digests and from hashes of keys, as on the disk.
+//!
+//! With a size limit, one replica keeps the bucket under it ([`eviction`]).
+
+mod eviction;
+pub use eviction::{EvictionRules, Evictor, Round};
 
 use super::disk::DiskStore;
 use super::{
@@ -94,8 +101,7 @@ pub struct Bucket {
     signer: Option<Arc<dyn Signer>>,
 }
 
-/// How long a URL handed to a client for a blob is valid.
-pub const REDIRECT_EXPIRY: Duration = Duration::from_secs(600);
+pub use crate::api::proxy_config::REDIRECT_EXPIRY;
 
 /// After a request fails (an error, not an answer such as "not found") or takes too long,
 /// the bucket is left alone this long: requests fail at once and the cache serves from
@@ -322,6 +328,8 @@ pub struct S3Store {
     redirect: bool,
     /// `s3://bucket/prefix`, for what is logged.
     name: String,
+    /// This replica's uses, for the access records (with a size limit only).
+    access: Option<eviction::AccessLog>,
 }
 
 impl S3Store {
@@ -346,7 +354,15 @@ impl S3Store {
             spool: DiskStore::spool(spool)?,
             abandon_after,
             redirect: false,
+            access: None,
         })
+    }
+
+    /// The same store, writing what this replica uses to access records for the
+    /// replica that evicts (see [`eviction`]).
+    pub fn with_access_records(mut self) -> S3Store {
+        self.access = Some(eviction::AccessLog::new());
+        self
     }
 
     /// The same store, sending clients of cached blobs to signed URLs of the bucket (see
@@ -522,9 +538,16 @@ impl BlobStore for S3Store {
         })
     }
 
-    fn touch(&self, _digest: &Digest) {
-        // Objects in a bucket keep no time of last use; the index keeps it while the
-        // process runs.
+    fn touch(&self, digest: &Digest) {
+        // Objects in a bucket keep no time of last use: with a size limit, the uses go
+        // to the access records (see `record_uses`).
+        if let Some(log) = &self.access {
+            log.used(digest);
+        }
+    }
+
+    fn record_uses(&self, in_use: Vec<Digest>) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(self.write_access_record(in_use))
     }
 
     fn manifest<'a>(

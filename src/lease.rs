@@ -1,5 +1,6 @@
-//! Leader election on a `coordination.k8s.io/v1` Lease, so that of several controller
-//! replicas exactly one reconciles. Updates use the Lease's resourceVersion, so two
+//! Leader election on a `coordination.k8s.io/v1` Lease, so that of several replicas
+//! exactly one acts: the controller's (one reconciles), and the proxy's that share a
+//! bucket (one evicts). Updates use the Lease's resourceVersion, so two
 //! replicas can never both win the same round.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -76,7 +77,7 @@ impl LeaseLock {
             now,
         );
         if let Decision::Wait { holder } = &decision {
-            tracing::debug!(%holder, "another controller replica is the leader");
+            tracing::debug!(%holder, lease = %self.name, "another replica is the leader");
             return Ok(false);
         }
         let previous = current
