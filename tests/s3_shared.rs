@@ -576,3 +576,55 @@ async fn three_replicas_elect_one_evictor_on_a_lease_and_keep_the_bucket_under_i
         .unwrap();
     assert_eq!(again.top, images[0].manifest.digest);
 }
+
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn mirrors_that_do_not_know_each_other_fetch_a_blob_once_through_the_bucket_s_lease() {
+    let up = FaultUpstream::start().await;
+    let blob = Blob::new("application/octet-stream", random_bytes(51, (20 << 20) + 5));
+    up.add_blob(&blob);
+    let prefix = prefix("lease");
+    // Two proxies on one bucket with no peers: as mirrors in two clusters.
+    let config = || with_storage(config_for(&[("fault.test", up.url.as_str())]), s3(&prefix));
+    let a = Proxy::start_config(config()).await;
+    let b = Proxy::start_config(config()).await;
+    for p in [&a, &b] {
+        let enforced = p.metric("pullthrough_store_conditional_writes", &[]).await;
+        assert_eq!(enforced, 1.0, "RGW enforces If-None-Match: *");
+    }
+    let release = up.hold_blobs(4 << 20);
+    let get = |base: &str| {
+        let url = format!("{base}/v2/r/blobs/{}", blob.digest);
+        tokio::spawn(async move { get_blob(url).await })
+    };
+    let first = get(&a.url);
+    let bucket = bucket();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while keys(&bucket, &prefix, "leases").await.is_empty() {
+        assert!(Instant::now() < deadline, "no fetch lease taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = get(&b.url);
+    // b found the lease taken (its create-only write answered "exists") before a goes on.
+    let exists = [("op", "put"), ("result", "exists")];
+    while b.metric("pullthrough_store_requests_total", &exists).await < 1.0 {
+        assert!(Instant::now() < deadline, "b never met the lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    release.send(true).unwrap();
+    for got in [first, second] {
+        assert_eq!(got.await.unwrap().unwrap(), (200, blob.digest.clone()));
+    }
+    assert_eq!(
+        up.count(&format!("GET /v2/r/blobs/{}", blob.digest)),
+        1,
+        "fetched twice"
+    );
+    let leased = b
+        .metric("pullthrough_peer_fetches_total", &[("result", "leased")])
+        .await;
+    assert_eq!(leased, 1.0, "b did not read it from the bucket");
+    a.settled().await;
+    let left = keys(&bucket, &prefix, "leases").await;
+    assert!(left.is_empty(), "lease left: {left:?}");
+}

@@ -123,6 +123,7 @@ fn upstream_code_and_status(e: &UpstreamError) -> (ErrorCode, StatusCode) {
         | NoAnswer { .. }
         | Stalled { .. }
         | Body(_)
+        | Stored(_)
         | Truncated { .. } => (ErrorCode::Unavailable, StatusCode::BAD_GATEWAY),
     }
 }

@@ -88,6 +88,9 @@ pub enum PeerFetch {
     Owner,
     /// The owner could not be asked or did not answer well: fetched here instead.
     Failed,
+    /// A process this replica does not know held the store's fetch lease: the blob was
+    /// awaited in the bucket and read from there.
+    Leased,
 }
 
 impl PeerFetch {
@@ -96,6 +99,7 @@ impl PeerFetch {
         match self {
             PeerFetch::Owner => "owner",
             PeerFetch::Failed => "failed",
+            PeerFetch::Leased => "leased",
         }
     }
 }
@@ -128,6 +132,8 @@ pub struct Metrics {
     pub store_bucket_bytes: IntGauge,
     /// 1 on the replica that evicts from the shared bucket.
     pub store_evictor: IntGauge,
+    /// 1 when the shared bucket enforces create-only writes (cross-cluster fetch leases).
+    pub store_conditional_writes: IntGauge,
     /// 1 while the cache's disk is full and blobs are streamed through uncached.
     pub cache_disk_full: IntGauge,
     /// Prefetch images by state (pending, done, failed).
@@ -256,13 +262,13 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
-        for r in [PeerFetch::Owner, PeerFetch::Failed] {
+        for r in [PeerFetch::Owner, PeerFetch::Failed, PeerFetch::Leased] {
             peer_fetches.with_label_values(&[r.as_str()]);
         }
         let store_requests = IntCounterVec::new(
             Opts::new(
                 "pullthrough_store_requests_total",
-                "Requests to the object store (a shared bucket), by operation and result (ok, not_found, error).",
+                "Requests to the object store (a shared bucket), by operation and result (ok, not_found, exists: a create-only write found the object, error, skipped: not sent, the bucket failed a moment before).",
             ),
             &["op", "result"],
         )
@@ -303,9 +309,15 @@ impl Metrics {
             "1 on the replica that keeps the shared bucket under maxCacheBytes, 0 on the others.",
         )
         .expect("valid metric");
+        let store_conditional_writes = IntGauge::new(
+            "pullthrough_store_conditional_writes",
+            "1 when the shared bucket enforces create-only writes (If-None-Match: *), so that replicas that do not know each other fetch a blob once; 0 when it does not or there is no bucket.",
+        )
+        .expect("valid metric");
         let names = crate::server::register_all(
             &registry,
             vec![
+                Box::new(store_conditional_writes.clone()),
                 Box::new(store_bucket_bytes.clone()),
                 Box::new(store_evictor.clone()),
                 Box::new(cache_limit_bytes.clone()),
@@ -344,6 +356,7 @@ impl Metrics {
             cache_evictions,
             store_bucket_bytes,
             store_evictor,
+            store_conditional_writes,
             cache_disk_full,
             prefetch_images,
             prefetch_bytes,

@@ -12,7 +12,7 @@ use crate::oci::{Digest, Hasher};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::Reservation;
 use crate::proxy::metrics::{CacheResult, PeerFetch};
-use crate::proxy::store::{BlobWrite, StoreError, Written};
+use crate::proxy::store::{BlobWrite, FetchClaim, StoreError, Written};
 use crate::proxy::upstream::{BlobBody, Upstream, UpstreamError};
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
@@ -22,6 +22,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+/// How long a download waits for a blob that a process this replica does not know (a
+/// mirror in another cluster sharing the bucket) is fetching into the store, before it
+/// fetches the blob itself.
+pub const FOREIGN_FETCH_WAIT: Duration = Duration::from_secs(60);
+
+/// How often the store is looked at meanwhile.
+const FOREIGN_FETCH_POLL: Duration = Duration::from_secs(1);
+
+/// A store's lease on a fetch (see [`FetchClaim`]), held until dropped.
+type FetchLease = Option<Box<dyn std::any::Any + Send + Sync>>;
 
 /// What a download has written, for its clients to read (see [`Written`]).
 #[derive(Clone)]
@@ -127,6 +138,8 @@ pub(super) enum Downloaded {
         reservation: Reservation,
         write: Box<dyn BlobWrite>,
         source: Source,
+        /// The store's lease on the fetch: let go once the blob is committed.
+        lease: FetchLease,
     },
     /// Not to be cached: the body is still to be read.
     Uncacheable { body: BlobBody },
@@ -551,21 +564,26 @@ impl PullThrough {
                 reservation,
                 write,
                 source,
-            }) => match self
-                .index
-                .commit_blob(write, &digest, len, reservation)
-                .await
-            {
-                Ok(()) => Ok(Some((len, source))),
-                // Its clients still get all of it: the bytes are verified and spooled.
-                Err(e) => {
-                    let error = self.store_failed(e);
-                    tracing::warn!(upstream = up.name(), repo = %repository, %digest, error = %error,
-                        "blob served but not cached: the store could not keep it");
-                    tx.send_replace(FetchState::Unstored { len, source, error });
-                    Ok(None)
+                lease,
+            }) => {
+                let committed = self
+                    .index
+                    .commit_blob(write, &digest, len, reservation)
+                    .await;
+                // Stored or not: another process may fetch it now.
+                drop(lease);
+                match committed {
+                    Ok(()) => Ok(Some((len, source))),
+                    // Its clients still get all of it: the bytes are verified and spooled.
+                    Err(e) => {
+                        let error = self.store_failed(e);
+                        tracing::warn!(upstream = up.name(), repo = %repository, %digest, error = %error,
+                            "blob served but not cached: the store could not keep it");
+                        tx.send_replace(FetchState::Unstored { len, source, error });
+                        Ok(None)
+                    }
                 }
-            },
+            }
             Ok(Downloaded::Uncacheable { body }) => {
                 let clients = fetch
                     .relay
@@ -607,9 +625,12 @@ impl PullThrough {
         fetch: &BlobFetch,
         tx: &watch::Sender<FetchState>,
     ) -> Result<Downloaded, ProxyError> {
-        let (mut body, from_owner) = self.blob_body(up, repository, digest, fetch.via).await?;
-        if from_owner {
-            // The owner caches it: this replica relays it to its clients.
+        let (mut body, elsewhere, lease) = self
+            .download_body(up, repository, digest, fetch.via)
+            .await?;
+        if elsewhere {
+            // The owner (or a process that held the fetch lease) caches it: this replica
+            // relays it to its clients.
             return Ok(Downloaded::Uncacheable { body });
         }
         let len = body.content_length();
@@ -724,6 +745,7 @@ impl PullThrough {
             reservation,
             write,
             source,
+            lease,
         })
     }
 
@@ -736,19 +758,84 @@ impl PullThrough {
         digest: &Digest,
         via: Option<SocketAddr>,
     ) -> Result<(BlobBody, bool), ProxyError> {
-        if let (Some(owner), Some(peers)) = (via, &self.peers) {
-            match up.blob_via(owner, peers.me(), repository, digest).await {
-                Ok(body) => {
-                    self.metrics.peer_fetch(PeerFetch::Owner);
-                    return Ok((body, true));
+        if let Some(body) = self.owner_body(up, repository, digest, via).await {
+            return Ok((body, true));
+        }
+        Ok((up.blob(repository, digest).await?, false))
+    }
+
+    /// The blob from the replica `via` that owns it; `None` when there is none or it
+    /// did not answer well.
+    async fn owner_body(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+        via: Option<SocketAddr>,
+    ) -> Option<BlobBody> {
+        let (owner, peers) = (via?, self.peers.as_ref()?);
+        match up.blob_via(owner, peers.me(), repository, digest).await {
+            Ok(body) => {
+                self.metrics.peer_fetch(PeerFetch::Owner);
+                Some(body)
+            }
+            Err(e) => {
+                self.metrics.peer_fetch(PeerFetch::Failed);
+                tracing::warn!(%owner, %digest, error = %e, "the replica that owns the blob did not serve it; fetching it here");
+                None
+            }
+        }
+    }
+
+    /// A download's body, as [`Self::blob_body`] gets it, and whether another process
+    /// caches it (this one then relays it). Before the upstream is asked, the store's
+    /// fetch lease is taken ([`BlobStore::claim_fetch`]): while a process this one does
+    /// not know holds it, the blob is awaited in the store and read from there, for up to
+    /// [`FOREIGN_FETCH_WAIT`]. The lease held is returned, to be dropped once the blob is
+    /// committed.
+    async fn download_body(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+        via: Option<SocketAddr>,
+    ) -> Result<(BlobBody, bool, FetchLease), ProxyError> {
+        if let Some(body) = self.owner_body(up, repository, digest, via).await {
+            return Ok((body, true, None));
+        }
+        let deadline = Instant::now() + FOREIGN_FETCH_WAIT;
+        let mut waited = false;
+        loop {
+            match self.store().claim_fetch(digest).await {
+                FetchClaim::Mine(lease) => {
+                    // Let go of just now: stored by then, perhaps.
+                    if waited && let Some(body) = self.stored_body(up, digest).await {
+                        return Ok((body, true, None));
+                    }
+                    return Ok((up.blob(repository, digest).await?, false, lease));
                 }
-                Err(e) => {
-                    self.metrics.peer_fetch(PeerFetch::Failed);
-                    tracing::warn!(%owner, %digest, error = %e, "the replica that owns the blob did not serve it; fetching it here");
+                FetchClaim::Elsewhere if Instant::now() >= deadline => {
+                    tracing::warn!(%digest, waited = ?FOREIGN_FETCH_WAIT,
+                        "another process still fetches this blob into the shared store; fetching it here too");
+                    return Ok((up.blob(repository, digest).await?, false, None));
+                }
+                FetchClaim::Elsewhere => {
+                    waited = true;
+                    tokio::time::sleep(FOREIGN_FETCH_POLL).await;
+                    if let Some(body) = self.stored_body(up, digest).await {
+                        self.metrics.peer_fetch(PeerFetch::Leased);
+                        return Ok((body, true, None));
+                    }
                 }
             }
         }
-        Ok((up.blob(repository, digest).await?, false))
+    }
+
+    /// The blob as the store has it (committed by another process), if it does.
+    async fn stored_body(&self, up: &Upstream, digest: &Digest) -> Option<BlobBody> {
+        let blob = self.store().open(digest).await.ok()??;
+        let len = blob.len();
+        Some(BlobBody::stored(len, blob.read(0, len, None), up.timeout()))
     }
 
     /// What a download that the store failed (writing or committing it) says; a full

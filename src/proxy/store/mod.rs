@@ -226,11 +226,28 @@ pub trait BlobStore: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Whether this process is to fetch the missing blob `digest` from the upstream, or
+    /// another one sharing the store (one that this process's replicas do not know,
+    /// such as a mirror in another cluster) is fetching it into the store now. Stores
+    /// that keep no such leases say it is this one's, always.
+    fn claim_fetch<'a>(&'a self, _digest: &'a Digest) -> BoxFuture<'a, FetchClaim> {
+        Box::pin(async { FetchClaim::Mine(None) })
+    }
+
     /// Whether other processes add objects to this store too (replicas sharing a
     /// bucket): an object the index does not know may still be there.
     fn shared(&self) -> bool {
         false
     }
+}
+
+/// Who fetches a missing blob from the upstream (see [`BlobStore::claim_fetch`]).
+pub enum FetchClaim {
+    /// This process: the store's lease on the fetch, if it keeps one, is held until
+    /// this is dropped (after the blob is committed).
+    Mine(Option<Box<dyn std::any::Any + Send + Sync>>),
+    /// Another process is fetching it into the store now.
+    Elsewhere,
 }
 
 /// The name a tag's record is stored under: a hash of the key, so that no client input

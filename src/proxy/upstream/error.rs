@@ -76,6 +76,10 @@ pub enum UpstreamError {
     /// The connection failed while a body was being read.
     #[error("upstream unavailable: reading the body: {}", chain(.0))]
     Body(#[source] Arc<hyper::Error>),
+    /// A blob that another process fetched into the shared store failed while it was
+    /// read back from there.
+    #[error("reading a blob another replica stored: {0}")]
+    Stored(#[source] Arc<std::io::Error>),
     /// A blob body ended before its `Content-Length`.
     #[error("upstream unavailable: blob body ended after {got} of {want} bytes")]
     Truncated {
@@ -105,7 +109,7 @@ impl UpstreamError {
         use UpstreamError::*;
         match self {
             RateLimited | Failed { .. } | Unreachable { .. } | NoAnswer { .. } => true,
-            Stalled { .. } | Body(_) | Truncated { .. } => true,
+            Stalled { .. } | Body(_) | Stored(_) | Truncated { .. } => true,
             NotFound(_) | Denied(_) | TooLarge { .. } | Protocol(_) => false,
         }
     }

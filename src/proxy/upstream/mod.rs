@@ -64,14 +64,35 @@ pub struct Referrers {
     pub filters_applied: Option<String>,
 }
 
-/// A blob's body as it arrives from the upstream.
+/// A blob's body as it arrives from the upstream (or from the replica that owns it, or
+/// from the shared store another process fetched it into).
 pub struct BlobBody {
     length: Option<u64>,
-    body: Incoming,
+    body: Chunks,
     timeout: Duration,
 }
 
+/// Where a blob body's chunks come from.
+enum Chunks {
+    Http(Incoming),
+    Stored(futures::stream::BoxStream<'static, std::io::Result<Bytes>>),
+}
+
 impl BlobBody {
+    /// The `len` bytes of a blob read back from the store (`chunks`), each chunk within
+    /// `timeout`.
+    pub fn stored(
+        len: u64,
+        chunks: futures::stream::BoxStream<'static, std::io::Result<Bytes>>,
+        timeout: Duration,
+    ) -> BlobBody {
+        BlobBody {
+            length: Some(len),
+            body: Chunks::Stored(chunks),
+            timeout,
+        }
+    }
+
     /// `Content-Length`, when the upstream sent it.
     pub fn content_length(&self) -> Option<u64> {
         self.length
@@ -94,8 +115,19 @@ impl BlobBody {
     }
 
     async fn data(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        let body = match &mut self.body {
+            Chunks::Http(body) => body,
+            Chunks::Stored(chunks) => {
+                use futures::StreamExt;
+                return match chunks.next().await {
+                    None => Ok(None),
+                    Some(Ok(chunk)) => Ok(Some(chunk)),
+                    Some(Err(e)) => Err(UpstreamError::Stored(Arc::new(e))),
+                };
+            }
+        };
         loop {
-            match self.body.frame().await {
+            match body.frame().await {
                 None => return Ok(None),
                 Some(Err(e)) => return Err(UpstreamError::Body(Arc::new(e))),
                 Some(Ok(f)) => {
@@ -302,7 +334,7 @@ impl Upstream {
     fn blob_body(&self, resp: Response<Incoming>) -> BlobBody {
         BlobBody {
             length: content_length(resp.headers()),
-            body: resp.into_body(),
+            body: Chunks::Http(resp.into_body()),
             timeout: self.timeout(),
         }
     }

@@ -64,15 +64,12 @@ impl AccessRecord {
 
 /// This replica's uses, waiting for the next access record.
 pub(super) struct AccessLog {
-    /// Names this process's records apart from other replicas'.
-    writer: String,
     pending: Mutex<Uses>,
 }
 
 impl AccessLog {
     pub(super) fn new() -> AccessLog {
         AccessLog {
-            writer: writer_id(),
             pending: Mutex::new(Uses::new()),
         }
     }
@@ -85,8 +82,8 @@ impl AccessLog {
     }
 }
 
-/// A name for this process's records: random, or the time and process id.
-fn writer_id() -> String {
+/// A name for this process's records and leases: random, or the time and process id.
+pub(super) fn writer_id() -> String {
     use std::io::Read;
     let mut b = [0u8; 8];
     let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
@@ -121,7 +118,7 @@ impl S3Store {
         let body = serde_json::to_vec(&AccessRecord::of(&uses)).expect("a record serializes");
         let key = self
             .access_prefix()
-            .join(format!("{}-{now:013}", log.writer));
+            .join(format!("{}-{now:013}", self.writer));
         let written = self
             .put("writing an access record", &key, body.into(), None)
             .await;

@@ -7,6 +7,7 @@
 //! <prefix>/uploads/<name>       a multipart upload in progress: its key and upload id
 //! <prefix>/access/<writer>-<ms> what a replica used lately, for the evictor (JSON)
 //! <prefix>/access/merged        the evictor's merged view of the last uses (JSON)
+//! <prefix>/leases/<alg>/<hex>   who fetches a missing blob from the upstream now (JSON)
 //! ```
 //!
 //! A download is uploaded in parts straight under its final key: S3 shows an object only
@@ -25,12 +26,14 @@
 //! With a size limit, one replica keeps the bucket under it ([`eviction`]).
 
 mod eviction;
+mod fetch_lease;
 pub use eviction::{EvictionRules, Evictor, Round};
+pub use fetch_lease::FETCH_LEASE;
 
 use super::disk::DiskStore;
 use super::{
-    BlobStore, BlobWrite, Listed, StoreError, StoreResult, StoredBlob, StoredManifest, TagKey,
-    TagRecord, Written, tag_name, unix_now_ms,
+    BlobStore, BlobWrite, FetchClaim, Listed, StoreError, StoreResult, StoredBlob, StoredManifest,
+    TagKey, TagRecord, Written, tag_name, unix_now_ms,
 };
 use crate::api::proxy_config::S3Config;
 use crate::oci::{Algorithm, Digest};
@@ -174,6 +177,8 @@ impl Bucket {
         let outcome = match &result {
             Ok(_) => "ok",
             Err(object_store::Error::NotFound { .. }) => "not_found",
+            // A create-only write that found the object there: an answer, not a failure.
+            Err(object_store::Error::AlreadyExists { .. }) => "exists",
             Err(e) => {
                 tracing::warn!(op, error = %e, "the bucket failed; leaving it alone for {DOWN_FOR:?}");
                 *self.down_until.lock().expect("bucket lock") = Some(Instant::now() + DOWN_FOR);
@@ -330,6 +335,10 @@ pub struct S3Store {
     name: String,
     /// This replica's uses, for the access records (with a size limit only).
     access: Option<eviction::AccessLog>,
+    /// Names this process's records and leases apart from other replicas'.
+    writer: String,
+    /// Whether the bucket enforces create-only writes (found out by `list`, at start).
+    conditional: std::sync::OnceLock<bool>,
 }
 
 impl S3Store {
@@ -355,6 +364,8 @@ impl S3Store {
             abandon_after,
             redirect: false,
             access: None,
+            writer: eviction::writer_id(),
+            conditional: std::sync::OnceLock::new(),
         })
     }
 
@@ -375,6 +386,12 @@ impl S3Store {
     /// `s3://bucket/prefix`.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the bucket was found to enforce create-only writes (so that processes
+    /// that do not know each other can agree on who fetches a blob).
+    pub fn conditional_writes(&self) -> bool {
+        self.conditional.get().copied().unwrap_or(false)
     }
 
     fn key<'a>(&'a self, parts: impl IntoIterator<Item = &'a str>) -> Key {
@@ -479,6 +496,17 @@ impl BlobStore for S3Store {
                 Err(e) => {
                     tracing::warn!(store = %self.name, error = %e, "could not look for abandoned uploads")
                 }
+            }
+            let enforced = self.probe_conditional_writes().await;
+            let _ = self.conditional.set(enforced);
+            self.bucket
+                .metrics
+                .store_conditional_writes
+                .set(i64::from(enforced));
+            if enforced {
+                tracing::info!(store = %self.name, "the bucket enforces create-only writes: a blob is fetched once also by replicas that do not know each other (leases/)");
+            } else {
+                tracing::warn!(store = %self.name, "the bucket does not enforce create-only writes (If-None-Match: *): replicas that do not know each other (other clusters) may each fetch a blob; never wrong data");
             }
             Ok(Vec::new())
         })
@@ -627,6 +655,10 @@ impl BlobStore for S3Store {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn claim_fetch<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, FetchClaim> {
+        Box::pin(self.claim(digest))
     }
 
     fn presign<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, StoreResult<Option<String>>> {
