@@ -246,6 +246,21 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The environment variable `name` set to the pod's field `path` (the downward API).
+fn pod_field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -> PodTemplateSpec {
     let name = child_name(mirror);
     let mut volumes = vec![Volume {
@@ -321,31 +336,11 @@ fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -
     let s3 = mirror.spec.cache.storage.s3.as_ref();
     if s3.is_some() {
         // The address the other replicas know this one by.
-        env.push(EnvVar {
-            name: "POD_IP".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "status.podIP".into(),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        });
+        env.push(pod_field_env("POD_IP", "status.podIP"));
     }
     if evicts(mirror) {
         // The Lease's holder is the pod; its namespace is the mirror's.
-        env.push(EnvVar {
-            name: "POD_NAME".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        });
+        env.push(pod_field_env("POD_NAME", "metadata.name"));
     }
     let container = Container {
         name: "proxy".into(),

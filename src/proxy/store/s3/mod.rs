@@ -23,11 +23,12 @@
 //!
 //! Paths are built from validated digests and from hashes of keys, as on the disk.
 //!
-//! With a size limit, one replica keeps the bucket under it ([`eviction`]).
+//! With a size limit, every replica writes access records and one keeps the bucket under
+//! it ([`eviction`], [`crate::proxy::shared_eviction`]).
 
 mod eviction;
 mod fetch_lease;
-pub use eviction::{EvictionRules, Evictor, Round};
+pub use eviction::{Merged, Stored, Uses};
 pub use fetch_lease::FETCH_LEASE;
 
 use super::disk::DiskStore;
