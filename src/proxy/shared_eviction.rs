@@ -3,12 +3,12 @@
 //! No replica sees every use of the bucket's objects, so each one that serves from the
 //! bucket appends what it used to an access record (`access/<writer>-<ms>`) every
 //! `recordEvery`, with the objects it is still reading as used now. One replica, the
-//! evictor (elected on a Kubernetes Lease, see [`crate::lease`]; or this process alone, without
-//! one), does the rest every
-//! `every`: it merges the records into its view of last uses (kept in `access/merged`,
-//! so a new evictor starts from it), lists the bucket, and plans an eviction down to the
-//! limit with the index's own least-recently-used rule (a manifest takes its orphaned
-//! blobs along; pinned images stay). Reads and deletions:
+//! evictor (elected on a Kubernetes Lease, see [`crate::lease`]; without one, this
+//! process alone), does the rest every `every`: it merges the records into its view of
+//! last uses (kept in `access/merged`, so a new evictor starts from it), lists the
+//! bucket, and plans an eviction down to the limit with the index's own
+//! least-recently-used rule (a manifest takes its orphaned blobs along; pinned images
+//! stay). Reads and deletions:
 //!
 //! - an object used (by any replica) within `grace` is not a candidate; `grace` outlasts
 //!   the signed URLs handed to clients (10 minutes);
