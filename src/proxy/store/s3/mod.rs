@@ -24,7 +24,7 @@
 //! Paths are built from validated digests and from hashes of keys, as on the disk.
 //!
 //! With a size limit, every replica writes access records and one keeps the bucket under
-//! it ([`eviction`], [`crate::proxy::shared_eviction`]).
+//! it (its `eviction` module, and [`crate::proxy::shared_eviction`]).
 
 mod eviction;
 mod fetch_lease;
@@ -371,7 +371,7 @@ impl S3Store {
     }
 
     /// The same store, writing what this replica uses to access records for the
-    /// replica that evicts (see [`eviction`]).
+    /// replica that evicts (see [`crate::proxy::shared_eviction`]).
     pub fn with_access_records(mut self) -> S3Store {
         self.access = Some(eviction::AccessLog::new());
         self
