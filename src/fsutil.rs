@@ -3,6 +3,14 @@
 use std::io;
 use std::path::Path;
 
+/// `bytes` random bytes (from `/dev/urandom`), as hex.
+pub fn random_hex(bytes: usize) -> io::Result<String> {
+    use std::io::Read;
+    let mut random = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    Ok(hex::encode(random))
+}
+
 /// Replaces `path` with `bytes` by writing them to `tmp` first and renaming it over
 /// `path`: a reader sees the old file or the new one, never half of one. `tmp` must be on
 /// the same file system as `path`; it is removed if the write (a full disk) or the

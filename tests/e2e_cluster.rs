@@ -38,12 +38,15 @@ fn kubeconfig_path() -> String {
         .expect("set PULLTHROUGH_E2E_KUBECONFIG to the kubeconfig of a test cluster")
 }
 
-async fn client_from(path: &str) -> Client {
+async fn config_from(path: &str) -> kube::Config {
     let kubeconfig = Kubeconfig::read_from(path).expect("readable kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .expect("usable kubeconfig");
-    Client::try_from(config).expect("client")
+        .expect("usable kubeconfig")
+}
+
+async fn client_from(path: &str) -> Client {
+    Client::try_from(config_from(path).await).expect("client")
 }
 
 /// Polls `check` until it returns Some, for at most `secs` seconds.
@@ -363,11 +366,7 @@ async fn controller_as_shipped(admin: &Client, ns: &str, lease_ns: &str) -> Clie
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "leader-election"}}),
     )
     .await;
-    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("readable kubeconfig");
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .expect("usable kubeconfig");
+    let mut config = config_from(&kubeconfig_path()).await;
     config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{sa}"));
     config.auth_info.impersonate_groups = Some(vec![
         "system:serviceaccounts".into(),

@@ -502,11 +502,6 @@ impl ProxyConfig {
                     "maxCacheBytes with peers needs eviction.lease: the replicas elect the one that evicts on it",
                 ));
             }
-            if ev.every.is_zero() || ev.record_every.is_zero() {
-                return Err(ConfigError::BadS3(
-                    "eviction.every and eviction.recordEvery must not be zero",
-                ));
-            }
             if ev.every < ev.record_every * 2 {
                 return Err(ConfigError::BadS3(
                     "eviction.every must be at least twice eviction.recordEvery (a use is recorded before what it reads is deleted)",
@@ -518,8 +513,17 @@ impl ProxyConfig {
                 ));
             }
         }
+        let eviction = self.storage.s3.as_ref().map(|s| &s.eviction);
         for (zero, name) in [
             (self.max_connections == 0, "maxConnections"),
+            (
+                eviction.is_some_and(|e| e.every.is_zero()),
+                "storage.s3.eviction.every",
+            ),
+            (
+                eviction.is_some_and(|e| e.record_every.is_zero()),
+                "storage.s3.eviction.recordEvery",
+            ),
             (self.client_header_timeout.is_zero(), "clientHeaderTimeout"),
             (self.client_idle_timeout.is_zero(), "clientIdleTimeout"),
             (self.upstream_timeout.is_zero(), "upstreamTimeout"),

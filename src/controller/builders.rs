@@ -638,6 +638,15 @@ pub(crate) mod tests {
         t.spec.as_ref().unwrap()
     }
 
+    /// The pod field that `c`'s environment variable `name` is set from.
+    fn pod_field_of<'a>(c: &'a Container, name: &str) -> &'a str {
+        let var = c.env.as_ref().unwrap().iter().find(|e| e.name == name);
+        let from = var.and_then(|v| v.value_from.as_ref()?.field_ref.as_ref());
+        &from
+            .unwrap_or_else(|| panic!("no {name} from a pod field"))
+            .field_path
+    }
+
     #[test]
     fn every_child_is_owned_labelled_and_named() {
         let m = mirror("upstreams: [{registry: docker.io}]");
@@ -818,21 +827,7 @@ pub(crate) mod tests {
         assert_eq!(spec.selector.as_ref(), Some(&selector_labels(&m)));
         let d = deployment(&m, &settings(), "h");
         let c = &pod(&d.spec.as_ref().unwrap().template).containers[0];
-        let pod_ip = c
-            .env
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|e| e.name == "POD_IP")
-            .unwrap();
-        let field = pod_ip
-            .value_from
-            .as_ref()
-            .unwrap()
-            .field_ref
-            .as_ref()
-            .unwrap();
-        assert_eq!(field.field_path, "status.podIP");
+        assert_eq!(pod_field_of(c, "POD_IP"), "status.podIP");
         let from = &c.env_from.as_ref().unwrap()[0];
         assert_eq!(from.secret_ref.as_ref().unwrap().name, "keys");
         // Without a bucket: no peers, no POD_IP.
@@ -865,16 +860,7 @@ pub(crate) mod tests {
             Some("pullthrough-public-proxy")
         );
         assert_eq!(p.automount_service_account_token, Some(true));
-        let env = p.containers[0].env.as_ref().unwrap();
-        let name = env.iter().find(|e| e.name == "POD_NAME").unwrap();
-        let field = name
-            .value_from
-            .as_ref()
-            .unwrap()
-            .field_ref
-            .as_ref()
-            .unwrap();
-        assert_eq!(field.field_path, "metadata.name");
+        assert_eq!(pod_field_of(&p.containers[0], "POD_NAME"), "metadata.name");
         let sa = proxy_service_account(&m);
         assert_eq!(
             sa.metadata.name.as_deref(),

@@ -77,6 +77,8 @@ pub struct Evictor {
     rules: EvictionRules,
     pins: Vec<ConfiguredImage>,
     metrics: Metrics,
+    /// What the index of the whole bucket counts into: not this replica's own gauges.
+    view_metrics: Metrics,
     uses: Option<Uses>,
     refs: HashMap<Digest, Vec<Digest>>,
     marked: HashMap<Digest, u64>,
@@ -95,6 +97,7 @@ impl Evictor {
             rules,
             pins,
             metrics,
+            view_metrics: Metrics::new(),
             uses: None,
             refs: HashMap::new(),
             marked: HashMap::new(),
@@ -191,7 +194,7 @@ impl Evictor {
             store.clone() as Arc<dyn BlobStore>,
             entries,
             Some(self.rules.limit),
-            Metrics::new(),
+            self.view_metrics.clone(),
         );
         protected.extend(view.closure(self.pin_roots().await?));
         let victims = view.over_limit(&protected);

@@ -12,7 +12,7 @@ use crate::oci::{Digest, Hasher};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::Reservation;
 use crate::proxy::metrics::{CacheResult, PeerFetch};
-use crate::proxy::store::{BlobWrite, FetchClaim, StoreError, Written};
+use crate::proxy::store::{BlobWrite, FetchClaim, FetchLease, StoreError, Written};
 use crate::proxy::upstream::{BlobBody, Upstream, UpstreamError};
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
@@ -30,9 +30,6 @@ pub const FOREIGN_FETCH_WAIT: Duration = Duration::from_secs(60);
 
 /// How often the store is looked at meanwhile.
 const FOREIGN_FETCH_POLL: Duration = Duration::from_secs(1);
-
-/// A store's lease on a fetch (see [`FetchClaim`]), held until dropped.
-type FetchLease = Option<Box<dyn std::any::Any + Send + Sync>>;
 
 /// What a download has written, for its clients to read (see [`Written`]).
 #[derive(Clone)]

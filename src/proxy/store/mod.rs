@@ -241,11 +241,15 @@ pub trait BlobStore: Send + Sync + 'static {
     }
 }
 
+/// A store's lease on a fetch (see [`FetchClaim`]), held until dropped; `None` where the
+/// store keeps none.
+pub type FetchLease = Option<Box<dyn std::any::Any + Send + Sync>>;
+
 /// Who fetches a missing blob from the upstream (see [`BlobStore::claim_fetch`]).
 pub enum FetchClaim {
     /// This process: the store's lease on the fetch, if it keeps one, is held until
     /// this is dropped (after the blob is committed).
-    Mine(Option<Box<dyn std::any::Any + Send + Sync>>),
+    Mine(FetchLease),
     /// Another process is fetching it into the store now.
     Elsewhere,
 }

@@ -78,13 +78,9 @@ impl AccessLog {
 
 /// A name for this process's records and leases: random, or the time and process id.
 pub(super) fn writer_id() -> String {
-    use std::io::Read;
-    let mut b = [0u8; 8];
-    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    if random.is_err() {
-        b = (unix_now_ms() ^ (u64::from(std::process::id()) << 44)).to_be_bytes();
-    }
-    hex::encode(b)
+    crate::fsutil::random_hex(8).unwrap_or_else(|_| {
+        hex::encode((unix_now_ms() ^ (u64::from(std::process::id()) << 44)).to_be_bytes())
+    })
 }
 
 /// The name of the evictor's merged view, under `access/`.
