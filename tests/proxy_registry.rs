@@ -339,3 +339,88 @@ async fn blobs_arrive_whole_over_http1_and_h2c() {
     }
     proxy.stop().await;
 }
+
+/// A digest cached through one repository is served under another only when the upstream
+/// holds it there; links survive a restart (#21).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_is_served_only_under_repositories_that_hold_it() {
+    let upstream = Registry::start().await;
+    let image = Image::generate(31, &[40_000], "amd64");
+    push_image(&upstream.url, "team/private", "v1", &image).await;
+    // Another repository holds the same layer, a third holds nothing of it.
+    push_blob(&upstream.url, "team/shared", &image.layers[0]).await;
+    push_image(
+        &upstream.url,
+        "team/public",
+        "v1",
+        &Image::generate(32, &[100], "amd64"),
+    )
+    .await;
+    let host = upstream.host();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(&[(host.as_str(), upstream.url.as_str())]);
+    config.cache_dir = dir.path().join("cache");
+    let proxy = Proxy::start_config(config.clone()).await;
+    let pulled = pull(&proxy.url, "team/private", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, image.manifest.digest);
+
+    let layer = &image.layers[0].digest;
+    let c = http();
+    let under = |repo: &str, what: &str| format!("{}/v2/{repo}/{what}", proxy.url);
+    let blob = under("team/public", &format!("blobs/{layer}"));
+    let manifest = under(
+        "team/public",
+        &format!("manifests/{}", image.manifest.digest),
+    );
+    let config_blob = under("team/public", &format!("blobs/{}", image.config.digest));
+    for url in [&blob, &config_blob] {
+        let (status, code) = error_code(c.get(url).send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (404, "BLOB_UNKNOWN"), "{url}");
+        assert_eq!(c.head(url).send().await.unwrap().status(), 404, "{url}");
+    }
+    let r = c
+        .get(&manifest)
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (404, "MANIFEST_UNKNOWN".to_string()));
+    assert_eq!(
+        proxy
+            .metric("pullthrough_link_proofs_total", &[("result", "refused")])
+            .await,
+        5.0
+    );
+    // Refused after a HEAD: nothing was downloaded for that name.
+    upstream.assert_gets(&format!("/v2/team/public/blobs/{layer}"), 0);
+
+    // Where the upstream holds it, one HEAD links it and the cached copy is served.
+    let shared = under("team/shared", &format!("blobs/{layer}"));
+    for _ in 0..2 {
+        assert_eq!(get_bytes(&shared).await, image.layers[0].bytes);
+    }
+    assert_eq!(
+        proxy
+            .metric("pullthrough_link_proofs_total", &[("result", "linked")])
+            .await,
+        1.0
+    );
+    upstream.assert_gets(&format!("/blobs/{layer}"), 1);
+    proxy.settled().await;
+    proxy.stop().await;
+
+    // After a restart the links are read back: no upstream request for what was linked,
+    // and still a 404 where it was not.
+    let proxy = Proxy::start_config(config).await;
+    let again = |repo: &str| format!("{}/v2/{repo}/blobs/{layer}", proxy.url);
+    for repo in ["team/private", "team/shared"] {
+        assert_eq!(
+            get_bytes(&again(repo)).await,
+            image.layers[0].bytes,
+            "{repo}"
+        );
+    }
+    assert_eq!(proxy.upstream_requests().await, 0.0, "served from links");
+    let r = c.get(again("team/public")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}

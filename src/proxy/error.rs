@@ -54,6 +54,11 @@ pub enum ProxyError {
     /// The client's `Accept` allows none of the manifest types there are.
     #[error("{0}")]
     NotAcceptable(String),
+    /// The digest is cached but not linked to the repository asked for (see
+    /// [`crate::proxy::links`]): the upstream is asked first. Never a client's answer but
+    /// for a caller that does not ask: then it is unknown there.
+    #[error("not known in this repository")]
+    NotLinked,
     /// The cache's store failed.
     #[error(transparent)]
     Storage(#[from] StoreError),
@@ -86,6 +91,7 @@ impl ProxyError {
             // What Distribution answers (and the OCI conformance suite expects) when a
             // manifest exists only in types the client does not accept.
             NotAcceptable(_) => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
+            NotLinked => (ErrorCode::BlobUnknown, StatusCode::NOT_FOUND),
             Storage(_) | Internal(_) => (ErrorCode::Unknown, StatusCode::INTERNAL_SERVER_ERROR),
         }
     }

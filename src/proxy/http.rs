@@ -7,7 +7,8 @@ use super::error::ProxyError;
 use super::metrics::{CacheResult, Kind};
 use super::peers::PEER_HEADER;
 use super::pull_through::{BlobAnswer, BlobAsk, ByteRange};
-use super::upstream::Upstream;
+use super::store::RepoKey;
+use super::upstream::{Object, Upstream};
 use crate::oci::error::error_body;
 use crate::oci::media::Accept;
 use crate::oci::reference::validate_repository;
@@ -151,6 +152,7 @@ struct Outcome {
 pub async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
+    peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -160,7 +162,7 @@ pub async fn handle(
         reference: None,
         cache: None,
     };
-    let result = route(&proxy, &req, &mut outcome).await;
+    let result = route(&proxy, &req, peer, &mut outcome).await;
     let mut resp = match result {
         Ok(resp) => {
             tracing::info!(method = %method, path = %path, status = resp.status().as_u16(),
@@ -219,6 +221,7 @@ fn pick_upstream(proxy: &Proxy, ns: Option<&str>) -> Result<Arc<Upstream>, Proxy
 async fn route(
     proxy: &Arc<Proxy>,
     req: &Request<Incoming>,
+    peer: std::net::SocketAddr,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, ProxyError> {
     let head = match *req.method() {
@@ -253,6 +256,11 @@ async fn route(
         return Err(ProxyError::RepositoryDenied(repo));
     }
     let cache = proxy.cache();
+    let links = proxy.links();
+    let linked = RepoKey {
+        upstream: up.name().to_string(),
+        repository: repo.clone(),
+    };
     match route {
         Route::Manifest(_, reference) => {
             outcome.reference = Some(reference.to_string());
@@ -262,8 +270,19 @@ async fn route(
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
-            let result = cache.manifest(&up, &repo, &reference, &accept).await;
+            let result = match &reference {
+                Reference::Digest(d) => {
+                    let fetch =
+                        |unlinked| cache.manifest(&up, &repo, &reference, &accept, unlinked);
+                    links
+                        .through(&up, &linked, d, Object::Manifest, false, fetch)
+                        .await
+                }
+                // A tag is the upstream's answer for this repository.
+                Reference::Tag(_) => cache.manifest(&up, &repo, &reference, &accept, false).await,
+            };
             let (m, res) = count(proxy, &up, Kind::Manifest, outcome, result)?;
+            links.link_manifest(&linked, &m.digest, &m.body).await;
             if !head {
                 proxy
                     .metrics()
@@ -290,13 +309,23 @@ async fn route(
                 .and_then(|v| v.to_str().ok())
                 .and_then(ByteRange::parse)
                 .and_then(Result::ok);
-            let ask = BlobAsk {
-                range,
-                head,
-                spans: req.extensions().get::<crate::proxy::zero_copy::Spans>(),
-                from_peer: req.headers().contains_key(PEER_HEADER),
+            let from_peer = req.headers().contains_key(PEER_HEADER);
+            // A replica asks the owner only for what it proved itself.
+            let trusted = from_peer && cache.is_replica(peer.ip());
+            let spans = req.extensions().get::<crate::proxy::zero_copy::Spans>();
+            let fetch = |unlinked| {
+                let ask = BlobAsk {
+                    range,
+                    head,
+                    spans,
+                    from_peer,
+                    unlinked,
+                };
+                cache.blob(&up, &repo, &digest, ask)
             };
-            let result = cache.blob(&up, &repo, &digest, ask).await;
+            let result = links
+                .through(&up, &linked, &digest, Object::Blob, trusted, fetch)
+                .await;
             let answer = count(
                 proxy,
                 &up,

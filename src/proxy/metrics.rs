@@ -141,6 +141,7 @@ pub struct Metrics {
     /// Bytes pulled into the cache by prefetching.
     pub prefetch_bytes: IntCounter,
     peer_fetches: IntCounterVec,
+    link_proofs: IntCounterVec,
     store_requests: IntCounterVec,
     store_duration: HistogramVec,
     store_bytes: IntCounterVec,
@@ -265,6 +266,17 @@ impl Metrics {
         for r in [PeerFetch::Owner, PeerFetch::Failed, PeerFetch::Leased] {
             peer_fetches.with_label_values(&[r.as_str()]);
         }
+        let link_proofs = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_link_proofs_total",
+                "Digests asked of the upstream under a repository they are not linked to (see docs/proxy.md), by result (linked: the repository holds them; refused: it does not, or the upstream did not answer).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for r in ["linked", "refused"] {
+            link_proofs.with_label_values(&[r]);
+        }
         let store_requests = IntCounterVec::new(
             Opts::new(
                 "pullthrough_store_requests_total",
@@ -335,6 +347,7 @@ impl Metrics {
                 Box::new(fetch_waiters.clone()),
                 Box::new(sendfile_bytes.clone()),
                 Box::new(peer_fetches.clone()),
+                Box::new(link_proofs.clone()),
                 Box::new(store_requests.clone()),
                 Box::new(store_duration.clone()),
                 Box::new(store_bytes.clone()),
@@ -361,6 +374,7 @@ impl Metrics {
             prefetch_images,
             prefetch_bytes,
             peer_fetches,
+            link_proofs,
             store_requests,
             store_duration,
             store_bytes,
@@ -379,6 +393,11 @@ impl Metrics {
     pub fn store_bytes(&self, read: bool) -> IntCounter {
         let direction = if read { "read" } else { "written" };
         self.store_bytes.with_label_values(&[direction])
+    }
+
+    /// The counter of link proofs with `result` (`linked` or `refused`).
+    pub fn link_proofs(&self, result: &str) -> IntCounter {
+        self.link_proofs.with_label_values(&[result])
     }
 
     /// Counts one request to the owner of a blob.

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod error;
 pub mod http;
 pub mod index;
+pub mod links;
 pub mod metrics;
 pub mod peers;
 pub mod pull_through;
@@ -106,6 +107,7 @@ pub enum StartError {
 /// A running proxy's shared state.
 pub struct Proxy {
     cache: Arc<PullThrough>,
+    links: Arc<links::Links>,
     upstreams: HashMap<String, Arc<Upstream>>,
     default: Arc<Upstream>,
     metrics: Metrics,
@@ -273,6 +275,7 @@ impl Proxy {
             }
             _ => None,
         };
+        let links = links::Links::new(index.clone(), metrics.clone());
         let mut cache = PullThrough::new(index, metrics.clone(), policy, pins);
         if let Some(p) = &config.peers {
             let port = config.listen.port();
@@ -295,6 +298,7 @@ impl Proxy {
         }
         Ok(Proxy {
             cache: Arc::new(cache),
+            links,
             upstreams,
             default,
             metrics,
@@ -323,6 +327,11 @@ impl Proxy {
     /// The pull-through cache the routes call.
     pub fn cache(&self) -> &Arc<PullThrough> {
         &self.cache
+    }
+
+    /// Which cached content may be served under which repository.
+    pub fn links(&self) -> &Arc<links::Links> {
+        &self.links
     }
 
     /// The registry-API metrics, also served on the operations port.
@@ -445,7 +454,7 @@ pub async fn serve(
         tracker.clone(),
         limits,
         zero_copy,
-        move |req, _| http::handle(p1.clone(), req),
+        move |req, peer| http::handle(p1.clone(), req, peer),
     );
     let p2 = proxy.clone();
     let ops_loop = crate::server::accept_loop(
@@ -462,7 +471,18 @@ pub async fn serve(
     let p = proxy.clone();
     let startup = tokio::spawn(async move {
         if !p.prefetch.is_empty() {
-            p.cache.prefetch(&p.prefetch, &p.prefetch_platforms).await;
+            let links = p.links.clone();
+            let linked = move |key, manifests: Vec<pull_through::Manifest>| {
+                let links = links.clone();
+                async move {
+                    for m in manifests {
+                        links.link_manifest(&key, &m.digest, &m.body).await;
+                    }
+                }
+            };
+            p.cache
+                .prefetch(&p.prefetch, &p.prefetch_platforms, linked)
+                .await;
         }
         p.cache.enforce_limit().await;
     });

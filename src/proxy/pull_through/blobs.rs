@@ -99,6 +99,9 @@ pub(super) struct BlobFetch {
     /// The replica that owns the blob, when the download asks it instead of the upstream
     /// (see [`crate::proxy::peers`]): the owner caches it, this replica relays it.
     pub(super) via: Option<SocketAddr>,
+    /// The upstream and repository it was started for (`upstream\0repository`): a
+    /// client of another repository joins it only for a digest linked there.
+    pub(super) origin: String,
     /// The clients that joined before the download's first answer. If the blob cannot
     /// be cached, the download relays its body to them, so that one upstream GET serves
     /// them all; once the download streams into the cache (they read the file) or the
@@ -250,6 +253,16 @@ pub struct BlobAsk<'a> {
     pub spans: Option<&'a Spans>,
     /// Asked by another replica for a blob this one owns (see [`crate::proxy::peers`]).
     pub from_peer: bool,
+    /// The digest is not linked to the repository (see [`crate::proxy::links`]): it is
+    /// served only through the upstream's own answer for this repository, and
+    /// [`ProxyError::NotLinked`] is the answer when that would take the cache's copy, a
+    /// download for another repository, or another replica.
+    pub unlinked: bool,
+}
+
+/// The flights key of a download or HEAD for `repository` of `up`.
+fn origin(up: &Upstream, repository: &str) -> String {
+    format!("{}\0{repository}", up.name())
 }
 
 impl PullThrough {
@@ -266,8 +279,10 @@ impl PullThrough {
             head,
             spans,
             from_peer,
+            unlinked,
         } = ask;
         match self.cached_blob(digest, range, head, spans).await {
+            Ok(Some(_)) if unlinked => return Err(ProxyError::NotLinked),
             Ok(Some(answer)) => return Ok(answer),
             Ok(None) => {}
             // The store cannot be read (a bucket that is down): the upstream can.
@@ -280,7 +295,7 @@ impl PullThrough {
             Err(e) => return Err(e),
         }
         if head {
-            return self.head_blob(up, repository, digest).await;
+            return self.head_blob(up, repository, digest, unlinked).await;
         }
         // Another replica asking: never through a download that asks a replica in turn
         // (two replicas whose views of the owner differ would wait on each other).
@@ -291,9 +306,12 @@ impl PullThrough {
             fetch,
             leader,
             relayed,
-        }) = self.join_or_start(up, repository, digest, from_peer)
+        }) = self.join_or_start(up, repository, digest, from_peer, unlinked)?
         else {
             // Finished between our cache check and taking the lock.
+            if unlinked {
+                return Err(ProxyError::NotLinked);
+            }
             return self
                 .cached_blob(digest, range, head, spans)
                 .await?
@@ -371,29 +389,38 @@ impl PullThrough {
         repository: &str,
         digest: &Digest,
         from_peer: bool,
-    ) -> Option<Joined> {
+        unlinked: bool,
+    ) -> Result<Option<Joined>, ProxyError> {
+        let origin = origin(up, repository);
         let mut map = self.blobs.lock().expect("blob map lock");
         if let Some(f) = map.get(digest) {
+            if unlinked && f.origin != origin {
+                return Err(ProxyError::NotLinked);
+            }
             // Uncounted once the download answers (see `blob`).
             self.metrics.fetch_waiters.inc();
-            return Some(Joined {
+            return Ok(Some(Joined {
                 relayed: f.subscribe(),
                 fetch: f.clone(),
                 leader: false,
-            });
+            }));
         }
         if self.index.contains(digest) {
-            return None;
+            return Ok(None);
         }
-        self.metrics.fetch_waiters.inc();
-        let (tx, rx) = watch::channel(FetchState::Connecting);
         let via = match (&self.peers, from_peer) {
             (Some(peers), false) => peers.owner(digest),
             _ => None,
         };
+        if unlinked && via.is_some() {
+            return Err(ProxyError::NotLinked);
+        }
+        self.metrics.fetch_waiters.inc();
+        let (tx, rx) = watch::channel(FetchState::Connecting);
         let fetch = Arc::new(BlobFetch {
             state: rx,
             via,
+            origin,
             relay: Mutex::new(Some(Vec::new())),
         });
         let relayed = fetch.subscribe();
@@ -406,11 +433,11 @@ impl PullThrough {
             fetch.clone(),
         );
         tokio::spawn(async move { this.download(up2, repo, d, f, tx).await });
-        Some(Joined {
+        Ok(Some(Joined {
             fetch,
             leader: true,
             relayed,
-        })
+        }))
     }
 
     /// A cached blob's answer, or `None` if it is not cached. With `spans` (an HTTP/1
@@ -483,8 +510,13 @@ impl PullThrough {
         up: &Arc<Upstream>,
         repository: &str,
         digest: &Digest,
+        unlinked: bool,
     ) -> Result<BlobAnswer, ProxyError> {
-        if let Some(f) = self.running(digest) {
+        let origin = origin(up, repository);
+        if let Some(f) = self
+            .running(digest)
+            .filter(|f| !unlinked || f.origin == origin)
+        {
             let len = match &*f.state.borrow() {
                 FetchState::Streaming { len, .. } | FetchState::Uncacheable { len } => *len,
                 FetchState::Verified { len, .. }
@@ -506,7 +538,7 @@ impl PullThrough {
         let head = async move { Ok(up2.blob_size(&repo, &d).await?) };
         let (len, started) = self
             .heads
-            .run(digest.clone(), head, |e| {
+            .run((origin, digest.clone()), head, |e| {
                 Err(ProxyError::internal(format!("blob HEAD failed: {e}")))
             })
             .await;

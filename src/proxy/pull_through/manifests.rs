@@ -77,12 +77,17 @@ impl PullThrough {
     /// served a cached manifest only of a type it accepts; otherwise the upstream is asked
     /// with its own `Accept` (it may have another manifest for it, as Docker Hub does for
     /// schema 2 clients), without touching the tag's record.
+    ///
+    /// `unlinked`: the digest asked for is not linked to the repository (see
+    /// [`crate::proxy::links`]), and the cache's copy is [`ProxyError::NotLinked`]; what
+    /// the upstream serves for the repository is served.
     pub async fn manifest(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         repository: &str,
         reference: &Reference,
         accept: &Accept,
+        unlinked: bool,
     ) -> Result<(Manifest, CacheResult), ProxyError> {
         let fetch_as = |reference: Reference, expect: Option<Digest>, result| {
             let (this, up, repo, accept) = (
@@ -97,6 +102,9 @@ impl PullThrough {
                 if let Some(d) = &expect
                     && let Some(m) = this.cached_manifest(d).await?
                 {
+                    if unlinked {
+                        return Err(ProxyError::NotLinked);
+                    }
                     return Ok((acceptable(m, &accept)?, CacheResult::Hit));
                 }
                 let m = this
@@ -115,6 +123,9 @@ impl PullThrough {
         match reference {
             Reference::Digest(digest) => {
                 if let Some(m) = self.cached_manifest(digest).await? {
+                    if unlinked {
+                        return Err(ProxyError::NotLinked);
+                    }
                     // A digest's content never changes: another type is not to be had.
                     return Ok((acceptable(m, accept)?, CacheResult::Hit));
                 }

@@ -128,8 +128,9 @@ pub struct PullThrough {
     disk_full_until: Mutex<Option<Instant>>,
     blobs: Mutex<HashMap<Digest, Arc<BlobFetch>>>,
     manifests: SingleFlight<String, ManifestResult>,
-    /// HEADs of blobs that are not cached, one upstream HEAD per digest at a time.
-    heads: SingleFlight<Digest, Result<Option<u64>, ProxyError>>,
+    /// HEADs of blobs that are not cached, one upstream HEAD per repository and digest
+    /// at a time.
+    heads: SingleFlight<(String, Digest), Result<Option<u64>, ProxyError>>,
     tags: Mutex<HashMap<String, TagState>>,
     tag_lists: TagLists,
     /// The replicas that share the store, when there are any (see [`Peers`]).
@@ -164,6 +165,13 @@ impl PullThrough {
     pub fn with_peers(mut self, peers: Arc<Peers>) -> PullThrough {
         self.peers = Some(peers);
         self
+    }
+
+    /// Whether `ip` is one of the replicas that share the store with this one.
+    pub fn is_replica(&self, ip: std::net::IpAddr) -> bool {
+        self.peers
+            .as_ref()
+            .is_some_and(|p| p.replicas().iter().any(|a| a.ip() == ip))
     }
 
     /// The store underneath.

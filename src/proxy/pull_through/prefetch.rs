@@ -6,6 +6,7 @@ use crate::oci::media::Accept;
 use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
 use crate::proxy::metrics::CacheResult;
+use crate::proxy::store::RepoKey;
 use crate::proxy::upstream::Upstream;
 use futures::stream::StreamExt;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ pub(super) fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[St
 /// What prefetching an image took.
 pub(super) struct Prefetched {
     /// Manifests it has (the index and the wanted platforms' images).
-    manifests: usize,
+    manifests: Vec<Manifest>,
     /// Blobs they reference.
     blobs: usize,
     /// Bytes downloaded for them (not counting what was cached already).
@@ -40,7 +41,17 @@ impl PullThrough {
     /// Pulls images into the cache ahead of need, one after the other, logging progress
     /// and counting it in `pullthrough_prefetch_images{state}` and
     /// `pullthrough_prefetch_bytes_total`. `platforms` limits multi-platform images.
-    pub async fn prefetch(self: &Arc<Self>, images: &[ConfiguredImage], platforms: &[String]) {
+    /// Each image's manifests are handed to `linked` (with the image's upstream and
+    /// repository) before it counts as done.
+    pub async fn prefetch<F, Fut>(
+        self: &Arc<Self>,
+        images: &[ConfiguredImage],
+        platforms: &[String],
+        linked: F,
+    ) where
+        F: Fn(RepoKey, Vec<Manifest>) -> Fut,
+        Fut: Future<Output = ()>,
+    {
         let gauge = |state: &str| self.metrics.prefetch_images.with_label_values(&[state]);
         gauge("pending").set(images.len() as i64);
         for image in images {
@@ -52,8 +63,14 @@ impl PullThrough {
                     blobs,
                     bytes,
                 }) => {
+                    let count = manifests.len();
+                    let key = RepoKey {
+                        upstream: image.upstream.name().to_string(),
+                        repository: image.repository.to_string(),
+                    };
+                    linked(key, manifests).await;
                     gauge("done").inc();
-                    tracing::info!(image = %image.name, manifests, blobs, bytes,
+                    tracing::info!(image = %image.name, manifests = count, blobs, bytes,
                         seconds = started.elapsed().as_secs_f64(), "prefetched");
                 }
                 Err(e) => {
@@ -73,34 +90,34 @@ impl PullThrough {
     ) -> Result<Prefetched, ProxyError> {
         let (up, repository, reference) = (&image.upstream, &*image.repository, &image.reference);
         let (top, _) = self
-            .manifest(up, repository, reference, &Accept::Any)
+            .manifest(up, repository, reference, &Accept::Any, false)
             .await?;
-        let mut images = Vec::new();
         let doc: serde_json::Value = serde_json::from_slice(&top.body).map_err(|e| {
             ProxyError::UpstreamNotAManifest(format!("manifest is not JSON: {e}").into())
         })?;
-        let mut manifests = 1;
-        match doc.get("manifests").and_then(|m| m.as_array()) {
-            Some(children) => {
-                for child in children {
-                    if !platform_wanted(child.get("platform"), platforms) {
-                        continue;
-                    }
-                    let Some(d) = child
-                        .get("digest")
-                        .and_then(|d| d.as_str())
-                        .and_then(|d| d.parse().ok())
-                    else {
-                        continue;
-                    };
-                    let digest = Reference::Digest(d);
-                    let (m, _) = self.manifest(up, repository, &digest, &Accept::Any).await?;
-                    manifests += 1;
-                    images.push(m);
+        let children = doc.get("manifests").and_then(|m| m.as_array());
+        let mut manifests = vec![top];
+        if let Some(children) = children {
+            for child in children {
+                if !platform_wanted(child.get("platform"), platforms) {
+                    continue;
                 }
+                let Some(d) = child
+                    .get("digest")
+                    .and_then(|d| d.as_str())
+                    .and_then(|d| d.parse().ok())
+                else {
+                    continue;
+                };
+                let digest = Reference::Digest(d);
+                let (m, _) = self
+                    .manifest(up, repository, &digest, &Accept::Any, false)
+                    .await?;
+                manifests.push(m);
             }
-            None => images.push(top),
         }
+        // The blobs are those of the images: the children of an index, or the one image.
+        let images = &manifests[usize::from(children.is_some())..];
         let mut blobs = 0;
         let mut bytes = 0u64;
         for image in images {

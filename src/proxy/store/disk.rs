@@ -4,6 +4,7 @@
 //! <root>/blobs/<alg>/<hex>      blob and manifest bytes, only ever created by rename
 //! <root>/meta/<alg>/<hex>       media type of a cached manifest
 //! <root>/tags/<sha256(key)>     tag -> digest record (JSON)
+//! <root>/links/<sha256(repo)>   digests served under a repository (JSON)
 //! <root>/tmp/                   writes in progress; emptied at start
 //! ```
 //!
@@ -16,8 +17,8 @@
 
 use super::file_body::{ChunkReader, LARGE_READERS, PageCache, file_chunks};
 use super::{
-    BlobStore, BlobWrite, CHUNK, Listed, StoreError, StoreResult, StoredBlob, StoredManifest,
-    TagKey, TagRecord, Written, WrittenReader, tag_name,
+    BlobStore, BlobWrite, CHUNK, LinkRecord, Listed, RepoKey, StoreError, StoreResult, StoredBlob,
+    StoredManifest, TagKey, TagRecord, Written, WrittenReader, link_name, tag_name,
 };
 use crate::oci::{Algorithm, Digest};
 use crate::proxy::zero_copy::Spans;
@@ -87,6 +88,7 @@ impl DiskStore {
             std::fs::create_dir_all(root.join("meta").join(alg.as_str()))?;
         }
         std::fs::create_dir_all(root.join("tags"))?;
+        std::fs::create_dir_all(root.join("links"))?;
         DiskStore::spool_with_stats(root)
     }
 
@@ -366,6 +368,26 @@ impl BlobStore for DiskStore {
         Box::pin(async move {
             let path = self.tag_path(record.key());
             self.write_atomic("writing a tag record", path, record.to_bytes())
+                .await
+        })
+    }
+
+    fn links<'a>(&'a self, key: &'a RepoKey) -> BoxFuture<'a, StoreResult<Option<LinkRecord>>> {
+        let path = self.root.join("links").join(link_name(key));
+        Box::pin(async move {
+            let Some(bytes) = absent_ok(tokio::fs::read(path).await)
+                .map_err(|e| StoreError::io("reading a link record", e))?
+            else {
+                return Ok(None);
+            };
+            Ok(LinkRecord::parse_for(&bytes, key))
+        })
+    }
+
+    fn put_links<'a>(&'a self, record: &'a LinkRecord) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            let path = self.root.join("links").join(link_name(&record.key()));
+            self.write_atomic("writing a link record", path, record.to_bytes())
                 .await
         })
     }

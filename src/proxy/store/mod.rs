@@ -2,7 +2,7 @@
 //!
 //! The cache ([`crate::proxy::pull_through`]) and its [`crate::proxy::index`] talk to a
 //! [`BlobStore`] and never to file paths. A store holds content-addressed objects (blobs,
-//! and manifests with their media type) and tag records. Its writes are begun, appended to
+//! and manifests with their media type), tag records and link records. Its writes are begun, appended to
 //! and committed under a digest the caller has verified, so that an object becomes visible
 //! whole or not at all (a rename on a disk, the completion of a multipart upload in an
 //! object store); a write dropped before its commit leaves nothing. Its reads are ranges of
@@ -152,6 +152,62 @@ impl TagRecord {
     }
 }
 
+/// Which repository of which upstream: the key of a [`LinkRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RepoKey {
+    /// Upstream registry.
+    pub upstream: String,
+    /// Canonical repository.
+    pub repository: String,
+}
+
+/// The digests an upstream served under one repository (see [`crate::proxy::links`]):
+/// what the cache may serve under that repository's name, with the blobs and child
+/// manifests the manifests among them reference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkRecord {
+    /// Upstream registry.
+    pub upstream: String,
+    /// Canonical repository.
+    pub repository: String,
+    /// The digests linked directly, sorted.
+    pub digests: Vec<String>,
+}
+
+impl LinkRecord {
+    /// Which repository it is.
+    pub fn key(&self) -> RepoKey {
+        RepoKey {
+            upstream: self.upstream.clone(),
+            repository: self.repository.clone(),
+        }
+    }
+
+    /// As stored.
+    pub fn to_bytes(&self) -> Bytes {
+        serde_json::to_vec(self)
+            .expect("a link record serializes")
+            .into()
+    }
+
+    /// `key`'s record from what was stored under its name: `None` when it cannot be read
+    /// (its links are proven again by asking the upstream) or is another repository's.
+    pub fn parse_for(bytes: &[u8], key: &RepoKey) -> Option<LinkRecord> {
+        serde_json::from_slice::<LinkRecord>(bytes)
+            .ok()
+            .filter(|r| r.upstream == key.upstream && r.repository == key.repository)
+    }
+}
+
+/// The name a repository's link record is stored under: a hash of the key, as for tags.
+pub fn link_name(key: &RepoKey) -> String {
+    let key = format!("{}\0{}", key.upstream, key.repository);
+    Digest::of(Algorithm::Sha256, key.as_bytes())
+        .hex()
+        .to_string()
+}
+
 /// The cache's storage. The [`crate::proxy::index::Index`] decides what is added and
 /// removed; a store does what it is told and keeps no accounting of its own.
 pub trait BlobStore: Send + Sync + 'static {
@@ -205,6 +261,17 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Forgets a tag.
     fn delete_tag<'a>(&'a self, key: TagKey<'a>) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// The persisted link record of a repository, if there is one. Stores that keep none
+    /// (test doubles) have none: links are then proven again after a restart.
+    fn links<'a>(&'a self, _key: &'a RepoKey) -> BoxFuture<'a, StoreResult<Option<LinkRecord>>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Persists a repository's link record, replacing the one before.
+    fn put_links<'a>(&'a self, _record: &'a LinkRecord) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Bytes the store can still take, when it has such a bound (a volume does, a bucket
     /// does not).

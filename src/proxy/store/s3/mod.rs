@@ -4,6 +4,7 @@
 //! <prefix>/blobs/<alg>/<hex>    blob and manifest bytes, written only with verified bytes
 //! <prefix>/meta/<alg>/<hex>     media type of a cached manifest (written before it)
 //! <prefix>/tags/<sha256(key)>   tag -> digest record (JSON)
+//! <prefix>/links/<sha256(repo)> digests served under a repository (JSON)
 //! <prefix>/uploads/<name>       a multipart upload in progress: its key and upload id
 //! <prefix>/access/<writer>-<ms> what a replica used lately, for the evictor (JSON)
 //! <prefix>/access/merged        the evictor's merged view of the last uses (JSON)
@@ -33,8 +34,8 @@ pub use fetch_lease::FETCH_LEASE;
 
 use super::disk::DiskStore;
 use super::{
-    BlobStore, BlobWrite, FetchClaim, Listed, StoreError, StoreResult, StoredBlob, StoredManifest,
-    TagKey, TagRecord, Written, tag_name, unix_now_ms,
+    BlobStore, BlobWrite, FetchClaim, LinkRecord, Listed, RepoKey, StoreError, StoreResult,
+    StoredBlob, StoredManifest, TagKey, TagRecord, Written, link_name, tag_name, unix_now_ms,
 };
 use crate::api::proxy_config::S3Config;
 use crate::oci::{Algorithm, Digest};
@@ -634,6 +635,24 @@ impl BlobStore for S3Store {
         Box::pin(async move {
             let key = self.tag_key(record.key());
             self.put("writing a tag record", &key, record.to_bytes(), None)
+                .await
+        })
+    }
+
+    fn links<'a>(&'a self, key: &'a RepoKey) -> BoxFuture<'a, StoreResult<Option<LinkRecord>>> {
+        Box::pin(async move {
+            let name = self.key(["links", &link_name(key)]);
+            let Some(bytes) = self.get_bytes("reading a link record", &name).await? else {
+                return Ok(None);
+            };
+            Ok(LinkRecord::parse_for(&bytes, key))
+        })
+    }
+
+    fn put_links<'a>(&'a self, record: &'a LinkRecord) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            let name = self.key(["links", &link_name(&record.key())]);
+            self.put("writing a link record", &name, record.to_bytes(), None)
                 .await
         })
     }
