@@ -72,6 +72,11 @@ fn absent_ok<T>(r: io::Result<T>) -> io::Result<Option<T>> {
     }
 }
 
+/// A record file's bytes (a tag's, a repository's links), `None` when there is none.
+async fn read_record(what: &'static str, path: PathBuf) -> StoreResult<Option<Vec<u8>>> {
+    absent_ok(tokio::fs::read(path).await).map_err(|e| StoreError::io(what, e))
+}
+
 fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
     meta.modified()
         .ok()
@@ -355,12 +360,8 @@ impl BlobStore for DiskStore {
     fn tag<'a>(&'a self, key: TagKey<'a>) -> BoxFuture<'a, StoreResult<Option<TagRecord>>> {
         let path = self.tag_path(key);
         Box::pin(async move {
-            let Some(bytes) = absent_ok(tokio::fs::read(path).await)
-                .map_err(|e| StoreError::io("reading a tag record", e))?
-            else {
-                return Ok(None);
-            };
-            Ok(TagRecord::parse_for(&bytes, key))
+            let bytes = read_record("reading a tag record", path).await?;
+            Ok(bytes.and_then(|b| TagRecord::parse_for(&b, key)))
         })
     }
 
@@ -375,12 +376,8 @@ impl BlobStore for DiskStore {
     fn links<'a>(&'a self, key: &'a RepoKey) -> BoxFuture<'a, StoreResult<Option<LinkRecord>>> {
         let path = self.root.join("links").join(link_name(key));
         Box::pin(async move {
-            let Some(bytes) = absent_ok(tokio::fs::read(path).await)
-                .map_err(|e| StoreError::io("reading a link record", e))?
-            else {
-                return Ok(None);
-            };
-            Ok(LinkRecord::parse_for(&bytes, key))
+            let bytes = read_record("reading a link record", path).await?;
+            Ok(bytes.and_then(|b| LinkRecord::parse_for(&b, key)))
         })
     }
 

@@ -202,8 +202,13 @@ impl LinkRecord {
 
 /// The name a repository's link record is stored under: a hash of the key, as for tags.
 pub fn link_name(key: &RepoKey) -> String {
-    let key = format!("{}\0{}", key.upstream, key.repository);
-    Digest::of(Algorithm::Sha256, key.as_bytes())
+    record_name(&[&key.upstream, &key.repository])
+}
+
+/// The name a record is stored under: the hex SHA-256 of its key's parts, joined by NUL
+/// (any key, a name safe as a file or object name).
+fn record_name(parts: &[&str]) -> String {
+    Digest::of(Algorithm::Sha256, parts.join("\0").as_bytes())
         .hex()
         .to_string()
 }
@@ -324,10 +329,7 @@ pub enum FetchClaim {
 /// The name a tag's record is stored under: a hash of the key, so that no client input
 /// ever becomes a path.
 pub fn tag_name(key: TagKey<'_>) -> String {
-    let key = format!("{}\0{}\0{}", key.upstream, key.repository, key.tag);
-    Digest::of(Algorithm::Sha256, key.as_bytes())
-        .hex()
-        .to_string()
+    record_name(&[key.upstream, key.repository, key.tag])
 }
 
 /// A committed object open for reading.
