@@ -3,8 +3,8 @@
 //! Also the pure mapping from a mirror's spec to the [`ProxyConfig`] its proxy runs with.
 
 use super::proxy_config::{
-    ConfigError, ProxyConfig, RepositoryFilter, S3Config, StorageConfig, UpstreamConfig,
-    default_abandon_uploads_after,
+    AccessConfig, ConfigError, ProxyConfig, RepositoryFilter, S3Config, StorageConfig,
+    UpstreamAccess, UpstreamConfig, default_abandon_uploads_after,
 };
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -66,6 +66,32 @@ pub struct RegistryMirrorSpec {
     /// Which nodes get containerd configured to use this mirror.
     #[serde(default)]
     pub nodes: NodesSpec,
+    /// How `upstreamAuth` upstreams decide who may pull (docs/proxy.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessSpec>,
+}
+
+/// How the proxy decides, and remembers, who may pull a private repository.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessSpec {
+    /// How long the upstream's yes to a client's credentials is trusted: the delay before
+    /// a revoked client loses access through the cache (default `5m`).
+    #[serde(
+        rename = "allowedTTL",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub allowed_ttl: Option<String>,
+    /// How long the upstream's no is remembered (default `30s`).
+    #[serde(rename = "deniedTTL", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub denied_ttl: Option<String>,
+    /// Challenge clients for credentials over plain HTTP, where they cross the pod
+    /// network in clear. Needed for `upstreamAuth` until the proxy serves TLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain_http: bool,
 }
 
 fn default_replicas() -> i32 {
@@ -93,6 +119,11 @@ pub struct MirrorUpstream {
     /// Repository allow/deny globs (`*` matches anything, `/` included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repositories: Option<RepositoryFilter>,
+    /// Who may pull through: `open` (anyone), or `upstreamAuth` (a private repository
+    /// only with the client's own credentials, checked with the upstream). Default:
+    /// `upstreamAuth` with `credentialsSecretRef`, else `open`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<UpstreamAccess>,
 }
 
 /// Name of a Secret in the same namespace.
@@ -378,6 +409,7 @@ impl RegistryMirrorSpec {
                         .as_ref()
                         .map(|_| PathBuf::from(format!("{SECRETS_MOUNT}/{i}/.dockerconfigjson"))),
                     repositories: u.repositories.clone().unwrap_or_default(),
+                    access: u.access.clone(),
                 })
                 .collect(),
             default_upstream: None,
@@ -399,6 +431,16 @@ impl RegistryMirrorSpec {
                 &self.cache.stale_if_error,
                 defaults.stale_if_error,
             )?,
+            access: {
+                let spec = self.access.clone().unwrap_or_default();
+                let d = AccessConfig::default();
+                AccessConfig {
+                    allowed_ttl: parse("access.allowedTTL", &spec.allowed_ttl, d.allowed_ttl)?,
+                    denied_ttl: parse("access.deniedTTL", &spec.denied_ttl, d.denied_ttl)?,
+                    plain_http: spec.plain_http,
+                    ..d
+                }
+            },
             ..defaults
         };
         config.validate()?;

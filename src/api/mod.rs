@@ -10,4 +10,7 @@ pub mod mirror;
 pub mod proxy_config;
 pub mod quantity;
 
-pub use proxy_config::{ConfigError, Credentials, ProxyConfig, RepositoryFilter, UpstreamConfig};
+pub use proxy_config::{
+    AccessConfig, AccessMode, ConfigError, Credentials, ProxyConfig, RepositoryFilter,
+    UpstreamAccess, UpstreamConfig,
+};

@@ -118,6 +118,9 @@ pub struct ProxyConfig {
         with = "crate::api::duration::serde"
     )]
     pub client_idle_timeout: Duration,
+    /// Decisions of `upstreamAuth` upstreams: TTLs, the signing key, plain HTTP.
+    #[serde(default, skip_serializing_if = "AccessConfig::is_default")]
+    pub access: AccessConfig,
 }
 
 /// One mirrored registry.
@@ -141,7 +144,105 @@ pub struct UpstreamConfig {
     /// Which repositories may be pulled through.
     #[serde(default, skip_serializing_if = "RepositoryFilter::is_empty")]
     pub repositories: RepositoryFilter,
+    /// Who may pull through: see [`AccessMode`]. Default: `upstreamAuth` when the
+    /// upstream has credentials, else `open`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<UpstreamAccess>,
 }
+
+/// Who may pull an upstream's repositories through the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AccessMode {
+    /// Anyone who reaches the proxy: what the proxy's own credentials fetch is served to
+    /// every client.
+    Open,
+    /// A repository the upstream serves anonymously is served to anyone; any other only
+    /// to a client whose own credentials the upstream accepts for it (a 401 challenge,
+    /// then the proxy's token endpoint checks them with the upstream).
+    UpstreamAuth,
+}
+
+/// An upstream's access setting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamAccess {
+    /// `open` or `upstreamAuth`.
+    pub mode: AccessMode,
+}
+
+/// How `upstreamAuth` upstreams decide and remember who may pull (docs/proxy.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessConfig {
+    /// The key that signs the proxy's tokens and keys its decision cache: a file every
+    /// replica shares (a mounted Secret). Default: `access-signing-key` in `cacheDir`,
+    /// created (0600) if missing; replicas (`peers`) must set one they share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_file: Option<PathBuf>,
+    /// How long the upstream's yes to a client's credentials is trusted: the delay
+    /// before a revoked client loses access through the cache.
+    #[serde(
+        rename = "allowedTTL",
+        default = "default_allowed_ttl",
+        with = "crate::api::duration::serde"
+    )]
+    pub allowed_ttl: Duration,
+    /// How long the upstream's no is remembered before the same credentials are checked
+    /// again.
+    #[serde(
+        rename = "deniedTTL",
+        default = "default_denied_ttl",
+        with = "crate::api::duration::serde"
+    )]
+    pub denied_ttl: Duration,
+    /// How long a repository is known to be public (or not) before it is probed again.
+    #[serde(
+        rename = "publicTTL",
+        default = "default_public_ttl",
+        with = "crate::api::duration::serde"
+    )]
+    pub public_ttl: Duration,
+    /// Lifetime of a token the proxy issues (never past its decision's `allowedTTL`).
+    #[serde(
+        rename = "tokenTTL",
+        default = "default_token_ttl",
+        with = "crate::api::duration::serde"
+    )]
+    pub token_ttl: Duration,
+    /// Failed credential checks allowed per user name and upstream in `deniedTTL`;
+    /// more are refused (429) without asking the upstream.
+    #[serde(default = "default_failed_checks")]
+    pub max_failed_checks: u32,
+    /// Challenge clients over plain HTTP: their credentials then cross the network in
+    /// clear. Required for `upstreamAuth` on a proxy that does not serve TLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain_http: bool,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            signing_key_file: None,
+            allowed_ttl: default_allowed_ttl(),
+            denied_ttl: default_denied_ttl(),
+            public_ttl: default_public_ttl(),
+            token_ttl: default_token_ttl(),
+            max_failed_checks: default_failed_checks(),
+            plain_http: false,
+        }
+    }
+}
+
+impl AccessConfig {
+    /// Every field at its default.
+    pub fn is_default(&self) -> bool {
+        *self == AccessConfig::default()
+    }
+}
+
+/// The signing key's file name in the cache directory, by default.
+pub const SIGNING_KEY_FILE: &str = "access-signing-key";
 
 /// Where the cache keeps its objects.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -404,6 +505,14 @@ pub enum ConfigError {
     /// The registry API and the operations endpoint on one port.
     #[error("listen ({0}) and metricsListen ({1}) use the same port; give them different ones")]
     ListenClash(SocketAddr, SocketAddr),
+    /// Challenges, and so client credentials, over plain HTTP without the opt-in.
+    #[error(
+        "upstream {0:?} is in access mode upstreamAuth (the default with credentials): clients \
+         are challenged for their own credentials, which would cross the network in clear; \
+         set access.plainHttp: true to accept that, or access.mode: open on the upstream to \
+         serve what its credentials fetch to anyone"
+    )]
+    ChallengesInClear(String),
     /// A pin or prefetch entry that is not an image reference.
     #[error(transparent)]
     BadImage(#[from] super::image_ref::ImageRefError),
@@ -528,9 +637,28 @@ impl ProxyConfig {
             (self.client_idle_timeout.is_zero(), "clientIdleTimeout"),
             (self.upstream_timeout.is_zero(), "upstreamTimeout"),
             (self.connect_timeout.is_zero(), "connectTimeout"),
+            (self.access.allowed_ttl.is_zero(), "access.allowedTTL"),
+            (self.access.denied_ttl.is_zero(), "access.deniedTTL"),
+            (self.access.public_ttl.is_zero(), "access.publicTTL"),
+            (self.access.token_ttl.is_zero(), "access.tokenTTL"),
+            (self.access.max_failed_checks == 0, "access.maxFailedChecks"),
         ] {
             if zero {
                 return Err(ConfigError::Zero(name));
+            }
+        }
+        let guarded = self
+            .upstreams
+            .iter()
+            .find(|u| u.access_mode() == AccessMode::UpstreamAuth);
+        if let Some(u) = guarded {
+            if !self.access.plain_http {
+                return Err(ConfigError::ChallengesInClear(u.registry.clone()));
+            }
+            if self.peers.is_some() && self.access.signing_key_file.is_none() {
+                return Err(ConfigError::BadPeers(
+                    "replicas verify each other's tokens: set access.signingKeyFile to a file they share (a Secret)",
+                ));
             }
         }
         if let Some(p) = &self.peers {
@@ -573,6 +701,14 @@ impl ProxyConfig {
             .unwrap_or_else(|| self.cache_dir.join(ADMIN_TOKEN_FILE))
     }
 
+    /// Where the key that signs access tokens is kept.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.access
+            .signing_key_file
+            .clone()
+            .unwrap_or_else(|| self.cache_dir.join(SIGNING_KEY_FILE))
+    }
+
     /// The registry used when a request has no `?ns=`.
     pub fn default_registry(&self) -> Option<&str> {
         self.default_upstream
@@ -605,6 +741,7 @@ impl Default for ProxyConfig {
             max_connections: default_max_connections(),
             client_header_timeout: default_client_header_timeout(),
             client_idle_timeout: default_client_idle_timeout(),
+            access: AccessConfig::default(),
         }
     }
 }
@@ -618,6 +755,19 @@ impl UpstreamConfig {
             credentials: None,
             credentials_file: None,
             repositories: RepositoryFilter::default(),
+            access: None,
+        }
+    }
+
+    /// Who may pull through this upstream: as set, else `upstreamAuth` when it has
+    /// credentials (what they reach is not for everyone), else `open`.
+    pub fn access_mode(&self) -> AccessMode {
+        match &self.access {
+            Some(a) => a.mode,
+            None if self.credentials.is_some() || self.credentials_file.is_some() => {
+                AccessMode::UpstreamAuth
+            }
+            None => AccessMode::Open,
         }
     }
 
@@ -765,6 +915,21 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_allowed_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_denied_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_public_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_failed_checks() -> u32 {
+    10
 }
 fn default_max_connections() -> usize {
     4096

@@ -151,6 +151,7 @@ pub fn run_standalone(
                 url: servers.get(registry).cloned(),
                 credentials_secret_ref: None,
                 repositories: None,
+                access: None,
             };
             (
                 registry_key(registry),

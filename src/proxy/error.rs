@@ -59,6 +59,19 @@ pub enum ProxyError {
     /// for a caller that does not ask: then it is unknown there.
     #[error("not known in this repository")]
     NotLinked,
+    /// A private repository asked for without a token that covers it: answered 401 with
+    /// `challenge` in `WWW-Authenticate` (see [`crate::proxy::access`]).
+    #[error("authentication required: this repository is not public upstream")]
+    Unauthorized {
+        /// The `WWW-Authenticate` value.
+        challenge: String,
+    },
+    /// Too many failed credential checks for one user name: refused without asking.
+    #[error("too many failed credential checks for this user; try again later")]
+    TooManyAttempts,
+    /// A token request that cannot be answered (unknown service, a grant not supported).
+    #[error("{0}")]
+    TokenRequest(String),
     /// The cache's store failed.
     #[error(transparent)]
     Storage(#[from] StoreError),
@@ -92,6 +105,9 @@ impl ProxyError {
             // manifest exists only in types the client does not accept.
             NotAcceptable(_) => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
             NotLinked => (ErrorCode::BlobUnknown, StatusCode::NOT_FOUND),
+            Unauthorized { .. } => (ErrorCode::Unauthorized, StatusCode::UNAUTHORIZED),
+            TooManyAttempts => (ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS),
+            TokenRequest(_) => (ErrorCode::Unsupported, StatusCode::BAD_REQUEST),
             Storage(_) | Internal(_) => (ErrorCode::Unknown, StatusCode::INTERNAL_SERVER_ERROR),
         }
     }

@@ -3,12 +3,14 @@
 //! place, and are logged once here.
 
 use super::Proxy;
+use super::access::Admission;
 use super::error::ProxyError;
 use super::metrics::{CacheResult, Kind};
 use super::peers::PEER_HEADER;
 use super::pull_through::{BlobAnswer, BlobAsk, ByteRange};
 use super::store::RepoKey;
 use super::upstream::{Object, Upstream};
+use crate::api::Credentials;
 use crate::oci::error::error_body;
 use crate::oci::media::Accept;
 use crate::oci::reference::validate_repository;
@@ -162,7 +164,11 @@ pub async fn handle(
         reference: None,
         cache: None,
     };
-    let result = route(&proxy, &req, peer, &mut outcome).await;
+    let result = if path == TOKEN_PATH {
+        auth_token(&proxy, req, &mut outcome).await
+    } else {
+        route(&proxy, &req, peer, &mut outcome).await
+    };
     let mut resp = match result {
         Ok(resp) => {
             tracing::info!(method = %method, path = %path, status = resp.status().as_u16(),
@@ -203,6 +209,9 @@ pub fn error_response(e: &ProxyError, head: bool) -> Response<Body> {
     }
     if let ProxyError::Unsupported(_) = e {
         builder = builder.header(header::ALLOW, "GET, HEAD");
+    }
+    if let ProxyError::Unauthorized { challenge } = e {
+        builder = builder.header(header::WWW_AUTHENTICATE, challenge.as_str());
     }
     builder
         .body(if head { empty() } else { full(body) })
@@ -256,6 +265,23 @@ async fn route(
         return Err(ProxyError::RepositoryDenied(repo));
     }
     let cache = proxy.cache();
+    // A replica asks the owner only for what it proved itself.
+    let from_peer = req.headers().contains_key(PEER_HEADER);
+    let trusted = from_peer && cache.is_replica(peer.ip());
+    if up.guarded() && !trusted {
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if let Admission::Challenge { insufficient_scope } =
+            proxy.access().admit(&up, &repo, authorization).await
+        {
+            proxy.metrics().access_challenge(up.name());
+            return Err(ProxyError::Unauthorized {
+                challenge: challenge(req, &up, &repo, insufficient_scope)?,
+            });
+        }
+    }
     let links = proxy.links();
     let linked = RepoKey {
         upstream: up.name().to_string(),
@@ -309,9 +335,6 @@ async fn route(
                 .and_then(|v| v.to_str().ok())
                 .and_then(ByteRange::parse)
                 .and_then(Result::ok);
-            let from_peer = req.headers().contains_key(PEER_HEADER);
-            // A replica asks the owner only for what it proved itself.
-            let trusted = from_peer && cache.is_replica(peer.ip());
             let spans = req.extensions().get::<crate::proxy::zero_copy::Spans>();
             let fetch = |unlinked| {
                 let ask = BlobAsk {
@@ -382,6 +405,188 @@ async fn route(
         }
         Route::Base => unreachable!("answered above"),
     }
+}
+
+/// Where clients get tokens for the private repositories of `upstreamAuth` upstreams.
+pub const TOKEN_PATH: &str = "/auth/token";
+/// Largest token request body read (a POSTed form).
+const MAX_TOKEN_FORM: usize = 64 << 10;
+
+/// The `WWW-Authenticate` challenge for `repository` of `up`: the realm is this proxy's
+/// token endpoint, on the host the client asked for.
+fn challenge(
+    req: &Request<Incoming>,
+    up: &Upstream,
+    repository: &str,
+    insufficient_scope: bool,
+) -> Result<String, ProxyError> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 261
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .ok_or_else(|| {
+            ProxyError::NameInvalid("a request for a private repository needs a valid Host".into())
+        })?;
+    let mut c = format!(
+        "Bearer realm=\"http://{host}{TOKEN_PATH}\",service=\"{}\",scope=\"repository:{repository}:pull\"",
+        super::access::service(up.name())
+    );
+    if insufficient_scope {
+        c.push_str(",error=\"insufficient_scope\"");
+    }
+    Ok(c)
+}
+
+/// Decodes a form or query value: `+` is a space, then `%XX` escapes.
+fn form_decode(s: &str) -> Option<String> {
+    percent_decode(&s.replace('+', " "))
+}
+
+/// Appends the decoded `key=value` pairs of a query or form to `params`.
+fn form_pairs(text: &str, params: &mut Vec<(String, String)>) -> Result<(), ProxyError> {
+    for pair in text.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match (form_decode(k), form_decode(v)) {
+            (Some(k), Some(v)) => params.push((k, v)),
+            _ => {
+                return Err(ProxyError::TokenRequest(
+                    "a parameter is not a valid escape".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Username and password of an `Authorization: Basic` header.
+fn basic_credentials(header: Option<&str>) -> Option<Credentials> {
+    use base64::Engine as _;
+    let encoded = header?.strip_prefix("Basic ")?.trim();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let (user, pass) = std::str::from_utf8(&raw).ok()?.split_once(':')?;
+    Some(Credentials {
+        username: user.to_string(),
+        password: pass.to_string(),
+    })
+}
+
+/// `/auth/token`: the distribution token spec's GET (credentials in Basic) and its OAuth2
+/// POST (`grant_type=password`). Issues a token for the repositories of the `scope`s the
+/// client's own credentials may pull upstream (see [`crate::proxy::access`]). A
+/// `refresh_token` grant is refused with 400: containerd then asks again with GET, the
+/// identity token as Basic's password.
+async fn auth_token(
+    proxy: &Proxy,
+    req: Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, ProxyError> {
+    let mut credentials = basic_credentials(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let mut params: Vec<(String, String)> = Vec::new();
+    form_pairs(req.uri().query().unwrap_or(""), &mut params)?;
+    let method = req.method().clone();
+    if method == Method::POST {
+        let body = http_body_util::Limited::new(req.into_body(), MAX_TOKEN_FORM);
+        let body = tokio::time::timeout(std::time::Duration::from_secs(30), body.collect())
+            .await
+            .map_err(|_| ProxyError::TokenRequest("the form did not arrive in time".into()))?
+            .map_err(|_| ProxyError::TokenRequest("the form is too large or broke off".into()))?
+            .to_bytes();
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| ProxyError::TokenRequest("the form is not UTF-8".into()))?;
+        form_pairs(text, &mut params)?;
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        match get("grant_type").as_deref() {
+            Some("password") => {
+                credentials = Some(Credentials {
+                    username: get("username").unwrap_or_default(),
+                    password: get("password").unwrap_or_default(),
+                });
+            }
+            Some("refresh_token") => {
+                return Err(ProxyError::TokenRequest(
+                    "refresh_token grants are not supported here; use GET with Basic".into(),
+                ));
+            }
+            _ => {
+                return Err(ProxyError::TokenRequest(
+                    "grant_type must be password (or use GET with Basic)".into(),
+                ));
+            }
+        }
+    } else if method != Method::GET {
+        return Err(ProxyError::Unsupported(
+            "the token endpoint takes GET or POST",
+        ));
+    }
+    let up = params
+        .iter()
+        .find(|(k, _)| k == "service")
+        .and_then(|(_, v)| v.strip_prefix("pullthrough:"))
+        .and_then(|name| proxy.upstream(name))
+        .filter(|u| u.guarded())
+        .ok_or_else(|| {
+            ProxyError::TokenRequest(
+                "service must be pullthrough:<registry> for an upstreamAuth upstream".into(),
+            )
+        })?;
+    outcome.upstream = Some(up.name().to_string());
+    let mut repositories = Vec::new();
+    for scope in params
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .flat_map(|(_, v)| v.split(' '))
+    {
+        let mut parts = scope.splitn(3, ':');
+        let (Some("repository"), Some(name), Some(actions)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let repo = up.canonical_repository(name);
+        if actions.split(',').any(|a| a == "pull" || a == "*")
+            && validate_repository(&repo).is_ok()
+            && up.permits(&repo)
+            && !repositories.contains(&repo)
+        {
+            repositories.push(repo);
+        }
+    }
+    outcome.repo = repositories.first().cloned();
+    let issued = proxy
+        .access()
+        .issue(&up, &repositories, credentials.as_ref())
+        .await?;
+    let body = serde_json::json!({
+        "token": issued.token,
+        "access_token": issued.token,
+        "expires_in": issued.expires_in,
+    })
+    .to_string();
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(full(body))
+        .expect("valid response"))
 }
 
 /// Counts a manifest or blob request in `pullthrough_requests_total`.

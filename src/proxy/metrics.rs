@@ -19,16 +19,19 @@ pub enum Kind {
     Referrers,
     /// A token endpoint request.
     Token,
+    /// A manifest HEAD that decides who may pull a repository (see [`crate::proxy::access`]).
+    Access,
 }
 
 impl Kind {
     /// Every kind of upstream request.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Manifest,
         Kind::Blob,
         Kind::Tags,
         Kind::Referrers,
         Kind::Token,
+        Kind::Access,
     ];
 
     /// The label value.
@@ -39,6 +42,7 @@ impl Kind {
             Kind::Tags => "tags",
             Kind::Referrers => "referrers",
             Kind::Token => "token",
+            Kind::Access => "access",
         }
     }
 }
@@ -142,6 +146,9 @@ pub struct Metrics {
     pub prefetch_bytes: IntCounter,
     peer_fetches: IntCounterVec,
     link_proofs: IntCounterVec,
+    access_decisions: IntCounterVec,
+    access_duration: HistogramVec,
+    access_challenges: IntCounterVec,
     store_requests: IntCounterVec,
     store_duration: HistogramVec,
     store_bytes: IntCounterVec,
@@ -277,6 +284,33 @@ impl Metrics {
         for r in ["linked", "refused"] {
             link_proofs.with_label_values(&[r]);
         }
+        let access_decisions = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_access_decisions_total",
+                "Who may pull a repository of an upstream in upstreamAuth mode, decided with the upstream (see docs/proxy.md), by result (allowed, denied: a client's credentials checked; public, private: whether the upstream serves the repository anonymously; error: the upstream did not answer).",
+            ),
+            &["upstream", "result"],
+        )
+        .expect("valid metric");
+        let access_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pullthrough_access_decision_duration_seconds",
+                "Time the upstream took to decide one access question (a credentials check or a public probe).",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let access_challenges = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_access_challenges_total",
+                "Requests for a private repository of an upstreamAuth upstream answered 401 with a challenge (no token, or one that does not cover the repository).",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
         let store_requests = IntCounterVec::new(
             Opts::new(
                 "pullthrough_store_requests_total",
@@ -348,6 +382,9 @@ impl Metrics {
                 Box::new(sendfile_bytes.clone()),
                 Box::new(peer_fetches.clone()),
                 Box::new(link_proofs.clone()),
+                Box::new(access_decisions.clone()),
+                Box::new(access_duration.clone()),
+                Box::new(access_challenges.clone()),
                 Box::new(store_requests.clone()),
                 Box::new(store_duration.clone()),
                 Box::new(store_bytes.clone()),
@@ -375,6 +412,9 @@ impl Metrics {
             prefetch_bytes,
             peer_fetches,
             link_proofs,
+            access_decisions,
+            access_duration,
+            access_challenges,
             store_requests,
             store_duration,
             store_bytes,
@@ -398,6 +438,30 @@ impl Metrics {
     /// The counter of link proofs with `result` (`linked` or `refused`).
     pub fn link_proofs(&self, result: &str) -> IntCounter {
         self.link_proofs.with_label_values(&[result])
+    }
+
+    /// Counts one access decision the upstream made for `upstream`, and how long it took.
+    pub fn access_decision(&self, upstream: &str, result: &str, seconds: f64) {
+        self.access_decisions
+            .with_label_values(&[upstream, result])
+            .inc();
+        self.access_duration
+            .with_label_values(&[upstream])
+            .observe(seconds);
+    }
+
+    /// Creates the access series of an upstream in upstreamAuth mode at zero.
+    pub fn init_access(&self, upstream: &str) {
+        for result in ["allowed", "denied", "public", "private", "error"] {
+            self.access_decisions.with_label_values(&[upstream, result]);
+        }
+        self.access_duration.with_label_values(&[upstream]);
+        self.access_challenges.with_label_values(&[upstream]);
+    }
+
+    /// Counts one 401 challenge for a private repository of `upstream`.
+    pub fn access_challenge(&self, upstream: &str) {
+        self.access_challenges.with_label_values(&[upstream]).inc();
     }
 
     /// Counts one request to the owner of a blob.

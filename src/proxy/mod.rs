@@ -6,6 +6,7 @@
 //! auth) and [`index`] (accounting, eviction) -> [`store`] (the bytes: the local disk).
 //! docs/architecture.md draws the rooms. This module never imports `kube`.
 
+pub mod access;
 pub mod admin;
 pub mod error;
 pub mod http;
@@ -86,6 +87,14 @@ pub enum StartError {
         /// What went wrong.
         reason: String,
     },
+    /// The access signing key cannot be read or written.
+    #[error("access signing key {path}: {source}")]
+    SigningKey {
+        /// The key file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
     /// The admin token cannot be read or written.
     #[error("admin token {path}: {source}")]
     AdminToken {
@@ -108,6 +117,7 @@ pub enum StartError {
 pub struct Proxy {
     cache: Arc<PullThrough>,
     links: Arc<links::Links>,
+    access: access::Access,
     upstreams: HashMap<String, Arc<Upstream>>,
     default: Arc<Upstream>,
     metrics: Metrics,
@@ -210,6 +220,9 @@ impl Proxy {
                 (None, None) => None,
             };
             metrics.init_upstream(&u.registry.to_ascii_lowercase());
+            if u.access_mode() == crate::api::AccessMode::UpstreamAuth {
+                metrics.init_access(&u.registry.to_ascii_lowercase());
+            }
             let up = Arc::new(Upstream::new(
                 u,
                 credentials,
@@ -276,6 +289,23 @@ impl Proxy {
             _ => None,
         };
         let links = links::Links::new(index.clone(), metrics.clone());
+        // Kept in a file only where tokens are issued: they must outlive a restart, and
+        // every replica must verify the others'.
+        let key_path = config.signing_key_path();
+        let key_error = |source| StartError::SigningKey {
+            path: key_path.clone(),
+            source,
+        };
+        let signing_key = if upstreams.values().any(|u| u.guarded()) {
+            admin::load_or_create_token(&key_path).map_err(key_error)?
+        } else {
+            crate::fsutil::random_hex(32).map_err(key_error)?
+        };
+        let access = access::Access::new(
+            signing_key.into_bytes(),
+            config.access.clone(),
+            metrics.clone(),
+        );
         let mut cache = PullThrough::new(index, metrics.clone(), policy, pins);
         if let Some(p) = &config.peers {
             let port = config.listen.port();
@@ -299,6 +329,7 @@ impl Proxy {
         Ok(Proxy {
             cache: Arc::new(cache),
             links,
+            access,
             upstreams,
             default,
             metrics,
@@ -317,6 +348,11 @@ impl Proxy {
     /// The upstream serving `registry` (as sent in `?ns=`), if configured.
     pub fn upstream(&self, registry: &str) -> Option<Arc<Upstream>> {
         find_upstream(&self.upstreams, registry)
+    }
+
+    /// Who may pull the private repositories of `upstreamAuth` upstreams.
+    pub fn access(&self) -> &access::Access {
+        &self.access
     }
 
     /// The upstream for clients that send no `?ns=`.

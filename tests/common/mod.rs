@@ -72,6 +72,27 @@ impl Registry {
 
     /// A registry in pull-through proxy mode for `remote` (the reference cache).
     pub async fn start_with(proxy_remote: Option<&str>) -> Registry {
+        Registry::start_opts(proxy_remote, None).await
+    }
+
+    /// A registry where every request needs one of `users` (htpasswd lines, bcrypt), by
+    /// Basic auth. Distribution rereads the file when it changes ([`Self::set_users`]).
+    pub async fn start_private(users: &str) -> Registry {
+        Registry::start_opts(None, Some(users)).await
+    }
+
+    /// Replaces the users of a [`Self::start_private`] registry.
+    pub fn set_users(&self, users: &str) {
+        let path = self.dir.path().join("htpasswd");
+        let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, users).unwrap();
+        // Distribution rereads the file when its modification time changes: make sure
+        // it does, whatever the file system's clock granularity.
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(before + Duration::from_secs(2)).unwrap();
+    }
+
+    async fn start_opts(proxy_remote: Option<&str>, users: Option<&str>) -> Registry {
         let bin = which("docker-registry").expect(
             "docker-registry not found: run ./scripts/test, which installs Debian's docker-registry",
         );
@@ -83,6 +104,14 @@ impl Registry {
         );
         if let Some(remote) = proxy_remote {
             cfg.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
+        }
+        if let Some(users) = users {
+            let path = dir.path().join("htpasswd");
+            std::fs::write(&path, users).unwrap();
+            cfg.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                path.display()
+            ));
         }
         let cfg_path = dir.path().join("config.yml");
         std::fs::write(&cfg_path, cfg).unwrap();
@@ -179,12 +208,13 @@ impl Drop for Registry {
     }
 }
 
-/// Waits up to `limit` for a registry at `url` to answer `GET /v2/` with success.
+/// Waits up to `limit` for a registry at `url` to answer `GET /v2/` with success (or,
+/// for one that needs credentials, 401).
 pub async fn serving(url: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if let Ok(r) = http().get(format!("{url}/v2/")).send().await
-            && r.status().is_success()
+            && (r.status().is_success() || r.status() == 401)
         {
             return true;
         }
@@ -520,10 +550,11 @@ pub async fn push_blob(base: &str, repo: &str, blob: &Blob) {
         .unwrap();
     assert_eq!(r.status(), 202, "start upload: {:?}", r.text().await);
     let loc = r.headers()["location"].to_str().unwrap().to_string();
-    let loc = if loc.starts_with('/') {
-        format!("{base}{loc}")
-    } else {
-        loc
+    // On `base` (which may carry credentials), whether the registry answered with a path
+    // or a whole URL.
+    let loc = match loc.find("/v2/") {
+        Some(i) => format!("{base}{}", &loc[i..]),
+        None => loc,
     };
     let sep = if loc.contains('?') { '&' } else { '?' };
     let r = c

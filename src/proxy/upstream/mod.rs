@@ -201,6 +201,8 @@ pub struct Upstream {
     base: String,
     docker_hub: bool,
     filter: RepositoryFilter,
+    /// `upstreamAuth`: private repositories only for clients the upstream lets pull them.
+    guarded: bool,
     transport: Transport,
     auth: Auth,
     metrics: Metrics,
@@ -247,6 +249,7 @@ impl Upstream {
             base: config.base_url(),
             docker_hub: config.is_docker_hub(),
             filter: config.repositories.clone(),
+            guarded: config.access_mode() == crate::api::AccessMode::UpstreamAuth,
             transport: Transport::new(client, timeout),
             auth: Auth::new(credentials),
             metrics,
@@ -271,6 +274,12 @@ impl Upstream {
         } else {
             repository.to_string()
         }
+    }
+
+    /// Whether clients must be entitled upstream to its private repositories
+    /// (`upstreamAuth`, see [`crate::proxy::access`]).
+    pub fn guarded(&self) -> bool {
+        self.guarded
     }
 
     /// Whether the repository may be pulled through this upstream.
@@ -466,10 +475,41 @@ impl Upstream {
         })
     }
 
-    /// Sends `call` for `/v2/<repository>/<path>[?query]`, authenticating as the upstream
-    /// asks, and counts it. Any answer but 200 is an error.
+    /// Whether `credentials` (none: anonymous) may pull `repository`, as the upstream
+    /// itself decides: a HEAD of its `latest` manifest with them, authenticated as the
+    /// upstream asks. 200 or 404 (no such tag, or no such repository) is yes, 401 or 403
+    /// no; a token alone proves nothing, since registries issue tokens of reduced scope.
+    /// The proxy's own credentials play no part.
+    pub async fn entitled(
+        &self,
+        repository: &str,
+        credentials: Option<Credentials>,
+    ) -> Result<bool, UpstreamError> {
+        let theirs = Auth::new(credentials);
+        let header = Accept::Any.upstream_header();
+        let mut call = Call::manifest(Method::HEAD, "manifests/latest", &header);
+        call.kind = Kind::Access;
+        match self.call_as(&theirs, repository, call).await {
+            Ok(_) | Err(UpstreamError::NotFound(_)) => Ok(true),
+            Err(UpstreamError::Denied(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends `call` for `/v2/<repository>/<path>[?query]` with the proxy's credentials.
     async fn call(
         &self,
+        repository: &str,
+        call: Call<'_>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.call_as(&self.auth, repository, call).await
+    }
+
+    /// Sends `call` for `/v2/<repository>/<path>[?query]`, authenticating with `auth` as
+    /// the upstream asks, and counts it. Any answer but 200 is an error.
+    async fn call_as(
+        &self,
+        auth: &Auth,
         repository: &str,
         call: Call<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
@@ -481,15 +521,14 @@ impl Upstream {
         let scope = format!("repository:{repository}:pull");
         let started = Instant::now();
         let result = async {
-            let mut auth = self.auth.cached(&scope);
+            let mut header = auth.cached(&scope);
             let mut resp = self
                 .transport
-                .send(&call.method, &url, auth.as_deref(), call.accept)
+                .send(&call.method, &url, header.as_deref(), call.accept)
                 .await?;
             if resp.status() == StatusCode::UNAUTHORIZED {
                 let challenge = header_string(resp.headers(), header::WWW_AUTHENTICATE);
-                auth = self
-                    .auth
+                header = auth
                     .answer(
                         challenge.as_deref(),
                         &scope,
@@ -497,10 +536,10 @@ impl Upstream {
                         (&self.metrics, &self.name),
                     )
                     .await?;
-                if auth.is_some() {
+                if header.is_some() {
                     resp = self
                         .transport
-                        .send(&call.method, &url, auth.as_deref(), call.accept)
+                        .send(&call.method, &url, header.as_deref(), call.accept)
                         .await?;
                 }
             }

@@ -1,0 +1,361 @@
+//! Who may pull a repository of an `upstreamAuth` upstream through the cache: the
+//! upstream decides, never the proxy's own credentials (docs/proxy.md, "Private
+//! repositories").
+//!
+//! A repository the upstream serves anonymously is public: served to anyone, with no
+//! challenge, the answer probed once and remembered for `publicTTL`. Any other is
+//! private: a client without a token for it is answered 401 with a Bearer challenge whose
+//! realm is this proxy's `/auth/token`. There the client's own credentials are checked
+//! with the upstream (a manifest HEAD made with them), the answer remembered under a
+//! keyed hash of upstream, repository and credentials (`allowedTTL`, `deniedTTL`), and a
+//! token signed with the replicas' shared key issued for what was allowed. Concurrent
+//! checks of the same question are one check; a user name's failed checks are capped
+//! per upstream.
+
+pub mod token;
+
+use super::error::ProxyError;
+use super::metrics::Metrics;
+use super::pull_through::single_flight::SingleFlight;
+use super::store::RepoKey;
+use super::upstream::Upstream;
+use crate::api::{AccessConfig, Credentials};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+
+/// Entries a decision map holds before expired ones are dropped.
+const PRUNE_AT: usize = 50_000;
+
+/// How a request for a repository of an `upstreamAuth` upstream may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The upstream serves the repository to anyone.
+    Public,
+    /// The request carries a token of this proxy's for the repository.
+    Granted,
+    /// Neither: answer 401 with a challenge. `insufficient_scope` when the request had a
+    /// token, which does not cover the repository (containerd then tries the next host).
+    Challenge {
+        /// A token was given.
+        insufficient_scope: bool,
+    },
+}
+
+/// A token the endpoint issued.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The signed token.
+    pub token: String,
+    /// Its lifetime, in seconds.
+    pub expires_in: u64,
+}
+
+struct Known {
+    value: bool,
+    until: Instant,
+}
+
+struct Failures {
+    count: u32,
+    since: Instant,
+}
+
+/// The decisions of every `upstreamAuth` upstream.
+pub struct Access {
+    key: Vec<u8>,
+    config: AccessConfig,
+    metrics: Metrics,
+    /// Whether a repository is public.
+    visibility: Arc<Mutex<HashMap<RepoKey, Known>>>,
+    probes: SingleFlight<RepoKey, Result<bool, ProxyError>>,
+    /// Whether credentials may pull a repository, by keyed hash.
+    decisions: Arc<Mutex<HashMap<[u8; 32], Known>>>,
+    checks: SingleFlight<[u8; 32], Result<(bool, Instant), ProxyError>>,
+    /// Failed checks by keyed hash of upstream and user name.
+    failures: Arc<Mutex<HashMap<[u8; 32], Failures>>>,
+}
+
+/// The `service` of an upstream's challenges and tokens.
+pub fn service(upstream: &str) -> String {
+    format!("pullthrough:{upstream}")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn fresh<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, Known>>, key: &K) -> Option<Known> {
+    let map = map.lock().expect("access lock");
+    map.get(key)
+        .filter(|k| k.until > Instant::now())
+        .map(|k| Known {
+            value: k.value,
+            until: k.until,
+        })
+}
+
+fn remember<K: std::hash::Hash + Eq>(
+    map: &Mutex<HashMap<K, Known>>,
+    key: K,
+    value: bool,
+    ttl: Duration,
+) -> Instant {
+    let until = Instant::now() + ttl;
+    let mut map = map.lock().expect("access lock");
+    if map.len() >= PRUNE_AT {
+        let now = Instant::now();
+        map.retain(|_, k| k.until > now);
+    }
+    map.insert(key, Known { value, until });
+    until
+}
+
+/// The last answer to a question, however old: what is used when the upstream cannot
+/// answer it again.
+fn last<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, Known>>, key: &K) -> Option<bool> {
+    map.lock().expect("access lock").get(key).map(|k| k.value)
+}
+
+impl Access {
+    /// Decisions signed and keyed with `key`.
+    pub fn new(key: Vec<u8>, config: AccessConfig, metrics: Metrics) -> Access {
+        Access {
+            key,
+            config,
+            probes: SingleFlight::new(metrics.fetch_waiters.clone()),
+            checks: SingleFlight::new(metrics.fetch_waiters.clone()),
+            metrics,
+            visibility: Arc::default(),
+            decisions: Arc::default(),
+            failures: Arc::default(),
+        }
+    }
+
+    /// Whether a request for `repository` of `up` with `authorization` may go on.
+    pub async fn admit(
+        &self,
+        up: &Arc<Upstream>,
+        repository: &str,
+        authorization: Option<&str>,
+    ) -> Admission {
+        let bearer = authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim);
+        if let Some(t) = bearer
+            && token::verify(&self.key, t)
+                .is_some_and(|c| c.permits(&service(up.name()), repository, unix_now()))
+        {
+            return Admission::Granted;
+        }
+        if self.public(up, repository).await {
+            return Admission::Public;
+        }
+        Admission::Challenge {
+            insufficient_scope: bearer.is_some(),
+        }
+    }
+
+    /// Whether the upstream serves `repository` anonymously: probed once per `publicTTL`.
+    /// When the upstream cannot answer, the last answer stands, and with none, private.
+    async fn public(&self, up: &Arc<Upstream>, repository: &str) -> bool {
+        let key = RepoKey {
+            upstream: up.name().to_string(),
+            repository: repository.to_string(),
+        };
+        if let Some(k) = fresh(&self.visibility, &key) {
+            return k.value;
+        }
+        // The answer is remembered by the probe itself, before it leaves the flight: a
+        // request that comes after finds it, and never starts a second probe.
+        let probe = {
+            let (up, repository, metrics) =
+                (up.clone(), repository.to_string(), self.metrics.clone());
+            let (visibility, key, ttl) =
+                (self.visibility.clone(), key.clone(), self.config.public_ttl);
+            async move {
+                let started = Instant::now();
+                let result = up
+                    .entitled(&repository, None)
+                    .await
+                    .map_err(ProxyError::from);
+                let label = match &result {
+                    Ok(true) => "public",
+                    Ok(false) => "private",
+                    Err(_) => "error",
+                };
+                metrics.access_decision(up.name(), label, started.elapsed().as_secs_f64());
+                if let Ok(public) = result {
+                    remember(&visibility, key, public, ttl);
+                }
+                result
+            }
+        };
+        let (result, _) = self
+            .probes
+            .run(key.clone(), probe, |e| Err(ProxyError::internal(e)))
+            .await;
+        match result {
+            Ok(public) => public,
+            Err(e) => {
+                let known = last(&self.visibility, &key);
+                tracing::warn!(upstream = up.name(), repo = repository, error = %e, last = ?known,
+                    "cannot ask the upstream whether a repository is public; keeping the last answer (none: private)");
+                known.unwrap_or(false)
+            }
+        }
+    }
+
+    /// A token for `repositories` of `up`: pull for each one `credentials` may pull (as
+    /// the upstream says), nothing for the others and for an anonymous client.
+    pub async fn issue(
+        &self,
+        up: &Arc<Upstream>,
+        repositories: &[String],
+        credentials: Option<&Credentials>,
+    ) -> Result<Issued, ProxyError> {
+        let now = Instant::now();
+        let mut until = now + self.config.token_ttl;
+        let (mut pull, mut refused) = (Vec::new(), Vec::new());
+        for repository in repositories {
+            let allowed = match credentials {
+                Some(c) => self.decide(up, repository, c).await?,
+                None => None,
+            };
+            match allowed {
+                Some(expiry) => {
+                    until = until.min(expiry);
+                    pull.push(repository.clone());
+                }
+                None => refused.push(repository.clone()),
+            }
+        }
+        let expires_in = until.saturating_duration_since(now).as_secs().max(1);
+        let unix = unix_now();
+        let claims = token::Claims::new(
+            &service(up.name()),
+            &pull,
+            &refused,
+            unix,
+            unix + expires_in,
+        );
+        Ok(Issued {
+            token: token::sign(&self.key, &claims),
+            expires_in,
+        })
+    }
+
+    /// Until when `credentials` may pull `repository` of `up`; `None` when they may not.
+    async fn decide(
+        &self,
+        up: &Arc<Upstream>,
+        repository: &str,
+        credentials: &Credentials,
+    ) -> Result<Option<Instant>, ProxyError> {
+        let (user, pass) = (
+            credentials.username.as_bytes(),
+            credentials.password.as_bytes(),
+        );
+        let name = up.name().as_bytes();
+        let key = token::hmac(
+            &self.key,
+            &[
+                b"decision\0",
+                name,
+                b"\0",
+                repository.as_bytes(),
+                b"\0",
+                user,
+                b"\0",
+                pass,
+            ],
+        );
+        if let Some(k) = fresh(&self.decisions, &key) {
+            return Ok(k.value.then_some(k.until));
+        }
+        let who = token::hmac(&self.key, &[b"user\0", name, b"\0", user]);
+        if self.failing(&who) {
+            return Err(ProxyError::TooManyAttempts);
+        }
+        // Remembered (and a failure counted) by the check itself, before it leaves the
+        // flight: a request that comes after finds the answer and starts no second check.
+        let check = {
+            let (up, repository, metrics) =
+                (up.clone(), repository.to_string(), self.metrics.clone());
+            let (credentials, config) = (credentials.clone(), self.config.clone());
+            let (decisions, failures) = (self.decisions.clone(), self.failures.clone());
+            async move {
+                let started = Instant::now();
+                let result = up
+                    .entitled(&repository, Some(credentials))
+                    .await
+                    .map_err(ProxyError::from);
+                let label = match &result {
+                    Ok(true) => "allowed",
+                    Ok(false) => "denied",
+                    Err(_) => "error",
+                };
+                metrics.access_decision(up.name(), label, started.elapsed().as_secs_f64());
+                let allowed = result?;
+                if !allowed {
+                    failed(&failures, who, config.denied_ttl);
+                }
+                let ttl = if allowed {
+                    config.allowed_ttl
+                } else {
+                    config.denied_ttl
+                };
+                Ok((allowed, remember(&decisions, key, allowed, ttl)))
+            }
+        };
+        let (result, _) = self
+            .checks
+            .run(key, check, |e| Err(ProxyError::internal(e)))
+            .await;
+        match result {
+            Ok((allowed, until)) => Ok(allowed.then_some(until)),
+            // The upstream cannot say: its last answer stands for one more `deniedTTL`
+            // (an outage must not lock out who was allowed a moment ago); with none, the
+            // client is told the upstream failed.
+            Err(e) => match last(&self.decisions, &key) {
+                Some(value) => {
+                    tracing::warn!(upstream = up.name(), repo = repository, error = %e,
+                        "cannot check credentials with the upstream; keeping its last answer");
+                    let until = remember(&self.decisions, key, value, self.config.denied_ttl);
+                    Ok(value.then_some(until))
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Whether the user name hashed to `who` has used up its failed checks.
+    fn failing(&self, who: &[u8; 32]) -> bool {
+        let map = self.failures.lock().expect("access lock");
+        map.get(who).is_some_and(|f| {
+            f.count >= self.config.max_failed_checks && f.since.elapsed() < self.config.denied_ttl
+        })
+    }
+}
+
+/// Counts a failed check of the user name hashed to `who`, in windows of `window`.
+fn failed(failures: &Mutex<HashMap<[u8; 32], Failures>>, who: [u8; 32], window: Duration) {
+    let mut map = failures.lock().expect("access lock");
+    if map.len() >= PRUNE_AT {
+        map.retain(|_, f| f.since.elapsed() < window);
+    }
+    let f = map.entry(who).or_insert(Failures {
+        count: 0,
+        since: Instant::now(),
+    });
+    if f.since.elapsed() >= window {
+        *f = Failures {
+            count: 0,
+            since: Instant::now(),
+        };
+    }
+    f.count += 1;
+}

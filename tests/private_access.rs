@@ -1,0 +1,389 @@
+//! Private images stay private through the cache (docs/proxy.md, "Private repositories"):
+//! the upstream is a real Distribution registry with htpasswd auth, beside an open one
+//! for public repositories; the proxy holds its own credentials for the private one and
+//! serves its repositories only to clients whose own credentials it accepts.
+
+use crate::common::*;
+use pullthrough::api::{AccessMode, Credentials, ProxyConfig, UpstreamAccess};
+use std::time::{Duration, Instant};
+
+const PRIVATE: &str = "private.test";
+const PUBLIC: &str = "public.test";
+/// htpasswd lines (bcrypt, cost 4): cache:stash (the proxy's own), alice:wonder,
+/// bob:builder.
+const CACHE: &str = "cache:$2b$04$es1FBHi4rE1F0WDaj9M.q.OytbToYO6a1FJgb5whB3UX6FEmiU7xK\n";
+const ALICE: &str = "alice:$2b$04$TwXjjJWJnR8Mh0jdpU37POgeOMpEganXZYC42vKGEkHIYzhpZHHP6\n";
+const BOB: &str = "bob:$2b$04$HZrnC6gMd75VvjRd6.20meK4Yz6p.G8t3PUTEW5X2SGx5lv9RHtPO\n";
+
+struct World {
+    private: Registry,
+    public: Registry,
+    app: Image,
+    other: Image,
+    open: Image,
+}
+
+async fn world() -> World {
+    let private = Registry::start_private(&format!("{CACHE}{ALICE}{BOB}")).await;
+    let public = Registry::start().await;
+    let (app, other, open) = (
+        Image::generate(71, &[50_000, 20_000], "amd64"),
+        Image::generate(72, &[30_000], "amd64"),
+        Image::generate(73, &[40_000], "amd64"),
+    );
+    let as_alice = format!("http://alice:wonder@{}", private.host());
+    push_image(&as_alice, "team/app", "1", &app).await;
+    push_image(&as_alice, "team/other", "1", &other).await;
+    push_image(&public.url, "lib/open", "1", &open).await;
+    World {
+        private,
+        public,
+        app,
+        other,
+        open,
+    }
+}
+
+/// The proxy's own credentials on the private upstream (access defaults to
+/// upstreamAuth with them), upstreamAuth on the public one, challenges over plain HTTP.
+fn config(w: &World) -> ProxyConfig {
+    let mut c = config_for(&[(PRIVATE, &w.private.url), (PUBLIC, &w.public.url)]);
+    c.upstreams[0].credentials = Some(Credentials {
+        username: "cache".into(),
+        password: "stash".into(),
+    });
+    c.upstreams[1].access = Some(UpstreamAccess {
+        mode: AccessMode::UpstreamAuth,
+    });
+    c.access.plain_http = true;
+    c
+}
+
+/// GET `/v2/<path>?ns=<ns>` with a Bearer token.
+async fn get(p: &Proxy, ns: &str, path: &str, token: Option<&str>) -> reqwest::Response {
+    let mut r = http()
+        .get(format!("{}/v2/{path}?ns={ns}", p.url))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json");
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.unwrap()
+}
+
+/// A token from the proxy for pulling `repo` of `ns` (GET, Basic when `user` is given).
+async fn token(p: &Proxy, ns: &str, repo: &str, user: Option<(&str, &str)>) -> reqwest::Response {
+    let mut r = http().get(format!(
+        "{}/auth/token?service=pullthrough:{ns}&scope=repository:{repo}:pull",
+        p.url
+    ));
+    if let Some((u, pw)) = user {
+        r = r.basic_auth(u, Some(pw));
+    }
+    r.send().await.unwrap()
+}
+
+async fn token_of(p: &Proxy, ns: &str, repo: &str, user: Option<(&str, &str)>) -> String {
+    let r = token(p, ns, repo, user).await;
+    assert_eq!(r.status(), 200, "token request");
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// Pulls `repo:1` of the private upstream with `token`: every object, checked.
+async fn pull_with(p: &Proxy, repo: &str, img: &Image, token: &str) {
+    let r = get(p, PRIVATE, &format!("{repo}/manifests/1"), Some(token)).await;
+    assert_eq!(r.status(), 200, "manifest of {repo}");
+    assert_eq!(sha256(&r.bytes().await.unwrap()), img.manifest.digest);
+    for b in img.blobs() {
+        let r = get(
+            p,
+            PRIVATE,
+            &format!("{repo}/blobs/{}", b.digest),
+            Some(token),
+        )
+        .await;
+        assert_eq!(r.status(), 200, "blob of {repo}");
+        assert_eq!(sha256(&r.bytes().await.unwrap()), b.digest);
+    }
+}
+
+/// An `application/x-www-form-urlencoded` body, as containerd sends one.
+fn form_body(pairs: &[(&str, &str)]) -> String {
+    let escape = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b' ' => "+".to_string(),
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn challenge(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_repository_is_served_only_to_credentials_the_upstream_accepts() {
+    let w = world().await;
+    let p = Proxy::start_config(config(&w)).await;
+
+    // Anonymous: challenged, for this repository of this upstream, at this proxy.
+    let r = get(&p, PRIVATE, "team/app/manifests/1", None).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        challenge(&r),
+        format!(
+            "Bearer realm=\"http://{}/auth/token\",service=\"pullthrough:{PRIVATE}\",scope=\"repository:team/app:pull\"",
+            p.host
+        )
+    );
+    // An anonymous token, and one for wrong credentials, pull nothing.
+    for user in [None, Some(("alice", "wrong")), Some(("mallory", "wonder"))] {
+        let t = token_of(&p, PRIVATE, "team/app", user).await;
+        let r = get(&p, PRIVATE, "team/app/manifests/1", Some(&t)).await;
+        assert_eq!(r.status(), 401, "{user:?}");
+        assert!(challenge(&r).ends_with(",error=\"insufficient_scope\""));
+    }
+
+    // The right credentials: everything, through GET with Basic and through POST.
+    let alice = token_of(&p, PRIVATE, "team/app", Some(("alice", "wonder"))).await;
+    pull_with(&p, "team/app", &w.app, &alice).await;
+    let form = http()
+        .post(format!("{}/auth/token", p.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[
+            ("grant_type", "password"),
+            ("username", "bob"),
+            ("password", "builder"),
+            ("service", &format!("pullthrough:{PRIVATE}")),
+            (
+                "scope",
+                "repository:team/app:pull repository:team/other:pull",
+            ),
+            ("client_id", "containerd-client"),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 200);
+    let v: serde_json::Value = form.json().await.unwrap();
+    let bob = v["access_token"].as_str().unwrap().to_string();
+    pull_with(&p, "team/app", &w.app, &bob).await;
+    pull_with(&p, "team/other", &w.other, &bob).await;
+    // The second pull came from the cache.
+    for b in w.app.blobs() {
+        w.private.assert_gets(&format!("/blobs/{}", b.digest), 1);
+    }
+
+    // A public repository: no challenge at all.
+    let pulled = pull(&p.url, "lib/open", "1", Some(PUBLIC)).await.unwrap();
+    assert_eq!(pulled.top, w.open.manifest.digest);
+    let m = p.metrics().await;
+    let at = |u: &str| {
+        metric_value(
+            &m,
+            "pullthrough_access_challenges_total",
+            &[("upstream", u)],
+        )
+    };
+    assert_eq!(at(PUBLIC), 0.0);
+    assert!(at(PRIVATE) >= 4.0);
+
+    // A cached private layer, anonymously under a public repository: unknown there.
+    let layer = &w.app.layers[0].digest;
+    let r = get(&p, PUBLIC, &format!("lib/open/blobs/{layer}"), None).await;
+    assert_eq!(r.status(), 404);
+    // Under another private repository the client may pull, which does not hold it.
+    let r = get(
+        &p,
+        PRIVATE,
+        &format!("team/other/blobs/{layer}"),
+        Some(&bob),
+    )
+    .await;
+    assert_eq!(r.status(), 404);
+    // A token for one repository is no token for another.
+    let r = get(&p, PRIVATE, "team/other/manifests/1", Some(&alice)).await;
+    assert_eq!(r.status(), 401);
+
+    // Neither credentials nor tokens are in the metrics.
+    for secret in ["wonder", "builder", "stash", &alice, &bob] {
+        assert!(!m.contains(secret), "a secret in the metrics");
+    }
+    assert_eq!(
+        metric_value(
+            &m,
+            "pullthrough_access_decisions_total",
+            &[("upstream", PUBLIC), ("result", "public")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_clients_with_the_same_credentials_cost_one_check() {
+    let w = world().await;
+    let p = Proxy::start_config(config(&w)).await;
+    let tokens = futures::future::join_all(
+        (0..16).map(|_| token_of(&p, PRIVATE, "team/app", Some(("bob", "builder")))),
+    )
+    .await;
+    for t in &tokens {
+        let r = get(&p, PRIVATE, "team/app/manifests/1", Some(t)).await;
+        assert_eq!(r.status(), 200);
+    }
+    let allowed = p
+        .metric(
+            "pullthrough_access_decisions_total",
+            &[("upstream", PRIVATE), ("result", "allowed")],
+        )
+        .await;
+    assert_eq!(allowed, 1.0, "upstream checks");
+    // The upstream's own log: one HEAD with bob's credentials (404: no latest tag).
+    let checks = w
+        .private
+        .access_log()
+        .lines()
+        .filter(|l| l.contains("\"HEAD /v2/team/app/manifests/latest") && l.contains("\" 404 "))
+        .count();
+    assert_eq!(checks, 1, "checks in the upstream's log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_loses_access_once_the_decision_expires() {
+    let w = world().await;
+    let ttl = Duration::from_secs(2);
+    let mut c = config(&w);
+    c.access.allowed_ttl = ttl;
+    let p = Proxy::start_config(c).await;
+    let before = Instant::now();
+    let r = token(&p, PRIVATE, "team/app", Some(("alice", "wonder"))).await;
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["expires_in"].as_u64().unwrap() <= ttl.as_secs());
+    let t = v["token"].as_str().unwrap().to_string();
+    assert_eq!(
+        get(&p, PRIVATE, "team/app/manifests/1", Some(&t))
+            .await
+            .status(),
+        200
+    );
+
+    w.private.set_users(&format!("{CACHE}{BOB}"));
+    // Until the decision expires the cache keeps it; then the upstream's no is heard.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let revoked = loop {
+        let t = token_of(&p, PRIVATE, "team/app", Some(("alice", "wonder"))).await;
+        if get(&p, PRIVATE, "team/app/manifests/1", Some(&t))
+            .await
+            .status()
+            == 401
+        {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(revoked, "alice still pulls after her removal upstream");
+    assert!(before.elapsed() >= ttl, "revoked before allowedTTL");
+    assert_eq!(
+        p.metric(
+            "pullthrough_access_decisions_total",
+            &[("upstream", PRIVATE), ("result", "denied")]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_share_the_key_accept_each_others_tokens() {
+    let w = world().await;
+    let keys = tempfile::tempdir().unwrap();
+    let shared = keys.path().join("shared");
+    std::fs::write(&shared, "a key every replica mounts\n").unwrap();
+    let with_key = |file: &std::path::Path| {
+        let mut c = config(&w);
+        c.access.signing_key_file = Some(file.to_path_buf());
+        c
+    };
+    let a = Proxy::start_config(with_key(&shared)).await;
+    let b = Proxy::start_config(with_key(&shared)).await;
+    let other = Proxy::start_config(with_key(&keys.path().join("own"))).await;
+    let t = token_of(&a, PRIVATE, "team/app", Some(("alice", "wonder"))).await;
+    pull_with(&b, "team/app", &w.app, &t).await;
+    let checks_at_b = b
+        .metric(
+            "pullthrough_access_decisions_total",
+            &[("result", "allowed")],
+        )
+        .await;
+    assert_eq!(checks_at_b, 0.0, "b asked the upstream");
+    let r = get(&other, PRIVATE, "team/app/manifests/1", Some(&t)).await;
+    assert_eq!(r.status(), 401, "a replica with another key took the token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failures_of_one_user_are_refused_without_asking() {
+    let w = world().await;
+    let mut c = config(&w);
+    c.access.max_failed_checks = 3;
+    let p = Proxy::start_config(c).await;
+    for i in 0..3 {
+        let pw = format!("guess{i}");
+        let t = token_of(&p, PRIVATE, "team/app", Some(("alice", &pw))).await;
+        assert_eq!(
+            get(&p, PRIVATE, "team/app/manifests/1", Some(&t))
+                .await
+                .status(),
+            401
+        );
+    }
+    let r = token(&p, PRIVATE, "team/app", Some(("alice", "guess3"))).await;
+    assert_eq!(r.status(), 429);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("TOOMANYREQUESTS"), "{body}");
+    let denied = p
+        .metric(
+            "pullthrough_access_decisions_total",
+            &[("upstream", PRIVATE), ("result", "denied")],
+        )
+        .await;
+    assert_eq!(denied, 3.0, "upstream checks");
+    // Another user is not held back.
+    let bob = token_of(&p, PRIVATE, "team/app", Some(("bob", "builder"))).await;
+    assert_eq!(
+        get(&p, PRIVATE, "team/app/manifests/1", Some(&bob))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[test]
+fn challenges_over_plain_http_need_the_opt_in() {
+    let mut c = ProxyConfig::default();
+    c.upstreams[0].credentials = Some(Credentials {
+        username: "u".into(),
+        password: "p".into(),
+    });
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("access.plainHttp"), "{e}");
+    c.upstreams[0].access = Some(UpstreamAccess {
+        mode: AccessMode::Open,
+    });
+    assert!(c.validate().is_ok());
+}
