@@ -95,7 +95,7 @@ fn ordinary_mistakes_are_one_line_without_a_backtrace() {
     // Inline passwords are not shown.
     std::fs::write(
         &config,
-        "upstreams:\n  - registry: reg.example\n    credentials: {username: me, password: s3cret}\n",
+        "upstreams:\n  - registry: reg.example\n    credentials: {username: me, password: s3cret}\naccess: {plainHttp: true}\n",
     )
     .unwrap();
     let out = proxy(&["--config", config.to_str().unwrap(), "--print-config"]);

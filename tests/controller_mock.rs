@@ -585,7 +585,7 @@ async fn a_missing_secret_degrades_the_mirror_and_touches_no_child() {
     let m = mirror(
         "public",
         100,
-        "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]",
+        "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]\naccess: {plainHttp: true}",
         true,
     );
     reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
@@ -618,7 +618,7 @@ async fn a_secret_of_the_wrong_kind_is_reported() {
     let m = mirror(
         "public",
         100,
-        "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]",
+        "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]\naccess: {plainHttp: true}",
         true,
     );
     reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
@@ -639,7 +639,7 @@ async fn a_secret_of_the_wrong_kind_is_reported() {
     let m = mirror(
         "public",
         100,
-        "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]",
+        "upstreams: [{registry: docker.io, credentialsSecretRef: {name: hub}}]\naccess: {plainHttp: true}",
         true,
     );
     reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();

@@ -752,7 +752,7 @@ async fn a_missing_secret_degrades_the_mirror_until_it_is_created() {
     let a = env.registry("a");
     env.create(
         "private",
-        &format!("  upstreams: [{{registry: {a}, url: 'http://127.0.0.1:1', credentialsSecretRef: {{name: creds}}}}]"),
+        &format!("  upstreams: [{{registry: {a}, url: 'http://127.0.0.1:1', credentialsSecretRef: {{name: creds}}}}]\n  access: {{plainHttp: true}}"),
     )
     .await;
     env.status_where("private", 60, "SecretNotFound", |m| {

@@ -707,6 +707,10 @@ async fn upstream_bodies_that_stall_fail_within_the_timeout() {
         username: "u".into(),
         password: "p".into(),
     });
+    // The proxy's own credentials upstream, served to any client.
+    cfg.upstreams[0].access = Some(pullthrough::api::UpstreamAccess {
+        mode: pullthrough::api::AccessMode::Open,
+    });
     let proxy = Proxy::start_config(cfg).await;
     let r = get(&format!("{}/v2/a/c/manifests/v1", proxy.url)).await;
     assert_eq!(error_code(r).await, (502, "UNAVAILABLE".to_string()));
@@ -762,6 +766,10 @@ async fn unusable_ns_and_odd_upstream_answers_get_their_own_errors() {
     cfg.upstreams[0].credentials = Some(pullthrough::api::Credentials {
         username: "u".into(),
         password: "p".into(),
+    });
+    // The proxy's own credentials upstream, served to any client.
+    cfg.upstreams[0].access = Some(pullthrough::api::UpstreamAccess {
+        mode: pullthrough::api::AccessMode::Open,
     });
     let proxy = Proxy::start_config(cfg).await;
     let r = get(&format!("{}/v2/a/b/manifests/v1", proxy.url)).await;

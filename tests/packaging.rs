@@ -454,8 +454,17 @@ fn label_names(series: &str) -> BTreeSet<String> {
 #[tokio::test]
 async fn the_readme_metrics_table_is_what_each_role_exports_from_the_start() {
     use pullthrough::server::Ops as _;
-    // Every role's metrics before anything happened: a proxy that has served nothing.
-    let proxy = crate::common::Proxy::start(&[("docker.io", "http://127.0.0.1:1")]).await;
+    // Every role's metrics before anything happened: a proxy that has served nothing,
+    // with an upstreamAuth upstream beside an open one.
+    let mut config = crate::common::config_for(&[
+        ("docker.io", "http://127.0.0.1:1"),
+        ("private.example", "http://127.0.0.1:1"),
+    ]);
+    config.upstreams[1].access = Some(pullthrough::api::UpstreamAccess {
+        mode: pullthrough::api::AccessMode::UpstreamAuth,
+    });
+    config.access.plain_http = true;
+    let proxy = crate::common::Proxy::start_config(config).await;
     let mut text = proxy.metrics().await;
     text.push_str(&pullthrough::controller::ControllerMetrics::new().render());
     text.push_str(&pullthrough::node_agent::AgentMetrics::new().metrics());

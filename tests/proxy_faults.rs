@@ -52,6 +52,10 @@ async fn bearer_token_flow_with_credentials_and_token_cache() {
         username: "alice".into(),
         password: "s3cret".into(),
     });
+    // The proxy's own credentials upstream, served to any client.
+    cfg.upstreams[0].access = Some(pullthrough::api::UpstreamAccess {
+        mode: pullthrough::api::AccessMode::Open,
+    });
     let proxy = Proxy::start_config(cfg).await;
     let pulled = pull(&proxy.url, "private/app", "v1", None).await.unwrap();
     assert_eq!(pulled.top, image.manifest.digest);
@@ -72,6 +76,10 @@ async fn bearer_token_flow_with_credentials_and_token_cache() {
     cfg.upstreams[0].credentials = Some(Credentials {
         username: "alice".into(),
         password: "wrong".into(),
+    });
+    // The proxy's own credentials upstream, served to any client.
+    cfg.upstreams[0].access = Some(pullthrough::api::UpstreamAccess {
+        mode: pullthrough::api::AccessMode::Open,
     });
     let proxy2 = Proxy::start_config(cfg).await;
     let r = http()
@@ -105,6 +113,10 @@ async fn blob_redirects_to_storage_are_followed_without_leaking_credentials() {
     cfg.upstreams[0].credentials = Some(Credentials {
         username: "alice".into(),
         password: "s3cret".into(),
+    });
+    // The proxy's own credentials upstream, served to any client.
+    cfg.upstreams[0].access = Some(pullthrough::api::UpstreamAccess {
+        mode: pullthrough::api::AccessMode::Open,
     });
     let proxy = Proxy::start_config(cfg).await;
     let pulled = pull(&proxy.url, "private/app", "v1", None).await.unwrap();

@@ -553,10 +553,20 @@ upstreams:
   - registry: ghcr.io
     url: https://ghcr.example
 cache: {tagTTL: 1m, staleIfError: 2h}
+access: {plainHttp: true, allowedTTL: 1m}
 "#,
         )
         .unwrap();
         let c = spec.proxy_config().unwrap();
+        use crate::api::AccessMode;
+        assert_eq!(c.upstreams[0].access_mode(), AccessMode::UpstreamAuth);
+        assert_eq!(c.upstreams[1].access_mode(), AccessMode::Open);
+        assert_eq!(c.access.allowed_ttl, std::time::Duration::from_secs(60));
+        assert!(c.access.plain_http);
+        let mut clear = spec.clone();
+        clear.access = None;
+        let e = clear.proxy_config().unwrap_err().to_string();
+        assert!(e.contains("access.plainHttp"), "{e}");
         assert_eq!(c.tag_ttl, std::time::Duration::from_secs(60));
         assert_eq!(c.stale_if_error, std::time::Duration::from_secs(7200));
         assert_eq!(

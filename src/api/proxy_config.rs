@@ -968,12 +968,16 @@ upstreams:
 defaultUpstream: registry.local:5000
 tagTTL: 1m
 staleIfError: 2h
+access: { plainHttp: true, deniedTTL: 10s }
 "#;
         // A misspelt field must be reported, not silently ignored.
         assert!(ProxyConfig::from_yaml(&text.replace("tagTTL", "tagTtl")).is_err());
         let c = ProxyConfig::from_yaml(text).unwrap();
         c.validate().unwrap();
         assert_eq!(c.tag_ttl, Duration::from_secs(60));
+        assert_eq!(c.access.denied_ttl, Duration::from_secs(10));
+        assert_eq!(c.upstreams[1].access_mode(), AccessMode::UpstreamAuth);
+        assert_eq!(c.upstreams[0].access_mode(), AccessMode::Open);
         assert_eq!(c.upstreams[1].base_url(), "http://10.0.0.1:5000");
         assert_eq!(c.upstreams[0].base_url(), "https://ghcr.io");
         assert_eq!(ProxyConfig::from_yaml(&c.to_yaml()).unwrap(), c);

@@ -747,7 +747,7 @@ pub(crate) mod tests {
     #[test]
     fn storage_size_makes_a_statefulset_with_claims_and_credentials_are_mounted() {
         let m = mirror(
-            "upstreams: [{registry: docker.io}, {registry: ghcr.io, credentialsSecretRef: {name: gh}}]\ncache: {storage: {size: 50Gi, storageClassName: fast}}",
+            "upstreams: [{registry: docker.io}, {registry: ghcr.io, credentialsSecretRef: {name: gh}}]\ncache: {storage: {size: 50Gi, storageClassName: fast}}\naccess: {plainHttp: true}",
         );
         assert!(uses_pvc(&m));
         let s = stateful_set(&m, &settings(), "h");
