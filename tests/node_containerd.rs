@@ -88,7 +88,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     }
 
     fn pull(&self, hosts_dir: &Path, reference: &str) -> Output {
-        self.ctr(&[
+        self.pull_as(hosts_dir, reference, None)
+    }
+
+    /// A pull with `user` (`name:password`) as the pod's pull secret would give it.
+    fn pull_as(&self, hosts_dir: &Path, reference: &str, user: Option<&str>) -> Output {
+        let mut args = vec![
             "images",
             "pull",
             "--hosts-dir",
@@ -97,8 +102,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             "linux/amd64",
             "--snapshotter",
             "native",
-            reference,
-        ])
+        ];
+        if let Some(u) = user {
+            args.extend(["--user", u]);
+        }
+        args.push(reference);
+        self.ctr(&args)
     }
 }
 
@@ -261,5 +270,146 @@ fn the_agent_says_clearly_when_containerd_ignores_hosts_toml() {
         text(&out).contains("expected REGISTRY=URL"),
         "{}",
         text(&out)
+    );
+}
+
+/// Lines of the upstream's access log for `path` that containerd sent itself (not the
+/// proxy: its user agent is pullthrough's) and that were refused.
+fn refused_from_containerd(upstream: &Registry, path: &str) -> usize {
+    upstream
+        .access_log()
+        .lines()
+        .filter(|l| l.contains(path) && l.contains("\" 401 ") && l.contains("containerd/"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_a_private_image_through_the_mirror_only_with_good_credentials() {
+    use crate::private_access::{ALICE, BOB, CACHE};
+    let private = Registry::start_private(&format!("{CACHE}{ALICE}{BOB}")).await;
+    let public = Registry::start().await;
+    let secret = Image::generate_tar(61, &[200_000, 30_000], "amd64");
+    let open = Image::generate_tar(62, &[100_000], "amd64");
+    push_image(
+        &format!("http://alice:wonder@{}", private.host()),
+        "team/app",
+        "v1",
+        &secret,
+    )
+    .await;
+    push_image(&public.url, "lib/open", "v1", &open).await;
+    let (p, o) = (private.host(), public.host());
+    let mut config = config_for(&[(&p, &private.url), (&o, &public.url)]);
+    config.upstreams[0].credentials = Some(pullthrough::api::Credentials {
+        username: "cache".into(),
+        password: "stash".into(),
+    });
+    config.upstreams[1].access = Some(pullthrough::api::UpstreamAccess {
+        mode: pullthrough::api::AccessMode::UpstreamAuth,
+    });
+    config.access.plain_http = true;
+    let proxy = Proxy::start_config(config).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs.d");
+    let out = agent(&[
+        "--standalone",
+        "--certs-dir",
+        certs.to_str().unwrap(),
+        "--containerd-config",
+        "/nonexistent",
+        "--mirror",
+        &format!("{p}={}", proxy.url),
+        "--server",
+        &format!("{p}={}", private.url),
+        "--mirror",
+        &format!("{o}={}", proxy.url),
+        "--server",
+        &format!("{o}={}", public.url),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let line = format!("config_path = \"{}\"", certs.display());
+    let first = tempfile::tempdir().unwrap();
+    let containerd = Containerd::start(first.path(), &line);
+    let reference = format!("{p}/team/app:v1");
+    let manifest_path = "/v2/team/app/manifests/v1";
+
+    // No credentials, then wrong ones: the mirror refuses, containerd falls back to the
+    // upstream, which refuses too.
+    for (user, why) in [(None, "anonymous"), (Some("alice:wrong"), "wrong password")] {
+        let before = refused_from_containerd(&private, manifest_path);
+        let out = containerd.pull_as(&certs, &reference, user);
+        assert!(!out.status.success(), "{why}: the pull worked");
+        assert!(
+            refused_from_containerd(&private, manifest_path) > before,
+            "{why}: containerd did not fall back to the upstream"
+        );
+    }
+    let m = proxy.metrics().await;
+    let served =
+        |m: &str, up: &str| metric_value(m, "pullthrough_requests_total", &[("upstream", up)]);
+    assert_eq!(served(&m, &p), 0.0, "the mirror served a refused client");
+    assert!(
+        metric_value(
+            &m,
+            "pullthrough_access_challenges_total",
+            &[("upstream", &p)]
+        ) >= 2.0
+    );
+
+    // The right credentials: pulled through the mirror.
+    let out = containerd.pull_as(&certs, &reference, Some("alice:wonder"));
+    assert!(
+        out.status.success(),
+        "ctr pull failed: {}\n{}",
+        text(&out),
+        containerd.log()
+    );
+    let content = text(&containerd.ctr(&["content", "ls"]));
+    for b in secret.blobs() {
+        assert!(content.contains(&b.digest), "containerd lacks {}", b.digest);
+        private.assert_gets(&format!("/blobs/{}", b.digest), 1);
+    }
+    // Another node, another client the upstream accepts: from the cache.
+    let second = tempfile::tempdir().unwrap();
+    let other = Containerd::start(second.path(), &line);
+    let out = other.pull_as(&certs, &reference, Some("bob:builder"));
+    assert!(
+        out.status.success(),
+        "second pull failed: {}\n{}",
+        text(&out),
+        other.log()
+    );
+    for b in secret.blobs() {
+        private.assert_gets(&format!("/blobs/{}", b.digest), 1);
+    }
+    let m = proxy.metrics().await;
+    let hits = metric_value(
+        &m,
+        "pullthrough_requests_total",
+        &[("upstream", &p), ("kind", "blob"), ("result", "hit")],
+    );
+    assert_eq!(hits, secret.blobs().count() as f64, "blobs from the cache");
+
+    // A public image: no challenge at all.
+    let out = other.pull(&certs, &format!("{o}/lib/open:v1"));
+    assert!(
+        out.status.success(),
+        "public pull failed: {}\n{}",
+        text(&out),
+        other.log()
+    );
+    let m = proxy.metrics().await;
+    assert!(
+        served(&m, &o) >= 2.0,
+        "the public pull did not use the mirror"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "pullthrough_access_challenges_total",
+            &[("upstream", &o)]
+        ),
+        0.0
     );
 }
