@@ -389,3 +389,95 @@ fn challenges_over_plain_http_need_the_opt_in() {
     });
     assert!(c.validate().is_ok());
 }
+
+/// The `pullthrough proxy` binary, logging everything it logs at `debug`, is shown
+/// credentials and tokens every way a client sends them: none of them is in its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_and_tokens_never_reach_the_logs() {
+    use std::process::{Command, Stdio};
+    let w = world().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&w);
+    let port = free_port();
+    c.listen = ([127, 0, 0, 1], port).into();
+    c.metrics_listen = ([127, 0, 0, 1], free_port()).into();
+    c.cache_dir = dir.path().join("cache");
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, c.to_yaml()).unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .args(["proxy", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("err")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    assert!(
+        serving(&url, Duration::from_secs(60)).await,
+        "the proxy did not start"
+    );
+    let p = &url;
+    let t = |user: &str, pw: &str| {
+        let (user, pw) = (user.to_string(), pw.to_string());
+        async move {
+            let r = http()
+                .get(format!(
+                    "{p}/auth/token?service=pullthrough:{PRIVATE}&scope=repository:team/app:pull"
+                ))
+                .basic_auth(user, Some(pw))
+                .send()
+                .await
+                .unwrap();
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["token"].as_str().unwrap().to_string()
+        }
+    };
+    let good = t("alice", "wonder").await;
+    let bad = t("alice", "sesame").await;
+    let form = http()
+        .post(format!("{p}/auth/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[
+            ("grant_type", "password"),
+            ("username", "bob"),
+            ("password", "builder"),
+            ("service", &format!("pullthrough:{PRIVATE}")),
+            ("scope", "repository:team/app:pull"),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 200);
+    for token in [&good, &bad] {
+        let r = http()
+            .get(format!("{p}/v2/team/app/manifests/1?ns={PRIVATE}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status() == 200 || r.status() == 401);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = std::fs::read_to_string(&log).unwrap()
+        + &std::fs::read_to_string(dir.path().join("err")).unwrap();
+    assert!(out.contains("/auth/token"), "the requests were not logged");
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for secret in [
+        "wonder".to_string(),
+        "sesame".to_string(),
+        "builder".to_string(),
+        "stash".to_string(),
+        b64("alice:wonder"),
+        b64("cache:stash"),
+        good.clone(),
+        bad.clone(),
+    ] {
+        assert!(!out.contains(&secret), "a secret in the proxy's output");
+    }
+}
