@@ -481,3 +481,58 @@ async fn credentials_and_tokens_never_reach_the_logs() {
         assert!(!out.contains(&secret), "a secret in the proxy's output");
     }
 }
+
+/// Over TLS (a cert-manager-shaped Secret's files): the realm is https, credentials and
+/// tokens travel encrypted, and no plain-HTTP opt-in is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_challenges_point_at_an_https_realm() {
+    let w = world().await;
+    let certs = tempfile::tempdir().unwrap();
+    test_certificate(certs.path());
+    let mut c = config(&w);
+    c.access.plain_http = false;
+    c.tls = Some(pullthrough::api::TlsConfig {
+        cert_file: certs.path().join("tls.crt"),
+        key_file: certs.path().join("tls.key"),
+    });
+    let p = Proxy::start_config(c).await;
+    assert!(p.url.starts_with("https://"));
+    let client = https(&certs.path().join("ca.crt"));
+    let r = client
+        .get(format!("{}/v2/team/app/manifests/1?ns={PRIVATE}", p.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let realm = format!("Bearer realm=\"https://{}/auth/token\"", p.host);
+    assert!(challenge(&r).starts_with(&realm), "{}", challenge(&r));
+    let v: serde_json::Value = client
+        .get(format!(
+            "{}/auth/token?service=pullthrough:{PRIVATE}&scope=repository:team/app:pull",
+            p.url
+        ))
+        .basic_auth("alice", Some("wonder"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let t = v["token"].as_str().unwrap();
+    for b in w.app.blobs() {
+        let r = client
+            .get(format!(
+                "{}/v2/team/app/blobs/{}?ns={PRIVATE}",
+                p.url, b.digest
+            ))
+            .bearer_auth(t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(sha256(&r.bytes().await.unwrap()), b.digest);
+    }
+    // Plain HTTP to the TLS port gets no registry answer.
+    let plain = http().get(format!("http://{}/v2/", p.host)).send().await;
+    assert!(plain.map_or(true, |r| !r.status().is_success()));
+}

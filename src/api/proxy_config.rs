@@ -121,6 +121,20 @@ pub struct ProxyConfig {
     /// Decisions of `upstreamAuth` upstreams: TTLs, the signing key, plain HTTP.
     #[serde(default, skip_serializing_if = "AccessConfig::is_default")]
     pub access: AccessConfig,
+    /// Serve the registry API over HTTPS with this certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The registry API's certificate: PEM files, as a `kubernetes.io/tls` Secret mounts them
+/// (`tls.crt`, `tls.key`); read again when they change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, the server's first.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// One mirrored registry.
@@ -215,7 +229,7 @@ pub struct AccessConfig {
     #[serde(default = "default_failed_checks")]
     pub max_failed_checks: u32,
     /// Challenge clients over plain HTTP: their credentials then cross the network in
-    /// clear. Required for `upstreamAuth` on a proxy that does not serve TLS.
+    /// clear. Required for `upstreamAuth` on a proxy without `tls`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub plain_http: bool,
 }
@@ -509,8 +523,9 @@ pub enum ConfigError {
     #[error(
         "upstream {0:?} is in access mode upstreamAuth (the default with credentials): clients \
          are challenged for their own credentials, which would cross the network in clear; \
-         set access.plainHttp: true to accept that, or access.mode: open on the upstream to \
-         serve what its credentials fetch to anyone"
+         serve TLS (tls.certFile and tls.keyFile), set access.plainHttp: true to accept \
+         that, or set access.mode: open on the upstream to serve what its credentials \
+         fetch to anyone"
     )]
     ChallengesInClear(String),
     /// A pin or prefetch entry that is not an image reference.
@@ -652,7 +667,7 @@ impl ProxyConfig {
             .iter()
             .find(|u| u.access_mode() == AccessMode::UpstreamAuth);
         if let Some(u) = guarded {
-            if !self.access.plain_http {
+            if self.tls.is_none() && !self.access.plain_http {
                 return Err(ConfigError::ChallengesInClear(u.registry.clone()));
             }
             if self.peers.is_some() && self.access.signing_key_file.is_none() {
@@ -742,6 +757,7 @@ impl Default for ProxyConfig {
             client_header_timeout: default_client_header_timeout(),
             client_idle_timeout: default_client_idle_timeout(),
             access: AccessConfig::default(),
+            tls: None,
         }
     }
 }

@@ -269,6 +269,7 @@ async fn route(
     let from_peer = req.headers().contains_key(PEER_HEADER);
     let trusted = from_peer && cache.is_replica(peer.ip());
     if up.guarded() && !trusted {
+        let scheme = if proxy.https() { "https" } else { "http" };
         let authorization = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -278,7 +279,7 @@ async fn route(
         {
             proxy.metrics().access_challenge(up.name());
             return Err(ProxyError::Unauthorized {
-                challenge: challenge(req, &up, &repo, insufficient_scope)?,
+                challenge: challenge(req, scheme, &up, &repo, insufficient_scope)?,
             });
         }
     }
@@ -416,6 +417,7 @@ const MAX_TOKEN_FORM: usize = 64 << 10;
 /// token endpoint, on the host the client asked for.
 fn challenge(
     req: &Request<Incoming>,
+    scheme: &str,
     up: &Upstream,
     repository: &str,
     insufficient_scope: bool,
@@ -435,7 +437,7 @@ fn challenge(
             ProxyError::NameInvalid("a request for a private repository needs a valid Host".into())
         })?;
     let mut c = format!(
-        "Bearer realm=\"http://{host}{TOKEN_PATH}\",service=\"{}\",scope=\"repository:{repository}:pull\"",
+        "Bearer realm=\"{scheme}://{host}{TOKEN_PATH}\",service=\"{}\",scope=\"repository:{repository}:pull\"",
         super::access::service(up.name())
     );
     if insufficient_scope {

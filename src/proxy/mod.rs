@@ -19,6 +19,7 @@ pub mod shared_eviction;
 pub mod store;
 #[cfg(test)]
 mod test_support;
+pub mod tls;
 pub mod upstream;
 pub mod zero_copy;
 
@@ -95,6 +96,9 @@ pub enum StartError {
         /// What went wrong.
         source: std::io::Error,
     },
+    /// The certificate or key cannot be used.
+    #[error("tls: {0}")]
+    Tls(String),
     /// The admin token cannot be read or written.
     #[error("admin token {path}: {source}")]
     AdminToken {
@@ -124,6 +128,8 @@ pub struct Proxy {
     prefetch: Vec<ConfiguredImage>,
     prefetch_platforms: Vec<String>,
     admin_token: String,
+    /// The registry API is served over HTTPS.
+    https: bool,
     /// The shared bucket's size limit at work, when it has one.
     eviction: Option<Arc<SharedEviction>>,
 }
@@ -336,6 +342,7 @@ impl Proxy {
             prefetch,
             prefetch_platforms: config.prefetch_platforms.clone(),
             admin_token,
+            https: config.tls.is_some(),
             eviction,
         })
     }
@@ -348,6 +355,11 @@ impl Proxy {
     /// The upstream serving `registry` (as sent in `?ns=`), if configured.
     pub fn upstream(&self, registry: &str) -> Option<Arc<Upstream>> {
         find_upstream(&self.upstreams, registry)
+    }
+
+    /// Whether the registry API is served over HTTPS (the scheme of the token realm).
+    pub fn https(&self) -> bool {
+        self.https
     }
 
     /// Who may pull the private repositories of `upstreamAuth` upstreams.
@@ -481,17 +493,33 @@ pub async fn serve(
         header_timeout: config.client_header_timeout,
         idle_timeout: config.client_idle_timeout,
     };
-    let zero_copy = Arc::new(zero_copy::ZeroCopy {
-        sent: proxy.metrics.sendfile_bytes.clone(),
-    });
-    let api_loop = crate::server::accept_loop(
-        api,
-        stop_rx.clone(),
-        tracker.clone(),
-        limits,
-        zero_copy,
-        move |req, peer| http::handle(p1.clone(), req, peer),
-    );
+    let handler = move |req, peer| http::handle(p1.clone(), req, peer);
+    let api_task = match &config.tls {
+        Some(t) => {
+            let tls = tls::Tls::new(&t.cert_file, &t.key_file).map_err(StartError::Tls)?;
+            tokio::spawn(crate::server::accept_loop(
+                api,
+                stop_rx.clone(),
+                tracker.clone(),
+                limits,
+                Arc::new(tls),
+                handler,
+            ))
+        }
+        None => {
+            let zero_copy = Arc::new(zero_copy::ZeroCopy {
+                sent: proxy.metrics.sendfile_bytes.clone(),
+            });
+            tokio::spawn(crate::server::accept_loop(
+                api,
+                stop_rx.clone(),
+                tracker.clone(),
+                limits,
+                zero_copy,
+                handler,
+            ))
+        }
+    };
     let p2 = proxy.clone();
     let ops_loop = crate::server::accept_loop(
         ops,
@@ -501,7 +529,6 @@ pub async fn serve(
         Arc::new(crate::server::Plain),
         move |req, peer| http::handle_ops(p2.clone(), req, peer),
     );
-    let api_task = tokio::spawn(api_loop);
     let ops_task = tokio::spawn(ops_loop);
     // Pins are known once prefetched: only then may a lowered limit evict.
     let p = proxy.clone();

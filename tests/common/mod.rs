@@ -56,6 +56,91 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// A client that trusts only the CA certificate in `ca` (PEM).
+pub fn https(ca: &Path) -> reqwest::Client {
+    tls_provider();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .tls_certs_only([ca])
+        .build()
+        .unwrap()
+}
+
+/// A test CA and a certificate it signed for 127.0.0.1, made with the openssl CLI in
+/// `dir`: `ca.crt`, `tls.crt` and `tls.key`, as a cert-manager Secret holds them.
+pub fn test_certificate(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl not found: run ./scripts/test, which installs it");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-subj",
+                "/CN=pullthrough test CA",
+                "-days",
+                "3",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "tls.key",
+                "-out",
+                "tls.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "tls.crt",
+        "-days",
+        "3",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
 /// A real `docker-registry` (CNCF Distribution) process on a free loopback port, killed on drop.
 pub struct Registry {
     pub url: String,
@@ -223,6 +308,20 @@ pub async fn serving(url: &str, limit: Duration) -> bool {
     false
 }
 
+/// Waits up to `limit` for an operations port at `url` to answer `/readyz` with success.
+pub async fn serving_ops(url: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(r) = http().get(format!("{url}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 pub fn which(bin: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -273,6 +372,11 @@ impl Proxy {
         init_tracing();
         let host = api.local_addr().unwrap().to_string();
         let metrics_url = format!("http://{}", ops.local_addr().unwrap());
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let cache_dir = config.cache_dir.clone();
         let task = tokio::spawn(async move {
@@ -283,7 +387,7 @@ impl Proxy {
             .expect("proxy runs");
         });
         let proxy = Proxy {
-            url: format!("http://{host}"),
+            url: format!("{scheme}://{host}"),
             host,
             metrics_url,
             cache_dir,
@@ -294,10 +398,12 @@ impl Proxy {
         // Requests would wait for it anyway (the listeners are bound), but what it does
         // at start (its cache directory, its admin token) must be done before a test
         // looks.
-        assert!(
-            serving(&proxy.url, Duration::from_secs(60)).await,
-            "the proxy did not start"
-        );
+        // Over TLS, the operations port (plain HTTP) says when it serves.
+        let ready = match scheme {
+            "https" => serving_ops(&proxy.metrics_url, Duration::from_secs(60)).await,
+            _ => serving(&proxy.url, Duration::from_secs(60)).await,
+        };
+        assert!(ready, "the proxy did not start");
         proxy
     }
 

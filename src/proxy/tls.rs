@@ -1,0 +1,230 @@
+//! HTTPS for the registry API (`tls: {certFile, keyFile}`): what `upstreamAuth` needs so
+//! that clients' credentials never cross the network in clear. The certificate and key
+//! are PEM files, as a `kubernetes.io/tls` Secret (cert-manager's) mounts them; they are
+//! read again when they change, so a renewed certificate is served without a restart.
+//!
+//! Blob bytes are encrypted on their way out, so TLS connections do not use
+//! [`super::zero_copy`]'s `sendfile(2)`.
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::future::Future as _;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpStream;
+
+/// How often the files are looked at for a renewed certificate.
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// The certificate and key read from `cert` and `key`, checked to belong together.
+pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", cert.display()));
+    }
+    let private =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(chain, private, &provider)
+        .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The certificate being served, read again from its files when they change.
+#[derive(Debug)]
+struct Certs {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// Modification times of the files last read.
+    read: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
+    /// When the files were last looked at, in seconds since the epoch.
+    checked: AtomicU64,
+}
+
+impl Certs {
+    fn reload_if_changed(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.checked.load(Ordering::Relaxed);
+        if now < last + RECHECK.as_secs()
+            || self
+                .checked
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let times = (modified(&self.cert), modified(&self.key));
+        let mut read = self.read.lock().expect("certificate lock");
+        if *read == times {
+            return;
+        }
+        match load(&self.cert, &self.key) {
+            Ok(key) => {
+                *self.current.write().expect("certificate lock") = Arc::new(key);
+                *read = times;
+                tracing::info!(cert = %self.cert.display(), "serving the renewed certificate");
+            }
+            // Half of a renewal written (the new certificate, the old key): the files
+            // are looked at again on a later handshake.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the renewed certificate; serving the last one")
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.reload_if_changed();
+        Some(self.current.read().expect("certificate lock").clone())
+    }
+}
+
+/// Connections served over TLS.
+pub struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Tls {
+    /// TLS with the certificate chain in `cert` and its key in `key` (PEM), HTTP/2 and
+    /// HTTP/1.1 offered by ALPN.
+    pub fn new(cert: &Path, key: &Path) -> Result<Tls, String> {
+        let certs = Certs {
+            current: RwLock::new(Arc::new(load(cert, key)?)),
+            read: Mutex::new((modified(cert), modified(key))),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            checked: AtomicU64::new(0),
+        };
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(certs));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
+impl crate::server::Connection for Tls {
+    type Io = TlsIo;
+
+    fn open(&self, stream: TcpStream) -> (TlsIo, crate::server::Tag) {
+        (
+            TlsIo::Handshake(self.acceptor.accept(stream)),
+            Box::new(|_| {}),
+        )
+    }
+}
+
+/// A TLS connection: the handshake is made on its first read or write, within the
+/// server's timeouts for a request head.
+pub enum TlsIo {
+    /// The handshake, under way.
+    Handshake(tokio_rustls::Accept<TcpStream>),
+    /// The connection, encrypted.
+    Ready(hyper_util::rt::TokioIo<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// The handshake failed.
+    Failed,
+}
+
+impl TlsIo {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let TlsIo::Handshake(accept) = self {
+            match ready!(Pin::new(accept).poll(cx)) {
+                Ok(stream) => *self = TlsIo::Ready(hyper_util::rt::TokioIo::new(stream)),
+                Err(e) => {
+                    *self = TlsIo::Failed;
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        match self {
+            TlsIo::Ready(_) => Poll::Ready(Ok(())),
+            _ => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the TLS handshake failed",
+            ))),
+        }
+    }
+
+    fn stream(
+        &mut self,
+    ) -> Pin<&mut hyper_util::rt::TokioIo<tokio_rustls::server::TlsStream<TcpStream>>> {
+        match self {
+            TlsIo::Ready(s) => Pin::new(s),
+            _ => unreachable!("polled only once ready"),
+        }
+    }
+}
+
+impl hyper::rt::Read for TlsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_ready(cx))?;
+        this.stream().poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TlsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_ready(cx))?;
+        this.stream().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_ready(cx))?;
+        this.stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TlsIo::Ready(s) => Pin::new(s).poll_flush(cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TlsIo::Ready(s) => Pin::new(s).poll_shutdown(cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
