@@ -628,3 +628,85 @@ async fn mirrors_that_do_not_know_each_other_fetch_a_blob_once_through_the_bucke
     let left = keys(&bucket, &prefix, "leases").await;
     assert!(left.is_empty(), "lease left: {left:?}");
 }
+
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn replicas_serving_tls_ask_each_other_over_it_for_private_blobs() {
+    use crate::private_access::{ALICE, CACHE};
+    let up = Registry::start_private(&format!("{CACHE}{ALICE}")).await;
+    let blob = Blob::new("application/octet-stream", random_bytes(43, 4 << 20));
+    let as_alice = format!("http://alice:wonder@{}", up.host());
+    push_blob(&as_alice, "team/big", &blob).await;
+    let certs = tempfile::tempdir().unwrap();
+    test_certificate(certs.path());
+    let key = certs.path().join("signing-key");
+    std::fs::write(&key, "shared by the replicas").unwrap();
+    let prefix = prefix("tls-peers");
+    let host = up.host();
+    let bound = [listeners().await, listeners().await];
+    let addrs: Vec<SocketAddr> = bound.iter().map(|(a, _)| a.local_addr().unwrap()).collect();
+    let digest = blob.digest.parse().unwrap();
+    let owner = owner_of(&addrs, &digest).unwrap();
+    let mut replicas = Vec::new();
+    for (i, (api, ops)) in bound.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = with_storage(config_for(&[(&host, &up.url)]), s3(&prefix));
+        c.cache_dir = dir.path().join("cache");
+        c.upstreams[0].credentials = Some(pullthrough::api::Credentials {
+            username: "cache".into(),
+            password: "stash".into(),
+        });
+        c.tls = Some(pullthrough::api::TlsConfig {
+            cert_file: certs.path().join("tls.crt"),
+            key_file: certs.path().join("tls.key"),
+        });
+        c.access.signing_key_file = Some(key.clone());
+        let c = as_replica(c, addrs[i], &addrs);
+        replicas.push(Proxy::start_on(c, api, ops, Some(dir)).await);
+    }
+    let other = replicas
+        .iter()
+        .zip(&addrs)
+        .find(|(_, a)| **a != owner)
+        .map(|(r, _)| r)
+        .unwrap();
+    let client = https(&certs.path().join("ca.crt"));
+    let token: serde_json::Value = client
+        .get(format!(
+            "{}/auth/token?service=pullthrough:{host}&scope=repository:team/big:pull",
+            other.url
+        ))
+        .basic_auth("alice", Some("wonder"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = client
+        .get(format!("{}/v2/team/big/blobs/{}", other.url, blob.digest))
+        .bearer_auth(token["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blob.digest);
+    let m = other.metrics().await;
+    let by = |result| metric_value(&m, "pullthrough_peer_fetches_total", &[("result", result)]);
+    assert_eq!(
+        (by("owner"), by("failed")),
+        (1.0, 0.0),
+        "asked the owner over TLS"
+    );
+    // Served once by the upstream (its first answer to the owner was the 401 that asks
+    // for the credentials): both lines logged, then the 200s counted.
+    let path = format!("/blobs/{}", blob.digest);
+    assert_eq!(up.gets(&path, 2), 2, "upstream GETs of the blob");
+    let served = up
+        .access_log()
+        .lines()
+        .filter(|l| l.contains(&format!("GET /v2/team/big/blobs/{}", blob.digest)))
+        .filter(|l| l.contains("\" 200 "))
+        .count();
+    assert_eq!(served, 1, "upstream GETs of the blob");
+}

@@ -128,8 +128,8 @@ pub struct Proxy {
     prefetch: Vec<ConfiguredImage>,
     prefetch_platforms: Vec<String>,
     admin_token: String,
-    /// The registry API is served over HTTPS.
-    https: bool,
+    /// The registry API's TLS, when it is served over HTTPS.
+    tls: Option<Arc<tls::Tls>>,
     /// The shared bucket's size limit at work, when it has one.
     eviction: Option<Arc<SharedEviction>>,
 }
@@ -203,7 +203,21 @@ impl Proxy {
                 "removed partial downloads left by an earlier run"
             );
         }
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(
+                tls::Tls::new(&t.cert_file, &t.key_file).map_err(StartError::Tls)?,
+            )),
+            None => None,
+        };
         let client = upstream::http_client(config.connect_timeout);
+        // Replicas serving HTTPS are asked for blobs over it.
+        let peers_client = match (&tls, &config.peers) {
+            (Some(t), Some(_)) => Some(upstream::http_client_with(
+                t.peer_client_config(),
+                config.connect_timeout,
+            )),
+            _ => None,
+        };
         let mut upstreams = HashMap::new();
         for u in &config.upstreams {
             let credentials = match (&u.credentials, &u.credentials_file) {
@@ -229,13 +243,17 @@ impl Proxy {
             if u.access_mode() == crate::api::AccessMode::UpstreamAuth {
                 metrics.init_access(&u.registry.to_ascii_lowercase());
             }
-            let up = Arc::new(Upstream::new(
+            let mut up = Upstream::new(
                 u,
                 credentials,
                 client.clone(),
                 metrics.clone(),
                 config.upstream_timeout,
-            ));
+            );
+            if let Some(c) = &peers_client {
+                up = up.with_tls_peers(c.clone());
+            }
+            let up = Arc::new(up);
             upstreams.insert(u.registry.to_ascii_lowercase(), up);
         }
         let default_name = config
@@ -342,7 +360,7 @@ impl Proxy {
             prefetch,
             prefetch_platforms: config.prefetch_platforms.clone(),
             admin_token,
-            https: config.tls.is_some(),
+            tls,
             eviction,
         })
     }
@@ -359,7 +377,7 @@ impl Proxy {
 
     /// Whether the registry API is served over HTTPS (the scheme of the token realm).
     pub fn https(&self) -> bool {
-        self.https
+        self.tls.is_some()
     }
 
     /// Who may pull the private repositories of `upstreamAuth` upstreams.
@@ -494,18 +512,15 @@ pub async fn serve(
         idle_timeout: config.client_idle_timeout,
     };
     let handler = move |req, peer| http::handle(p1.clone(), req, peer);
-    let api_task = match &config.tls {
-        Some(t) => {
-            let tls = tls::Tls::new(&t.cert_file, &t.key_file).map_err(StartError::Tls)?;
-            tokio::spawn(crate::server::accept_loop(
-                api,
-                stop_rx.clone(),
-                tracker.clone(),
-                limits,
-                Arc::new(tls),
-                handler,
-            ))
-        }
+    let api_task = match proxy.tls.clone() {
+        Some(tls) => tokio::spawn(crate::server::accept_loop(
+            api,
+            stop_rx.clone(),
+            tracker.clone(),
+            limits,
+            tls,
+            handler,
+        )),
         None => {
             let zero_copy = Arc::new(zero_copy::ZeroCopy {
                 sent: proxy.metrics.sendfile_bytes.clone(),

@@ -98,30 +98,112 @@ impl ResolvesServerCert for Certs {
 /// Connections served over TLS.
 pub struct Tls {
     acceptor: tokio_rustls::TlsAcceptor,
+    certs: Arc<Certs>,
 }
 
 impl Tls {
     /// TLS with the certificate chain in `cert` and its key in `key` (PEM), HTTP/2 and
     /// HTTP/1.1 offered by ALPN.
     pub fn new(cert: &Path, key: &Path) -> Result<Tls, String> {
-        let certs = Certs {
+        let certs = Arc::new(Certs {
             current: RwLock::new(Arc::new(load(cert, key)?)),
             read: Mutex::new((modified(cert), modified(key))),
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             checked: AtomicU64::new(0),
-        };
+        });
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(certs));
+        .with_cert_resolver(certs.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Tls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            certs,
         })
+    }
+
+    /// What a replica connects to the others with: they serve the certificate it serves
+    /// (one Secret), at pod addresses no certificate names, so the one certificate
+    /// accepted is the one this replica serves now (and only a holder of its key can
+    /// complete the handshake).
+    pub fn peer_client_config(&self) -> rustls::ClientConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SameCertificate {
+                certs: self.certs.clone(),
+                provider,
+            }))
+            .with_no_client_auth()
+    }
+}
+
+/// Accepts exactly the certificate this replica serves (see [`Tls::peer_client_config`]).
+#[derive(Debug)]
+struct SameCertificate {
+    certs: Arc<Certs>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for SameCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.certs.reload_if_changed();
+        let ours = self.certs.current.read().expect("certificate lock").clone();
+        match ours.cert.first() {
+            Some(c) if c.as_ref() == end_entity.as_ref() => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            _ => Err(rustls::Error::General(
+                "the replica serves another certificate than this one".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

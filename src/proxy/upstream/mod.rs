@@ -10,7 +10,7 @@ mod transport;
 pub use auth::{Challenge, parse_challenge};
 pub use error::{Object, UpstreamError};
 pub(crate) use transport::query_escape;
-pub use transport::{HttpClient, http_client, same_origin};
+pub use transport::{HttpClient, http_client, http_client_with, same_origin};
 
 use crate::api::{Credentials, RepositoryFilter, UpstreamConfig};
 use crate::oci::media::Accept;
@@ -204,6 +204,8 @@ pub struct Upstream {
     /// `upstreamAuth`: private repositories only for clients the upstream lets pull them.
     guarded: bool,
     transport: Transport,
+    /// To the other replicas, when they serve HTTPS (see [`Self::with_tls_peers`]).
+    peers_tls: Option<Transport>,
     auth: Auth,
     metrics: Metrics,
 }
@@ -251,9 +253,16 @@ impl Upstream {
             filter: config.repositories.clone(),
             guarded: config.access_mode() == crate::api::AccessMode::UpstreamAuth,
             transport: Transport::new(client, timeout),
+            peers_tls: None,
             auth: Auth::new(credentials),
             metrics,
         }
+    }
+
+    /// Asks the other replicas for blobs over HTTPS with `client` (they serve TLS).
+    pub fn with_tls_peers(mut self, client: HttpClient) -> Upstream {
+        self.peers_tls = Some(Transport::new(client, self.transport.timeout()));
+        self
     }
 
     /// The registry name (the `upstream` metric label).
@@ -358,13 +367,16 @@ impl Upstream {
         repository: &str,
         digest: &Digest,
     ) -> Result<BlobBody, UpstreamError> {
+        let (scheme, transport) = match &self.peers_tls {
+            Some(t) => ("https", t),
+            None => ("http", &self.transport),
+        };
         let url = format!(
-            "http://{owner}/v2/{repository}/blobs/{digest}?ns={}",
+            "{scheme}://{owner}/v2/{repository}/blobs/{digest}?ns={}",
             self.name
         );
         let me = me.to_string();
-        let resp = self
-            .transport
+        let resp = transport
             .send_with(&Method::GET, &url, None, None, Some((PEER_HEADER, &me)))
             .await?;
         match resp.status().as_u16() {

@@ -23,19 +23,28 @@ const MAX_REDIRECTS: usize = 5;
 /// Builds the shared client: HTTP/1.1 and HTTP/2, TLS with the Mozilla roots plus the
 /// system's (for private registries signed by a local CA).
 pub fn http_client(connect_timeout: Duration) -> HttpClient {
+    http_client_with(web_roots(), connect_timeout)
+}
+
+/// The TLS settings of [`http_client`]: the Mozilla roots and the system's.
+fn web_roots() -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for cert in rustls_native_certs::load_native_certs().certs {
         // A system certificate rustls cannot parse is skipped, not fatal.
         let _ = roots.add(cert);
     }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .expect("ring supports the default protocol versions")
     .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_no_client_auth()
+}
+
+/// The shared client's shape (HTTP/1.1 and HTTP/2, timeouts, pooling) with `tls`.
+pub fn http_client_with(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
