@@ -114,6 +114,10 @@ struct NodeAgentArgs {
     /// https://registry-1.docker.io for docker.io, https://REGISTRY otherwise).
     #[arg(long = "server", value_name = "REGISTRY=URL", requires = "standalone")]
     servers: Vec<String>,
+    /// With --standalone: REGISTRY=FILE, the CA certificate (PEM) that signed the
+    /// certificate of that registry's mirror, when it serves HTTPS (repeatable).
+    #[arg(long = "ca", value_name = "REGISTRY=FILE", requires = "standalone")]
+    cas: Vec<String>,
 }
 
 fn parse_quantity(s: &str) -> Result<u64, pullthrough::api::quantity::QuantityError> {
@@ -347,7 +351,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if args.standalone {
                 let mirrors = pairs("mirror", &args.mirrors)?;
                 let servers = pairs("server", &args.servers)?;
-                let report = pullthrough::node_agent::run_standalone(&options, &mirrors, &servers);
+                let mut cas = pairs("ca", &args.cas)?;
+                for (registry, file) in cas.iter_mut() {
+                    *file = std::fs::read_to_string(&*file).with_context(|| {
+                        format!("--ca {registry}={file}: cannot read the CA certificate")
+                    })?;
+                }
+                let report =
+                    pullthrough::node_agent::run_standalone(&options, &mirrors, &servers, &cas);
                 if !report.failed.is_empty() {
                     anyhow::bail!(
                         "{} hosts.toml file(s) could not be written",

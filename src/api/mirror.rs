@@ -3,8 +3,8 @@
 //! Also the pure mapping from a mirror's spec to the [`ProxyConfig`] its proxy runs with.
 
 use super::proxy_config::{
-    AccessConfig, ConfigError, ProxyConfig, RepositoryFilter, S3Config, StorageConfig,
-    UpstreamAccess, UpstreamConfig, default_abandon_uploads_after,
+    AccessConfig, AccessMode, ConfigError, ProxyConfig, RepositoryFilter, S3Config, StorageConfig,
+    TlsConfig, UpstreamAccess, UpstreamConfig, default_abandon_uploads_after,
 };
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -27,6 +27,12 @@ pub const CACHE_MOUNT: &str = "/var/cache/pullthrough";
 pub const CONFIG_MOUNT: &str = "/etc/pullthrough";
 /// Where credentials Secrets are mounted, one directory per upstream index.
 pub const SECRETS_MOUNT: &str = "/var/run/pullthrough/credentials";
+/// Where the `spec.tls` Secret is mounted (`tls.crt`, `tls.key`).
+pub const TLS_MOUNT: &str = "/var/run/pullthrough/tls";
+/// Where the signing key Secret the controller makes is mounted.
+pub const ACCESS_MOUNT: &str = "/var/run/pullthrough/access";
+/// The signing key's name in its Secret and its mount.
+pub const SIGNING_KEY: &str = "signing-key";
 
 /// Desired state of a pull-through cache for one or more upstream registries.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -69,6 +75,23 @@ pub struct RegistryMirrorSpec {
     /// How `upstreamAuth` upstreams decide who may pull (docs/proxy.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<AccessSpec>,
+    /// Serve HTTPS to the nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// The proxy's certificate, and what nodes check of it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A `kubernetes.io/tls` Secret in the mirror's namespace (`tls.crt`, `tls.key`, and
+    /// `ca.crt` as cert-manager writes it): its certificate must name the address in
+    /// `status.endpoint`. Nodes trust `ca.crt` (without one, `tls.crt` itself).
+    pub secret_ref: SecretReference,
+    /// Nodes do not verify the certificate (`skip_verify` in hosts.toml): only for
+    /// trying things out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_verify: bool,
 }
 
 /// How the proxy decides, and remembers, who may pull a private repository.
@@ -89,7 +112,7 @@ pub struct AccessSpec {
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub denied_ttl: Option<String>,
     /// Challenge clients for credentials over plain HTTP, where they cross the pod
-    /// network in clear. Needed for `upstreamAuth` until the proxy serves TLS.
+    /// network in clear. Needed for `upstreamAuth` without `spec.tls`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub plain_http: bool,
 }
@@ -288,6 +311,9 @@ pub struct RegistryMirrorStatus {
     /// `Ready`, `Progressing`, `Degraded`, `Conflict` (metav1.Condition).
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// With `spec.tls`: the CA certificate (PEM) nodes verify the proxy's with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
 }
 
 /// A registry of the mirror's that another mirror serves.
@@ -369,6 +395,19 @@ impl RegistryMirrorSpec {
         }
     }
 
+    /// Whether any upstream is in access mode `upstreamAuth` (as set, or by default with
+    /// credentials): its proxies then issue tokens under a key they share.
+    pub fn guarded(&self) -> bool {
+        self.upstreams.iter().any(|u| {
+            let mode = match &u.access {
+                Some(a) => a.mode,
+                None if u.credentials_secret_ref.is_some() => AccessMode::UpstreamAuth,
+                None => AccessMode::Open,
+            };
+            mode == AccessMode::UpstreamAuth
+        })
+    }
+
     /// The configuration the mirror's proxy runs with. Credentials are referenced as
     /// files where the pod mounts each upstream's Secret.
     pub fn proxy_config(&self) -> Result<ProxyConfig, SpecError> {
@@ -438,9 +477,17 @@ impl RegistryMirrorSpec {
                     allowed_ttl: parse("access.allowedTTL", &spec.allowed_ttl, d.allowed_ttl)?,
                     denied_ttl: parse("access.deniedTTL", &spec.denied_ttl, d.denied_ttl)?,
                     plain_http: spec.plain_http,
+                    // One key for every replica, from the Secret the controller makes.
+                    signing_key_file: self
+                        .guarded()
+                        .then(|| PathBuf::from(format!("{ACCESS_MOUNT}/{SIGNING_KEY}"))),
                     ..d
                 }
             },
+            tls: self.tls.as_ref().map(|_| TlsConfig {
+                cert_file: PathBuf::from(format!("{TLS_MOUNT}/tls.crt")),
+                key_file: PathBuf::from(format!("{TLS_MOUNT}/tls.key")),
+            }),
             ..defaults
         };
         config.validate()?;

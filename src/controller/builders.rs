@@ -2,7 +2,8 @@
 //! reconciler applies what these return, and tests check them directly.
 
 use crate::api::mirror::{
-    CACHE_MOUNT, CONFIG_MOUNT, METRICS_PORT, PROXY_PORT, RegistryMirror, SECRETS_MOUNT, SpecError,
+    ACCESS_MOUNT, CACHE_MOUNT, CONFIG_MOUNT, METRICS_PORT, PROXY_PORT, RegistryMirror,
+    SECRETS_MOUNT, SIGNING_KEY, SpecError, TLS_MOUNT,
 };
 use crate::api::proxy_config::{PeersConfig, ProxyConfig};
 use k8s_openapi::api::apps::v1::{
@@ -13,7 +14,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
     ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
-    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
     SecretEnvSource, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort,
     ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
@@ -324,6 +325,47 @@ fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -
             });
         }
     }
+    let mut secret = |vol: &str, name: String, keys: &[&str], mount: &str| {
+        volumes.push(Volume {
+            name: vol.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(name),
+                items: Some(
+                    keys.iter()
+                        .map(|k| KeyToPath {
+                            key: k.to_string(),
+                            path: k.to_string(),
+                            ..KeyToPath::default()
+                        })
+                        .collect(),
+                ),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: vol.into(),
+            mount_path: mount.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    };
+    if let Some(tls) = &mirror.spec.tls {
+        secret(
+            "tls",
+            tls.secret_ref.name.clone(),
+            &["tls.crt", "tls.key"],
+            TLS_MOUNT,
+        );
+    }
+    if mirror.spec.guarded() {
+        secret(
+            "access",
+            access_secret_name(mirror),
+            &[SIGNING_KEY],
+            ACCESS_MOUNT,
+        );
+    }
     // Where `kubectl exec ... pullthrough cache drop` finds the admin token.
     let mut env = vec![EnvVar {
         name: "PULLTHROUGH_ADMIN_TOKEN_FILE".into(),
@@ -600,16 +642,36 @@ pub fn service_monitor(mirror: &RegistryMirror) -> serde_json::Value {
     })
 }
 
-/// `http://<cluster IP>:5000` once the Service has an address.
-pub fn endpoint(service: &Service) -> Option<String> {
+/// `http://<cluster IP>:5000` (`https` when `https`) once the Service has an address.
+pub fn endpoint(service: &Service, https: bool) -> Option<String> {
     let ip = service.spec.as_ref()?.cluster_ip.as_ref()?;
     if ip.is_empty() || ip == "None" {
         return None;
     }
+    let scheme = if https { "https" } else { "http" };
     if ip.contains(':') {
-        Some(format!("http://[{ip}]:{PROXY_PORT}"))
+        Some(format!("{scheme}://[{ip}]:{PROXY_PORT}"))
     } else {
-        Some(format!("http://{ip}:{PROXY_PORT}"))
+        Some(format!("{scheme}://{ip}:{PROXY_PORT}"))
+    }
+}
+
+/// The Secret that holds the key a mirror's proxies sign access tokens with.
+pub fn access_secret_name(mirror: &RegistryMirror) -> String {
+    format!("{}-access", child_name(mirror))
+}
+
+/// A new signing key Secret for the mirror's proxies (`key`, random): created once,
+/// never updated, deleted with the mirror.
+pub fn access_secret(mirror: &RegistryMirror, key: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(access_secret_name(mirror)),
+            ..meta(mirror)
+        },
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([(SIGNING_KEY.to_string(), key.to_string())])),
+        ..Secret::default()
     }
 }
 
@@ -929,10 +991,82 @@ pub(crate) mod tests {
         let mut svc = service(&m);
         let ports = svc.spec.as_ref().unwrap().ports.as_ref().unwrap();
         assert_eq!(ports[0].port, 5000);
-        assert_eq!(endpoint(&svc), None);
+        assert_eq!(endpoint(&svc, false), None);
         svc.spec.as_mut().unwrap().cluster_ip = Some("10.96.12.7".into());
-        assert_eq!(endpoint(&svc).as_deref(), Some("http://10.96.12.7:5000"));
+        assert_eq!(
+            endpoint(&svc, false).as_deref(),
+            Some("http://10.96.12.7:5000")
+        );
+        assert_eq!(
+            endpoint(&svc, true).as_deref(),
+            Some("https://10.96.12.7:5000")
+        );
         svc.spec.as_mut().unwrap().cluster_ip = Some("fd00::7".into());
-        assert_eq!(endpoint(&svc).as_deref(), Some("http://[fd00::7]:5000"));
+        assert_eq!(
+            endpoint(&svc, false).as_deref(),
+            Some("http://[fd00::7]:5000")
+        );
+    }
+
+    #[test]
+    fn tls_and_a_guarded_upstream_mount_their_secrets_where_the_config_says() {
+        let m = mirror(
+            "upstreams: [{registry: ghcr.io, credentialsSecretRef: {name: gh}}]\ntls: {secretRef: {name: cert}}",
+        );
+        let config = proxy_config(&m).unwrap();
+        let tls = config.tls.as_ref().expect("tls in the config");
+        let key = config
+            .access
+            .signing_key_file
+            .clone()
+            .expect("a shared key");
+        let p = pod_template(&m, &settings(), "h").spec.unwrap();
+        let mounted = |file: &std::path::Path, secret: &str| {
+            let dir = file.parent().unwrap().to_str().unwrap();
+            let file = file.file_name().unwrap().to_str().unwrap();
+            let mount = p.containers[0]
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.mount_path == dir)
+                .unwrap_or_else(|| panic!("nothing mounted at {dir}"));
+            let vol = p
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == mount.name)
+                .unwrap();
+            let source = vol.secret.as_ref().unwrap();
+            assert_eq!(source.secret_name.as_deref(), Some(secret));
+            assert!(
+                source
+                    .items
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .any(|i| i.path == file)
+            );
+        };
+        mounted(&tls.cert_file, "cert");
+        mounted(&tls.key_file, "cert");
+        mounted(&key, &access_secret_name(&m));
+        let s = access_secret(&m, "k");
+        assert_eq!(
+            s.metadata.owner_references.unwrap()[0].kind,
+            "RegistryMirror"
+        );
+        assert_eq!(s.string_data.unwrap()[SIGNING_KEY], "k");
+        // Without credentials nothing is guarded: no key.
+        let open = mirror("upstreams: [{registry: docker.io}]");
+        assert!(!open.spec.guarded());
+        assert!(
+            proxy_config(&open)
+                .unwrap()
+                .access
+                .signing_key_file
+                .is_none()
+        );
     }
 }

@@ -54,6 +54,9 @@ pub enum Error {
     /// The object has no namespace (the CRD is namespaced: a bug elsewhere).
     #[error("RegistryMirror has no namespace")]
     NoNamespace,
+    /// No random bytes for a new signing key.
+    #[error("making a signing key: {0}")]
+    Random(std::io::Error),
 }
 
 impl Error {
@@ -62,6 +65,7 @@ impl Error {
         match self {
             Error::Kube { .. } => "kube_error",
             Error::NoNamespace => "invalid_object",
+            Error::Random(_) => "random_error",
         }
     }
 }

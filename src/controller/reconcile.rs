@@ -13,7 +13,9 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
@@ -130,12 +132,22 @@ async fn delete_evictor_rbac(client: &Client, ns: &str, child: &str) -> Result<(
     delete_child::<ServiceAccount>(client, ns, &account).await
 }
 
-/// Reads the credentials Secrets: their data for the config hash, or the problem.
+/// What the mirror's Secrets give its children.
+#[derive(Debug, Default)]
+pub(super) struct SecretData {
+    /// What the config hash covers: pods roll when it changes.
+    pub hashed: Vec<Vec<u8>>,
+    /// With `spec.tls`: the CA nodes verify the proxy's certificate with.
+    pub ca_bundle: Option<String>,
+}
+
+/// Reads the mirror's Secrets (credentials, the bucket's keys, the TLS certificate):
+/// what they give the children, or the problem.
 pub(super) async fn read_secrets(
     mirror: &RegistryMirror,
     ctx: &Context,
     ns: &str,
-) -> Result<Result<Vec<Vec<u8>>, Problem>, Error> {
+) -> Result<Result<SecretData, Problem>, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut out = Vec::new();
     for u in &mirror.spec.upstreams {
@@ -207,7 +219,73 @@ pub(super) async fn read_secrets(
             out.push(value.0.clone());
         }
     }
-    Ok(Ok(out))
+    // The certificate: not hashed (the proxy reads a renewed one itself, without a
+    // restart); its CA goes to the nodes.
+    let mut ca_bundle = None;
+    if let Some(tls) = &mirror.spec.tls {
+        let name = &tls.secret_ref.name;
+        let secret = secrets
+            .get_opt(name)
+            .await
+            .map_err(kube_err(format!("reading Secret {name}")))?;
+        let Some(secret) = secret else {
+            return Ok(Err(Problem {
+                reason: "SecretNotFound",
+                message: format!("Secret {ns}/{name} (spec.tls) does not exist"),
+            }));
+        };
+        let data = secret.data.unwrap_or_default();
+        let text = |k: &str| {
+            data.get(k)
+                .and_then(|b| String::from_utf8(b.0.clone()).ok())
+                .filter(|t| t.contains("-----BEGIN"))
+        };
+        if text("tls.crt").is_none() || text("tls.key").is_none() {
+            return Ok(Err(Problem {
+                reason: "SecretInvalid",
+                message: format!(
+                    "Secret {ns}/{name} (spec.tls) must be a kubernetes.io/tls Secret with PEM tls.crt and tls.key"
+                ),
+            }));
+        }
+        ca_bundle = text("ca.crt").or_else(|| text("tls.crt"));
+    }
+    Ok(Ok(SecretData {
+        hashed: out,
+        ca_bundle,
+    }))
+}
+
+/// Creates the mirror's signing key Secret if it is not there: never replaced, since
+/// every token its proxies issued is signed with it.
+async fn ensure_access_secret(
+    client: &Client,
+    ns: &str,
+    mirror: &RegistryMirror,
+) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let name = builders::access_secret_name(mirror);
+    if api
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("reading Secret {name}")))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let key = crate::fsutil::random_hex(32).map_err(Error::Random)?;
+    match api
+        .create(
+            &PostParams::default(),
+            &builders::access_secret(mirror, &key),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Another controller replica made it first: theirs stands.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(kube_err(format!("creating Secret {name}"))(e)),
+    }
 }
 
 pub(super) async fn service_monitors_available(client: &Client) -> Result<bool, Error> {
@@ -238,7 +316,7 @@ pub(super) async fn apply(
     let config = builders::proxy_config(mirror);
     let secrets = match &config {
         Ok(_) => read_secrets(mirror, ctx, ns).await?,
-        Err(_) => Ok(Vec::new()),
+        Err(_) => Ok(SecretData::default()),
     };
     // A mirror that cannot run claims nothing; one that can serves the registries no
     // older working mirror serves.
@@ -260,7 +338,11 @@ pub(super) async fn apply(
         (Ok(_), Ok(_)) if observed.served.is_empty() => delete_children(client, ns, &child).await?,
         (Ok(config), Ok(secret_data)) => {
             let yaml = config.to_yaml();
-            let hash = builders::config_hash(&yaml, &secret_data);
+            let hash = builders::config_hash(&yaml, &secret_data.hashed);
+            observed.ca_bundle = secret_data.ca_bundle;
+            if mirror.spec.guarded() {
+                ensure_access_secret(client, ns, mirror).await?;
+            }
             apply_child(client, ns, &builders::config_map(mirror, &yaml)).await?;
             // The replicas of a bucket with a size limit elect their evictor on a Lease.
             if builders::evicts(mirror) {
@@ -294,7 +376,7 @@ pub(super) async fn apply(
                 observed.updated_replicas = st.updated_replicas.unwrap_or(0);
             }
             let svc = apply_child(client, ns, &builders::service(mirror)).await?;
-            observed.endpoint = builders::endpoint(&svc);
+            observed.endpoint = builders::endpoint(&svc, mirror.spec.tls.is_some());
             // Replicas sharing a bucket find each other through a headless Service.
             let peers = builders::peers_service_name(mirror);
             if mirror.spec.cache.storage.s3.is_some() {

@@ -57,6 +57,8 @@ pub struct Observed {
     pub nodes: Option<NodesStatus>,
     /// Nodes with this mirror's files whose containerd does not read them: (node, why).
     pub nodes_ignoring: Vec<(String, String)>,
+    /// With `spec.tls`: the CA certificate nodes verify the proxy's with.
+    pub ca_bundle: Option<String>,
 }
 
 /// Whether a mirror may claim registries: not being deleted, with a spec its proxy can
@@ -341,6 +343,7 @@ pub fn build_status(
     RegistryMirrorStatus {
         observed_generation: o.generation,
         endpoint: o.endpoint.clone(),
+        ca_bundle: o.ca_bundle.clone(),
         ready_replicas: o.ready_replicas,
         storage: o.storage.clone(),
         nodes: o.nodes.clone(),

@@ -17,7 +17,15 @@ pub struct DesiredHost {
     pub server: String,
     /// The mirror's URL, tried first.
     pub endpoint: String,
+    /// The CA certificate (PEM) that signed the mirror's certificate, when it serves
+    /// HTTPS: written beside `hosts.toml` ([`CA_FILE`]) and named by its `ca`.
+    pub ca: Option<String>,
+    /// `skip_verify = true`: the mirror's certificate is not checked (only when asked).
+    pub skip_verify: bool,
 }
+
+/// The CA file the agent writes beside a `hosts.toml` of its own.
+pub const CA_FILE: &str = "pullthrough-ca.crt";
 
 fn toml_string(s: &str) -> String {
     let mut out = String::from("\"");
@@ -34,14 +42,25 @@ fn toml_string(s: &str) -> String {
 }
 
 /// The file: the mirror first (pull and resolve), the upstream as fallback, so a failing
-/// mirror never takes pulls down.
-pub fn render(host: &DesiredHost) -> String {
-    format!(
+/// mirror never takes pulls down. `ca` is where the mirror's CA certificate is, when it
+/// has one.
+pub fn render(host: &DesiredHost, ca: Option<&Path>) -> String {
+    let mut out = format!(
         "{MARKER} Mirror: {}. Changes are overwritten.\nserver = {}\n\n[host.{}]\n  capabilities = [\"pull\", \"resolve\"]\n",
         host.mirror.replace('\n', " "),
         toml_string(&host.server),
         toml_string(&host.endpoint),
-    )
+    );
+    if let Some(ca) = ca {
+        out.push_str(&format!(
+            "  ca = {}\n",
+            toml_string(&ca.display().to_string())
+        ));
+    }
+    if host.skip_verify {
+        out.push_str("  skip_verify = true\n");
+    }
+    out
 }
 
 /// Whether a file's content was written by the agent.
@@ -111,9 +130,11 @@ impl HostsDir {
                 continue;
             }
             let path = self.file(registry);
-            let want = render(host);
+            let ca_path = self.root.join(registry).join(CA_FILE);
+            let want = render(host, host.ca.as_ref().map(|_| ca_path.as_path()));
+            let ca_now = std::fs::read_to_string(&ca_path).ok();
             match std::fs::read_to_string(&path) {
-                Ok(current) if current == want => {
+                Ok(current) if current == want && ca_now == host.ca => {
                     report.unchanged.push(registry.clone());
                     continue;
                 }
@@ -128,7 +149,15 @@ impl HostsDir {
                     continue;
                 }
             }
-            match write_atomic(&path, &want) {
+            // The CA first: a hosts.toml never names a CA file that is not there.
+            let ca = match &host.ca {
+                Some(pem) => write_atomic(&ca_path, pem),
+                None => match std::fs::remove_file(&ca_path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            };
+            match ca.and_then(|()| write_atomic(&path, &want)) {
                 Ok(()) => report.written.push(registry.clone()),
                 Err(e) => report.failed.push((registry.clone(), e.to_string())),
             }
@@ -157,6 +186,7 @@ impl HostsDir {
             }
             match std::fs::remove_file(&path) {
                 Ok(()) => {
+                    let _ = std::fs::remove_file(entry.path().join(CA_FILE));
                     // Leave the directory if anything else lives there (certificates).
                     let _ = std::fs::remove_dir(entry.path());
                     report.removed.push(registry);
@@ -173,7 +203,8 @@ impl HostsDir {
 fn write_atomic(path: &Path, content: &str) -> io::Result<()> {
     let dir = path.parent().expect("hosts.toml has a directory");
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".hosts.toml.pullthrough-{}", std::process::id()));
+    let name = path.file_name().expect("a file").to_string_lossy();
+    let tmp = dir.join(format!(".{name}.pullthrough-{}", std::process::id()));
     crate::fsutil::replace_file(&tmp, path, content.as_bytes())
 }
 
@@ -186,24 +217,72 @@ mod tests {
             mirror: "ns/public".into(),
             server: "https://registry-1.docker.io".into(),
             endpoint: endpoint.into(),
+            ca: None,
+            skip_verify: false,
         }
     }
 
     #[test]
     fn renders_valid_toml_with_the_mirror_first() {
-        let text = render(&host("http://10.96.12.7:5000"));
+        let text = render(&host("http://10.96.12.7:5000"), None);
         assert!(is_owned(&text));
         let v: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(v["server"].as_str(), Some("https://registry-1.docker.io"));
         let h = &v["host"]["http://10.96.12.7:5000"];
         assert_eq!(h["capabilities"].as_array().unwrap().len(), 2);
-        let tricky = render(&DesiredHost {
-            mirror: "a\nb".into(),
-            server: "https://x\"y".into(),
-            endpoint: "http://e".into(),
-        });
+        let tricky = render(
+            &DesiredHost {
+                mirror: "a\nb".into(),
+                server: "https://x\"y".into(),
+                endpoint: "http://e".into(),
+                ca: None,
+                skip_verify: true,
+            },
+            Some(Path::new("/etc/containerd/certs.d/x/pullthrough-ca.crt")),
+        );
         let v: toml::Value = toml::from_str(&tricky).unwrap();
         assert_eq!(v["server"].as_str(), Some("https://x\"y"));
+        let h = &v["host"]["http://e"];
+        assert_eq!(
+            h["ca"].as_str(),
+            Some("/etc/containerd/certs.d/x/pullthrough-ca.crt")
+        );
+        assert_eq!(h["skip_verify"].as_bool(), Some(true));
+    }
+
+    #[test]
+    fn a_mirror_s_ca_is_written_beside_its_file_and_goes_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = HostsDir::new(dir.path());
+        let mut h = host("https://10.96.12.7:5000");
+        h.ca = Some("-----BEGIN CERTIFICATE-----\n...\n".into());
+        let desired = BTreeMap::from([("docker.io".to_string(), h.clone())]);
+        assert_eq!(hosts.sync(&desired).written, ["docker.io"]);
+        let ca = dir.path().join("docker.io").join(CA_FILE);
+        assert_eq!(std::fs::read_to_string(&ca).unwrap(), h.ca.clone().unwrap());
+        let text = std::fs::read_to_string(dir.path().join("docker.io/hosts.toml")).unwrap();
+        assert!(
+            text.contains(&format!("ca = \"{}\"", ca.display())),
+            "{text}"
+        );
+        assert_eq!(hosts.sync(&desired).unchanged, ["docker.io"]);
+        // A new CA is written over the old one.
+        h.ca = Some("-----BEGIN CERTIFICATE-----\nnew\n".into());
+        let renewed = BTreeMap::from([("docker.io".to_string(), h.clone())]);
+        assert_eq!(hosts.sync(&renewed).written, ["docker.io"]);
+        assert_eq!(std::fs::read_to_string(&ca).unwrap(), h.ca.clone().unwrap());
+        // The mirror stops serving TLS: the CA goes.
+        h.ca = None;
+        let plain = BTreeMap::from([("docker.io".to_string(), h)]);
+        assert_eq!(hosts.sync(&plain).written, ["docker.io"]);
+        assert!(!ca.exists());
+        // The mirror goes: both go.
+        let desired = BTreeMap::from([("docker.io".to_string(), host("https://e"))]);
+        let mut with_ca = desired["docker.io"].clone();
+        with_ca.ca = Some("pem".into());
+        hosts.sync(&BTreeMap::from([("docker.io".to_string(), with_ca)]));
+        assert_eq!(hosts.sync(&BTreeMap::new()).removed, ["docker.io"]);
+        assert!(!dir.path().join("docker.io").exists());
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub fn desired_hosts(
                 mirror: key.clone(),
                 server: upstream_url(u),
                 endpoint: endpoint.clone(),
+                ca: m.status.as_ref().and_then(|s| s.ca_bundle.clone()),
+                skip_verify: m.spec.tls.as_ref().is_some_and(|t| t.skip_verify),
             });
         }
     }
@@ -137,11 +139,13 @@ fn log_report(report: &SyncReport) {
 }
 
 /// Writes the files for hand-given mirrors once (no Kubernetes). `mirrors` maps registry to
-/// mirror endpoint, `servers` optionally registry to upstream URL.
+/// mirror endpoint, `servers` optionally registry to upstream URL, `cas` optionally
+/// registry to the PEM of the CA that signed its mirror's certificate.
 pub fn run_standalone(
     options: &AgentOptions,
     mirrors: &BTreeMap<String, String>,
     servers: &BTreeMap<String, String>,
+    cas: &BTreeMap<String, String>,
 ) -> SyncReport {
     let desired: BTreeMap<String, DesiredHost> = mirrors
         .iter()
@@ -159,6 +163,8 @@ pub fn run_standalone(
                     mirror: "standalone".into(),
                     server: upstream_url(&upstream),
                     endpoint: endpoint.trim_end_matches('/').to_string(),
+                    ca: cas.get(registry).cloned(),
+                    skip_verify: false,
                 },
             )
         })
@@ -534,6 +540,8 @@ mod tests {
             mirror: m.into(),
             server: "s".into(),
             endpoint: "e".into(),
+            ca: None,
+            skip_verify: false,
         };
         let desired = BTreeMap::from([
             ("docker.io".to_string(), host("ns/a")),
