@@ -413,3 +413,72 @@ async fn containerd_pulls_a_private_image_through_the_mirror_only_with_good_cred
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_verifies_a_tls_mirror_with_the_ca_the_agent_writes() {
+    use crate::private_access::{ALICE, CACHE};
+    let private = Registry::start_private(&format!("{CACHE}{ALICE}")).await;
+    let image = Image::generate_tar(63, &[150_000], "amd64");
+    push_image(
+        &format!("http://alice:wonder@{}", private.host()),
+        "team/app",
+        "v1",
+        &image,
+    )
+    .await;
+    let certs = tempfile::tempdir().unwrap();
+    test_certificate(certs.path());
+    let p = private.host();
+    let mut config = config_for(&[(&p, &private.url)]);
+    config.upstreams[0].credentials = Some(pullthrough::api::Credentials {
+        username: "cache".into(),
+        password: "stash".into(),
+    });
+    config.tls = Some(pullthrough::api::TlsConfig {
+        cert_file: certs.path().join("tls.crt"),
+        key_file: certs.path().join("tls.key"),
+    });
+    let proxy = Proxy::start_config(config).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let hosts = work.path().join("certs.d");
+    let ca = certs.path().join("ca.crt");
+    let out = agent(&[
+        "--standalone",
+        "--certs-dir",
+        hosts.to_str().unwrap(),
+        "--containerd-config",
+        "/nonexistent",
+        "--mirror",
+        &format!("{p}={}", proxy.url),
+        "--server",
+        &format!("{p}={}", private.url),
+        "--ca",
+        &format!("{p}={}", ca.display()),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let file = std::fs::read_to_string(hosts.join(&p).join("hosts.toml")).unwrap();
+    assert!(file.contains("ca = "), "{file}");
+    let containerd = Containerd::start(
+        work.path(),
+        &format!("config_path = \"{}\"", hosts.display()),
+    );
+    let out = containerd.pull_as(&hosts, &format!("{p}/team/app:v1"), Some("alice:wonder"));
+    assert!(
+        out.status.success(),
+        "ctr pull failed: {}\n{}",
+        text(&out),
+        containerd.log()
+    );
+    let m = proxy.metrics().await;
+    let missed = metric_value(
+        &m,
+        "pullthrough_requests_total",
+        &[("upstream", &p), ("kind", "blob"), ("result", "miss")],
+    );
+    assert_eq!(
+        missed,
+        image.blobs().count() as f64,
+        "blobs through the mirror"
+    );
+}
