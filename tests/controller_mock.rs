@@ -33,6 +33,8 @@ struct Call {
 #[derive(Clone, Default)]
 struct World {
     secret: Option<Value>,
+    /// Secrets by name, before `secret` (which answers for any name).
+    named: Vec<(String, Value)>,
     nodes: Vec<Value>,
     ready_replicas: i64,
     service_monitor_crd: bool,
@@ -54,10 +56,17 @@ fn answer(world: &World, call: &Call) -> (u16, Value) {
         echo["metadata"]["resourceVersion"] = json!("2");
     }
     match m {
-        "GET" if p.contains("/secrets/") => match &world.secret {
-            Some(s) => (200, s.clone()),
-            None => not_found(),
-        },
+        "GET" if p.contains("/secrets/") => {
+            let name = p.rsplit('/').next().unwrap();
+            match world.named.iter().find(|(n, _)| n == name) {
+                Some((_, s)) => (200, s.clone()),
+                None => match &world.secret {
+                    Some(s) => (200, s.clone()),
+                    None => not_found(),
+                },
+            }
+        }
+        "POST" if p.ends_with("/secrets") => (201, echo),
         "GET"
             if p.ends_with("/customresourcedefinitions/servicemonitors.monitoring.coreos.com") =>
         {
@@ -769,5 +778,89 @@ async fn api_failures_requeue_with_growing_backoff() {
             .metrics
             .render()
             .contains(r#"pullthrough_reconcile_total{result="kube_error"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn a_tls_mirror_with_credentials_serves_https_hands_nodes_its_ca_and_gets_a_signing_key() {
+    let dockerconfig = base64(r#"{"auths":{"ghcr.io":{"auth":"dXNlcjpwYXNz"}}}"#);
+    let ca = "-----BEGIN CERTIFICATE-----\nca\n-----END CERTIFICATE-----\n";
+    let pem = |s: &str| base64(&format!("-----BEGIN {s}-----\nx\n-----END {s}-----\n"));
+    let f = fake(World {
+        named: vec![
+            (
+                "gh".into(),
+                json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"gh","namespace":NS},
+                    "type":"kubernetes.io/dockerconfigjson","data":{".dockerconfigjson": dockerconfig}}),
+            ),
+            (
+                "cert".into(),
+                json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"cert","namespace":NS},
+                    "type":"kubernetes.io/tls","data":{"tls.crt": pem("CERTIFICATE"),
+                    "tls.key": pem("PRIVATE KEY"), "ca.crt": base64(ca)}}),
+            ),
+        ],
+        ready_replicas: 1,
+        ..World::default()
+    });
+    let m = mirror(
+        "private",
+        100,
+        "upstreams: [{registry: ghcr.io, credentialsSecretRef: {name: gh}}]\ntls: {secretRef: {name: cert}}",
+        true,
+    );
+    reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
+    // The signing key: made, once, as a Secret the mirror owns.
+    let created = f.find("POST", "/secrets");
+    assert_eq!(created.body["metadata"]["name"], "pullthrough-private-access");
+    assert_eq!(
+        created.body["metadata"]["ownerReferences"][0]["kind"],
+        "RegistryMirror"
+    );
+    let key = created.body["stringData"]["signing-key"].as_str().unwrap();
+    assert_eq!(key.len(), 64);
+    let status = f.find("PATCH", "/status").body;
+    assert_eq!(status["status"]["endpoint"], "https://10.96.0.10:5000");
+    assert_eq!(status["status"]["caBundle"], ca);
+    let dep = f.find("PATCH", "/deployments/").body;
+    let vols = dep["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    assert!(vols.iter().any(|v| v["secret"]["secretName"] == "cert"));
+    assert!(
+        vols.iter()
+            .any(|v| v["secret"]["secretName"] == "pullthrough-private-access")
+    );
+    let config = f.find("PATCH", "/configmaps/").body;
+    let yaml = config["data"]["config.yaml"].as_str().unwrap();
+    assert!(
+        yaml.contains("certFile: /var/run/pullthrough/tls/tls.crt"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("signingKeyFile: /var/run/pullthrough/access/signing-key"),
+        "{yaml}"
+    );
+
+    // A key already there is kept.
+    let f = fake(World {
+        secret: Some(
+            json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"x","namespace":NS},
+            "type":"kubernetes.io/dockerconfigjson","data":{".dockerconfigjson": base64(r#"{"auths":{"ghcr.io":{"auth":"dXNlcjpwYXNz"}}}"#)}}),
+        ),
+        ready_replicas: 1,
+        ..World::default()
+    });
+    let m = mirror(
+        "private",
+        100,
+        "upstreams: [{registry: ghcr.io, credentialsSecretRef: {name: gh}}]\naccess: {plainHttp: true}",
+        true,
+    );
+    reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
+    assert!(
+        !f.summary().contains(&"POST secrets".to_string()),
+        "{:?}",
+        f.summary()
     );
 }
