@@ -812,7 +812,10 @@ async fn a_tls_mirror_with_credentials_serves_https_hands_nodes_its_ca_and_gets_
     reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
     // The signing key: made, once, as a Secret the mirror owns.
     let created = f.find("POST", "/secrets");
-    assert_eq!(created.body["metadata"]["name"], "pullthrough-private-access");
+    assert_eq!(
+        created.body["metadata"]["name"],
+        "pullthrough-private-access"
+    );
     assert_eq!(
         created.body["metadata"]["ownerReferences"][0]["kind"],
         "RegistryMirror"

@@ -748,7 +748,8 @@ async fn a_registry_goes_to_the_oldest_mirror_that_can_serve_it_and_moves_at_onc
 #[tokio::test]
 #[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
 async fn a_missing_secret_degrades_the_mirror_until_it_is_created() {
-    let env = Env::new("secret").await;
+    // As shipped: the controller may create the signing key Secret, and nothing more.
+    let env = Env::start("secret", true).await;
     let a = env.registry("a");
     env.create(
         "private",
@@ -775,6 +776,26 @@ async fn a_missing_secret_degrades_the_mirror_until_it_is_created() {
         cond(m, "Degraded").is_some_and(|c| c.0 == "False")
     })
     .await;
+    // Credentials make the upstream upstreamAuth: its replicas' signing key, made once.
+    let secrets = Api::<Secret>::namespaced(env.client.clone(), &env.ns);
+    let key = eventually(30, "the signing key Secret", || {
+        let secrets = secrets.clone();
+        async move {
+            secrets
+                .get_opt("pullthrough-private-access")
+                .await
+                .ok()
+                .flatten()
+        }
+    })
+    .await;
+    let owner = &key.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("RegistryMirror", "private")
+    );
+    let data = key.data.unwrap();
+    assert_eq!(data["signing-key"].0.len(), 64);
 }
 
 #[tokio::test]
