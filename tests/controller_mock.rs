@@ -867,3 +867,27 @@ async fn a_tls_mirror_with_credentials_serves_https_hands_nodes_its_ca_and_gets_
         f.summary()
     );
 }
+
+#[tokio::test]
+async fn a_tls_mirror_waiting_for_its_certificate_already_has_the_address_it_must_name() {
+    let f = fake(World::default());
+    let m = mirror(
+        "private",
+        100,
+        "upstreams: [{registry: ghcr.io}]\ntls: {secretRef: {name: cert}}",
+        true,
+    );
+    reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
+    let summary = f.summary();
+    assert!(
+        summary.contains(&"PATCH services".to_string()),
+        "{summary:?}"
+    );
+    assert!(
+        !summary.contains(&"PATCH deployments".to_string()),
+        "{summary:?}"
+    );
+    let status = f.find("PATCH", "/status").body;
+    assert_eq!(condition(&status, "Degraded")["reason"], "SecretNotFound");
+    assert_eq!(status["status"]["endpoint"], "https://10.96.0.10:5000");
+}

@@ -333,7 +333,15 @@ pub(super) async fn apply(
                 message: message.to_string(),
             });
         }
-        (Ok(_), Err(problem)) => observed.problem = Some(problem),
+        (Ok(_), Err(problem)) => {
+            // With spec.tls the Service comes first: its cluster IP, in the status, is
+            // what the certificate that is not there yet must name.
+            if mirror.spec.tls.is_some() {
+                let svc = apply_child(client, ns, &builders::service(mirror)).await?;
+                observed.endpoint = builders::endpoint(&svc, true);
+            }
+            observed.problem = Some(problem);
+        }
         // Every registry is served by an older mirror: nothing to run.
         (Ok(_), Ok(_)) if observed.served.is_empty() => delete_children(client, ns, &child).await?,
         (Ok(config), Ok(secret_data)) => {
