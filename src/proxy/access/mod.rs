@@ -233,14 +233,21 @@ impl Access {
                 None => refused.push(repository.clone()),
             }
         }
-        let expires_in = until.saturating_duration_since(now).as_secs().max(1);
-        let unix = unix_now();
+        // The token expires on the last whole second before its decision does: never
+        // after it (but for a decision with less than a second left), at most a second
+        // before.
+        let clock = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let unix = clock.as_secs();
+        let exp = (clock + until.saturating_duration_since(now)).as_secs();
+        let expires_in = exp.saturating_sub(unix).max(1);
         let claims = token::Claims::new(
             &service(up.name()),
             &pull,
             &refused,
             unix,
-            unix + expires_in,
+            exp.max(unix + 1),
         );
         Ok(Issued {
             token: token::sign(&self.key, &claims),
