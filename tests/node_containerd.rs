@@ -291,7 +291,7 @@ async fn containerd_pulls_a_private_image_through_the_mirror_only_with_good_cred
     let secret = Image::generate_tar(61, &[200_000, 30_000], "amd64");
     let open = Image::generate_tar(62, &[100_000], "amd64");
     push_image(
-        &format!("http://alice:wonder@{}", private.host()),
+        &crate::private_access::as_alice(&private),
         "team/app",
         "v1",
         &secret,
@@ -300,10 +300,7 @@ async fn containerd_pulls_a_private_image_through_the_mirror_only_with_good_cred
     push_image(&public.url, "lib/open", "v1", &open).await;
     let (p, o) = (private.host(), public.host());
     let mut config = config_for(&[(&p, &private.url), (&o, &public.url)]);
-    config.upstreams[0].credentials = Some(pullthrough::api::Credentials {
-        username: "cache".into(),
-        password: "stash".into(),
-    });
+    config.upstreams[0].credentials = Some(crate::private_access::cache_credentials());
     config.upstreams[1].access = Some(pullthrough::api::UpstreamAccess {
         mode: pullthrough::api::AccessMode::UpstreamAuth,
     });
@@ -420,7 +417,7 @@ async fn containerd_verifies_a_tls_mirror_with_the_ca_the_agent_writes() {
     let private = Registry::start_private(&format!("{CACHE}{ALICE}")).await;
     let image = Image::generate_tar(63, &[150_000], "amd64");
     push_image(
-        &format!("http://alice:wonder@{}", private.host()),
+        &crate::private_access::as_alice(&private),
         "team/app",
         "v1",
         &image,
@@ -430,10 +427,7 @@ async fn containerd_verifies_a_tls_mirror_with_the_ca_the_agent_writes() {
     test_certificate(certs.path());
     let p = private.host();
     let mut config = config_for(&[(&p, &private.url)]);
-    config.upstreams[0].credentials = Some(pullthrough::api::Credentials {
-        username: "cache".into(),
-        password: "stash".into(),
-    });
+    config.upstreams[0].credentials = Some(crate::private_access::cache_credentials());
     config.tls = Some(pullthrough::api::TlsConfig {
         cert_file: certs.path().join("tls.crt"),
         key_file: certs.path().join("tls.key"),

@@ -17,6 +17,19 @@ pub(crate) const ALICE: &str =
     "alice:$2b$04$TwXjjJWJnR8Mh0jdpU37POgeOMpEganXZYC42vKGEkHIYzhpZHHP6\n";
 pub(crate) const BOB: &str = "bob:$2b$04$HZrnC6gMd75VvjRd6.20meK4Yz6p.G8t3PUTEW5X2SGx5lv9RHtPO\n";
 
+/// The proxy's own credentials on the private registry: the `cache` user.
+pub(crate) fn cache_credentials() -> Credentials {
+    Credentials {
+        username: "cache".into(),
+        password: "stash".into(),
+    }
+}
+
+/// The private registry's URL with alice's credentials in it, to push with.
+pub(crate) fn as_alice(r: &Registry) -> String {
+    format!("http://alice:wonder@{}", r.host())
+}
+
 struct World {
     private: Registry,
     public: Registry,
@@ -33,9 +46,8 @@ async fn world() -> World {
         Image::generate(72, &[30_000], "amd64"),
         Image::generate(73, &[40_000], "amd64"),
     );
-    let as_alice = format!("http://alice:wonder@{}", private.host());
-    push_image(&as_alice, "team/app", "1", &app).await;
-    push_image(&as_alice, "team/other", "1", &other).await;
+    push_image(&as_alice(&private), "team/app", "1", &app).await;
+    push_image(&as_alice(&private), "team/other", "1", &other).await;
     push_image(&public.url, "lib/open", "1", &open).await;
     World {
         private,
@@ -50,10 +62,7 @@ async fn world() -> World {
 /// upstreamAuth with them), upstreamAuth on the public one, challenges over plain HTTP.
 fn config(w: &World) -> ProxyConfig {
     let mut c = config_for(&[(PRIVATE, &w.private.url), (PUBLIC, &w.public.url)]);
-    c.upstreams[0].credentials = Some(Credentials {
-        username: "cache".into(),
-        password: "stash".into(),
-    });
+    c.upstreams[0].credentials = Some(cache_credentials());
     c.upstreams[1].access = Some(UpstreamAccess {
         mode: AccessMode::UpstreamAuth,
     });

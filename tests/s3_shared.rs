@@ -635,8 +635,7 @@ async fn replicas_serving_tls_ask_each_other_over_it_for_private_blobs() {
     use crate::private_access::{ALICE, CACHE};
     let up = Registry::start_private(&format!("{CACHE}{ALICE}")).await;
     let blob = Blob::new("application/octet-stream", random_bytes(43, 4 << 20));
-    let as_alice = format!("http://alice:wonder@{}", up.host());
-    push_blob(&as_alice, "team/big", &blob).await;
+    push_blob(&crate::private_access::as_alice(&up), "team/big", &blob).await;
     let certs = tempfile::tempdir().unwrap();
     test_certificate(certs.path());
     let key = certs.path().join("signing-key");
@@ -652,10 +651,7 @@ async fn replicas_serving_tls_ask_each_other_over_it_for_private_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = with_storage(config_for(&[(&host, &up.url)]), s3(&prefix));
         c.cache_dir = dir.path().join("cache");
-        c.upstreams[0].credentials = Some(pullthrough::api::Credentials {
-            username: "cache".into(),
-            password: "stash".into(),
-        });
+        c.upstreams[0].credentials = Some(crate::private_access::cache_credentials());
         c.tls = Some(pullthrough::api::TlsConfig {
             cert_file: certs.path().join("tls.crt"),
             key_file: certs.path().join("tls.key"),
