@@ -138,6 +138,17 @@ fn form_body(pairs: &[(&str, &str)]) -> String {
         .join("&")
 }
 
+/// POSTs `pairs` to `url` as a form, as containerd asks a token endpoint.
+async fn post_form(url: &str, pairs: &[(&str, &str)]) -> reqwest::Response {
+    http()
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(pairs))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn challenge(r: &reqwest::Response) -> String {
     r.headers()
         .get("www-authenticate")
@@ -171,10 +182,9 @@ async fn a_private_repository_is_served_only_to_credentials_the_upstream_accepts
     // The right credentials: everything, through GET with Basic and through POST.
     let alice = token_of(&p, PRIVATE, "team/app", Some(("alice", "wonder"))).await;
     pull_with(&p, "team/app", &w.app, &alice).await;
-    let form = http()
-        .post(format!("{}/auth/token", p.url))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_body(&[
+    let form = post_form(
+        &format!("{}/auth/token", p.url),
+        &[
             ("grant_type", "password"),
             ("username", "bob"),
             ("password", "builder"),
@@ -184,10 +194,9 @@ async fn a_private_repository_is_served_only_to_credentials_the_upstream_accepts
                 "repository:team/app:pull repository:team/other:pull",
             ),
             ("client_id", "containerd-client"),
-        ]))
-        .send()
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
     assert_eq!(form.status(), 200);
     let v: serde_json::Value = form.json().await.unwrap();
     let bob = v["access_token"].as_str().unwrap().to_string();
@@ -241,6 +250,117 @@ async fn a_private_repository_is_served_only_to_credentials_the_upstream_accepts
         ),
         1.0
     );
+}
+
+/// The token server's rules: anonymous may pull `lib/`, alice may do anything, the
+/// cache may pull, bob nothing.
+fn token_policy(user: Option<&str>, repository: &str, action: &str) -> bool {
+    match user {
+        None => repository.starts_with("lib/") && action == "pull",
+        Some("alice") => true,
+        Some("cache") => action == "pull",
+        Some(_) => false,
+    }
+}
+
+/// An identity token of `user` from `issuer`, as `docker login` gets one (an offline
+/// password grant).
+async fn identity_token(issuer: &token_server::TokenServer, user: &str, password: &str) -> String {
+    let r = post_form(
+        &format!("{}/token", issuer.url),
+        &[
+            ("grant_type", "password"),
+            ("username", user),
+            ("password", password),
+            ("access_type", "offline"),
+            ("client_id", "docker"),
+            ("service", token_server::SERVICE),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 200, "login of {user}");
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["refresh_token"].as_str().unwrap().to_string()
+}
+
+/// A token from the proxy for `repo` of the private upstream, given an identity token
+/// the containerd way (`grant_type=refresh_token`).
+async fn token_for_identity(p: &Proxy, repo: &str, identity: &str) -> String {
+    let r = post_form(
+        &format!("{}/auth/token", p.url),
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", identity),
+            ("service", &format!("pullthrough:{PRIVATE}")),
+            ("scope", &format!("repository:{repo}:pull")),
+            ("client_id", "containerd-client"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 200, "refresh_token grant");
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_token_is_checked_with_the_upstreams_token_server() {
+    let issuer = token_server::TokenServer::start(
+        &[("cache", "stash"), ("alice", "wonder"), ("bob", "builder")],
+        token_policy,
+    )
+    .await;
+    let reg = Registry::start_token(&issuer).await;
+    let (app, open) = (
+        Image::generate(74, &[30_000, 10_000], "amd64"),
+        Image::generate(75, &[20_000], "amd64"),
+    );
+    for (repo, img) in [("team/app", &app), ("lib/open", &open)] {
+        let mut auth = reqwest::header::HeaderMap::new();
+        let bearer = format!("Bearer {}", issuer.mint("alice", repo, &["push", "pull"]));
+        auth.insert("authorization", bearer.parse().unwrap());
+        let c = reqwest::Client::builder()
+            .default_headers(auth)
+            .build()
+            .unwrap();
+        push_image_with(&c, &reg.url, repo, "1", img).await;
+    }
+    let mut c = config_for(&[(PRIVATE, &reg.url)]);
+    c.upstreams[0].credentials = Some(cache_credentials());
+    c.access.plain_http = true;
+    let p = Proxy::start_config(c).await;
+
+    // Anonymous: challenged.
+    let r = get(&p, PRIVATE, "team/app/manifests/1", None).await;
+    assert_eq!(r.status(), 401);
+    // alice's identity token: the proxy passes it to the upstream's token server as a
+    // refresh_token grant, and the registry accepts what it got for it.
+    let alice = identity_token(&issuer, "alice", "wonder").await;
+    let t = token_for_identity(&p, "team/app", &alice).await;
+    pull_with(&p, "team/app", &app, &t).await;
+    assert_eq!(issuer.grants("POST refresh_token alice"), 1);
+    // Her password through GET with Basic works as well.
+    let t = token_of(&p, PRIVATE, "team/app", Some(("alice", "wonder"))).await;
+    assert_eq!(
+        get(&p, PRIVATE, "team/app/manifests/1", Some(&t))
+            .await
+            .status(),
+        200
+    );
+    // bob's identity token is real but entitles him to nothing; a made-up one is
+    // refused by the token server.
+    let bob = identity_token(&issuer, "bob", "builder").await;
+    for identity in [bob.as_str(), "refresh-made-up"] {
+        let t = token_for_identity(&p, "team/app", identity).await;
+        let r = get(&p, PRIVATE, "team/app/manifests/1", Some(&t)).await;
+        assert_eq!(r.status(), 401, "{identity}");
+        assert!(challenge(&r).ends_with(",error=\"insufficient_scope\""));
+    }
+    assert_eq!(issuer.grants("POST refresh_token unknown refused"), 1);
+    // A repository anonymous may pull is public: no challenge.
+    let pulled = pull(&p.url, "lib/open", "1", Some(PRIVATE)).await.unwrap();
+    assert_eq!(pulled.top, open.manifest.digest);
+    // The proxy filled the cache with its own credentials, never with the clients'.
+    assert!(issuer.grants("GET cache") >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use super::metrics::{CacheResult, Kind};
 use super::peers::PEER_HEADER;
 use super::pull_through::{BlobAnswer, BlobAsk, ByteRange};
 use super::store::RepoKey;
-use super::upstream::{Object, Upstream};
+use super::upstream::{Object, Secret, Upstream};
 use crate::api::Credentials;
 use crate::oci::error::error_body;
 use crate::oci::media::Accept;
@@ -482,20 +482,21 @@ fn basic_credentials(header: Option<&str>) -> Option<Credentials> {
 }
 
 /// `/auth/token`: the distribution token spec's GET (credentials in Basic) and its OAuth2
-/// POST (`grant_type=password`). Issues a token for the repositories of the `scope`s the
-/// client's own credentials may pull upstream (see [`crate::proxy::access`]). A
-/// `refresh_token` grant is refused with 400: containerd then asks again with GET, the
-/// identity token as Basic's password.
+/// POST (`grant_type=password`, or `refresh_token` with an identity token of the
+/// upstream's token server, which is passed on to it as such). Issues a token for the
+/// repositories of the `scope`s the client's own secret may pull upstream (see
+/// [`crate::proxy::access`]).
 async fn auth_token(
     proxy: &Proxy,
     req: Request<Incoming>,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, ProxyError> {
-    let mut credentials = basic_credentials(
+    let mut secret = basic_credentials(
         req.headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
-    );
+    )
+    .map(Secret::Password);
     let mut params: Vec<(String, String)> = Vec::new();
     form_pairs(req.uri().query().unwrap_or(""), &mut params)?;
     let method = req.method().clone();
@@ -517,19 +518,24 @@ async fn auth_token(
         };
         match get("grant_type").as_deref() {
             Some("password") => {
-                credentials = Some(Credentials {
+                secret = Some(Secret::Password(Credentials {
                     username: get("username").unwrap_or_default(),
                     password: get("password").unwrap_or_default(),
-                });
+                }));
             }
             Some("refresh_token") => {
-                return Err(ProxyError::TokenRequest(
-                    "refresh_token grants are not supported here; use GET with Basic".into(),
-                ));
+                let token = get("refresh_token")
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| {
+                        ProxyError::TokenRequest(
+                            "a refresh_token grant needs a refresh_token".into(),
+                        )
+                    })?;
+                secret = Some(Secret::IdentityToken(token));
             }
             _ => {
                 return Err(ProxyError::TokenRequest(
-                    "grant_type must be password (or use GET with Basic)".into(),
+                    "grant_type must be password or refresh_token (or use GET with Basic)".into(),
                 ));
             }
         }
@@ -574,7 +580,7 @@ async fn auth_token(
     outcome.repo = repositories.first().cloned();
     let issued = proxy
         .access()
-        .issue(&up, &repositories, credentials.as_ref())
+        .issue(&up, &repositories, secret.as_ref())
         .await?;
     let body = serde_json::json!({
         "token": issued.token,

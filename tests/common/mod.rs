@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fault;
+pub mod token_server;
 
 use pullthrough::api::{ProxyConfig, UpstreamConfig};
 use serde_json::json;
@@ -141,6 +142,14 @@ pub fn test_certificate(dir: &Path) {
     ]);
 }
 
+/// How a [`Registry`] authenticates its clients.
+enum RegistryAuth<'a> {
+    /// Basic, against these htpasswd lines.
+    Htpasswd(&'a str),
+    /// Bearer tokens of this issuer.
+    Token(&'a token_server::TokenServer),
+}
+
 /// A real `docker-registry` (CNCF Distribution) process on a free loopback port, killed on drop.
 pub struct Registry {
     pub url: String,
@@ -163,7 +172,13 @@ impl Registry {
     /// A registry where every request needs one of `users` (htpasswd lines, bcrypt), by
     /// Basic auth. Distribution rereads the file when it changes ([`Self::set_users`]).
     pub async fn start_private(users: &str) -> Registry {
-        Registry::start_opts(None, Some(users)).await
+        Registry::start_opts(None, Some(RegistryAuth::Htpasswd(users))).await
+    }
+
+    /// A registry that takes the tokens of `issuer` (the distribution token spec), and
+    /// nothing else.
+    pub async fn start_token(issuer: &token_server::TokenServer) -> Registry {
+        Registry::start_opts(None, Some(RegistryAuth::Token(issuer))).await
     }
 
     /// Replaces the users of a [`Self::start_private`] registry.
@@ -177,7 +192,7 @@ impl Registry {
         f.set_modified(before + Duration::from_secs(2)).unwrap();
     }
 
-    async fn start_opts(proxy_remote: Option<&str>, users: Option<&str>) -> Registry {
+    async fn start_opts(proxy_remote: Option<&str>, auth: Option<RegistryAuth<'_>>) -> Registry {
         let bin = which("docker-registry").expect(
             "docker-registry not found: run ./scripts/test, which installs Debian's docker-registry",
         );
@@ -190,13 +205,17 @@ impl Registry {
         if let Some(remote) = proxy_remote {
             cfg.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
         }
-        if let Some(users) = users {
-            let path = dir.path().join("htpasswd");
-            std::fs::write(&path, users).unwrap();
-            cfg.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
-                path.display()
-            ));
+        match auth {
+            Some(RegistryAuth::Htpasswd(users)) => {
+                let path = dir.path().join("htpasswd");
+                std::fs::write(&path, users).unwrap();
+                cfg.push_str(&format!(
+                    "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                    path.display()
+                ));
+            }
+            Some(RegistryAuth::Token(issuer)) => cfg.push_str(&issuer.registry_config()),
+            None => {}
         }
         let cfg_path = dir.path().join("config.yml");
         std::fs::write(&cfg_path, cfg).unwrap();
@@ -648,7 +667,11 @@ impl MultiArch {
 
 /// Pushes a blob with the distribution push API (monolithic upload).
 pub async fn push_blob(base: &str, repo: &str, blob: &Blob) {
-    let c = http();
+    push_blob_with(&http(), base, repo, blob).await
+}
+
+/// [`push_blob`] with client `c` (which may carry an Authorization header).
+pub async fn push_blob_with(c: &reqwest::Client, base: &str, repo: &str, blob: &Blob) {
     let r = c
         .post(format!("{base}/v2/{repo}/blobs/uploads/"))
         .send()
@@ -674,7 +697,17 @@ pub async fn push_blob(base: &str, repo: &str, blob: &Blob) {
 }
 
 pub async fn push_manifest(base: &str, repo: &str, reference: &str, m: &Blob) {
-    let r = http()
+    push_manifest_with(&http(), base, repo, reference, m).await
+}
+
+async fn push_manifest_with(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+    m: &Blob,
+) {
+    let r = c
         .put(format!("{base}/v2/{repo}/manifests/{reference}"))
         .header("content-type", &m.media_type)
         .body(m.bytes.clone())
@@ -685,10 +718,15 @@ pub async fn push_manifest(base: &str, repo: &str, reference: &str, m: &Blob) {
 }
 
 pub async fn push_image(base: &str, repo: &str, tag: &str, img: &Image) {
+    push_image_with(&http(), base, repo, tag, img).await
+}
+
+/// [`push_image`] with client `c` (which may carry an Authorization header).
+pub async fn push_image_with(c: &reqwest::Client, base: &str, repo: &str, tag: &str, img: &Image) {
     for b in img.blobs() {
-        push_blob(base, repo, b).await;
+        push_blob_with(c, base, repo, b).await;
     }
-    push_manifest(base, repo, tag, &img.manifest).await;
+    push_manifest_with(c, base, repo, tag, &img.manifest).await;
 }
 
 pub async fn push_multiarch(base: &str, repo: &str, tag: &str, m: &MultiArch) {

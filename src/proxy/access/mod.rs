@@ -18,8 +18,8 @@ use super::error::ProxyError;
 use super::metrics::Metrics;
 use super::pull_through::single_flight::SingleFlight;
 use super::store::RepoKey;
-use super::upstream::Upstream;
-use crate::api::{AccessConfig, Credentials};
+use super::upstream::{Secret, Upstream};
+use crate::api::AccessConfig;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -209,19 +209,19 @@ impl Access {
         }
     }
 
-    /// A token for `repositories` of `up`: pull for each one `credentials` may pull (as
-    /// the upstream says), nothing for the others and for an anonymous client.
+    /// A token for `repositories` of `up`: pull for each one `secret` may pull (as the
+    /// upstream says), nothing for the others and for an anonymous client.
     pub async fn issue(
         &self,
         up: &Arc<Upstream>,
         repositories: &[String],
-        credentials: Option<&Credentials>,
+        secret: Option<&Secret>,
     ) -> Result<Issued, ProxyError> {
         let now = Instant::now();
         let mut until = now + self.config.token_ttl;
         let (mut pull, mut refused) = (Vec::new(), Vec::new());
         for repository in repositories {
-            let allowed = match credentials {
+            let allowed = match secret {
                 Some(c) => self.decide(up, repository, c).await?,
                 None => None,
             };
@@ -255,22 +255,26 @@ impl Access {
         })
     }
 
-    /// Until when `credentials` may pull `repository` of `up`; `None` when they may not.
+    /// Until when `secret` may pull `repository` of `up`; `None` when it may not.
     async fn decide(
         &self,
         up: &Arc<Upstream>,
         repository: &str,
-        credentials: &Credentials,
+        secret: &Secret,
     ) -> Result<Option<Instant>, ProxyError> {
-        let (user, pass) = (
-            credentials.username.as_bytes(),
-            credentials.password.as_bytes(),
-        );
+        // Failures are counted per user name; an identity token names no user, so its
+        // own hash stands in (guessing one is hopeless: what is capped is asking again).
+        let (kind, user, pass): (&[u8], &[u8], &[u8]) = match secret {
+            Secret::Password(c) => (b"password", c.username.as_bytes(), c.password.as_bytes()),
+            Secret::IdentityToken(t) => (b"identity", t.as_bytes(), b""),
+        };
         let name = up.name().as_bytes();
         let key = token::hmac(
             &self.key,
             &[
                 b"decision\0",
+                kind,
+                b"\0",
                 name,
                 b"\0",
                 repository.as_bytes(),
@@ -283,7 +287,7 @@ impl Access {
         if let Some(k) = fresh(&self.decisions, &key) {
             return Ok(k.value.then_some(k.until));
         }
-        let who = token::hmac(&self.key, &[b"user\0", name, b"\0", user]);
+        let who = token::hmac(&self.key, &[b"user\0", kind, b"\0", name, b"\0", user]);
         if self.failing(&who) {
             return Err(ProxyError::TooManyAttempts);
         }
@@ -292,12 +296,12 @@ impl Access {
         let check = {
             let (up, repository, metrics) =
                 (up.clone(), repository.to_string(), self.metrics.clone());
-            let (credentials, config) = (credentials.clone(), self.config.clone());
+            let (secret, config) = (secret.clone(), self.config.clone());
             let (decisions, failures) = (self.decisions.clone(), self.failures.clone());
             async move {
                 let started = Instant::now();
                 let result = up
-                    .entitled(&repository, Some(credentials))
+                    .entitled(&repository, Some(secret))
                     .await
                     .map_err(ProxyError::from);
                 let label = match &result {

@@ -1,6 +1,8 @@
 //! Authenticating to an upstream registry the way it asks: nothing until it answers 401,
 //! then Basic or a Bearer token from its token endpoint (the distribution token spec),
-//! with the tokens cached per scope until they expire.
+//! with the tokens cached per scope until they expire. An identity token (what `docker
+//! login` keeps for a token server, and a pull secret's `identitytoken`) is sent the
+//! OAuth2 way: a POST with `grant_type=refresh_token`.
 
 use super::error::UpstreamError;
 use super::transport::{Transport, origin_of, query_escape, read_limited};
@@ -71,6 +73,25 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     })
 }
 
+/// What a client of the upstream proves itself with.
+#[derive(Clone, PartialEq)]
+pub enum Secret {
+    /// A user name and password: Basic, or Basic to the token endpoint.
+    Password(Credentials),
+    /// A refresh token of the upstream's token server, exchanged for access tokens with
+    /// `grant_type=refresh_token`.
+    IdentityToken(String),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secret::Password(c) => c.fmt(f),
+            Secret::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
+        }
+    }
+}
+
 struct Token {
     header: String,
     expires: Instant,
@@ -79,15 +100,15 @@ struct Token {
 /// One upstream's credentials and what it was last asked for: its tokens by scope, and
 /// whether it wants Basic on every request.
 pub(super) struct Auth {
-    credentials: Option<Credentials>,
+    secret: Option<Secret>,
     tokens: Mutex<HashMap<String, Token>>,
     wants_basic: AtomicBool,
 }
 
 impl Auth {
-    pub(super) fn new(credentials: Option<Credentials>) -> Auth {
+    pub(super) fn new(secret: Option<Secret>) -> Auth {
         Auth {
-            credentials,
+            secret,
             tokens: Mutex::new(HashMap::new()),
             wants_basic: AtomicBool::new(false),
         }
@@ -129,7 +150,7 @@ impl Auth {
                     .await
                     .map(Some)
             }
-            Some(Challenge::Basic) if self.credentials.is_some() => {
+            Some(Challenge::Basic) if matches!(self.secret, Some(Secret::Password(_))) => {
                 self.wants_basic.store(true, Ordering::Relaxed);
                 Ok(self.basic())
             }
@@ -138,13 +159,16 @@ impl Auth {
     }
 
     fn basic(&self) -> Option<String> {
-        self.credentials.as_ref().map(|c| {
-            let raw = format!("{}:{}", c.username, c.password);
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(raw)
-            )
-        })
+        match &self.secret {
+            Some(Secret::Password(c)) => {
+                let raw = format!("{}:{}", c.username, c.password);
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(raw)
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// Gets a Bearer token for `scope` from the token endpoint and caches it under
@@ -158,20 +182,31 @@ impl Auth {
         transport: &Transport,
         (metrics, upstream): (&Metrics, &str),
     ) -> Result<String, UpstreamError> {
-        let mut url = realm.to_string();
-        url.push(if realm.contains('?') { '&' } else { '?' });
+        let mut query = String::new();
         if let Some(s) = service {
-            url.push_str("service=");
-            url.push_str(&query_escape(s));
-            url.push('&');
+            query.push_str("service=");
+            query.push_str(&query_escape(s));
+            query.push('&');
         }
-        url.push_str("scope=");
-        url.push_str(&query_escape(scope));
-        let basic = self.basic();
+        query.push_str("scope=");
+        query.push_str(&query_escape(scope));
         let started = Instant::now();
-        let resp = transport
-            .send(&Method::GET, &url, basic.as_deref(), None)
-            .await;
+        let resp = match &self.secret {
+            Some(Secret::IdentityToken(t)) => {
+                query.push_str("&grant_type=refresh_token&client_id=pullthrough&refresh_token=");
+                query.push_str(&query_escape(t));
+                transport.post_form(realm, query).await
+            }
+            _ => {
+                let mut url = realm.to_string();
+                url.push(if realm.contains('?') { '&' } else { '?' });
+                url.push_str(&query);
+                let basic = self.basic();
+                transport
+                    .send(&Method::GET, &url, basic.as_deref(), None)
+                    .await
+            }
+        };
         let code = resp.as_ref().ok().map(|r| r.status().as_u16());
         metrics.upstream(upstream, Kind::Token, code, started.elapsed().as_secs_f64());
         let resp = resp?;

@@ -7,7 +7,7 @@ mod auth;
 mod error;
 mod transport;
 
-pub use auth::{Challenge, parse_challenge};
+pub use auth::{Challenge, Secret, parse_challenge};
 pub use error::{Object, UpstreamError};
 pub(crate) use transport::query_escape;
 pub use transport::{HttpClient, http_client, http_client_with, same_origin};
@@ -254,7 +254,7 @@ impl Upstream {
             guarded: config.access_mode() == crate::api::AccessMode::UpstreamAuth,
             transport: Transport::new(client, timeout),
             peers_tls: None,
-            auth: Auth::new(credentials),
+            auth: Auth::new(credentials.map(Secret::Password)),
             metrics,
         }
     }
@@ -487,7 +487,7 @@ impl Upstream {
         })
     }
 
-    /// Whether `credentials` (none: anonymous) may pull `repository`, as the upstream
+    /// Whether `secret` (none: anonymous) may pull `repository`, as the upstream
     /// itself decides: a HEAD of its `latest` manifest with them, authenticated as the
     /// upstream asks. 200 or 404 (no such tag, or no such repository) is yes, 401 or 403
     /// no; a token alone proves nothing, since registries issue tokens of reduced scope.
@@ -495,9 +495,9 @@ impl Upstream {
     pub async fn entitled(
         &self,
         repository: &str,
-        credentials: Option<Credentials>,
+        secret: Option<Secret>,
     ) -> Result<bool, UpstreamError> {
-        let theirs = Auth::new(credentials);
+        let theirs = Auth::new(secret);
         let header = Accept::Any.upstream_header();
         let mut call = Call::manifest(Method::HEAD, "manifests/latest", &header);
         call.kind = Kind::Access;

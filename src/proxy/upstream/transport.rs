@@ -3,7 +3,7 @@
 
 use super::error::UpstreamError;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The HTTP client shared by every upstream.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 const USER_AGENT: &str = concat!("pullthrough/", env!("CARGO_PKG_VERSION"));
 const MAX_REDIRECTS: usize = 5;
@@ -99,6 +99,38 @@ impl Transport {
         accept: Option<&str>,
         extra: Option<(&'static str, &str)>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        self.exchange(method, url, auth, accept, extra, Bytes::new())
+            .await
+    }
+
+    /// POSTs an `application/x-www-form-urlencoded` `form` (a token request's), with no
+    /// credentials but those in it.
+    pub(super) async fn post_form(
+        &self,
+        url: &str,
+        form: String,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.exchange(
+            &Method::POST,
+            url,
+            None,
+            None,
+            Some(("content-type", "application/x-www-form-urlencoded")),
+            Bytes::from(form),
+        )
+        .await
+    }
+
+    /// Sends one request with `body`, following redirects.
+    async fn exchange(
+        &self,
+        method: &Method,
+        url: &str,
+        auth: Option<&str>,
+        accept: Option<&str>,
+        extra: Option<(&'static str, &str)>,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let mut uri: Uri = url
             .parse()
             .map_err(|e| UpstreamError::protocol(format!("{}: not a URL: {e}", origin_of(url))))?;
@@ -123,7 +155,7 @@ impl Transport {
                 v.set_sensitive(true);
                 req = req.header(header::AUTHORIZATION, v);
             }
-            let req = req.body(Empty::new()).map_err(|e| {
+            let req = req.body(Full::new(body.clone())).map_err(|e| {
                 UpstreamError::protocol(format!("cannot request {}: {e}", origin_of(url)))
             })?;
             // Errors name the server tried (never the whole URL: a redirect's query may
