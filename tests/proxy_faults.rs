@@ -159,7 +159,14 @@ async fn upstream_5xx_is_an_oci_error_and_caches_nothing() {
     let image = Image::generate(22, &[10_000], "amd64");
     up.add_image("a/b", "v1", &image);
     up.state.fail_status.store(503, Ordering::SeqCst);
-    let proxy = Proxy::start_config(config(&up)).await;
+    let mut cfg = config(&up);
+    // A 429 without Retry-After leaves the upstream alone for `limits.backoff`
+    // (tests/upstream_limits.rs): not at all here, so the upstream's return shows at once.
+    cfg.upstreams[0].limits = Some(pullthrough::api::UpstreamLimits {
+        backoff: Duration::ZERO,
+        ..pullthrough::api::UpstreamLimits::for_registry("fault.test")
+    });
+    let proxy = Proxy::start_config(cfg).await;
     let c = http();
     let r = c
         .get(format!("{}/v2/a/b/manifests/v1", proxy.url))

@@ -20,3 +20,4 @@ mod properties;
 mod proxy_faults;
 mod proxy_registry;
 mod s3_shared;
+mod upstream_limits;

@@ -4,7 +4,7 @@
 
 use super::proxy_config::{
     AccessConfig, AccessMode, ConfigError, ProxyConfig, RepositoryFilter, S3Config, StorageConfig,
-    TlsConfig, UpstreamAccess, UpstreamConfig, default_abandon_uploads_after,
+    TlsConfig, UpstreamAccess, UpstreamConfig, UpstreamLimits, default_abandon_uploads_after,
 };
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -147,6 +147,38 @@ pub struct MirrorUpstream {
     /// `upstreamAuth` with `credentialsSecretRef`, else `open`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<UpstreamAccess>,
+    /// How hard the proxy may press the upstream (docs/operations.md, "Keeping under the
+    /// upstream's limits").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<UpstreamLimitsSpec>,
+}
+
+/// Caps on what the proxy asks of one upstream; requests over a cap wait `queueTimeout`,
+/// then fail with 429 and `Retry-After`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamLimitsSpec {
+    /// Requests sent to the upstream at once (default 32 for docker.io, 64 otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent_requests: Option<u32>,
+    /// Manifest GETs per second, what Docker Hub counts as pulls; 0: no cap (default 10
+    /// for docker.io, no cap otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_gets_per_second: Option<u32>,
+    /// How long a request over a cap waits before it fails (default `10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub queue_timeout: Option<String>,
+    /// How long the upstream is left alone after a 429 without `Retry-After` (default
+    /// `30s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub backoff: Option<String>,
+    /// The longest `Retry-After` honoured (default `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub max_backoff: Option<String>,
 }
 
 /// Name of a Secret in the same namespace.
@@ -439,18 +471,40 @@ impl RegistryMirrorSpec {
                 .upstreams
                 .iter()
                 .enumerate()
-                .map(|(i, u)| UpstreamConfig {
-                    registry: u.registry.clone(),
-                    url: u.url.clone(),
-                    credentials: None,
-                    credentials_file: u
-                        .credentials_secret_ref
-                        .as_ref()
-                        .map(|_| PathBuf::from(format!("{SECRETS_MOUNT}/{i}/.dockerconfigjson"))),
-                    repositories: u.repositories.clone().unwrap_or_default(),
-                    access: u.access.clone(),
+                .map(|(i, u)| {
+                    Ok(UpstreamConfig {
+                        registry: u.registry.clone(),
+                        url: u.url.clone(),
+                        credentials: None,
+                        credentials_file: u.credentials_secret_ref.as_ref().map(|_| {
+                            PathBuf::from(format!("{SECRETS_MOUNT}/{i}/.dockerconfigjson"))
+                        }),
+                        repositories: u.repositories.clone().unwrap_or_default(),
+                        access: u.access.clone(),
+                        limits: match &u.limits {
+                            None => None,
+                            Some(l) => {
+                                let d = UpstreamLimits::for_registry(&u.registry);
+                                Some(UpstreamLimits {
+                                    max_concurrent_requests: l.max_concurrent_requests,
+                                    manifest_gets_per_second: l.manifest_gets_per_second,
+                                    queue_timeout: parse(
+                                        "limits.queueTimeout",
+                                        &l.queue_timeout,
+                                        d.queue_timeout,
+                                    )?,
+                                    backoff: parse("limits.backoff", &l.backoff, d.backoff)?,
+                                    max_backoff: parse(
+                                        "limits.maxBackoff",
+                                        &l.max_backoff,
+                                        d.max_backoff,
+                                    )?,
+                                })
+                            }
+                        },
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, SpecError>>()?,
             default_upstream: None,
             // A bucket's emptyDir only spools downloads: the limit is the bucket's own.
             max_cache_bytes: match &self.cache.storage.s3 {
@@ -644,6 +698,39 @@ access: {plainHttp: true, allowedTTL: 1m}
         );
         // What the controller writes, the proxy reads back unchanged.
         assert_eq!(ProxyConfig::from_yaml(&c.to_yaml()).unwrap(), c);
+    }
+
+    #[test]
+    fn upstream_limits_default_by_registry_and_take_the_spec() {
+        let mut spec = example(&["docker.io", "ghcr.io"]);
+        spec.upstreams[1].limits = Some(UpstreamLimitsSpec {
+            max_concurrent_requests: Some(8),
+            queue_timeout: Some("20s".into()),
+            ..UpstreamLimitsSpec::default()
+        });
+        let c = spec.proxy_config().unwrap();
+        let hub = c.upstreams[0].limits();
+        assert_eq!(
+            (hub.max_concurrent_requests, hub.manifest_gets_per_second),
+            (Some(32), Some(10))
+        );
+        let ghcr = c.upstreams[1].limits();
+        assert_eq!(ghcr.max_concurrent_requests, Some(8));
+        assert_eq!(ghcr.manifest_gets_per_second, Some(0));
+        assert_eq!(ghcr.queue_timeout, std::time::Duration::from_secs(20));
+        assert_eq!(ProxyConfig::from_yaml(&c.to_yaml()).unwrap(), c);
+        spec.upstreams[1].limits = Some(UpstreamLimitsSpec {
+            backoff: Some("soon".into()),
+            ..UpstreamLimitsSpec::default()
+        });
+        let err = spec.proxy_config().unwrap_err().to_string();
+        assert!(err.contains("limits.backoff"), "{err}");
+        spec.upstreams[1].limits = Some(UpstreamLimitsSpec {
+            max_concurrent_requests: Some(0),
+            ..UpstreamLimitsSpec::default()
+        });
+        let err = spec.proxy_config().unwrap_err().to_string();
+        assert!(err.contains("maxConcurrentRequests"), "{err}");
     }
 
     #[test]

@@ -162,6 +162,64 @@ pub struct UpstreamConfig {
     /// upstream has credentials, else `open`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<UpstreamAccess>,
+    /// How hard the proxy may press this upstream (docs/operations.md, "Keeping under
+    /// the upstream's limits"). Default: [`UpstreamLimits::for_registry`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<UpstreamLimits>,
+}
+
+/// Caps on what the proxy asks of one upstream. Requests over a cap wait for up to
+/// `queueTimeout`, then fail with 429 and a `Retry-After`, as do requests while the
+/// upstream has asked to wait (429, or 503 with `Retry-After`); cached tags are served
+/// stale meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamLimits {
+    /// Requests out to the upstream at once, each until its answer's headers arrive.
+    /// Default: 32 for docker.io, 64 otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
+    /// Manifest GETs sent per second (what Docker Hub counts as pulls; HEADs are not
+    /// capped), with a burst of as many; 0: no cap. Default: 10 for docker.io, no cap
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_gets_per_second: Option<u32>,
+    /// How long a request over a cap waits before it fails.
+    #[serde(
+        default = "default_queue_timeout",
+        with = "crate::api::duration::serde"
+    )]
+    pub queue_timeout: Duration,
+    /// How long the upstream is left alone after a 429 without `Retry-After`.
+    #[serde(default = "default_backoff", with = "crate::api::duration::serde")]
+    pub backoff: Duration,
+    /// The longest `Retry-After` honoured.
+    #[serde(default = "default_max_backoff", with = "crate::api::duration::serde")]
+    pub max_backoff: Duration,
+}
+
+impl UpstreamLimits {
+    /// The defaults for `registry`: Docker Hub's stricter.
+    pub fn for_registry(registry: &str) -> UpstreamLimits {
+        let hub = docker_hub::is_alias(registry);
+        UpstreamLimits {
+            max_concurrent_requests: Some(if hub { 32 } else { 64 }),
+            manifest_gets_per_second: Some(if hub { 10 } else { 0 }),
+            queue_timeout: default_queue_timeout(),
+            backoff: default_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// Who may pull an upstream's repositories through the cache.
@@ -474,6 +532,11 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 /// A configuration that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    /// `limits.maxConcurrentRequests: 0`: nothing could ever be fetched.
+    #[error(
+        "upstream {0:?}: limits.maxConcurrentRequests must be at least 1 (leave it out for the default)"
+    )]
+    NoConcurrency(String),
     /// No upstream at all.
     #[error("at least one upstream registry is required")]
     NoUpstreams,
@@ -584,6 +647,9 @@ impl ProxyConfig {
             }
             if u.credentials.is_some() && u.credentials_file.is_some() {
                 return Err(ConfigError::TwoCredentialSources(u.registry.clone()));
+            }
+            if u.limits().max_concurrent_requests == Some(0) {
+                return Err(ConfigError::NoConcurrency(u.registry.clone()));
             }
             let url = u.base_url();
             if split_url(&url).is_none() {
@@ -772,6 +838,21 @@ impl UpstreamConfig {
             credentials_file: None,
             repositories: RepositoryFilter::default(),
             access: None,
+            limits: None,
+        }
+    }
+
+    /// The caps on requests to this upstream: as set, the registry's defaults for what
+    /// is not.
+    pub fn limits(&self) -> UpstreamLimits {
+        let d = UpstreamLimits::for_registry(&self.registry);
+        match &self.limits {
+            None => d,
+            Some(l) => UpstreamLimits {
+                max_concurrent_requests: l.max_concurrent_requests.or(d.max_concurrent_requests),
+                manifest_gets_per_second: l.manifest_gets_per_second.or(d.manifest_gets_per_second),
+                ..l.clone()
+            },
         }
     }
 

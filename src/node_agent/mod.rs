@@ -156,6 +156,7 @@ pub fn run_standalone(
                 credentials_secret_ref: None,
                 repositories: None,
                 access: None,
+                limits: None,
             };
             (
                 registry_key(registry),

@@ -112,6 +112,17 @@ impl ProxyError {
         }
     }
 
+    /// The `Retry-After` to send with this error, in whole seconds (at least 1).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::Upstream(e) => e
+                .retry_after()
+                .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+                .map(|s| s.max(1)),
+            _ => None,
+        }
+    }
+
     /// Whether the upstream is failing in a way that justifies serving a stale tag.
     pub fn upstream_is_down(&self) -> bool {
         matches!(self, ProxyError::Upstream(e) if e.is_down())
@@ -137,7 +148,9 @@ fn upstream_code_and_status(e: &UpstreamError) -> (ErrorCode, StatusCode) {
         NotFound(Object::Blob) => (ErrorCode::BlobUnknown, StatusCode::NOT_FOUND),
         NotFound(Object::Repository) => (ErrorCode::NameUnknown, StatusCode::NOT_FOUND),
         Denied(_) => (ErrorCode::Denied, StatusCode::FORBIDDEN),
-        RateLimited => (ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS),
+        RateLimited { .. } | BackedOff { .. } | Busy { .. } => {
+            (ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS)
+        }
         TooLarge { .. } => (ErrorCode::SizeInvalid, StatusCode::BAD_GATEWAY),
         Protocol(_) => (ErrorCode::Unknown, StatusCode::BAD_GATEWAY),
         Failed { .. }
@@ -164,7 +177,16 @@ mod tests {
         );
         assert_eq!(code(NotFound(Object::Blob)).0, ErrorCode::BlobUnknown);
         assert_eq!(code(Denied(401)).0, ErrorCode::Denied);
-        assert_eq!(code(RateLimited).1, StatusCode::TOO_MANY_REQUESTS);
+        let limited = || RateLimited {
+            retry_after: std::time::Duration::from_millis(29_500),
+        };
+        assert_eq!(code(limited()).1, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(ProxyError::from(limited()).retry_after(), Some(30));
+        let busy = Busy {
+            cap: "maxConcurrentRequests",
+        };
+        assert_eq!(code(busy.clone()).0, ErrorCode::TooManyRequests);
+        assert_eq!(ProxyError::from(busy).retry_after(), Some(1));
         let failed = || Failed {
             server: "https://r.example".into(),
             status: 503,
@@ -174,7 +196,7 @@ mod tests {
             (ErrorCode::Unavailable, StatusCode::BAD_GATEWAY)
         );
         assert!(ProxyError::from(failed()).upstream_is_down());
-        assert!(ProxyError::from(RateLimited).upstream_is_down());
+        assert!(ProxyError::from(limited()).upstream_is_down());
         assert!(!ProxyError::from(NotFound(Object::Manifest)).upstream_is_down());
         assert!(!ProxyError::from(Denied(403)).upstream_is_down());
     }

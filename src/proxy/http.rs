@@ -213,6 +213,9 @@ pub fn error_response(e: &ProxyError, head: bool) -> Response<Body> {
     if let ProxyError::Unauthorized { challenge } = e {
         builder = builder.header(header::WWW_AUTHENTICATE, challenge.as_str());
     }
+    if let Some(secs) = e.retry_after() {
+        builder = builder.header(header::RETRY_AFTER, secs);
+    }
     builder
         .body(if head { empty() } else { full(body) })
         .expect("valid response")

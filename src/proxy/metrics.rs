@@ -3,7 +3,8 @@
 //! repository, tag or digest.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// `kind` label of a request.
@@ -152,6 +153,88 @@ pub struct Metrics {
     store_requests: IntCounterVec,
     store_duration: HistogramVec,
     store_bytes: IntCounterVec,
+    pressure: PressureMetrics,
+}
+
+/// What the proxy knows of each upstream's limits, and what its own caps held back
+/// (see `upstream::pressure`).
+#[derive(Clone)]
+struct PressureMetrics {
+    ratelimit_limit: IntGaugeVec,
+    ratelimit_remaining: IntGaugeVec,
+    ratelimit_window: IntGaugeVec,
+    backoff_until: GaugeVec,
+    backoffs: IntCounterVec,
+    refused: IntCounterVec,
+    inflight: IntGaugeVec,
+    queued: IntGaugeVec,
+}
+
+impl PressureMetrics {
+    fn new() -> PressureMetrics {
+        let gauge = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["upstream"]).expect("valid metric")
+        };
+        PressureMetrics {
+            ratelimit_limit: gauge(
+                "pullthrough_upstream_ratelimit_limit",
+                "The upstream's rate limit, requests per window, as its last answer that said (Docker Hub's ratelimit-limit; the RateLimit-* forms of others); 0 until one does.",
+            ),
+            ratelimit_remaining: gauge(
+                "pullthrough_upstream_ratelimit_remaining",
+                "Requests left in the upstream's rate-limit window, as its last answer that said (Docker Hub's ratelimit-remaining); 0 until one does.",
+            ),
+            ratelimit_window: gauge(
+                "pullthrough_upstream_ratelimit_window_seconds",
+                "The upstream's rate-limit window, as its last answer that said (w= of Docker Hub's headers).",
+            ),
+            backoff_until: GaugeVec::new(
+                Opts::new(
+                    "pullthrough_upstream_backoff_until_timestamp_seconds",
+                    "Unix time until which nothing is sent to the upstream, after it answered 429 (or 503 with Retry-After); 0 before any.",
+                ),
+                &["upstream"],
+            )
+            .expect("valid metric"),
+            backoffs: IntCounterVec::new(
+                Opts::new(
+                    "pullthrough_upstream_backoffs_total",
+                    "Answers of the upstream that began a back-off, by status (429, 503).",
+                ),
+                &["upstream", "status"],
+            )
+            .expect("valid metric"),
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "pullthrough_upstream_refused_total",
+                    "Upstream requests not sent, by reason: backoff (the upstream asked to wait), concurrency (waited queueTimeout for maxConcurrentRequests), rate (manifestGetsPerSecond).",
+                ),
+                &["upstream", "reason"],
+            )
+            .expect("valid metric"),
+            inflight: gauge(
+                "pullthrough_upstream_inflight_requests",
+                "Requests out to the upstream now (what maxConcurrentRequests caps).",
+            ),
+            queued: gauge(
+                "pullthrough_upstream_queued_requests",
+                "Upstream requests waiting now for room under a cap.",
+            ),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.ratelimit_limit.clone()),
+            Box::new(self.ratelimit_remaining.clone()),
+            Box::new(self.ratelimit_window.clone()),
+            Box::new(self.backoff_until.clone()),
+            Box::new(self.backoffs.clone()),
+            Box::new(self.refused.clone()),
+            Box::new(self.inflight.clone()),
+            Box::new(self.queued.clone()),
+        ]
+    }
 }
 
 /// Operations on an object store, the `op` label of `pullthrough_store_requests_total`.
@@ -360,7 +443,9 @@ impl Metrics {
             "1 when the shared bucket enforces create-only writes (If-None-Match: *), so that replicas that do not know each other fetch a blob once; 0 when it does not or there is no bucket.",
         )
         .expect("valid metric");
-        let names = crate::server::register_all(
+        let pressure = PressureMetrics::new();
+        let mut names = crate::server::register_all(&registry, pressure.collectors());
+        names.extend(crate::server::register_all(
             &registry,
             vec![
                 Box::new(store_conditional_writes.clone()),
@@ -389,8 +474,9 @@ impl Metrics {
                 Box::new(store_duration.clone()),
                 Box::new(store_bytes.clone()),
             ],
-        );
+        ));
         Metrics {
+            pressure,
             registry,
             names,
             requests,
@@ -462,6 +548,71 @@ impl Metrics {
     /// Counts one 401 challenge for a private repository of `upstream`.
     pub fn access_challenge(&self, upstream: &str) {
         self.access_challenges.with_label_values(&[upstream]).inc();
+    }
+
+    /// Creates the series of an upstream's caps at zero.
+    pub fn init_pressure(&self, upstream: &str) {
+        let p = &self.pressure;
+        for g in [
+            &p.ratelimit_limit,
+            &p.ratelimit_remaining,
+            &p.ratelimit_window,
+        ] {
+            g.with_label_values(&[upstream]);
+        }
+        p.backoff_until.with_label_values(&[upstream]);
+        for status in ["429", "503"] {
+            p.backoffs.with_label_values(&[upstream, status]);
+        }
+        for reason in ["backoff", "concurrency", "rate"] {
+            p.refused.with_label_values(&[upstream, reason]);
+        }
+        p.inflight.with_label_values(&[upstream]);
+        p.queued.with_label_values(&[upstream]);
+    }
+
+    /// Records what an answer of `upstream` said of its rate limit.
+    pub fn upstream_ratelimit(&self, upstream: &str, rl: crate::proxy::upstream::RateLimit) {
+        let p = &self.pressure;
+        let set = |g: &IntGaugeVec, v: Option<u64>| {
+            if let Some(v) = v {
+                g.with_label_values(&[upstream])
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        };
+        set(&p.ratelimit_limit, rl.limit);
+        set(&p.ratelimit_remaining, rl.remaining);
+        set(&p.ratelimit_window, rl.window);
+    }
+
+    /// Records a back-off of `upstream` begun by an answer with `status`, until `until`.
+    pub fn upstream_backoff(&self, upstream: &str, status: u16, until: std::time::SystemTime) {
+        let p = &self.pressure;
+        p.backoffs
+            .with_label_values(&[upstream, &status.to_string()])
+            .inc();
+        let unix = until
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        p.backoff_until.with_label_values(&[upstream]).set(unix);
+    }
+
+    /// Counts an upstream request not sent, for `reason`.
+    pub fn upstream_refused(&self, upstream: &str, reason: &str) {
+        self.pressure
+            .refused
+            .with_label_values(&[upstream, reason])
+            .inc();
+    }
+
+    /// The gauge of `upstream`'s requests out now.
+    pub fn upstream_inflight(&self, upstream: &str) -> IntGauge {
+        self.pressure.inflight.with_label_values(&[upstream])
+    }
+
+    /// The gauge of `upstream`'s requests waiting under a cap now.
+    pub fn upstream_queued(&self, upstream: &str) -> IntGauge {
+        self.pressure.queued.with_label_values(&[upstream])
     }
 
     /// Counts one request to the owner of a blob.

@@ -9,7 +9,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -44,6 +44,13 @@ pub struct State {
     /// Requests whose "METHOD path?query" contains one of these get their status and
     /// headers, one byte of body, and then nothing, for ever.
     pub stall_bodies: Mutex<Vec<String>>,
+    /// Headers added to every answer under /v2/ (rate-limit headers, `Retry-After`).
+    pub extra_headers: Mutex<Vec<(&'static str, String)>>,
+    /// Requests being handled now, and the most there ever were at once.
+    pub inflight: AtomicUsize,
+    pub max_inflight: AtomicUsize,
+    /// Milliseconds every manifest request takes before it is answered.
+    pub manifest_delay_ms: AtomicU64,
     /// Every request as "METHOD path?query".
     pub log: Mutex<Vec<String>>,
     /// The Authorization header of every request ("" when absent).
@@ -200,7 +207,19 @@ async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body
     for mut release in holds {
         let _ = release.wait_for(|released| *released).await;
     }
-    let resp = respond(st, base, req).await;
+    let now = st.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_inflight.fetch_max(now, Ordering::SeqCst);
+    let delay = st.manifest_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 && line.contains("/manifests/") {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
+    let mut resp = respond(st, base, req).await;
+    if line.contains(" /v2/") {
+        for (name, value) in st.extra_headers.lock().unwrap().iter() {
+            resp.headers_mut().insert(*name, value.parse().unwrap());
+        }
+    }
+    st.inflight.fetch_sub(1, Ordering::SeqCst);
     if st
         .stall_bodies
         .lock()

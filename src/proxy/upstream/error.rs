@@ -36,9 +36,25 @@ pub enum UpstreamError {
     /// The upstream refused our credentials or denied access (HTTP 401 or 403).
     #[error("upstream denied access (HTTP {0})")]
     Denied(u16),
-    /// The upstream's rate limit (HTTP 429).
-    #[error("upstream rate limit reached (HTTP 429)")]
-    RateLimited,
+    /// The upstream's rate limit (HTTP 429): it is left alone for `retry_after`.
+    #[error("upstream rate limit reached (HTTP 429); retrying after {}s", .retry_after.as_secs())]
+    RateLimited {
+        /// The back-off the answer began.
+        retry_after: Duration,
+    },
+    /// Not sent: the upstream asked to wait (a 429, or a 503 with `Retry-After`), and
+    /// has not yet been left alone for as long.
+    #[error("not asked: the upstream asked to wait, another {}s", .retry_after.as_secs())]
+    BackedOff {
+        /// What is left of the back-off.
+        retry_after: Duration,
+    },
+    /// Not sent: the request waited `queueTimeout` over one of the upstream's caps.
+    #[error("not asked: too many requests to the upstream waiting already (limits.{cap})")]
+    Busy {
+        /// The cap: `maxConcurrentRequests` or `manifestGetsPerSecond`.
+        cap: &'static str,
+    },
     /// The upstream failed (HTTP 5xx).
     #[error("upstream unavailable: {server} answered HTTP {status}")]
     Failed {
@@ -108,9 +124,21 @@ impl UpstreamError {
     pub fn is_down(&self) -> bool {
         use UpstreamError::*;
         match self {
-            RateLimited | Failed { .. } | Unreachable { .. } | NoAnswer { .. } => true,
+            RateLimited { .. } | BackedOff { .. } | Busy { .. } => true,
+            Failed { .. } | Unreachable { .. } | NoAnswer { .. } => true,
             Stalled { .. } | Body(_) | Stored(_) | Truncated { .. } => true,
             NotFound(_) | Denied(_) | TooLarge { .. } | Protocol(_) => false,
+        }
+    }
+
+    /// How long a client should wait before asking again, when the upstream said or a
+    /// cap decides.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::RateLimited { retry_after }
+            | UpstreamError::BackedOff { retry_after } => Some(*retry_after),
+            UpstreamError::Busy { .. } => Some(Duration::from_secs(1)),
+            _ => None,
         }
     }
 

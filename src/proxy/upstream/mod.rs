@@ -5,10 +5,12 @@
 
 mod auth;
 mod error;
+mod pressure;
 mod transport;
 
 pub use auth::{Challenge, Secret, parse_challenge};
 pub use error::{Object, UpstreamError};
+pub use pressure::{RateLimit, retry_after};
 pub(crate) use transport::query_escape;
 pub use transport::{HttpClient, http_client, http_client_with, same_origin};
 
@@ -207,6 +209,8 @@ pub struct Upstream {
     /// To the other replicas, when they serve HTTPS (see [`Self::with_tls_peers`]).
     peers_tls: Option<Transport>,
     auth: Auth,
+    /// Its caps and back-off: every request to it passes here.
+    pressure: pressure::Pressure,
     metrics: Metrics,
 }
 
@@ -255,6 +259,11 @@ impl Upstream {
             transport: Transport::new(client, timeout),
             peers_tls: None,
             auth: Auth::new(credentials.map(Secret::Password)),
+            pressure: pressure::Pressure::new(
+                &config.registry.to_ascii_lowercase(),
+                config.limits(),
+                metrics.clone(),
+            ),
             metrics,
         }
     }
@@ -531,6 +540,10 @@ impl Upstream {
             url.push_str(q);
         }
         let scope = format!("repository:{repository}:pull");
+        let slot = self
+            .pressure
+            .admit(call.method == Method::GET && call.kind == Kind::Manifest)
+            .await?;
         let started = Instant::now();
         let result = async {
             let mut header = auth.cached(&scope);
@@ -562,11 +575,16 @@ impl Upstream {
         let code = result.as_ref().ok().map(|r| r.status().as_u16());
         self.metrics.upstream(&self.name, call.kind, code, elapsed);
         let resp = result?;
+        let backoff = self.pressure.observe(resp.status(), resp.headers());
+        // The headers are in: the request's room under the cap is someone else's now.
+        drop(slot);
         match resp.status().as_u16() {
             200 => Ok(resp),
             404 => Err(UpstreamError::NotFound(call.object)),
             s @ (401 | 403) => Err(UpstreamError::Denied(s)),
-            429 => Err(UpstreamError::RateLimited),
+            429 => Err(UpstreamError::RateLimited {
+                retry_after: backoff.unwrap_or_default(),
+            }),
             s @ 500..=599 => Err(UpstreamError::Failed {
                 server: origin_of(&url),
                 status: s,

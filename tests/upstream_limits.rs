@@ -1,0 +1,220 @@
+//! A good citizen of its upstreams (docs/operations.md, "Keeping under the upstream's
+//! limits"): rate-limit headers exported, a 429's `Retry-After` honoured by sending
+//! nothing meanwhile (stale tags served, everything else refused at once with a
+//! `Retry-After`), and caps on concurrent requests that the upstream itself measures.
+
+use crate::common::fault::FaultUpstream;
+use crate::common::*;
+use pullthrough::api::{ProxyConfig, UpstreamLimits};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn config(up: &FaultUpstream, limits: UpstreamLimits) -> ProxyConfig {
+    let mut c = config_for(&[(up.host.as_str(), up.url.as_str())]);
+    c.upstreams[0].limits = Some(limits);
+    c
+}
+
+fn limits(max_concurrent: u32, queue: Duration) -> UpstreamLimits {
+    UpstreamLimits {
+        max_concurrent_requests: Some(max_concurrent),
+        manifest_gets_per_second: Some(0),
+        queue_timeout: queue,
+        ..UpstreamLimits::for_registry("registry.test")
+    }
+}
+
+async fn manifest(p: &Proxy, repo: &str, reference: &str) -> reqwest::Response {
+    http()
+        .get(format!("{}/v2/{repo}/manifests/{reference}", p.url))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+}
+
+fn retry_after(r: &reqwest::Response) -> u64 {
+    r.headers()
+        .get("retry-after")
+        .expect("a Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_leaves_the_upstream_alone_for_that_long() {
+    let up = FaultUpstream::start().await;
+    let (cached, uncached) = (
+        Image::generate(81, &[20_000], "amd64"),
+        Image::generate(82, &[20_000], "amd64"),
+    );
+    up.add_image("team/cached", "v1", &cached);
+    up.add_image("team/new", "v1", &uncached);
+    let mut cfg = config(&up, limits(8, Duration::from_secs(10)));
+    // Every request for the tag asks the upstream: what is served during the back-off is
+    // stale, not fresh within a TTL.
+    cfg.tag_ttl = Duration::ZERO;
+    cfg.stale_if_error = Duration::from_secs(3600);
+    let p = Proxy::start_config(cfg).await;
+    pull(&p.url, "team/cached", "v1", None).await.unwrap();
+    p.settled().await;
+
+    // Docker Hub out of pulls: 429, Retry-After: 30, its rate-limit headers.
+    *up.state.extra_headers.lock().unwrap() = vec![
+        ("ratelimit-limit", "100;w=21600".into()),
+        ("ratelimit-remaining", "0;w=21600".into()),
+        ("retry-after", "30".into()),
+    ];
+    up.state.fail_status.store(429, Ordering::SeqCst);
+    let pulled = pull(&p.url, "team/cached", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, cached.manifest.digest);
+    let asked = up.total();
+    let m = p.metrics().await;
+    let at = |name: &str, labels: &[(&str, &str)]| metric_value(&m, name, labels);
+    let upstream = [("upstream", up.host.as_str())];
+    assert_eq!(at("pullthrough_upstream_ratelimit_limit", &upstream), 100.0);
+    assert_eq!(
+        at("pullthrough_upstream_ratelimit_remaining", &upstream),
+        0.0
+    );
+    assert_eq!(
+        at("pullthrough_upstream_ratelimit_window_seconds", &upstream),
+        21600.0
+    );
+    assert_eq!(
+        at(
+            "pullthrough_upstream_backoffs_total",
+            &[("upstream", up.host.as_str()), ("status", "429")]
+        ),
+        1.0
+    );
+    assert!(
+        at(
+            "pullthrough_upstream_backoff_until_timestamp_seconds",
+            &upstream
+        ) > 0.0
+    );
+
+    // During the back-off: the cached tag is served stale, and nothing at all reaches
+    // the upstream (its own log).
+    for _ in 0..3 {
+        let pulled = pull(&p.url, "team/cached", "v1", None).await.unwrap();
+        assert_eq!(pulled.top, cached.manifest.digest);
+    }
+    // What is not cached fails at once, 429 with how long is left of the 30 s.
+    let r = manifest(&p, "team/new", "v1").await;
+    assert_eq!(r.status(), 429);
+    let wait = retry_after(&r);
+    assert!((1..=30).contains(&wait), "Retry-After {wait}");
+    assert_eq!(error_code(r).await.1, "TOOMANYREQUESTS");
+    let blob = &uncached.layers[0].digest;
+    let r = http()
+        .get(format!("{}/v2/team/new/blobs/{blob}", p.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(retry_after(&r) <= 30);
+    assert_eq!(
+        up.total(),
+        asked,
+        "a request reached the upstream in its back-off"
+    );
+
+    let m = p.metrics().await;
+    assert!(
+        metric_value(
+            &m,
+            "pullthrough_upstream_refused_total",
+            &[("upstream", up.host.as_str()), ("reason", "backoff")]
+        ) >= 5.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "pullthrough_requests_total",
+            &[("kind", "manifest"), ("result", "stale")]
+        ),
+        4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_cold_manifest_requests_keep_within_the_concurrency_cap() {
+    const CAP: u32 = 4;
+    let up = FaultUpstream::start().await;
+    let images: Vec<Image> = (0..50)
+        .map(|i| Image::generate(100 + i, &[64], "amd64"))
+        .collect();
+    for (i, img) in images.iter().enumerate() {
+        up.add_image("fleet/app", &format!("t{i}"), img);
+    }
+    // Each manifest answer takes a while, so that requests pile up at the proxy.
+    up.state.manifest_delay_ms.store(20, Ordering::SeqCst);
+    let p = Proxy::start_config(config(&up, limits(CAP, Duration::from_secs(120)))).await;
+    let asks = (0..500).map(|n| {
+        let (p, images) = (&p, &images);
+        async move {
+            let tag = n % 50;
+            let r = manifest(p, "fleet/app", &format!("t{tag}")).await;
+            assert_eq!(r.status(), 200, "t{tag}");
+            assert_eq!(
+                sha256(&r.bytes().await.unwrap()),
+                images[tag].manifest.digest
+            );
+        }
+    });
+    futures::future::join_all(asks).await;
+    let most = up.state.max_inflight.load(Ordering::SeqCst);
+    assert!(
+        most <= CAP as usize,
+        "{most} requests at once at the upstream"
+    );
+    assert!(up.count("/manifests/t") >= 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_cap_waits_then_fails_cleanly() {
+    let up = FaultUpstream::start().await;
+    let (a, b) = (
+        Image::generate(83, &[64], "amd64"),
+        Image::generate(84, &[64], "amd64"),
+    );
+    up.add_image("team/a", "v1", &a);
+    up.add_image("team/b", "v1", &b);
+    // One request at a time, and a short queue.
+    let p = Proxy::start_config(config(&up, limits(1, Duration::from_millis(200)))).await;
+    // The upstream holds the first request until told: its room is taken.
+    let release = up.hold_requests("/team/a/manifests/v1");
+    let first = tokio::spawn({
+        let url = format!("{}/v2/team/a/manifests/v1", p.url);
+        async move { http().get(url).send().await.unwrap().status() }
+    });
+    // Bounded: the held request reaches the upstream.
+    for _ in 0..600 {
+        if up.count("/team/a/manifests/v1") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.count("/team/a/manifests/v1"), 1, "the first request");
+    let r = manifest(&p, "team/b", "v1").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(retry_after(&r), 1);
+    assert_eq!(error_code(r).await.1, "TOOMANYREQUESTS");
+    assert_eq!(up.count("/team/b/"), 0);
+    assert_eq!(
+        p.metric(
+            "pullthrough_upstream_refused_total",
+            &[("reason", "concurrency")]
+        )
+        .await,
+        1.0
+    );
+    // Once the room is free, the same request goes through.
+    release.send(true).unwrap();
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(manifest(&p, "team/b", "v1").await.status(), 200);
+}
