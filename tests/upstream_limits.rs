@@ -218,3 +218,50 @@ async fn a_request_over_the_cap_waits_then_fails_cleanly() {
     assert_eq!(first.await.unwrap(), 200);
     assert_eq!(manifest(&p, "team/b", "v1").await.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_url_is_skipped_for_the_next_one_and_shown_down() {
+    // A regional mirror that fails, and the origin behind it.
+    let (regional, origin) = (FaultUpstream::start().await, FaultUpstream::start().await);
+    let (a, b) = (
+        Image::generate(85, &[64], "amd64"),
+        Image::generate(86, &[64], "amd64"),
+    );
+    for up in [&regional, &origin] {
+        up.add_image("team/a", "v1", &a);
+        up.add_image("team/b", "v1", &b);
+    }
+    regional.state.fail_status.store(503, Ordering::SeqCst);
+    let mut c = config_for(&[("registry.test", &regional.url)]);
+    c.upstreams[0].url = None;
+    c.upstreams[0].urls = vec![regional.url.clone(), origin.url.clone()];
+    let p = Proxy::start_config(c).await;
+
+    let pulled = pull(&p.url, "team/a", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, a.manifest.digest);
+    // The regional mirror was asked first, once, then left for the origin.
+    assert_eq!(regional.count("/manifests/"), 1);
+    assert!(origin.count("/manifests/v1") >= 1);
+    let up = |url: &str| {
+        let p = &p;
+        let url = url.to_string();
+        async move {
+            p.metric(
+                "pullthrough_upstream_url_up",
+                &[("upstream", "registry.test"), ("url", &url)],
+            )
+            .await
+        }
+    };
+    assert_eq!(up(&regional.url).await, 0.0);
+    assert_eq!(up(&origin.url).await, 1.0);
+    // Marked down, it goes to the back: the next pull asks only the origin.
+    let asked = regional.total();
+    let pulled = pull(&p.url, "team/b", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, b.manifest.digest);
+    assert_eq!(regional.total(), asked);
+    // With every URL failing the client hears the last one's failure.
+    origin.state.fail_status.store(503, Ordering::SeqCst);
+    let r = manifest(&p, "team/c", "v1").await;
+    assert_eq!(error_code(r).await, (502, "UNAVAILABLE".to_string()));
+}

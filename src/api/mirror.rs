@@ -136,6 +136,11 @@ pub struct MirrorUpstream {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://[^/?#@ ]+(/[^?# ]*)?$"))]
     pub url: Option<String>,
+    /// Several base URLs instead of `url`, tried in order (a regional mirror first, the
+    /// origin last); containerd falls back to the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 8))]
+    pub urls: Option<Vec<UpstreamUrl>>,
     /// A `kubernetes.io/dockerconfigjson` Secret in the mirror's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretReference>,
@@ -152,6 +157,14 @@ pub struct MirrorUpstream {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<UpstreamLimitsSpec>,
 }
+
+/// A registry API base URL.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(transparent)]
+pub struct UpstreamUrl(
+    #[schemars(regex(pattern = r"^https?://[^/?#@ ]+(/[^?# ]*)?$"))]
+    pub String,
+);
 
 /// Caps on what the proxy asks of one upstream; requests over a cap wait `queueTimeout`,
 /// then fail with 429 and `Retry-After`.
@@ -475,6 +488,7 @@ impl RegistryMirrorSpec {
                     Ok(UpstreamConfig {
                         registry: u.registry.clone(),
                         url: u.url.clone(),
+                        urls: u.urls.iter().flatten().map(|x| x.0.clone()).collect(),
                         credentials: None,
                         credentials_file: u.credentials_secret_ref.as_ref().map(|_| {
                             PathBuf::from(format!("{SECRETS_MOUNT}/{i}/.dockerconfigjson"))
@@ -605,13 +619,14 @@ pub fn is_ready(m: &RegistryMirror) -> bool {
     })
 }
 
-/// The upstream's own API URL (containerd's fallback).
+/// The upstream's own API URL (containerd's fallback): the last of `urls`, the origin.
 pub fn upstream_url(u: &MirrorUpstream) -> String {
-    UpstreamConfig {
+    let c = UpstreamConfig {
         url: u.url.clone(),
+        urls: u.urls.iter().flatten().map(|x| x.0.clone()).collect(),
         ..UpstreamConfig::new(&u.registry)
-    }
-    .base_url()
+    };
+    c.base_urls().pop().unwrap_or_else(|| c.base_url())
 }
 
 pub use super::docker_hub::registry_key;
@@ -731,6 +746,22 @@ access: {plainHttp: true, allowedTTL: 1m}
         });
         let err = spec.proxy_config().unwrap_err().to_string();
         assert!(err.contains("maxConcurrentRequests"), "{err}");
+    }
+
+    #[test]
+    fn several_urls_are_tried_in_order_and_containerd_falls_back_to_the_last() {
+        let mut spec = example(&["docker.io"]);
+        let urls = ["https://mirror.example", "https://registry-1.docker.io/"];
+        spec.upstreams[0].urls = Some(urls.map(|u| UpstreamUrl(u.into())).to_vec());
+        let c = spec.proxy_config().unwrap();
+        assert_eq!(
+            c.upstreams[0].base_urls(),
+            ["https://mirror.example", "https://registry-1.docker.io"]
+        );
+        assert_eq!(upstream_url(&spec.upstreams[0]), "https://registry-1.docker.io");
+        spec.upstreams[0].url = Some("https://other.example".into());
+        let err = spec.proxy_config().unwrap_err().to_string();
+        assert!(err.contains("both url and urls"), "{err}");
     }
 
     #[test]

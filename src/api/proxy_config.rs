@@ -148,6 +148,11 @@ pub struct UpstreamConfig {
     /// `https://<registry>` otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Several base URLs instead of `url`, tried in order (a regional mirror first, the
+    /// origin last): a URL that cannot be reached or answers 5xx is skipped for 30 s
+    /// while the next one answers (`pullthrough_upstream_url_up`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
     /// Inline credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Credentials>,
@@ -556,6 +561,9 @@ pub enum ConfigError {
         /// The offending URL.
         url: String,
     },
+    /// Both `url` and `urls`.
+    #[error("upstream {0:?} sets both url and urls; list every URL in urls")]
+    UrlAndUrls(String),
     /// Both inline credentials and a credentials file.
     #[error("upstream {0:?} sets both credentials and credentialsFile; use one")]
     TwoCredentialSources(String),
@@ -651,12 +659,16 @@ impl ProxyConfig {
             if u.limits().max_concurrent_requests == Some(0) {
                 return Err(ConfigError::NoConcurrency(u.registry.clone()));
             }
-            let url = u.base_url();
-            if split_url(&url).is_none() {
-                return Err(ConfigError::BadUrl {
-                    registry: u.registry.clone(),
-                    url,
-                });
+            if u.url.is_some() && !u.urls.is_empty() {
+                return Err(ConfigError::UrlAndUrls(u.registry.clone()));
+            }
+            for url in u.base_urls() {
+                if split_url(&url).is_none() {
+                    return Err(ConfigError::BadUrl {
+                        registry: u.registry.clone(),
+                        url,
+                    });
+                }
             }
         }
         if let Some(d) = &self.default_upstream
@@ -834,6 +846,7 @@ impl UpstreamConfig {
         UpstreamConfig {
             registry: registry.to_string(),
             url: None,
+            urls: Vec::new(),
             credentials: None,
             credentials_file: None,
             repositories: RepositoryFilter::default(),
@@ -870,12 +883,27 @@ impl UpstreamConfig {
 
     /// The registry API base URL, without a trailing slash.
     pub fn base_url(&self) -> String {
+        if let Some(first) = self.urls.first() {
+            return first.trim_end_matches('/').to_string();
+        }
         let url = match &self.url {
             Some(u) => u.clone(),
             None if self.is_docker_hub() => docker_hub::API_URL.to_string(),
             None => format!("https://{}", self.registry),
         };
         url.trim_end_matches('/').to_string()
+    }
+
+    /// Every base URL to try, in order, without trailing slashes: `urls`, or else the
+    /// one [`Self::base_url`].
+    pub fn base_urls(&self) -> Vec<String> {
+        if self.urls.is_empty() {
+            return vec![self.base_url()];
+        }
+        self.urls
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect()
     }
 
     /// Whether Docker Hub's naming rules apply (`library/` for single-name images).

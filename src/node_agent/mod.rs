@@ -157,6 +157,7 @@ pub fn run_standalone(
                 repositories: None,
                 access: None,
                 limits: None,
+                urls: None,
             };
             (
                 registry_key(registry),

@@ -168,6 +168,7 @@ struct PressureMetrics {
     refused: IntCounterVec,
     inflight: IntGaugeVec,
     queued: IntGaugeVec,
+    url_up: IntGaugeVec,
 }
 
 impl PressureMetrics {
@@ -220,6 +221,14 @@ impl PressureMetrics {
                 "pullthrough_upstream_queued_requests",
                 "Upstream requests waiting now for room under a cap.",
             ),
+            url_up: IntGaugeVec::new(
+                Opts::new(
+                    "pullthrough_upstream_url_up",
+                    "1 while the upstream URL answers, 0 for 30 s after it could not be reached or answered 5xx (its other URLs are tried first meanwhile).",
+                ),
+                &["upstream", "url"],
+            )
+            .expect("valid metric"),
         }
     }
 
@@ -233,6 +242,7 @@ impl PressureMetrics {
             Box::new(self.refused.clone()),
             Box::new(self.inflight.clone()),
             Box::new(self.queued.clone()),
+            Box::new(self.url_up.clone()),
         ]
     }
 }
@@ -603,6 +613,11 @@ impl Metrics {
             .refused
             .with_label_values(&[upstream, reason])
             .inc();
+    }
+
+    /// The gauge of whether `url` of `upstream` answers.
+    pub fn upstream_url_up(&self, upstream: &str, url: &str) -> IntGauge {
+        self.pressure.url_up.with_label_values(&[upstream, url])
     }
 
     /// The gauge of `upstream`'s requests out now.

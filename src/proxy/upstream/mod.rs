@@ -5,6 +5,7 @@
 
 mod auth;
 mod error;
+mod failover;
 mod pressure;
 mod transport;
 
@@ -200,7 +201,8 @@ fn docker_digest(headers: &HeaderMap) -> Option<Digest> {
 /// One configured upstream registry.
 pub struct Upstream {
     name: String,
-    base: String,
+    /// Its base URLs, each with the proxy's tokens for it.
+    endpoints: failover::Endpoints,
     docker_hub: bool,
     filter: RepositoryFilter,
     /// `upstreamAuth`: private repositories only for clients the upstream lets pull them.
@@ -208,7 +210,6 @@ pub struct Upstream {
     transport: Transport,
     /// To the other replicas, when they serve HTTPS (see [`Self::with_tls_peers`]).
     peers_tls: Option<Transport>,
-    auth: Auth,
     /// Its caps and back-off: every request to it passes here.
     pressure: pressure::Pressure,
     metrics: Metrics,
@@ -241,6 +242,39 @@ impl<'a> Call<'a> {
 }
 
 impl Upstream {
+    /// One request to `url`, answering the upstream's challenge with `auth` once.
+    async fn send_as(
+        &self,
+        auth: &Auth,
+        url: &str,
+        scope: &str,
+        call: &Call<'_>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut header = auth.cached(scope);
+        let mut resp = self
+            .transport
+            .send(&call.method, url, header.as_deref(), call.accept)
+            .await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            let challenge = header_string(resp.headers(), header::WWW_AUTHENTICATE);
+            header = auth
+                .answer(
+                    challenge.as_deref(),
+                    scope,
+                    &self.transport,
+                    (&self.metrics, &self.name),
+                )
+                .await?;
+            if header.is_some() {
+                resp = self
+                    .transport
+                    .send(&call.method, url, header.as_deref(), call.accept)
+                    .await?;
+            }
+        }
+        Ok(resp)
+    }
+
     /// Builds an upstream from its config. `credentials` are already resolved (inline or
     /// read from the credentials file).
     pub fn new(
@@ -252,13 +286,17 @@ impl Upstream {
     ) -> Upstream {
         Upstream {
             name: config.registry.to_ascii_lowercase(),
-            base: config.base_url(),
+            endpoints: failover::Endpoints::new(
+                &config.registry.to_ascii_lowercase(),
+                config.base_urls(),
+                credentials.map(Secret::Password),
+                &metrics,
+            ),
             docker_hub: config.is_docker_hub(),
             filter: config.repositories.clone(),
             guarded: config.access_mode() == crate::api::AccessMode::UpstreamAuth,
             transport: Transport::new(client, timeout),
             peers_tls: None,
-            auth: Auth::new(credentials.map(Secret::Password)),
             pressure: pressure::Pressure::new(
                 &config.registry.to_ascii_lowercase(),
                 config.limits(),
@@ -510,7 +548,7 @@ impl Upstream {
         let header = Accept::Any.upstream_header();
         let mut call = Call::manifest(Method::HEAD, "manifests/latest", &header);
         call.kind = Kind::Access;
-        match self.call_as(&theirs, repository, call).await {
+        match self.call_as(Some(&theirs), repository, call).await {
             Ok(_) | Err(UpstreamError::NotFound(_)) => Ok(true),
             Err(UpstreamError::Denied(_)) => Ok(false),
             Err(e) => Err(e),
@@ -523,61 +561,57 @@ impl Upstream {
         repository: &str,
         call: Call<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        self.call_as(&self.auth, repository, call).await
+        self.call_as(None, repository, call).await
     }
 
-    /// Sends `call` for `/v2/<repository>/<path>[?query]`, authenticating with `auth` as
-    /// the upstream asks, and counts it. Any answer but 200 is an error.
+    /// Sends `call` for `/v2/<repository>/<path>[?query]`, authenticating with `auth`
+    /// (none: the proxy's own, per URL) as the upstream asks, to each of its URLs in turn
+    /// while they fail ([`failover`]), and counts each try. Any answer but 200 is an
+    /// error.
     async fn call_as(
         &self,
-        auth: &Auth,
+        auth: Option<&Auth>,
         repository: &str,
         call: Call<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut url = format!("{}/v2/{repository}/{}", self.base, call.path);
-        if let Some(q) = call.query.filter(|q| !q.is_empty()) {
-            url.push('?');
-            url.push_str(q);
-        }
         let scope = format!("repository:{repository}:pull");
         let slot = self
             .pressure
             .admit(call.method == Method::GET && call.kind == Kind::Manifest)
             .await?;
-        let started = Instant::now();
-        let result = async {
-            let mut header = auth.cached(&scope);
-            let mut resp = self
-                .transport
-                .send(&call.method, &url, header.as_deref(), call.accept)
-                .await?;
-            if resp.status() == StatusCode::UNAUTHORIZED {
-                let challenge = header_string(resp.headers(), header::WWW_AUTHENTICATE);
-                header = auth
-                    .answer(
-                        challenge.as_deref(),
-                        &scope,
-                        &self.transport,
-                        (&self.metrics, &self.name),
-                    )
-                    .await?;
-                if header.is_some() {
-                    resp = self
-                        .transport
-                        .send(&call.method, &url, header.as_deref(), call.accept)
-                        .await?;
-                }
+        let order = self.endpoints.order(Instant::now());
+        let tries = order.len();
+        let mut answer = None;
+        for (n, i) in order.into_iter().enumerate() {
+            let endpoint = self.endpoints.get(i);
+            let auth = auth.unwrap_or(&endpoint.auth);
+            let mut url = format!("{}/v2/{repository}/{}", endpoint.base, call.path);
+            if let Some(q) = call.query.filter(|q| !q.is_empty()) {
+                url.push('?');
+                url.push_str(q);
             }
-            Ok(resp)
+            let started = Instant::now();
+            let result = self.send_as(auth, &url, &scope, &call).await;
+            let elapsed = started.elapsed().as_secs_f64();
+            let code = result.as_ref().ok().map(|r| r.status().as_u16());
+            self.metrics.upstream(&self.name, call.kind, code, elapsed);
+            let backoff = result
+                .as_ref()
+                .ok()
+                .and_then(|r| self.pressure.observe(r.status(), r.headers()));
+            let failed = failover::worth_next(&result);
+            self.endpoints.mark(i, failed, Instant::now());
+            // A back-off is the whole upstream's: no other URL is asked either.
+            if failed && backoff.is_none() && n + 1 < tries {
+                continue;
+            }
+            answer = Some((result, url, backoff));
+            break;
         }
-        .await;
-        let elapsed = started.elapsed().as_secs_f64();
-        let code = result.as_ref().ok().map(|r| r.status().as_u16());
-        self.metrics.upstream(&self.name, call.kind, code, elapsed);
-        let resp = result?;
-        let backoff = self.pressure.observe(resp.status(), resp.headers());
+        let (result, url, backoff) = answer.expect("an upstream has at least one URL");
         // The headers are in: the request's room under the cap is someone else's now.
         drop(slot);
+        let resp = result?;
         match resp.status().as_u16() {
             200 => Ok(resp),
             404 => Err(UpstreamError::NotFound(call.object)),
