@@ -15,6 +15,7 @@ mod manifests;
 mod node_agent_mock;
 mod node_containerd;
 mod packaging;
+mod prefetch_on_request;
 mod private_access;
 mod properties;
 mod proxy_faults;

@@ -265,3 +265,54 @@ async fn a_failing_url_is_skipped_for_the_next_one_and_shown_down() {
     let r = manifest(&p, "team/c", "v1").await;
     assert_eq!(error_code(r).await, (502, "UNAVAILABLE".to_string()));
 }
+
+/// containerd's Accept, and one naming a single type (as some clients send).
+const ACCEPTS: [&str; 2] = [
+    "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*",
+    "application/vnd.oci.image.manifest.v1+json",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_pulls_of_a_cached_tag_cost_one_get_then_heads() {
+    let up = FaultUpstream::start().await;
+    let img = Image::generate(87, &[64], "amd64");
+    for (i, _) in ACCEPTS.iter().enumerate() {
+        up.add_image(&format!("team/app{i}"), "v1", &img);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&up, UpstreamLimits::for_registry("registry.test"));
+    cfg.cache_dir = dir.path().join("cache");
+    let get = |p: &Proxy, i: usize| {
+        let url = format!("{}/v2/team/app{i}/manifests/v1", p.url);
+        async move {
+            let r = http()
+                .get(url)
+                .header("accept", ACCEPTS[i])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    // Within tagTTL: one GET for the first pull, nothing for the next 100.
+    cfg.tag_ttl = Duration::from_secs(3600);
+    let p = Proxy::start_config(cfg.clone()).await;
+    for i in 0..ACCEPTS.len() {
+        for _ in 0..101 {
+            get(&p, i).await;
+        }
+        let path = format!("/v2/team/app{i}/manifests/v1");
+        assert_eq!(up.count(&format!("GET {path}")), 1, "Accept {i}");
+        assert_eq!(up.count(&format!("HEAD {path}")), 0, "Accept {i}");
+    }
+    p.stop().await;
+    // Past tagTTL: HEADs, which Docker Hub does not count, and no GET. (A new process
+    // with a TTL of zero: always past, however fast the machine.)
+    cfg.tag_ttl = Duration::ZERO;
+    let p = Proxy::start_config(cfg).await;
+    for _ in 0..3 {
+        get(&p, 0).await;
+    }
+    assert_eq!(up.count("GET /v2/team/app0/manifests/v1"), 1);
+    assert_eq!(up.count("HEAD /v2/team/app0/manifests/v1"), 3);
+}

@@ -758,7 +758,10 @@ access: {plainHttp: true, allowedTTL: 1m}
             c.upstreams[0].base_urls(),
             ["https://mirror.example", "https://registry-1.docker.io"]
         );
-        assert_eq!(upstream_url(&spec.upstreams[0]), "https://registry-1.docker.io");
+        assert_eq!(
+            upstream_url(&spec.upstreams[0]),
+            "https://registry-1.docker.io"
+        );
         spec.upstreams[0].url = Some("https://other.example".into());
         let err = spec.proxy_config().unwrap_err().to_string();
         assert!(err.contains("both url and urls"), "{err}");

@@ -313,6 +313,7 @@ async fn route(
             };
             let (m, res) = count(proxy, &up, Kind::Manifest, outcome, result)?;
             links.link_manifest(&linked, &m.digest, &m.body).await;
+            proxy.prefetcher().pulled(&linked, &m.digest);
             if !head {
                 proxy
                     .metrics()
@@ -672,17 +673,13 @@ pub async fn handle_ops(
     req: Request<Incoming>,
     peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
-    if req.uri().path() != "/admin/cache" {
+    let prefetch = req.uri().path() == "/admin/prefetch";
+    if req.uri().path() != "/admin/cache" && !prefetch {
         return crate::server::handle_ops(proxy, req).await;
     }
-    let json = |status: StatusCode, v: serde_json::Value| {
-        Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(full(v.to_string()))
-            .expect("valid response")
-    };
-    if !peer.ip().is_loopback() {
+    // Prefetching is asked for by the controller, from its own pod; dropping only from
+    // the proxy's pod.
+    if !prefetch && !peer.ip().is_loopback() {
         return Ok(json(
             StatusCode::FORBIDDEN,
             serde_json::json!({"error": "the admin endpoint only answers on loopback"}),
@@ -701,6 +698,9 @@ pub async fn handle_ops(
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return Ok(refused);
+    }
+    if prefetch {
+        return Ok(prefetch_admin(&proxy, req).await);
     }
     if req.method() != Method::DELETE {
         return Ok(json(
@@ -746,6 +746,93 @@ pub async fn handle_ops(
         StatusCode::OK,
         serde_json::json!({"image": parsed.to_string(), "removed": removal}),
     ))
+}
+
+/// A JSON answer of the operations port.
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(v.to_string()))
+        .expect("valid response")
+}
+
+/// `POST /admin/prefetch` with `{"images": [...], "platforms": [...]}` queues images to
+/// prefetch (see [`crate::proxy::prefetcher`]), answering 202 with what was queued and
+/// what was known already; `GET /admin/prefetch` shows every requested image's progress.
+/// Nothing is queued unless every image resolves.
+async fn prefetch_admin(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    use crate::proxy::prefetcher::MAX_IMAGES_PER_REQUEST;
+    if req.method() == Method::GET {
+        return json(
+            StatusCode::OK,
+            serde_json::json!({"images": proxy.prefetcher().progress()}),
+        );
+    }
+    if req.method() != Method::POST {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "use POST /admin/prefetch with {\"images\": [...]}, or GET for progress"}),
+        );
+    }
+    let body = http_body_util::Limited::new(req.into_body(), 64 << 10);
+    let body = match tokio::time::timeout(std::time::Duration::from_secs(30), body.collect()).await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "the body is over 64 KiB, broke off or did not arrive in 30 s"}),
+            );
+        }
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        images: Vec<String>,
+        #[serde(default)]
+        platforms: Option<Vec<String>>,
+    }
+    let ask: Ask = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("expected {{\"images\": [\"docker.io/library/alpine:3.20\"], \"platforms\": [\"linux/amd64\"]}}: {e}")}),
+            );
+        }
+    };
+    if ask.images.len() > MAX_IMAGES_PER_REQUEST {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": format!("at most {MAX_IMAGES_PER_REQUEST} images per request")}),
+        );
+    }
+    let mut images = Vec::with_capacity(ask.images.len());
+    for image in &ask.images {
+        match proxy.resolve_image(image) {
+            Ok(i) => images.push(i),
+            Err(e) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": format!("{image}: {e}"), "image": image}),
+                );
+            }
+        }
+    }
+    let platforms = ask
+        .platforms
+        .unwrap_or_else(|| proxy.prefetch_platforms().to_vec());
+    let accepted = proxy.prefetcher().request(images, &platforms);
+    tracing::info!(
+        queued = accepted.queued.len(),
+        known = accepted.known.len(),
+        "prefetch requested"
+    );
+    json(
+        StatusCode::ACCEPTED,
+        serde_json::to_value(&accepted).expect("serializable"),
+    )
 }
 
 #[cfg(test)]

@@ -210,7 +210,11 @@ impl Links {
         let proof = async move {
             let asked = match object {
                 Object::Manifest => up
-                    .manifest_digest(&k.repository, &Reference::Digest(d.clone()))
+                    .manifest_digest(
+                        &k.repository,
+                        &Reference::Digest(d.clone()),
+                        &crate::oci::media::Accept::Any,
+                    )
                     .await
                     .map(drop),
                 _ => up.blob_size(&k.repository, &d).await.map(drop),

@@ -145,6 +145,8 @@ pub struct Metrics {
     pub prefetch_images: IntGaugeVec,
     /// Bytes pulled into the cache by prefetching.
     pub prefetch_bytes: IntCounter,
+    /// Time from a prefetched image's arrival to its first pull by a client.
+    pub prefetch_lead: prometheus::Histogram,
     peer_fetches: IntCounterVec,
     link_proofs: IntCounterVec,
     access_decisions: IntCounterVec,
@@ -453,8 +455,23 @@ impl Metrics {
             "1 when the shared bucket enforces create-only writes (If-None-Match: *), so that replicas that do not know each other fetch a blob once; 0 when it does not or there is no bucket.",
         )
         .expect("valid metric");
+        let prefetch_lead = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "pullthrough_prefetch_lead_seconds",
+                "Time from an image prefetched on request (POST /admin/prefetch) being in the cache to a client's first pull of it.",
+            )
+            .buckets(vec![
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 21600.0,
+                86400.0,
+            ]),
+        )
+        .expect("valid metric");
         let pressure = PressureMetrics::new();
         let mut names = crate::server::register_all(&registry, pressure.collectors());
+        names.extend(crate::server::register_all(
+            &registry,
+            vec![Box::new(prefetch_lead.clone())],
+        ));
         names.extend(crate::server::register_all(
             &registry,
             vec![
@@ -487,6 +504,7 @@ impl Metrics {
         ));
         Metrics {
             pressure,
+            prefetch_lead,
             registry,
             names,
             requests,

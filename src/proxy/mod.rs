@@ -14,6 +14,7 @@ pub mod index;
 pub mod links;
 pub mod metrics;
 pub mod peers;
+pub mod prefetcher;
 pub mod pull_through;
 pub mod shared_eviction;
 pub mod store;
@@ -127,6 +128,8 @@ pub struct Proxy {
     metrics: Metrics,
     prefetch: Vec<ConfiguredImage>,
     prefetch_platforms: Vec<String>,
+    /// Images to prefetch on request (`/admin/prefetch`).
+    prefetcher: prefetcher::Prefetcher,
     admin_token: String,
     /// The registry API's TLS, when it is served over HTTPS.
     tls: Option<Arc<tls::Tls>>,
@@ -350,6 +353,7 @@ impl Proxy {
             tracing::info!(%me, replicas = ?peers.replicas(), dns = ?p.dns, "asking the replica that owns a missing blob for it");
             cache = cache.with_peers(Arc::new(peers));
         }
+        let prefetcher = prefetcher::Prefetcher::new(metrics.clone(), config.tag_ttl);
         Ok(Proxy {
             cache: Arc::new(cache),
             links,
@@ -359,6 +363,7 @@ impl Proxy {
             metrics,
             prefetch,
             prefetch_platforms: config.prefetch_platforms.clone(),
+            prefetcher,
             admin_token,
             tls,
             eviction,
@@ -368,6 +373,37 @@ impl Proxy {
     /// Whether an admin request's `Authorization` carries the admin token.
     pub fn admin_authorized(&self, authorization: Option<&str>) -> bool {
         admin::authorized(authorization, &self.admin_token)
+    }
+
+    /// The queue of images to prefetch on request.
+    pub fn prefetcher(&self) -> &prefetcher::Prefetcher {
+        &self.prefetcher
+    }
+
+    /// Platforms prefetches fetch of a multi-platform image when a request names none.
+    pub fn prefetch_platforms(&self) -> &[String] {
+        &self.prefetch_platforms
+    }
+
+    /// An image reference (`docker.io/library/alpine:3.20`) resolved to the upstream that
+    /// serves it; the error says why not.
+    pub fn resolve_image(&self, image: &str) -> Result<ConfiguredImage, String> {
+        let r = image_ref::parse(image).map_err(|e| e.to_string())?;
+        let upstream = self
+            .upstream(&r.registry)
+            .ok_or_else(|| format!("{} is not mirrored by this proxy", r.registry))?;
+        let repository = upstream.canonical_repository(&r.repository);
+        if !upstream.permits(&repository) {
+            return Err(format!(
+                "{repository} may not be pulled through this mirror"
+            ));
+        }
+        Ok(ConfiguredImage {
+            upstream,
+            repository,
+            reference: r.reference,
+            name: image.to_string(),
+        })
     }
 
     /// The upstream serving `registry` (as sent in `?ns=`), if configured.
@@ -421,6 +457,40 @@ impl crate::server::Ops for Proxy {
         self.cache.disk_full().then(|| {
             "cache disk full: serving cached objects, streaming the rest through without caching".to_string()
         })
+    }
+}
+
+/// Fetches the images requested on the operations port, one at a time, linking their
+/// manifests to their repository as a client's pull would.
+async fn prefetch_requested(
+    proxy: Arc<Proxy>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<prefetcher::Queued>,
+) {
+    while let Some(q) = queue.recv().await {
+        proxy.prefetcher.running(&q);
+        let started = tokio::time::Instant::now();
+        tracing::info!(image = %q.image.name, "prefetching on request");
+        let outcome = match proxy.cache.prefetch_one(&q.image, &q.platforms).await {
+            Ok(done) => {
+                let key = store::RepoKey {
+                    upstream: q.image.upstream.name().to_string(),
+                    repository: q.image.repository.clone(),
+                };
+                for m in &done.manifests {
+                    proxy.links.link_manifest(&key, &m.digest, &m.body).await;
+                }
+                tracing::info!(image = %q.image.name, manifests = done.manifests.len(),
+                    blobs = done.blobs, bytes = done.bytes,
+                    seconds = started.elapsed().as_secs_f64(), "prefetched on request");
+                let digests = done.manifests.iter().map(|m| m.digest.clone()).collect();
+                Ok((digests, done.blobs, done.bytes))
+            }
+            Err(e) => {
+                tracing::warn!(image = %q.image.name, error = %e, "prefetch on request failed");
+                Err(e.to_string())
+            }
+        };
+        proxy.prefetcher.finished(&q, outcome);
     }
 }
 
@@ -574,7 +644,14 @@ pub async fn serve(
         }
     });
     let eviction = proxy.eviction.clone().map(|e| tokio::spawn(e.run()));
+    let requested = proxy
+        .prefetcher
+        .take_queue()
+        .map(|queue| tokio::spawn(prefetch_requested(proxy.clone(), queue)));
     shutdown.await;
+    if let Some(task) = requested {
+        task.abort();
+    }
     startup.abort();
     disk_watch.abort();
     if let Some(task) = eviction {

@@ -4,7 +4,7 @@
 //! request; what a client's `Accept` allows decides what it is served.
 
 use super::*;
-use crate::oci::media::{Accept, manifest_media_type};
+use crate::oci::media::{Accept, MANIFEST_ACCEPT, manifest_media_type};
 use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
 use crate::proxy::metrics::CacheResult;
@@ -55,6 +55,32 @@ pub(super) type ManifestResult = Result<(Manifest, CacheResult), ProxyError>;
 
 pub(super) fn tag_key(up: &Upstream, repository: &str, tag: &str) -> String {
     format!("{}\0{repository}\0{tag}", up.name())
+}
+
+/// The key of a tag as a client with `accept` sees it: the tag's own for one that takes
+/// every type; for an `Accept` of fewer known manifest types, the tag under those types
+/// (what the upstream answers such a client may be another manifest), in memory only;
+/// `None` for an `Accept` naming other types, which is not remembered.
+fn tag_key_for(up: &Upstream, repository: &str, tag: &str, accept: &Accept) -> Option<String> {
+    match accept {
+        Accept::Any => Some(tag_key(up, repository, tag)),
+        Accept::Only(types) => {
+            let mut known: Vec<&str> = types.iter().map(String::as_str).collect();
+            if !known
+                .iter()
+                .all(|t| MANIFEST_ACCEPT.split(", ").any(|m| m == *t))
+            {
+                return None;
+            }
+            known.sort_unstable();
+            known.dedup();
+            Some(format!(
+                "{}\0{}",
+                tag_key(up, repository, tag),
+                known.join(",")
+            ))
+        }
+    }
 }
 
 /// `m`, if the client accepts its type.
@@ -133,13 +159,17 @@ impl PullThrough {
                 self.coalesce(key(&digest.to_string()), fetch).await
             }
             Reference::Tag(tag) => {
-                let (_, fresh) = self.fresh_tag(up, repository, tag).await?;
+                // The tag's record for every type serves any client of a type it has.
+                let (_, fresh) = self.fresh_tag(up, repository, tag, &Accept::Any).await?;
                 if let Some(m) = fresh
                     && accept.allows(&m.media_type)
                 {
                     return Ok((m, CacheResult::Hit));
                 }
-                if *accept != Accept::Any {
+                // The tag's record for every type does not serve this client: its own
+                // record, if its types can have one, else the upstream for each request.
+                let narrow = *accept != Accept::Any;
+                if narrow && tag_key_for(up, repository, tag, accept).is_none() {
                     return self
                         .coalesce(
                             key(tag),
@@ -147,20 +177,24 @@ impl PullThrough {
                         )
                         .await;
                 }
-                let (this, up2, repo, tag) = (
+                let (this, up2, repo, tag, accept) = (
                     self.clone(),
                     up.clone(),
                     repository.to_string(),
                     tag.clone(),
+                    accept.clone(),
                 );
                 self.coalesce(key(&tag), async move {
                     // A fetch that ended between the caller's look at the tag and this
                     // one's start may have refreshed it.
-                    let (state, fresh) = this.fresh_tag(&up2, &repo, &tag).await?;
-                    if let Some(m) = fresh {
+                    let (state, fresh) = this.fresh_tag(&up2, &repo, &tag, &accept).await?;
+                    if let Some(m) = fresh
+                        && accept.allows(&m.media_type)
+                    {
                         return Ok((m, CacheResult::Hit));
                     }
-                    this.resolve_tag(&up2, &repo, &tag, state).await
+                    let (m, result) = this.resolve_tag(&up2, &repo, &tag, state, &accept).await?;
+                    Ok((acceptable(m, &accept)?, result))
                 })
                 .await
             }
@@ -186,14 +220,20 @@ impl PullThrough {
         }
     }
 
-    /// A tag's state, and the cached manifest it points to if it is fresh.
+    /// A tag's state as `accept` sees it, and the cached manifest it points to if it is
+    /// fresh.
     async fn fresh_tag(
         &self,
         up: &Upstream,
         repository: &str,
         tag: &str,
+        accept: &Accept,
     ) -> Result<(Option<TagState>, Option<Manifest>), ProxyError> {
-        let state = self.tag_state(up, repository, tag).await;
+        let state = match accept {
+            Accept::Any => self.tag_state(up, repository, tag).await,
+            Accept::Only(_) => tag_key_for(up, repository, tag, accept)
+                .and_then(|k| self.tags.lock().expect("tag map lock").get(&k).cloned()),
+        };
         let fresh = match &state {
             Some(st) if freshness(st.age(), &self.policy) == Freshness::Fresh => {
                 self.cached_manifest(&st.digest).await?
@@ -244,16 +284,21 @@ impl PullThrough {
         repository: &str,
         tag: &str,
         digest: &Digest,
+        accept: &Accept,
     ) {
         let st = TagState {
             digest: digest.clone(),
             age_at: Duration::ZERO,
             since: Instant::now(),
         };
-        self.tags
-            .lock()
-            .expect("tag map lock")
-            .insert(tag_key(up, repository, tag), st);
+        let Some(key) = tag_key_for(up, repository, tag, accept) else {
+            return;
+        };
+        self.tags.lock().expect("tag map lock").insert(key, st);
+        // Only the record for every type is kept on disk.
+        if *accept != Accept::Any {
+            return;
+        }
         let rec = TagRecord {
             upstream: up.name().to_string(),
             repository: repository.to_string(),
@@ -266,11 +311,14 @@ impl PullThrough {
         }
     }
 
+    /// Forgets a tag, under every `Accept`.
     pub(super) async fn forget_tag(&self, up: &Upstream, repository: &str, tag: &str) {
+        let key = tag_key(up, repository, tag);
+        let narrow = format!("{key}\0");
         self.tags
             .lock()
             .expect("tag map lock")
-            .remove(&tag_key(up, repository, tag));
+            .retain(|k, _| *k != key && !k.starts_with(&narrow));
         let key = TagKey {
             upstream: up.name(),
             repository,
@@ -289,6 +337,7 @@ impl PullThrough {
         repository: &str,
         tag: &str,
         state: Option<TagState>,
+        accept: &Accept,
     ) -> Result<(Manifest, CacheResult), ProxyError> {
         let known = match &state {
             Some(st) => self.cached_manifest(&st.digest).await?.map(|m| (m, st)),
@@ -299,11 +348,12 @@ impl PullThrough {
         };
         if let Some((m, st)) = &known {
             let head = up
-                .manifest_digest(repository, &Reference::Tag(tag.to_string()))
+                .manifest_digest(repository, &Reference::Tag(tag.to_string()), accept)
                 .await;
             let outcome = match head {
                 Ok(digest) if digest.as_ref() == Some(&m.digest) => {
-                    self.confirm_tag(up, repository, tag, &m.digest).await;
+                    self.confirm_tag(up, repository, tag, &m.digest, accept)
+                        .await;
                     return Ok((m.clone(), CacheResult::Hit));
                 }
                 Ok(_) => Ok(()),
@@ -324,11 +374,12 @@ impl PullThrough {
         }
         let reference = Reference::Tag(tag.to_string());
         match self
-            .fetch_manifest(up, repository, &reference, None, &Accept::Any)
+            .fetch_manifest(up, repository, &reference, None, accept)
             .await
         {
             Ok(m) => {
-                self.confirm_tag(up, repository, tag, &m.digest).await;
+                self.confirm_tag(up, repository, tag, &m.digest, accept)
+                    .await;
                 Ok((m, CacheResult::Miss))
             }
             Err(e) if e.upstream_not_found() => {

@@ -28,13 +28,13 @@ pub(super) fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[St
 }
 
 /// What prefetching an image took.
-pub(super) struct Prefetched {
+pub(crate) struct Prefetched {
     /// Manifests it has (the index and the wanted platforms' images).
-    manifests: Vec<Manifest>,
+    pub(crate) manifests: Vec<Manifest>,
     /// Blobs they reference.
-    blobs: usize,
+    pub(crate) blobs: usize,
     /// Bytes downloaded for them (not counting what was cached already).
-    bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 impl PullThrough {
@@ -53,7 +53,8 @@ impl PullThrough {
         Fut: Future<Output = ()>,
     {
         let gauge = |state: &str| self.metrics.prefetch_images.with_label_values(&[state]);
-        gauge("pending").set(images.len() as i64);
+        // Added to: images requested on the operations port count here too.
+        gauge("pending").add(images.len() as i64);
         for image in images {
             let started = Instant::now();
             tracing::info!(image = %image.name, "prefetching");
@@ -83,7 +84,7 @@ impl PullThrough {
     }
 
     /// Pulls one image (its platforms among `platforms`) into the cache.
-    pub(super) async fn prefetch_one(
+    pub(crate) async fn prefetch_one(
         self: &Arc<Self>,
         image: &ConfiguredImage,
         platforms: &[String],

@@ -375,14 +375,16 @@ impl Upstream {
         })
     }
 
-    /// HEADs a manifest: the digest the reference points at now, when the upstream says.
+    /// HEADs a manifest: the digest the reference points at now for a client with
+    /// `accept`, when the upstream says.
     pub async fn manifest_digest(
         &self,
         repository: &str,
         reference: &Reference,
+        accept: &Accept,
     ) -> Result<Option<Digest>, UpstreamError> {
         let path = format!("manifests/{reference}");
-        let header = Accept::Any.upstream_header();
+        let header = accept.upstream_header();
         let resp = self
             .call(repository, Call::manifest(Method::HEAD, &path, &header))
             .await?;
