@@ -311,6 +311,18 @@ impl PullThrough {
         }
     }
 
+    /// Forgets what a tag is for a client with `accept`: for one that takes every type,
+    /// the tag itself (see [`Self::forget_tag`]); for a narrower one, only what it was
+    /// told (the upstream having no manifest of its types says nothing of the others).
+    async fn forget_tag_for(&self, up: &Upstream, repository: &str, tag: &str, accept: &Accept) {
+        if *accept == Accept::Any {
+            return self.forget_tag(up, repository, tag).await;
+        }
+        if let Some(key) = tag_key_for(up, repository, tag, accept) {
+            self.tags.lock().expect("tag map lock").remove(&key);
+        }
+    }
+
     /// Forgets a tag, under every `Accept`.
     pub(super) async fn forget_tag(&self, up: &Upstream, repository: &str, tag: &str) {
         let key = tag_key(up, repository, tag);
@@ -362,7 +374,7 @@ impl PullThrough {
             match outcome {
                 Ok(()) => {}
                 Err(e) if e.upstream_not_found() => {
-                    self.forget_tag(up, repository, tag).await;
+                    self.forget_tag_for(up, repository, tag, accept).await;
                     return Err(e);
                 }
                 Err(e) if stale_ok(st, &e) => {
@@ -383,7 +395,7 @@ impl PullThrough {
                 Ok((m, CacheResult::Miss))
             }
             Err(e) if e.upstream_not_found() => {
-                self.forget_tag(up, repository, tag).await;
+                self.forget_tag_for(up, repository, tag, accept).await;
                 Err(e)
             }
             Err(e) => match &known {
