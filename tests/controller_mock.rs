@@ -39,6 +39,12 @@ struct World {
     ready_replicas: i64,
     service_monitor_crd: bool,
     fail_configmap: bool,
+    /// Namespaces (with their labels), for `GET /api/v1/namespaces/<name>`.
+    namespaces: Vec<Value>,
+    /// Pods, for every pod list.
+    pods: Vec<Value>,
+    /// Where the controller asks proxies for prefetches.
+    ops_port: Option<u16>,
 }
 
 fn not_found() -> (u16, Value) {
@@ -82,6 +88,21 @@ fn answer(world: &World, call: &Call) -> (u16, Value) {
                 not_found()
             }
         }
+        "GET" if p.starts_with("/api/v1/namespaces/") && p.matches('/').count() == 4 => {
+            let name = p.rsplit('/').next().unwrap();
+            match world
+                .namespaces
+                .iter()
+                .find(|n| n["metadata"]["name"] == name)
+            {
+                Some(n) => (200, n.clone()),
+                None => not_found(),
+            }
+        }
+        "GET" if p.ends_with("/pods") => (
+            200,
+            json!({"apiVersion":"v1","kind":"PodList","metadata":{},"items":world.pods}),
+        ),
         "GET" if p == "/api/v1/nodes" => (
             200,
             json!({"apiVersion":"v1","kind":"NodeList","metadata":{},"items":world.nodes}),
@@ -121,6 +142,7 @@ struct Fake {
 }
 
 fn fake(world: World) -> Fake {
+    let world_ops_port = world.ops_port;
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let calls = Arc::new(Mutex::new(Vec::new()));
     let log = calls.clone();
@@ -155,7 +177,11 @@ fn fake(world: World) -> Fake {
         controller: "pullthrough-controller".into(),
         instance: Some("test".into()),
     };
-    let ctx = Arc::new(Context::new(client, settings, store, reporter));
+    let mut ctx = Context::new(client, settings, store, reporter);
+    if let Some(port) = world_ops_port {
+        ctx.ops_port = port;
+    }
+    let ctx = Arc::new(ctx);
     Fake { calls, ctx, writer }
 }
 
@@ -890,4 +916,174 @@ async fn a_tls_mirror_waiting_for_its_certificate_already_has_the_address_it_mus
     let status = f.find("PATCH", "/status").body;
     assert_eq!(condition(&status, "Degraded")["reason"], "SecretNotFound");
     assert_eq!(status["status"]["endpoint"], "https://10.96.0.10:5000");
+}
+
+/// A node of linux/amd64, as its kubelet reports it.
+fn amd64_node(name: &str) -> Value {
+    let mut n = node(name, None);
+    n["status"] = json!({"nodeInfo": {
+        "architecture": "amd64", "operatingSystem": "linux", "bootID": "b", "containerRuntimeVersion": "containerd://1.6",
+        "kernelVersion": "6.1", "kubeProxyVersion": "", "kubeletVersion": "v1.32.6", "machineID": "m",
+        "osImage": "Debian GNU/Linux 12", "systemUUID": "u"}});
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
+    use crate::common::*;
+    use pullthrough::api::mirror::RegistryMirrorStatus;
+    use pullthrough::controller::workloads;
+    use std::collections::BTreeSet;
+    // A real Distribution upstream, and the mirror's proxy with the admin token of the
+    // Secret the controller made.
+    let up = Registry::start().await;
+    let app = Image::generate(95, &[30_000, 10_000], "amd64");
+    push_image(&up.url, "team/app", "2.0", &app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "t0ken\n").unwrap();
+    let mut cfg = config_for(&[("registry.test", &up.url)]);
+    cfg.admin_token_file = Some(token_file);
+    let p = Proxy::start_config(cfg).await;
+    let ops_port: u16 = p.metrics_url.rsplit(':').next().unwrap().parse().unwrap();
+    let world = World {
+        named: vec![(
+            "pullthrough-warm-admin".into(),
+            json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"pullthrough-warm-admin","namespace":NS},
+                "data":{"token": base64("t0ken")}}),
+        )],
+        namespaces: vec![
+            json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"team-a","labels":{"team":"a"}}}),
+        ],
+        pods: vec![
+            json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":"pullthrough-warm-0","namespace":NS},
+            "status":{"podIP":"127.0.0.1","conditions":[{"type":"Ready","status":"True"}]}}),
+        ],
+        nodes: vec![amd64_node("n1")],
+        ops_port: Some(ops_port),
+        ..World::default()
+    };
+    let mut f = fake(world);
+    let mut m = mirror(
+        "warm",
+        100,
+        &format!(
+            "upstreams: [{{registry: registry.test, url: \"{}\"}}]\ncache: {{prefetchFromWorkloads: {{namespaceSelector: {{matchLabels: {{team: a}}}}}}}}",
+            up.url
+        ),
+        true,
+    );
+    m.status = Some(RegistryMirrorStatus {
+        served_registries: vec!["registry.test".into()],
+        ..RegistryMirrorStatus::default()
+    });
+    f.add_to_store(&m);
+
+    // A Deployment of team-a now runs app:2.0 (and an image of a registry the mirror does
+    // not serve): the mirror's replica is asked for the one it serves.
+    let images = BTreeSet::from([
+        "registry.test/team/app:2.0".to_string(),
+        "quay.io/other/tool:1".to_string(),
+    ]);
+    let sent = workloads::prefetch_for(&f.ctx, "team-a", &images)
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].2, vec!["registry.test/team/app:2.0".to_string()]);
+    // Its blobs come from the upstream, once, before any client asked.
+    for b in app.blobs() {
+        up.assert_gets(&format!("/blobs/{}", b.digest), 1);
+    }
+    // An Event on the mirror says so, and its status counts it (bounded wait: the
+    // controller looks at the progress every 2 s).
+    let mut noted = None;
+    for _ in 0..300 {
+        noted = f.calls().into_iter().find(|c| {
+            c.method == "POST"
+                && c.path.ends_with("/events")
+                && c.body["note"].as_str().is_some_and(|n| {
+                    n.starts_with("Prefetched image registry.test/team/app:2.0 in ")
+                })
+        });
+        if noted.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let event = noted.expect("a Prefetched event");
+    assert_eq!(event.body["regarding"]["name"], "warm");
+    let mut counted = None;
+    for _ in 0..100 {
+        counted = f
+            .calls()
+            .into_iter()
+            .find(|c| c.method == "PATCH" && c.path.ends_with("/registrymirrors/warm/status"));
+        if counted.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        counted.expect("a status patch").body["status"]["prefetchedImages"],
+        1
+    );
+    // Then a client pulls: from the cache.
+    pull(&p.url, "team/app", "2.0", Some("registry.test"))
+        .await
+        .unwrap();
+    for b in app.blobs() {
+        up.assert_gets(&format!("/blobs/{}", b.digest), 1);
+    }
+
+    // A namespace the mirror's selector does not pick: nothing is asked.
+    let sent = workloads::prefetch_for(&f.ctx, "team-b", &images)
+        .await
+        .unwrap();
+    assert!(sent.is_empty(), "{sent:?}");
+}
+
+#[tokio::test]
+async fn a_prefetching_mirror_gets_an_admin_token_its_replicas_mount() {
+    let f = fake(World {
+        ready_replicas: 1,
+        ..World::default()
+    });
+    let m = mirror(
+        "warm",
+        100,
+        "upstreams: [{registry: docker.io}]\ncache: {prefetchFromWorkloads: {}}",
+        true,
+    );
+    reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
+    let created = f.find("POST", "/secrets");
+    assert_eq!(created.body["metadata"]["name"], "pullthrough-warm-admin");
+    assert_eq!(
+        created.body["metadata"]["ownerReferences"][0]["kind"],
+        "RegistryMirror"
+    );
+    assert_eq!(
+        created.body["stringData"]["token"].as_str().unwrap().len(),
+        64
+    );
+    let dep = f.find("PATCH", "/deployments/").body;
+    let pod = &dep["spec"]["template"]["spec"];
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "pullthrough-warm-admin")
+    );
+    let env = pod["containers"][0]["env"].as_array().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "PULLTHROUGH_ADMIN_TOKEN_FILE"
+                && e["value"] == "/var/run/pullthrough/admin/token")
+    );
+    let config = f.find("PATCH", "/configmaps/").body;
+    let yaml = config["data"]["config.yaml"].as_str().unwrap();
+    assert!(
+        yaml.contains("adminTokenFile: /var/run/pullthrough/admin/token"),
+        "{yaml}"
+    );
 }

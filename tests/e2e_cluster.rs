@@ -378,12 +378,19 @@ async fn controller_as_shipped(admin: &Client, ns: &str, lease_ns: &str) -> Clie
 
 /// Whether the API server lets the service account `sa` of `ns` `verb` the Lease `name`.
 async fn may_lease(client: &Client, ns: &str, sa: &str, verb: &str, name: &str) -> bool {
+    let what = serde_json::json!({"namespace": ns, "group": "coordination.k8s.io",
+        "resource": "leases", "verb": verb, "name": name});
+    may(client, ns, sa, what).await
+}
+
+/// Whether the API server lets the service account `sa` of `ns` do `what` (a
+/// SubjectAccessReview's resourceAttributes).
+async fn may(client: &Client, ns: &str, sa: &str, what: serde_json::Value) -> bool {
     let review: SubjectAccessReview = serde_json::from_value(serde_json::json!({
         "spec": {
             "user": format!("system:serviceaccount:{ns}:{sa}"),
             "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}")],
-            "resourceAttributes": {"namespace": ns, "group": "coordination.k8s.io",
-                "resource": "leases", "verb": verb, "name": name},
+            "resourceAttributes": what,
         }
     }))
     .unwrap();
@@ -972,4 +979,80 @@ async fn with_the_shipped_rbac_an_evicting_mirror_s_pods_may_hold_their_lease_an
         !may_lease(&env.client, ns, "default", "update", lease).await,
         "the default account may"
     );
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
+async fn with_the_shipped_rbac_a_prefetching_mirror_gets_its_admin_token_and_workloads_are_read_only()
+ {
+    let env = Env::start("warm", true).await;
+    let a = env.registry("a");
+    env.create(
+        "warm",
+        &format!(
+            "  upstreams: [{{registry: {a}, url: 'http://127.0.0.1:1'}}]\n  cache: {{prefetchFromWorkloads: {{namespaceSelector: {{matchLabels: {{team: a}}}}}}}}"
+        ),
+    )
+    .await;
+    // Its replicas' admin token, made once, owned by the mirror, mounted in the pods.
+    let secrets = Api::<Secret>::namespaced(env.client.clone(), &env.ns);
+    let token = eventually(30, "the admin token Secret", || {
+        let secrets = secrets.clone();
+        async move {
+            secrets
+                .get_opt("pullthrough-warm-admin")
+                .await
+                .ok()
+                .flatten()
+        }
+    })
+    .await;
+    let owner = &token.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("RegistryMirror", "warm")
+    );
+    assert_eq!(token.data.unwrap()["token"].0.len(), 64);
+    let deployments = Api::<Deployment>::namespaced(env.client.clone(), &env.ns);
+    let dep = eventually(60, "the Deployment", || async {
+        deployments.get_opt("pullthrough-warm").await.ok()?
+    })
+    .await;
+    let pod = dep.spec.unwrap().template.spec.unwrap();
+    assert!(
+        pod.volumes.unwrap().iter().any(|v| v
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.as_deref())
+            == Some("pullthrough-warm-admin"))
+    );
+    // As shipped, the controller may read every workload kind, its replicas' pods and
+    // namespaces' labels, and changes no workload that is not its own kind of child.
+    let sa = "pullthrough-controller";
+    let ns = env.ns.as_str();
+    for (group, resource) in [
+        ("apps", "deployments"),
+        ("apps", "statefulsets"),
+        ("apps", "daemonsets"),
+        ("batch", "jobs"),
+        ("batch", "cronjobs"),
+    ] {
+        for verb in ["list", "watch"] {
+            let what = serde_json::json!({"group": group, "resource": resource, "verb": verb});
+            assert!(may(&env.client, ns, sa, what).await, "{verb} {resource}");
+        }
+    }
+    for (group, resource, verb) in [("", "pods", "list"), ("", "namespaces", "get")] {
+        let what = serde_json::json!({"group": group, "resource": resource, "verb": verb});
+        assert!(may(&env.client, ns, sa, what).await, "{verb} {resource}");
+    }
+    for (group, resource, verb) in [
+        ("apps", "daemonsets", "update"),
+        ("batch", "jobs", "create"),
+        ("batch", "cronjobs", "patch"),
+        ("", "pods", "delete"),
+    ] {
+        let what = serde_json::json!({"namespace": ns, "group": group, "resource": resource, "verb": verb});
+        assert!(!may(&env.client, ns, sa, what).await, "{verb} {resource}");
+    }
 }

@@ -8,7 +8,7 @@ use super::proxy_config::{
 };
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,10 @@ pub const TLS_MOUNT: &str = "/var/run/pullthrough/tls";
 pub const ACCESS_MOUNT: &str = "/var/run/pullthrough/access";
 /// The signing key's name in its Secret and its mount.
 pub const SIGNING_KEY: &str = "signing-key";
+/// Where the admin token Secret the controller makes (for prefetch requests) is mounted.
+pub const ADMIN_MOUNT: &str = "/var/run/pullthrough/admin";
+/// The admin token's name in its Secret and its mount.
+pub const ADMIN_TOKEN: &str = "token";
 
 /// Desired state of a pull-through cache for one or more upstream registries.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -230,6 +234,20 @@ pub struct CacheSpec {
     /// empty means all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefetch_platforms: Vec<String>,
+    /// Prefetch the images of workloads (Deployments, StatefulSets, DaemonSets, Jobs,
+    /// CronJobs) whenever a pod template's images change, before a pod asks for them
+    /// (docs/operations.md, "Warm before the rollout"). Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_from_workloads: Option<WorkloadPrefetchSpec>,
+}
+
+/// Which workloads' images a mirror prefetches.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadPrefetchSpec {
+    /// The namespaces whose workloads count (their labels); every namespace when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
 }
 
 /// Cache volume: a PersistentVolumeClaim per pod (StatefulSet) when `size` is set, else an
@@ -359,6 +377,10 @@ pub struct RegistryMirrorStatus {
     /// With `spec.tls`: the CA certificate (PEM) nodes verify the proxy's with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
+    /// With `cache.prefetchFromWorkloads`: images of workloads the proxies have
+    /// prefetched since the controller started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetched_images: Option<i64>,
 }
 
 /// A registry of the mirror's that another mirror serves.
@@ -556,6 +578,12 @@ impl RegistryMirrorSpec {
                 cert_file: PathBuf::from(format!("{TLS_MOUNT}/tls.crt")),
                 key_file: PathBuf::from(format!("{TLS_MOUNT}/tls.key")),
             }),
+            // The controller asks for prefetches with the token of the Secret it makes.
+            admin_token_file: self
+                .cache
+                .prefetch_from_workloads
+                .as_ref()
+                .map(|_| PathBuf::from(format!("{ADMIN_MOUNT}/{ADMIN_TOKEN}"))),
             ..defaults
         };
         config.validate()?;

@@ -2,8 +2,8 @@
 //! reconciler applies what these return, and tests check them directly.
 
 use crate::api::mirror::{
-    ACCESS_MOUNT, CACHE_MOUNT, CONFIG_MOUNT, METRICS_PORT, PROXY_PORT, RegistryMirror,
-    SECRETS_MOUNT, SIGNING_KEY, SpecError, TLS_MOUNT,
+    ACCESS_MOUNT, ADMIN_MOUNT, ADMIN_TOKEN, CACHE_MOUNT, CONFIG_MOUNT, METRICS_PORT, PROXY_PORT,
+    RegistryMirror, SECRETS_MOUNT, SIGNING_KEY, SpecError, TLS_MOUNT,
 };
 use crate::api::proxy_config::{PeersConfig, ProxyConfig};
 use k8s_openapi::api::apps::v1::{
@@ -366,13 +366,26 @@ fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -
             ACCESS_MOUNT,
         );
     }
+    let prefetching = mirror.spec.cache.prefetch_from_workloads.is_some();
+    if prefetching {
+        secret(
+            "admin",
+            admin_secret_name(mirror),
+            &[ADMIN_TOKEN],
+            ADMIN_MOUNT,
+        );
+    }
     // Where `kubectl exec ... pullthrough cache drop` finds the admin token.
     let mut env = vec![EnvVar {
         name: "PULLTHROUGH_ADMIN_TOKEN_FILE".into(),
-        value: Some(format!(
-            "{CACHE_MOUNT}/{}",
-            crate::api::proxy_config::ADMIN_TOKEN_FILE
-        )),
+        value: Some(if prefetching {
+            format!("{ADMIN_MOUNT}/{ADMIN_TOKEN}")
+        } else {
+            format!(
+                "{CACHE_MOUNT}/{}",
+                crate::api::proxy_config::ADMIN_TOKEN_FILE
+            )
+        }),
         ..EnvVar::default()
     }];
     let s3 = mirror.spec.cache.storage.s3.as_ref();
@@ -653,6 +666,29 @@ pub fn endpoint(service: &Service, https: bool) -> Option<String> {
         Some(format!("{scheme}://[{ip}]:{PROXY_PORT}"))
     } else {
         Some(format!("{scheme}://{ip}:{PROXY_PORT}"))
+    }
+}
+
+/// The Secret that holds the admin token of a mirror's proxies, with which the
+/// controller asks them to prefetch (`cache.prefetchFromWorkloads`).
+pub fn admin_secret_name(mirror: &RegistryMirror) -> String {
+    format!("{}-admin", child_name(mirror))
+}
+
+/// A new admin token Secret for the mirror's proxies (`token`, random): created once,
+/// deleted with the mirror.
+pub fn admin_secret(mirror: &RegistryMirror, token: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(admin_secret_name(mirror)),
+            ..meta(mirror)
+        },
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([(
+            ADMIN_TOKEN.to_string(),
+            token.to_string(),
+        )])),
+        ..Secret::default()
     }
 }
 

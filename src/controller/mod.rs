@@ -7,6 +7,7 @@ pub mod builders;
 mod metrics;
 mod reconcile;
 pub mod status;
+pub mod workloads;
 
 pub use metrics::ControllerMetrics;
 pub use reconcile::{error_policy, reconcile};
@@ -102,6 +103,11 @@ pub struct Context {
     /// Every Node, kept by the watch in [`run`]; none in tests of one reconcile, which
     /// list them.
     nodes: Option<Store<Node>>,
+    /// The proxies' operations port, where prefetches are asked for (tests point it at
+    /// a proxy of their own).
+    pub ops_port: u16,
+    /// Images each mirror's proxies prefetched for workloads (see [`workloads`]).
+    prefetched: Mutex<HashMap<ObjectRef<RegistryMirror>, i64>>,
 }
 
 impl Context {
@@ -123,7 +129,29 @@ impl Context {
             claimants: Mutex::new(HashMap::new()),
             claims_changed: None,
             nodes: None,
+            ops_port: crate::api::mirror::METRICS_PORT,
+            prefetched: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Counts one image prefetched for a workload by `m`'s proxies.
+    fn count_prefetched(&self, m: &RegistryMirror) {
+        *self
+            .prefetched
+            .lock()
+            .expect("lock")
+            .entry(ObjectRef::from_obj(m))
+            .or_insert(0) += 1;
+    }
+
+    /// Images prefetched for workloads by `m`'s proxies so far.
+    fn prefetched(&self, m: &RegistryMirror) -> i64 {
+        self.prefetched
+            .lock()
+            .expect("lock")
+            .get(&ObjectRef::from_obj(m))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Every Node: from the watched store once it has been filled, else listed.
@@ -362,10 +390,13 @@ pub async fn run(
                 tracing::debug!(error = %e, "controller event");
             }
         });
+    // Images of workloads, prefetched for the mirrors that ask (cache.prefetchFromWorkloads).
+    let prefetching = tokio::spawn(workloads::run(ctx.clone()));
     tokio::select! {
         _ = controller => {}
         _ = leadership => {}
     }
+    prefetching.abort();
     let _ = stop_tx.send(true);
     let _ = ops_task.await;
     if ctx.leading() {

@@ -256,15 +256,16 @@ pub(super) async fn read_secrets(
     }))
 }
 
-/// Creates the mirror's signing key Secret if it is not there: never replaced, since
-/// every token its proxies issued is signed with it.
-async fn ensure_access_secret(
+/// Creates a Secret of the mirror's holding a random value (`make` builds it around
+/// one) if it is not there: never replaced, since what the proxies signed or were told
+/// with it stands (the signing key, the admin token).
+async fn ensure_random_secret(
     client: &Client,
     ns: &str,
-    mirror: &RegistryMirror,
+    name: String,
+    make: impl FnOnce(&str) -> Secret,
 ) -> Result<(), Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let name = builders::access_secret_name(mirror);
     if api
         .get_opt(&name)
         .await
@@ -274,13 +275,7 @@ async fn ensure_access_secret(
         return Ok(());
     }
     let key = crate::fsutil::random_hex(32).map_err(Error::Random)?;
-    match api
-        .create(
-            &PostParams::default(),
-            &builders::access_secret(mirror, &key),
-        )
-        .await
-    {
+    match api.create(&PostParams::default(), &make(&key)).await {
         Ok(_) => Ok(()),
         // Another controller replica made it first: theirs stands.
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
@@ -349,7 +344,14 @@ pub(super) async fn apply(
             let hash = builders::config_hash(&yaml, &secret_data.hashed);
             observed.ca_bundle = secret_data.ca_bundle;
             if mirror.spec.guarded() {
-                ensure_access_secret(client, ns, mirror).await?;
+                let name = builders::access_secret_name(mirror);
+                ensure_random_secret(client, ns, name, |k| builders::access_secret(mirror, k))
+                    .await?;
+            }
+            if mirror.spec.cache.prefetch_from_workloads.is_some() {
+                let name = builders::admin_secret_name(mirror);
+                ensure_random_secret(client, ns, name, |k| builders::admin_secret(mirror, k))
+                    .await?;
             }
             apply_child(client, ns, &builders::config_map(mirror, &yaml)).await?;
             // The replicas of a bucket with a size limit elect their evictor on a Lease.
@@ -418,7 +420,12 @@ pub(super) async fn apply(
 
     let previous = mirror.status.clone();
     let next = status::build_status(previous.as_ref(), &observed, Timestamp::now());
-    if previous.as_ref() != Some(&next) {
+    // `prefetchedImages` is the prefetches' field (see `workloads`): not compared.
+    let mine = previous.clone().map(|p| RegistryMirrorStatus {
+        prefetched_images: None,
+        ..p
+    });
+    if mine.as_ref() != Some(&next) {
         // Server-side apply, by the one field manager: the status is the controller's.
         let patch = serde_json::json!({
             "apiVersion": "pullthrough.dev/v1alpha1",

@@ -357,6 +357,8 @@ pub fn build_status(
             })
             .collect(),
         conditions: vec![ready, progressing, degraded, conflict],
+        // Written by the prefetches' own field manager (see `workloads`), never here.
+        prefetched_images: None,
     }
 }
 

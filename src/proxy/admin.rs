@@ -1,11 +1,11 @@
-//! The proxy's admin endpoint's secret, and the client side of the endpoint, for
-//! `pullthrough cache drop`.
+//! The proxy's admin endpoint's secret, and the client side of the endpoint: for
+//! `pullthrough cache drop`, and for the controller's prefetch requests.
 //!
 //! The endpoint answers only on loopback and only to a request that carries the token:
 //! being on loopback is not enough, since service-mesh sidecars connect from there too.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -112,15 +112,62 @@ pub async fn drop_image(
     token: &str,
 ) -> Result<serde_json::Value, AdminError> {
     let encoded = super::upstream::query_escape(image);
-    let uri = format!(
-        "{}/admin/cache?image={encoded}",
-        admin_url.trim_end_matches('/')
-    );
-    let req = Request::builder()
-        .method(Method::DELETE)
+    let path = format!("/admin/cache?image={encoded}");
+    exchange(admin_url, Method::DELETE, &path, token, None).await
+}
+
+/// Asks the proxy at `admin_url` to prefetch `images` (of `platforms`), showing it
+/// `token` (see [`crate::proxy::prefetcher`]). Returns its answer: what it queued and
+/// what it knew already.
+pub async fn prefetch(
+    admin_url: &str,
+    images: &[String],
+    platforms: &[String],
+    token: &str,
+) -> Result<serde_json::Value, AdminError> {
+    let body = serde_json::json!({"images": images, "platforms": platforms});
+    exchange(
+        admin_url,
+        Method::POST,
+        "/admin/prefetch",
+        token,
+        Some(body),
+    )
+    .await
+}
+
+/// The progress of every image the proxy at `admin_url` was asked to prefetch.
+pub async fn prefetch_progress(
+    admin_url: &str,
+    token: &str,
+) -> Result<Vec<crate::proxy::prefetcher::Progress>, AdminError> {
+    let v = exchange(admin_url, Method::GET, "/admin/prefetch", token, None).await?;
+    serde_json::from_value(v["images"].clone()).map_err(|e| AdminError::Unexpected {
+        status: hyper::StatusCode::OK,
+        body: format!("not a progress list: {e}"),
+    })
+}
+
+/// One request to the admin endpoint, within 60 s; the JSON answer, or its error.
+async fn exchange(
+    admin_url: &str,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, AdminError> {
+    let uri = format!("{}{path}", admin_url.trim_end_matches('/'));
+    let mut req = Request::builder()
+        .method(method)
         .uri(&uri)
-        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(Empty::<Bytes>::new())
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    if body.is_some() {
+        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
         .map_err(|source| AdminError::BadUrl {
             url: admin_url.to_string(),
             source,

@@ -9,7 +9,7 @@ use super::pull_through::ConfiguredImage;
 use super::store::RepoKey;
 use crate::oci::Digest;
 use crate::proxy::metrics::Metrics;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +25,7 @@ const MAX_JOBS: usize = 10_000;
 const MAX_WAITING: usize = 50_000;
 
 /// Where a requested image is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Queued.
@@ -39,7 +39,7 @@ pub enum State {
 }
 
 /// One requested image's progress, as `GET /admin/prefetch` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Progress {
     /// As requested.
     pub image: String,

@@ -1,0 +1,509 @@
+//! Warm before the rollout (docs/operations.md): for mirrors with
+//! `spec.cache.prefetchFromWorkloads`, the images of pod templates (Deployments,
+//! StatefulSets, DaemonSets, Jobs, CronJobs) are prefetched into the mirror's cache
+//! whenever a template's image set changes, before the scheduler has placed a pod. The
+//! controller watches the workloads (list and watch, keeping only each one's image set),
+//! asks every ready replica of each mirror that serves an image's registry to prefetch it
+//! (`POST /admin/prefetch` on its operations port, with the admin token of the Secret the
+//! controller made), for the platforms of the cluster's nodes, then follows the progress
+//! and records an Event on the mirror per image (`Prefetched image ... in 3.2s`) and the
+//! count in `status.prefetchedImages`.
+
+use super::{Context, Error, MANAGER, kube_err};
+use crate::api::docker_hub::registry_key;
+use crate::api::mirror::{ADMIN_TOKEN, RegistryMirror};
+use crate::controller::builders;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the progress of requested prefetches is looked at, and for how long.
+const FOLLOW_EVERY: Duration = Duration::from_secs(2);
+const FOLLOW_FOR: Duration = Duration::from_secs(1800);
+
+/// The images of a pod spec: its containers' and init containers'.
+pub fn pod_images(spec: Option<&PodSpec>) -> BTreeSet<String> {
+    let Some(spec) = spec else {
+        return BTreeSet::new();
+    };
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .filter_map(|c| c.image.clone())
+        .filter(|i| !i.is_empty())
+        .collect()
+}
+
+/// A workload's identity and the images of its pod template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// `Kind/namespace/name`.
+    pub key: String,
+    pub namespace: String,
+    pub images: BTreeSet<String>,
+}
+
+fn workload<K: Resource<DynamicType = ()> + ResourceExt>(
+    obj: &K,
+    spec: Option<&PodSpec>,
+) -> Workload {
+    let namespace = obj.namespace().unwrap_or_default();
+    Workload {
+        key: format!("{}/{namespace}/{}", K::kind(&()), obj.name_any()),
+        namespace,
+        images: pod_images(spec),
+    }
+}
+
+/// Whether `labels` match `selector` (matchLabels and matchExpressions: In, NotIn,
+/// Exists, DoesNotExist); no selector matches everything.
+pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(sel) = selector else {
+        return true;
+    };
+    let labels_ok = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_ok = sel.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        let has = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => has.is_some_and(|v| values.contains(v)),
+            "NotIn" => !has.is_some_and(|v| values.contains(v)),
+            "Exists" => has.is_some(),
+            "DoesNotExist" => has.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && expressions_ok
+}
+
+/// Which mirrors prefetch which of `images` of a workload in a namespace labelled
+/// `namespace_labels`: those with `cache.prefetchFromWorkloads` selecting the namespace,
+/// each for the images of the registries it serves (its status says), written out whole
+/// (`docker.io/library/alpine:3.20`).
+pub fn plan(
+    mirrors: &[Arc<RegistryMirror>],
+    namespace_labels: &BTreeMap<String, String>,
+    images: &BTreeSet<String>,
+) -> Vec<(Arc<RegistryMirror>, Vec<String>)> {
+    let mut out = Vec::new();
+    for m in mirrors {
+        let Some(spec) = &m.spec.cache.prefetch_from_workloads else {
+            continue;
+        };
+        if m.meta().deletion_timestamp.is_some()
+            || !selects(spec.namespace_selector.as_ref(), namespace_labels)
+        {
+            continue;
+        }
+        let served: BTreeSet<String> = m
+            .status
+            .iter()
+            .flat_map(|s| s.served_registries.iter().map(|r| registry_key(r)))
+            .collect();
+        let mine: Vec<String> = images
+            .iter()
+            .filter_map(|i| crate::api::image_ref::parse(i).ok())
+            .filter(|r| served.contains(&registry_key(&r.registry)))
+            .map(|r| r.to_string())
+            .collect();
+        if !mine.is_empty() {
+            out.push((m.clone(), mine));
+        }
+    }
+    out
+}
+
+/// The platforms of the cluster's nodes (`linux/amd64`), from their status.
+pub fn platforms(nodes: &[Node]) -> Vec<String> {
+    let set: BTreeSet<String> = nodes
+        .iter()
+        .filter_map(|n| n.status.as_ref()?.node_info.as_ref())
+        .map(|i| format!("{}/{}", i.operating_system, i.architecture))
+        .collect();
+    set.into_iter().collect()
+}
+
+/// The images each workload had when last seen, so that only changes ask for prefetches.
+#[derive(Default)]
+pub struct Seen(HashMap<String, BTreeSet<String>>);
+
+impl Seen {
+    /// Records `w`; the images to prefetch for it: all of them when its set changed (or
+    /// it is new), none when not.
+    pub fn changed(&mut self, w: &Workload) -> Option<BTreeSet<String>> {
+        if w.images.is_empty() {
+            self.0.remove(&w.key);
+            return None;
+        }
+        match self.0.insert(w.key.clone(), w.images.clone()) {
+            Some(before) if before == w.images => None,
+            _ => Some(w.images.clone()),
+        }
+    }
+
+    /// Forgets a deleted workload.
+    pub fn gone(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+}
+
+/// The addresses of the operations ports of a mirror's ready replicas.
+async fn replicas(ctx: &Context, mirror: &RegistryMirror) -> Result<Vec<String>, Error> {
+    let ns = mirror.namespace().ok_or(Error::NoNamespace)?;
+    let selector = builders::selector_labels(mirror)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err(format!(
+            "listing the pods of {}",
+            mirror.name_any()
+        )))?;
+    let ready = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| ready(p))
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .map(|ip| {
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip
+            };
+            format!("http://{host}:{}", ctx.ops_port)
+        })
+        .collect())
+}
+
+/// The admin token of a mirror's proxies, from the Secret the controller made.
+async fn admin_token(ctx: &Context, mirror: &RegistryMirror) -> Result<Option<String>, Error> {
+    let ns = mirror.namespace().ok_or(Error::NoNamespace)?;
+    let name = builders::admin_secret_name(mirror);
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("reading Secret {name}")))?;
+    Ok(secret
+        .and_then(|s| s.data)
+        .and_then(|d| d.get(ADMIN_TOKEN).cloned())
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string()))
+}
+
+/// The labels of namespace `ns` (none when it cannot be read).
+async fn namespace_labels(ctx: &Context, ns: &str) -> BTreeMap<String, String> {
+    match Api::<Namespace>::all(ctx.client.clone()).get_opt(ns).await {
+        Ok(Some(n)) => n.labels().clone(),
+        Ok(None) => BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(namespace = ns, error = %e, "cannot read a namespace's labels");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// Asks for the prefetches a workload's new image set calls for, and follows them (on
+/// tasks of their own) to Events and the status. Returns the requests sent: (mirror,
+/// replica, images).
+pub async fn prefetch_for(
+    ctx: &Arc<Context>,
+    namespace: &str,
+    images: &BTreeSet<String>,
+) -> Result<Vec<(String, String, Vec<String>)>, Error> {
+    let mirrors = ctx.store.state();
+    let labels = namespace_labels(ctx, namespace).await;
+    let wanted = plan(&mirrors, &labels, images);
+    tracing::debug!(
+        namespace,
+        mirrors = mirrors.len(),
+        wanted = wanted.len(),
+        "prefetch plan"
+    );
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let platforms = platforms(&ctx.nodes().await?);
+    let mut sent = Vec::new();
+    for (mirror, images) in wanted {
+        let Some(token) = admin_token(ctx, &mirror).await? else {
+            tracing::info!(mirror = %mirror.name_any(), "no admin token Secret yet: prefetch later");
+            continue;
+        };
+        let urls = replicas(ctx, &mirror).await?;
+        tracing::debug!(mirror = %mirror.name_any(), replicas = ?urls, platforms = ?platforms, "prefetching on");
+        for url in urls {
+            match crate::proxy::admin::prefetch(&url, &images, &platforms, &token).await {
+                Ok(answer) => {
+                    tracing::info!(mirror = %mirror.name_any(), replica = %url, images = ?images,
+                        queued = %answer["queued"], "asked for a prefetch");
+                    sent.push((mirror.name_any(), url.clone(), images.clone()));
+                    tokio::spawn(follow(
+                        ctx.clone(),
+                        mirror.clone(),
+                        url,
+                        token.clone(),
+                        images.clone(),
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(mirror = %mirror.name_any(), replica = %url, error = %e,
+                        "a replica refused a prefetch request");
+                }
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// Follows `images` on one replica until each is done or failed (or [`FOLLOW_FOR`]),
+/// recording an Event on the mirror per image and counting the done ones in its status.
+async fn follow(
+    ctx: Arc<Context>,
+    mirror: Arc<RegistryMirror>,
+    url: String,
+    token: String,
+    images: Vec<String>,
+) {
+    let mut waiting: BTreeSet<String> = images.into_iter().collect();
+    let deadline = tokio::time::Instant::now() + FOLLOW_FOR;
+    while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        let progress = match crate::proxy::admin::prefetch_progress(&url, &token).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(replica = %url, error = %e, "cannot read prefetch progress");
+                continue;
+            }
+        };
+        for p in progress {
+            use crate::proxy::prefetcher::State;
+            if !waiting.contains(&p.image) || !matches!(p.state, State::Done | State::Failed) {
+                continue;
+            }
+            waiting.remove(&p.image);
+            let seconds = p.seconds.unwrap_or_default();
+            let (type_, reason, note) = if p.state == State::Done {
+                ctx.count_prefetched(&mirror);
+                (
+                    EventType::Normal,
+                    "Prefetched",
+                    format!("Prefetched image {} in {seconds:.1}s ({url})", p.image),
+                )
+            } else {
+                (
+                    EventType::Warning,
+                    "PrefetchFailed",
+                    format!(
+                        "Could not prefetch image {}: {} ({url})",
+                        p.image,
+                        p.error.unwrap_or_default()
+                    ),
+                )
+            };
+            let event = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Prefetch".into(),
+                secondary: None,
+            };
+            super::reconcile::record(&ctx, &mirror.object_ref(&()), &event).await;
+        }
+        write_count(&ctx, &mirror).await;
+    }
+}
+
+/// Writes the mirror's count of prefetched images into its status (its own field
+/// manager: the rest of the status is the reconcile's).
+async fn write_count(ctx: &Context, mirror: &RegistryMirror) {
+    let Some(ns) = mirror.namespace() else {
+        return;
+    };
+    let count = ctx.prefetched(mirror);
+    let patch = serde_json::json!({
+        "apiVersion": "pullthrough.dev/v1alpha1",
+        "kind": "RegistryMirror",
+        "status": {"prefetchedImages": count},
+    });
+    let api: Api<RegistryMirror> = Api::namespaced(ctx.client.clone(), &ns);
+    let manager = format!("{MANAGER}-prefetch");
+    if let Err(e) = api
+        .patch_status(
+            &mirror.name_any(),
+            &PatchParams::apply(&manager).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot write prefetchedImages");
+    }
+}
+
+/// Watches every workload kind in the cluster, asking for prefetches as image sets
+/// change, until the stream ends. Only while this replica leads.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let events = futures::stream::select_all([
+        watch(Api::<Deployment>::all(client.clone()), |d| {
+            workload(d, d.spec.as_ref().and_then(|s| s.template.spec.as_ref()))
+        }),
+        watch(Api::<StatefulSet>::all(client.clone()), |s| {
+            workload(s, s.spec.as_ref().and_then(|s| s.template.spec.as_ref()))
+        }),
+        watch(Api::<DaemonSet>::all(client.clone()), |d| {
+            workload(d, d.spec.as_ref().and_then(|s| s.template.spec.as_ref()))
+        }),
+        watch(Api::<Job>::all(client.clone()), |j| {
+            workload(j, j.spec.as_ref().and_then(|s| s.template.spec.as_ref()))
+        }),
+        watch(Api::<CronJob>::all(client), |c| {
+            workload(
+                c,
+                c.spec
+                    .as_ref()
+                    .and_then(|s| s.job_template.spec.as_ref())
+                    .and_then(|s| s.template.spec.as_ref()),
+            )
+        }),
+    ]);
+    let mut seen = Seen::default();
+    futures::pin_mut!(events);
+    while let Some((w, present)) = events.next().await {
+        if !present {
+            seen.gone(&w.key);
+            continue;
+        }
+        let Some(images) = seen.changed(&w) else {
+            continue;
+        };
+        tracing::debug!(workload = %w.key, images = ?images, "a workload's images changed");
+        if !ctx.leading() {
+            continue;
+        }
+        if let Err(e) = prefetch_for(&ctx, &w.namespace, &images).await {
+            tracing::warn!(workload = %w.key, error = %e, "cannot ask for a prefetch");
+        }
+    }
+}
+
+/// One kind's workloads as (workload, present) events, retried with backoff.
+fn watch<K, F>(api: Api<K>, extract: F) -> futures::stream::BoxStream<'static, (Workload, bool)>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
+    F: Fn(&K) -> Workload + Send + Sync + 'static,
+{
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |e| {
+            let out = match e {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    Some((extract(&o), true))
+                }
+                Ok(watcher::Event::Delete(o)) => Some((extract(&o), false)),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "workload watch");
+                    None
+                }
+            };
+            futures::future::ready(out)
+        })
+        .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    #[test]
+    fn selectors_match_as_kubernetes_does() {
+        let labels = BTreeMap::from([("team".to_string(), "a".to_string())]);
+        assert!(selects(None, &labels));
+        let sel = |labels: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>| LabelSelector {
+            match_labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            match_expressions: Some(exprs),
+        };
+        let req = |key: &str, op: &str, values: &[&str]| LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: Some(values.iter().map(|v| v.to_string()).collect()),
+        };
+        assert!(selects(Some(&sel(&[("team", "a")], vec![])), &labels));
+        assert!(!selects(Some(&sel(&[("team", "b")], vec![])), &labels));
+        assert!(selects(
+            Some(&sel(&[], vec![req("team", "In", &["a", "b"])])),
+            &labels
+        ));
+        assert!(!selects(
+            Some(&sel(&[], vec![req("team", "NotIn", &["a"])])),
+            &labels
+        ));
+        assert!(selects(
+            Some(&sel(&[], vec![req("team", "Exists", &[])])),
+            &labels
+        ));
+        assert!(!selects(
+            Some(&sel(&[], vec![req("env", "Exists", &[])])),
+            &labels
+        ));
+        assert!(selects(
+            Some(&sel(&[], vec![req("env", "DoesNotExist", &[])])),
+            &labels
+        ));
+        assert!(!selects(
+            Some(&sel(&[], vec![req("env", "Bogus", &[])])),
+            &labels
+        ));
+    }
+
+    #[test]
+    fn only_changed_image_sets_are_prefetched() {
+        let w = |images: &[&str]| Workload {
+            key: "Deployment/default/app".into(),
+            namespace: "default".into(),
+            images: images.iter().map(|i| i.to_string()).collect(),
+        };
+        let mut seen = Seen::default();
+        assert!(seen.changed(&w(&["alpine:3.20"])).is_some());
+        assert!(seen.changed(&w(&["alpine:3.20"])).is_none());
+        assert_eq!(
+            seen.changed(&w(&["alpine:3.21", "busybox"])).unwrap().len(),
+            2
+        );
+        seen.gone("Deployment/default/app");
+        assert!(seen.changed(&w(&["alpine:3.21", "busybox"])).is_some());
+    }
+}
