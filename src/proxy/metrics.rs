@@ -599,8 +599,13 @@ impl Metrics {
         p.queued.with_label_values(&[upstream]);
     }
 
-    /// Records what an answer of `upstream` said of its rate limit.
-    pub fn upstream_ratelimit(&self, upstream: &str, rl: crate::proxy::upstream::RateLimit) {
+    /// Records what an answer of `upstream` said of its rate limit: requests per window,
+    /// requests left, the window in seconds (each when it said).
+    pub fn upstream_ratelimit(
+        &self,
+        upstream: &str,
+        (limit, remaining, window): (Option<u64>, Option<u64>, Option<u64>),
+    ) {
         let p = &self.pressure;
         let set = |g: &IntGaugeVec, v: Option<u64>| {
             if let Some(v) = v {
@@ -608,9 +613,9 @@ impl Metrics {
                     .set(i64::try_from(v).unwrap_or(i64::MAX));
             }
         };
-        set(&p.ratelimit_limit, rl.limit);
-        set(&p.ratelimit_remaining, rl.remaining);
-        set(&p.ratelimit_window, rl.window);
+        set(&p.ratelimit_limit, limit);
+        set(&p.ratelimit_remaining, remaining);
+        set(&p.ratelimit_window, window);
     }
 
     /// Records a back-off of `upstream` begun by an answer with `status`, until `until`.

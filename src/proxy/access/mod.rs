@@ -177,17 +177,7 @@ impl Access {
             let (visibility, key, ttl) =
                 (self.visibility.clone(), key.clone(), self.config.public_ttl);
             async move {
-                let started = Instant::now();
-                let result = up
-                    .entitled(&repository, None)
-                    .await
-                    .map_err(ProxyError::from);
-                let label = match &result {
-                    Ok(true) => "public",
-                    Ok(false) => "private",
-                    Err(_) => "error",
-                };
-                metrics.access_decision(up.name(), label, started.elapsed().as_secs_f64());
+                let result = ask(&up, &metrics, &repository, None, ("public", "private")).await;
                 if let Ok(public) = result {
                     remember(&visibility, key, public, ttl);
                 }
@@ -299,18 +289,8 @@ impl Access {
             let (secret, config) = (secret.clone(), self.config.clone());
             let (decisions, failures) = (self.decisions.clone(), self.failures.clone());
             async move {
-                let started = Instant::now();
-                let result = up
-                    .entitled(&repository, Some(secret))
-                    .await
-                    .map_err(ProxyError::from);
-                let label = match &result {
-                    Ok(true) => "allowed",
-                    Ok(false) => "denied",
-                    Err(_) => "error",
-                };
-                metrics.access_decision(up.name(), label, started.elapsed().as_secs_f64());
-                let allowed = result?;
+                let labels = ("allowed", "denied");
+                let allowed = ask(&up, &metrics, &repository, Some(secret), labels).await?;
                 if !allowed {
                     failed(&failures, who, config.denied_ttl);
                 }
@@ -350,6 +330,29 @@ impl Access {
             f.count >= self.config.max_failed_checks && f.since.elapsed() < self.config.denied_ttl
         })
     }
+}
+
+/// Asks the upstream whether `secret` (none: anonymous) may pull `repository`, counting
+/// its answer in `pullthrough_access_decisions_total` as `labels` (yes, no), or `error`.
+async fn ask(
+    up: &Upstream,
+    metrics: &Metrics,
+    repository: &str,
+    secret: Option<Secret>,
+    labels: (&str, &str),
+) -> Result<bool, ProxyError> {
+    let started = Instant::now();
+    let result = up
+        .entitled(repository, secret)
+        .await
+        .map_err(ProxyError::from);
+    let label = match &result {
+        Ok(true) => labels.0,
+        Ok(false) => labels.1,
+        Err(_) => "error",
+    };
+    metrics.access_decision(up.name(), label, started.elapsed().as_secs_f64());
+    result
 }
 
 /// Counts a failed check of the user name hashed to `who`, in windows of `window`.

@@ -246,7 +246,8 @@ impl Pressure {
     /// for a 429 (or a 503 with `Retry-After`), a back-off. Returns the back-off begun.
     pub(super) fn observe(&self, status: StatusCode, headers: &HeaderMap) -> Option<Duration> {
         if let Some(rl) = RateLimit::from_headers(headers) {
-            self.metrics.upstream_ratelimit(&self.upstream, rl);
+            self.metrics
+                .upstream_ratelimit(&self.upstream, (rl.limit, rl.remaining, rl.window));
         }
         let asked = retry_after(headers);
         let wait = match status {
