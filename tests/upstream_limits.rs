@@ -262,8 +262,30 @@ async fn a_failing_url_is_skipped_for_the_next_one_and_shown_down() {
     assert_eq!(regional.total(), asked);
     // With every URL failing the client hears the last one's failure.
     origin.state.fail_status.store(503, Ordering::SeqCst);
-    let r = manifest(&p, "team/c", "v1").await;
+    let r = manifest(&p, "team/d", "v1").await;
     assert_eq!(error_code(r).await, (502, "UNAVAILABLE".to_string()));
+    p.stop().await;
+
+    // A regional mirror that answers but lacks an image (team/c is the origin's only):
+    // its 404 moves on to the origin, and it stays up.
+    regional.state.fail_status.store(0, Ordering::SeqCst);
+    origin.state.fail_status.store(0, Ordering::SeqCst);
+    let c = Image::generate(88, &[64], "amd64");
+    origin.add_image("team/c", "v1", &c);
+    let mut cfg = config_for(&[("registry.test", &regional.url)]);
+    cfg.upstreams[0].url = None;
+    cfg.upstreams[0].urls = vec![regional.url.clone(), origin.url.clone()];
+    let p = Proxy::start_config(cfg).await;
+    let pulled = pull(&p.url, "team/c", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, c.manifest.digest);
+    assert_eq!(regional.count("GET /v2/team/c/manifests/v1"), 1);
+    let regional_up = p
+        .metric(
+            "pullthrough_upstream_url_up",
+            &[("upstream", "registry.test"), ("url", &regional.url)],
+        )
+        .await;
+    assert_eq!(regional_up, 1.0);
 }
 
 /// containerd's Accept, and one naming a single type (as some clients send).

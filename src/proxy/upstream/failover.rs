@@ -1,7 +1,9 @@
 //! An upstream's base URLs (`urls`: a regional mirror first, the origin last), tried in
 //! order. A URL that cannot be reached, does not answer in time or answers 5xx is marked
 //! down for [`RECHECK_AFTER`]: while it is, the others are tried first (and it is still
-//! tried when they fail too). `pullthrough_upstream_url_up` shows each URL's state.
+//! tried when they fail too). A 404 moves on to the next URL too, without marking the
+//! URL down: a regional mirror may hold only some images. `pullthrough_upstream_url_up`
+//! shows each URL's state.
 
 use super::auth::{Auth, Secret};
 use super::error::UpstreamError;

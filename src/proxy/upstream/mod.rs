@@ -603,8 +603,13 @@ impl Upstream {
                 .and_then(|r| self.pressure.observe(r.status(), r.headers()));
             let failed = failover::worth_next(&result);
             self.endpoints.mark(i, failed, Instant::now());
+            // What one URL does not have, the next may (a regional mirror that holds only
+            // some images), as containerd moves on through its hosts; the URL is fine.
+            let missing = result
+                .as_ref()
+                .is_ok_and(|r| r.status() == StatusCode::NOT_FOUND);
             // A back-off is the whole upstream's: no other URL is asked either.
-            if failed && backoff.is_none() && n + 1 < tries {
+            if (failed || missing) && backoff.is_none() && n + 1 < tries {
                 continue;
             }
             answer = Some((result, url, backoff));
