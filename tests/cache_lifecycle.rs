@@ -517,3 +517,76 @@ async fn an_image_can_be_dropped_on_purpose_from_the_cli() {
         "dropped without the token"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_named_in_use_are_kept_like_pins_until_named_no_more() {
+    let up = FaultUpstream::start().await;
+    let images: Vec<Image> = (0..4)
+        .map(|i| Image::generate(160 + i, &[1_000_000], "amd64"))
+        .collect();
+    for (i, img) in images.iter().enumerate() {
+        up.add_image(&format!("team/img{i}"), "v1", img);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&up);
+    cfg.cache_dir = dir.path().join("cache");
+    cfg.max_cache_bytes = Some(2_500_000);
+    let proxy = Proxy::start_config(cfg.clone()).await;
+    let cache = cfg.cache_dir.clone();
+    let token = std::fs::read_to_string(cache.join("admin-token")).unwrap();
+    let in_use = |images: Vec<String>| {
+        let (url, token) = (format!("{}/admin/in-use", proxy.metrics_url), token.clone());
+        async move {
+            let r = http()
+                .put(url)
+                .bearer_auth(token)
+                .json(&serde_json::json!({"images": images}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    for i in 0..2 {
+        pull(&proxy.url, &format!("team/img{i}"), "v1", None)
+            .await
+            .unwrap();
+        proxy.settled().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // img0 is the least recently used, but in use: img1 goes instead.
+    in_use(vec![format!("{}/team/img0:v1", up.host)]).await;
+    pull(&proxy.url, "team/img2", "v1", None).await.unwrap();
+    proxy.settled().await;
+    assert!(cached(&cache, &images[0].layers[0].digest), "in use");
+    assert!(!cached(&cache, &images[1].layers[0].digest), "evicted");
+    // An image that is not mirrored is refused, and the set stays.
+    let r = http()
+        .put(format!("{}/admin/in-use", proxy.metrics_url))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"images": ["quay.io/x/y:1"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let listed: serde_json::Value = http()
+        .get(format!("{}/admin/in-use", proxy.metrics_url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["images"].as_array().unwrap().len(), 1);
+    // No longer in use: the least recently used again, it goes.
+    in_use(vec![]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    pull(&proxy.url, "team/img3", "v1", None).await.unwrap();
+    proxy.settled().await;
+    assert!(
+        !cached(&cache, &images[0].layers[0].digest),
+        "no longer kept"
+    );
+    assert!(cached(&cache, &images[3].layers[0].digest));
+}

@@ -1040,6 +1040,46 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
         .await
         .unwrap();
     assert!(sent.is_empty(), "{sent:?}");
+
+    // The images in use: the replica is told what team-a's workloads run (not team-b's,
+    // which the mirror does not select), once, until that changes.
+    let mut seen = workloads::Seen::default();
+    for (key, ns) in [
+        ("Deployment/team-a/app", "team-a"),
+        ("Job/team-b/x", "team-b"),
+    ] {
+        let w = workloads::Workload {
+            key: key.into(),
+            namespace: ns.into(),
+            images: images.clone(),
+        };
+        seen.changed(&w);
+    }
+    let labels = std::collections::HashMap::from([
+        (
+            "team-a".to_string(),
+            std::collections::BTreeMap::from([("team".to_string(), "a".to_string())]),
+        ),
+        ("team-b".to_string(), std::collections::BTreeMap::new()),
+    ]);
+    let mut told = std::collections::HashMap::new();
+    let sent = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, false).await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let token = "t0ken";
+    let listed: Value = http()
+        .get(format!("{}/admin/in-use", p.metrics_url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["images"], json!(["registry.test/team/app:2.0"]));
+    let again = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, false).await;
+    assert!(again.is_empty(), "unchanged, not sent again");
+    let resync = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, true).await;
+    assert_eq!(resync.len(), 1, "sent again on a resync");
 }
 
 #[tokio::test]

@@ -7,7 +7,9 @@
 //! (`POST /admin/prefetch` on its operations port, with the admin token of the Secret the
 //! controller made), for the platforms of the cluster's nodes, then follows the progress
 //! and records an Event on the mirror per image (`Prefetched image ... in 3.2s`) and the
-//! count in `status.prefetchedImages`.
+//! count in `status.prefetchedImages`. Every replica is also told the whole set of
+//! images its mirror's workloads use (`PUT /admin/in-use`), which eviction keeps like
+//! pins: after each change, and every five minutes for replicas that restarted.
 
 use super::{Context, Error, MANAGER, kube_err};
 use crate::api::docker_hub::registry_key;
@@ -136,9 +138,10 @@ pub fn platforms(nodes: &[Node]) -> Vec<String> {
     set.into_iter().collect()
 }
 
-/// The images each workload had when last seen, so that only changes ask for prefetches.
+/// The images each workload had when last seen (with its namespace), so that only
+/// changes ask for prefetches, and what every mirror's workloads use is known.
 #[derive(Default)]
-pub struct Seen(HashMap<String, BTreeSet<String>>);
+pub struct Seen(HashMap<String, (String, BTreeSet<String>)>);
 
 impl Seen {
     /// Records `w`; the images to prefetch for it: all of them when its set changed (or
@@ -148,10 +151,41 @@ impl Seen {
             self.0.remove(&w.key);
             return None;
         }
-        match self.0.insert(w.key.clone(), w.images.clone()) {
-            Some(before) if before == w.images => None,
+        let now = (w.namespace.clone(), w.images.clone());
+        match self.0.insert(w.key.clone(), now) {
+            Some((_, before)) if before == w.images => None,
             _ => Some(w.images.clone()),
         }
+    }
+
+    /// The namespaces of the workloads seen.
+    pub fn namespaces(&self) -> BTreeSet<String> {
+        self.0.values().map(|(ns, _)| ns.clone()).collect()
+    }
+
+    /// What the workloads seen use, per mirror that prefetches for them (by uid): every
+    /// image of a registry it serves, of a workload in a namespace it selects (labels
+    /// from `labels`). A prefetching mirror with none gets an empty set.
+    pub fn in_use(
+        &self,
+        mirrors: &[Arc<RegistryMirror>],
+        labels: &HashMap<String, BTreeMap<String, String>>,
+    ) -> BTreeMap<String, (Arc<RegistryMirror>, BTreeSet<String>)> {
+        let mut out: BTreeMap<String, (Arc<RegistryMirror>, BTreeSet<String>)> = mirrors
+            .iter()
+            .filter(|m| m.spec.cache.prefetch_from_workloads.is_some())
+            .map(|m| (m.uid().unwrap_or_default(), (m.clone(), BTreeSet::new())))
+            .collect();
+        let none = BTreeMap::new();
+        for (ns, images) in self.0.values() {
+            let labels = labels.get(ns).unwrap_or(&none);
+            for (m, mine) in plan(mirrors, labels, images) {
+                if let Some((_, set)) = out.get_mut(&m.uid().unwrap_or_default()) {
+                    set.extend(mine);
+                }
+            }
+        }
+        out
     }
 
     /// Forgets a deleted workload.
@@ -277,6 +311,55 @@ pub async fn prefetch_for(
     Ok(sent)
 }
 
+/// Tells every ready replica of each prefetching mirror which images its workloads use
+/// (kept from eviction), when that changed since `sent` or when `resync` (replicas that
+/// restarted have forgotten). Returns the requests sent: (mirror, replica, images).
+pub async fn publish_in_use(
+    ctx: &Context,
+    seen: &Seen,
+    labels: &HashMap<String, BTreeMap<String, String>>,
+    sent: &mut HashMap<String, BTreeSet<String>>,
+    resync: bool,
+) -> Vec<(String, String, Vec<String>)> {
+    let mut out = Vec::new();
+    for (uid, (mirror, images)) in seen.in_use(&ctx.store.state(), labels) {
+        if !resync && sent.get(&uid) == Some(&images) {
+            continue;
+        }
+        let token = match admin_token(ctx, &mirror).await {
+            Ok(Some(t)) => t,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot read the admin token");
+                continue;
+            }
+        };
+        let urls = match replicas(ctx, &mirror).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot list the replicas");
+                continue;
+            }
+        };
+        let list: Vec<String> = images.iter().cloned().collect();
+        let mut all = true;
+        for url in urls {
+            match crate::proxy::admin::set_in_use(&url, &list, &token).await {
+                Ok(_) => out.push((mirror.name_any(), url, list.clone())),
+                Err(e) => {
+                    all = false;
+                    tracing::warn!(mirror = %mirror.name_any(), replica = %url, error = %e,
+                        "a replica refused the images in use");
+                }
+            }
+        }
+        if all {
+            sent.insert(uid, images);
+        }
+    }
+    out
+}
+
 /// Follows `images` on one replica until each is done or failed (or [`FOLLOW_FOR`]),
 /// recording an Event on the mirror per image and counting the done ones in its status.
 async fn follow(
@@ -389,24 +472,57 @@ pub async fn run(ctx: Arc<Context>) {
         }),
     ]);
     let mut seen = Seen::default();
+    let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    let mut sent: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut resync =
+        tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_IN_USE, RESYNC_IN_USE);
     futures::pin_mut!(events);
-    while let Some((w, present)) = events.next().await {
-        if !present {
-            seen.gone(&w.key);
-            continue;
-        }
-        let Some(images) = seen.changed(&w) else {
-            continue;
+    loop {
+        let event = tokio::select! {
+            e = events.next() => e,
+            _ = resync.tick() => {
+                if ctx.leading() {
+                    labels.clear();
+                    for ns in seen.namespaces() {
+                        labels.insert(ns.clone(), namespace_labels(&ctx, &ns).await);
+                    }
+                    publish_in_use(&ctx, &seen, &labels, &mut sent, true).await;
+                }
+                continue;
+            }
         };
-        tracing::debug!(workload = %w.key, images = ?images, "a workload's images changed");
-        if !ctx.leading() {
+        let Some((w, present)) = event else {
+            return;
+        };
+        let changed = if present {
+            seen.changed(&w)
+        } else {
+            seen.gone(&w.key);
+            None
+        };
+        // Most updates (a rollout's status, scaling) change no image: nothing to do.
+        if !ctx.leading() || (present && changed.is_none()) {
             continue;
         }
-        if let Err(e) = prefetch_for(&ctx, &w.namespace, &images).await {
-            tracing::warn!(workload = %w.key, error = %e, "cannot ask for a prefetch");
+        if let Some(images) = &changed {
+            tracing::debug!(workload = %w.key, images = ?images, "a workload's images changed");
+            if let Err(e) = prefetch_for(&ctx, &w.namespace, images).await {
+                tracing::warn!(workload = %w.key, error = %e, "cannot ask for a prefetch");
+            }
         }
+        if !labels.contains_key(&w.namespace) {
+            labels.insert(
+                w.namespace.clone(),
+                namespace_labels(&ctx, &w.namespace).await,
+            );
+        }
+        publish_in_use(&ctx, &seen, &labels, &mut sent, false).await;
     }
 }
+
+/// How often every replica is told again which images are in use (replicas that
+/// restarted have forgotten), and namespaces' labels are read again.
+const RESYNC_IN_USE: Duration = Duration::from_secs(300);
 
 /// One kind's workloads as (workload, present) events, retried with backoff.
 fn watch<K, F>(api: Api<K>, extract: F) -> futures::stream::BoxStream<'static, (Workload, bool)>
@@ -503,6 +619,7 @@ mod tests {
             seen.changed(&w(&["alpine:3.21", "busybox"])).unwrap().len(),
             2
         );
+        assert_eq!(seen.namespaces().len(), 1);
         seen.gone("Deployment/default/app");
         assert!(seen.changed(&w(&["alpine:3.21", "busybox"])).is_some());
     }

@@ -136,6 +136,17 @@ pub async fn prefetch(
     .await
 }
 
+/// Tells the proxy at `admin_url` which images are in use (kept from eviction), showing
+/// it `token`; the set replaces the one it had.
+pub async fn set_in_use(
+    admin_url: &str,
+    images: &[String],
+    token: &str,
+) -> Result<serde_json::Value, AdminError> {
+    let body = serde_json::json!({"images": images});
+    exchange(admin_url, Method::PUT, "/admin/in-use", token, Some(body)).await
+}
+
 /// The progress of every image the proxy at `admin_url` was asked to prefetch.
 pub async fn prefetch_progress(
     admin_url: &str,

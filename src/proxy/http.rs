@@ -673,13 +673,14 @@ pub async fn handle_ops(
     req: Request<Incoming>,
     peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
-    let prefetch = req.uri().path() == "/admin/prefetch";
-    if req.uri().path() != "/admin/cache" && !prefetch {
+    let path = req.uri().path().to_string();
+    // Prefetches and the images in use come from the controller, from its own pod;
+    // dropping only from the proxy's pod.
+    let from_controller = path == "/admin/prefetch" || path == "/admin/in-use";
+    if path != "/admin/cache" && !from_controller {
         return crate::server::handle_ops(proxy, req).await;
     }
-    // Prefetching is asked for by the controller, from its own pod; dropping only from
-    // the proxy's pod.
-    if !prefetch && !peer.ip().is_loopback() {
+    if !from_controller && !peer.ip().is_loopback() {
         return Ok(json(
             StatusCode::FORBIDDEN,
             serde_json::json!({"error": "the admin endpoint only answers on loopback"}),
@@ -699,8 +700,11 @@ pub async fn handle_ops(
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return Ok(refused);
     }
-    if prefetch {
+    if path == "/admin/prefetch" {
         return Ok(prefetch_admin(&proxy, req).await);
+    }
+    if path == "/admin/in-use" {
+        return Ok(in_use_admin(&proxy, req).await);
     }
     if req.method() != Method::DELETE {
         return Ok(json(
@@ -775,16 +779,9 @@ async fn prefetch_admin(proxy: &Proxy, req: Request<Incoming>) -> Response<Body>
             serde_json::json!({"error": "use POST /admin/prefetch with {\"images\": [...]}, or GET for progress"}),
         );
     }
-    let body = http_body_util::Limited::new(req.into_body(), 64 << 10);
-    let body = match tokio::time::timeout(std::time::Duration::from_secs(30), body.collect()).await
-    {
-        Ok(Ok(b)) => b.to_bytes(),
-        _ => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": "the body is over 64 KiB, broke off or did not arrive in 30 s"}),
-            );
-        }
+    let body = match admin_body(req, 64 << 10).await {
+        Ok(b) => b,
+        Err(e) => return json(StatusCode::BAD_REQUEST, e),
     };
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -808,18 +805,10 @@ async fn prefetch_admin(proxy: &Proxy, req: Request<Incoming>) -> Response<Body>
             serde_json::json!({"error": format!("at most {MAX_IMAGES_PER_REQUEST} images per request")}),
         );
     }
-    let mut images = Vec::with_capacity(ask.images.len());
-    for image in &ask.images {
-        match proxy.resolve_image(image) {
-            Ok(i) => images.push(i),
-            Err(e) => {
-                return json(
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({"error": format!("{image}: {e}"), "image": image}),
-                );
-            }
-        }
-    }
+    let images = match resolve_all(proxy, &ask.images) {
+        Ok(i) => i,
+        Err(e) => return json(StatusCode::BAD_REQUEST, e),
+    };
     let platforms = ask
         .platforms
         .unwrap_or_else(|| proxy.prefetch_platforms().to_vec());
@@ -833,6 +822,91 @@ async fn prefetch_admin(proxy: &Proxy, req: Request<Incoming>) -> Response<Body>
         StatusCode::ACCEPTED,
         serde_json::to_value(&accepted).expect("serializable"),
     )
+}
+
+/// The body of an admin request, at most `limit` bytes within 30 s; else the error to
+/// answer 400 with.
+async fn admin_body(
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<bytes::Bytes, serde_json::Value> {
+    let body = http_body_util::Limited::new(req.into_body(), limit);
+    match tokio::time::timeout(std::time::Duration::from_secs(30), body.collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        _ => Err(serde_json::json!({"error": format!(
+            "the body is over {} KiB, broke off or did not arrive in 30 s",
+            limit >> 10
+        )})),
+    }
+}
+
+/// Every image resolved to its upstream; else the error (to answer 400 with) naming the
+/// first that is not.
+fn resolve_all(
+    proxy: &Proxy,
+    images: &[String],
+) -> Result<Vec<crate::proxy::pull_through::ConfiguredImage>, serde_json::Value> {
+    images
+        .iter()
+        .map(|image| {
+            proxy
+                .resolve_image(image)
+                .map_err(|e| serde_json::json!({"error": format!("{image}: {e}"), "image": image}))
+        })
+        .collect()
+}
+
+/// Images a request may name as in use.
+const MAX_IN_USE: usize = 10_000;
+
+/// `PUT /admin/in-use` with `{"images": [...]}` replaces the images in use: kept from
+/// eviction, with everything they reference, like pins, until the next `PUT` (the
+/// controller names the images of the workloads that run; in memory only, so it sends
+/// them again every few minutes). `GET /admin/in-use` lists them.
+async fn in_use_admin(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    let pins = proxy.cache().pins();
+    if req.method() == Method::GET {
+        let names: Vec<String> = pins.in_use().into_iter().map(|i| i.name).collect();
+        return json(StatusCode::OK, serde_json::json!({"images": names}));
+    }
+    if req.method() != Method::PUT {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "use PUT /admin/in-use with {\"images\": [...]}, or GET"}),
+        );
+    }
+    let body = match admin_body(req, 1 << 20).await {
+        Ok(b) => b,
+        Err(e) => return json(StatusCode::BAD_REQUEST, e),
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct InUse {
+        images: Vec<String>,
+    }
+    let named: InUse = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("expected {{\"images\": [\"docker.io/library/alpine:3.20\"]}}: {e}")}),
+            );
+        }
+    };
+    if named.images.len() > MAX_IN_USE {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": format!("at most {MAX_IN_USE} images")}),
+        );
+    }
+    let images = match resolve_all(proxy, &named.images) {
+        Ok(i) => i,
+        Err(e) => return json(StatusCode::BAD_REQUEST, e),
+    };
+    let count = images.len();
+    pins.set_in_use(images);
+    tracing::info!(images = count, "images in use replaced");
+    json(StatusCode::OK, serde_json::json!({"inUse": count}))
 }
 
 #[cfg(test)]

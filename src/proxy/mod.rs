@@ -298,6 +298,7 @@ impl Proxy {
                 prefetch.push(p.clone());
             }
         }
+        let pins = pull_through::Pins::new(pins);
         let eviction = match (&shared, config.max_cache_bytes, &config.storage.s3) {
             (Some(bucket), Some(limit), Some(s3)) => {
                 metrics.cache_limit_bytes.set(limit as i64);
@@ -333,7 +334,7 @@ impl Proxy {
             config.access.clone(),
             metrics.clone(),
         );
-        let mut cache = PullThrough::new(index, metrics.clone(), policy, pins);
+        let mut cache = PullThrough::new(index, metrics.clone(), policy, pins.clone());
         if let Some(p) = &config.peers {
             let port = config.listen.port();
             let me = match p.self_address {

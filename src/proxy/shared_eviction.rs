@@ -30,7 +30,7 @@
 
 use super::index::{Index, manifest_refs};
 use super::metrics::Metrics;
-use super::pull_through::ConfiguredImage;
+use super::pull_through::Pins;
 use super::store::s3::{S3Store, Stored, Uses};
 use super::store::{BlobStore, Listed, StoreResult, TagKey, unix_now_ms};
 use crate::api::proxy_config::EvictionConfig;
@@ -75,7 +75,7 @@ pub struct Round {
 pub struct Evictor {
     store: Arc<S3Store>,
     rules: EvictionRules,
-    pins: Vec<ConfiguredImage>,
+    pins: Pins,
     metrics: Metrics,
     /// What the index of the whole bucket counts into: not this replica's own gauges.
     view_metrics: Metrics,
@@ -86,12 +86,7 @@ pub struct Evictor {
 
 impl Evictor {
     /// The evictor of `store`, keeping the closure of `pins` whatever their last use.
-    pub fn new(
-        store: Arc<S3Store>,
-        rules: EvictionRules,
-        pins: Vec<ConfiguredImage>,
-        metrics: Metrics,
-    ) -> Evictor {
+    pub fn new(store: Arc<S3Store>, rules: EvictionRules, pins: Pins, metrics: Metrics) -> Evictor {
         Evictor {
             store,
             rules,
@@ -113,7 +108,7 @@ impl Evictor {
     /// The pinned images' manifests, through the tag records in the bucket.
     async fn pin_roots(&self) -> StoreResult<Vec<Digest>> {
         let mut roots = Vec::new();
-        for pin in &self.pins {
+        for pin in &self.pins.all() {
             match &pin.reference {
                 Reference::Digest(d) => roots.push(d.clone()),
                 Reference::Tag(tag) => {
@@ -232,7 +227,7 @@ pub struct SharedEviction {
     index: Arc<Index>,
     config: EvictionConfig,
     rules: EvictionRules,
-    pins: Vec<ConfiguredImage>,
+    pins: Pins,
     metrics: Metrics,
     lock: Option<LeaseLock>,
 }
@@ -257,7 +252,7 @@ impl SharedEviction {
         index: Arc<Index>,
         limit: u64,
         config: &EvictionConfig,
-        pins: Vec<ConfiguredImage>,
+        pins: Pins,
         metrics: Metrics,
     ) -> Result<SharedEviction, String> {
         let lock = match &config.lease {
@@ -366,6 +361,7 @@ impl SharedEviction {
 mod tests {
     use super::*;
     use crate::oci::Algorithm;
+    use crate::proxy::pull_through::ConfiguredImage;
     use crate::proxy::store::TagRecord;
     use crate::proxy::store::s3::Bucket;
     use crate::proxy::upstream::{Upstream, http_client};
@@ -397,7 +393,7 @@ mod tests {
 
     fn evictor(s: &Setup, limit: u64, grace: Duration, pins: Vec<ConfiguredImage>) -> Evictor {
         let rules = EvictionRules { limit, grace };
-        Evictor::new(s.store.clone(), rules, pins, Metrics::new())
+        Evictor::new(s.store.clone(), rules, Pins::new(pins), Metrics::new())
     }
 
     async fn put_blob(s: &Setup, byte: u8) -> Digest {

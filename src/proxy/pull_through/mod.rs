@@ -98,6 +98,42 @@ impl ConfiguredImage {
     }
 }
 
+/// The images eviction keeps, with everything they reference: the configured pins, and
+/// the images in use that the controller names (`PUT /admin/in-use`, the images of the
+/// workloads that run).
+#[derive(Clone, Default)]
+pub struct Pins {
+    configured: Arc<Vec<ConfiguredImage>>,
+    in_use: Arc<std::sync::RwLock<Vec<ConfiguredImage>>>,
+}
+
+impl Pins {
+    /// The configured pins, and none in use yet.
+    pub fn new(configured: Vec<ConfiguredImage>) -> Pins {
+        Pins {
+            configured: Arc::new(configured),
+            in_use: Arc::default(),
+        }
+    }
+
+    /// Every pinned image now.
+    pub fn all(&self) -> Vec<ConfiguredImage> {
+        let mut all = (*self.configured).clone();
+        all.extend(self.in_use());
+        all
+    }
+
+    /// The images in use, as last named.
+    pub fn in_use(&self) -> Vec<ConfiguredImage> {
+        self.in_use.read().expect("pins lock").clone()
+    }
+
+    /// Replaces the images in use.
+    pub fn set_in_use(&self, images: Vec<ConfiguredImage>) {
+        *self.in_use.write().expect("pins lock") = images;
+    }
+}
+
 /// What a blob request is answered with.
 pub struct BlobAnswer {
     /// Full size of the blob, when known (it is unless a miss is streamed chunked).
@@ -124,7 +160,7 @@ pub struct PullThrough {
     index: Arc<Index>,
     metrics: Metrics,
     policy: CachePolicy,
-    pins: Vec<ConfiguredImage>,
+    pins: Pins,
     disk_full_until: Mutex<Option<Instant>>,
     blobs: Mutex<HashMap<Digest, Arc<BlobFetch>>>,
     manifests: SingleFlight<String, ManifestResult>,
@@ -143,7 +179,7 @@ impl PullThrough {
         index: Arc<Index>,
         metrics: Metrics,
         policy: CachePolicy,
-        pins: Vec<ConfiguredImage>,
+        pins: Pins,
     ) -> PullThrough {
         PullThrough {
             index,
@@ -219,10 +255,16 @@ impl PullThrough {
         let _ = tokio::spawn(async move { index.discard(&d).await }).await;
     }
 
+    /// The images eviction keeps.
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
     /// Digests that must never be evicted: the closure of the pinned images.
     pub fn pinned(&self) -> std::collections::HashSet<Digest> {
         let roots: Vec<Digest> = self
             .pins
+            .all()
             .iter()
             .filter_map(|pin| match &pin.reference {
                 Reference::Digest(d) => Some(d.clone()),
