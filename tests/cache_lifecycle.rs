@@ -38,11 +38,13 @@ where
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
+/// An upstream with four images of one 1 MB layer each (`team/img0:v1` .. `img3`, from
+/// `seed`), and a proxy config for it with its cache in the returned directory, limited
+/// to 2.5 MB: room for two images.
+async fn four_images(seed: u64) -> (FaultUpstream, Vec<Image>, tempfile::TempDir, ProxyConfig) {
     let up = FaultUpstream::start().await;
     let images: Vec<Image> = (0..4)
-        .map(|i| Image::generate(60 + i, &[1_000_000], "amd64"))
+        .map(|i| Image::generate(seed + i, &[1_000_000], "amd64"))
         .collect();
     for (i, img) in images.iter().enumerate() {
         up.add_image(&format!("team/img{i}"), "v1", img);
@@ -50,8 +52,14 @@ async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&up);
     cfg.cache_dir = dir.path().join("cache");
-    let limit = 2_500_000u64;
-    cfg.max_cache_bytes = Some(limit);
+    cfg.max_cache_bytes = Some(2_500_000);
+    (up, images, dir, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
+    let (up, images, _dir, mut cfg) = four_images(60).await;
+    let limit = cfg.max_cache_bytes.unwrap();
     cfg.pin = vec![format!("{}/team/img0:v1", up.host)];
     let proxy = Proxy::start_config(cfg.clone()).await;
     let cache = cfg.cache_dir.clone();
@@ -520,17 +528,7 @@ async fn an_image_can_be_dropped_on_purpose_from_the_cli() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_named_in_use_are_kept_like_pins_until_named_no_more() {
-    let up = FaultUpstream::start().await;
-    let images: Vec<Image> = (0..4)
-        .map(|i| Image::generate(160 + i, &[1_000_000], "amd64"))
-        .collect();
-    for (i, img) in images.iter().enumerate() {
-        up.add_image(&format!("team/img{i}"), "v1", img);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&up);
-    cfg.cache_dir = dir.path().join("cache");
-    cfg.max_cache_bytes = Some(2_500_000);
+    let (up, images, _dir, cfg) = four_images(160).await;
     let proxy = Proxy::start_config(cfg.clone()).await;
     let cache = cfg.cache_dir.clone();
     let token = std::fs::read_to_string(cache.join("admin-token")).unwrap();
@@ -569,15 +567,7 @@ async fn images_named_in_use_are_kept_like_pins_until_named_no_more() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let listed: serde_json::Value = http()
-        .get(format!("{}/admin/in-use", proxy.metrics_url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = proxy.admin_get("/admin/in-use", &token).await;
     assert_eq!(listed["images"].as_array().unwrap().len(), 1);
     // No longer in use: the least recently used again, it goes.
     in_use(vec![]).await;

@@ -39,8 +39,6 @@ struct World {
     ready_replicas: i64,
     service_monitor_crd: bool,
     fail_configmap: bool,
-    /// Namespaces (with their labels), for `GET /api/v1/namespaces/<name>`.
-    namespaces: Vec<Value>,
     /// Pods, for every pod list.
     pods: Vec<Value>,
     /// Where the controller asks proxies for prefetches.
@@ -86,17 +84,6 @@ fn answer(world: &World, call: &Call) -> (u16, Value) {
                 )
             } else {
                 not_found()
-            }
-        }
-        "GET" if p.starts_with("/api/v1/namespaces/") && p.matches('/').count() == 4 => {
-            let name = p.rsplit('/').next().unwrap();
-            match world
-                .namespaces
-                .iter()
-                .find(|n| n["metadata"]["name"] == name)
-            {
-                Some(n) => (200, n.clone()),
-                None => not_found(),
             }
         }
         "GET" if p.ends_with("/pods") => (
@@ -952,9 +939,6 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
             json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"pullthrough-warm-admin","namespace":NS},
                 "data":{"token": base64("t0ken")}}),
         )],
-        namespaces: vec![
-            json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"team-a","labels":{"team":"a"}}}),
-        ],
         pods: vec![
             json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":"pullthrough-warm-0","namespace":NS},
             "status":{"podIP":"127.0.0.1","conditions":[{"type":"Ready","status":"True"}]}}),
@@ -985,7 +969,8 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
         "registry.test/team/app:2.0".to_string(),
         "quay.io/other/tool:1".to_string(),
     ]);
-    let sent = workloads::prefetch_for(&f.ctx, "team-a", &images)
+    let team = |t: &str| std::collections::BTreeMap::from([("team".to_string(), t.to_string())]);
+    let sent = workloads::prefetch_for(&f.ctx, &team("a"), &images)
         .await
         .unwrap();
     assert_eq!(sent.len(), 1, "{sent:?}");
@@ -1036,7 +1021,7 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     }
 
     // A namespace the mirror's selector does not pick: nothing is asked.
-    let sent = workloads::prefetch_for(&f.ctx, "team-b", &images)
+    let sent = workloads::prefetch_for(&f.ctx, &team("b"), &images)
         .await
         .unwrap();
     assert!(sent.is_empty(), "{sent:?}");
@@ -1066,15 +1051,7 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     let sent = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, false).await;
     assert_eq!(sent.len(), 1, "{sent:?}");
     let token = "t0ken";
-    let listed: Value = http()
-        .get(format!("{}/admin/in-use", p.metrics_url))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = p.admin_get("/admin/in-use", token).await;
     assert_eq!(listed["images"], json!(["registry.test/team/app:2.0"]));
     let again = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, false).await;
     assert!(again.is_empty(), "unchanged, not sent again");

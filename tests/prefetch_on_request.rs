@@ -19,15 +19,7 @@ async fn ask(p: &Proxy, token: Option<&str>, body: serde_json::Value) -> reqwest
 /// The progress of every requested image, once none is pending or running (bounded).
 async fn settled_progress(p: &Proxy, token: &str) -> Vec<serde_json::Value> {
     for _ in 0..1200 {
-        let v: serde_json::Value = http()
-            .get(format!("{}/admin/prefetch", p.metrics_url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = p.admin_get("/admin/prefetch", token).await;
         let images = v["images"].as_array().unwrap().clone();
         if images
             .iter()

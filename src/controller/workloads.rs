@@ -258,19 +258,30 @@ async fn namespace_labels(ctx: &Context, ns: &str) -> BTreeMap<String, String> {
     }
 }
 
-/// Asks for the prefetches a workload's new image set calls for, and follows them (on
-/// tasks of their own) to Events and the status. Returns the requests sent: (mirror,
-/// replica, images).
+/// The admin token and the ready replicas' addresses of a mirror; `None` while it has no
+/// token Secret yet.
+async fn targets(
+    ctx: &Context,
+    mirror: &RegistryMirror,
+) -> Result<Option<(String, Vec<String>)>, Error> {
+    let Some(token) = admin_token(ctx, mirror).await? else {
+        tracing::info!(mirror = %mirror.name_any(), "no admin token Secret yet: asked later");
+        return Ok(None);
+    };
+    Ok(Some((token, replicas(ctx, mirror).await?)))
+}
+
+/// Asks for the prefetches a workload's new image set calls for (its namespace labelled
+/// `namespace_labels`), and follows them (on tasks of their own) to Events and the
+/// status. Returns the requests sent: (mirror, replica, images).
 pub async fn prefetch_for(
     ctx: &Arc<Context>,
-    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
     images: &BTreeSet<String>,
 ) -> Result<Vec<(String, String, Vec<String>)>, Error> {
     let mirrors = ctx.store.state();
-    let labels = namespace_labels(ctx, namespace).await;
-    let wanted = plan(&mirrors, &labels, images);
+    let wanted = plan(&mirrors, namespace_labels, images);
     tracing::debug!(
-        namespace,
         mirrors = mirrors.len(),
         wanted = wanted.len(),
         "prefetch plan"
@@ -281,11 +292,9 @@ pub async fn prefetch_for(
     let platforms = platforms(&ctx.nodes().await?);
     let mut sent = Vec::new();
     for (mirror, images) in wanted {
-        let Some(token) = admin_token(ctx, &mirror).await? else {
-            tracing::info!(mirror = %mirror.name_any(), "no admin token Secret yet: prefetch later");
+        let Some((token, urls)) = targets(ctx, &mirror).await? else {
             continue;
         };
-        let urls = replicas(ctx, &mirror).await?;
         tracing::debug!(mirror = %mirror.name_any(), replicas = ?urls, platforms = ?platforms, "prefetching on");
         for url in urls {
             match crate::proxy::admin::prefetch(&url, &images, &platforms, &token).await {
@@ -326,18 +335,12 @@ pub async fn publish_in_use(
         if !resync && sent.get(&uid) == Some(&images) {
             continue;
         }
-        let token = match admin_token(ctx, &mirror).await {
+        let (token, urls) = match targets(ctx, &mirror).await {
             Ok(Some(t)) => t,
             Ok(None) => continue,
             Err(e) => {
-                tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot read the admin token");
-                continue;
-            }
-        };
-        let urls = match replicas(ctx, &mirror).await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot list the replicas");
+                tracing::warn!(mirror = %mirror.name_any(), error = %e,
+                    "cannot tell the replicas the images in use");
                 continue;
             }
         };
@@ -504,17 +507,17 @@ pub async fn run(ctx: Arc<Context>) {
         if !ctx.leading() || (present && changed.is_none()) {
             continue;
         }
-        if let Some(images) = &changed {
-            tracing::debug!(workload = %w.key, images = ?images, "a workload's images changed");
-            if let Err(e) = prefetch_for(&ctx, &w.namespace, images).await {
-                tracing::warn!(workload = %w.key, error = %e, "cannot ask for a prefetch");
-            }
-        }
         if !labels.contains_key(&w.namespace) {
             labels.insert(
                 w.namespace.clone(),
                 namespace_labels(&ctx, &w.namespace).await,
             );
+        }
+        if let Some(images) = &changed {
+            tracing::debug!(workload = %w.key, images = ?images, "a workload's images changed");
+            if let Err(e) = prefetch_for(&ctx, &labels[&w.namespace], images).await {
+                tracing::warn!(workload = %w.key, error = %e, "cannot ask for a prefetch");
+            }
         }
         publish_in_use(&ctx, &seen, &labels, &mut sent, false).await;
     }

@@ -779,10 +779,6 @@ async fn prefetch_admin(proxy: &Proxy, req: Request<Incoming>) -> Response<Body>
             serde_json::json!({"error": "use POST /admin/prefetch with {\"images\": [...]}, or GET for progress"}),
         );
     }
-    let body = match admin_body(req, 64 << 10).await {
-        Ok(b) => b,
-        Err(e) => return json(StatusCode::BAD_REQUEST, e),
-    };
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Ask {
@@ -790,23 +786,10 @@ async fn prefetch_admin(proxy: &Proxy, req: Request<Incoming>) -> Response<Body>
         #[serde(default)]
         platforms: Option<Vec<String>>,
     }
-    let ask: Ask = match serde_json::from_slice(&body) {
-        Ok(a) => a,
-        Err(e) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": format!("expected {{\"images\": [\"docker.io/library/alpine:3.20\"], \"platforms\": [\"linux/amd64\"]}}: {e}")}),
-            );
-        }
-    };
-    if ask.images.len() > MAX_IMAGES_PER_REQUEST {
-        return json(
-            StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": format!("at most {MAX_IMAGES_PER_REQUEST} images per request")}),
-        );
-    }
-    let images = match resolve_all(proxy, &ask.images) {
-        Ok(i) => i,
+    let example = r#"{"images": ["docker.io/library/alpine:3.20"], "platforms": ["linux/amd64"]}"#;
+    let limits = (64 << 10, MAX_IMAGES_PER_REQUEST);
+    let (ask, images) = match admin_images(proxy, req, limits, example, |a: &Ask| &a.images).await {
+        Ok(r) => r,
         Err(e) => return json(StatusCode::BAD_REQUEST, e),
     };
     let platforms = ask
@@ -824,36 +807,43 @@ async fn prefetch_admin(proxy: &Proxy, req: Request<Incoming>) -> Response<Body>
     )
 }
 
-/// The body of an admin request, at most `limit` bytes within 30 s; else the error to
-/// answer 400 with.
-async fn admin_body(
-    req: Request<Incoming>,
-    limit: usize,
-) -> Result<bytes::Bytes, serde_json::Value> {
-    let body = http_body_util::Limited::new(req.into_body(), limit);
-    match tokio::time::timeout(std::time::Duration::from_secs(30), body.collect()).await {
-        Ok(Ok(b)) => Ok(b.to_bytes()),
-        _ => Err(serde_json::json!({"error": format!(
-            "the body is over {} KiB, broke off or did not arrive in 30 s",
-            limit >> 10
-        )})),
-    }
-}
-
-/// Every image resolved to its upstream; else the error (to answer 400 with) naming the
-/// first that is not.
-fn resolve_all(
+/// The JSON body (`T`, like `example`) of an admin request naming images (`images` of
+/// it), read whole within 30 s: at most `limit` bytes and `max` images, every one
+/// resolved to its upstream; else the error to answer 400 with.
+async fn admin_images<T: serde::de::DeserializeOwned>(
     proxy: &Proxy,
-    images: &[String],
-) -> Result<Vec<crate::proxy::pull_through::ConfiguredImage>, serde_json::Value> {
-    images
+    req: Request<Incoming>,
+    (limit, max): (usize, usize),
+    example: &str,
+    images: impl Fn(&T) -> &[String],
+) -> Result<(T, Vec<crate::proxy::pull_through::ConfiguredImage>), serde_json::Value> {
+    let error = |e: String| serde_json::json!({"error": e});
+    let body = http_body_util::Limited::new(req.into_body(), limit);
+    let body = match tokio::time::timeout(std::time::Duration::from_secs(30), body.collect()).await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => {
+            return Err(error(format!(
+                "the body is over {} KiB, broke off or did not arrive in 30 s",
+                limit >> 10
+            )));
+        }
+    };
+    let asked: T =
+        serde_json::from_slice(&body).map_err(|e| error(format!("expected {example}: {e}")))?;
+    let names = images(&asked);
+    if names.len() > max {
+        return Err(error(format!("at most {max} images per request")));
+    }
+    let resolved = names
         .iter()
         .map(|image| {
             proxy
                 .resolve_image(image)
                 .map_err(|e| serde_json::json!({"error": format!("{image}: {e}"), "image": image}))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((asked, resolved))
 }
 
 /// Images a request may name as in use.
@@ -875,32 +865,15 @@ async fn in_use_admin(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
             serde_json::json!({"error": "use PUT /admin/in-use with {\"images\": [...]}, or GET"}),
         );
     }
-    let body = match admin_body(req, 1 << 20).await {
-        Ok(b) => b,
-        Err(e) => return json(StatusCode::BAD_REQUEST, e),
-    };
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct InUse {
         images: Vec<String>,
     }
-    let named: InUse = match serde_json::from_slice(&body) {
-        Ok(n) => n,
-        Err(e) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": format!("expected {{\"images\": [\"docker.io/library/alpine:3.20\"]}}: {e}")}),
-            );
-        }
-    };
-    if named.images.len() > MAX_IN_USE {
-        return json(
-            StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": format!("at most {MAX_IN_USE} images")}),
-        );
-    }
-    let images = match resolve_all(proxy, &named.images) {
-        Ok(i) => i,
+    let example = r#"{"images": ["docker.io/library/alpine:3.20"]}"#;
+    let limits = (1 << 20, MAX_IN_USE);
+    let (_, images) = match admin_images(proxy, req, limits, example, |n: &InUse| &n.images).await {
+        Ok(r) => r,
         Err(e) => return json(StatusCode::BAD_REQUEST, e),
     };
     let count = images.len();

@@ -7,7 +7,6 @@ use futures::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -75,30 +74,13 @@ impl Drop for FaultUpstream {
 
 impl FaultUpstream {
     pub async fn start() -> FaultUpstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(State::default());
         let st = state.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let st = st.clone();
-                let base = format!("http://{addr}");
-                conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let st = st.clone();
-                        let base = base.clone();
-                        async move { Ok::<_, std::convert::Infallible>(handle(&st, &base, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let (addr, task) = super::serve_http1(move |addr, req| {
+            let st = st.clone();
+            async move { handle(&st, &format!("http://{addr}"), req).await }
+        })
+        .await;
         FaultUpstream {
             url: format!("http://{addr}"),
             host: addr.to_string(),

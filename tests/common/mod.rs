@@ -68,6 +68,39 @@ pub fn https(ca: &Path) -> reqwest::Client {
         .unwrap()
 }
 
+/// An in-process HTTP/1 server on a free loopback port, answering every request with
+/// `handle(its own address, request)`; it stops when the returned task is aborted.
+pub async fn serve_http1<F, Fut, B>(handle: F) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(SocketAddr, hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let handle = handle.clone();
+            conns.spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let answer = handle(addr, req);
+                    async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
 /// A test CA and a certificate it signed for 127.0.0.1, made with the openssl CLI in
 /// `dir`: `ca.crt`, `tls.crt` and `tls.key`, as a cert-manager Secret holds them.
 pub fn test_certificate(dir: &Path) {
@@ -438,6 +471,19 @@ impl Proxy {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+    }
+
+    /// The JSON of `GET <path>` on the operations port, with the admin `token`.
+    pub async fn admin_get(&self, path: &str, token: &str) -> serde_json::Value {
+        http()
+            .get(format!("{}{path}", self.metrics_url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     pub async fn metrics(&self) -> String {
