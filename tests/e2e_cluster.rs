@@ -241,6 +241,23 @@ impl Env {
         .await;
     }
 
+    /// Waits for the Secret `name` the controller makes for mirror `owner`, and checks
+    /// it: owned by the mirror, `key` holding 32 random bytes as hex.
+    async fn random_secret(&self, name: &str, owner: &str, key: &str) {
+        let secrets = Api::<Secret>::namespaced(self.client.clone(), &self.ns);
+        let secret = eventually(30, &format!("the Secret {name}"), || {
+            let secrets = secrets.clone();
+            async move { secrets.get_opt(name).await.ok().flatten() }
+        })
+        .await;
+        let by = &secret.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (by.kind.as_str(), by.name.as_str()),
+            ("RegistryMirror", owner)
+        );
+        assert_eq!(secret.data.unwrap()[key].0.len(), 64);
+    }
+
     /// A registry name of this test's own.
     fn registry(&self, which: &str) -> String {
         format!("{which}.{}.e2e.test", self.ns)
@@ -784,25 +801,8 @@ async fn a_missing_secret_degrades_the_mirror_until_it_is_created() {
     })
     .await;
     // Credentials make the upstream upstreamAuth: its replicas' signing key, made once.
-    let secrets = Api::<Secret>::namespaced(env.client.clone(), &env.ns);
-    let key = eventually(30, "the signing key Secret", || {
-        let secrets = secrets.clone();
-        async move {
-            secrets
-                .get_opt("pullthrough-private-access")
-                .await
-                .ok()
-                .flatten()
-        }
-    })
-    .await;
-    let owner = &key.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!(
-        (owner.kind.as_str(), owner.name.as_str()),
-        ("RegistryMirror", "private")
-    );
-    let data = key.data.unwrap();
-    assert_eq!(data["signing-key"].0.len(), 64);
+    env.random_secret("pullthrough-private-access", "private", "signing-key")
+        .await;
 }
 
 #[tokio::test]
@@ -995,24 +995,8 @@ async fn with_the_shipped_rbac_a_prefetching_mirror_gets_its_admin_token_and_wor
     )
     .await;
     // Its replicas' admin token, made once, owned by the mirror, mounted in the pods.
-    let secrets = Api::<Secret>::namespaced(env.client.clone(), &env.ns);
-    let token = eventually(30, "the admin token Secret", || {
-        let secrets = secrets.clone();
-        async move {
-            secrets
-                .get_opt("pullthrough-warm-admin")
-                .await
-                .ok()
-                .flatten()
-        }
-    })
-    .await;
-    let owner = &token.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!(
-        (owner.kind.as_str(), owner.name.as_str()),
-        ("RegistryMirror", "warm")
-    );
-    assert_eq!(token.data.unwrap()["token"].0.len(), 64);
+    env.random_secret("pullthrough-warm-admin", "warm", "token")
+        .await;
     let deployments = Api::<Deployment>::namespaced(env.client.clone(), &env.ns);
     let dep = eventually(60, "the Deployment", || async {
         deployments.get_opt("pullthrough-warm").await.ok()?
