@@ -1057,6 +1057,39 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     assert!(again.is_empty(), "unchanged, not sent again");
     let resync = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, true).await;
     assert_eq!(resync.len(), 1, "sent again on a resync");
+
+    // A replica that becomes ready after all that (a new pod, its cache empty) is warmed
+    // with every image in use, though no workload changed: fetched and kept.
+    let mut cfg = config_for(&[("registry.test", &up.url)]);
+    cfg.admin_token_file = Some(dir.path().join("token"));
+    let p2 = Proxy::start_config(cfg).await;
+    let replica = |mirror: &str| workloads::NewReplica {
+        uid: "uid-2".into(),
+        namespace: NS.into(),
+        mirror: mirror.into(),
+        url: p2.metrics_url.clone(),
+    };
+    let warmed = workloads::warm(&f.ctx, &seen, &labels, &replica("warm"))
+        .await
+        .unwrap();
+    assert_eq!(warmed, Some(vec!["registry.test/team/app:2.0".to_string()]));
+    for b in app.blobs() {
+        up.assert_gets(&format!("/blobs/{}", b.digest), 2);
+    }
+    let listed = p2.admin_get("/admin/in-use", token).await;
+    assert_eq!(listed["images"], json!(["registry.test/team/app:2.0"]));
+    p2.settled().await;
+    pull(&p2.url, "team/app", "2.0", Some("registry.test"))
+        .await
+        .unwrap();
+    for b in app.blobs() {
+        up.assert_gets(&format!("/blobs/{}", b.digest), 2);
+    }
+    // A pod of a mirror the controller does not know is done with, asking nothing.
+    let other = workloads::warm(&f.ctx, &seen, &labels, &replica("gone"))
+        .await
+        .unwrap();
+    assert_eq!(other, Some(vec![]));
 }
 
 #[tokio::test]

@@ -12,22 +12,25 @@
 //! watches only that namespace, so an operator installed in the cluster is neither
 //! disturbed nor in the way. What a test creates is removed when it ends, also when it
 //! fails (finalizers included). With a node and `PULLTHROUGH_E2E_PROXY_IMAGE` (an image
-//! of this project the node already has), the last test also runs real proxy pods (host
-//! network: the kit has no pod network) and a node agent for that node.
+//! of this project the node already has), two tests also run real proxy pods (host
+//! network: the kit has no pod network), one at a time: one with a node agent for that
+//! node, one following a workload's images into a replica's cache.
 
 use crate::common::{free_port, metric_value, root, scrape};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::GroupVersionKind;
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
-use pullthrough::api::mirror::{FINALIZER, RegistryMirror};
+use pullthrough::api::mirror::{FINALIZER, METRICS_PORT, PROXY_PORT, RegistryMirror};
 use pullthrough::controller::builders::ChildSettings;
 use pullthrough::controller::{ControllerOptions, run};
 use pullthrough::node_agent::AgentOptions;
@@ -256,6 +259,57 @@ impl Env {
             ("RegistryMirror", owner)
         );
         assert_eq!(secret.data.unwrap()[key].0.len(), 64);
+    }
+
+    /// The node's name, when the cluster has a node and `PULLTHROUGH_E2E_PROXY_IMAGE`
+    /// names an image of this build it has: proxy pods can run.
+    async fn node_for_pods(&self) -> Option<String> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let Some(node) = nodes.list(&Default::default()).await.unwrap().items.pop() else {
+            eprintln!("no node in the cluster: the proxy pod part is not run");
+            return None;
+        };
+        if std::env::var("PULLTHROUGH_E2E_PROXY_IMAGE").is_err() {
+            eprintln!("PULLTHROUGH_E2E_PROXY_IMAGE unset: the proxy pod part is not run");
+            return None;
+        }
+        Some(node.name_any())
+    }
+
+    /// Puts mirror `name`'s proxy pods on the host's network: the kit has no pod network.
+    /// A test-only patch (its own field manager, a field the controller does not set).
+    /// The pods then hold the proxy's fixed ports on the host, so this waits its turn
+    /// (the guard) and until an earlier test's pods have let go of them.
+    async fn on_host_network(&self, name: &str) -> tokio::sync::MutexGuard<'static, ()> {
+        static HOST_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let guard = HOST_PORTS.lock().await;
+        eventually(120, "the host's proxy ports to be free", || async {
+            [PROXY_PORT, METRICS_PORT]
+                .iter()
+                .all(|p| std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok())
+                .then_some(())
+        })
+        .await;
+        let deployments = Api::<Deployment>::namespaced(self.client.clone(), &self.ns);
+        let deployment = format!("pullthrough-{name}");
+        eventually(60, "the Deployment", || async {
+            deployments.get_opt(&deployment).await.ok()?
+        })
+        .await;
+        let host_network = serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": deployment},
+            "spec": {"template": {"spec": {"hostNetwork": true}}}
+        });
+        deployments
+            .patch(
+                &deployment,
+                &PatchParams::apply("pullthrough-e2e-hostnet").force(),
+                &Patch::Apply(&host_network),
+            )
+            .await
+            .unwrap();
+        guard
     }
 
     /// A registry name of this test's own.
@@ -809,51 +863,16 @@ async fn a_missing_secret_degrades_the_mirror_until_it_is_created() {
 #[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
 async fn with_a_node_proxy_pods_run_and_the_node_agent_reports() {
     let env = Env::new("node").await;
-    let nodes: Api<Node> = Api::all(env.client.clone());
-    let Some(node) = nodes
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .next()
-    else {
-        eprintln!("no node in the cluster: the proxy pod and node agent part is not run");
+    let Some(node) = env.node_for_pods().await else {
         return;
     };
-    let Ok(_) = std::env::var("PULLTHROUGH_E2E_PROXY_IMAGE") else {
-        eprintln!(
-            "PULLTHROUGH_E2E_PROXY_IMAGE unset: the proxy pod and node agent part is not run"
-        );
-        return;
-    };
-    let node = node.name_any();
     let a = env.registry("a");
     env.create(
         "pods",
         &format!("  upstreams: [{{registry: {a}, url: 'http://127.0.0.1:1'}}]"),
     )
     .await;
-    // The kit has no pod network: a test-only patch (its own field manager, a field the
-    // controller does not set) puts the proxy pod on the host's.
-    let deployments = Api::<Deployment>::namespaced(env.client.clone(), &env.ns);
-    eventually(60, "the Deployment", || async {
-        deployments.get_opt("pullthrough-pods").await.ok()?
-    })
-    .await;
-    let host_network = serde_json::json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "pullthrough-pods"},
-        "spec": {"template": {"spec": {"hostNetwork": true}}}
-    });
-    deployments
-        .patch(
-            "pullthrough-pods",
-            &PatchParams::apply("pullthrough-e2e-hostnet").force(),
-            &Patch::Apply(&host_network),
-        )
-        .await
-        .unwrap();
+    let _host = env.on_host_network("pods").await;
     let m = env
         .status_where("pods", 180, "Ready", |m| {
             cond(m, "Ready").is_some_and(|c| c.0 == "True")
@@ -926,6 +945,209 @@ async fn with_a_node_proxy_pods_run_and_the_node_agent_reports() {
     assert!(!hosts.exists(), "the file outlived its mirror");
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+/// Gives the node an InternalIP when it has none. The kit's kubelet refuses
+/// `--node-ip 127.0.0.1`, so its node has no address, its host-network pods no IP, and
+/// nothing could reach a replica at its pod IP as the controller does. A test-only
+/// patch of the node's status gives it the address a real node has; the kubelet keeps
+/// it (it only logs that it cannot set one). A node with an address is left alone.
+async fn give_node_an_address(client: &Client, node: &str) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let status = nodes.get_status(node).await.unwrap().status;
+    let addresses = status.and_then(|s| s.addresses).unwrap_or_default();
+    if addresses.iter().any(|a| a.type_ == "InternalIP") {
+        return;
+    }
+    let patch = serde_json::json!({"status": {"addresses": [
+        {"type": "InternalIP", "address": "127.0.0.1"},
+        {"type": "Hostname", "address": node},
+    ]}});
+    nodes
+        .patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+/// Waits for an Event on mirror `mirror` whose note starts with `note`.
+async fn event_on(env: &Env, mirror: &str, note: &str, secs: u64) -> String {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually(secs, &format!("an Event '{note}...'"), || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(mirror))
+            .filter_map(|e| e.note)
+            .find(|n| n.starts_with(note))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a cluster: set PULLTHROUGH_E2E_KUBECONFIG"]
+async fn with_a_node_a_workload_s_images_are_in_its_mirror_s_replica_before_a_pod_pulls() {
+    use crate::common::{Image, Registry, pull, push_image};
+    let env = Env::new("warmup").await;
+    let Some(node) = env.node_for_pods().await else {
+        return;
+    };
+    give_node_an_address(&env.client, &node).await;
+    // The upstream: a real Distribution on the host, whose network the pods share.
+    let up = Registry::start().await;
+    let v1 = Image::generate(221, &[40_000, 12_000], "amd64");
+    let v2 = Image::generate(222, &[35_000, 9_000], "amd64");
+    push_image(&up.url, "team/app", "1", &v1).await;
+    push_image(&up.url, "team/app", "2", &v2).await;
+    let blob_gets = |img: &Image, want: usize| {
+        tokio::task::block_in_place(|| {
+            for b in img.blobs() {
+                up.assert_gets(&format!("/blobs/{}", b.digest), want);
+            }
+        })
+    };
+    // The workloads' namespace is one the mirror's selector picks.
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
+    let team = serde_json::json!({"metadata": {"labels": {"team": "a"}}});
+    namespaces
+        .patch(&env.ns, &PatchParams::default(), &Patch::Merge(&team))
+        .await
+        .unwrap();
+    // A Deployment of app:1, scaled to 0 (no pod of it ever pulls), made before its
+    // mirror exists.
+    let a = env.registry("a");
+    let deployments = Api::<Deployment>::namespaced(env.client.clone(), &env.ns);
+    let app = |tag: &str| {
+        serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "app"},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": {"app": "app"}},
+                "template": {
+                    "metadata": {"labels": {"app": "app"}},
+                    "spec": {"containers": [{"name": "app", "image": format!("{a}/team/app:{tag}")}]}
+                }
+            }
+        })
+    };
+    deployments
+        .patch(
+            "app",
+            &PatchParams::apply("pullthrough-e2e").force(),
+            &Patch::Apply(&app("1")),
+        )
+        .await
+        .unwrap();
+    env.create(
+        "warm",
+        &format!(
+            "  upstreams: [{{registry: {a}, url: '{}'}}]\n  cache: {{prefetchFromWorkloads: {{namespaceSelector: {{matchLabels: {{team: a}}}}}}}}",
+            up.url
+        ),
+    )
+    .await;
+    let _host = env.on_host_network("warm").await;
+    env.status_where("warm", 180, "Ready", |m| {
+        cond(m, "Ready").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    // Its replica, new since the Deployment changed, is warmed with what the mirror's
+    // workloads use: app:1's blobs come from the upstream once, with no client asking.
+    event_on(
+        &env,
+        "warm",
+        &format!("Prefetched image {a}/team/app:1 in "),
+        120,
+    )
+    .await;
+    blob_gets(&v1, 1);
+    // A rollout to app:2: prefetched as the Deployment changes.
+    deployments
+        .patch(
+            "app",
+            &PatchParams::apply("pullthrough-e2e").force(),
+            &Patch::Apply(&app("2")),
+        )
+        .await
+        .unwrap();
+    event_on(
+        &env,
+        "warm",
+        &format!("Prefetched image {a}/team/app:2 in "),
+        120,
+    )
+    .await;
+    blob_gets(&v2, 1);
+    env.status_where("warm", 60, "two prefetched images", |m| {
+        m.status.as_ref().and_then(|s| s.prefetched_images) == Some(2)
+    })
+    .await;
+    // Then a client pulls app:2 from the replica (its pod IP is the host's): all from
+    // the cache, and the lead time is recorded.
+    let replica = format!("http://127.0.0.1:{PROXY_PORT}");
+    pull(&replica, "team/app", "2", Some(&a)).await.unwrap();
+    blob_gets(&v2, 1);
+    let metrics = scrape(&format!("http://127.0.0.1:{METRICS_PORT}")).await;
+    assert!(metric_value(&metrics, "pullthrough_prefetch_lead_seconds_count", &[]) >= 1.0);
+
+    // Another replica takes the leader Lease: this controller stands by, and a rollout
+    // to app:3 is not asked for while it does. Once the Lease is free it leads again and
+    // asks for every workload's images, as at its start: app:3 is warmed then.
+    let v3 = Image::generate(223, &[20_000], "amd64");
+    push_image(&up.url, "team/app", "3", &v3).await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let hold = |holder: Option<&str>, secs: i32| {
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+        serde_json::json!({"spec": {"holderIdentity": holder, "leaseDurationSeconds": secs, "renewTime": now}})
+    };
+    let leader = || async {
+        metric_value(
+            &scrape(&env.metrics_url).await,
+            "pullthrough_controller_leader",
+            &[],
+        )
+    };
+    assert_eq!(leader().await, 1.0);
+    leases
+        .patch(
+            "pullthrough-controller",
+            &PatchParams::default(),
+            &Patch::Merge(&hold(Some("e2e-other"), 3600)),
+        )
+        .await
+        .unwrap();
+    eventually(60, "the controller to stand by", || async {
+        (leader().await == 0.0).then_some(())
+    })
+    .await;
+    deployments
+        .patch(
+            "app",
+            &PatchParams::apply("pullthrough-e2e").force(),
+            &Patch::Apply(&app("3")),
+        )
+        .await
+        .unwrap();
+    leases
+        .patch(
+            "pullthrough-controller",
+            &PatchParams::default(),
+            &Patch::Merge(&hold(None, 1)),
+        )
+        .await
+        .unwrap();
+    eventually(60, "the controller to lead again", || async {
+        (leader().await == 1.0).then_some(())
+    })
+    .await;
+    event_on(
+        &env,
+        "warm",
+        &format!("Prefetched image {a}/team/app:3 in "),
+        120,
+    )
+    .await;
+    blob_gets(&v3, 1);
 }
 
 #[tokio::test]
@@ -1026,7 +1248,11 @@ async fn with_the_shipped_rbac_a_prefetching_mirror_gets_its_admin_token_and_wor
             assert!(may(&env.client, ns, sa, what).await, "{verb} {resource}");
         }
     }
-    for (group, resource, verb) in [("", "pods", "list"), ("", "namespaces", "get")] {
+    for (group, resource, verb) in [
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("", "namespaces", "get"),
+    ] {
         let what = serde_json::json!({"group": group, "resource": resource, "verb": verb});
         assert!(may(&env.client, ns, sa, what).await, "{verb} {resource}");
     }

@@ -1,6 +1,6 @@
 //! The controller's metrics: reconciles by result, and how long they take.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 /// The controller's metrics.
 #[derive(Clone)]
@@ -10,6 +10,7 @@ pub struct ControllerMetrics {
     names: Vec<String>,
     reconciles: IntCounterVec,
     duration: HistogramVec,
+    leader: IntGauge,
 }
 
 impl ControllerMetrics {
@@ -33,24 +34,38 @@ impl ControllerMetrics {
             &["result"],
         )
         .expect("valid metric");
+        let leader = IntGauge::new(
+            "pullthrough_controller_leader",
+            "1 while this controller replica holds the leader Lease (and so reconciles and asks for prefetches), 0 while it stands by.",
+        )
+        .expect("valid metric");
         // At zero from the start; error results appear as they happen.
         reconciles.with_label_values(&["success"]);
         duration.with_label_values(&["success"]);
         let names = crate::server::register_all(
             &registry,
-            vec![Box::new(reconciles.clone()), Box::new(duration.clone())],
+            vec![
+                Box::new(reconciles.clone()),
+                Box::new(duration.clone()),
+                Box::new(leader.clone()),
+            ],
         );
         ControllerMetrics {
             registry,
             names,
             reconciles,
             duration,
+            leader,
         }
     }
 
     pub(super) fn observe(&self, result: &'static str, seconds: f64) {
         self.reconciles.with_label_values(&[result]).inc();
         self.duration.with_label_values(&[result]).observe(seconds);
+    }
+
+    pub(super) fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// Names of every series this registry can export.

@@ -58,6 +58,9 @@ pub enum Error {
     /// No random bytes for a new signing key.
     #[error("making a signing key: {0}")]
     Random(std::io::Error),
+    /// A replica's operations port refused or failed a request.
+    #[error("a replica's admin endpoint: {0}")]
+    Replica(String),
 }
 
 impl Error {
@@ -67,6 +70,7 @@ impl Error {
             Error::Kube { .. } => "kube_error",
             Error::NoNamespace => "invalid_object",
             Error::Random(_) => "random_error",
+            Error::Replica(_) => "replica_error",
         }
     }
 }
@@ -89,6 +93,9 @@ pub struct Context {
     pub store: Store<RegistryMirror>,
     /// Event recorder.
     pub recorder: Recorder,
+    /// Who records Events (for Events that must not be folded into a series, see
+    /// [`workloads`]).
+    reporter: Reporter,
     /// Reconcile counts and durations.
     pub metrics: ControllerMetrics,
     failures: Mutex<HashMap<ObjectRef<RegistryMirror>, u32>>,
@@ -119,7 +126,8 @@ impl Context {
         reporter: Reporter,
     ) -> Context {
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             client,
             settings,
             store,
@@ -313,7 +321,7 @@ pub async fn run(
     );
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     tokio::select! {
-        _ = lock.acquire(Duration::from_secs(2)) => {}
+        _ = lock.acquire(Duration::from_secs(2)) => ctx.metrics.set_leader(true),
         _ = shutdown.clone() => {
             let _ = stop_tx.send(true);
             let _ = ops_task.await;
@@ -324,6 +332,7 @@ pub async fn run(
     // reach past it) stops reconciles, not the process: it stands by, and reconciles
     // everything again once it leads again.
     let (regained_tx, regained_rx) = tokio::sync::watch::channel(());
+    let prefetch_regained = regained_tx.subscribe();
     let leadership = {
         let ctx = ctx.clone();
         async move {
@@ -331,12 +340,14 @@ pub async fn run(
                 lock.hold().await;
                 ctx.leading
                     .store(false, std::sync::atomic::Ordering::SeqCst);
+                ctx.metrics.set_leader(false);
                 tracing::warn!(
                     "stopped reconciling: this replica no longer holds the leader lease; \
                      standing by, and taking over again when the lease is free"
                 );
                 lock.acquire(Duration::from_secs(2)).await;
                 ctx.leading.store(true, std::sync::atomic::Ordering::SeqCst);
+                ctx.metrics.set_leader(true);
                 let _ = regained_tx.send(());
             }
         }
@@ -391,7 +402,7 @@ pub async fn run(
             }
         });
     // Images of workloads, prefetched for the mirrors that ask (cache.prefetchFromWorkloads).
-    let prefetching = tokio::spawn(workloads::run(ctx.clone()));
+    let prefetching = tokio::spawn(workloads::run(ctx.clone(), prefetch_regained));
     tokio::select! {
         _ = controller => {}
         _ = leadership => {}

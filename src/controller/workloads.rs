@@ -21,7 +21,7 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -158,6 +158,11 @@ impl Seen {
         }
     }
 
+    /// Every workload seen: its namespace and images.
+    pub fn all(&self) -> Vec<(String, BTreeSet<String>)> {
+        self.0.values().cloned().collect()
+    }
+
     /// The namespaces of the workloads seen.
     pub fn namespaces(&self) -> BTreeSet<String> {
         self.0.values().map(|(ns, _)| ns.clone()).collect()
@@ -194,6 +199,29 @@ impl Seen {
     }
 }
 
+/// The labels every mirror's proxy pods carry (with the mirror's name as
+/// `app.kubernetes.io/instance`).
+const PROXY_PODS: &str = "app.kubernetes.io/name=pullthrough,app.kubernetes.io/component=proxy";
+
+/// A ready replica's operations port (`http://10.1.2.3:9095`), from its pod; `None`
+/// while the pod is not Ready or has no IP.
+fn replica_url(ctx: &Context, pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let ip = status
+        .pod_ip
+        .as_deref()
+        .filter(|ip| ready && !ip.is_empty())?;
+    Some(match ip.contains(':') {
+        true => format!("http://[{ip}]:{}", ctx.ops_port),
+        false => format!("http://{ip}:{}", ctx.ops_port),
+    })
+}
+
 /// The addresses of the operations ports of a mirror's ready replicas.
 async fn replicas(ctx: &Context, mirror: &RegistryMirror) -> Result<Vec<String>, Error> {
     let ns = mirror.namespace().ok_or(Error::NoNamespace)?;
@@ -210,25 +238,10 @@ async fn replicas(ctx: &Context, mirror: &RegistryMirror) -> Result<Vec<String>,
             "listing the pods of {}",
             mirror.name_any()
         )))?;
-    let ready = |p: &Pod| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    };
     Ok(list
         .items
         .iter()
-        .filter(|p| ready(p))
-        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
-        .map(|ip| {
-            let host = if ip.contains(':') {
-                format!("[{ip}]")
-            } else {
-                ip
-            };
-            format!("http://{host}:{}", ctx.ops_port)
-        })
+        .filter_map(|p| replica_url(ctx, p))
         .collect())
 }
 
@@ -297,27 +310,105 @@ pub async fn prefetch_for(
         };
         tracing::debug!(mirror = %mirror.name_any(), replicas = ?urls, platforms = ?platforms, "prefetching on");
         for url in urls {
-            match crate::proxy::admin::prefetch(&url, &images, &platforms, &token).await {
-                Ok(answer) => {
-                    tracing::info!(mirror = %mirror.name_any(), replica = %url, images = ?images,
-                        queued = %answer["queued"], "asked for a prefetch");
-                    sent.push((mirror.name_any(), url.clone(), images.clone()));
-                    tokio::spawn(follow(
-                        ctx.clone(),
-                        mirror.clone(),
-                        url,
-                        token.clone(),
-                        images.clone(),
-                    ));
-                }
-                Err(e) => {
-                    tracing::warn!(mirror = %mirror.name_any(), replica = %url, error = %e,
-                        "a replica refused a prefetch request");
-                }
+            if ask(ctx, &mirror, &url, &token, &images, &platforms).await {
+                sent.push((mirror.name_any(), url, images.clone()));
             }
         }
     }
     Ok(sent)
+}
+
+/// Asks the replica at `url` to prefetch `images` and, when it takes the request,
+/// follows it (on a task of its own) to Events and the status. Whether it took it.
+async fn ask(
+    ctx: &Arc<Context>,
+    mirror: &Arc<RegistryMirror>,
+    url: &str,
+    token: &str,
+    images: &[String],
+    platforms: &[String],
+) -> bool {
+    match crate::proxy::admin::prefetch(url, images, platforms, token).await {
+        Ok(answer) => {
+            tracing::info!(mirror = %mirror.name_any(), replica = %url, images = ?images,
+                queued = %answer["queued"], "asked for a prefetch");
+            tokio::spawn(follow(
+                ctx.clone(),
+                mirror.clone(),
+                url.to_string(),
+                token.to_string(),
+                images.to_vec(),
+            ));
+            true
+        }
+        Err(e) => {
+            tracing::warn!(mirror = %mirror.name_any(), replica = %url, error = %e,
+                "a replica refused a prefetch request");
+            false
+        }
+    }
+}
+
+/// A proxy pod that became ready since the controller started: its cache may be empty
+/// (a new pod, a new volume), so it is asked for every image its mirror's workloads
+/// use, not only for those that change from now on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewReplica {
+    pub uid: String,
+    pub namespace: String,
+    /// Its mirror's name (the pod's `app.kubernetes.io/instance`).
+    pub mirror: String,
+    pub url: String,
+}
+
+/// Warms a new replica: asks it to prefetch every image its mirror's workloads use
+/// (as `seen`, their namespaces labelled as `labels` says) and tells it they are in use.
+/// The images asked for, or `None` while that cannot be known yet (its mirror not yet
+/// reconciled, no admin token Secret yet): ask again later. A replica of a mirror that
+/// is gone or does not prefetch is done, with nothing asked.
+pub async fn warm(
+    ctx: &Arc<Context>,
+    seen: &Seen,
+    labels: &HashMap<String, BTreeMap<String, String>>,
+    replica: &NewReplica,
+) -> Result<Option<Vec<String>>, Error> {
+    let Some(mirror) = ctx.store.state().into_iter().find(|m| {
+        m.namespace().as_deref() == Some(replica.namespace.as_str())
+            && m.name_any() == replica.mirror
+    }) else {
+        return Ok(Some(Vec::new()));
+    };
+    if mirror.spec.cache.prefetch_from_workloads.is_none() {
+        return Ok(Some(Vec::new()));
+    }
+    if mirror
+        .status
+        .as_ref()
+        .is_none_or(|s| s.served_registries.is_empty())
+    {
+        return Ok(None);
+    }
+    let Some(token) = admin_token(ctx, &mirror).await? else {
+        return Ok(None);
+    };
+    let images: Vec<String> = seen
+        .in_use(std::slice::from_ref(&mirror), labels)
+        .into_values()
+        .flat_map(|(_, set)| set)
+        .collect();
+    if !images.is_empty() {
+        let platforms = platforms(&ctx.nodes().await?);
+        if !ask(ctx, &mirror, &replica.url, &token, &images, &platforms).await {
+            return Err(Error::Replica(format!(
+                "{} did not take the prefetch of its mirror's images",
+                replica.url
+            )));
+        }
+    }
+    crate::proxy::admin::set_in_use(&replica.url, &images, &token)
+        .await
+        .map_err(|e| Error::Replica(format!("{}: {e}", replica.url)))?;
+    Ok(Some(images))
 }
 
 /// Tells every ready replica of each prefetching mirror which images its workloads use
@@ -415,7 +506,12 @@ async fn follow(
                 action: "Prefetch".into(),
                 secondary: None,
             };
-            super::reconcile::record(&ctx, &mirror.object_ref(&()), &event).await;
+            // An Event of its own per image: the shared recorder folds Events of one
+            // reason on one object into a series that keeps the first one's note.
+            let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+            if let Err(e) = recorder.publish(&event, &mirror.object_ref(&())).await {
+                tracing::warn!(error = %e, "could not publish an event");
+            }
         }
         write_count(&ctx, &mirror).await;
     }
@@ -447,9 +543,102 @@ async fn write_count(ctx: &Context, mirror: &RegistryMirror) {
     }
 }
 
+/// What the watches report: a workload (present or deleted), or a proxy pod.
+enum Change {
+    Workload(Workload, bool),
+    /// A proxy pod seen: its uid and, while it is ready, where to reach it; `listed`
+    /// when it came from a (re)list rather than as a change.
+    Pod {
+        uid: String,
+        ready: Option<NewReplica>,
+        listed: bool,
+    },
+    PodGone(String),
+    /// A (re)list of the proxy pods is complete.
+    PodsListed,
+}
+
+/// The replicas to warm: those that became ready since the controller first listed the
+/// proxy pods (those it listed then had every workload's images asked for at the
+/// start), each once.
+#[derive(Default)]
+struct Replicas {
+    listed_once: bool,
+    known: std::collections::HashSet<String>,
+    pending: BTreeMap<String, NewReplica>,
+}
+
+impl Replicas {
+    fn saw(&mut self, change: Change) {
+        match change {
+            Change::Pod { uid, ready, listed } => {
+                if self.known.contains(&uid) {
+                    return;
+                }
+                let Some(replica) = ready else {
+                    return;
+                };
+                if listed && !self.listed_once {
+                    self.known.insert(uid);
+                } else {
+                    self.pending.insert(uid, replica);
+                }
+            }
+            Change::PodGone(uid) => {
+                self.known.remove(&uid);
+                self.pending.remove(&uid);
+            }
+            Change::PodsListed => self.listed_once = true,
+            Change::Workload(..) => {}
+        }
+    }
+
+    /// Warms the pending replicas that can be warmed now.
+    async fn warm(
+        &mut self,
+        ctx: &Arc<Context>,
+        seen: &Seen,
+        labels: &mut HashMap<String, BTreeMap<String, String>>,
+    ) {
+        if self.pending.is_empty() {
+            return;
+        }
+        for ns in seen.namespaces() {
+            if let std::collections::hash_map::Entry::Vacant(e) = labels.entry(ns) {
+                let l = namespace_labels(ctx, e.key()).await;
+                e.insert(l);
+            }
+        }
+        let pending = std::mem::take(&mut self.pending);
+        for (uid, replica) in pending {
+            match warm(ctx, seen, labels, &replica).await {
+                Ok(Some(images)) => {
+                    tracing::info!(replica = %replica.url, mirror = %replica.mirror,
+                        images = images.len(), "warmed a new replica");
+                    self.known.insert(uid);
+                }
+                Ok(None) => {
+                    self.pending.insert(uid, replica);
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %replica.url, error = %e,
+                        "cannot warm a new replica yet");
+                    self.pending.insert(uid, replica);
+                }
+            }
+        }
+    }
+}
+
+/// How often replicas waiting to be warmed are tried again.
+const WARM_RETRY: Duration = Duration::from_secs(5);
+
 /// Watches every workload kind in the cluster, asking for prefetches as image sets
-/// change, until the stream ends. Only while this replica leads.
-pub async fn run(ctx: Arc<Context>) {
+/// change, and the mirrors' proxy pods, warming each new replica with every image in
+/// use, until the streams end. Acts only while this replica leads; when it leads again
+/// (`regained`), it asks for every workload's images, as at the start, since changes
+/// while it stood by were not asked for.
+pub async fn run(ctx: Arc<Context>, mut regained: tokio::sync::watch::Receiver<()>) {
     let client = ctx.client.clone();
     let events = futures::stream::select_all([
         watch(Api::<Deployment>::all(client.clone()), |d| {
@@ -464,7 +653,7 @@ pub async fn run(ctx: Arc<Context>) {
         watch(Api::<Job>::all(client.clone()), |j| {
             workload(j, j.spec.as_ref().and_then(|s| s.template.spec.as_ref()))
         }),
-        watch(Api::<CronJob>::all(client), |c| {
+        watch(Api::<CronJob>::all(client.clone()), |c| {
             workload(
                 c,
                 c.spec
@@ -473,14 +662,17 @@ pub async fn run(ctx: Arc<Context>) {
                     .and_then(|s| s.template.spec.as_ref()),
             )
         }),
+        proxy_pods(ctx.clone(), Api::<Pod>::all(client)),
     ]);
     let mut seen = Seen::default();
     let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
     let mut sent: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut replicas = Replicas::default();
     let mut resync =
         tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_IN_USE, RESYNC_IN_USE);
     futures::pin_mut!(events);
     loop {
+        let waiting = !replicas.pending.is_empty();
         let event = tokio::select! {
             e = events.next() => e,
             _ = resync.tick() => {
@@ -493,9 +685,37 @@ pub async fn run(ctx: Arc<Context>) {
                 }
                 continue;
             }
+            Ok(()) = regained.changed() => {
+                tracing::info!(workloads = seen.all().len(), "leading again: prefetching every workload's images");
+                for (ns, images) in seen.all() {
+                    if let std::collections::hash_map::Entry::Vacant(e) = labels.entry(ns.clone()) {
+                        let l = namespace_labels(&ctx, e.key()).await;
+                        e.insert(l);
+                    }
+                    if let Err(e) = prefetch_for(&ctx, &labels[&ns], &images).await {
+                        tracing::warn!(namespace = %ns, error = %e, "cannot ask for a prefetch");
+                    }
+                }
+                publish_in_use(&ctx, &seen, &labels, &mut sent, true).await;
+                continue;
+            }
+            _ = tokio::time::sleep(WARM_RETRY), if waiting => {
+                if ctx.leading() {
+                    replicas.warm(&ctx, &seen, &mut labels).await;
+                }
+                continue;
+            }
         };
-        let Some((w, present)) = event else {
-            return;
+        let (w, present) = match event {
+            None => return,
+            Some(Change::Workload(w, present)) => (w, present),
+            Some(pod) => {
+                replicas.saw(pod);
+                if ctx.leading() {
+                    replicas.warm(&ctx, &seen, &mut labels).await;
+                }
+                continue;
+            }
         };
         let changed = if present {
             seen.changed(&w)
@@ -528,7 +748,7 @@ pub async fn run(ctx: Arc<Context>) {
 const RESYNC_IN_USE: Duration = Duration::from_secs(300);
 
 /// One kind's workloads as (workload, present) events, retried with backoff.
-fn watch<K, F>(api: Api<K>, extract: F) -> futures::stream::BoxStream<'static, (Workload, bool)>
+fn watch<K, F>(api: Api<K>, extract: F) -> futures::stream::BoxStream<'static, Change>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -543,12 +763,48 @@ where
         .filter_map(move |e| {
             let out = match e {
                 Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                    Some((extract(&o), true))
+                    Some(Change::Workload(extract(&o), true))
                 }
-                Ok(watcher::Event::Delete(o)) => Some((extract(&o), false)),
+                Ok(watcher::Event::Delete(o)) => Some(Change::Workload(extract(&o), false)),
                 Ok(_) => None,
                 Err(e) => {
                     tracing::debug!(error = %e, "workload watch");
+                    None
+                }
+            };
+            futures::future::ready(out)
+        })
+        .boxed()
+}
+
+/// The mirrors' proxy pods (every mirror's, by their common labels) as changes,
+/// retried with backoff.
+fn proxy_pods(ctx: Arc<Context>, api: Api<Pod>) -> futures::stream::BoxStream<'static, Change> {
+    let seen = move |p: &Pod, listed: bool| Change::Pod {
+        uid: p.uid().unwrap_or_default(),
+        ready: replica_url(&ctx, p).map(|url| NewReplica {
+            uid: p.uid().unwrap_or_default(),
+            namespace: p.namespace().unwrap_or_default(),
+            mirror: p
+                .labels()
+                .get("app.kubernetes.io/instance")
+                .cloned()
+                .unwrap_or_default(),
+            url,
+        }),
+        listed,
+    };
+    watcher::watcher(api, watcher::Config::default().labels(PROXY_PODS))
+        .default_backoff()
+        .filter_map(move |e| {
+            let out = match e {
+                Ok(watcher::Event::InitApply(p)) => Some(seen(&p, true)),
+                Ok(watcher::Event::Apply(p)) => Some(seen(&p, false)),
+                Ok(watcher::Event::Delete(p)) => Some(Change::PodGone(p.uid().unwrap_or_default())),
+                Ok(watcher::Event::InitDone) => Some(Change::PodsListed),
+                Ok(watcher::Event::Init) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "proxy pod watch");
                     None
                 }
             };
@@ -625,5 +881,43 @@ mod tests {
         assert_eq!(seen.namespaces().len(), 1);
         seen.gone("Deployment/default/app");
         assert!(seen.changed(&w(&["alpine:3.21", "busybox"])).is_some());
+    }
+
+    #[test]
+    fn replicas_listed_at_the_start_are_not_warmed_and_later_ones_are_once() {
+        let ready = |uid: &str| NewReplica {
+            uid: uid.into(),
+            namespace: "ns".into(),
+            mirror: "m".into(),
+            url: format!("http://{uid}:9095"),
+        };
+        let pod = |uid: &str, is_ready: bool, listed: bool| Change::Pod {
+            uid: uid.into(),
+            ready: is_ready.then(|| ready(uid)),
+            listed,
+        };
+        let mut r = Replicas::default();
+        // The first list: ready pods had every workload asked for at the start.
+        r.saw(pod("a", true, true));
+        r.saw(pod("b", false, true));
+        r.saw(Change::PodsListed);
+        assert!(r.pending.is_empty());
+        // b becomes ready, c is new: both are warmed; a changing again is not.
+        r.saw(pod("b", true, false));
+        r.saw(pod("c", false, false));
+        r.saw(pod("c", true, false));
+        r.saw(pod("a", true, false));
+        assert_eq!(r.pending.keys().collect::<Vec<_>>(), ["b", "c"]);
+        // Once warmed, a replica is not warmed again, also not after a re-list.
+        r.known.insert("b".into());
+        r.pending.remove("b");
+        r.saw(pod("b", true, true));
+        // A pod that appears in a re-list (after a watch outage) is.
+        r.saw(pod("d", true, true));
+        // Gone: forgotten.
+        r.saw(Change::PodGone("c".into()));
+        assert_eq!(r.pending.keys().collect::<Vec<_>>(), ["d"]);
+        r.saw(Change::PodGone("b".into()));
+        assert!(!r.known.contains("b"));
     }
 }
