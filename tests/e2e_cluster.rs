@@ -1030,14 +1030,21 @@ async fn with_a_node_a_workload_s_images_are_in_its_mirror_s_replica_before_a_po
             }
         })
     };
-    deployments
-        .patch(
-            "app",
-            &PatchParams::apply("pullthrough-e2e").force(),
-            &Patch::Apply(&app("1")),
-        )
-        .await
-        .unwrap();
+    let roll_to = async |tag: &str| {
+        deployments
+            .patch(
+                "app",
+                &PatchParams::apply("pullthrough-e2e").force(),
+                &Patch::Apply(&app(tag)),
+            )
+            .await
+            .unwrap();
+    };
+    let prefetched = async |tag: &str| {
+        let note = format!("Prefetched image {a}/team/app:{tag} in ");
+        event_on(&env, "warm", &note, 120).await;
+    };
+    roll_to("1").await;
     env.create(
         "warm",
         &format!(
@@ -1053,30 +1060,11 @@ async fn with_a_node_a_workload_s_images_are_in_its_mirror_s_replica_before_a_po
     .await;
     // Its replica, new since the Deployment changed, is warmed with what the mirror's
     // workloads use: app:1's blobs come from the upstream once, with no client asking.
-    event_on(
-        &env,
-        "warm",
-        &format!("Prefetched image {a}/team/app:1 in "),
-        120,
-    )
-    .await;
+    prefetched("1").await;
     blob_gets(&v1, 1);
     // A rollout to app:2: prefetched as the Deployment changes.
-    deployments
-        .patch(
-            "app",
-            &PatchParams::apply("pullthrough-e2e").force(),
-            &Patch::Apply(&app("2")),
-        )
-        .await
-        .unwrap();
-    event_on(
-        &env,
-        "warm",
-        &format!("Prefetched image {a}/team/app:2 in "),
-        120,
-    )
-    .await;
+    roll_to("2").await;
+    prefetched("2").await;
     blob_gets(&v2, 1);
     env.status_where("warm", 60, "two prefetched images", |m| {
         m.status.as_ref().and_then(|s| s.prefetched_images) == Some(2)
@@ -1096,57 +1084,33 @@ async fn with_a_node_a_workload_s_images_are_in_its_mirror_s_replica_before_a_po
     let v3 = Image::generate(223, &[20_000], "amd64");
     push_image(&up.url, "team/app", "3", &v3).await;
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
-    let hold = |holder: Option<&str>, secs: i32| {
+    // The Lease held by `holder` for `secs`, and this controller leading (1) or not (0).
+    let lease_to = async |holder: Option<&str>, secs: i32, leading: f64| {
         let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
-        serde_json::json!({"spec": {"holderIdentity": holder, "leaseDurationSeconds": secs, "renewTime": now}})
+        let spec = serde_json::json!({"spec": {"holderIdentity": holder, "leaseDurationSeconds": secs, "renewTime": now}});
+        leases
+            .patch(
+                "pullthrough-controller",
+                &PatchParams::default(),
+                &Patch::Merge(&spec),
+            )
+            .await
+            .unwrap();
+        eventually(
+            60,
+            &format!("pullthrough_controller_leader {leading}"),
+            || async {
+                let metrics = scrape(&env.metrics_url).await;
+                (metric_value(&metrics, "pullthrough_controller_leader", &[]) == leading)
+                    .then_some(())
+            },
+        )
+        .await;
     };
-    let leader = || async {
-        metric_value(
-            &scrape(&env.metrics_url).await,
-            "pullthrough_controller_leader",
-            &[],
-        )
-    };
-    assert_eq!(leader().await, 1.0);
-    leases
-        .patch(
-            "pullthrough-controller",
-            &PatchParams::default(),
-            &Patch::Merge(&hold(Some("e2e-other"), 3600)),
-        )
-        .await
-        .unwrap();
-    eventually(60, "the controller to stand by", || async {
-        (leader().await == 0.0).then_some(())
-    })
-    .await;
-    deployments
-        .patch(
-            "app",
-            &PatchParams::apply("pullthrough-e2e").force(),
-            &Patch::Apply(&app("3")),
-        )
-        .await
-        .unwrap();
-    leases
-        .patch(
-            "pullthrough-controller",
-            &PatchParams::default(),
-            &Patch::Merge(&hold(None, 1)),
-        )
-        .await
-        .unwrap();
-    eventually(60, "the controller to lead again", || async {
-        (leader().await == 1.0).then_some(())
-    })
-    .await;
-    event_on(
-        &env,
-        "warm",
-        &format!("Prefetched image {a}/team/app:3 in "),
-        120,
-    )
-    .await;
+    lease_to(Some("e2e-other"), 3600, 0.0).await;
+    roll_to("3").await;
+    lease_to(None, 1, 1.0).await;
+    prefetched("3").await;
     blob_gets(&v3, 1);
 }
 
