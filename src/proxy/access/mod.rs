@@ -68,11 +68,9 @@ pub struct Access {
     config: AccessConfig,
     metrics: Metrics,
     /// Whether a repository is public.
-    visibility: Arc<Mutex<HashMap<RepoKey, Known>>>,
-    probes: SingleFlight<RepoKey, Result<bool, ProxyError>>,
+    visibility: Answers<RepoKey>,
     /// Whether credentials may pull a repository, by keyed hash.
-    decisions: Arc<Mutex<HashMap<[u8; 32], Known>>>,
-    checks: SingleFlight<[u8; 32], Result<(bool, Instant), ProxyError>>,
+    decisions: Answers<[u8; 32]>,
     /// Failed checks by keyed hash of upstream and user name.
     failures: Arc<Mutex<HashMap<[u8; 32], Failures>>>,
 }
@@ -88,14 +86,72 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn fresh<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, Known>>, key: &K) -> Option<Known> {
-    let map = map.lock().expect("access lock");
-    map.get(key)
-        .filter(|k| k.until > Instant::now())
-        .map(|k| Known {
-            value: k.value,
-            until: k.until,
-        })
+/// Yes-or-no questions put to the upstream, by key: each answer remembered until its
+/// time is up, and each question asked once at a time, the answer remembered by the
+/// asking itself before it leaves the flight (a request that comes after finds it and
+/// asks no second time).
+struct Answers<K> {
+    known: Arc<Mutex<HashMap<K, Known>>>,
+    flights: SingleFlight<K, Result<(bool, Instant), ProxyError>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Answers<K> {
+    fn new(metrics: &Metrics) -> Answers<K> {
+        Answers {
+            known: Arc::default(),
+            flights: SingleFlight::new(metrics.fetch_waiters.clone()),
+        }
+    }
+
+    /// The answer for `key` while its time is not up.
+    fn fresh(&self, key: &K) -> Option<Known> {
+        let map = self.known.lock().expect("access lock");
+        map.get(key)
+            .filter(|k| k.until > Instant::now())
+            .map(|k| Known {
+                value: k.value,
+                until: k.until,
+            })
+    }
+
+    /// The last answer for `key`, however old: what is used when the upstream cannot
+    /// answer again.
+    fn last(&self, key: &K) -> Option<bool> {
+        self.known
+            .lock()
+            .expect("access lock")
+            .get(key)
+            .map(|k| k.value)
+    }
+
+    /// Remembers `value` for `key` for `ttl`; until when.
+    fn remember(&self, key: K, value: bool, ttl: Duration) -> Instant {
+        remember(&self.known, key, value, ttl)
+    }
+
+    /// Asks the upstream whether `secret` (none: anonymous) may pull `repository` (see
+    /// [`ask`]), unless the same question is being asked now; the answer is passed to
+    /// `then` and remembered for `ttl(answer)`. The answer and until when it holds.
+    async fn ask(
+        &self,
+        key: K,
+        question: Question,
+        ttl: impl FnOnce(bool) -> Duration + Send + 'static,
+        then: impl FnOnce(bool) + Send + 'static,
+    ) -> Result<(bool, Instant), ProxyError> {
+        let known = self.known.clone();
+        let remembered = key.clone();
+        let asking = async move {
+            let answer = question.ask().await?;
+            then(answer);
+            Ok((answer, remember(&known, remembered, answer, ttl(answer))))
+        };
+        let (result, _) = self
+            .flights
+            .run(key, asking, |e| Err(ProxyError::internal(e)))
+            .await;
+        result
+    }
 }
 
 fn remember<K: std::hash::Hash + Eq>(
@@ -114,23 +170,15 @@ fn remember<K: std::hash::Hash + Eq>(
     until
 }
 
-/// The last answer to a question, however old: what is used when the upstream cannot
-/// answer it again.
-fn last<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, Known>>, key: &K) -> Option<bool> {
-    map.lock().expect("access lock").get(key).map(|k| k.value)
-}
-
 impl Access {
     /// Decisions signed and keyed with `key`.
     pub fn new(key: Vec<u8>, config: AccessConfig, metrics: Metrics) -> Access {
         Access {
             key,
             config,
-            probes: SingleFlight::new(metrics.fetch_waiters.clone()),
-            checks: SingleFlight::new(metrics.fetch_waiters.clone()),
+            visibility: Answers::new(&metrics),
+            decisions: Answers::new(&metrics),
             metrics,
-            visibility: Arc::default(),
-            decisions: Arc::default(),
             failures: Arc::default(),
         }
     }
@@ -166,32 +214,19 @@ impl Access {
             upstream: up.name().to_string(),
             repository: repository.to_string(),
         };
-        if let Some(k) = fresh(&self.visibility, &key) {
+        if let Some(k) = self.visibility.fresh(&key) {
             return k.value;
         }
-        // The answer is remembered by the probe itself, before it leaves the flight: a
-        // request that comes after finds it, and never starts a second probe.
-        let probe = {
-            let (up, repository, metrics) =
-                (up.clone(), repository.to_string(), self.metrics.clone());
-            let (visibility, key, ttl) =
-                (self.visibility.clone(), key.clone(), self.config.public_ttl);
-            async move {
-                let result = ask(&up, &metrics, &repository, None, ("public", "private")).await;
-                if let Ok(public) = result {
-                    remember(&visibility, key, public, ttl);
-                }
-                result
-            }
-        };
-        let (result, _) = self
-            .probes
-            .run(key.clone(), probe, |e| Err(ProxyError::internal(e)))
-            .await;
-        match result {
-            Ok(public) => public,
+        let question = self.question(up, repository, None, ("public", "private"));
+        let ttl = self.config.public_ttl;
+        match self
+            .visibility
+            .ask(key.clone(), question, move |_| ttl, |_| {})
+            .await
+        {
+            Ok((public, _)) => public,
             Err(e) => {
-                let known = last(&self.visibility, &key);
+                let known = self.visibility.last(&key);
                 tracing::warn!(upstream = up.name(), repo = repository, error = %e, last = ?known,
                     "cannot ask the upstream whether a repository is public; keeping the last answer (none: private)");
                 known.unwrap_or(false)
@@ -274,52 +309,56 @@ impl Access {
                 pass,
             ],
         );
-        if let Some(k) = fresh(&self.decisions, &key) {
+        if let Some(k) = self.decisions.fresh(&key) {
             return Ok(k.value.then_some(k.until));
         }
         let who = token::hmac(&self.key, &[b"user\0", kind, b"\0", name, b"\0", user]);
         if self.failing(&who) {
             return Err(ProxyError::TooManyAttempts);
         }
-        // Remembered (and a failure counted) by the check itself, before it leaves the
-        // flight: a request that comes after finds the answer and starts no second check.
-        let check = {
-            let (up, repository, metrics) =
-                (up.clone(), repository.to_string(), self.metrics.clone());
-            let (secret, config) = (secret.clone(), self.config.clone());
-            let (decisions, failures) = (self.decisions.clone(), self.failures.clone());
-            async move {
-                let labels = ("allowed", "denied");
-                let allowed = ask(&up, &metrics, &repository, Some(secret), labels).await?;
-                if !allowed {
-                    failed(&failures, who, config.denied_ttl);
-                }
-                let ttl = if allowed {
-                    config.allowed_ttl
-                } else {
-                    config.denied_ttl
-                };
-                Ok((allowed, remember(&decisions, key, allowed, ttl)))
+        // A denial counts as a failure of the user name's, before the answer leaves the
+        // flight.
+        let question = self.question(up, repository, Some(secret.clone()), ("allowed", "denied"));
+        let (allowed_ttl, denied_ttl) = (self.config.allowed_ttl, self.config.denied_ttl);
+        let failures = self.failures.clone();
+        let ttl = move |allowed: bool| if allowed { allowed_ttl } else { denied_ttl };
+        let count = move |allowed: bool| {
+            if !allowed {
+                failed(&failures, who, denied_ttl);
             }
         };
-        let (result, _) = self
-            .checks
-            .run(key, check, |e| Err(ProxyError::internal(e)))
-            .await;
-        match result {
+        match self.decisions.ask(key, question, ttl, count).await {
             Ok((allowed, until)) => Ok(allowed.then_some(until)),
             // The upstream cannot say: its last answer stands for one more `deniedTTL`
             // (an outage must not lock out who was allowed a moment ago); with none, the
             // client is told the upstream failed.
-            Err(e) => match last(&self.decisions, &key) {
+            Err(e) => match self.decisions.last(&key) {
                 Some(value) => {
                     tracing::warn!(upstream = up.name(), repo = repository, error = %e,
                         "cannot check credentials with the upstream; keeping its last answer");
-                    let until = remember(&self.decisions, key, value, self.config.denied_ttl);
+                    let until = self.decisions.remember(key, value, denied_ttl);
                     Ok(value.then_some(until))
                 }
                 None => Err(e),
             },
+        }
+    }
+
+    /// The question whether `secret` (none: anonymous) may pull `repository` of `up`,
+    /// its answers counted as `labels` (yes, no).
+    fn question(
+        &self,
+        up: &Arc<Upstream>,
+        repository: &str,
+        secret: Option<Secret>,
+        labels: (&'static str, &'static str),
+    ) -> Question {
+        Question {
+            up: up.clone(),
+            metrics: self.metrics.clone(),
+            repository: repository.to_string(),
+            secret,
+            labels,
         }
     }
 
@@ -332,27 +371,34 @@ impl Access {
     }
 }
 
-/// Asks the upstream whether `secret` (none: anonymous) may pull `repository`, counting
-/// its answer in `pullthrough_access_decisions_total` as `labels` (yes, no), or `error`.
-async fn ask(
-    up: &Upstream,
-    metrics: &Metrics,
-    repository: &str,
+/// Whether `secret` (none: anonymous) may pull `repository` of `up`: a question for the
+/// upstream, its answer counted in `pullthrough_access_decisions_total` as `labels`
+/// (yes, no), or `error`.
+struct Question {
+    up: Arc<Upstream>,
+    metrics: Metrics,
+    repository: String,
     secret: Option<Secret>,
-    labels: (&str, &str),
-) -> Result<bool, ProxyError> {
-    let started = Instant::now();
-    let result = up
-        .entitled(repository, secret)
-        .await
-        .map_err(ProxyError::from);
-    let label = match &result {
-        Ok(true) => labels.0,
-        Ok(false) => labels.1,
-        Err(_) => "error",
-    };
-    metrics.access_decision(up.name(), label, started.elapsed().as_secs_f64());
-    result
+    labels: (&'static str, &'static str),
+}
+
+impl Question {
+    async fn ask(self) -> Result<bool, ProxyError> {
+        let started = Instant::now();
+        let result = self
+            .up
+            .entitled(&self.repository, self.secret)
+            .await
+            .map_err(ProxyError::from);
+        let label = match &result {
+            Ok(true) => self.labels.0,
+            Ok(false) => self.labels.1,
+            Err(_) => "error",
+        };
+        self.metrics
+            .access_decision(self.up.name(), label, started.elapsed().as_secs_f64());
+        result
+    }
 }
 
 /// Counts a failed check of the user name hashed to `who`, in windows of `window`.
