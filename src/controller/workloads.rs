@@ -566,6 +566,8 @@ struct Replicas {
     listed_once: bool,
     known: std::collections::HashSet<String>,
     pending: BTreeMap<String, NewReplica>,
+    /// How often each pending replica refused.
+    refused: HashMap<String, u32>,
 }
 
 impl Replicas {
@@ -587,6 +589,7 @@ impl Replicas {
             Change::PodGone(uid) => {
                 self.known.remove(&uid);
                 self.pending.remove(&uid);
+                self.refused.remove(&uid);
             }
             Change::PodsListed => self.listed_once = true,
             Change::Workload(..) => {}
@@ -603,35 +606,56 @@ impl Replicas {
         if self.pending.is_empty() {
             return;
         }
-        for ns in seen.namespaces() {
-            if let std::collections::hash_map::Entry::Vacant(e) = labels.entry(ns) {
-                let l = namespace_labels(ctx, e.key()).await;
-                e.insert(l);
-            }
-        }
+        fill_labels(ctx, seen, labels).await;
         let pending = std::mem::take(&mut self.pending);
         for (uid, replica) in pending {
             match warm(ctx, seen, labels, &replica).await {
                 Ok(Some(images)) => {
                     tracing::info!(replica = %replica.url, mirror = %replica.mirror,
                         images = images.len(), "warmed a new replica");
+                    self.refused.remove(&uid);
                     self.known.insert(uid);
                 }
                 Ok(None) => {
                     self.pending.insert(uid, replica);
                 }
                 Err(e) => {
-                    tracing::warn!(replica = %replica.url, error = %e,
-                        "cannot warm a new replica yet");
-                    self.pending.insert(uid, replica);
+                    let tries = self.refused.entry(uid.clone()).or_default();
+                    *tries += 1;
+                    if *tries < WARM_TRIES {
+                        tracing::warn!(replica = %replica.url, error = %e,
+                            "cannot warm a new replica yet");
+                        self.pending.insert(uid, replica);
+                    } else {
+                        tracing::warn!(replica = %replica.url, error = %e, tries = *tries,
+                            "gave up warming a new replica: it gets new images as they change, and the images in use at the next resync");
+                        self.refused.remove(&uid);
+                        self.known.insert(uid);
+                    }
                 }
             }
         }
     }
 }
 
-/// How often replicas waiting to be warmed are tried again.
+/// How often replicas waiting to be warmed are tried again, and how many times one
+/// that refuses is (5 minutes).
 const WARM_RETRY: Duration = Duration::from_secs(5);
+const WARM_TRIES: u32 = 60;
+
+/// Reads the labels of the namespaces of `seen` that `labels` lacks.
+async fn fill_labels(
+    ctx: &Context,
+    seen: &Seen,
+    labels: &mut HashMap<String, BTreeMap<String, String>>,
+) {
+    for ns in seen.namespaces() {
+        if let std::collections::hash_map::Entry::Vacant(e) = labels.entry(ns) {
+            let l = namespace_labels(ctx, e.key()).await;
+            e.insert(l);
+        }
+    }
+}
 
 /// Watches every workload kind in the cluster, asking for prefetches as image sets
 /// change, and the mirrors' proxy pods, warming each new replica with every image in
@@ -687,11 +711,13 @@ pub async fn run(ctx: Arc<Context>, mut regained: tokio::sync::watch::Receiver<(
             }
             Ok(()) = regained.changed() => {
                 tracing::info!(workloads = seen.all().len(), "leading again: prefetching every workload's images");
+                fill_labels(&ctx, &seen, &mut labels).await;
+                // One request per namespace, for its workloads' images together.
+                let mut by_namespace: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
                 for (ns, images) in seen.all() {
-                    if let std::collections::hash_map::Entry::Vacant(e) = labels.entry(ns.clone()) {
-                        let l = namespace_labels(&ctx, e.key()).await;
-                        e.insert(l);
-                    }
+                    by_namespace.entry(ns).or_default().extend(images);
+                }
+                for (ns, images) in by_namespace {
                     if let Err(e) = prefetch_for(&ctx, &labels[&ns], &images).await {
                         tracing::warn!(namespace = %ns, error = %e, "cannot ask for a prefetch");
                     }
