@@ -1064,7 +1064,6 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     cfg.admin_token_file = Some(dir.path().join("token"));
     let p2 = Proxy::start_config(cfg).await;
     let replica = |mirror: &str| workloads::NewReplica {
-        uid: "uid-2".into(),
         namespace: NS.into(),
         mirror: mirror.into(),
         url: p2.metrics_url.clone(),

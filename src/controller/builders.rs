@@ -159,19 +159,50 @@ pub fn evictor_role_binding(mirror: &RegistryMirror) -> RoleBinding {
     }
 }
 
-/// Labels selecting a mirror's proxy pods.
-pub fn selector_labels(mirror: &RegistryMirror) -> BTreeMap<String, String> {
+/// The label naming the mirror whose proxy pod a pod is.
+pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+
+/// Labels every mirror's proxy pods carry.
+fn proxy_labels() -> BTreeMap<String, String> {
     BTreeMap::from([
         (
             "app.kubernetes.io/name".to_string(),
             "pullthrough".to_string(),
         ),
-        ("app.kubernetes.io/instance".to_string(), mirror.name_any()),
         (
             "app.kubernetes.io/component".to_string(),
             "proxy".to_string(),
         ),
     ])
+}
+
+/// Labels selecting a mirror's proxy pods.
+pub fn selector_labels(mirror: &RegistryMirror) -> BTreeMap<String, String> {
+    let mut l = proxy_labels();
+    l.insert(INSTANCE_LABEL.to_string(), mirror.name_any());
+    l
+}
+
+/// A label selector (`k=v,k=v`) for `labels`.
+pub fn selector(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The label selector of every mirror's proxy pods.
+pub fn proxy_pods_selector() -> String {
+    selector(&proxy_labels())
+}
+
+/// `scheme://ip:port`, the IP in brackets when it is IPv6.
+pub fn url(scheme: &str, ip: &str, port: u16) -> String {
+    match ip.contains(':') {
+        true => format!("{scheme}://[{ip}]:{port}"),
+        false => format!("{scheme}://{ip}:{port}"),
+    }
 }
 
 /// Labels on every child.
@@ -662,11 +693,7 @@ pub fn endpoint(service: &Service, https: bool) -> Option<String> {
         return None;
     }
     let scheme = if https { "https" } else { "http" };
-    if ip.contains(':') {
-        Some(format!("{scheme}://[{ip}]:{PROXY_PORT}"))
-    } else {
-        Some(format!("{scheme}://{ip}:{PROXY_PORT}"))
-    }
+    Some(url(scheme, ip, PROXY_PORT))
 }
 
 /// The Secret that holds the admin token of a mirror's proxies, with which the

@@ -199,10 +199,6 @@ impl Seen {
     }
 }
 
-/// The labels every mirror's proxy pods carry (with the mirror's name as
-/// `app.kubernetes.io/instance`).
-const PROXY_PODS: &str = "app.kubernetes.io/name=pullthrough,app.kubernetes.io/component=proxy";
-
 /// A ready replica's operations port (`http://10.1.2.3:9095`), from its pod; `None`
 /// while the pod is not Ready or has no IP.
 fn replica_url(ctx: &Context, pod: &Pod) -> Option<String> {
@@ -216,20 +212,13 @@ fn replica_url(ctx: &Context, pod: &Pod) -> Option<String> {
         .pod_ip
         .as_deref()
         .filter(|ip| ready && !ip.is_empty())?;
-    Some(match ip.contains(':') {
-        true => format!("http://[{ip}]:{}", ctx.ops_port),
-        false => format!("http://{ip}:{}", ctx.ops_port),
-    })
+    Some(builders::url("http", ip, ctx.ops_port))
 }
 
 /// The addresses of the operations ports of a mirror's ready replicas.
 async fn replicas(ctx: &Context, mirror: &RegistryMirror) -> Result<Vec<String>, Error> {
     let ns = mirror.namespace().ok_or(Error::NoNamespace)?;
-    let selector = builders::selector_labels(mirror)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let selector = builders::selector(&builders::selector_labels(mirror));
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let list = pods
         .list(&ListParams::default().labels(&selector))
@@ -354,9 +343,8 @@ async fn ask(
 /// use, not only for those that change from now on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewReplica {
-    pub uid: String,
     pub namespace: String,
-    /// Its mirror's name (the pod's `app.kubernetes.io/instance`).
+    /// Its mirror's name (the pod's [`builders::INSTANCE_LABEL`]).
     pub mirror: String,
     pub url: String,
 }
@@ -372,10 +360,8 @@ pub async fn warm(
     labels: &HashMap<String, BTreeMap<String, String>>,
     replica: &NewReplica,
 ) -> Result<Option<Vec<String>>, Error> {
-    let Some(mirror) = ctx.store.state().into_iter().find(|m| {
-        m.namespace().as_deref() == Some(replica.namespace.as_str())
-            && m.name_any() == replica.mirror
-    }) else {
+    let key = kube::runtime::reflector::ObjectRef::new(&replica.mirror).within(&replica.namespace);
+    let Some(mirror) = ctx.store.get(&key) else {
         return Ok(Some(Vec::new()));
     };
     if mirror.spec.cache.prefetch_from_workloads.is_none() {
@@ -809,34 +795,36 @@ fn proxy_pods(ctx: Arc<Context>, api: Api<Pod>) -> futures::stream::BoxStream<'s
     let seen = move |p: &Pod, listed: bool| Change::Pod {
         uid: p.uid().unwrap_or_default(),
         ready: replica_url(&ctx, p).map(|url| NewReplica {
-            uid: p.uid().unwrap_or_default(),
             namespace: p.namespace().unwrap_or_default(),
             mirror: p
                 .labels()
-                .get("app.kubernetes.io/instance")
+                .get(builders::INSTANCE_LABEL)
                 .cloned()
                 .unwrap_or_default(),
             url,
         }),
         listed,
     };
-    watcher::watcher(api, watcher::Config::default().labels(PROXY_PODS))
-        .default_backoff()
-        .filter_map(move |e| {
-            let out = match e {
-                Ok(watcher::Event::InitApply(p)) => Some(seen(&p, true)),
-                Ok(watcher::Event::Apply(p)) => Some(seen(&p, false)),
-                Ok(watcher::Event::Delete(p)) => Some(Change::PodGone(p.uid().unwrap_or_default())),
-                Ok(watcher::Event::InitDone) => Some(Change::PodsListed),
-                Ok(watcher::Event::Init) => None,
-                Err(e) => {
-                    tracing::debug!(error = %e, "proxy pod watch");
-                    None
-                }
-            };
-            futures::future::ready(out)
-        })
-        .boxed()
+    watcher::watcher(
+        api,
+        watcher::Config::default().labels(&builders::proxy_pods_selector()),
+    )
+    .default_backoff()
+    .filter_map(move |e| {
+        let out = match e {
+            Ok(watcher::Event::InitApply(p)) => Some(seen(&p, true)),
+            Ok(watcher::Event::Apply(p)) => Some(seen(&p, false)),
+            Ok(watcher::Event::Delete(p)) => Some(Change::PodGone(p.uid().unwrap_or_default())),
+            Ok(watcher::Event::InitDone) => Some(Change::PodsListed),
+            Ok(watcher::Event::Init) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "proxy pod watch");
+                None
+            }
+        };
+        futures::future::ready(out)
+    })
+    .boxed()
 }
 
 #[cfg(test)]
@@ -912,7 +900,6 @@ mod tests {
     #[test]
     fn replicas_listed_at_the_start_are_not_warmed_and_later_ones_are_once() {
         let ready = |uid: &str| NewReplica {
-            uid: uid.into(),
             namespace: "ns".into(),
             mirror: "m".into(),
             url: format!("http://{uid}:9095"),
