@@ -263,6 +263,17 @@ fn token_policy(user: Option<&str>, repository: &str, action: &str) -> bool {
     }
 }
 
+/// A client that pushes to `repo` of a registry `issuer` signs tokens for, as alice.
+fn pusher(issuer: &token_server::TokenServer, repo: &str) -> reqwest::Client {
+    let mut auth = reqwest::header::HeaderMap::new();
+    let bearer = format!("Bearer {}", issuer.mint("alice", repo, &["push", "pull"]));
+    auth.insert("authorization", bearer.parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(auth)
+        .build()
+        .unwrap()
+}
+
 /// An identity token of `user` from `issuer`, as `docker login` gets one (an offline
 /// password grant).
 async fn identity_token(issuer: &token_server::TokenServer, user: &str, password: &str) -> String {
@@ -315,14 +326,7 @@ async fn an_identity_token_is_checked_with_the_upstreams_token_server() {
         Image::generate(75, &[20_000], "amd64"),
     );
     for (repo, img) in [("team/app", &app), ("lib/open", &open)] {
-        let mut auth = reqwest::header::HeaderMap::new();
-        let bearer = format!("Bearer {}", issuer.mint("alice", repo, &["push", "pull"]));
-        auth.insert("authorization", bearer.parse().unwrap());
-        let c = reqwest::Client::builder()
-            .default_headers(auth)
-            .build()
-            .unwrap();
-        push_image_with(&c, &reg.url, repo, "1", img).await;
+        push_image_with(&pusher(&issuer, repo), &reg.url, repo, "1", img).await;
     }
     let mut c = config_for(&[(PRIVATE, &reg.url)]);
     c.upstreams[0].credentials = Some(cache_credentials());
@@ -361,6 +365,105 @@ async fn an_identity_token_is_checked_with_the_upstreams_token_server() {
     assert_eq!(pulled.top, open.manifest.digest);
     // The proxy filled the cache with its own credentials, never with the clients'.
     assert!(issuer.grants("GET cache") >= 1);
+}
+
+/// A manifest may name any digest: only the upstream's own answer under a repository
+/// links a digest there. A public repository's manifest that lists a cached private
+/// layer as a foreign layer (Distribution takes it with `validation.manifests.urls`)
+/// gets an anonymous client nothing of that layer; a layer two public repositories
+/// really share is served under the second after one HEAD there, not fetched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_manifest_that_names_a_private_layer_links_nothing() {
+    let issuer =
+        token_server::TokenServer::start(&[("cache", "stash"), ("alice", "wonder")], token_policy)
+            .await;
+    let foreign_urls = "validation:\n  manifests:\n    urls:\n      allow:\n        - ^https?://\n";
+    let reg = Registry::start_token_with(&issuer, foreign_urls).await;
+    let private = Image::generate(76, &[60_000], "amd64");
+    push_image_with(
+        &pusher(&issuer, "team/app"),
+        &reg.url,
+        "team/app",
+        "1",
+        &private,
+    )
+    .await;
+    let secret = &private.layers[0];
+    // lib/x: a config of its own, and the private layer named as a foreign layer.
+    let config = Blob::new(
+        "application/vnd.docker.container.image.v1+json",
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec(),
+    );
+    let poison = Blob::new(
+        "application/vnd.docker.distribution.manifest.v2+json",
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": config.descriptor(),
+            "layers": [{
+                "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                "digest": secret.digest,
+                "size": secret.bytes.len(),
+                "urls": ["https://layers.example/private"]
+            }]
+        }))
+        .unwrap(),
+    );
+    let x = pusher(&issuer, "lib/x");
+    push_blob_with(&x, &reg.url, "lib/x", &config).await;
+    push_manifest_with(&x, &reg.url, "lib/x", "1", &poison).await;
+    // Two public images that really share a layer.
+    let shared = Image::generate(77, &[40_000], "amd64");
+    let mut twin = Image::with_layers(78, vec![shared.layers[0].bytes.clone()], "amd64");
+    twin.layers[0] = shared.layers[0].clone();
+    for (repo, img) in [("lib/y", &shared), ("lib/z", &twin)] {
+        push_image_with(&pusher(&issuer, repo), &reg.url, repo, "1", img).await;
+    }
+
+    let mut c = config_for(&[(PRIVATE, &reg.url)]);
+    c.upstreams[0].credentials = Some(cache_credentials());
+    c.access.plain_http = true;
+    let p = Proxy::start_config(c).await;
+    // An entitled client caches the private image.
+    let t = token_of(&p, PRIVATE, "team/app", Some(("alice", "wonder"))).await;
+    pull_with(&p, "team/app", &private, &t).await;
+
+    // Anonymous: lib/x is public, its manifest is served...
+    let r = http()
+        .get(format!("{}/v2/lib/x/manifests/1?ns={PRIVATE}", p.url))
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), poison.digest);
+    // ...but not the private layer it names, by GET or HEAD.
+    let path = format!("lib/x/blobs/{}", secret.digest);
+    let r = get(&p, PRIVATE, &path, None).await;
+    assert_eq!(error_code(r).await, (404, "BLOB_UNKNOWN".to_string()));
+    let r = http()
+        .head(format!("{}/v2/{path}?ns={PRIVATE}", p.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let refused = p
+        .metric("pullthrough_link_proofs_total", &[("result", "refused")])
+        .await;
+    assert!(refused >= 1.0, "the layer was not proven under lib/x");
+
+    // A layer two repositories hold is proven under the second by a HEAD there.
+    for (repo, img) in [("lib/y", &shared), ("lib/z", &twin)] {
+        let pulled = pull(&p.url, repo, "1", Some(PRIVATE)).await.unwrap();
+        assert_eq!(pulled.top, img.manifest.digest);
+    }
+    p.settled().await;
+    reg.assert_gets(&format!("/blobs/{}", shared.layers[0].digest), 1);
+    let linked = p
+        .metric("pullthrough_link_proofs_total", &[("result", "linked")])
+        .await;
+    assert!(linked >= 1.0, "the shared layer was not proven under lib/z");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

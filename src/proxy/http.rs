@@ -8,8 +8,7 @@ use super::error::ProxyError;
 use super::metrics::{CacheResult, Kind};
 use super::peers::PEER_HEADER;
 use super::pull_through::{BlobAnswer, BlobAsk, ByteRange};
-use super::store::RepoKey;
-use super::upstream::{Object, Secret, Upstream};
+use super::upstream::{Secret, Upstream};
 use crate::api::Credentials;
 use crate::oci::error::error_body;
 use crate::oci::media::Accept;
@@ -287,10 +286,6 @@ async fn route(
         }
     }
     let links = proxy.links();
-    let linked = RepoKey {
-        upstream: up.name().to_string(),
-        repository: repo.clone(),
-    };
     match route {
         Route::Manifest(_, reference) => {
             outcome.reference = Some(reference.to_string());
@@ -300,20 +295,11 @@ async fn route(
                     .iter()
                     .filter_map(|v| v.to_str().ok()),
             );
-            let result = match &reference {
-                Reference::Digest(d) => {
-                    let fetch =
-                        |unlinked| cache.manifest(&up, &repo, &reference, &accept, unlinked);
-                    links
-                        .through(&up, &linked, d, Object::Manifest, false, fetch)
-                        .await
-                }
-                // A tag is the upstream's answer for this repository.
-                Reference::Tag(_) => cache.manifest(&up, &repo, &reference, &accept, false).await,
-            };
+            let result = links.manifest(&up, &repo, &reference, &accept).await;
             let (m, res) = count(proxy, &up, Kind::Manifest, outcome, result)?;
-            links.link_manifest(&linked, &m.digest, &m.body).await;
-            proxy.prefetcher().pulled(&linked, &m.digest);
+            proxy
+                .prefetcher()
+                .pulled(&super::links::repo_key(&up, &repo), &m.digest);
             if !head {
                 proxy
                     .metrics()
@@ -340,20 +326,14 @@ async fn route(
                 .and_then(|v| v.to_str().ok())
                 .and_then(ByteRange::parse)
                 .and_then(Result::ok);
-            let spans = req.extensions().get::<crate::proxy::zero_copy::Spans>();
-            let fetch = |unlinked| {
-                let ask = BlobAsk {
-                    range,
-                    head,
-                    spans,
-                    from_peer,
-                    unlinked,
-                };
-                cache.blob(&up, &repo, &digest, ask)
+            let ask = BlobAsk {
+                range,
+                head,
+                spans: req.extensions().get::<crate::proxy::zero_copy::Spans>(),
+                from_peer,
+                unlinked: false,
             };
-            let result = links
-                .through(&up, &linked, &digest, Object::Blob, trusted, fetch)
-                .await;
+            let result = links.blob(&up, &repo, &digest, ask, trusted).await;
             let answer = count(
                 proxy,
                 &up,

@@ -1,48 +1,47 @@
-//! Which cached content may be served under which repository name.
+//! Which cached content may be served under which repository name, and the cache as
+//! every client sees it: through these rules.
 //!
 //! The store keeps each object once, by digest, whatever repository it came through. A
-//! digest is served under repository R only when the upstream served it under R: it is
-//! *linked* to R when a manifest of R is served (the manifest, and what it references:
-//! config, layers, child manifests), or when the upstream answers a HEAD of it under R.
-//! A digest that is not linked to R is proven first, by that HEAD: the upstream's 404 is
-//! the client's 404, so that a digest cached through another repository (a private one,
-//! or one the client may not read) is never handed out under a name that does not hold
-//! it. This is how Distribution's own repositories work (`_layers/<digest>/link`).
+//! digest is served under repository R only when the upstream served it under R, or
+//! proved it there: it is *linked* to R when the upstream answers for it under R (a
+//! manifest by tag or digest, a blob, a HEAD of either). A manifest's references (its
+//! config, layers, child manifests) are never linked because the manifest names them: a
+//! manifest may name any digest (a foreign or non-distributable layer with `urls`, a
+//! registry that does not check what a pushed manifest references, a compromised
+//! upstream), and a digest cached through another repository (a private one) would
+//! otherwise be served under a name the upstream never served it under. A digest that is
+//! not linked to R is proven first, by a HEAD of it under R (counted in
+//! `pullthrough_link_proofs_total`): the upstream's 404 is the client's 404. This is how
+//! Distribution's own repositories work (`_layers/<digest>/link`).
 //!
 //! Links are kept per repository in memory, and in the store as one record per
-//! repository ([`LinkRecord`]): the digests linked directly, from which a restart derives
-//! the references again through the index. A record's digests that are no longer cached
-//! are dropped when it is read back, so eviction leaves no link to content the cache no
-//! longer holds. Links to a shared bucket's content that this replica's index does not
-//! know are proven again by a HEAD; a lost write of a record costs the same, never a
-//! wrong answer.
+//! repository ([`LinkRecord`]): every digest linked. A record's digests that are no
+//! longer cached are dropped when it is read back, so eviction leaves no link to content
+//! the cache no longer holds. Links to a shared bucket's content that this replica's
+//! index does not know are kept (the bucket may hold them); a lost write of a record
+//! costs a HEAD, never a wrong answer.
 
 use super::error::ProxyError;
-use super::index::{Index, manifest_refs};
-use super::metrics::Metrics;
+use super::metrics::{CacheResult, Metrics};
 use super::pull_through::single_flight::SingleFlight;
+use super::pull_through::{BlobAnswer, BlobAsk, Manifest, PullThrough};
 use super::store::{LinkRecord, RepoKey};
 use super::upstream::{Object, Upstream};
+use crate::oci::media::Accept;
 use crate::oci::{Digest, Reference};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-/// One repository's links.
-#[derive(Default)]
-struct Repo {
-    /// Linked directly: served under the repository or proven by a HEAD (persisted).
-    direct: HashSet<Digest>,
-    /// Linked directly or referenced by a manifest linked: what may be served.
-    all: HashSet<Digest>,
-}
+/// One repository's links: every digest the upstream served or proved under it.
+type Repo = Arc<Mutex<HashSet<Digest>>>;
 
-/// The links of every repository this process has served.
+/// The links of every repository this process has served, and the cache they guard.
 pub struct Links {
-    index: Arc<Index>,
-    repos: Mutex<HashMap<RepoKey, Arc<Mutex<Repo>>>>,
+    cache: Arc<PullThrough>,
+    repos: Mutex<HashMap<RepoKey, Repo>>,
     /// Loads of a repository's record, one at a time per repository.
-    loads: SingleFlight<RepoKey, Arc<Mutex<Repo>>>,
+    loads: SingleFlight<RepoKey, Repo>,
     /// Proofs by the upstream, one HEAD per repository and digest at a time.
     proofs: SingleFlight<(RepoKey, Digest), Result<(), ProxyError>>,
     /// Writes of a repository's record, in order.
@@ -50,11 +49,19 @@ pub struct Links {
     metrics: Metrics,
 }
 
+/// The key of `repository` of `up`.
+pub fn repo_key(up: &Upstream, repository: &str) -> RepoKey {
+    RepoKey {
+        upstream: up.name().to_string(),
+        repository: repository.to_string(),
+    }
+}
+
 impl Links {
-    /// No links loaded yet; records are read from `index`'s store when first needed.
-    pub fn new(index: Arc<Index>, metrics: Metrics) -> Arc<Links> {
+    /// No links loaded yet; records are read from the cache's store when first needed.
+    pub fn new(cache: Arc<PullThrough>, metrics: Metrics) -> Arc<Links> {
         Arc::new(Links {
-            index,
+            cache,
             repos: Mutex::new(HashMap::new()),
             loads: SingleFlight::new(metrics.fetch_waiters.clone()),
             proofs: SingleFlight::new(metrics.fetch_waiters.clone()),
@@ -63,8 +70,66 @@ impl Links {
         })
     }
 
+    /// The cache underneath.
+    pub fn cache(&self) -> &Arc<PullThrough> {
+        &self.cache
+    }
+
+    /// A manifest of `repository` by tag or digest, for a client that takes `accept`:
+    /// from the cache only when its digest is linked there (or proven), and linked there
+    /// once served. A tag is the upstream's own answer for the repository, so the digest
+    /// it resolves to is linked.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        reference: &Reference,
+        accept: &Accept,
+    ) -> Result<(Manifest, CacheResult), ProxyError> {
+        let key = repo_key(up, repository);
+        match reference {
+            Reference::Digest(d) => {
+                let fetch = |unlinked| {
+                    self.cache
+                        .manifest(up, repository, reference, accept, unlinked)
+                };
+                self.through(up, &key, d, Object::Manifest, false, fetch)
+                    .await
+            }
+            Reference::Tag(_) => {
+                let answer = self
+                    .cache
+                    .manifest(up, repository, reference, accept, false)
+                    .await?;
+                self.link(&key, &answer.0.digest).await;
+                Ok(answer)
+            }
+        }
+    }
+
+    /// A blob of `repository` (a body or a HEAD, as `ask` says): from the cache or a
+    /// running download only when it is linked there (or proven), and linked there once
+    /// the upstream served it for the repository. `trusted`: another replica asks for
+    /// what it proved itself (see [`crate::proxy::peers`]).
+    pub async fn blob(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        digest: &Digest,
+        ask: BlobAsk<'_>,
+        trusted: bool,
+    ) -> Result<BlobAnswer, ProxyError> {
+        let key = repo_key(up, repository);
+        let fetch = |unlinked| {
+            self.cache
+                .blob(up, repository, digest, BlobAsk { unlinked, ..ask })
+        };
+        self.through(up, &key, digest, Object::Blob, trusted, fetch)
+            .await
+    }
+
     /// A repository's links, read from the store the first time.
-    async fn repo(self: &Arc<Self>, key: &RepoKey) -> Arc<Mutex<Repo>> {
+    async fn repo(self: &Arc<Self>, key: &RepoKey) -> Repo {
         if let Some(r) = self.repos.lock().expect("links lock").get(key) {
             return r.clone();
         }
@@ -72,17 +137,17 @@ impl Links {
         let (repo, _) = self
             .loads
             .run(key.clone(), async move { this.load(k).await }, |_| {
-                Arc::new(Mutex::new(Repo::default()))
+                Arc::new(Mutex::new(HashSet::new()))
             })
             .await;
         repo
     }
 
-    async fn load(self: Arc<Self>, key: RepoKey) -> Arc<Mutex<Repo>> {
+    async fn load(self: Arc<Self>, key: RepoKey) -> Repo {
         if let Some(r) = self.repos.lock().expect("links lock").get(&key) {
             return r.clone();
         }
-        let store = self.index.store();
+        let (index, store) = (self.cache.index(), self.cache.store());
         let record = match store.links(&key).await {
             Ok(r) => r,
             Err(e) => {
@@ -91,22 +156,18 @@ impl Links {
                 None
             }
         };
-        let mut repo = Repo::default();
+        let mut linked = HashSet::new();
         let mut pruned = false;
         for d in record.iter().flat_map(|r| &r.digests) {
-            let Ok(d) = d.parse::<Digest>() else {
-                pruned = true;
-                continue;
-            };
-            // A shared bucket may hold what this replica's index does not know.
-            if !self.index.contains(&d) && !store.shared() {
-                pruned = true;
-                continue;
+            match d.parse::<Digest>() {
+                // A shared bucket may hold what this replica's index does not know.
+                Ok(d) if index.contains(&d) || store.shared() => {
+                    linked.insert(d);
+                }
+                _ => pruned = true,
             }
-            repo.direct.insert(d);
         }
-        repo.all = self.index.closure(repo.direct.iter().cloned());
-        let repo = Arc::new(Mutex::new(repo));
+        let repo = Arc::new(Mutex::new(linked));
         self.repos
             .lock()
             .expect("links lock")
@@ -120,36 +181,13 @@ impl Links {
     /// Whether `digest` may be served under `key`'s repository without asking.
     pub async fn has(self: &Arc<Self>, key: &RepoKey, digest: &Digest) -> bool {
         let repo = self.repo(key).await;
-        repo.lock().expect("repo links lock").all.contains(digest)
+        repo.lock().expect("repo links lock").contains(digest)
     }
 
-    /// Links a manifest served under `key`'s repository, and what its `body` references.
-    pub async fn link_manifest(self: &Arc<Self>, key: &RepoKey, digest: &Digest, body: &[u8]) {
+    /// Links `digest` to `key`'s repository: the upstream served or proved it there.
+    pub async fn link(self: &Arc<Self>, key: &RepoKey, digest: &Digest) {
         let repo = self.repo(key).await;
-        if repo
-            .lock()
-            .expect("repo links lock")
-            .direct
-            .contains(digest)
-        {
-            return;
-        }
-        let refs = manifest_refs(body);
-        self.link(key, &repo, digest, refs);
-    }
-
-    fn link(
-        self: &Arc<Self>,
-        key: &RepoKey,
-        repo: &Mutex<Repo>,
-        digest: &Digest,
-        refs: Vec<Digest>,
-    ) {
-        let mut r = repo.lock().expect("repo links lock");
-        let new = r.direct.insert(digest.clone());
-        r.all.insert(digest.clone());
-        r.all.extend(refs);
-        drop(r);
+        let new = repo.lock().expect("repo links lock").insert(digest.clone());
         if new {
             self.persist(key.clone());
         }
@@ -159,10 +197,8 @@ impl Links {
     /// cache's answer, told whether the digest is linked there (`trusted`: another
     /// replica asks, for what it proved itself); when it would need the cache's copy of
     /// an unlinked digest ([`ProxyError::NotLinked`]), the digest is proven first and
-    /// `fetch` runs again. A blob the upstream served for the repository is linked to it;
-    /// a manifest is linked by the caller, with what it references
-    /// ([`Links::link_manifest`]).
-    pub async fn through<T, F, Fut>(
+    /// `fetch` runs again. What the upstream served for the repository is linked to it.
+    async fn through<T, F, Fut>(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         key: &RepoKey,
@@ -182,9 +218,8 @@ impl Links {
                 fetch(false).await
             }
             Ok(v) => {
-                if !linked && object == Object::Blob {
-                    let repo = self.repo(key).await;
-                    self.link(key, &repo, digest, Vec::new());
+                if !linked {
+                    self.link(key, digest).await;
                 }
                 Ok(v)
             }
@@ -210,11 +245,7 @@ impl Links {
         let proof = async move {
             let asked = match object {
                 Object::Manifest => up
-                    .manifest_digest(
-                        &k.repository,
-                        &Reference::Digest(d.clone()),
-                        &crate::oci::media::Accept::Any,
-                    )
+                    .manifest_digest(&k.repository, &Reference::Digest(d.clone()), &Accept::Any)
                     .await
                     .map(drop),
                 _ => up.blob_size(&k.repository, &d).await.map(drop),
@@ -222,8 +253,7 @@ impl Links {
             let result = if asked.is_ok() { "linked" } else { "refused" };
             this.metrics.link_proofs(result).inc();
             asked?;
-            let repo = this.repo(&k).await;
-            this.link(&k, &repo, &d, Vec::new());
+            this.link(&k, &d).await;
             Ok(())
         };
         let (result, _) = self
@@ -247,7 +277,6 @@ impl Links {
             let mut digests: Vec<String> = repo
                 .lock()
                 .expect("repo links lock")
-                .direct
                 .iter()
                 .map(Digest::to_string)
                 .collect();
@@ -257,7 +286,7 @@ impl Links {
                 repository: key.repository.clone(),
                 digests,
             };
-            if let Err(e) = this.index.store().put_links(&record).await {
+            if let Err(e) = this.cache.store().put_links(&record).await {
                 tracing::warn!(upstream = %key.upstream, repo = %key.repository, error = %e,
                     "could not persist a link record: its links are proven again after a restart");
             }
@@ -269,7 +298,10 @@ impl Links {
 mod tests {
     use super::*;
     use crate::oci::Algorithm;
+    use crate::proxy::index::Index;
+    use crate::proxy::pull_through::{CachePolicy, Pins};
     use crate::proxy::store::DiskStore;
+    use std::time::Duration;
 
     fn key(repo: &str) -> RepoKey {
         RepoKey {
@@ -283,7 +315,14 @@ mod tests {
         let index = Index::rebuild(Arc::new(disk), None, Metrics::new())
             .await
             .unwrap();
-        (Links::new(index.clone(), Metrics::new()), index)
+        let policy = CachePolicy {
+            tag_ttl: Duration::from_secs(300),
+            stale_if_error: Duration::from_secs(3600),
+            tags_list_ttl: Duration::from_secs(30),
+            max_manifest_bytes: 1 << 20,
+        };
+        let cache = PullThrough::new(index.clone(), Metrics::new(), policy, Pins::default());
+        (Links::new(Arc::new(cache), Metrics::new()), index)
     }
 
     /// Caches a manifest, as a fetch would.
@@ -314,7 +353,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_manifest_links_its_references_to_its_repository_only() {
+    async fn a_link_is_the_digest_s_own_and_its_repository_s_only() {
         let dir = tempfile::tempdir().unwrap();
         let (links, index) = links_over(dir.path()).await;
         let layer = Digest::of(Algorithm::Sha256, b"layer");
@@ -323,17 +362,18 @@ mod tests {
             Digest::of(Algorithm::Sha256, b"config")
         );
         let m = cache_manifest(&index, body.as_bytes()).await;
-        links.link_manifest(&key("a"), &m, body.as_bytes()).await;
-        assert!(links.has(&key("a"), &layer).await);
+        links.link(&key("a"), &m).await;
         assert!(links.has(&key("a"), &m).await);
-        assert!(!links.has(&key("b"), &layer).await);
+        // What the manifest names is not linked by it: only the upstream links it.
+        assert!(!links.has(&key("a"), &layer).await);
         assert!(!links.has(&key("b"), &m).await);
         settle(&links).await;
 
-        // A restart reads the record back and finds the references through the index.
+        // A restart reads the record back.
         let (again, _) = links_over(dir.path()).await;
-        assert!(again.has(&key("a"), &layer).await, "links lost");
-        assert!(!again.has(&key("b"), &layer).await);
+        assert!(again.has(&key("a"), &m).await, "links lost");
+        assert!(!again.has(&key("a"), &layer).await);
+        assert!(!again.has(&key("b"), &m).await);
     }
 
     #[tokio::test]
@@ -342,7 +382,7 @@ mod tests {
         let (links, index) = links_over(dir.path()).await;
         let body = br#"{"schemaVersion":2,"layers":[]}"#;
         let m = cache_manifest(&index, body).await;
-        links.link_manifest(&key("a"), &m, body).await;
+        links.link(&key("a"), &m).await;
         settle(&links).await;
         index.discard(&m).await;
 

@@ -316,7 +316,6 @@ impl Proxy {
             }
             _ => None,
         };
-        let links = links::Links::new(index.clone(), metrics.clone());
         // Kept in a file only where tokens are issued: they must outlive a restart, and
         // every replica must verify the others'.
         let key_path = config.signing_key_path();
@@ -355,9 +354,10 @@ impl Proxy {
             cache = cache.with_peers(Arc::new(peers));
         }
         let prefetcher = prefetcher::Prefetcher::new(metrics.clone(), config.tag_ttl);
+        let cache = Arc::new(cache);
         Ok(Proxy {
-            cache: Arc::new(cache),
-            links,
+            links: links::Links::new(cache.clone(), metrics.clone()),
+            cache,
             access,
             upstreams,
             default,
@@ -461,8 +461,8 @@ impl crate::server::Ops for Proxy {
     }
 }
 
-/// Fetches the images requested on the operations port, one at a time, linking their
-/// manifests to their repository as a client's pull would.
+/// Fetches the images requested on the operations port, one at a time, as a client's
+/// pull would (see [`prefetcher::fetch_image`]).
 async fn prefetch_requested(
     proxy: Arc<Proxy>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<prefetcher::Queued>,
@@ -471,15 +471,8 @@ async fn prefetch_requested(
         proxy.prefetcher.running(&q);
         let started = tokio::time::Instant::now();
         tracing::info!(image = %q.image.name, "prefetching on request");
-        let outcome = match proxy.cache.prefetch_one(&q.image, &q.platforms).await {
+        let outcome = match prefetcher::fetch_image(&proxy.links, &q.image, &q.platforms).await {
             Ok(done) => {
-                let key = store::RepoKey {
-                    upstream: q.image.upstream.name().to_string(),
-                    repository: q.image.repository.clone(),
-                };
-                for m in &done.manifests {
-                    proxy.links.link_manifest(&key, &m.digest, &m.body).await;
-                }
                 tracing::info!(image = %q.image.name, manifests = done.manifests.len(),
                     blobs = done.blobs, bytes = done.bytes,
                     seconds = started.elapsed().as_secs_f64(), "prefetched on request");
@@ -620,18 +613,7 @@ pub async fn serve(
     let p = proxy.clone();
     let startup = tokio::spawn(async move {
         if !p.prefetch.is_empty() {
-            let links = p.links.clone();
-            let linked = move |key, manifests: Vec<pull_through::Manifest>| {
-                let links = links.clone();
-                async move {
-                    for m in manifests {
-                        links.link_manifest(&key, &m.digest, &m.body).await;
-                    }
-                }
-            };
-            p.cache
-                .prefetch(&p.prefetch, &p.prefetch_platforms, linked)
-                .await;
+            prefetcher::prefetch_all(&p.links, &p.prefetch, &p.prefetch_platforms).await;
         }
         p.cache.enforce_limit().await;
     });

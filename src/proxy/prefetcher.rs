@@ -4,15 +4,25 @@
 //! fetched, or fetched within `tagTTL` is not queued again. Images are fetched one at a
 //! time; `GET /admin/prefetch` shows each one's progress. Once an image is in, the time
 //! until a client first pulls it is its lead time (`pullthrough_prefetch_lead_seconds`).
+//!
+//! An image is fetched as a client's pull would fetch it, through [`Links`]: each manifest
+//! and blob is served from the cache under the image's repository only when the upstream
+//! served or proved it there, so that a prefetch (which a workload's image names) can link
+//! nothing that the image's own repository does not hold. [`prefetch_all`] fetches the
+//! images of `prefetch` and `pin` at start.
 
-use super::pull_through::ConfiguredImage;
+use super::error::ProxyError;
+use super::links::Links;
+use super::pull_through::{BlobAsk, ConfiguredImage, Manifest};
 use super::store::RepoKey;
-use crate::oci::Digest;
-use crate::proxy::metrics::Metrics;
+use crate::oci::media::{Accept, DOCKER_MANIFEST_LIST, OCI_INDEX};
+use crate::oci::{Digest, Reference};
+use crate::proxy::metrics::{CacheResult, Metrics};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -256,5 +266,195 @@ impl Prefetcher {
             waiting.retain(|_, (_, other)| *other != image);
         }
         self.waiting_len.store(waiting.len(), Ordering::Relaxed);
+    }
+}
+
+/// Indexes within indexes followed at most (an index of an index is allowed; a loop of
+/// them is not followed for ever).
+const MAX_NESTING: usize = 4;
+
+/// What prefetching an image took.
+pub struct Prefetched {
+    /// Manifests it has (its indexes and the wanted platforms' images).
+    pub manifests: Vec<Manifest>,
+    /// Blobs they reference.
+    pub blobs: usize,
+    /// Bytes downloaded for them (not counting what was cached already).
+    pub bytes: u64,
+}
+
+/// Whether a platform descriptor is among `wanted` (`os/arch` or `os/arch/variant`);
+/// everything is wanted when the list is empty.
+fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[String]) -> bool {
+    if wanted.is_empty() {
+        return true;
+    }
+    let Some(p) = platform else {
+        return false;
+    };
+    let field = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let short = format!("{}/{}", field("os"), field("architecture"));
+    let long = format!("{short}/{}", field("variant"));
+    wanted.iter().any(|w| *w == short || *w == long)
+}
+
+/// The digest a descriptor names, if it is valid.
+fn descriptor_digest(d: &serde_json::Value) -> Option<Digest> {
+    d.get("digest")?.as_str()?.parse().ok()
+}
+
+/// Pulls one image (of a multi-platform one, the platforms among `platforms`) into the
+/// cache, through `links` as a client would: indexes (nested ones too), the platforms'
+/// manifests, their configs and layers. A layer that names `urls` (a foreign or
+/// non-distributable one) is fetched from there by the client, not prefetched.
+pub async fn fetch_image(
+    links: &Arc<Links>,
+    image: &ConfiguredImage,
+    platforms: &[String],
+) -> Result<Prefetched, ProxyError> {
+    let (up, repository) = (&image.upstream, image.repository.as_str());
+    let not_json =
+        |e: serde_json::Error| ProxyError::UpstreamNotAManifest(format!("not JSON: {e}").into());
+    let (top, _) = links
+        .manifest(up, repository, &image.reference, &Accept::Any)
+        .await?;
+    let mut manifests = Vec::new();
+    let mut images = Vec::new();
+    let mut queue = std::collections::VecDeque::from([(top, 0)]);
+    while let Some((m, depth)) = queue.pop_front() {
+        let doc: serde_json::Value = serde_json::from_slice(&m.body).map_err(not_json)?;
+        manifests.push(m);
+        let Some(children) = doc.get("manifests").and_then(|c| c.as_array()) else {
+            images.push(doc);
+            continue;
+        };
+        if depth >= MAX_NESTING {
+            return Err(ProxyError::UpstreamNotAManifest(
+                format!("indexes nested more than {MAX_NESTING} deep").into(),
+            ));
+        }
+        for child in children {
+            let kind = child.get("mediaType").and_then(|t| t.as_str());
+            // An index within the index is followed whatever its platform (it has none);
+            // its own entries are filtered.
+            let nested = matches!(kind, Some(OCI_INDEX | DOCKER_MANIFEST_LIST));
+            if !nested && !platform_wanted(child.get("platform"), platforms) {
+                continue;
+            }
+            let Some(d) = descriptor_digest(child) else {
+                continue;
+            };
+            let (m, _) = links
+                .manifest(up, repository, &Reference::Digest(d), &Accept::Any)
+                .await?;
+            queue.push_back((m, depth + 1));
+        }
+    }
+    let (mut blobs, mut bytes) = (0, 0u64);
+    for doc in &images {
+        let mut descriptors: Vec<&serde_json::Value> = doc.get("config").into_iter().collect();
+        for list in ["layers", "blobs"] {
+            descriptors.extend(
+                doc.get(list)
+                    .and_then(|l| l.as_array())
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        for desc in descriptors {
+            let foreign = desc
+                .get("urls")
+                .and_then(|u| u.as_array())
+                .is_some_and(|u| !u.is_empty());
+            let Some(d) = descriptor_digest(desc).filter(|_| !foreign) else {
+                continue;
+            };
+            bytes += fetch_blob(links, image, &d).await?;
+            blobs += 1;
+        }
+    }
+    Ok(Prefetched {
+        manifests,
+        blobs,
+        bytes,
+    })
+}
+
+/// Makes sure blob `d` of `image` is cached and linked to the image's repository; the
+/// bytes downloaded for it.
+async fn fetch_blob(
+    links: &Arc<Links>,
+    image: &ConfiguredImage,
+    d: &Digest,
+) -> Result<u64, ProxyError> {
+    let (up, repository) = (&image.upstream, image.repository.as_str());
+    let cache = links.cache();
+    // Cached already (or perhaps, in a shared bucket): linked, or proven by a HEAD.
+    if cache.index().contains(d) || cache.store().shared() {
+        let head = BlobAsk {
+            head: true,
+            ..BlobAsk::default()
+        };
+        if links.blob(up, repository, d, head, false).await?.result == CacheResult::Hit {
+            return Ok(0);
+        }
+    }
+    let answer = links
+        .blob(up, repository, d, BlobAsk::default(), false)
+        .await?;
+    let fetched = answer.result != CacheResult::Hit;
+    let mut bytes = 0;
+    if let Some(mut body) = answer.body {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| ProxyError::Body(Arc::new(e)))?;
+            if fetched {
+                bytes += chunk.len() as u64;
+                cache.metrics().prefetch_bytes.inc_by(chunk.len() as u64);
+            }
+        }
+    }
+    cache.stored(d).await?;
+    Ok(bytes)
+}
+
+/// Pulls `images` (those of `prefetch` and `pin`) into the cache one after the other,
+/// logging progress and counting it in `pullthrough_prefetch_images{state}` and
+/// `pullthrough_prefetch_bytes_total`; `platforms` limits multi-platform images.
+pub async fn prefetch_all(links: &Arc<Links>, images: &[ConfiguredImage], platforms: &[String]) {
+    let metrics = links.cache().metrics().clone();
+    let gauge = |state: &str| metrics.prefetch_images.with_label_values(&[state]);
+    // Added to: images requested on the operations port count here too.
+    gauge("pending").add(images.len() as i64);
+    for image in images {
+        let started = Instant::now();
+        tracing::info!(image = %image.name, "prefetching");
+        match fetch_image(links, image, platforms).await {
+            Ok(done) => {
+                gauge("done").inc();
+                tracing::info!(image = %image.name, manifests = done.manifests.len(),
+                    blobs = done.blobs, bytes = done.bytes,
+                    seconds = started.elapsed().as_secs_f64(), "prefetched");
+            }
+            Err(e) => {
+                gauge("failed").inc();
+                tracing::warn!(image = %image.name, error = %e, "prefetch failed");
+            }
+        }
+        gauge("pending").dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_filter() {
+        let p = serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
+        assert!(platform_wanted(Some(&p), &[]));
+        assert!(platform_wanted(Some(&p), &["linux/arm64".into()]));
+        assert!(platform_wanted(Some(&p), &["linux/arm64/v8".into()]));
+        assert!(!platform_wanted(Some(&p), &["linux/amd64".into()]));
+        assert!(!platform_wanted(None, &["linux/amd64".into()]));
     }
 }

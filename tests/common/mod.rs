@@ -199,19 +199,24 @@ impl Registry {
 
     /// A registry in pull-through proxy mode for `remote` (the reference cache).
     pub async fn start_with(proxy_remote: Option<&str>) -> Registry {
-        Registry::start_opts(proxy_remote, None).await
+        Registry::start_opts(proxy_remote, None, "").await
     }
 
     /// A registry where every request needs one of `users` (htpasswd lines, bcrypt), by
     /// Basic auth. Distribution rereads the file when it changes ([`Self::set_users`]).
     pub async fn start_private(users: &str) -> Registry {
-        Registry::start_opts(None, Some(RegistryAuth::Htpasswd(users))).await
+        Registry::start_opts(None, Some(RegistryAuth::Htpasswd(users)), "").await
     }
 
     /// A registry that takes the tokens of `issuer` (the distribution token spec), and
     /// nothing else.
     pub async fn start_token(issuer: &token_server::TokenServer) -> Registry {
-        Registry::start_opts(None, Some(RegistryAuth::Token(issuer))).await
+        Registry::start_token_with(issuer, "").await
+    }
+
+    /// [`Self::start_token`], with `extra` (YAML) added to the registry's configuration.
+    pub async fn start_token_with(issuer: &token_server::TokenServer, extra: &str) -> Registry {
+        Registry::start_opts(None, Some(RegistryAuth::Token(issuer)), extra).await
     }
 
     /// Replaces the users of a [`Self::start_private`] registry.
@@ -225,7 +230,11 @@ impl Registry {
         f.set_modified(before + Duration::from_secs(2)).unwrap();
     }
 
-    async fn start_opts(proxy_remote: Option<&str>, auth: Option<RegistryAuth<'_>>) -> Registry {
+    async fn start_opts(
+        proxy_remote: Option<&str>,
+        auth: Option<RegistryAuth<'_>>,
+        extra: &str,
+    ) -> Registry {
         let bin = which("docker-registry").expect(
             "docker-registry not found: run ./scripts/test, which installs Debian's docker-registry",
         );
@@ -250,6 +259,7 @@ impl Registry {
             Some(RegistryAuth::Token(issuer)) => cfg.push_str(&issuer.registry_config()),
             None => {}
         }
+        cfg.push_str(extra);
         let cfg_path = dir.path().join("config.yml");
         std::fs::write(&cfg_path, cfg).unwrap();
         let child = Command::new(bin)
@@ -746,7 +756,7 @@ pub async fn push_manifest(base: &str, repo: &str, reference: &str, m: &Blob) {
     push_manifest_with(&http(), base, repo, reference, m).await
 }
 
-async fn push_manifest_with(
+pub async fn push_manifest_with(
     c: &reqwest::Client,
     base: &str,
     repo: &str,

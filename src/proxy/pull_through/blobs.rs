@@ -887,7 +887,7 @@ impl PullThrough {
 
     /// Waits until a running download of `digest`, if there is one, has stored the blob
     /// (clients may have had all of it before that, see [`FetchState::Verified`]).
-    pub(super) async fn stored(&self, digest: &Digest) -> Result<(), ProxyError> {
+    pub async fn stored(&self, digest: &Digest) -> Result<(), ProxyError> {
         let Some(fetch) = self.running(digest) else {
             return Ok(());
         };

@@ -14,7 +14,7 @@
 //!
 //! The rooms: [`manifests`] (tags, freshness, coalesced fetches), [`blobs`] (downloads,
 //! relays, HEADs), [`live_reader`] (a client reading a download in progress), [`prefetch`]
-//! (prefetch, eviction at start, dropping images), [`lists`] (tags/list, referrers),
+//! (eviction at start, dropping images), [`lists`] (tags/list, referrers),
 //! [`range`] (`Range` requests) and [`single_flight`] (one fetch per key). This module
 //! holds the cache itself and what they share: the policy, space and reservations, pins.
 //! Bytes are kept by a [`BlobStore`] reached through the [`Index`], never by path.
@@ -213,6 +213,11 @@ impl PullThrough {
     /// The store underneath.
     pub fn store(&self) -> &Arc<dyn BlobStore> {
         self.index.store()
+    }
+
+    /// The metrics it counts in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// What is cached (sizes, references, objects in use).
