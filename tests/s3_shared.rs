@@ -287,13 +287,28 @@ async fn a_bucket_that_is_down_costs_no_pull_and_no_readiness() {
     assert_eq!(ready.status(), 200, "not ready while the bucket is down");
 }
 
-/// `config` as the replica at `me` among `replicas`.
+/// The key the replicas of these tests share (unless a test gives its own).
+const REPLICAS_KEY: &str = "the key the test replicas share, long enough";
+
+/// A file holding [`REPLICAS_KEY`].
+fn replicas_key_file() -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("pullthrough-replicas-key-{}", std::process::id()));
+    std::fs::write(&path, REPLICAS_KEY).unwrap();
+    path
+}
+
+/// `config` as the replica at `me` among `replicas`, with the replicas' shared key
+/// unless it has one.
 fn as_replica(mut config: ProxyConfig, me: SocketAddr, replicas: &[SocketAddr]) -> ProxyConfig {
     config.peers = Some(PeersConfig {
         addresses: replicas.to_vec(),
         dns: None,
         self_address: Some(me),
     });
+    if config.access.signing_key_file.is_none() {
+        config.access.signing_key_file = Some(replicas_key_file());
+    }
     config
 }
 
@@ -705,4 +720,95 @@ async fn replicas_serving_tls_ask_each_other_over_it_for_private_blobs() {
         .filter(|l| l.contains("\" 200 "))
         .count();
     assert_eq!(served, 1, "upstream GETs of the blob");
+}
+
+/// What a replica may ask another for is a blob by digest, and only with a proof made
+/// under the replicas' key: a header alone, from a replica's own address, gets nothing
+/// of a private repository, and a proof gets nothing but a blob.
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn only_a_proven_replica_gets_a_blob_and_nothing_else() {
+    use crate::private_access::{ALICE, CACHE};
+    use pullthrough::proxy::peers::{PEER_HEADER, Peers};
+    use pullthrough::proxy::shared_key::SharedKey;
+    let up = Registry::start_private(&format!("{CACHE}{ALICE}")).await;
+    let img = Image::generate(44, &[30_000], "amd64");
+    push_image(&crate::private_access::as_alice(&up), "team/app", "1", &img).await;
+    let prefix = prefix("peer-trust");
+    let host = up.host();
+    let bound = [listeners().await, listeners().await];
+    let addrs: Vec<SocketAddr> = bound.iter().map(|(a, _)| a.local_addr().unwrap()).collect();
+    let mut replicas = Vec::new();
+    for (i, (api, ops)) in bound.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = with_storage(config_for(&[(&host, &up.url)]), s3(&prefix));
+        c.cache_dir = dir.path().join("cache");
+        c.upstreams[0].credentials = Some(crate::private_access::cache_credentials());
+        c.access.plain_http = true;
+        let c = as_replica(c, addrs[i], &addrs);
+        replicas.push(Proxy::start_on(c, api, ops, Some(dir)).await);
+    }
+    let a = &replicas[0];
+    let layer = &img.layers[0].digest;
+    // Every request comes from 127.0.0.1, the replicas' own address.
+    let ask = |path: String, head: bool, proof: Option<String>| {
+        let url = format!("{}{path}", a.url);
+        async move {
+            let c = http();
+            let mut r = if head { c.head(&url) } else { c.get(&url) };
+            if let Some(p) = proof {
+                r = r.header(PEER_HEADER, p);
+            }
+            r.send().await.unwrap()
+        }
+    };
+    let ns = format!("?ns={}", host.replace(':', "%3A"));
+    let blob = format!("/v2/team/app/blobs/{layer}{ns}");
+    let manifest = format!("/v2/team/app/manifests/1{ns}");
+    let tags = format!("/v2/team/app/tags/list{ns}");
+    // What an attacker can send: the old header (a replica's address), anything else.
+    for forged in [addrs[1].to_string(), "v1 0 00".to_string()] {
+        for (path, head) in [
+            (&manifest, false),
+            (&blob, false),
+            (&blob, true),
+            (&tags, false),
+        ] {
+            let r = ask(path.clone(), head, Some(forged.clone())).await;
+            assert_eq!(r.status(), 403, "{path} (head: {head}) with {forged:?}");
+        }
+    }
+    // A proof under another key.
+    let theirs = Peers::fixed(
+        addrs[1],
+        &[],
+        SharedKey::new(b"not the replicas' key at all....".to_vec()),
+    );
+    let r = ask(blob.clone(), false, Some(theirs.proof("GET", &blob))).await;
+    assert_eq!(r.status(), 403, "a proof under another key");
+    // A replica's own proof: a blob, and nothing else.
+    let ours = Peers::fixed(
+        addrs[1],
+        &[],
+        SharedKey::new(REPLICAS_KEY.as_bytes().to_vec()),
+    );
+    let r = ask(manifest.clone(), false, Some(ours.proof("GET", &manifest))).await;
+    let (status, code) = error_code(r).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (403, "DENIED"),
+        "a manifest for a replica"
+    );
+    let r = ask(blob.clone(), true, Some(ours.proof("HEAD", &blob))).await;
+    assert_eq!(r.status(), 403, "a HEAD for a replica");
+    // A proof for one blob is no proof for another request.
+    let other = format!("/v2/team/app/blobs/{}{ns}", img.config.digest);
+    let r = ask(other, false, Some(ours.proof("GET", &blob))).await;
+    assert_eq!(r.status(), 403, "a proof of another request");
+    let r = ask(blob.clone(), false, Some(ours.proof("GET", &blob))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), *layer);
+    // Clients without the header are challenged as ever.
+    assert_eq!(ask(manifest.clone(), false, None).await.status(), 401);
+    assert_eq!(ask(blob.clone(), false, None).await.status(), 401);
 }

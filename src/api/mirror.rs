@@ -475,6 +475,13 @@ impl RegistryMirrorSpec {
         })
     }
 
+    /// Whether the mirror's proxies share a key (a Secret the controller makes): to
+    /// issue tokens any replica verifies ([`Self::guarded`]), and to prove their requests
+    /// to each other when they share a bucket.
+    pub fn shares_key(&self) -> bool {
+        self.guarded() || self.cache.storage.s3.is_some()
+    }
+
     /// The configuration the mirror's proxy runs with. Credentials are referenced as
     /// files where the pod mounts each upstream's Secret.
     pub fn proxy_config(&self) -> Result<ProxyConfig, SpecError> {
@@ -569,7 +576,7 @@ impl RegistryMirrorSpec {
                     plain_http: spec.plain_http,
                     // One key for every replica, from the Secret the controller makes.
                     signing_key_file: self
-                        .guarded()
+                        .shares_key()
                         .then(|| PathBuf::from(format!("{ACCESS_MOUNT}/{SIGNING_KEY}"))),
                     ..d
                 }

@@ -252,9 +252,10 @@ pub struct UpstreamAccess {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccessConfig {
-    /// The key that signs the proxy's tokens and keys its decision cache: a file every
-    /// replica shares (a mounted Secret). Default: `access-signing-key` in `cacheDir`,
-    /// created (0600) if missing; replicas (`peers`) must set one they share.
+    /// The key the replicas share (a mounted Secret): it signs the proxy's tokens, keys
+    /// its decision cache and proves the replicas' requests to each other. Default:
+    /// `access-signing-key` in `cacheDir`, created (0600) if missing; replicas (`peers`)
+    /// must set one they share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key_file: Option<PathBuf>,
     /// How long the upstream's yes to a client's credentials is trusted: the delay
@@ -744,17 +745,18 @@ impl ProxyConfig {
             .upstreams
             .iter()
             .find(|u| u.access_mode() == AccessMode::UpstreamAuth);
-        if let Some(u) = guarded {
-            if self.tls.is_none() && !self.access.plain_http {
-                return Err(ConfigError::ChallengesInClear(u.registry.clone()));
-            }
-            if self.peers.is_some() && self.access.signing_key_file.is_none() {
-                return Err(ConfigError::BadPeers(
-                    "replicas verify each other's tokens: set access.signingKeyFile to a file they share (a Secret)",
-                ));
-            }
+        if let Some(u) = guarded
+            && self.tls.is_none()
+            && !self.access.plain_http
+        {
+            return Err(ConfigError::ChallengesInClear(u.registry.clone()));
         }
         if let Some(p) = &self.peers {
+            if self.access.signing_key_file.is_none() {
+                return Err(ConfigError::BadPeers(
+                    "replicas prove their requests to each other (and verify each other's tokens) with a key they share: set access.signingKeyFile to a file they share (a Secret)",
+                ));
+            }
             if self.storage.s3.is_none() {
                 return Err(ConfigError::BadPeers(
                     "replicas share a bucket: set storage.s3 too",
@@ -1177,8 +1179,13 @@ access: { plainHttp: true, deniedTTL: 10s }
             (ev.every, ev.record_every, ev.grace.as_secs()),
             (Duration::from_secs(60), Duration::from_secs(20), 900)
         );
-        let peers = "}}\npeers: {dns: p.ns.svc}";
         let err = |c: ProxyConfig| c.validate().unwrap_err().to_string();
+        // Replicas prove their requests to each other with a key they share.
+        let keyless = err(cfg(
+            ", eviction: {lease: m-evictor}}}\npeers: {dns: p.ns.svc}",
+        ));
+        assert!(keyless.contains("access.signingKeyFile"), "{keyless}");
+        let peers = "}}\npeers: {dns: p.ns.svc}\naccess: {signingKeyFile: /key/k}";
         assert!(err(cfg(peers)).contains("eviction.lease"));
         let leased = cfg(&format!(
             ", eviction: {{lease: m-evictor, every: 10s, recordEvery: 5s}}{peers}"

@@ -389,7 +389,7 @@ fn pod_template(mirror: &RegistryMirror, settings: &ChildSettings, hash: &str) -
             TLS_MOUNT,
         );
     }
-    if mirror.spec.guarded() {
+    if mirror.spec.shares_key() {
         secret(
             "access",
             access_secret_name(mirror),
@@ -955,6 +955,17 @@ pub(crate) mod tests {
         assert_eq!(pod_field_of(c, "POD_IP"), "status.podIP");
         let from = &c.env_from.as_ref().unwrap()[0];
         assert_eq!(from.secret_ref.as_ref().unwrap().name, "keys");
+        // The replicas prove their requests to each other with a key they share.
+        let key = config
+            .access
+            .signing_key_file
+            .as_ref()
+            .expect("a shared key");
+        let mount = c.volume_mounts.as_ref().unwrap().iter();
+        assert!(
+            mount.into_iter().any(|v| key.starts_with(&v.mount_path)),
+            "the key is not mounted"
+        );
         // Without a bucket: no peers, no POD_IP.
         let plain = mirror("upstreams: [{registry: docker.io}]");
         assert!(proxy_config(&plain).unwrap().peers.is_none());

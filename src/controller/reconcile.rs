@@ -343,7 +343,7 @@ pub(super) async fn apply(
             let yaml = config.to_yaml();
             let hash = builders::config_hash(&yaml, &secret_data.hashed);
             observed.ca_bundle = secret_data.ca_bundle;
-            if mirror.spec.guarded() {
+            if mirror.spec.shares_key() {
                 let name = builders::access_secret_name(mirror);
                 ensure_random_secret(client, ns, name, |k| builders::access_secret(mirror, k))
                     .await?;

@@ -66,6 +66,10 @@ pub enum ProxyError {
         /// The `WWW-Authenticate` value.
         challenge: String,
     },
+    /// A request that says it comes from another replica ([`crate::proxy::peers`]) and
+    /// does not prove it, or asks for what a replica may not.
+    #[error("refused as a replica's request: {0}")]
+    PeerRefused(&'static str),
     /// Too many failed credential checks for one user name: refused without asking.
     #[error("too many failed credential checks for this user; try again later")]
     TooManyAttempts,
@@ -106,6 +110,7 @@ impl ProxyError {
             NotAcceptable(_) => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
             NotLinked => (ErrorCode::BlobUnknown, StatusCode::NOT_FOUND),
             Unauthorized { .. } => (ErrorCode::Unauthorized, StatusCode::UNAUTHORIZED),
+            PeerRefused(_) => (ErrorCode::Denied, StatusCode::FORBIDDEN),
             TooManyAttempts => (ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS),
             TokenRequest(_) => (ErrorCode::Unsupported, StatusCode::BAD_REQUEST),
             Storage(_) | Internal(_) => (ErrorCode::Unknown, StatusCode::INTERNAL_SERVER_ERROR),

@@ -153,7 +153,7 @@ struct Outcome {
 pub async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
-    peer: std::net::SocketAddr,
+    _peer: std::net::SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -166,7 +166,7 @@ pub async fn handle(
     let result = if path == TOKEN_PATH {
         auth_token(&proxy, req, &mut outcome).await
     } else {
-        route(&proxy, &req, peer, &mut outcome).await
+        route(&proxy, &req, &mut outcome).await
     };
     let mut resp = match result {
         Ok(resp) => {
@@ -232,7 +232,6 @@ fn pick_upstream(proxy: &Proxy, ns: Option<&str>) -> Result<Arc<Upstream>, Proxy
 async fn route(
     proxy: &Arc<Proxy>,
     req: &Request<Incoming>,
-    peer: std::net::SocketAddr,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, ProxyError> {
     let head = match *req.method() {
@@ -267,9 +266,27 @@ async fn route(
         return Err(ProxyError::RepositoryDenied(repo));
     }
     let cache = proxy.cache();
-    // A replica asks the owner only for what it proved itself.
-    let from_peer = req.headers().contains_key(PEER_HEADER);
-    let trusted = from_peer && cache.is_replica(peer.ip());
+    // Another replica, asking the owner for a blob it proved itself: it is trusted for
+    // that (no challenge, no proof again) once its proof verifies, and for nothing else.
+    let from_peer = match req.headers().get(PEER_HEADER) {
+        None => false,
+        Some(proof) => {
+            let peers = cache
+                .peers()
+                .ok_or(ProxyError::PeerRefused("this proxy has no replicas"))?;
+            let target = req.uri().path_and_query().map_or("", |t| t.as_str());
+            peers
+                .check(proof.to_str().unwrap_or(""), req.method().as_str(), target)
+                .map_err(ProxyError::PeerRefused)?;
+            if head || !matches!(route, Route::Blob(..)) {
+                return Err(ProxyError::PeerRefused(
+                    "a replica may ask another only for a blob (GET)",
+                ));
+            }
+            true
+        }
+    };
+    let trusted = from_peer;
     if up.guarded() && !trusted {
         let scheme = if proxy.https() { "https" } else { "http" };
         let authorization = req

@@ -17,6 +17,7 @@ pub mod peers;
 pub mod prefetcher;
 pub mod pull_through;
 pub mod shared_eviction;
+pub mod shared_key;
 pub mod store;
 #[cfg(test)]
 mod test_support;
@@ -323,16 +324,16 @@ impl Proxy {
             path: key_path.clone(),
             source,
         };
-        let signing_key = if upstreams.values().any(|u| u.guarded()) {
+        // Replicas verify each other's tokens and requests with it.
+        let shared = upstreams.values().any(|u| u.guarded()) || config.peers.is_some();
+        let signing_key = if shared {
             admin::load_or_create_token(&key_path).map_err(key_error)?
         } else {
             crate::fsutil::random_hex(32).map_err(key_error)?
         };
-        let access = access::Access::new(
-            signing_key.into_bytes(),
-            config.access.clone(),
-            metrics.clone(),
-        );
+        let signing_key = shared_key::SharedKey::new(signing_key.into_bytes());
+        let access =
+            access::Access::new(signing_key.clone(), config.access.clone(), metrics.clone());
         let mut cache = PullThrough::new(index, metrics.clone(), policy, pins.clone());
         if let Some(p) = &config.peers {
             let port = config.listen.port();
@@ -347,8 +348,8 @@ impl Proxy {
                     )))?,
             };
             let peers = match &p.dns {
-                Some(name) => peers::Peers::dns(me, name.clone(), port),
-                None => peers::Peers::fixed(me, &p.addresses),
+                Some(name) => peers::Peers::dns(me, name.clone(), port, signing_key),
+                None => peers::Peers::fixed(me, &p.addresses, signing_key),
             };
             tracing::info!(%me, replicas = ?peers.replicas(), dns = ?p.dns, "asking the replica that owns a missing blob for it");
             cache = cache.with_peers(Arc::new(peers));

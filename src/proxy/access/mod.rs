@@ -17,6 +17,7 @@ pub mod token;
 use super::error::ProxyError;
 use super::metrics::Metrics;
 use super::pull_through::single_flight::SingleFlight;
+use super::shared_key::SharedKey;
 use super::store::RepoKey;
 use super::upstream::{Secret, Upstream};
 use crate::api::AccessConfig;
@@ -64,7 +65,7 @@ struct Failures {
 
 /// The decisions of every `upstreamAuth` upstream.
 pub struct Access {
-    key: Vec<u8>,
+    key: SharedKey,
     config: AccessConfig,
     metrics: Metrics,
     /// Whether a repository is public.
@@ -172,7 +173,7 @@ fn remember<K: std::hash::Hash + Eq>(
 
 impl Access {
     /// Decisions signed and keyed with `key`.
-    pub fn new(key: Vec<u8>, config: AccessConfig, metrics: Metrics) -> Access {
+    pub fn new(key: SharedKey, config: AccessConfig, metrics: Metrics) -> Access {
         Access {
             key,
             config,
@@ -294,25 +295,22 @@ impl Access {
             Secret::IdentityToken(t) => (b"identity", t.as_bytes(), b""),
         };
         let name = up.name().as_bytes();
-        let key = token::hmac(
-            &self.key,
-            &[
-                b"decision\0",
-                kind,
-                b"\0",
-                name,
-                b"\0",
-                repository.as_bytes(),
-                b"\0",
-                user,
-                b"\0",
-                pass,
-            ],
-        );
+        let key = self.key.mac(&[
+            b"decision\0",
+            kind,
+            b"\0",
+            name,
+            b"\0",
+            repository.as_bytes(),
+            b"\0",
+            user,
+            b"\0",
+            pass,
+        ]);
         if let Some(k) = self.decisions.fresh(&key) {
             return Ok(k.value.then_some(k.until));
         }
-        let who = token::hmac(&self.key, &[b"user\0", kind, b"\0", name, b"\0", user]);
+        let who = self.key.mac(&[b"user\0", kind, b"\0", name, b"\0", user]);
         if self.failing(&who) {
             return Err(ProxyError::TooManyAttempts);
         }

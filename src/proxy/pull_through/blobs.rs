@@ -803,7 +803,7 @@ impl PullThrough {
         via: Option<SocketAddr>,
     ) -> Option<BlobBody> {
         let (owner, peers) = (via?, self.peers.as_ref()?);
-        match up.blob_via(owner, peers.me(), repository, digest).await {
+        match up.blob_via(owner, peers, repository, digest).await {
             Ok(body) => {
                 self.metrics.peer_fetch(PeerFetch::Owner);
                 Some(body)

@@ -203,11 +203,9 @@ impl PullThrough {
         self
     }
 
-    /// Whether `ip` is one of the replicas that share the store with this one.
-    pub fn is_replica(&self, ip: std::net::IpAddr) -> bool {
-        self.peers
-            .as_ref()
-            .is_some_and(|p| p.replicas().iter().any(|a| a.ip() == ip))
+    /// The replicas that share the store with this one, if there are any.
+    pub fn peers(&self) -> Option<&Arc<Peers>> {
+        self.peers.as_ref()
     }
 
     /// The store underneath.

@@ -19,7 +19,7 @@ use crate::api::{Credentials, RepositoryFilter, UpstreamConfig};
 use crate::oci::media::Accept;
 use crate::oci::{Digest, Reference};
 use crate::proxy::metrics::{Kind, Metrics};
-use crate::proxy::peers::PEER_HEADER;
+use crate::proxy::peers::{PEER_HEADER, Peers};
 use auth::Auth;
 use bytes::Bytes;
 use futures::FutureExt;
@@ -412,7 +412,7 @@ impl Upstream {
     pub async fn blob_via(
         &self,
         owner: SocketAddr,
-        me: SocketAddr,
+        peers: &Peers,
         repository: &str,
         digest: &Digest,
     ) -> Result<BlobBody, UpstreamError> {
@@ -420,13 +420,14 @@ impl Upstream {
             Some(t) => ("https", t),
             None => ("http", &self.transport),
         };
-        let url = format!(
-            "{scheme}://{owner}/v2/{repository}/blobs/{digest}?ns={}",
-            self.name
+        let target = format!(
+            "/v2/{repository}/blobs/{digest}?ns={}",
+            query_escape(&self.name)
         );
-        let me = me.to_string();
+        let url = format!("{scheme}://{owner}{target}");
+        let proof = peers.proof("GET", &target);
         let resp = transport
-            .send_with(&Method::GET, &url, None, None, Some((PEER_HEADER, &me)))
+            .send_with(&Method::GET, &url, None, None, Some((PEER_HEADER, &proof)))
             .await?;
         match resp.status().as_u16() {
             200 => Ok(self.blob_body(resp)),
