@@ -466,6 +466,40 @@ async fn a_public_manifest_that_names_a_private_layer_links_nothing() {
     assert!(linked >= 1.0, "the shared layer was not proven under lib/z");
 }
 
+/// With failover URLs, credentials go to the origin (the last URL) only: a regional
+/// mirror before it that asks for Basic credentials gets neither the proxy's nor, during
+/// a check at /auth/token, the client's; its 401 moves on to the origin, which decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_go_to_the_origin_only() {
+    use crate::common::fault::FaultUpstream;
+    use std::sync::atomic::Ordering;
+    let w = world().await;
+    let mirror = FaultUpstream::start().await;
+    mirror.state.basic_challenge.store(true, Ordering::SeqCst);
+    let mut c = config(&w);
+    c.upstreams[0].url = None;
+    c.upstreams[0].urls = vec![mirror.url.clone(), w.private.url.clone()];
+    let p = Proxy::start_config(c).await;
+
+    // A client's check, then its pull: the origin decides and serves.
+    let alice = token_of(&p, PRIVATE, "team/app", Some(("alice", "wonder"))).await;
+    pull_with(&p, "team/app", &w.app, &alice).await;
+    let mallory = token_of(&p, PRIVATE, "team/app", Some(("alice", "guess"))).await;
+    let r = get(&p, PRIVATE, "team/app/manifests/1", Some(&mallory)).await;
+    assert_eq!(r.status(), 401, "the mirror's refusal decided");
+    // The mirror was asked (the proxy's own fetches go there first) and was never sent
+    // a credential: no Basic, no token.
+    assert!(
+        mirror.count("/v2/team/app/") >= 1,
+        "the mirror was not asked"
+    );
+    let sent = mirror.state.auth_log.lock().unwrap().clone();
+    assert!(
+        sent.iter().all(String::is_empty),
+        "credentials sent to the mirror: {sent:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_clients_with_the_same_credentials_cost_one_check() {
     let w = world().await;

@@ -141,7 +141,8 @@ pub struct MirrorUpstream {
     #[schemars(regex(pattern = r"^https?://[^/?#@ ]+(/[^?# ]*)?$"))]
     pub url: Option<String>,
     /// Several base URLs instead of `url`, tried in order (a regional mirror first, the
-    /// origin last); containerd falls back to the last.
+    /// origin last); containerd falls back to the last. Credentials go to the last one
+    /// only, which also decides who may pull private repositories.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 8))]
     pub urls: Option<Vec<UpstreamUrl>>,

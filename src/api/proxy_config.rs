@@ -150,7 +150,8 @@ pub struct UpstreamConfig {
     pub url: Option<String>,
     /// Several base URLs instead of `url`, tried in order (a regional mirror first, the
     /// origin last): a URL that cannot be reached or answers 5xx is skipped for 30 s
-    /// while the next one answers (`pullthrough_upstream_url_up`).
+    /// while the next one answers (`pullthrough_upstream_url_up`). Credentials go to the
+    /// last one only (the origin), which also decides who may pull private repositories.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub urls: Vec<String>,
     /// Inline credentials.

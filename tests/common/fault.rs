@@ -31,6 +31,9 @@ pub struct State {
     pub redirect_nowhere: std::sync::atomic::AtomicBool,
     /// Non-zero: every /v2/ request gets this status.
     pub fail_status: AtomicU16,
+    /// When set: every /v2/ request is answered 401 with a Basic challenge, whatever it
+    /// carries (a registry that wants credentials it was never given).
+    pub basic_challenge: std::sync::atomic::AtomicBool,
     /// Number of upcoming blob GETs cut off after half the body.
     pub drop_mid_blob: AtomicU32,
     /// When set (see [`FaultUpstream::hold_blobs`]): blob bodies send this many bytes
@@ -265,6 +268,14 @@ async fn respond(st: &State, base: &str, req: Request<Incoming>) -> Response<Bod
             StatusCode::OK,
             r#"{"token":"secret-token","expires_in":300}"#,
         );
+    }
+    if st.basic_challenge.load(Ordering::SeqCst) && path.starts_with("/v2/") {
+        let mut r = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+        r.headers_mut().insert(
+            "www-authenticate",
+            r#"Basic realm="fault""#.parse().unwrap(),
+        );
+        return r;
     }
     let fail = st.fail_status.load(Ordering::SeqCst);
     if fail != 0 {

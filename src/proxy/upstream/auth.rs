@@ -114,6 +114,12 @@ impl Auth {
         }
     }
 
+    /// Whether it has credentials (or an identity token) to answer with.
+    #[cfg(test)]
+    pub(super) fn has_secret(&self) -> bool {
+        self.secret.is_some()
+    }
+
     /// The `Authorization` to send for `scope` without being asked: a cached token, or
     /// Basic once the upstream has asked for it.
     pub(super) fn cached(&self, scope: &str) -> Option<String> {

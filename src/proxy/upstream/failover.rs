@@ -4,6 +4,13 @@
 //! tried when they fail too). A 404 moves on to the next URL too, without marking the
 //! URL down: a regional mirror may hold only some images. `pullthrough_upstream_url_up`
 //! shows each URL's state.
+//!
+//! The last URL is the origin, the registry itself: the proxy's credentials go to it
+//! alone (the URLs before it are asked anonymously: a regional mirror is not the
+//! registry the credentials were given for), and so do the checks of clients' own
+//! credentials and the public probes ([`crate::proxy::access`]), which the origin
+//! decides. A URL before the origin that answers 401 or 403 moves on to the next one,
+//! as a 404 does.
 
 use super::auth::{Auth, Secret};
 use super::error::UpstreamError;
@@ -17,7 +24,8 @@ use tokio::time::Instant;
 /// How long a failed URL goes to the back of the order.
 pub const RECHECK_AFTER: Duration = Duration::from_secs(30);
 
-/// One base URL, with the proxy's own tokens for it (each URL has its own token server).
+/// One base URL, with the proxy's own tokens for it (each URL has its own token server);
+/// credentials only for the origin.
 pub(super) struct Endpoint {
     pub base: String,
     pub auth: Auth,
@@ -29,19 +37,22 @@ pub(super) struct Endpoint {
 pub(super) struct Endpoints(Vec<Endpoint>);
 
 impl Endpoints {
+    /// The URLs, in order; `secret` is the origin's (the last URL's).
     pub fn new(
         upstream: &str,
         urls: Vec<String>,
         secret: Option<Secret>,
         metrics: &Metrics,
     ) -> Endpoints {
+        let origin = urls.len().saturating_sub(1);
         Endpoints(
             urls.into_iter()
-                .map(|base| {
+                .enumerate()
+                .map(|(i, base)| {
                     let up = metrics.upstream_url_up(upstream, &base);
                     up.set(1);
                     Endpoint {
-                        auth: Auth::new(secret.clone()),
+                        auth: Auth::new(secret.clone().filter(|_| i == origin)),
                         base,
                         down_until: Mutex::new(None),
                         up,
@@ -53,6 +64,11 @@ impl Endpoints {
 
     pub fn get(&self, i: usize) -> &Endpoint {
         &self.0[i]
+    }
+
+    /// The origin's index: the last URL.
+    pub fn origin(&self) -> usize {
+        self.0.len() - 1
     }
 
     /// The order to try the URLs in at `now`: those not marked down, as configured, then
@@ -90,6 +106,28 @@ pub(super) fn worth_next(result: &Result<Response<Incoming>, UpstreamError>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_go_to_the_origin_only() {
+        let m = Metrics::new();
+        let urls = ["https://regional.example", "https://origin.example"];
+        let secret = Secret::Password(crate::api::Credentials {
+            username: "u".into(),
+            password: "p".into(),
+        });
+        let e = Endpoints::new(
+            "docker.io",
+            urls.map(String::from).to_vec(),
+            Some(secret),
+            &m,
+        );
+        assert_eq!(e.origin(), 1);
+        assert!(
+            !e.get(0).auth.has_secret(),
+            "a mirror URL got the credentials"
+        );
+        assert!(e.get(1).auth.has_secret());
+    }
 
     #[test]
     fn a_failed_url_goes_to_the_back_until_its_recheck() {

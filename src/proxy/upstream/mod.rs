@@ -568,9 +568,11 @@ impl Upstream {
     }
 
     /// Sends `call` for `/v2/<repository>/<path>[?query]`, authenticating with `auth`
-    /// (none: the proxy's own, per URL) as the upstream asks, to each of its URLs in turn
-    /// while they fail ([`failover`]), and counts each try. Any answer but 200 is an
-    /// error.
+    /// as the upstream asks, and counts each try. Any answer but 200 is an error.
+    /// Without `auth` (the proxy's own request, with its own credentials for the origin)
+    /// each URL is tried in turn while they fail or lack the object ([`failover`]); with
+    /// `auth` (a client's check, or the anonymous probe) only the origin is asked: it
+    /// decides, and a client's credentials go nowhere else.
     async fn call_as(
         &self,
         auth: Option<&Auth>,
@@ -582,7 +584,10 @@ impl Upstream {
             .pressure
             .admit(call.method == Method::GET && call.kind == Kind::Manifest)
             .await?;
-        let order = self.endpoints.order(Instant::now());
+        let order = match auth {
+            Some(_) => vec![self.endpoints.origin()],
+            None => self.endpoints.order(Instant::now()),
+        };
         let tries = order.len();
         let mut answer = None;
         for (n, i) in order.into_iter().enumerate() {
@@ -605,10 +610,14 @@ impl Upstream {
             let failed = failover::worth_next(&result);
             self.endpoints.mark(i, failed, Instant::now());
             // What one URL does not have, the next may (a regional mirror that holds only
-            // some images), as containerd moves on through its hosts; the URL is fine.
-            let missing = result
-                .as_ref()
-                .is_ok_and(|r| r.status() == StatusCode::NOT_FOUND);
+            // some images), as containerd moves on through its hosts; the URL is fine. A
+            // URL before the origin that refuses (it was sent no credentials) is passed
+            // over the same way.
+            let missing = result.as_ref().is_ok_and(|r| {
+                r.status() == StatusCode::NOT_FOUND
+                    || (i != self.endpoints.origin()
+                        && matches!(r.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN))
+            });
             // A back-off is the whole upstream's: no other URL is asked either.
             if (failed || missing) && backoff.is_none() && n + 1 < tries {
                 continue;
