@@ -500,6 +500,88 @@ async fn credentials_go_to_the_origin_only() {
     );
 }
 
+/// An upstream that answers 404 for a private repository to whoever may not see it (as
+/// GitHub, GitLab and Harbor hide them): the repository is still private, and a client
+/// whose credentials get a 404 where the proxy's find the image is refused; a public
+/// repository without a `latest` tag is public.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_hidden_behind_a_404_stays_private() {
+    use crate::common::fault::{FaultUpstream, Hiding};
+    let up = FaultUpstream::start().await;
+    let (app, quiet, open) = (
+        Image::generate(79, &[20_000], "amd64"),
+        Image::generate(80, &[20_000], "amd64"),
+        Image::generate(81, &[20_000], "amd64"),
+    );
+    up.add_image("team/app", "1", &app);
+    up.add_image("team/app", "latest", &app);
+    up.add_image("team/quiet", "1", &quiet);
+    up.add_image("lib/open", "1", &open);
+    let users = [("cache", "stash"), ("alice", "wonder"), ("bob", "builder")];
+    let seen_by = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+    *up.state.hiding.lock().unwrap() = Some(Hiding {
+        users: users
+            .iter()
+            .map(|(u, p)| (u.to_string(), p.to_string()))
+            .collect(),
+        hidden: vec![
+            ("team/app".into(), seen_by(&["cache", "alice"])),
+            ("team/quiet".into(), seen_by(&["cache", "alice"])),
+        ],
+    });
+    let mut c = config_for(&[(PRIVATE, &up.url)]);
+    c.upstreams[0].credentials = Some(cache_credentials());
+    c.access.plain_http = true;
+    let p = Proxy::start_config(c).await;
+
+    // Anonymous: the hidden repositories are private (one with a latest tag, one
+    // without), their manifests and blobs challenged.
+    for (repo, img) in [("team/app", &app), ("team/quiet", &quiet)] {
+        let r = get(&p, PRIVATE, &format!("{repo}/manifests/1"), None).await;
+        assert_eq!(r.status(), 401, "{repo}");
+        let r = get(
+            &p,
+            PRIVATE,
+            &format!("{repo}/blobs/{}", img.layers[0].digest),
+            None,
+        )
+        .await;
+        assert_eq!(r.status(), 401, "{repo}");
+    }
+    // bob's credentials are good, but the upstream hides both from him.
+    for repo in ["team/app", "team/quiet"] {
+        let bob = token_of(&p, PRIVATE, repo, Some(("bob", "builder"))).await;
+        let r = get(&p, PRIVATE, &format!("{repo}/manifests/1"), Some(&bob)).await;
+        assert_eq!(r.status(), 401, "bob pulled {repo}");
+    }
+    // alice sees them.
+    for (repo, img) in [("team/app", &app), ("team/quiet", &quiet)] {
+        let alice = token_of(&p, PRIVATE, repo, Some(("alice", "wonder"))).await;
+        pull_with(&p, repo, img, &alice).await;
+    }
+    // A public repository without a latest tag is public: no challenge.
+    let pulled = pull(&p.url, "lib/open", "1", Some(PRIVATE)).await.unwrap();
+    assert_eq!(pulled.top, open.manifest.digest);
+    let decided = |result: &'static str| {
+        let p = &p;
+        async move {
+            p.metric(
+                "pullthrough_access_decisions_total",
+                &[("upstream", PRIVATE), ("result", result)],
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        (decided("private").await, decided("public").await),
+        (2.0, 1.0)
+    );
+    assert_eq!(
+        (decided("denied").await, decided("allowed").await),
+        (2.0, 2.0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_clients_with_the_same_credentials_cost_one_check() {
     let w = world().await;
@@ -519,14 +601,23 @@ async fn sixteen_clients_with_the_same_credentials_cost_one_check() {
         )
         .await;
     assert_eq!(allowed, 1.0, "upstream checks");
-    // The upstream's own log: one HEAD with bob's credentials (404: no latest tag).
-    let checks = w
-        .private
-        .access_log()
-        .lines()
-        .filter(|l| l.contains("\"HEAD /v2/team/app/manifests/latest") && l.contains("\" 404 "))
-        .count();
-    assert_eq!(checks, 1, "checks in the upstream's log");
+    // The upstream's own log: one check. bob's HEAD of latest (404: no latest tag), the
+    // proxy's own (404 too: not a repository hidden from bob), bob's tags/list (200).
+    // (Each after the 401 that asks for the credentials.)
+    let log = w.private.access_log();
+    let lines = |part: &str, status: &str| {
+        log.lines()
+            .filter(|l| l.contains(part) && l.contains(&format!("\" {status} ")))
+            .count()
+    };
+    assert_eq!(
+        (
+            lines("\"HEAD /v2/team/app/manifests/latest", "404"),
+            lines("\"GET /v2/team/app/tags/list?n=1", "200")
+        ),
+        (2, 1),
+        "checks in the upstream's log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

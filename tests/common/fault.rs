@@ -31,6 +31,8 @@ pub struct State {
     pub redirect_nowhere: std::sync::atomic::AtomicBool,
     /// Non-zero: every /v2/ request gets this status.
     pub fail_status: AtomicU16,
+    /// When set: a registry that hides private repositories (see [`Hiding`]).
+    pub hiding: Mutex<Option<Hiding>>,
     /// When set: every /v2/ request is answered 401 with a Basic challenge, whatever it
     /// carries (a registry that wants credentials it was never given).
     pub basic_challenge: std::sync::atomic::AtomicBool,
@@ -60,6 +62,19 @@ pub struct State {
     /// When set: blob GETs are redirected (307) to `<this>/storage/<digest>?sig=ok`, as
     /// registries do to pre-signed object storage URLs.
     pub redirect_blobs_to: Mutex<Option<String>>,
+}
+
+/// A registry that hides private repositories as GitHub, GitLab and Harbor do: every
+/// /v2/ request needs a token (a 401 Bearer challenge otherwise), the token endpoint gives
+/// anyone one (anonymous without credentials, a user's with valid Basic credentials), and
+/// a hidden repository answers 404, as if it did not exist, to a token whose user may not
+/// see it.
+#[derive(Clone, Default)]
+pub struct Hiding {
+    /// User names and passwords.
+    pub users: Vec<(String, String)>,
+    /// Hidden repositories, and the users who see each.
+    pub hidden: Vec<(String, Vec<String>)>,
 }
 
 pub struct FaultUpstream {
@@ -243,6 +258,46 @@ async fn respond(st: &State, base: &str, req: Request<Incoming>) -> Response<Bod
             Some(b) => full(StatusCode::OK, b.clone()),
             None => full(StatusCode::NOT_FOUND, ""),
         };
+    }
+    let hiding = st.hiding.lock().unwrap().clone();
+    if let Some(h) = &hiding {
+        if path == "/token" {
+            use base64::Engine as _;
+            let user = match auth.strip_prefix("Basic ") {
+                None => Some("anonymous".to_string()),
+                Some(b64) => {
+                    let given = base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .unwrap_or_default();
+                    let given = String::from_utf8_lossy(&given).into_owned();
+                    h.users
+                        .iter()
+                        .find(|(u, p)| given == format!("{u}:{p}"))
+                        .map(|(u, _)| u.clone())
+                }
+            };
+            return match user {
+                Some(u) => full(StatusCode::OK, format!(r#"{{"token":"user:{u}"}}"#)),
+                None => oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            };
+        }
+        let Some(user) = auth.strip_prefix("Bearer user:") else {
+            let mut r = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+            r.headers_mut().insert(
+                "www-authenticate",
+                format!(r#"Bearer realm="{base}/token",service="fault""#)
+                    .parse()
+                    .unwrap(),
+            );
+            return r;
+        };
+        let rest = path.strip_prefix("/v2/").unwrap_or("");
+        let unseen = h.hidden.iter().any(|(repo, seen_by)| {
+            rest.starts_with(&format!("{repo}/")) && !seen_by.iter().any(|u| u == user)
+        });
+        if unseen {
+            return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+        }
     }
     if path == "/token" {
         let creds = st.token_auth.lock().unwrap().clone();

@@ -6,7 +6,7 @@
 //! challenge, the answer probed once and remembered for `publicTTL`. Any other is
 //! private: a client without a token for it is answered 401 with a Bearer challenge whose
 //! realm is this proxy's `/auth/token`. There the client's own credentials are checked
-//! with the upstream (a manifest HEAD made with them), the answer remembered under a
+//! with the upstream ([`Upstream::entitled`]), the answer remembered under a
 //! keyed hash of upstream, repository and credentials (`allowedTTL`, `deniedTTL`), and a
 //! token signed with the replicas' shared key issued for what was allowed. Concurrent
 //! checks of the same question are one check; a user name's failed checks are capped

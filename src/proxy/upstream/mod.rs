@@ -537,11 +537,17 @@ impl Upstream {
         })
     }
 
-    /// Whether `secret` (none: anonymous) may pull `repository`, as the upstream
-    /// itself decides: a HEAD of its `latest` manifest with them, authenticated as the
-    /// upstream asks. 200 or 404 (no such tag, or no such repository) is yes, 401 or 403
-    /// no; a token alone proves nothing, since registries issue tokens of reduced scope.
-    /// The proxy's own credentials play no part.
+    /// Whether `secret` (none: anonymous) may pull `repository`, as the upstream itself
+    /// decides, asked at the origin with them (authenticated as it asks; a token alone
+    /// proves nothing, since registries issue tokens of reduced scope):
+    ///
+    /// 1. a HEAD of the repository's `latest` manifest: 200 is yes, 401 or 403 no;
+    /// 2. on a 404, which a registry also answers for a private repository it hides
+    ///    from who may not see it (GitHub, GitLab, Harbor): the same HEAD with the
+    ///    proxy's own credentials. If they find it, the repository is hidden from
+    ///    `secret`: no;
+    /// 3. else (no `latest` tag, or the proxy does not see it either): the repository's
+    ///    tags/list with `secret`. 200 is yes; anything else no.
     pub async fn entitled(
         &self,
         repository: &str,
@@ -549,11 +555,34 @@ impl Upstream {
     ) -> Result<bool, UpstreamError> {
         let theirs = Auth::new(secret);
         let header = Accept::Any.upstream_header();
-        let mut call = Call::manifest(Method::HEAD, "manifests/latest", &header);
-        call.kind = Kind::Access;
-        match self.call_as(Some(&theirs), repository, call).await {
-            Ok(_) | Err(UpstreamError::NotFound(_)) => Ok(true),
-            Err(UpstreamError::Denied(_)) => Ok(false),
+        let latest = || {
+            let mut call = Call::manifest(Method::HEAD, "manifests/latest", &header);
+            call.kind = Kind::Access;
+            call
+        };
+        match self.call_as(Some(&theirs), repository, latest()).await {
+            Ok(_) => return Ok(true),
+            Err(UpstreamError::NotFound(_)) => {}
+            Err(UpstreamError::Denied(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let ours = &self.endpoints.get(self.endpoints.origin()).auth;
+        match self.call_as(Some(ours), repository, latest()).await {
+            Ok(_) => return Ok(false),
+            Err(UpstreamError::NotFound(_) | UpstreamError::Denied(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let tags = Call {
+            method: Method::GET,
+            kind: Kind::Access,
+            object: Object::Repository,
+            path: "tags/list",
+            query: Some("n=1"),
+            accept: None,
+        };
+        match self.call_as(Some(&theirs), repository, tags).await {
+            Ok(_) => Ok(true),
+            Err(UpstreamError::NotFound(_) | UpstreamError::Denied(_)) => Ok(false),
             Err(e) => Err(e),
         }
     }
