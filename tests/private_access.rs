@@ -83,7 +83,18 @@ async fn get(p: &Proxy, ns: &str, path: &str, token: Option<&str>) -> reqwest::R
 
 /// A token from the proxy for pulling `repo` of `ns` (GET, Basic when `user` is given).
 async fn token(p: &Proxy, ns: &str, repo: &str, user: Option<(&str, &str)>) -> reqwest::Response {
-    let mut r = http().get(format!(
+    token_with(&http(), p, ns, repo, user).await
+}
+
+/// [`token`], asked by client `c`.
+async fn token_with(
+    c: &reqwest::Client,
+    p: &Proxy,
+    ns: &str,
+    repo: &str,
+    user: Option<(&str, &str)>,
+) -> reqwest::Response {
+    let mut r = c.get(format!(
         "{}/auth/token?service=pullthrough:{ns}&scope=repository:{repo}:pull",
         p.url
     ));
@@ -742,6 +753,102 @@ async fn repeated_failures_of_one_user_are_refused_without_asking() {
             .await
             .status(),
         200
+    );
+}
+
+/// A client whose requests come from `address` (a loopback address of its own).
+fn client_at(address: &str) -> reqwest::Client {
+    tls_provider();
+    reqwest::Client::builder()
+        .local_address(address.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// What one client can make the token endpoint ask the upstream is bounded, and nobody
+/// can lock the real user out: scopes per request are capped, failures are counted per
+/// user name and address and per address, and credentials the upstream accepted are
+/// exempt from lock-outs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_endpoint_neither_amplifies_nor_locks_out_the_real_user() {
+    let w = world().await;
+    let mut c = config(&w);
+    c.access.max_failed_checks = 3;
+    c.access.max_failed_checks_per_client = 5;
+    let p = Proxy::start_config(c).await;
+    let denied = || {
+        let p = &p;
+        async move {
+            p.metric(
+                "pullthrough_access_decisions_total",
+                &[("upstream", PRIVATE), ("result", "denied")],
+            )
+            .await
+        }
+    };
+
+    // One request naming 400 repositories is refused before anything is asked.
+    let scopes: Vec<String> = (0..400)
+        .map(|i| format!("repository:team/r{i}:pull"))
+        .collect();
+    let service = format!("pullthrough:{PRIVATE}");
+    let form = [
+        ("grant_type", "password"),
+        ("username", "alice"),
+        ("password", "wonder"),
+        ("service", service.as_str()),
+        ("scope", &scopes.join(" ")),
+    ];
+    let before = p.upstream_requests().await;
+    let r = post_form(&format!("{}/auth/token", p.url), &form).await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("at most 16"));
+    assert_eq!(
+        p.upstream_requests().await,
+        before,
+        "the upstream was asked"
+    );
+
+    // Guesses at alice's password from another address lock out that address only.
+    let guesser = client_at("127.0.0.2");
+    for i in 0..3 {
+        let pw = format!("guess{i}");
+        let r = token_with(&guesser, &p, PRIVATE, "team/app", Some(("alice", &pw))).await;
+        assert_eq!(r.status(), 200, "a token that grants nothing");
+    }
+    let r = token_with(&guesser, &p, PRIVATE, "team/app", Some(("alice", "guess3"))).await;
+    assert_eq!(r.status(), 429);
+    let alice = token_of(&p, PRIVATE, "team/app", Some(("alice", "wonder"))).await;
+    pull_with(&p, "team/app", &w.app, &alice).await;
+
+    // From her own address too: once the upstream accepted her password, guesses there
+    // lock out further guesses, not her.
+    for i in 0..3 {
+        let pw = format!("nope{i}");
+        let t = token_of(&p, PRIVATE, "team/app", Some(("alice", &pw))).await;
+        let r = get(&p, PRIVATE, "team/app/manifests/1", Some(&t)).await;
+        assert_eq!(r.status(), 401);
+    }
+    let r = token(&p, PRIVATE, "team/app", Some(("alice", "nope3"))).await;
+    assert_eq!(r.status(), 429);
+    let other = token_of(&p, PRIVATE, "team/other", Some(("alice", "wonder"))).await;
+    pull_with(&p, "team/other", &w.other, &other).await;
+
+    // Many user names from one address: the address's failures are capped.
+    let sprayer = client_at("127.0.0.3");
+    let checks = denied().await;
+    for i in 0..5 {
+        let user = format!("user{i}");
+        let r = token_with(&sprayer, &p, PRIVATE, "team/app", Some((&user, "x"))).await;
+        assert_eq!(r.status(), 200);
+    }
+    let r = token_with(&sprayer, &p, PRIVATE, "team/app", Some(("user5", "x"))).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        denied().await - checks,
+        5.0,
+        "upstream checks for the sprayer"
     );
 }
 

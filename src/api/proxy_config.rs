@@ -289,10 +289,16 @@ pub struct AccessConfig {
         with = "crate::api::duration::serde"
     )]
     pub token_ttl: Duration,
-    /// Failed credential checks allowed per user name and upstream in `deniedTTL`;
-    /// more are refused (429) without asking the upstream.
+    /// Failed credential checks allowed per user name, client address and upstream in
+    /// `deniedTTL`; more are refused (429) without asking the upstream (but for
+    /// credentials the upstream accepted before).
     #[serde(default = "default_failed_checks")]
     pub max_failed_checks: u32,
+    /// Failed credential checks allowed per client address and upstream in `deniedTTL`,
+    /// whatever the user names; more are refused (429) without asking the upstream (but
+    /// for credentials the upstream accepted before).
+    #[serde(default = "default_failed_checks_per_client")]
+    pub max_failed_checks_per_client: u32,
     /// Challenge clients over plain HTTP: their credentials then cross the network in
     /// clear. Required for `upstreamAuth` on a proxy without `tls`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -308,6 +314,7 @@ impl Default for AccessConfig {
             public_ttl: default_public_ttl(),
             token_ttl: default_token_ttl(),
             max_failed_checks: default_failed_checks(),
+            max_failed_checks_per_client: default_failed_checks_per_client(),
             plain_http: false,
         }
     }
@@ -737,6 +744,10 @@ impl ProxyConfig {
             (self.access.public_ttl.is_zero(), "access.publicTTL"),
             (self.access.token_ttl.is_zero(), "access.tokenTTL"),
             (self.access.max_failed_checks == 0, "access.maxFailedChecks"),
+            (
+                self.access.max_failed_checks_per_client == 0,
+                "access.maxFailedChecksPerClient",
+            ),
         ] {
             if zero {
                 return Err(ConfigError::Zero(name));
@@ -1058,6 +1069,9 @@ fn default_token_ttl() -> Duration {
 }
 fn default_failed_checks() -> u32 {
     10
+}
+fn default_failed_checks_per_client() -> u32 {
+    30
 }
 fn default_max_connections() -> usize {
     4096

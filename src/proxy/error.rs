@@ -70,9 +70,13 @@ pub enum ProxyError {
     /// does not prove it, or asks for what a replica may not.
     #[error("refused as a replica's request: {0}")]
     PeerRefused(&'static str),
-    /// Too many failed credential checks for one user name: refused without asking.
-    #[error("too many failed credential checks for this user; try again later")]
+    /// Too many failed credential checks for one user name from one address, or from one
+    /// address: refused without asking.
+    #[error("too many failed credential checks from this client; try again later")]
     TooManyAttempts,
+    /// Too many credential checks in progress to ask another now.
+    #[error("too many credential checks in progress; try again shortly")]
+    ChecksBusy,
     /// A token request that cannot be answered (unknown service, a grant not supported).
     #[error("{0}")]
     TokenRequest(String),
@@ -111,7 +115,9 @@ impl ProxyError {
             NotLinked => (ErrorCode::BlobUnknown, StatusCode::NOT_FOUND),
             Unauthorized { .. } => (ErrorCode::Unauthorized, StatusCode::UNAUTHORIZED),
             PeerRefused(_) => (ErrorCode::Denied, StatusCode::FORBIDDEN),
-            TooManyAttempts => (ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS),
+            TooManyAttempts | ChecksBusy => {
+                (ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS)
+            }
             TokenRequest(_) => (ErrorCode::Unsupported, StatusCode::BAD_REQUEST),
             Storage(_) | Internal(_) => (ErrorCode::Unknown, StatusCode::INTERNAL_SERVER_ERROR),
         }

@@ -153,7 +153,7 @@ struct Outcome {
 pub async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
-    _peer: std::net::SocketAddr,
+    client: std::net::SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -164,7 +164,7 @@ pub async fn handle(
         cache: None,
     };
     let result = if path == TOKEN_PATH {
-        auth_token(&proxy, req, &mut outcome).await
+        auth_token(&proxy, req, client.ip(), &mut outcome).await
     } else {
         route(&proxy, &req, &mut outcome).await
     };
@@ -413,6 +413,9 @@ async fn route(
 pub const TOKEN_PATH: &str = "/auth/token";
 /// Largest token request body read (a POSTed form).
 const MAX_TOKEN_FORM: usize = 64 << 10;
+/// Repositories one token request may ask for: each is a check with the upstream.
+/// containerd and docker ask for one or two.
+pub const MAX_TOKEN_SCOPES: usize = 16;
 
 /// The `WWW-Authenticate` challenge for `repository` of `up`: the realm is this proxy's
 /// token endpoint, on the host the client asked for.
@@ -490,6 +493,7 @@ fn basic_credentials(header: Option<&str>) -> Option<Credentials> {
 async fn auth_token(
     proxy: &Proxy,
     req: Request<Incoming>,
+    client: std::net::IpAddr,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, ProxyError> {
     let mut secret = basic_credentials(
@@ -579,9 +583,14 @@ async fn auth_token(
         }
     }
     outcome.repo = repositories.first().cloned();
+    if repositories.len() > MAX_TOKEN_SCOPES {
+        return Err(ProxyError::TokenRequest(format!(
+            "at most {MAX_TOKEN_SCOPES} repositories per token request"
+        )));
+    }
     let issued = proxy
         .access()
-        .issue(&up, &repositories, secret.as_ref())
+        .issue(&up, &repositories, secret.as_ref(), client)
         .await?;
     let body = serde_json::json!({
         "token": issued.token,

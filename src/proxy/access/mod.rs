@@ -9,8 +9,10 @@
 //! with the upstream ([`Upstream::entitled`]), the answer remembered under a
 //! keyed hash of upstream, repository and credentials (`allowedTTL`, `deniedTTL`), and a
 //! token signed with the replicas' shared key issued for what was allowed. Concurrent
-//! checks of the same question are one check; a user name's failed checks are capped
-//! per upstream.
+//! checks of the same question are one check. What one client can make the proxy ask is
+//! bounded: scopes per token request (at the endpoint), checks in flight per upstream and
+//! per client address, failed checks per user name from one address and per address;
+//! credentials the upstream accepted are never locked out by someone else's failures.
 
 pub mod token;
 
@@ -22,12 +24,27 @@ use super::store::RepoKey;
 use super::upstream::{Secret, Upstream};
 use crate::api::AccessConfig;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Entries a decision map holds before expired ones are dropped.
 const PRUNE_AT: usize = 50_000;
+
+/// Questions put to one upstream at once (credential checks and public probes): what
+/// the rest of its requests keep of its caps however many are asked.
+const CHECKS_PER_UPSTREAM: usize = 16;
+
+/// Credential checks made for one client address at once.
+const CHECKS_PER_CLIENT: usize = 4;
+
+/// How long a question waits for room before it is refused (429).
+const CHECK_WAIT: Duration = Duration::from_secs(30);
+
+/// How long credentials the upstream accepted stay exempt from lock-outs.
+const PROVEN_FOR: Duration = Duration::from_secs(24 * 3600);
 
 /// How a request for a repository of an `upstreamAuth` upstream may go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +89,63 @@ pub struct Access {
     visibility: Answers<RepoKey>,
     /// Whether credentials may pull a repository, by keyed hash.
     decisions: Answers<[u8; 32]>,
-    /// Failed checks by keyed hash of upstream and user name.
+    /// Failed checks by keyed hash: of upstream, user name and client address, and of
+    /// upstream and client address.
     failures: Arc<Mutex<HashMap<[u8; 32], Failures>>>,
+    /// Credentials the upstream accepted, by keyed hash of upstream and credentials:
+    /// until when they are exempt from lock-outs.
+    proven: Arc<Mutex<HashMap<[u8; 32], Instant>>>,
+    /// Room for questions: per upstream, and per client address.
+    room: Room,
+}
+
+/// Room for questions put to the upstreams (see [`CHECKS_PER_UPSTREAM`] and
+/// [`CHECKS_PER_CLIENT`]).
+#[derive(Default)]
+struct Room {
+    upstreams: Mutex<HashMap<String, Arc<Semaphore>>>,
+    clients: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
+}
+
+impl Room {
+    /// The semaphores a question of `upstream`'s for `client` (none: a probe) takes.
+    fn for_question(&self, upstream: &str, client: Option<IpAddr>) -> Vec<Arc<Semaphore>> {
+        let mut out = vec![
+            self.upstreams
+                .lock()
+                .expect("access lock")
+                .entry(upstream.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(CHECKS_PER_UPSTREAM)))
+                .clone(),
+        ];
+        if let Some(ip) = client {
+            let mut clients = self.clients.lock().expect("access lock");
+            if clients.len() >= PRUNE_AT {
+                // Those nobody holds are as good as new.
+                clients.retain(|_, s| s.available_permits() < CHECKS_PER_CLIENT);
+            }
+            let client = clients
+                .entry(ip)
+                .or_insert_with(|| Arc::new(Semaphore::new(CHECKS_PER_CLIENT)));
+            out.push(client.clone());
+        }
+        out
+    }
+}
+
+/// Takes room in each of `semaphores` (the client's first), waiting [`CHECK_WAIT`] at
+/// most; given back when the permits are dropped.
+async fn take(semaphores: Vec<Arc<Semaphore>>) -> Result<Vec<OwnedSemaphorePermit>, ProxyError> {
+    let all = async {
+        let mut taken = Vec::new();
+        for s in semaphores.into_iter().rev() {
+            taken.push(s.acquire_owned().await.expect("never closed"));
+        }
+        taken
+    };
+    tokio::time::timeout(CHECK_WAIT, all)
+        .await
+        .map_err(|_| ProxyError::ChecksBusy)
 }
 
 /// The `service` of an upstream's challenges and tokens.
@@ -181,6 +253,8 @@ impl Access {
             decisions: Answers::new(&metrics),
             metrics,
             failures: Arc::default(),
+            proven: Arc::default(),
+            room: Room::default(),
         }
     }
 
@@ -218,7 +292,7 @@ impl Access {
         if let Some(k) = self.visibility.fresh(&key) {
             return k.value;
         }
-        let question = self.question(up, repository, None, ("public", "private"));
+        let question = self.question(up, repository, None, ("public", "private"), None);
         let ttl = self.config.public_ttl;
         match self
             .visibility
@@ -236,29 +310,35 @@ impl Access {
     }
 
     /// A token for `repositories` of `up`: pull for each one `secret` may pull (as the
-    /// upstream says), nothing for the others and for an anonymous client.
+    /// upstream says), nothing for the others and for an anonymous client. `client` is
+    /// the address the request came from.
     pub async fn issue(
         &self,
         up: &Arc<Upstream>,
         repositories: &[String],
         secret: Option<&Secret>,
+        client: IpAddr,
     ) -> Result<Issued, ProxyError> {
-        let now = Instant::now();
-        let mut until = now + self.config.token_ttl;
         let (mut pull, mut refused) = (Vec::new(), Vec::new());
+        let mut decided_until: Option<Instant> = None;
         for repository in repositories {
             let allowed = match secret {
-                Some(c) => self.decide(up, repository, c).await?,
+                Some(c) => self.decide(up, repository, c, client).await?,
                 None => None,
             };
             match allowed {
                 Some(expiry) => {
-                    until = until.min(expiry);
+                    decided_until = Some(decided_until.map_or(expiry, |u| u.min(expiry)));
                     pull.push(repository.clone());
                 }
                 None => refused.push(repository.clone()),
             }
         }
+        // Counted from now, once the checks (which take a while) are made.
+        let now = Instant::now();
+        let until = decided_until.map_or(now + self.config.token_ttl, |u| {
+            u.min(now + self.config.token_ttl)
+        });
         // The token expires on the last whole second before its decision does: never
         // after it (but for a decision with less than a second left), at most a second
         // before.
@@ -281,12 +361,14 @@ impl Access {
         })
     }
 
-    /// Until when `secret` may pull `repository` of `up`; `None` when it may not.
+    /// Until when `secret` may pull `repository` of `up`; `None` when it may not. Asked
+    /// for by `client`.
     async fn decide(
         &self,
         up: &Arc<Upstream>,
         repository: &str,
         secret: &Secret,
+        client: IpAddr,
     ) -> Result<Option<Instant>, ProxyError> {
         // Failures are counted per user name; an identity token names no user, so its
         // own hash stands in (guessing one is hopeless: what is capped is asking again).
@@ -310,19 +392,42 @@ impl Access {
         if let Some(k) = self.decisions.fresh(&key) {
             return Ok(k.value.then_some(k.until));
         }
-        let who = self.key.mac(&[b"user\0", kind, b"\0", name, b"\0", user]);
-        if self.failing(&who) {
+        let address = client.to_string();
+        let address = address.as_bytes();
+        let credentials = self
+            .key
+            .mac(&[b"proven\0", kind, b"\0", name, b"\0", user, b"\0", pass]);
+        // Someone else's failures (a guesser on the user's name, or on the same address)
+        // never lock out credentials the upstream accepted.
+        let who = self
+            .key
+            .mac(&[b"user\0", kind, b"\0", name, b"\0", user, b"\0", address]);
+        let from = self.key.mac(&[b"client\0", name, b"\0", address]);
+        let config = &self.config;
+        if !self.proven(&credentials)
+            && (self.failing(&who, config.max_failed_checks)
+                || self.failing(&from, config.max_failed_checks_per_client))
+        {
             return Err(ProxyError::TooManyAttempts);
         }
-        // A denial counts as a failure of the user name's, before the answer leaves the
-        // flight.
-        let question = self.question(up, repository, Some(secret.clone()), ("allowed", "denied"));
-        let (allowed_ttl, denied_ttl) = (self.config.allowed_ttl, self.config.denied_ttl);
-        let failures = self.failures.clone();
+        // A denial counts as a failure of the user name's and of the address's, a yes
+        // proves the credentials, before the answer leaves the flight.
+        let question = self.question(
+            up,
+            repository,
+            Some(secret.clone()),
+            ("allowed", "denied"),
+            Some(client),
+        );
+        let (allowed_ttl, denied_ttl) = (config.allowed_ttl, config.denied_ttl);
+        let (failures, proven) = (self.failures.clone(), self.proven.clone());
         let ttl = move |allowed: bool| if allowed { allowed_ttl } else { denied_ttl };
         let count = move |allowed: bool| {
-            if !allowed {
+            if allowed {
+                remember_proven(&proven, credentials);
+            } else {
                 failed(&failures, who, denied_ttl);
+                failed(&failures, from, denied_ttl);
             }
         };
         match self.decisions.ask(key, question, ttl, count).await {
@@ -342,6 +447,13 @@ impl Access {
         }
     }
 
+    /// Whether the credentials hashed to `credentials` were accepted lately.
+    fn proven(&self, credentials: &[u8; 32]) -> bool {
+        let map = self.proven.lock().expect("access lock");
+        map.get(credentials)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
     /// The question whether `secret` (none: anonymous) may pull `repository` of `up`,
     /// its answers counted as `labels` (yes, no).
     fn question(
@@ -350,6 +462,7 @@ impl Access {
         repository: &str,
         secret: Option<Secret>,
         labels: (&'static str, &'static str),
+        client: Option<IpAddr>,
     ) -> Question {
         Question {
             up: up.clone(),
@@ -357,31 +470,34 @@ impl Access {
             repository: repository.to_string(),
             secret,
             labels,
+            room: self.room.for_question(up.name(), client),
         }
     }
 
-    /// Whether the user name hashed to `who` has used up its failed checks.
-    fn failing(&self, who: &[u8; 32]) -> bool {
+    /// Whether what is hashed to `who` (a user name from an address, an address) has
+    /// used up its `max` failed checks.
+    fn failing(&self, who: &[u8; 32], max: u32) -> bool {
         let map = self.failures.lock().expect("access lock");
-        map.get(who).is_some_and(|f| {
-            f.count >= self.config.max_failed_checks && f.since.elapsed() < self.config.denied_ttl
-        })
+        map.get(who)
+            .is_some_and(|f| f.count >= max && f.since.elapsed() < self.config.denied_ttl)
     }
 }
 
 /// Whether `secret` (none: anonymous) may pull `repository` of `up`: a question for the
-/// upstream, its answer counted in `pullthrough_access_decisions_total` as `labels`
-/// (yes, no), or `error`.
+/// upstream, asked once there is `room` for it, its answer counted in
+/// `pullthrough_access_decisions_total` as `labels` (yes, no), or `error`.
 struct Question {
     up: Arc<Upstream>,
     metrics: Metrics,
     repository: String,
     secret: Option<Secret>,
     labels: (&'static str, &'static str),
+    room: Vec<Arc<Semaphore>>,
 }
 
 impl Question {
     async fn ask(self) -> Result<bool, ProxyError> {
+        let _room = take(self.room).await?;
         let started = Instant::now();
         let result = self
             .up
@@ -399,7 +515,17 @@ impl Question {
     }
 }
 
-/// Counts a failed check of the user name hashed to `who`, in windows of `window`.
+/// Remembers that the credentials hashed to `credentials` were accepted.
+fn remember_proven(proven: &Mutex<HashMap<[u8; 32], Instant>>, credentials: [u8; 32]) {
+    let mut map = proven.lock().expect("access lock");
+    if map.len() >= PRUNE_AT {
+        let now = Instant::now();
+        map.retain(|_, until| *until > now);
+    }
+    map.insert(credentials, Instant::now() + PROVEN_FOR);
+}
+
+/// Counts a failed check of what is hashed to `who`, in windows of `window`.
 fn failed(failures: &Mutex<HashMap<[u8; 32], Failures>>, who: [u8; 32], window: Duration) {
     let mut map = failures.lock().expect("access lock");
     if map.len() >= PRUNE_AT {
