@@ -48,11 +48,13 @@ pub struct ConnLimits {
 }
 
 impl ConnLimits {
-    /// The operations endpoints': few connections, nothing slow.
+    /// The operations endpoints': few connections, nothing slow. Their clients (probes,
+    /// Prometheus, the controller) send a request as soon as they connect: a connection
+    /// that does not is closed after 5 s, so idle connections cannot hold the port.
     pub const OPS: ConnLimits = ConnLimits {
         max_connections: 64,
-        header_timeout: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(120),
+        header_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(30),
     };
 }
 
@@ -199,6 +201,44 @@ fn too_many_connections() -> Vec<u8> {
     answer
 }
 
+/// The answer to a probe (`GET /healthz` or `GET /readyz`) whose request `head` came on
+/// a connection over the limit, as a whole HTTP/1.1 message: probes are answered
+/// whatever else holds the connections, so that a pod is not taken for dead because
+/// someone keeps its port busy. `None` for any other request.
+fn probe_over_the_limit(ops: &dyn Ops, head: &[u8]) -> Option<Vec<u8>> {
+    let line = head.split(|&b| b == b'\r' || b == b'\n').next()?;
+    let mut parts = std::str::from_utf8(line).ok()?.split(' ');
+    let (Some("GET"), Some(path)) = (parts.next(), parts.next()) else {
+        return None;
+    };
+    let (status, body) = probe(ops, path)?;
+    let mut answer = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(body.as_bytes());
+    Some(answer)
+}
+
+/// The answer to `GET path` when it is a probe (`/healthz`, `/readyz`).
+fn probe(ops: &dyn Ops, path: &str) -> Option<(StatusCode, String)> {
+    match path {
+        "/healthz" => Some((StatusCode::OK, "ok\n".into())),
+        "/readyz" => Some(match ops.readiness() {
+            Ok(()) => match ops.degraded() {
+                Some(why) => (StatusCode::OK, format!("ready, degraded: {why}\n")),
+                None => (StatusCode::OK, "ready\n".into()),
+            },
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        }),
+        _ => None,
+    }
+}
+
 /// Logs at most one warning a minute, for events that can come by the thousand.
 fn warn_now(last: &AtomicU64) -> bool {
     let now = std::time::SystemTime::now()
@@ -240,8 +280,9 @@ impl Connection for Plain {
 /// see [`crate::proxy::zero_copy`]).
 ///
 /// `limits` bound what clients hold: a connection over `max_connections` is answered
-/// 503 and closed, one that sends no request head in time or sits idle is closed, and
-/// accept errors (out of file descriptors) back off instead of spinning.
+/// 503 and closed (but for a probe, answered from `probes` when given), one that sends
+/// no request head in time or sits idle is closed, and accept errors (out of file
+/// descriptors) back off instead of spinning.
 pub async fn accept_loop<C, F, Fut>(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
@@ -249,6 +290,7 @@ pub async fn accept_loop<C, F, Fut>(
     limits: ConnLimits,
     connections: Arc<C>,
     handler: F,
+    probes: Option<Arc<dyn Ops>>,
 ) where
     C: Connection,
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
@@ -284,6 +326,7 @@ pub async fn accept_loop<C, F, Fut>(
             let Ok(refusal) = refusals.clone().try_acquire_owned() else {
                 continue;
             };
+            let probes = probes.clone();
             tracker.spawn(async move {
                 let _refusal = refusal;
                 let mut stream = stream;
@@ -292,10 +335,15 @@ pub async fn accept_loop<C, F, Fut>(
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
                     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
                     let mut head = [0u8; 4096];
-                    let _ =
+                    let read =
                         tokio::time::timeout(Duration::from_millis(500), stream.read(&mut head))
                             .await;
-                    let _ = stream.write_all(&too_many_connections()).await;
+                    let n = read.ok().and_then(Result::ok).unwrap_or(0);
+                    let answer = probes
+                        .as_deref()
+                        .and_then(|ops| probe_over_the_limit(ops, &head[..n]))
+                        .unwrap_or_else(too_many_connections);
+                    let _ = stream.write_all(&answer).await;
                     let _ = stream.shutdown().await;
                 })
                 .await;
@@ -374,26 +422,15 @@ pub async fn handle_ops(
             .body(full(body))
             .expect("valid response")
     };
+    if req.method() == Method::GET
+        && let Some((status, body)) = probe(ops.as_ref(), req.uri().path())
+    {
+        return Ok(text(status, body, "text/plain"));
+    }
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             text(StatusCode::OK, ops.metrics(), "text/plain; version=0.0.4")
         }
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        (&Method::GET, "/readyz") => match ops.readiness() {
-            Ok(()) => match ops.degraded() {
-                Some(why) => text(
-                    StatusCode::OK,
-                    format!("ready, degraded: {why}\n"),
-                    "text/plain",
-                ),
-                None => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-            },
-            Err(why) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{why}\n"),
-                "text/plain",
-            ),
-        },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     })
 }
@@ -401,6 +438,7 @@ pub async fn handle_ops(
 /// Serves an operations endpoint until `stop` turns true.
 pub async fn serve_ops(listener: TcpListener, ops: Arc<dyn Ops>, stop: watch::Receiver<bool>) {
     let tracker = TaskTracker::new();
+    let probes = Some(ops.clone());
     accept_loop(
         listener,
         stop,
@@ -408,6 +446,7 @@ pub async fn serve_ops(listener: TcpListener, ops: Arc<dyn Ops>, stop: watch::Re
         ConnLimits::OPS,
         Arc::new(Plain),
         move |req, _| handle_ops(ops.clone(), req),
+        probes,
     )
     .await;
     tracker.close();

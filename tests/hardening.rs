@@ -567,6 +567,33 @@ async fn silent_and_idle_connections_are_closed() {
     assert!(rest.len() < layer.bytes.len(), "the whole blob went out");
 }
 
+/// Idle connections holding every place on the operations port leave the probes
+/// answering: a probe on a connection over the limit is answered as ever (with them
+/// held, it was 503 until they timed out, and the pod would have been restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_while_idle_connections_hold_the_operations_port() {
+    let up = FaultUpstream::start().await;
+    let proxy = Proxy::start_config(config(&up)).await;
+    let ops = proxy.metrics_url.trim_start_matches("http://").to_string();
+    // As many idle connections as the port takes; the probes' come after them.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(tokio::net::TcpStream::connect(&ops).await.unwrap());
+    }
+    for (path, body) in [("/healthz", "ok"), ("/readyz", "ready")] {
+        let mut s = tokio::net::TcpStream::connect(&ops).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let answer = String::from_utf8_lossy(&read_to_close(&mut s).await).into_owned();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with(&format!("\r\n\r\n{body}\n")),
+            "{path}: {answer}"
+        );
+    }
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_get_a_clear_answer_and_ops_keep_answering() {
     let up = FaultUpstream::start().await;

@@ -585,6 +585,7 @@ pub async fn serve(
             limits,
             tls,
             handler,
+            None,
         )),
         None => {
             let zero_copy = Arc::new(zero_copy::ZeroCopy {
@@ -597,6 +598,7 @@ pub async fn serve(
                 limits,
                 zero_copy,
                 handler,
+                None,
             ))
         }
     };
@@ -608,6 +610,7 @@ pub async fn serve(
         ConnLimits::OPS,
         Arc::new(crate::server::Plain),
         move |req, peer| http::handle_ops(p2.clone(), req, peer),
+        Some(proxy.clone() as Arc<dyn crate::server::Ops>),
     );
     let ops_task = tokio::spawn(ops_loop);
     // Pins are known once prefetched: only then may a lowered limit evict.
