@@ -178,6 +178,61 @@ fn rbac_rules_of_chart_and_deploy_are_the_same() {
     }
 }
 
+/// The shipped NetworkPolicy (deploy/ and the chart's) selects the proxy pods the
+/// controller makes, leaves their registry API open and admits to their operations port
+/// (metrics, the admin endpoint) only the controller's pods and Prometheus.
+#[test]
+fn the_network_policy_admits_to_the_operations_port_only_the_controller_and_prometheus() {
+    use pullthrough::api::mirror::{METRICS_PORT, PROXY_PORT};
+    use pullthrough::api::mirror::{RegistryMirror, RegistryMirrorSpec};
+    let policy = &yaml_docs("deploy/05-network-policy.yaml")[0];
+    let spec: RegistryMirrorSpec =
+        serde_yaml::from_str("upstreams: [{registry: docker.io}]").unwrap();
+    let proxy_pods = pullthrough::controller::builders::labels(&RegistryMirror::new("m", spec));
+    let controller_pods =
+        &yaml_docs("deploy/03-controller.yaml")[0]["spec"]["template"]["metadata"]["labels"];
+    let subset = |selector: &serde_yaml::Value, labels: &dyn Fn(&str) -> Option<String>| {
+        let m = selector["matchLabels"].as_mapping().expect("matchLabels");
+        !m.is_empty()
+            && m.iter()
+                .all(|(k, v)| labels(k.as_str().unwrap()).as_deref() == v.as_str())
+    };
+    assert!(
+        subset(&policy["spec"]["podSelector"], &|k| proxy_pods
+            .get(k)
+            .cloned()),
+        "the policy does not select the proxy pods"
+    );
+    let rules = policy["spec"]["ingress"].as_sequence().unwrap();
+    let rule_for = |port: u16| {
+        rules
+            .iter()
+            .find(|r| r["ports"][0]["port"].as_u64() == Some(port.into()))
+            .unwrap_or_else(|| panic!("no rule for port {port}"))
+    };
+    assert!(
+        rule_for(PROXY_PORT).get("from").is_none(),
+        "the registry API is open"
+    );
+    let from = rule_for(METRICS_PORT)["from"].as_sequence().unwrap();
+    assert_eq!(from.len(), 2, "{from:?}");
+    assert!(subset(&from[0]["podSelector"], &|k| {
+        controller_pods[k].as_str().map(str::to_string)
+    }));
+    assert!(from[1]["namespaceSelector"].is_mapping(), "Prometheus");
+    // The chart's template makes the same policy (its ports and selectors as text).
+    let chart = read("charts/pullthrough/templates/networkpolicy.yaml");
+    for part in [
+        format!("port: {PROXY_PORT}"),
+        format!("port: {METRICS_PORT}"),
+        "app.kubernetes.io/component: proxy".to_string(),
+        "app.kubernetes.io/component: controller".to_string(),
+        ".Values.networkPolicy.metricsFrom".to_string(),
+    ] {
+        assert!(chart.contains(&part), "the chart's policy lacks {part}");
+    }
+}
+
 #[test]
 fn alerts_use_real_metrics_and_parse() {
     let names = code_metric_names();
