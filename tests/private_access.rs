@@ -756,16 +756,6 @@ async fn repeated_failures_of_one_user_are_refused_without_asking() {
     );
 }
 
-/// A client whose requests come from `address` (a loopback address of its own).
-fn client_at(address: &str) -> reqwest::Client {
-    tls_provider();
-    reqwest::Client::builder()
-        .local_address(address.parse::<std::net::IpAddr>().unwrap())
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-}
-
 /// What one client can make the token endpoint ask the upstream is bounded, and nobody
 /// can lock the real user out: scopes per request are capped, failures are counted per
 /// user name and address and per address, and credentials the upstream accepted are
@@ -811,7 +801,7 @@ async fn the_token_endpoint_neither_amplifies_nor_locks_out_the_real_user() {
     );
 
     // Guesses at alice's password from another address lock out that address only.
-    let guesser = client_at("127.0.0.2");
+    let guesser = http_from("127.0.0.2");
     for i in 0..3 {
         let pw = format!("guess{i}");
         let r = token_with(&guesser, &p, PRIVATE, "team/app", Some(("alice", &pw))).await;
@@ -836,7 +826,7 @@ async fn the_token_endpoint_neither_amplifies_nor_locks_out_the_real_user() {
     pull_with(&p, "team/other", &w.other, &other).await;
 
     // Many user names from one address: the address's failures are capped.
-    let sprayer = client_at("127.0.0.3");
+    let sprayer = http_from("127.0.0.3");
     let checks = denied().await;
     for i in 0..5 {
         let user = format!("user{i}");

@@ -219,6 +219,93 @@ async fn a_request_over_the_cap_waits_then_fails_cleanly() {
     assert_eq!(manifest(&p, "team/b", "v1").await.status(), 200);
 }
 
+/// Waits (bounded, 60 s) until `check` holds.
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..1200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 60 s");
+}
+
+/// One client with 40 cold tags in flight under a cap of 4 neither holds up a cached
+/// tag past its TTL (served stale at once: it would wait for ever here) nor keeps
+/// another client's cold pull behind its queue (the room goes to the clients in turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_starve_another_under_the_caps() {
+    let up = FaultUpstream::start().await;
+    let (cached, cold) = (
+        Image::generate(89, &[64], "amd64"),
+        Image::generate(90, &[64], "amd64"),
+    );
+    up.add_image("team/cached", "v1", &cached);
+    up.add_image("team/cold", "v1", &cold);
+    let hog = Image::generate(91, &[64], "amd64");
+    for i in 0..40 {
+        up.add_manifest("team/hog", &format!("t{i}"), &hog.manifest);
+    }
+    // A queue nothing outwaits in this test, and every tag past its TTL at once.
+    let mut c = config(&up, limits(4, Duration::from_secs(3600)));
+    c.tag_ttl = Duration::ZERO;
+    let p = Proxy::start_config(c).await;
+    assert_eq!(manifest(&p, "team/cached", "v1").await.status(), 200);
+
+    // The hog's 40 tags, each held at the upstream until released one by one: four
+    // reach it, 36 wait for room.
+    let holds: Vec<_> = (0..40)
+        .map(|i| up.hold_requests(&format!("/team/hog/manifests/t{i}?")))
+        .collect();
+    let hog_client = http_from("127.0.0.2");
+    let hogs: Vec<_> = (0..40)
+        .map(|i| {
+            let url = format!("{}/v2/team/hog/manifests/t{i}", p.url);
+            let c = hog_client.clone();
+            tokio::spawn(async move { c.get(url).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    let queued = || p.metric("pullthrough_upstream_queued_requests", &[]);
+    until("36 of the hog's requests to queue", async || {
+        queued().await == 36.0
+    })
+    .await;
+    assert_eq!(up.count("/team/hog/"), 4);
+
+    // A cached tag past its TTL is served stale at once: no room for its HEAD now.
+    let r = manifest(&p, "team/cached", "v1").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), cached.manifest.digest);
+    let stale = p
+        .metric("pullthrough_requests_total", &[("result", "stale")])
+        .await;
+    assert_eq!(stale, 1.0);
+
+    // Another client's cold pull waits for the next room but one, not for 36.
+    let other = tokio::spawn({
+        let url = format!("{}/v2/team/cold/manifests/v1", p.url);
+        async move { http().get(url).send().await.map(|r| r.status()) }
+    });
+    until("the other client to queue", async || queued().await == 37.0).await;
+    let mut released = 0;
+    while up.count("/team/cold/") == 0 {
+        assert!(
+            released < 2,
+            "the other client still waits after {released} rooms"
+        );
+        let asked = up.total();
+        holds[released].send(true).unwrap();
+        released += 1;
+        // The room the released request leaves goes to one waiting request.
+        until("the room to be taken again", async || up.total() > asked).await;
+    }
+    assert_eq!(other.await.unwrap().unwrap(), 200);
+    drop(holds);
+    for h in hogs {
+        assert_eq!(h.await.unwrap().unwrap(), 200);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_url_is_skipped_for_the_next_one_and_shown_down() {
     // A regional mirror that fails, and the origin behind it.

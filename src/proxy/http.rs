@@ -163,10 +163,14 @@ pub async fn handle(
         reference: None,
         cache: None,
     };
+    // What the request asks of the upstreams is its client's share of their caps.
+    let asker = super::upstream::Asker::Client(client.ip());
     let result = if path == TOKEN_PATH {
-        auth_token(&proxy, req, client.ip(), &mut outcome).await
+        asker
+            .scope(auth_token(&proxy, req, client.ip(), &mut outcome))
+            .await
     } else {
-        route(&proxy, &req, &mut outcome).await
+        asker.scope(route(&proxy, &req, &mut outcome)).await
     };
     let mut resp = match result {
         Ok(resp) => {

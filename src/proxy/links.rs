@@ -26,7 +26,7 @@ use super::metrics::{CacheResult, Metrics};
 use super::pull_through::single_flight::SingleFlight;
 use super::pull_through::{BlobAnswer, BlobAsk, Manifest, PullThrough};
 use super::store::{LinkRecord, RepoKey};
-use super::upstream::{Object, Upstream};
+use super::upstream::{Object, Patience, Upstream};
 use crate::oci::media::Accept;
 use crate::oci::{Digest, Reference};
 use std::collections::{HashMap, HashSet};
@@ -244,10 +244,12 @@ impl Links {
         let (this, up, k, d) = (self.clone(), up.clone(), key.clone(), digest.clone());
         let proof = async move {
             let asked = match object {
-                Object::Manifest => up
-                    .manifest_digest(&k.repository, &Reference::Digest(d.clone()), &Accept::Any)
-                    .await
-                    .map(drop),
+                Object::Manifest => {
+                    let reference = Reference::Digest(d.clone());
+                    up.manifest_digest(&k.repository, &reference, &Accept::Any, Patience::Queue)
+                        .await
+                        .map(drop)
+                }
                 _ => up.blob_size(&k.repository, &d).await.map(drop),
             };
             let result = if asked.is_ok() { "linked" } else { "refused" };

@@ -57,6 +57,17 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// A client whose requests come from `address`, a loopback address of its own
+/// (127.0.0.2, ...): another client as the proxy sees it.
+pub fn http_from(address: &str) -> reqwest::Client {
+    tls_provider();
+    reqwest::Client::builder()
+        .local_address(address.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
 /// A client that trusts only the CA certificate in `ca` (PEM).
 pub fn https(ca: &Path) -> reqwest::Client {
     tls_provider();

@@ -13,7 +13,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::index::Reservation;
 use crate::proxy::metrics::{CacheResult, PeerFetch};
 use crate::proxy::store::{BlobWrite, FetchClaim, FetchLease, StoreError, Written};
-use crate::proxy::upstream::{BlobBody, Upstream, UpstreamError};
+use crate::proxy::upstream::{Asker, BlobBody, Upstream, UpstreamError};
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
 use futures::stream::StreamExt;
@@ -432,7 +432,8 @@ impl PullThrough {
             digest.clone(),
             fetch.clone(),
         );
-        tokio::spawn(async move { this.download(up2, repo, d, f, tx).await });
+        let asker = Asker::current();
+        tokio::spawn(asker.scope(async move { this.download(up2, repo, d, f, tx).await }));
         Ok(Some(Joined {
             fetch,
             leader: true,

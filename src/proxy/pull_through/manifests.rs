@@ -9,7 +9,7 @@ use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
 use crate::proxy::metrics::CacheResult;
 use crate::proxy::store::{TagKey, TagRecord, unix_now_ms};
-use crate::proxy::upstream::Upstream;
+use crate::proxy::upstream::{Patience, Upstream};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
@@ -359,8 +359,15 @@ impl PullThrough {
             e.upstream_is_down() && freshness(st.age(), &self.policy) != Freshness::Expired
         };
         if let Some((m, st)) = &known {
+            // A copy that may be served stale does not wait in the upstream's queue.
+            let patience = if freshness(st.age(), &self.policy) == Freshness::Expired {
+                Patience::Queue
+            } else {
+                Patience::Now
+            };
+            let reference = Reference::Tag(tag.to_string());
             let head = up
-                .manifest_digest(repository, &Reference::Tag(tag.to_string()), accept)
+                .manifest_digest(repository, &reference, accept, patience)
                 .await;
             let outcome = match head {
                 Ok(digest) if digest.as_ref() == Some(&m.digest) => {

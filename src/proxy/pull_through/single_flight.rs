@@ -8,6 +8,7 @@
 //! result they would be handed: a request that comes after the fetch ended starts from
 //! the cache's state again.
 
+use crate::proxy::upstream::Asker;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use prometheus::IntGauge;
@@ -61,10 +62,11 @@ where
                         running: self.running.clone(),
                         key: Some(key.clone()),
                     };
-                    let task = tokio::spawn(async move {
+                    // On behalf of whoever started it (see `Asker`).
+                    let task = tokio::spawn(Asker::current().scope(async move {
                         let _leave = leave;
                         fetch.await
-                    });
+                    }));
                     let f = async move { task.await.unwrap_or_else(|e| failed(e.to_string())) }
                         .boxed()
                         .shared();

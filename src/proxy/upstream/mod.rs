@@ -11,7 +11,7 @@ mod transport;
 
 pub use auth::{Challenge, Secret, parse_challenge};
 pub use error::{Object, UpstreamError};
-pub use pressure::{RateLimit, retry_after};
+pub use pressure::{Asker, Patience, RateLimit, retry_after};
 pub(crate) use transport::query_escape;
 pub use transport::{HttpClient, http_client, http_client_with, same_origin};
 
@@ -225,6 +225,8 @@ struct Call<'a> {
     path: &'a str,
     query: Option<&'a str>,
     accept: Option<&'a str>,
+    /// Whether it may wait for room under the upstream's caps.
+    patience: Patience,
 }
 
 impl<'a> Call<'a> {
@@ -237,6 +239,7 @@ impl<'a> Call<'a> {
             path,
             query: None,
             accept: Some(accept),
+            patience: Patience::Queue,
         }
     }
 }
@@ -376,18 +379,20 @@ impl Upstream {
     }
 
     /// HEADs a manifest: the digest the reference points at now for a client with
-    /// `accept`, when the upstream says.
+    /// `accept`, when the upstream says. With [`Patience::Now`] it is not asked at all
+    /// when the upstream's caps leave no room now.
     pub async fn manifest_digest(
         &self,
         repository: &str,
         reference: &Reference,
         accept: &Accept,
+        patience: Patience,
     ) -> Result<Option<Digest>, UpstreamError> {
         let path = format!("manifests/{reference}");
         let header = accept.upstream_header();
-        let resp = self
-            .call(repository, Call::manifest(Method::HEAD, &path, &header))
-            .await?;
+        let mut call = Call::manifest(Method::HEAD, &path, &header);
+        call.patience = patience;
+        let resp = self.call(repository, call).await?;
         Ok(docker_digest(resp.headers()))
     }
 
@@ -464,6 +469,7 @@ impl Upstream {
                 path: &path,
                 query: None,
                 accept: None,
+                patience: Patience::Queue,
             },
         )
         .await
@@ -486,6 +492,7 @@ impl Upstream {
                     path: "tags/list",
                     query: query.as_deref(),
                     accept: None,
+                    patience: Patience::Queue,
                 },
             )
             .await?;
@@ -518,6 +525,7 @@ impl Upstream {
                     path: &path,
                     query,
                     accept: None,
+                    patience: Patience::Queue,
                 },
             )
             .await?;
@@ -579,6 +587,7 @@ impl Upstream {
             path: "tags/list",
             query: Some("n=1"),
             accept: None,
+            patience: Patience::Queue,
         };
         match self.call_as(Some(&theirs), repository, tags).await {
             Ok(_) => Ok(true),
@@ -611,7 +620,10 @@ impl Upstream {
         let scope = format!("repository:{repository}:pull");
         let slot = self
             .pressure
-            .admit(call.method == Method::GET && call.kind == Kind::Manifest)
+            .admit(
+                call.method == Method::GET && call.kind == Kind::Manifest,
+                call.patience,
+            )
             .await?;
         let order = match auth {
             Some(_) => vec![self.endpoints.origin()],

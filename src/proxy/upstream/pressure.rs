@@ -3,18 +3,64 @@
 //! 503 with `Retry-After`) nothing is sent to it until the time it asked for has passed;
 //! at most `maxConcurrentRequests` requests are out at once and at most
 //! `manifestGetsPerSecond` manifest GETs start per second. A request over a cap waits up
-//! to `queueTimeout`, then fails. Every request of an upstream, the proxy's and the
-//! access checks alike, goes through its one `Pressure`.
+//! to `queueTimeout`, then fails; one that may not wait ([`Patience::Now`], the
+//! revalidation of a tag whose cached copy can be served stale meanwhile) fails at once.
+//! Every request of an upstream, the proxy's and the access checks alike, goes through
+//! its one `Pressure`.
+//!
+//! The room under `maxConcurrentRequests` is handed out fairly: when it is short, the
+//! requests waiting for it get it one [`Asker`] (a client address, or the proxy itself)
+//! at a time, in turn, so that one client's many requests cannot keep another's waiting
+//! behind them.
 
 use super::error::UpstreamError;
 use crate::api::UpstreamLimits;
 use crate::proxy::metrics::Metrics;
 use hyper::StatusCode;
 use hyper::header::HeaderMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+/// On whose behalf a request is made: what the room under an upstream's cap is shared
+/// fairly between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Asker {
+    /// A client, by its address.
+    Client(IpAddr),
+    /// The proxy itself (prefetching, eviction's bookkeeping).
+    Proxy,
+}
+
+tokio::task_local! {
+    static ASKER: Asker;
+}
+
+impl Asker {
+    /// Who the task running now asks for: the client whose request it serves (see
+    /// [`Asker::scope`]), else the proxy itself.
+    pub fn current() -> Asker {
+        ASKER.try_with(|a| *a).unwrap_or(Asker::Proxy)
+    }
+
+    /// Runs `f` on behalf of this asker: what it asks of the upstreams is its share.
+    pub fn scope<F: Future>(self, f: F) -> impl Future<Output = F::Output> {
+        ASKER.scope(self, f)
+    }
+}
+
+/// Whether a request may wait for room under an upstream's caps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Patience {
+    /// Up to `queueTimeout`.
+    Queue,
+    /// Not at all: it fails at once when there is no room now.
+    Now,
+}
 
 /// What an upstream said of its rate limit, from the headers of one answer.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +169,87 @@ impl Bucket {
     }
 }
 
+/// Room for `maxConcurrentRequests` requests, handed out fairly between askers.
+struct Fair {
+    state: Mutex<FairState>,
+}
+
+#[derive(Default)]
+struct FairState {
+    /// Room nobody holds. Whenever there is some, nobody waits.
+    free: usize,
+    /// The askers with requests waiting, in turn.
+    turns: VecDeque<Asker>,
+    /// Each asker's waiting requests, first come first.
+    waiting: HashMap<Asker, VecDeque<oneshot::Sender<()>>>,
+}
+
+impl Fair {
+    fn new(room: usize) -> Arc<Fair> {
+        Arc::new(Fair {
+            state: Mutex::new(FairState {
+                free: room,
+                ..FairState::default()
+            }),
+        })
+    }
+
+    /// Takes room now if there is some.
+    fn try_take(&self) -> bool {
+        let mut st = self.state.lock().expect("fair lock");
+        if st.free > 0 {
+            st.free -= 1;
+            return true;
+        }
+        false
+    }
+
+    /// Takes room for `asker`, waiting for its turn until `deadline`; whether it got it.
+    async fn take(&self, asker: Asker, deadline: Instant) -> bool {
+        let (tx, mut rx) = oneshot::channel();
+        {
+            let mut st = self.state.lock().expect("fair lock");
+            if st.free > 0 {
+                st.free -= 1;
+                return true;
+            }
+            let queue = st.waiting.entry(asker).or_default();
+            queue.push_back(tx);
+            if queue.len() == 1 {
+                st.turns.push_back(asker);
+            }
+        }
+        if let Ok(Ok(())) = tokio::time::timeout_at(deadline, &mut rx).await {
+            return true;
+        }
+        // Given room just as the wait ended: it goes to the next in turn.
+        rx.close();
+        if rx.try_recv().is_ok() {
+            self.give_back();
+        }
+        false
+    }
+
+    /// Gives room back: to the next asker in turn that still waits, else to the free.
+    fn give_back(&self) {
+        let mut st = self.state.lock().expect("fair lock");
+        while let Some(asker) = st.turns.pop_front() {
+            let queue = st.waiting.get_mut(&asker).expect("an asker in turn waits");
+            let next = queue.pop_front();
+            if queue.is_empty() {
+                st.waiting.remove(&asker);
+            } else {
+                st.turns.push_back(asker);
+            }
+            // A request that stopped waiting cannot take it: the next one is asked.
+            if next.is_some_and(|tx| tx.send(()).is_ok()) {
+                return;
+            }
+        }
+        st.free += 1;
+    }
+}
+
 /// One upstream's caps and back-off.
 pub(super) struct Pressure {
     upstream: String,
@@ -130,19 +257,20 @@ pub(super) struct Pressure {
     metrics: Metrics,
     /// No request is sent before this.
     backoff: Mutex<Option<Instant>>,
-    slots: Arc<Semaphore>,
+    room: Arc<Fair>,
     bucket: Mutex<Bucket>,
 }
 
 /// Room for one request; given back when dropped.
 pub(super) struct Slot {
-    _permit: OwnedSemaphorePermit,
+    room: Arc<Fair>,
     inflight: prometheus::IntGauge,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.inflight.dec();
+        self.room.give_back();
     }
 }
 
@@ -159,7 +287,7 @@ impl Pressure {
             limits,
             metrics,
             backoff: Mutex::new(None),
-            slots: Arc::new(Semaphore::new(slots)),
+            room: Fair::new(slots),
         }
     }
 
@@ -176,22 +304,31 @@ impl Pressure {
     }
 
     /// Waits for room to send one request (`manifest_get`: a manifest GET, which the
-    /// rate cap counts): none while the upstream is backed off, and none for longer than
-    /// `queueTimeout` over a cap.
-    pub(super) async fn admit(&self, manifest_get: bool) -> Result<Slot, UpstreamError> {
+    /// rate cap counts) for the task's [`Asker`]: none while the upstream is backed off,
+    /// and none for longer than `queueTimeout` over a cap, or at all with
+    /// [`Patience::Now`].
+    pub(super) async fn admit(
+        &self,
+        manifest_get: bool,
+        patience: Patience,
+    ) -> Result<Slot, UpstreamError> {
         if let Some(left) = self.backing_off() {
             return Err(self.refuse("backoff", UpstreamError::BackedOff { retry_after: left }));
         }
         let started = Instant::now();
-        let deadline = started + self.limits.queue_timeout;
+        let wait = match patience {
+            Patience::Queue => self.limits.queue_timeout,
+            Patience::Now => Duration::ZERO,
+        };
+        let deadline = started + wait;
         let rate = self.limits.manifest_gets_per_second.unwrap_or(0);
         if manifest_get && rate > 0 {
-            let wait = self.bucket.lock().expect("bucket lock").reserve(
-                f64::from(rate),
-                started,
-                self.limits.queue_timeout,
-            );
-            match wait {
+            let delay =
+                self.bucket
+                    .lock()
+                    .expect("bucket lock")
+                    .reserve(f64::from(rate), started, wait);
+            match delay {
                 None => {
                     return Err(self.refuse(
                         "rate",
@@ -209,37 +346,37 @@ impl Pressure {
                 Some(_) => {}
             }
         }
-        let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                let queued = self.metrics.upstream_queued(&self.upstream);
-                queued.inc();
-                let got =
-                    tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await;
-                queued.dec();
-                match got {
-                    Ok(Ok(p)) => p,
-                    _ => {
-                        return Err(self.refuse(
-                            "concurrency",
-                            UpstreamError::Busy {
-                                cap: "maxConcurrentRequests",
-                            },
-                        ));
-                    }
+        if !self.room.try_take() {
+            let got = match patience {
+                Patience::Now => false,
+                Patience::Queue => {
+                    let queued = self.metrics.upstream_queued(&self.upstream);
+                    queued.inc();
+                    let got = self.room.take(Asker::current(), deadline).await;
+                    queued.dec();
+                    got
                 }
+            };
+            if !got {
+                return Err(self.refuse(
+                    "concurrency",
+                    UpstreamError::Busy {
+                        cap: "maxConcurrentRequests",
+                    },
+                ));
             }
+        }
+        let inflight = self.metrics.upstream_inflight(&self.upstream);
+        inflight.inc();
+        let slot = Slot {
+            room: self.room.clone(),
+            inflight,
         };
         // The upstream may have asked to wait while this request queued.
         if let Some(left) = self.backing_off() {
             return Err(self.refuse("backoff", UpstreamError::BackedOff { retry_after: left }));
         }
-        let inflight = self.metrics.upstream_inflight(&self.upstream);
-        inflight.inc();
-        Ok(Slot {
-            _permit: permit,
-            inflight,
-        })
+        Ok(slot)
     }
 
     /// Takes in what an answer says of the upstream's limits: its rate-limit headers, and
@@ -392,6 +529,54 @@ mod tests {
         );
     }
 
+    /// How many requests wait in `fair` now.
+    fn waiting(fair: &Fair) -> usize {
+        let st = fair.state.lock().unwrap();
+        st.waiting.values().map(VecDeque::len).sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_goes_to_the_askers_in_turn() {
+        let fair = Fair::new(1);
+        assert!(fair.try_take());
+        let far = Instant::now() + Duration::from_secs(60);
+        let a = Asker::Client("10.0.0.1".parse().unwrap());
+        let b = Asker::Client("10.0.0.2".parse().unwrap());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // a asks three times, then b once.
+        for (n, who) in [a, a, a, b].into_iter().enumerate() {
+            let (room, order) = (fair.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                assert!(room.take(who, far).await);
+                order.lock().unwrap().push(n);
+                room.give_back();
+            }));
+            while waiting(&fair) <= n {
+                tokio::task::yield_now().await;
+            }
+        }
+        fair.give_back();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // b's one request is served second, not behind all of a's.
+        assert_eq!(*order.lock().unwrap(), [0, 3, 1, 2]);
+        assert!(fair.try_take(), "the room came back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_stops_waiting_loses_no_room() {
+        let fair = Fair::new(1);
+        assert!(fair.try_take());
+        let who = Asker::Proxy;
+        let soon = Instant::now() + Duration::from_secs(1);
+        assert!(!fair.take(who, soon).await, "waited past its deadline");
+        fair.give_back();
+        assert!(fair.try_take(), "the room went to a request that left");
+        assert!(!fair.try_take());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_back_off_ends_when_the_upstream_said() {
         let limits = UpstreamLimits {
@@ -406,11 +591,11 @@ mod tests {
             Err(UpstreamError::BackedOff { retry_after }) => Some(retry_after),
             _ => None,
         };
-        assert_eq!(left(p.admit(false).await), Some(secs(30)));
+        assert_eq!(left(p.admit(false, Patience::Queue).await), Some(secs(30)));
         tokio::time::advance(secs(29)).await;
-        assert_eq!(left(p.admit(true).await), Some(secs(1)));
+        assert_eq!(left(p.admit(true, Patience::Queue).await), Some(secs(1)));
         tokio::time::advance(secs(1)).await;
-        assert!(p.admit(false).await.is_ok());
+        assert!(p.admit(false, Patience::Queue).await.is_ok());
         // Without Retry-After: a 429 backs off `backoff`, a 503 not at all; no wait is
         // longer than `maxBackoff`.
         assert_eq!(
@@ -439,17 +624,21 @@ mod tests {
         let t0 = Instant::now();
         let mut slots = Vec::new();
         for _ in 0..2 {
-            slots.push(p.admit(true).await.unwrap());
+            slots.push(p.admit(true, Patience::Queue).await.unwrap());
         }
         assert_eq!(t0.elapsed(), Duration::ZERO, "the burst");
-        slots.push(p.admit(true).await.unwrap());
+        slots.push(p.admit(true, Patience::Queue).await.unwrap());
         assert_eq!(t0.elapsed(), Duration::from_millis(500));
         // HEADs and blobs are not counted.
-        slots.push(p.admit(false).await.unwrap());
+        slots.push(p.admit(false, Patience::Queue).await.unwrap());
         assert_eq!(t0.elapsed(), Duration::from_millis(500));
         // Three more at once: the third would wait longer than queueTimeout.
         let t1 = Instant::now();
-        let (a, b, c) = tokio::join!(p.admit(true), p.admit(true), p.admit(true));
+        let (a, b, c) = tokio::join!(
+            p.admit(true, Patience::Queue),
+            p.admit(true, Patience::Queue),
+            p.admit(true, Patience::Queue)
+        );
         assert!(a.is_ok() && b.is_ok());
         assert!(matches!(
             c,
