@@ -29,7 +29,8 @@ push_blob() { # REPOSITORY FILE
   hex=$(openssl dgst -sha256 -r "$2" | cut -c1-64)
   loc=$(curl -sfi -X POST "$up/v2/$1/blobs/uploads/" | tr -d '\r' | awk 'tolower($1)=="location:"{print $2}')
   case $loc in http*) ;; *) loc="$up$loc" ;; esac
-  curl -sf -o /dev/null -X PUT "$loc&digest=sha256:$hex" --data-binary @"$2" \
+  # Streamed from the file (-T): --data-binary would hold all of it in memory.
+  curl -sf -o /dev/null -X PUT "$loc&digest=sha256:$hex" -T "$2" \
     -H 'Content-Type: application/octet-stream'
   echo "sha256:$hex"
 }

@@ -580,3 +580,78 @@ async fn images_named_in_use_are_kept_like_pins_until_named_no_more() {
     );
     assert!(cached(&cache, &images[3].layers[0].digest));
 }
+
+/// A blob file changed on the disk while the proxy was stopped: at the next start it is
+/// checked when first read (a whole read as it streams, its last byte held back; a range
+/// only after the whole file matched), never served whole with wrong bytes, dropped, and
+/// fetched again. A blob the process committed itself is served without the check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_changed_on_disk_while_stopped_is_never_served() {
+    let up = FaultUpstream::start().await;
+    let (a, b) = (
+        Blob::new(LAYER, random_bytes(620, 3 << 20)),
+        Blob::new(LAYER, random_bytes(621, 3 << 20)),
+    );
+    up.add_blob(&a);
+    up.add_blob(&b);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&up);
+    cfg.cache_dir = dir.path().join("cache");
+    let url = |p: &Proxy, blob: &Blob| format!("{}/v2/team/x/blobs/{}", p.url, blob.digest);
+    let proxy = Proxy::start_config(cfg.clone()).await;
+    for blob in [&a, &b] {
+        assert_eq!(sha256(&get_bytes(&url(&proxy, blob)).await), blob.digest);
+    }
+    proxy.settled().await;
+    let checks = |p: &Proxy, result: &'static str| {
+        let p = p.metrics_url.clone();
+        async move {
+            metric_value(
+                &scrape(&p).await,
+                "pullthrough_cache_read_checks_total",
+                &[("result", result)],
+            )
+        }
+    };
+    assert_eq!(checks(&proxy, "match").await, 0.0, "checked what it wrote");
+    proxy.stop().await;
+
+    // Both files get other bytes of the same length.
+    for blob in [&a, &b] {
+        let path = cfg
+            .cache_dir
+            .join("blobs/sha256")
+            .join(blob.digest.trim_start_matches("sha256:"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[1000] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let proxy = Proxy::start_config(cfg.clone()).await;
+    let asked = up.count(&format!("GET /v2/team/x/blobs/{}", a.digest));
+    // A whole read: cut before its end, never the whole wrong body.
+    let r = http().get(url(&proxy, &a)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.is_err(), "the wrong body went out whole");
+    eventually(60, "the changed file to be dropped", || async {
+        !cached(&cfg.cache_dir, &a.digest)
+    })
+    .await;
+    // The next request fetches it again, right.
+    assert_eq!(sha256(&get_bytes(&url(&proxy, &a)).await), a.digest);
+    assert_eq!(up.count(&format!("GET /v2/team/x/blobs/{}", a.digest)), asked + 1);
+    // A range of a file not yet checked: the file is checked first, dropped, and the
+    // range comes from the upstream's bytes.
+    let r = http()
+        .get(url(&proxy, &b))
+        .header("range", "bytes=100-1099")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), b.bytes[100..1100]);
+    proxy.settled().await;
+    assert_eq!(checks(&proxy, "mismatch").await, 2.0);
+    // Checked (and fetched again) once, then served as any hit.
+    assert_eq!(sha256(&get_bytes(&url(&proxy, &b)).await), b.digest);
+    assert_eq!(checks(&proxy, "mismatch").await, 2.0);
+}

@@ -149,6 +149,7 @@ pub struct Metrics {
     pub prefetch_lead: prometheus::Histogram,
     peer_fetches: IntCounterVec,
     link_proofs: IntCounterVec,
+    read_checks: IntCounterVec,
     access_decisions: IntCounterVec,
     access_duration: HistogramVec,
     access_challenges: IntCounterVec,
@@ -379,6 +380,17 @@ impl Metrics {
         for r in ["linked", "refused"] {
             link_proofs.with_label_values(&[r]);
         }
+        let read_checks = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_cache_read_checks_total",
+                "Cached blobs read back whole and checked against their digest (every read of a shared bucket's, and the first of what a disk held at start), by result (match; mismatch: the object was dropped and is fetched again).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for r in ["match", "mismatch"] {
+            read_checks.with_label_values(&[r]);
+        }
         let access_decisions = IntCounterVec::new(
             Opts::new(
                 "pullthrough_access_decisions_total",
@@ -494,6 +506,7 @@ impl Metrics {
                 Box::new(sendfile_bytes.clone()),
                 Box::new(peer_fetches.clone()),
                 Box::new(link_proofs.clone()),
+                Box::new(read_checks.clone()),
                 Box::new(access_decisions.clone()),
                 Box::new(access_duration.clone()),
                 Box::new(access_challenges.clone()),
@@ -526,6 +539,7 @@ impl Metrics {
             prefetch_bytes,
             peer_fetches,
             link_proofs,
+            read_checks,
             access_decisions,
             access_duration,
             access_challenges,
@@ -552,6 +566,12 @@ impl Metrics {
     /// The counter of link proofs with `result` (`linked` or `refused`).
     pub fn link_proofs(&self, result: &str) -> IntCounter {
         self.link_proofs.with_label_values(&[result])
+    }
+
+    /// Counts a cached blob read back and checked: whether it `matched` its digest.
+    pub fn read_check(&self, matched: bool) {
+        let result = if matched { "match" } else { "mismatch" };
+        self.read_checks.with_label_values(&[result]).inc();
     }
 
     /// Counts one access decision the upstream made for `upstream`, and how long it took.

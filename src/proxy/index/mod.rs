@@ -32,6 +32,10 @@ struct Entry {
     in_use: u32,
     /// For manifests: the digests they reference (children, config, layers).
     refs: Option<Vec<Digest>>,
+    /// Whether this process knows the stored bytes match the digest: it committed them
+    /// (verified as they were written) or read them back whole and checked them. What
+    /// it found in the store at start, or another process stored, is not known to.
+    verified: bool,
 }
 
 impl Entry {
@@ -42,6 +46,15 @@ impl Entry {
             persisted_ms: used_ms,
             in_use: 0,
             refs,
+            verified: false,
+        }
+    }
+
+    /// An object this process has just committed, with verified bytes.
+    fn committed(size: u64, refs: Option<Vec<Digest>>) -> Entry {
+        Entry {
+            verified: true,
+            ..Entry::new(size, unix_now_ms(), refs)
         }
     }
 }
@@ -265,6 +278,30 @@ impl Index {
             .contains_key(digest)
     }
 
+    /// Whether this process knows the stored bytes of `digest` match it (see
+    /// [`Self::set_verified`]): it committed them, or read them back and checked them.
+    pub fn verified(&self, digest: &Digest) -> bool {
+        self.inner
+            .lock()
+            .expect("index lock")
+            .entries
+            .get(digest)
+            .is_some_and(|e| e.verified)
+    }
+
+    /// Records that the stored bytes of `digest` were read back whole and match it.
+    pub fn set_verified(&self, digest: &Digest) {
+        if let Some(e) = self
+            .inner
+            .lock()
+            .expect("index lock")
+            .entries
+            .get_mut(digest)
+        {
+            e.verified = true;
+        }
+    }
+
     /// Marks a cached object (blob or manifest: a manifest is a blob too) as in use, and
     /// used now. `None` when it is not cached.
     pub fn acquire(self: &Arc<Self>, digest: &Digest) -> Option<UseGuard> {
@@ -436,7 +473,7 @@ impl Index {
         };
         write.commit(digest.clone()).await?;
         let mut inner = self.inner.lock().expect("index lock");
-        self.add_locked(&mut inner, digest, Entry::new(size, unix_now_ms(), None));
+        self.add_locked(&mut inner, digest, Entry::committed(size, None));
         reservation.release(&mut inner);
         drop(inner);
         drop(busy);
@@ -459,11 +496,7 @@ impl Index {
         let size = body.len() as u64;
         self.store.put_manifest(digest, body, media_type).await?;
         let mut inner = self.inner.lock().expect("index lock");
-        self.add_locked(
-            &mut inner,
-            digest,
-            Entry::new(size, unix_now_ms(), Some(refs)),
-        );
+        self.add_locked(&mut inner, digest, Entry::committed(size, Some(refs)));
         drop(inner);
         drop((busy, reservation));
         self.publish();

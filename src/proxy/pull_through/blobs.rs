@@ -281,8 +281,7 @@ impl PullThrough {
             from_peer,
             unlinked,
         } = ask;
-        match self.cached_blob(digest, range, head, spans).await {
-            Ok(Some(_)) if unlinked => return Err(ProxyError::NotLinked),
+        match self.cached_blob(digest, range, head, spans, unlinked).await {
             Ok(Some(answer)) => return Ok(answer),
             Ok(None) => {}
             // The store cannot be read (a bucket that is down): the upstream can.
@@ -313,7 +312,7 @@ impl PullThrough {
                 return Err(ProxyError::NotLinked);
             }
             return self
-                .cached_blob(digest, range, head, spans)
+                .cached_blob(digest, range, head, spans, false)
                 .await?
                 .ok_or_else(|| ProxyError::internal("blob vanished from the cache"));
         };
@@ -438,69 +437,6 @@ impl PullThrough {
             fetch,
             leader: true,
             relayed,
-        }))
-    }
-
-    /// A cached blob's answer, or `None` if it is not cached. With `spans` (an HTTP/1
-    /// connection), the body may hand the connection file ranges to send instead of bytes
-    /// (see [`crate::proxy::store::StoredBlob::read`]).
-    pub(super) async fn cached_blob(
-        &self,
-        digest: &Digest,
-        range: Option<ByteRange>,
-        head: bool,
-        spans: Option<&Spans>,
-    ) -> Result<Option<BlobAnswer>, ProxyError> {
-        // Held by the body stream: the blob cannot be evicted while it is being sent.
-        // Not in the index, it may still be in a store another replica shares.
-        let known = self.index.acquire(digest);
-        if known.is_none() && !self.store().shared() {
-            return Ok(None);
-        }
-        let Some(blob) = self.store().open(digest).await? else {
-            if known.is_some() {
-                self.discard(digest).await;
-            }
-            return Ok(None);
-        };
-        let guard = known.unwrap_or_else(|| self.index.adopt(digest, blob.len(), None));
-        let len = blob.len();
-        // A store that hands out URLs of its own: the client fetches the bytes there.
-        if !head && let Some(url) = self.store().presign(digest).await? {
-            return Ok(Some(BlobAnswer {
-                len: Some(len),
-                range: None,
-                body: None,
-                result: CacheResult::Hit,
-                redirect: Some(url),
-            }));
-        }
-        let span = match range {
-            Some(r) => Some(
-                r.resolve(len)
-                    .ok_or(ProxyError::RangeNotSatisfiable { len })?,
-            ),
-            None => None,
-        };
-        let body = if head {
-            None
-        } else {
-            let (start, count) = span.map_or((0, len), |(s, e)| (s, e - s + 1));
-            Some(
-                blob.read(start, count, spans.cloned())
-                    .map(move |chunk| {
-                        let _held = &guard;
-                        chunk
-                    })
-                    .boxed(),
-            )
-        };
-        Ok(Some(BlobAnswer {
-            len: Some(len),
-            range: span,
-            body,
-            result: CacheResult::Hit,
-            redirect: None,
         }))
     }
 

@@ -15,6 +15,7 @@
 //! The rooms: [`manifests`] (tags, freshness, coalesced fetches), [`blobs`] (downloads,
 //! relays, HEADs), [`live_reader`] (a client reading a download in progress), [`prefetch`]
 //! (eviction at start, dropping images), [`lists`] (tags/list, referrers),
+//! [`read_back`] (cached blobs read back, checked where this process has not yet),
 //! [`range`] (`Range` requests) and [`single_flight`] (one fetch per key). This module
 //! holds the cache itself and what they share: the policy, space and reservations, pins.
 //! Bytes are kept by a [`BlobStore`] reached through the [`Index`], never by path.
@@ -25,6 +26,7 @@ mod live_reader;
 mod manifests;
 mod prefetch;
 mod range;
+mod read_back;
 pub mod single_flight;
 
 pub use blobs::BlobAsk;

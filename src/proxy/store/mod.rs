@@ -307,7 +307,9 @@ pub trait BlobStore: Send + Sync + 'static {
     }
 
     /// Whether other processes add objects to this store too (replicas sharing a
-    /// bucket): an object the index does not know may still be there.
+    /// bucket): an object the index does not know may still be there. Such a store's
+    /// objects can also change under any name without this process knowing (whoever may
+    /// write the bucket), so every whole read of one is verified against its digest.
     fn shared(&self) -> bool {
         false
     }
