@@ -860,3 +860,72 @@ async fn a_blob_overwritten_in_the_bucket_is_never_served() {
         .await;
     assert!(matches >= 1.0, "{matches}");
 }
+
+/// An S3 endpoint in front of `target` that passes every request on, but for a GET of a
+/// blob's bytes, which it takes and never answers: a bucket that hangs. The endpoint and
+/// the task that serves it.
+async fn hanging_gets(target: &str) -> (String, tokio::task::JoinHandle<()>) {
+    use http_body_util::{BodyExt, Full};
+    let target: hyper::Uri = target.parse().unwrap();
+    let client = hyper_util::client::legacy::Client::builder(
+        hyper_util::rt::TokioExecutor::new(),
+    )
+    .build_http::<Full<bytes::Bytes>>();
+    let (addr, task) = serve_http1(move |_, req: hyper::Request<hyper::body::Incoming>| {
+        let (client, target) = (client.clone(), target.clone());
+        async move {
+            if req.method() == hyper::Method::GET && req.uri().path().contains("/blobs/") {
+                std::future::pending::<()>().await;
+            }
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut out = hyper::Request::builder()
+                .method(parts.method)
+                .uri(format!("http://{}{path}", target.authority().unwrap()));
+            // The Host too: the request is signed for it.
+            for (k, v) in &parts.headers {
+                out = out.header(k, v);
+            }
+            let resp = client.request(out.body(Full::new(body)).unwrap()).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            hyper::Response::from_parts(parts, Full::new(body))
+        }
+    })
+    .await;
+    (format!("http://{addr}"), task)
+}
+
+/// A bucket that takes a cached blob's GET and never answers: the replica decides
+/// before the status line goes out, and the client gets the whole blob from the
+/// upstream (after the bucket's 10 s for an answer), not a body cut after 10 s.
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn a_bucket_that_never_answers_a_read_leaves_the_blob_to_the_upstream() {
+    let up = Registry::start().await;
+    let blob = Blob::new(LAYER, random_bytes(46, 300_000));
+    push_blob(&up.url, "team/app", &blob).await;
+    let prefix = prefix("hanging");
+    let host = up.host();
+    let url = |p: &Proxy| format!("{}/v2/team/app/blobs/{}", p.url, blob.digest);
+    let a = Proxy::start_config(with_storage(config_for(&[(&host, &up.url)]), s3(&prefix))).await;
+    assert_eq!(sha256(&get_bytes(&url(&a)).await), blob.digest);
+    a.settled().await;
+
+    let (hanging, _relay) = hanging_gets(&env("PULLTHROUGH_S3_ENDPOINT")).await;
+    let bucket = bucket_at(&hanging, &env("PULLTHROUGH_S3_BUCKET"), &prefix);
+    let b = Proxy::start_config(with_storage(config_for(&[(&host, &up.url)]), bucket)).await;
+    let r = http().get(url(&b)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.expect("the whole body");
+    assert_eq!(sha256(&body), blob.digest);
+    let failed = b
+        .metric(
+            "pullthrough_store_requests_total",
+            &[("op", "get"), ("result", "error")],
+        )
+        .await;
+    assert_eq!(failed, 1.0, "the bucket's read");
+    up.assert_gets(&format!("/blobs/{}", blob.digest), 2);
+}

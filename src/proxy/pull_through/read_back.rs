@@ -5,6 +5,10 @@
 //! its last chunk held back until the whole matches, as a download's is. A range of an
 //! object not yet checked is served once the whole object was read and matched. An
 //! object that does not match is dropped, and fetched from the upstream again.
+//!
+//! Of a shared bucket, the first bytes are awaited before the client is answered: a
+//! bucket that takes the request and never answers leaves the request to the upstream,
+//! not the client to a status line followed by a broken body.
 
 use super::{BlobAnswer, ByteRange, PullThrough};
 use crate::oci::{Digest, Hasher};
@@ -97,6 +101,9 @@ impl PullThrough {
         let (start, count) = span.map_or((0, len), |(s, e)| (s, e - s + 1));
         let spans = if check_as_read { None } else { spans.cloned() };
         let mut chunks = blob.read(start, count, spans);
+        if shared {
+            chunks = first_chunk(chunks).await?;
+        }
         if check_as_read {
             let record = self.recorder(digest);
             chunks = hold_last(chunks, digest.clone(), len, record);
@@ -155,6 +162,16 @@ fn record(index: &Index, metrics: &Metrics, digest: &Digest, matched: bool) {
         index.set_verified(digest);
     } else {
         tracing::warn!(%digest, "a cached blob does not match its digest: dropped, fetched again");
+    }
+}
+
+/// `chunks` as they come, once the first is here: an error (a store that did not answer
+/// in its time) is the store's failure, told before anything is sent.
+async fn first_chunk(mut chunks: Chunks) -> Result<Chunks, ProxyError> {
+    match chunks.next().await {
+        None => Ok(stream::empty().boxed()),
+        Some(Ok(first)) => Ok(stream::once(async { Ok(first) }).chain(chunks).boxed()),
+        Some(Err(e)) => Err(StoreError::io("reading a cached blob", e).into()),
     }
 }
 
