@@ -638,7 +638,10 @@ async fn a_blob_changed_on_disk_while_stopped_is_never_served() {
     .await;
     // The next request fetches it again, right.
     assert_eq!(sha256(&get_bytes(&url(&proxy, &a)).await), a.digest);
-    assert_eq!(up.count(&format!("GET /v2/team/x/blobs/{}", a.digest)), asked + 1);
+    assert_eq!(
+        up.count(&format!("GET /v2/team/x/blobs/{}", a.digest)),
+        asked + 1
+    );
     // A range of a file not yet checked: the file is checked first, dropped, and the
     // range comes from the upstream's bytes.
     let r = http()

@@ -25,6 +25,24 @@ fn error_line(out: &Output) -> String {
     err
 }
 
+/// What `cmd` printed once it ended, within `limit` (killed then, and the test fails).
+fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the command did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn ordinary_mistakes_are_one_line_without_a_backtrace() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,6 +127,30 @@ fn ordinary_mistakes_are_one_line_without_a_backtrace() {
         !text.contains("s3cret") && text.contains("<redacted>"),
         "{text}"
     );
+
+    // A weak secret: refused, with how to make a good one.
+    let short = dir.path().join("short");
+    std::fs::write(&short, "k\n").unwrap();
+    let config = dir.path().join("weak.yaml");
+    for (field, what) in [
+        ("adminTokenFile", "admin token"),
+        ("access: {signingKeyFile", "access signing key"),
+    ] {
+        let closing = if field.contains('{') { "}" } else { "" };
+        std::fs::write(&config, format!("{field}: {}{closing}\n", short.display())).unwrap();
+        let mut start = pullthrough();
+        start
+            .args(["proxy", "--cache-dir"])
+            .arg(&cache)
+            .args(["--config", config.to_str().unwrap()])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]);
+        let line = error_line(&output_within(start, Duration::from_secs(60)));
+        assert!(line.contains(what), "{line}");
+        assert!(
+            line.contains("1 bytes, and a secret must be at least 32"),
+            "{line}"
+        );
+    }
 }
 
 /// Runs the proxy binary with `args` until dropped, its log going to a pipe.

@@ -697,7 +697,7 @@ async fn replicas_that_share_the_key_accept_each_others_tokens() {
     let w = world().await;
     let keys = tempfile::tempdir().unwrap();
     let shared = keys.path().join("shared");
-    std::fs::write(&shared, "a key every replica mounts\n").unwrap();
+    std::fs::write(&shared, "a key every replica mounts, 32 bytes or more\n").unwrap();
     let with_key = |file: &std::path::Path| {
         let mut c = config(&w);
         c.access.signing_key_file = Some(file.to_path_buf());

@@ -654,7 +654,7 @@ async fn replicas_serving_tls_ask_each_other_over_it_for_private_blobs() {
     let certs = tempfile::tempdir().unwrap();
     test_certificate(certs.path());
     let key = certs.path().join("signing-key");
-    std::fs::write(&key, "shared by the replicas").unwrap();
+    std::fs::write(&key, "the key shared by the replicas, 32 bytes or more").unwrap();
     let prefix = prefix("tls-peers");
     let host = up.host();
     let bound = [listeners().await, listeners().await];
@@ -841,7 +841,10 @@ async fn a_blob_overwritten_in_the_bucket_is_never_served() {
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.is_err(), "the wrong body went out whole");
     for _ in 0..1200 {
-        if matches!(b.head(&key).await, Err(object_store::Error::NotFound { .. })) {
+        if matches!(
+            b.head(&key).await,
+            Err(object_store::Error::NotFound { .. })
+        ) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -849,14 +852,20 @@ async fn a_blob_overwritten_in_the_bucket_is_never_served() {
     assert_absent(&b, &key).await;
     assert_eq!(sha256(&get_bytes(&url(&fresh)).await), blob.digest);
     let mismatches = fresh
-        .metric("pullthrough_cache_read_checks_total", &[("result", "mismatch")])
+        .metric(
+            "pullthrough_cache_read_checks_total",
+            &[("result", "mismatch")],
+        )
         .await;
     assert_eq!(mismatches, 1.0);
     // Every whole read from the bucket is checked.
     fresh.settled().await;
     assert_eq!(sha256(&get_bytes(&url(&fresh)).await), blob.digest);
     let matches = fresh
-        .metric("pullthrough_cache_read_checks_total", &[("result", "match")])
+        .metric(
+            "pullthrough_cache_read_checks_total",
+            &[("result", "match")],
+        )
         .await;
     assert!(matches >= 1.0, "{matches}");
 }
@@ -867,10 +876,8 @@ async fn a_blob_overwritten_in_the_bucket_is_never_served() {
 async fn hanging_gets(target: &str) -> (String, tokio::task::JoinHandle<()>) {
     use http_body_util::{BodyExt, Full};
     let target: hyper::Uri = target.parse().unwrap();
-    let client = hyper_util::client::legacy::Client::builder(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .build_http::<Full<bytes::Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<bytes::Bytes>>();
     let (addr, task) = serve_http1(move |_, req: hyper::Request<hyper::body::Incoming>| {
         let (client, target) = (client.clone(), target.clone());
         async move {
@@ -887,7 +894,10 @@ async fn hanging_gets(target: &str) -> (String, tokio::task::JoinHandle<()>) {
             for (k, v) in &parts.headers {
                 out = out.header(k, v);
             }
-            let resp = client.request(out.body(Full::new(body)).unwrap()).await.unwrap();
+            let resp = client
+                .request(out.body(Full::new(body)).unwrap())
+                .await
+                .unwrap();
             let (parts, body) = resp.into_parts();
             let body = body.collect().await.unwrap().to_bytes();
             hyper::Response::from_parts(parts, Full::new(body))

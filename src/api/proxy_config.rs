@@ -97,7 +97,8 @@ pub struct ProxyConfig {
     )]
     pub upstream_timeout: Duration,
     /// The secret `pullthrough cache drop` must show the admin endpoint; created (mode
-    /// 0600) with a random token if missing. Default: `admin-token` in `cacheDir`.
+    /// 0600) with a random token if missing; at least 32 bytes. Default: `admin-token` in
+    /// `cacheDir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token_file: Option<PathBuf>,
     /// Client connections open at once; more are answered 503 and closed. Also kept
@@ -256,7 +257,7 @@ pub struct AccessConfig {
     /// The key the replicas share (a mounted Secret): it signs the proxy's tokens, keys
     /// its decision cache and proves the replicas' requests to each other. Default:
     /// `access-signing-key` in `cacheDir`, created (0600) if missing; replicas (`peers`)
-    /// must set one they share.
+    /// must set one they share. At least 32 bytes (`openssl rand -hex 32`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key_file: Option<PathBuf>,
     /// How long the upstream's yes to a client's credentials is trusted: the delay

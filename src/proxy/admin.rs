@@ -13,6 +13,9 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The fewest bytes a secret file (the admin token, the replicas' shared key) may hold.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// Why `pullthrough cache drop` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -63,11 +66,26 @@ pub enum AdminError {
     Refused(String),
 }
 
-/// The token in `path`, created there (mode 0600, 32 random bytes as hex) if missing or
-/// empty.
+/// The secret in `path` (the admin token, the replicas' shared key), created there (mode
+/// 0600, 32 random bytes as hex) if missing or empty. One shorter than
+/// [`MIN_SECRET_BYTES`] is refused: a short key is found offline from one token it
+/// signed.
 pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
     match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(t) if !t.trim().is_empty() => {
+            let t = t.trim();
+            if t.len() < MIN_SECRET_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} bytes, and a secret must be at least {MIN_SECRET_BYTES} (make one \
+                         with: openssl rand -hex 32)",
+                        t.len()
+                    ),
+                ));
+            }
+            return Ok(t.to_string());
+        }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),

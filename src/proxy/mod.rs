@@ -324,8 +324,11 @@ impl Proxy {
             path: key_path.clone(),
             source,
         };
-        // Replicas verify each other's tokens and requests with it.
-        let shared = upstreams.values().any(|u| u.guarded()) || config.peers.is_some();
+        // Replicas verify each other's tokens and requests with it; a key given is read
+        // (and checked) whether or not it is needed.
+        let shared = upstreams.values().any(|u| u.guarded())
+            || config.peers.is_some()
+            || config.access.signing_key_file.is_some();
         let signing_key = if shared {
             admin::load_or_create_token(&key_path).map_err(key_error)?
         } else {
