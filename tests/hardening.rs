@@ -847,3 +847,66 @@ async fn concurrent_heads_of_an_uncached_blob_cost_one_upstream_head() {
         "a HEAD downloads nothing"
     );
 }
+
+/// A hostile upstream body of unknown length: one that never ends is written only into
+/// the room set aside for it and only while a client reads it, so the cache's volume never
+/// fills (no disk-full for everyone); one that drips a byte every 100 ms is cut off at the
+/// end of its first window below `upstreamMinRate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_and_dripping_bodies_cannot_hold_the_cache() {
+    let up = FaultUpstream::start().await;
+    let (endless, dripping) = (
+        Blob::new(LAYER, random_bytes(640, 1000)),
+        Blob::new(LAYER, random_bytes(641, 1000)),
+    );
+    up.add_blob(&endless);
+    up.add_blob(&dripping);
+    up.state
+        .endless
+        .lock()
+        .unwrap()
+        .push(endless.digest.clone());
+    up.state
+        .drips
+        .lock()
+        .unwrap()
+        .push((dripping.digest.clone(), Duration::from_millis(100)));
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&dir.path().join("fs"), 96);
+    let mut cfg = config(&up);
+    cfg.cache_dir = fs.0.join("cache");
+    cfg.upstream_min_rate = 1024;
+    cfg.upstream_min_rate_window = Duration::from_secs(1);
+    let proxy = Proxy::start_config(cfg).await;
+    let url = |b: &Blob| format!("{}/v2/team/x/blobs/{}", proxy.url, b.digest);
+    let disk_full = || proxy.metric("pullthrough_cache_disk_full", &[]);
+
+    // A client that reads 1 MiB and leaves: the download stops with it.
+    let (first, _) = get_begun(&url(&endless), 1 << 20).await;
+    drop(first);
+    until("the endless download to stop", async || {
+        proxy.metric("pullthrough_inflight_fetches", &[]).await == 0.0
+    })
+    .await;
+    // A client that reads on: the download stops at its room, the volume never fills.
+    let mut r = http().get(url(&endless)).send().await.unwrap();
+    let mut got = 0u64;
+    let ended = loop {
+        match r.chunk().await {
+            Ok(Some(c)) => got += c.len() as u64,
+            Ok(None) => break "the body ended",
+            Err(_) => break "cut",
+        }
+    };
+    assert_eq!(ended, "cut");
+    assert!(got < 96 << 20, "read {got} bytes of an endless body");
+    assert_eq!(disk_full().await, 0.0, "the cache volume filled up");
+    proxy.settled().await;
+    let left = std::fs::read_dir(fs.0.join("cache/tmp")).unwrap().count();
+    assert_eq!(left, 0, "partial downloads left behind");
+
+    // A drip: cut off after its first window, not held until a timeout.
+    let r = http().get(url(&dripping)).send().await.unwrap();
+    assert!(r.bytes().await.is_err(), "a dripping body was not cut off");
+    assert_eq!(disk_full().await, 0.0);
+}

@@ -96,6 +96,20 @@ pub struct ProxyConfig {
         with = "crate::api::duration::serde"
     )]
     pub upstream_timeout: Duration,
+    /// The slowest a blob download may arrive, in bytes per second (or a quantity such as
+    /// `16Ki`), measured over every `upstreamMinRateWindow`: a body that brings less in
+    /// one (a drip, which no timeout between chunks catches) is cut off. 0: no floor.
+    #[serde(
+        default = "default_upstream_min_rate",
+        deserialize_with = "crate::api::quantity::deserialize"
+    )]
+    pub upstream_min_rate: u64,
+    /// The window `upstreamMinRate` is measured over (the first one included).
+    #[serde(
+        default = "default_upstream_min_rate_window",
+        with = "crate::api::duration::serde"
+    )]
+    pub upstream_min_rate_window: Duration,
     /// The secret `pullthrough cache drop` must show the admin endpoint; created (mode
     /// 0600) with a random token if missing; at least 32 bytes. Default: `admin-token` in
     /// `cacheDir`.
@@ -739,6 +753,10 @@ impl ProxyConfig {
             (self.client_header_timeout.is_zero(), "clientHeaderTimeout"),
             (self.client_idle_timeout.is_zero(), "clientIdleTimeout"),
             (self.upstream_timeout.is_zero(), "upstreamTimeout"),
+            (
+                self.upstream_min_rate_window.is_zero(),
+                "upstreamMinRateWindow",
+            ),
             (self.connect_timeout.is_zero(), "connectTimeout"),
             (self.access.allowed_ttl.is_zero(), "access.allowedTTL"),
             (self.access.denied_ttl.is_zero(), "access.deniedTTL"),
@@ -817,6 +835,14 @@ impl ProxyConfig {
             .unwrap_or_else(|| self.cache_dir.join(SIGNING_KEY_FILE))
     }
 
+    /// The floor of blob downloads (`upstreamMinRate` over `upstreamMinRateWindow`).
+    pub fn upstream_min_rate(&self) -> crate::proxy::upstream::MinRate {
+        crate::proxy::upstream::MinRate {
+            bytes_per_second: self.upstream_min_rate,
+            window: self.upstream_min_rate_window,
+        }
+    }
+
     /// The registry used when a request has no `?ns=`.
     pub fn default_registry(&self) -> Option<&str> {
         self.default_upstream
@@ -845,6 +871,8 @@ impl Default for ProxyConfig {
             prefetch_platforms: Vec::new(),
             connect_timeout: default_connect_timeout(),
             upstream_timeout: default_upstream_timeout(),
+            upstream_min_rate: default_upstream_min_rate(),
+            upstream_min_rate_window: default_upstream_min_rate_window(),
             admin_token_file: None,
             max_connections: default_max_connections(),
             client_header_timeout: default_client_header_timeout(),
@@ -1070,6 +1098,12 @@ fn default_token_ttl() -> Duration {
 }
 fn default_failed_checks() -> u32 {
     10
+}
+fn default_upstream_min_rate() -> u64 {
+    16 << 10
+}
+fn default_upstream_min_rate_window() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_failed_checks_per_client() -> u32 {
     30

@@ -71,6 +71,12 @@ pub fn deserialize_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<
     d.deserialize_any(Bytes)
 }
 
+/// Reads a byte count given as a number or as a quantity string (`16Ki`).
+pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    deserialize_opt(d)?
+        .ok_or_else(|| serde::de::Error::custom("a number of bytes or a quantity is needed"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -168,6 +168,7 @@ fn upstream_code_and_status(e: &UpstreamError) -> (ErrorCode, StatusCode) {
         | Unreachable { .. }
         | NoAnswer { .. }
         | Stalled { .. }
+        | TooSlow { .. }
         | Body(_)
         | Stored(_)
         | Truncated { .. } => (ErrorCode::Unavailable, StatusCode::BAD_GATEWAY),

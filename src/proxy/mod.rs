@@ -252,7 +252,7 @@ impl Proxy {
                 credentials,
                 client.clone(),
                 metrics.clone(),
-                config.upstream_timeout,
+                (config.upstream_timeout, config.upstream_min_rate()),
             );
             if let Some(c) = &peers_client {
                 up = up.with_tls_peers(c.clone());

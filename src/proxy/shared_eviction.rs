@@ -532,7 +532,10 @@ mod tests {
             None,
             http_client(Duration::from_secs(1)),
             Metrics::new(),
-            Duration::from_secs(1),
+            (
+                Duration::from_secs(1),
+                crate::api::ProxyConfig::default().upstream_min_rate(),
+            ),
         ));
         let pin = ConfiguredImage {
             upstream,

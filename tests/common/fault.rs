@@ -48,6 +48,12 @@ pub struct State {
     /// Requests whose "METHOD path?query" contains one of these get their status and
     /// headers, one byte of body, and then nothing, for ever.
     pub stall_bodies: Mutex<Vec<String>>,
+    /// Blob GETs whose path contains one of these are answered with a body of unknown
+    /// length (chunked) that never ends: 64 KiB chunks as fast as they are read.
+    pub endless: Mutex<Vec<String>>,
+    /// Blob GETs whose path contains the text are answered with a body of unknown length
+    /// that never ends and drips: one byte every interval.
+    pub drips: Mutex<Vec<(String, std::time::Duration)>>,
     /// Headers added to every answer under /v2/ (rate-limit headers, `Retry-After`).
     pub extra_headers: Mutex<Vec<(&'static str, String)>>,
     /// Requests being handled now, and the most there ever were at once.
@@ -379,6 +385,30 @@ async fn respond(st: &State, base: &str, req: Request<Incoming>) -> Response<Bod
         };
     }
     if let Some(i) = rest.rfind("/blobs/") {
+        let endless = st.endless.lock().unwrap().iter().any(|p| path.contains(p));
+        let drip = st
+            .drips
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, _)| path.contains(p.as_str()))
+            .map(|(_, every)| *every);
+        if !head && (endless || drip.is_some()) {
+            let chunks = futures::stream::unfold(0u64, move |n| async move {
+                let chunk = match drip {
+                    Some(every) => {
+                        tokio::time::sleep(every).await;
+                        Bytes::from_static(b"x")
+                    }
+                    None => Bytes::from(super::random_bytes(n, 64 << 10)),
+                };
+                Some((Ok::<_, std::io::Error>(Frame::data(chunk)), n + 1))
+            });
+            return Response::builder()
+                .status(StatusCode::OK)
+                .body(StreamBody::new(chunks).boxed_unsync())
+                .unwrap();
+        }
         let digest = rest[i + 7..].to_string();
         let Some(mut bytes) = st.blobs.lock().unwrap().get(&digest).cloned() else {
             return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");

@@ -119,6 +119,11 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// The bytes set aside.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Records that `bytes` more of the object are on disk: they no longer count as
     /// space still to be taken from the volume.
     pub fn wrote(&mut self, bytes: u64) {

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures::stream::StreamExt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -30,6 +31,9 @@ pub const FOREIGN_FETCH_WAIT: Duration = Duration::from_secs(60);
 
 /// How often the store is looked at meanwhile.
 const FOREIGN_FETCH_POLL: Duration = Duration::from_secs(1);
+
+/// The most a blob of unknown length (no `Content-Length`) is written into the cache.
+const UNKNOWN_LENGTH_ROOM: u64 = 8 << 30;
 
 /// What a download has written, for its clients to read (see [`Written`]).
 #[derive(Clone)]
@@ -107,6 +111,25 @@ pub(super) struct BlobFetch {
     /// them all; once the download streams into the cache (they read the file) or the
     /// relay started, it is `None` and later clients do not join it.
     pub(super) relay: Mutex<Option<Vec<RelayTx>>>,
+    /// The clients following it now (see [`Follower`]): a download of unknown length
+    /// goes on only while someone reads it.
+    followers: AtomicUsize,
+}
+
+/// A client following a download, until it is dropped (its body ended or went away).
+pub(super) struct Follower(Arc<BlobFetch>);
+
+impl Follower {
+    fn of(fetch: &Arc<BlobFetch>) -> Follower {
+        fetch.followers.fetch_add(1, Ordering::SeqCst);
+        Follower(fetch.clone())
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0.followers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl BlobFetch {
@@ -128,6 +151,8 @@ pub(super) struct Joined {
     pub(super) leader: bool,
     /// Where its body comes if the blob is relayed instead of cached.
     pub(super) relayed: Option<mpsc::Receiver<io::Result<Bytes>>>,
+    /// Counted among the download's followers while it is held.
+    pub(super) follower: Follower,
 }
 
 /// How a download ended well.
@@ -305,6 +330,7 @@ impl PullThrough {
             fetch,
             leader,
             relayed,
+            follower,
         }) = self.join_or_start(up, repository, digest, from_peer, unlinked)?
         else {
             // Finished between our cache check and taking the lock.
@@ -352,16 +378,17 @@ impl PullThrough {
         };
         let (start, end) = span.map_or((0, len), |(s, e)| (s, Some(e + 1)));
         let reader = LiveReader::new(rx, start, end, spans.cloned());
-        let body = futures::stream::unfold(reader, |mut r| async move {
+        // The body follows the download for as long as it is read.
+        let body = futures::stream::unfold((reader, follower), |(mut r, f)| async move {
             if r.finished {
                 return None;
             }
             match r.next_chunk().await {
-                Ok(Some(b)) => Some((Ok(b), r)),
+                Ok(Some(b)) => Some((Ok(b), (r, f))),
                 Ok(None) => None,
                 Err(e) => {
                     r.finished = true;
-                    Some((Err(e), r))
+                    Some((Err(e), (r, f)))
                 }
             }
         })
@@ -400,6 +427,7 @@ impl PullThrough {
             self.metrics.fetch_waiters.inc();
             return Ok(Some(Joined {
                 relayed: f.subscribe(),
+                follower: Follower::of(f),
                 fetch: f.clone(),
                 leader: false,
             }));
@@ -421,8 +449,11 @@ impl PullThrough {
             via,
             origin,
             relay: Mutex::new(Some(Vec::new())),
+            followers: AtomicUsize::new(0),
         });
         let relayed = fetch.subscribe();
+        // Counted before the download starts: it never sees a moment without its first.
+        let follower = Follower::of(&fetch);
         map.insert(digest.clone(), fetch.clone());
         let (this, up2, repo, d, f) = (
             self.clone(),
@@ -437,6 +468,7 @@ impl PullThrough {
             fetch,
             leader: true,
             relayed,
+            follower,
         }))
     }
 
@@ -601,14 +633,16 @@ impl PullThrough {
         }
         let len = body.content_length();
         // With a size limit, a blob of unknown size cannot be accounted for: stream it.
+        // Without one, it may take a share of the room the store can spare, no more.
         let reservation = match len {
             Some(l) => self.reserve(l).await,
-            None if self.index.limit().is_none() => self.reserve(0).await,
+            None if self.index.limit().is_none() => self.reserve(self.unknown_length_room()).await,
             None => None,
         };
         let Some(mut reservation) = reservation else {
             return Ok(Downloaded::Uncacheable { body });
         };
+        let room = len.unwrap_or(reservation.size());
         let mut write = match self.store().begin(digest, len).await {
             Ok(w) => w,
             Err(e) => {
@@ -674,6 +708,19 @@ impl PullThrough {
                     "blob body longer than its Content-Length".into(),
                 ));
             }
+            // A body of unknown length (which could go on for ever) is written only into
+            // the room set aside for it, and only while a client reads it.
+            if len.is_none() && received > room {
+                return Err(ProxyError::UpstreamInvalid(
+                    format!("a blob of unknown length went past the {room} bytes set aside for it")
+                        .into(),
+                ));
+            }
+            if len.is_none() && fetch.followers.load(Ordering::SeqCst) == 0 {
+                return Err(ProxyError::UpstreamInvalid(
+                    "a blob of unknown length no client reads any more".into(),
+                ));
+            }
             for chunk in &batch {
                 hasher.update(chunk);
             }
@@ -728,6 +775,18 @@ impl PullThrough {
             return Ok((body, true));
         }
         Ok((up.blob(repository, digest).await?, false))
+    }
+
+    /// The room a download of unknown length may take: half of what the store can spare
+    /// beside the margin (other downloads need room too), [`UNKNOWN_LENGTH_ROOM`] at most.
+    fn unknown_length_room(&self) -> u64 {
+        let spare = self
+            .store()
+            .free_space()
+            .map_or(UNKNOWN_LENGTH_ROOM, |free| {
+                free.saturating_sub(DISK_MARGIN) / 2
+            });
+        spare.min(UNKNOWN_LENGTH_ROOM)
     }
 
     /// The blob from the replica `via` that owns it; `None` when there is none or it
@@ -801,7 +860,13 @@ impl PullThrough {
     async fn stored_body(&self, up: &Upstream, digest: &Digest) -> Option<BlobBody> {
         let blob = self.store().open(digest).await.ok()??;
         let len = blob.len();
-        Some(BlobBody::stored(len, blob.read(0, len, None), up.timeout()))
+        let (timeout, floor) = (up.timeout(), up.min_rate());
+        Some(BlobBody::stored(
+            len,
+            blob.read(0, len, None),
+            timeout,
+            floor,
+        ))
     }
 
     /// What a download that the store failed (writing or committing it) says; a full

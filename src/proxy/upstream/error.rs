@@ -89,6 +89,18 @@ pub enum UpstreamError {
         /// The timeout.
         after: Duration,
     },
+    /// A blob body arrived slower than the floor (`upstreamMinRate`) over a window.
+    #[error(
+        "upstream unavailable: a blob came at {got} bytes in {after:?}, below the floor of {floor} bytes per second"
+    )]
+    TooSlow {
+        /// Bytes that arrived in the window.
+        got: u64,
+        /// The window, as long as it lasted.
+        after: Duration,
+        /// The floor, bytes per second.
+        floor: u64,
+    },
     /// The connection failed while a body was being read.
     #[error("upstream unavailable: reading the body: {}", chain(.0))]
     Body(#[source] Arc<hyper::Error>),
@@ -126,7 +138,7 @@ impl UpstreamError {
         match self {
             RateLimited { .. } | BackedOff { .. } | Busy { .. } => true,
             Failed { .. } | Unreachable { .. } | NoAnswer { .. } => true,
-            Stalled { .. } | Body(_) | Stored(_) | Truncated { .. } => true,
+            Stalled { .. } | TooSlow { .. } | Body(_) | Stored(_) | Truncated { .. } => true,
             NotFound(_) | Denied(_) | TooLarge { .. } | Protocol(_) => false,
         }
     }

@@ -4,12 +4,14 @@
 //! request in the upstream metrics. Knows nothing of the cache.
 
 mod auth;
+mod body;
 mod error;
 mod failover;
 mod pressure;
 mod transport;
 
 pub use auth::{Challenge, Secret, parse_challenge};
+pub use body::{BlobBody, MinRate};
 pub use error::{Object, UpstreamError};
 pub use pressure::{Asker, Patience, RateLimit, retry_after};
 pub(crate) use transport::query_escape;
@@ -22,13 +24,10 @@ use crate::proxy::metrics::{Kind, Metrics};
 use crate::proxy::peers::{PEER_HEADER, Peers};
 use auth::Auth;
 use bytes::Bytes;
-use futures::FutureExt;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap};
 use hyper::{Method, Response, StatusCode};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use transport::{Transport, origin_of, read_limited};
@@ -65,82 +64,6 @@ pub struct Referrers {
     pub content_type: Option<String>,
     /// `OCI-Filters-Applied`: the filters the upstream applied (`artifactType`).
     pub filters_applied: Option<String>,
-}
-
-/// A blob's body as it arrives from the upstream (or from the replica that owns it, or
-/// from the shared store another process fetched it into).
-pub struct BlobBody {
-    length: Option<u64>,
-    body: Chunks,
-    timeout: Duration,
-}
-
-/// Where a blob body's chunks come from.
-enum Chunks {
-    Http(Incoming),
-    Stored(futures::stream::BoxStream<'static, std::io::Result<Bytes>>),
-}
-
-impl BlobBody {
-    /// The `len` bytes of a blob read back from the store (`chunks`), each chunk within
-    /// `timeout`.
-    pub fn stored(
-        len: u64,
-        chunks: futures::stream::BoxStream<'static, std::io::Result<Bytes>>,
-        timeout: Duration,
-    ) -> BlobBody {
-        BlobBody {
-            length: Some(len),
-            body: Chunks::Stored(chunks),
-            timeout,
-        }
-    }
-
-    /// `Content-Length`, when the upstream sent it.
-    pub fn content_length(&self) -> Option<u64> {
-        self.length
-    }
-
-    /// The next chunk, `None` at the end. Fails when none arrives within the timeout.
-    pub async fn next(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        let timeout = self.timeout;
-        tokio::time::timeout(timeout, self.data())
-            .await
-            .map_err(|_| UpstreamError::Stalled {
-                what: "the next chunk of a blob",
-                after: timeout,
-            })?
-    }
-
-    /// The next chunk if it is already here: `None` when it is not.
-    pub fn ready(&mut self) -> Option<Result<Option<Bytes>, UpstreamError>> {
-        self.data().now_or_never()
-    }
-
-    async fn data(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        let body = match &mut self.body {
-            Chunks::Http(body) => body,
-            Chunks::Stored(chunks) => {
-                use futures::StreamExt;
-                return match chunks.next().await {
-                    None => Ok(None),
-                    Some(Ok(chunk)) => Ok(Some(chunk)),
-                    Some(Err(e)) => Err(UpstreamError::Stored(Arc::new(e))),
-                };
-            }
-        };
-        loop {
-            match body.frame().await {
-                None => return Ok(None),
-                Some(Err(e)) => return Err(UpstreamError::Body(Arc::new(e))),
-                Some(Ok(f)) => {
-                    if let Ok(data) = f.into_data() {
-                        return Ok(Some(data));
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// The parameters of a tags/list query that mean something (`n`, `last`), in a fixed
@@ -212,6 +135,8 @@ pub struct Upstream {
     peers_tls: Option<Transport>,
     /// Its caps and back-off: every request to it passes here.
     pressure: pressure::Pressure,
+    /// The slowest a blob body from it may arrive.
+    min_rate: MinRate,
     metrics: Metrics,
 }
 
@@ -285,7 +210,7 @@ impl Upstream {
         credentials: Option<Credentials>,
         client: HttpClient,
         metrics: Metrics,
-        timeout: Duration,
+        (timeout, min_rate): (Duration, MinRate),
     ) -> Upstream {
         Upstream {
             name: config.registry.to_ascii_lowercase(),
@@ -305,6 +230,7 @@ impl Upstream {
                 config.limits(),
                 metrics.clone(),
             ),
+            min_rate,
             metrics,
         }
     }
@@ -323,6 +249,11 @@ impl Upstream {
     /// The time allowed for an answer, and between two chunks of a download.
     pub fn timeout(&self) -> Duration {
         self.transport.timeout()
+    }
+
+    /// The slowest a blob body may arrive.
+    pub fn min_rate(&self) -> MinRate {
+        self.min_rate
     }
 
     /// The repository as the upstream knows it: Docker Hub puts single-name images under
@@ -402,13 +333,14 @@ impl Upstream {
         Ok(self.blob_body(resp))
     }
 
-    /// The body of a blob's answer, read with this upstream's timeout.
+    /// The body of a blob's answer, read with this upstream's timeout and floor.
     fn blob_body(&self, resp: Response<Incoming>) -> BlobBody {
-        BlobBody {
-            length: content_length(resp.headers()),
-            body: Chunks::Http(resp.into_body()),
-            timeout: self.timeout(),
-        }
+        BlobBody::http(
+            content_length(resp.headers()),
+            resp.into_body(),
+            self.timeout(),
+            self.min_rate,
+        )
     }
 
     /// GETs a blob from `owner`, the replica that owns it (see [`crate::proxy::peers`]),
