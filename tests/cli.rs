@@ -71,6 +71,15 @@ fn ordinary_mistakes_are_one_line_without_a_backtrace() {
 
     let line = error_line(&proxy(&["--upstream", "bad host"]));
     assert!(line.contains("\"bad host\" is not a host name"), "{line}");
+    // A password written into an upstream URL is never printed.
+    let line = error_line(&proxy(&[
+        "--upstream",
+        "reg.local=http://me:s3cret@127.0.0.1:5001",
+    ]));
+    assert!(
+        line.contains("has invalid url") && !line.contains("s3cret"),
+        "{line}"
+    );
     let line = error_line(&proxy(&["--max-cache-size", "0"]));
     assert!(line.contains("must be greater than zero"), "{line}");
     let line = error_line(&proxy(&[

@@ -690,7 +690,7 @@ impl ProxyConfig {
                 if split_url(&url).is_none() {
                     return Err(ConfigError::BadUrl {
                         registry: u.registry.clone(),
-                        url,
+                        url: without_userinfo(&url),
                     });
                 }
             }
@@ -1039,6 +1039,19 @@ fn valid_registry_host(h: &str) -> bool {
 }
 
 /// Splits `http(s)://authority[/path]` into scheme, authority and path prefix.
+/// `url` as an error may show it: a `user:password@` in it (not accepted, but written by
+/// mistake) replaced, so that a password never reaches a log or a terminal.
+pub fn without_userinfo(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((_, host)) if scheme.is_empty() => format!("<redacted>@{host}{tail}"),
+        Some((_, host)) => format!("{scheme}://<redacted>@{host}{tail}"),
+        None => url.to_string(),
+    }
+}
+
 pub fn split_url(url: &str) -> Option<(&str, &str, &str)> {
     let (scheme, rest) = url.split_once("://")?;
     if scheme != "http" && scheme != "https" {
@@ -1172,6 +1185,22 @@ access: { plainHttp: true, deniedTTL: 10s }
         let mut c = ProxyConfig::default();
         c.upstreams[0].url = Some("ftp://x".into());
         assert!(matches!(c.validate(), Err(ConfigError::BadUrl { .. })));
+        // A password written into a URL is never shown.
+        c.upstreams[0].url = Some("https://me:s3cret@reg.example:5000/v2".into());
+        let shown = c.validate().unwrap_err().to_string();
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("me:"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("https://<redacted>@reg.example:5000/v2"),
+            "{shown}"
+        );
+        assert_eq!(
+            without_userinfo("http://a@b@c/d?x@y"),
+            "http://<redacted>@c/d?x@y"
+        );
+        assert_eq!(without_userinfo("http://host/p"), "http://host/p");
         let c = ProxyConfig {
             default_upstream: Some("quay.io".into()),
             ..ProxyConfig::default()
