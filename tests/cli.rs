@@ -71,6 +71,16 @@ fn ordinary_mistakes_are_one_line_without_a_backtrace() {
 
     let line = error_line(&proxy(&["--upstream", "bad host"]));
     assert!(line.contains("\"bad host\" is not a host name"), "{line}");
+    // An upstream at the instance-metadata address: refused before anything is sent.
+    let line = error_line(&proxy(&[
+        "--upstream",
+        "meta.local=http://169.254.169.254",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]));
+    assert!(line.contains("link-local address"), "{line}");
     // A password written into an upstream URL is never printed.
     let line = error_line(&proxy(&[
         "--upstream",

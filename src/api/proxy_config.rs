@@ -585,6 +585,17 @@ pub enum ConfigError {
         /// The offending URL.
         url: String,
     },
+    /// A URL at an address the proxy never connects to.
+    #[error(
+        "upstream {registry:?} has url {url:?}, a link-local address (where clouds serve \
+         instance metadata), which the proxy never connects to"
+    )]
+    LinkLocalUrl {
+        /// The upstream, as configured.
+        registry: String,
+        /// The URL.
+        url: String,
+    },
     /// Both `url` and `urls`.
     #[error("upstream {0:?} sets both url and urls; list every URL in urls")]
     UrlAndUrls(String),

@@ -143,6 +143,18 @@ impl Proxy {
     /// resolves credentials.
     pub async fn build(config: &ProxyConfig) -> Result<Proxy, StartError> {
         config.validate()?;
+        // Never an upstream at an address the client never connects to.
+        for u in &config.upstreams {
+            for url in u.base_urls() {
+                let uri = url.parse::<hyper::Uri>().ok();
+                if !uri.as_ref().and_then(|u| u.host()).is_some_and(upstream::allowed_host) {
+                    return Err(StartError::Config(ConfigError::LinkLocalUrl {
+                        registry: u.registry.clone(),
+                        url,
+                    }));
+                }
+            }
+        }
         let metrics = Metrics::new();
         let cache_dir_error = |source| StartError::CacheDir {
             path: config.cache_dir.clone(),

@@ -15,7 +15,9 @@ pub use body::{BlobBody, MinRate};
 pub use error::{Object, UpstreamError};
 pub use pressure::{Asker, Patience, RateLimit, retry_after};
 pub(crate) use transport::query_escape;
-pub use transport::{HttpClient, http_client, http_client_with, same_origin};
+pub use transport::{
+    HttpClient, allowed_host, forbidden, http_client, http_client_with, same_origin,
+};
 
 use crate::api::{Credentials, RepositoryFilter, UpstreamConfig};
 use crate::oci::media::Accept;

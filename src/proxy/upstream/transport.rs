@@ -1,5 +1,9 @@
 //! HTTP to the upstreams: the shared client (HTTP/1.1 and HTTP/2, TLS), redirects
 //! followed with credentials kept to their origin, timeouts, small bodies read whole.
+//!
+//! The client never connects to a link-local address ([`forbidden`]: where clouds serve
+//! instance metadata and its credentials): a redirect there is refused, a host name is
+//! never resolved to one, and no upstream URL may name one.
 
 use super::error::UpstreamError;
 use bytes::Bytes;
@@ -10,12 +14,78 @@ use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::rt::TokioExecutor;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// The HTTP client shared by every upstream.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>;
+
+/// Whether the client never connects to `ip`: a link-local address (169.254.0.0/16,
+/// fe80::/10, also as an IPv4-mapped one), where clouds serve instance metadata and the
+/// node's credentials (169.254.169.254), or EC2's IPv6 metadata address (fd00:ec2::254).
+pub fn forbidden(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.is_link_local(),
+            None => {
+                v6.segments()[0] & 0xffc0 == 0xfe80
+                    || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+            }
+        },
+    }
+}
+
+/// The address a URL's host names literally (`10.0.0.1`, `[fd00::1]`, `[fe80::1%25eth0]`
+/// with a zone), if it does.
+fn literal(host: &str) -> Option<IpAddr> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.split('%').next().unwrap_or(host).parse().ok()
+}
+
+/// Whether a URL host may be connected to as far as it says itself: not a forbidden
+/// literal address (host names are checked when resolved).
+pub fn allowed_host(host: &str) -> bool {
+    !literal(host).is_some_and(forbidden)
+}
+
+/// The addresses a host name resolved to that the client may connect to; an error when
+/// none is left.
+fn permitted(name: &str, found: Vec<SocketAddr>) -> std::io::Result<Vec<SocketAddr>> {
+    let allowed: Vec<SocketAddr> = found.into_iter().filter(|a| !forbidden(a.ip())).collect();
+    if allowed.is_empty() {
+        return Err(std::io::Error::other(format!(
+            "{name} resolves to no address the proxy connects to (never a link-local one)"
+        )));
+    }
+    Ok(allowed)
+}
+
+/// The system resolver, less the addresses the client never connects to.
+#[derive(Clone)]
+pub struct Resolver(GaiResolver);
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = futures::future::BoxFuture<'static, std::io::Result<Self::Response>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let resolving = self.0.call(name.clone());
+        Box::pin(async move {
+            let found = resolving.await?.collect();
+            Ok(permitted(name.as_str(), found)?.into_iter())
+        })
+    }
+}
 
 const USER_AGENT: &str = concat!("pullthrough/", env!("CARGO_PKG_VERSION"));
 const MAX_REDIRECTS: usize = 5;
@@ -45,7 +115,7 @@ fn web_roots() -> rustls::ClientConfig {
 
 /// The shared client's shape (HTTP/1.1 and HTTP/2, timeouts, pooling) with `tls`.
 pub fn http_client_with(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpClient {
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(Resolver(GaiResolver::new()));
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
@@ -189,7 +259,7 @@ impl Transport {
                         origin_of(url)
                     ))
                 })?;
-            uri = resolve_location(&uri, location)?;
+            uri = redirect_target(&uri, location)?;
         }
         Err(UpstreamError::protocol(format!(
             "more than {MAX_REDIRECTS} redirects from {}",
@@ -247,6 +317,20 @@ fn resolve_location(base: &Uri, location: &str) -> Result<Uri, UpstreamError> {
     format!("{scheme}://{authority}{location}")
         .parse()
         .map_err(|e| bad(&e))
+}
+
+/// Where a redirect from `base` to `location` goes, unless it goes where the client
+/// never connects ([`forbidden`]).
+fn redirect_target(base: &Uri, location: &str) -> Result<Uri, UpstreamError> {
+    let uri = resolve_location(base, location)?;
+    if !uri.host().is_some_and(allowed_host) {
+        return Err(UpstreamError::protocol(format!(
+            "{} redirected to {}, a link-local address (instance metadata), which is never followed",
+            origin_of(&base.to_string()),
+            uri.host().unwrap_or("no host")
+        )));
+    }
+    Ok(uri)
 }
 
 /// Whether `to` is the same origin as `from`: scheme, host (in any case) and port (the
@@ -328,6 +412,42 @@ mod tests {
             "https://cdn.example/x"
         );
         assert!(resolve_location(&base, "x").is_err());
+    }
+
+    #[test]
+    fn link_local_addresses_are_never_connected_to() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for bad in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "fe80::1",
+            "febf::1",
+            "::ffff:169.254.169.254",
+            "fd00:ec2::254",
+        ] {
+            assert!(forbidden(ip(bad)), "{bad}");
+        }
+        for good in ["10.0.0.1", "127.0.0.1", "8.8.8.8", "fec0::1", "fd00:ec2::253", "::1"] {
+            assert!(!forbidden(ip(good)), "{good}");
+        }
+        // Redirects: by the target's literal address, whatever the way it is written.
+        let base: Uri = "https://registry.example/v2/a/blobs/x".parse().unwrap();
+        for to in [
+            "http://169.254.169.254/latest/meta-data/iam/",
+            "http://[fe80::1%25eth0]/x",
+            "http://[::ffff:169.254.169.254]/x",
+            "http://[fd00:ec2::254]/latest",
+        ] {
+            assert!(redirect_target(&base, to).is_err(), "{to}");
+        }
+        assert!(redirect_target(&base, "https://cdn.example/blob?sig=1").is_ok());
+        assert!(redirect_target(&base, "/storage/x").is_ok());
+        // Host names: what they resolve to, less the forbidden addresses.
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let mixed = vec![sa("169.254.169.254:80"), sa("10.1.2.3:80")];
+        assert_eq!(permitted("x.example", mixed).unwrap(), [sa("10.1.2.3:80")]);
+        let only = vec![sa("169.254.169.254:80"), sa("[fe80::1]:80")];
+        assert!(permitted("metadata.example", only).is_err());
     }
 
     #[test]
