@@ -112,3 +112,43 @@ async fn requested_images_are_in_the_cache_before_a_client_asks() {
         2.0
     );
 }
+
+/// The images requested and their progress are bounded: a request that would leave
+/// more than 1,024 images waiting is refused (429) whole, and finished images make room
+/// for new ones, oldest first, so that `GET /admin/prefetch` never lists more than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefetch_queue_and_its_progress_are_bounded() {
+    use crate::common::fault::FaultUpstream;
+    let up = FaultUpstream::start().await;
+    // Nothing is fetched until released: every image waits.
+    let hold = up.hold_requests("/manifests/");
+    let p = Proxy::start(&[("registry.test", &up.url)]).await;
+    let token = std::fs::read_to_string(p.cache_dir.join("admin-token")).unwrap();
+    let batch = |from: usize| {
+        let images: Vec<String> = (from..from + 256)
+            .map(|i| format!("registry.test/team/img{i}:1"))
+            .collect();
+        serde_json::json!({ "images": images })
+    };
+    let listed = || async {
+        p.admin_get("/admin/prefetch", &token).await["images"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    for n in 0..4 {
+        assert_eq!(ask(&p, Some(&token), batch(n * 256)).await.status(), 202);
+    }
+    let r = ask(&p, Some(&token), batch(1024)).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.text().await.unwrap().contains("queue is full"));
+    assert_eq!(listed().await, 1024);
+    // Released: each fails (the upstream has none of them), and makes room.
+    drop(hold);
+    for n in 4..24 {
+        let progress = settled_progress(&p, &token).await;
+        assert!(progress.len() <= 1024, "{} listed", progress.len());
+        assert_eq!(ask(&p, Some(&token), batch(n * 256)).await.status(), 202);
+    }
+    assert_eq!(listed().await, 1024);
+}

@@ -805,7 +805,23 @@ async fn prefetch_admin(proxy: &Proxy, req: Request<Incoming>) -> Response<Body>
     let platforms = ask
         .platforms
         .unwrap_or_else(|| proxy.prefetch_platforms().to_vec());
-    let accepted = proxy.prefetcher().request(images, &platforms);
+    let accepted = match proxy.prefetcher().request(images, &platforms) {
+        Ok(a) => a,
+        Err(full) => {
+            let mut refused = json(
+                StatusCode::TOO_MANY_REQUESTS,
+                serde_json::json!({"error": format!(
+                    "the prefetch queue is full: {} images wait or are being fetched, at most {} may; ask again once some are done",
+                    full.waiting,
+                    crate::proxy::prefetcher::MAX_JOBS
+                )}),
+            );
+            refused
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            return refused;
+        }
+    };
     tracing::info!(
         queued = accepted.queued.len(),
         known = accepted.known.len(),

@@ -29,8 +29,9 @@ use tokio::time::Instant;
 
 /// Images one request may name.
 pub const MAX_IMAGES_PER_REQUEST: usize = 256;
-/// Images whose state is kept (the oldest finished ones go first).
-const MAX_JOBS: usize = 10_000;
+/// Images whose state is kept: the oldest finished ones go first to make room, and a
+/// request that would leave more than this many waiting or being fetched is refused.
+pub const MAX_JOBS: usize = 1024;
 /// Prefetched manifests waiting for a first pull; older ones are dropped past this.
 const MAX_WAITING: usize = 50_000;
 
@@ -79,6 +80,13 @@ pub struct Queued {
     pub image: ConfiguredImage,
     pub platforms: Vec<String>,
     key: String,
+}
+
+/// Why a request was refused: it would leave more than [`MAX_JOBS`] images waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull {
+    /// Images waiting or being fetched now.
+    pub waiting: usize,
 }
 
 /// What a request was answered.
@@ -133,31 +141,49 @@ impl Prefetcher {
         self.rx.lock().expect("prefetch lock").take()
     }
 
-    /// Queues `images` unless they are known already.
-    pub fn request(&self, images: Vec<ConfiguredImage>, platforms: &[String]) -> Accepted {
+    /// Queues `images` unless they are known already; none of them when that would leave
+    /// more than [`MAX_JOBS`] images waiting or being fetched.
+    pub fn request(
+        &self,
+        images: Vec<ConfiguredImage>,
+        platforms: &[String],
+    ) -> Result<Accepted, QueueFull> {
         let mut out = Accepted::default();
         let now = Instant::now();
         let mut jobs = self.jobs.lock().expect("prefetch lock");
-        for image in images {
-            let k = key(&image);
-            let known = jobs.get(&k).is_some_and(|j| match j.progress.state {
+        let known = |jobs: &HashMap<String, Job>, k: &str| {
+            jobs.get(k).is_some_and(|j| match j.progress.state {
                 State::Pending | State::Running => true,
                 State::Done => j.finished.is_some_and(|f| now - f < self.fresh_for),
                 State::Failed => false,
-            });
-            if known {
+            })
+        };
+        let waiting = jobs.values().filter(|j| j.finished.is_none()).count();
+        let new: std::collections::HashSet<String> = images
+            .iter()
+            .map(key)
+            .filter(|k| !known(&jobs, k))
+            .collect();
+        if waiting + new.len() > MAX_JOBS {
+            return Err(QueueFull { waiting });
+        }
+        // Room for them: the oldest finished images' states go.
+        let over = (jobs.len() + new.len()).saturating_sub(MAX_JOBS);
+        if over > 0 {
+            let mut finished: Vec<(Instant, String)> = jobs
+                .iter()
+                .filter_map(|(k, j)| j.finished.map(|f| (f, k.clone())))
+                .collect();
+            finished.sort_unstable();
+            for (_, k) in finished.into_iter().take(over) {
+                jobs.remove(&k);
+            }
+        }
+        for image in images {
+            let k = key(&image);
+            if known(&jobs, &k) {
                 out.known.push(image.name.clone());
                 continue;
-            }
-            if jobs.len() >= MAX_JOBS {
-                let oldest = jobs
-                    .iter()
-                    .filter(|(_, j)| j.finished.is_some())
-                    .min_by_key(|(_, j)| j.finished)
-                    .map(|(k, _)| k.clone());
-                if let Some(o) = oldest {
-                    jobs.remove(&o);
-                }
             }
             jobs.insert(
                 k.clone(),
@@ -185,7 +211,7 @@ impl Prefetcher {
                 key: k,
             });
         }
-        out
+        Ok(out)
     }
 
     /// Every requested image's progress, in the order requested.
