@@ -152,3 +152,64 @@ async fn the_prefetch_queue_and_its_progress_are_bounded() {
     }
     assert_eq!(listed().await, 1024);
 }
+
+/// An index whose child is an index (as attestation and multi-variant images have) is
+/// followed: every platform's image is fetched, blobs and all, and a platform filter
+/// applies to the images at the leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_within_an_index_is_prefetched() {
+    use crate::common::fault::FaultUpstream;
+    let up = FaultUpstream::start().await;
+    let inner = MultiArch::generate(93, &[20_000]);
+    let mut inner_desc = inner.index.descriptor();
+    inner_desc["mediaType"] = serde_json::json!(OCI_INDEX);
+    let outer = Blob::new(
+        OCI_INDEX,
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [inner_desc]
+        }))
+        .unwrap(),
+    );
+    for img in &inner.images {
+        for b in img.blobs() {
+            up.add_blob(b);
+        }
+        up.add_manifest("team/nested", &img.manifest.digest, &img.manifest);
+    }
+    up.add_manifest("team/nested", &inner.index.digest, &inner.index);
+    up.add_manifest("team/nested", "1", &outer);
+    up.add_manifest("team/nested", "2", &outer);
+    let p = Proxy::start(&[("registry.test", &up.url)]).await;
+    let token = std::fs::read_to_string(p.cache_dir.join("admin-token")).unwrap();
+    let cached = |b: &Blob| {
+        p.cache_dir
+            .join("blobs/sha256")
+            .join(b.digest.trim_start_matches("sha256:"))
+            .exists()
+    };
+
+    let r = ask(
+        &p,
+        Some(&token),
+        serde_json::json!({"images": ["registry.test/team/nested:1"]}),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let progress = settled_progress(&p, &token).await;
+    assert_eq!(progress[0]["state"], "done", "{progress:?}");
+    assert_eq!(progress[0]["blobs"], 4, "{progress:?}");
+    p.settled().await;
+    assert!(inner.images.iter().flat_map(Image::blobs).all(cached));
+    assert!(cached(&inner.index) && cached(&outer));
+    // The same image under another tag, for arm64 only: only that image's blobs.
+    let r = ask(
+        &p,
+        Some(&token),
+        serde_json::json!({"images": ["registry.test/team/nested:2"], "platforms": ["linux/arm64"]}),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let progress = settled_progress(&p, &token).await;
+    assert_eq!(progress[1]["state"], "done", "{progress:?}");
+    assert_eq!(progress[1]["blobs"], 2, "{progress:?}");
+}

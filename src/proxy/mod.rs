@@ -147,7 +147,11 @@ impl Proxy {
         for u in &config.upstreams {
             for url in u.base_urls() {
                 let uri = url.parse::<hyper::Uri>().ok();
-                if !uri.as_ref().and_then(|u| u.host()).is_some_and(upstream::allowed_host) {
+                if !uri
+                    .as_ref()
+                    .and_then(|u| u.host())
+                    .is_some_and(upstream::allowed_host)
+                {
                     return Err(StartError::Config(ConfigError::LinkLocalUrl {
                         registry: u.registry.clone(),
                         url,

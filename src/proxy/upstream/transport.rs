@@ -427,7 +427,14 @@ mod tests {
         ] {
             assert!(forbidden(ip(bad)), "{bad}");
         }
-        for good in ["10.0.0.1", "127.0.0.1", "8.8.8.8", "fec0::1", "fd00:ec2::253", "::1"] {
+        for good in [
+            "10.0.0.1",
+            "127.0.0.1",
+            "8.8.8.8",
+            "fec0::1",
+            "fd00:ec2::253",
+            "::1",
+        ] {
             assert!(!forbidden(ip(good)), "{good}");
         }
         // Redirects: by the target's literal address, whatever the way it is written.
