@@ -6,7 +6,7 @@ use crate::common::*;
 use pullthrough::api::ProxyConfig;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn config(up: &FaultUpstream) -> ProxyConfig {
     config_for(&[(up.host.as_str(), up.url.as_str())])
@@ -24,18 +24,6 @@ fn blob_dir_bytes(cache_dir: &Path) -> u64 {
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum()
-}
-
-async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// An upstream with four images of one 1 MB layer each (`team/img0:v1` .. `img3`, from
@@ -64,7 +52,7 @@ async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
     let proxy = Proxy::start_config(cfg.clone()).await;
     let cache = cfg.cache_dir.clone();
     // The pin is prefetched at start.
-    eventually(60, "the pinned image to be prefetched", || async {
+    until("the pinned image to be prefetched", || async {
         proxy
             .metric("pullthrough_prefetch_images", &[("state", "done")])
             .await
@@ -123,7 +111,7 @@ async fn the_size_limit_holds_least_recently_used_goes_first_and_pins_stay() {
     // Restarted with a lower limit: evicted down to it at start, the pin kept.
     cfg.max_cache_bytes = Some(1_200_000);
     let proxy = Proxy::start_config(cfg).await;
-    eventually(60, "the cache to shrink to its new limit", || async {
+    until("the cache to shrink to its new limit", || async {
         proxy.metric("pullthrough_cache_size_bytes", &[]).await <= 1_200_000.0
     })
     .await;
@@ -208,7 +196,7 @@ async fn prefetch_pulls_the_listed_platforms_at_start() {
     cfg.prefetch = vec![format!("{}/team/app:v1", up.host)];
     cfg.prefetch_platforms = vec!["linux/arm64".into()];
     let proxy = Proxy::start_config(cfg).await;
-    eventually(60, "prefetch to finish", || async {
+    until("prefetch to finish", || async {
         proxy
             .metric("pullthrough_prefetch_images", &[("state", "done")])
             .await
@@ -424,7 +412,7 @@ async fn a_full_disk_streams_through_and_caching_resumes_when_space_returns() {
     // Space comes back: the gauge clears on its own, with no request to notice, and
     // the next pull is cached again.
     std::fs::remove_file(&filler).unwrap();
-    eventually(60, "the disk-full gauge to clear", || async {
+    until("the disk-full gauge to clear", || async {
         proxy.metric("pullthrough_cache_disk_full", &[]).await == 0.0
     })
     .await;
@@ -632,7 +620,7 @@ async fn a_blob_changed_on_disk_while_stopped_is_never_served() {
     let r = http().get(url(&proxy, &a)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.is_err(), "the wrong body went out whole");
-    eventually(60, "the changed file to be dropped", || async {
+    until("the changed file to be dropped", || async {
         !cached(&cfg.cache_dir, &a.digest)
     })
     .await;

@@ -9,24 +9,11 @@ use crate::common::*;
 use pullthrough::api::ProxyConfig;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn config(up: &FaultUpstream) -> ProxyConfig {
     config_for(&[(up.host.as_str(), up.url.as_str())])
-}
-
-/// Waits (60 s at most) until `check` holds, failing with `what` otherwise.
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn cached(cache_dir: &Path, digest: &str) -> bool {
@@ -884,7 +871,7 @@ async fn endless_and_dripping_bodies_cannot_hold_the_cache() {
     // A client that reads 1 MiB and leaves: the download stops with it.
     let (first, _) = get_begun(&url(&endless), 1 << 20).await;
     drop(first);
-    until("the endless download to stop", async || {
+    until("the endless download to stop", || async {
         proxy.metric("pullthrough_inflight_fetches", &[]).await == 0.0
     })
     .await;

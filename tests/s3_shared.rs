@@ -319,6 +319,25 @@ async fn listeners() -> (tokio::net::TcpListener, tokio::net::TcpListener) {
     (api, ops)
 }
 
+/// `n` replicas in this process, each on a loopback port of its own with a cache
+/// directory of its own, running `config()` as one of them; and their addresses.
+async fn replicas(n: usize, config: impl Fn() -> ProxyConfig) -> (Vec<Proxy>, Vec<SocketAddr>) {
+    let mut bound = Vec::new();
+    for _ in 0..n {
+        bound.push(listeners().await);
+    }
+    let addrs: Vec<SocketAddr> = bound.iter().map(|(a, _)| a.local_addr().unwrap()).collect();
+    let mut replicas = Vec::new();
+    for (i, (api, ops)) in bound.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config();
+        c.cache_dir = dir.path().join("cache");
+        let c = as_replica(c, addrs[i], &addrs);
+        replicas.push(Proxy::start_on(c, api, ops, Some(dir)).await);
+    }
+    (replicas, addrs)
+}
+
 async fn get_blob(url: String) -> Result<(u16, String), reqwest::Error> {
     let r = http().get(url).send().await?;
     let status = r.status().as_u16();
@@ -333,19 +352,10 @@ async fn sixteen_cold_pulls_over_three_replicas_fetch_the_blob_once() {
     push_blob(&up.url, "team/big", &blob).await;
     let prefix = prefix("peers");
     let host = up.host();
-    let mut bound = Vec::new();
-    for _ in 0..3 {
-        bound.push(listeners().await);
-    }
-    let addrs: Vec<SocketAddr> = bound.iter().map(|(a, _)| a.local_addr().unwrap()).collect();
-    let mut replicas = Vec::new();
-    for (i, (api, ops)) in bound.into_iter().enumerate() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = with_storage(config_for(&[(&host, &up.url)]), s3(&prefix));
-        c.cache_dir = dir.path().join("cache");
-        let c = as_replica(c, addrs[i], &addrs);
-        replicas.push(Proxy::start_on(c, api, ops, Some(dir)).await);
-    }
+    let (replicas, addrs) = replicas(3, || {
+        with_storage(config_for(&[(&host, &up.url)]), s3(&prefix))
+    })
+    .await;
     let gets = (0..16).map(|i| {
         get_blob(format!(
             "{}/v2/team/big/blobs/{}",
@@ -651,30 +661,34 @@ async fn replicas_serving_tls_ask_each_other_over_it_for_private_blobs() {
     let up = Registry::start_private(&format!("{CACHE}{ALICE}")).await;
     let blob = Blob::new("application/octet-stream", random_bytes(43, 4 << 20));
     push_blob(&crate::private_access::as_alice(&up), "team/big", &blob).await;
+    // A tag in the repository, which the check of alice's credentials asks for.
+    let tagged = Image::generate(47, &[1000], "amd64");
+    push_image(
+        &crate::private_access::as_alice(&up),
+        "team/big",
+        "latest",
+        &tagged,
+    )
+    .await;
     let certs = tempfile::tempdir().unwrap();
     test_certificate(certs.path());
     let key = certs.path().join("signing-key");
     std::fs::write(&key, "the key shared by the replicas, 32 bytes or more").unwrap();
     let prefix = prefix("tls-peers");
     let host = up.host();
-    let bound = [listeners().await, listeners().await];
-    let addrs: Vec<SocketAddr> = bound.iter().map(|(a, _)| a.local_addr().unwrap()).collect();
-    let digest = blob.digest.parse().unwrap();
-    let owner = owner_of(&addrs, &digest).unwrap();
-    let mut replicas = Vec::new();
-    for (i, (api, ops)) in bound.into_iter().enumerate() {
-        let dir = tempfile::tempdir().unwrap();
+    let (replicas, addrs) = replicas(2, || {
         let mut c = with_storage(config_for(&[(&host, &up.url)]), s3(&prefix));
-        c.cache_dir = dir.path().join("cache");
         c.upstreams[0].credentials = Some(crate::private_access::cache_credentials());
         c.tls = Some(pullthrough::api::TlsConfig {
             cert_file: certs.path().join("tls.crt"),
             key_file: certs.path().join("tls.key"),
         });
         c.access.signing_key_file = Some(key.clone());
-        let c = as_replica(c, addrs[i], &addrs);
-        replicas.push(Proxy::start_on(c, api, ops, Some(dir)).await);
-    }
+        c
+    })
+    .await;
+    let digest = blob.digest.parse().unwrap();
+    let owner = owner_of(&addrs, &digest).unwrap();
     let other = replicas
         .iter()
         .zip(&addrs)
@@ -736,18 +750,13 @@ async fn only_a_proven_replica_gets_a_blob_and_nothing_else() {
     push_image(&crate::private_access::as_alice(&up), "team/app", "1", &img).await;
     let prefix = prefix("peer-trust");
     let host = up.host();
-    let bound = [listeners().await, listeners().await];
-    let addrs: Vec<SocketAddr> = bound.iter().map(|(a, _)| a.local_addr().unwrap()).collect();
-    let mut replicas = Vec::new();
-    for (i, (api, ops)) in bound.into_iter().enumerate() {
-        let dir = tempfile::tempdir().unwrap();
+    let (replicas, addrs) = replicas(2, || {
         let mut c = with_storage(config_for(&[(&host, &up.url)]), s3(&prefix));
-        c.cache_dir = dir.path().join("cache");
         c.upstreams[0].credentials = Some(crate::private_access::cache_credentials());
         c.access.plain_http = true;
-        let c = as_replica(c, addrs[i], &addrs);
-        replicas.push(Proxy::start_on(c, api, ops, Some(dir)).await);
-    }
+        c
+    })
+    .await;
     let a = &replicas[0];
     let layer = &img.layers[0].digest;
     // Every request comes from 127.0.0.1, the replicas' own address.
@@ -813,6 +822,22 @@ async fn only_a_proven_replica_gets_a_blob_and_nothing_else() {
     assert_eq!(ask(blob.clone(), false, None).await.status(), 401);
 }
 
+/// An upstream with one blob of `team/app` (from `seed`), and the bucket prefix `test`
+/// into which a replica, stopped since, cached it.
+async fn a_blob_in_the_bucket(seed: u64, test: &str) -> (Registry, Blob, String) {
+    let up = Registry::start().await;
+    let blob = Blob::new(LAYER, random_bytes(seed, 300_000));
+    push_blob(&up.url, "team/app", &blob).await;
+    let prefix = prefix(test);
+    let host = up.host();
+    let a = Proxy::start_config(with_storage(config_for(&[(&host, &up.url)]), s3(&prefix))).await;
+    let got = get_bytes(&format!("{}/v2/team/app/blobs/{}", a.url, blob.digest)).await;
+    assert_eq!(sha256(&got), blob.digest);
+    a.settled().await;
+    a.stop().await;
+    (up, blob, prefix)
+}
+
 /// A blob object overwritten in the bucket with other bytes (anyone who may write the
 /// bucket can) is checked as it is read by a replica that never saw it: the client's
 /// body is cut before its end, never whole and wrong; the object is deleted, and the next
@@ -820,16 +845,10 @@ async fn only_a_proven_replica_gets_a_blob_and_nothing_else() {
 #[tokio::test]
 #[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
 async fn a_blob_overwritten_in_the_bucket_is_never_served() {
-    let up = Registry::start().await;
-    let blob = Blob::new(LAYER, random_bytes(45, 300_000));
-    push_blob(&up.url, "team/app", &blob).await;
-    let prefix = prefix("overwritten");
+    let (up, blob, prefix) = a_blob_in_the_bucket(45, "overwritten").await;
     let host = up.host();
     let config = || with_storage(config_for(&[(&host, &up.url)]), s3(&prefix));
-    let a = Proxy::start_config(config()).await;
     let url = |p: &Proxy| format!("{}/v2/team/app/blobs/{}", p.url, blob.digest);
-    assert_eq!(sha256(&get_bytes(&url(&a)).await), blob.digest);
-    a.settled().await;
     let b = bucket();
     let key = blob_key(&prefix, &blob);
     let mut wrong = blob.bytes.clone();
@@ -840,34 +859,27 @@ async fn a_blob_overwritten_in_the_bucket_is_never_served() {
     let r = http().get(url(&fresh)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.is_err(), "the wrong body went out whole");
-    for _ in 0..1200 {
-        if matches!(
+    until("the object to be deleted", || async {
+        matches!(
             b.head(&key).await,
             Err(object_store::Error::NotFound { .. })
-        ) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_absent(&b, &key).await;
-    assert_eq!(sha256(&get_bytes(&url(&fresh)).await), blob.digest);
-    let mismatches = fresh
-        .metric(
-            "pullthrough_cache_read_checks_total",
-            &[("result", "mismatch")],
         )
-        .await;
-    assert_eq!(mismatches, 1.0);
+    })
+    .await;
+    let checks = |result: &'static str| {
+        let fresh = &fresh;
+        async move {
+            fresh
+                .metric("pullthrough_cache_read_checks_total", &[("result", result)])
+                .await
+        }
+    };
+    assert_eq!(sha256(&get_bytes(&url(&fresh)).await), blob.digest);
+    assert_eq!(checks("mismatch").await, 1.0);
     // Every whole read from the bucket is checked.
     fresh.settled().await;
     assert_eq!(sha256(&get_bytes(&url(&fresh)).await), blob.digest);
-    let matches = fresh
-        .metric(
-            "pullthrough_cache_read_checks_total",
-            &[("result", "match")],
-        )
-        .await;
-    assert!(matches >= 1.0, "{matches}");
+    assert!(checks("match").await >= 1.0);
 }
 
 /// An S3 endpoint in front of `target` that passes every request on, but for a GET of a
@@ -913,15 +925,9 @@ async fn hanging_gets(target: &str) -> (String, tokio::task::JoinHandle<()>) {
 #[tokio::test]
 #[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
 async fn a_bucket_that_never_answers_a_read_leaves_the_blob_to_the_upstream() {
-    let up = Registry::start().await;
-    let blob = Blob::new(LAYER, random_bytes(46, 300_000));
-    push_blob(&up.url, "team/app", &blob).await;
-    let prefix = prefix("hanging");
+    let (up, blob, prefix) = a_blob_in_the_bucket(46, "hanging").await;
     let host = up.host();
     let url = |p: &Proxy| format!("{}/v2/team/app/blobs/{}", p.url, blob.digest);
-    let a = Proxy::start_config(with_storage(config_for(&[(&host, &up.url)]), s3(&prefix))).await;
-    assert_eq!(sha256(&get_bytes(&url(&a)).await), blob.digest);
-    a.settled().await;
 
     let (hanging, _relay) = hanging_gets(&env("PULLTHROUGH_S3_ENDPOINT")).await;
     let bucket = bucket_at(&hanging, &env("PULLTHROUGH_S3_BUCKET"), &prefix);

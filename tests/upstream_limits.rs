@@ -219,17 +219,6 @@ async fn a_request_over_the_cap_waits_then_fails_cleanly() {
     assert_eq!(manifest(&p, "team/b", "v1").await.status(), 200);
 }
 
-/// Waits (bounded, 60 s) until `check` holds.
-async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..1200 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not within 60 s");
-}
-
 /// One client with 40 cold tags in flight under a cap of 4 neither holds up a cached
 /// tag past its TTL (served stale at once: it would wait for ever here) nor keeps
 /// another client's cold pull behind its queue (the room goes to the clients in turn).
@@ -266,7 +255,7 @@ async fn one_client_cannot_starve_another_under_the_caps() {
         })
         .collect();
     let queued = || p.metric("pullthrough_upstream_queued_requests", &[]);
-    until("36 of the hog's requests to queue", async || {
+    until("36 of the hog's requests to queue", || async {
         queued().await == 36.0
     })
     .await;
@@ -286,7 +275,10 @@ async fn one_client_cannot_starve_another_under_the_caps() {
         let url = format!("{}/v2/team/cold/manifests/v1", p.url);
         async move { http().get(url).send().await.map(|r| r.status()) }
     });
-    until("the other client to queue", async || queued().await == 37.0).await;
+    until("the other client to queue", || async {
+        queued().await == 37.0
+    })
+    .await;
     let mut released = 0;
     while up.count("/team/cold/") == 0 {
         assert!(
@@ -297,7 +289,10 @@ async fn one_client_cannot_starve_another_under_the_caps() {
         holds[released].send(true).unwrap();
         released += 1;
         // The room the released request leaves goes to one waiting request.
-        until("the room to be taken again", async || up.total() > asked).await;
+        until("the room to be taken again", || async {
+            up.total() > asked
+        })
+        .await;
     }
     assert_eq!(other.await.unwrap().unwrap(), 200);
     drop(holds);

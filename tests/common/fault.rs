@@ -194,6 +194,18 @@ fn oci_error(status: StatusCode, code: &str) -> Response<Body> {
     r
 }
 
+/// 401 with the challenge that sends a client to this upstream's token endpoint.
+fn bearer_challenge(base: &str) -> Response<Body> {
+    let mut r = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    r.headers_mut().insert(
+        "www-authenticate",
+        format!(r#"Bearer realm="{base}/token",service="fault""#)
+            .parse()
+            .unwrap(),
+    );
+    r
+}
+
 async fn handle(st: &State, base: &str, req: Request<Incoming>) -> Response<Body> {
     let line = format!(
         "{} {}?{}",
@@ -288,14 +300,7 @@ async fn respond(st: &State, base: &str, req: Request<Incoming>) -> Response<Bod
             };
         }
         let Some(user) = auth.strip_prefix("Bearer user:") else {
-            let mut r = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-            r.headers_mut().insert(
-                "www-authenticate",
-                format!(r#"Bearer realm="{base}/token",service="fault""#)
-                    .parse()
-                    .unwrap(),
-            );
-            return r;
+            return bearer_challenge(base);
         };
         let rest = path.strip_prefix("/v2/").unwrap_or("");
         let unseen = h.hidden.iter().any(|(repo, seen_by)| {
@@ -343,14 +348,7 @@ async fn respond(st: &State, base: &str, req: Request<Incoming>) -> Response<Bod
         return oci_error(StatusCode::from_u16(fail).unwrap(), "UNAVAILABLE");
     }
     if st.token_auth.lock().unwrap().is_some() && auth != "Bearer secret-token" {
-        let mut r = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-        r.headers_mut().insert(
-            "www-authenticate",
-            format!(r#"Bearer realm="{base}/token",service="fault""#)
-                .parse()
-                .unwrap(),
-        );
-        return r;
+        return bearer_challenge(base);
     }
     if path == "/v2/" {
         return full(StatusCode::OK, "{}");

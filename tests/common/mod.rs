@@ -531,6 +531,19 @@ impl Drop for Proxy {
     }
 }
 
+/// Waits (60 s at most) until `check` holds, failing with `what` otherwise.
+pub async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits (at most 60 s) until the proxy whose operations server is at `metrics_url` has
 /// no blob download in flight. Clients get a blob as soon as it is verified, before it
 /// is flushed and stored, so a test that looks at the cache after a pull waits for this.
