@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const NS: &str = "pullthrough-system";
+/// The admin token of the proxies of these tests (as long as a real one must be).
+const ADMIN_TOKEN: &str = "the admin token of the test proxies, 32+ bytes";
 
 #[derive(Debug, Clone)]
 struct Call {
@@ -928,7 +930,7 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     push_image(&up.url, "team/app", "2.0", &app).await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "t0ken\n").unwrap();
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
     let mut cfg = config_for(&[("registry.test", &up.url)]);
     cfg.admin_token_file = Some(token_file);
     let p = Proxy::start_config(cfg).await;
@@ -937,7 +939,7 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
         named: vec![(
             "pullthrough-warm-admin".into(),
             json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"pullthrough-warm-admin","namespace":NS},
-                "data":{"token": base64("t0ken")}}),
+                "data":{"token": base64(ADMIN_TOKEN)}}),
         )],
         pods: vec![
             json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":"pullthrough-warm-0","namespace":NS},
@@ -1050,7 +1052,7 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     let mut told = std::collections::HashMap::new();
     let sent = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, false).await;
     assert_eq!(sent.len(), 1, "{sent:?}");
-    let token = "t0ken";
+    let token = ADMIN_TOKEN;
     let listed = p.admin_get("/admin/in-use", token).await;
     assert_eq!(listed["images"], json!(["registry.test/team/app:2.0"]));
     let again = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, false).await;
