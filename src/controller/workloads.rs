@@ -320,7 +320,7 @@ async fn ask(
     match crate::proxy::admin::prefetch(url, images, platforms, token).await {
         Ok(answer) => {
             tracing::info!(mirror = %mirror.name_any(), replica = %url, images = ?images,
-                queued = %answer["queued"], "asked for a prefetch");
+                queued = ?answer.queued, "asked for a prefetch");
             tokio::spawn(follow(
                 ctx.clone(),
                 mirror.clone(),
@@ -460,8 +460,8 @@ async fn follow(
                 continue;
             }
         };
-        for p in progress {
-            use crate::proxy::prefetcher::State;
+        for p in progress.images {
+            use crate::proxy::admin::api::State;
             if !waiting.contains(&p.image) || !matches!(p.state, State::Done | State::Failed) {
                 continue;
             }

@@ -11,6 +11,7 @@
 //! nothing that the image's own repository does not hold. [`prefetch_all`] fetches the
 //! images of `prefetch` and `pin` at start.
 
+use super::admin::api::{PrefetchAccepted, Progress, State};
 use super::error::ProxyError;
 use super::links::Links;
 use super::pull_through::{BlobAsk, ConfiguredImage, Manifest};
@@ -19,7 +20,6 @@ use crate::oci::media::{Accept, DOCKER_MANIFEST_LIST, OCI_INDEX};
 use crate::oci::{Digest, Reference};
 use crate::proxy::metrics::{CacheResult, Metrics};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,40 +34,6 @@ pub const MAX_IMAGES_PER_REQUEST: usize = 256;
 pub const MAX_JOBS: usize = 1024;
 /// Prefetched manifests waiting for a first pull; older ones are dropped past this.
 const MAX_WAITING: usize = 50_000;
-
-/// Where a requested image is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    /// Queued.
-    Pending,
-    /// Being fetched.
-    Running,
-    /// In the cache.
-    Done,
-    /// Could not be fetched (see `error`).
-    Failed,
-}
-
-/// One requested image's progress, as `GET /admin/prefetch` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Progress {
-    /// As requested.
-    pub image: String,
-    /// Where it is.
-    pub state: State,
-    /// Seconds it took, once done or failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub seconds: Option<f64>,
-    /// Blobs and bytes downloaded for it (what was cached already is not counted).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub blobs: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bytes: Option<u64>,
-    /// Why it failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
 
 struct Job {
     progress: Progress,
@@ -87,15 +53,6 @@ pub struct Queued {
 pub struct QueueFull {
     /// Images waiting or being fetched now.
     pub waiting: usize,
-}
-
-/// What a request was answered.
-#[derive(Debug, Default, Serialize)]
-pub struct Accepted {
-    /// Queued now.
-    pub queued: Vec<String>,
-    /// Queued, being fetched, or fetched within tagTTL already: not queued again.
-    pub known: Vec<String>,
 }
 
 /// The queue and the state of requested images.
@@ -147,8 +104,8 @@ impl Prefetcher {
         &self,
         images: Vec<ConfiguredImage>,
         platforms: &[String],
-    ) -> Result<Accepted, QueueFull> {
-        let mut out = Accepted::default();
+    ) -> Result<PrefetchAccepted, QueueFull> {
+        let mut out = PrefetchAccepted::default();
         let now = Instant::now();
         let mut jobs = self.jobs.lock().expect("prefetch lock");
         let known = |jobs: &HashMap<String, Job>, k: &str| {

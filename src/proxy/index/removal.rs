@@ -8,7 +8,7 @@ use crate::oci::Digest;
 use std::collections::{HashMap, HashSet};
 
 /// What an eviction or a drop removed.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Removal {
     /// Manifests removed.

@@ -1,20 +1,23 @@
-//! The proxy's admin endpoint's secret, and the client side of the endpoint: for
-//! `pullthrough cache drop`, and for the controller's prefetch requests.
+//! The admin endpoints of the operations port, as their clients use them: the typed
+//! requests and answers ([`api`]), the check of the admin token, and the client of
+//! `pullthrough cache drop` and of the controller (prefetch, the images in use).
 //!
-//! The endpoint answers only on loopback and only to a request that carries the token:
-//! being on loopback is not enough, since service-mesh sidecars connect from there too.
+//! Dropping an image answers only on loopback, and every admin endpoint only to a request
+//! that carries the token: being on loopback is not enough, since service-mesh sidecars
+//! connect from there too.
 
+pub mod api;
+
+use api::{Dropped, InUse, InUseSet, PrefetchAccepted, PrefetchProgress, PrefetchRequest, Refusal};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use std::io::Write as _;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// The fewest bytes a secret file (the admin token, the replicas' shared key) may hold.
-pub const MIN_SECRET_BYTES: usize = 32;
 
 /// Why `pullthrough cache drop` failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,42 +69,6 @@ pub enum AdminError {
     Refused(String),
 }
 
-/// The secret in `path` (the admin token, the replicas' shared key), created there (mode
-/// 0600, 32 random bytes as hex) if missing or empty. One shorter than
-/// [`MIN_SECRET_BYTES`] is refused: a short key is found offline from one token it
-/// signed.
-pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => {
-            let t = t.trim();
-            if t.len() < MIN_SECRET_BYTES {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "{} bytes, and a secret must be at least {MIN_SECRET_BYTES} (make one \
-                         with: openssl rand -hex 32)",
-                        t.len()
-                    ),
-                ));
-            }
-            return Ok(t.to_string());
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let token = crate::fsutil::random_hex(32)?;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(token.as_bytes())?;
-    Ok(token)
-}
-
 /// Reads the token `pullthrough cache drop` sends.
 pub fn read_token(path: &Path) -> Result<String, AdminError> {
     std::fs::read_to_string(path)
@@ -122,33 +89,31 @@ pub fn authorized(header: Option<&str>, token: &str) -> bool {
 }
 
 /// Asks the proxy whose operations port is at `admin_url` (e.g. `http://127.0.0.1:9095`)
-/// to drop `image` from its cache, showing it `token`. Returns the proxy's JSON answer.
-pub async fn drop_image(
-    admin_url: &str,
-    image: &str,
-    token: &str,
-) -> Result<serde_json::Value, AdminError> {
+/// to drop `image` from its cache, showing it `token`.
+pub async fn drop_image(admin_url: &str, image: &str, token: &str) -> Result<Dropped, AdminError> {
     let encoded = super::upstream::query_escape(image);
     let path = format!("/admin/cache?image={encoded}");
-    exchange(admin_url, Method::DELETE, &path, token, None).await
+    exchange(admin_url, Method::DELETE, &path, token, None::<&()>).await
 }
 
 /// Asks the proxy at `admin_url` to prefetch `images` (of `platforms`), showing it
-/// `token` (see [`crate::proxy::prefetcher`]). Returns its answer: what it queued and
-/// what it knew already.
+/// `token` (see [`crate::proxy::prefetcher`]): what it queued, what it knew already.
 pub async fn prefetch(
     admin_url: &str,
     images: &[String],
     platforms: &[String],
     token: &str,
-) -> Result<serde_json::Value, AdminError> {
-    let body = serde_json::json!({"images": images, "platforms": platforms});
+) -> Result<PrefetchAccepted, AdminError> {
+    let asked = PrefetchRequest {
+        images: images.to_vec(),
+        platforms: Some(platforms.to_vec()),
+    };
     exchange(
         admin_url,
         Method::POST,
         "/admin/prefetch",
         token,
-        Some(body),
+        Some(&asked),
     )
     .await
 }
@@ -159,43 +124,50 @@ pub async fn set_in_use(
     admin_url: &str,
     images: &[String],
     token: &str,
-) -> Result<serde_json::Value, AdminError> {
-    let body = serde_json::json!({"images": images});
-    exchange(admin_url, Method::PUT, "/admin/in-use", token, Some(body)).await
+) -> Result<InUseSet, AdminError> {
+    let asked = InUse {
+        images: images.to_vec(),
+    };
+    exchange(admin_url, Method::PUT, "/admin/in-use", token, Some(&asked)).await
 }
 
 /// The progress of every image the proxy at `admin_url` was asked to prefetch.
 pub async fn prefetch_progress(
     admin_url: &str,
     token: &str,
-) -> Result<Vec<crate::proxy::prefetcher::Progress>, AdminError> {
-    let v = exchange(admin_url, Method::GET, "/admin/prefetch", token, None).await?;
-    serde_json::from_value(v["images"].clone()).map_err(|e| AdminError::Unexpected {
-        status: hyper::StatusCode::OK,
-        body: format!("not a progress list: {e}"),
-    })
+) -> Result<PrefetchProgress, AdminError> {
+    exchange(
+        admin_url,
+        Method::GET,
+        "/admin/prefetch",
+        token,
+        None::<&()>,
+    )
+    .await
 }
 
-/// One request to the admin endpoint, within 60 s; the JSON answer, or its error.
-async fn exchange(
+/// One request to the admin endpoint, within 60 s: its answer, or its error.
+async fn exchange<A: DeserializeOwned>(
     admin_url: &str,
     method: Method,
     path: &str,
     token: &str,
-    body: Option<serde_json::Value>,
-) -> Result<serde_json::Value, AdminError> {
+    body: Option<&impl Serialize>,
+) -> Result<A, AdminError> {
     let uri = format!("{}{path}", admin_url.trim_end_matches('/'));
     let mut req = Request::builder()
         .method(method)
         .uri(&uri)
         .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
-    if body.is_some() {
-        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-    }
+    let body = match body {
+        Some(b) => {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            Bytes::from(serde_json::to_vec(b).expect("a request serializes"))
+        }
+        None => Bytes::new(),
+    };
     let req = req
-        .body(Full::new(Bytes::from(
-            body.map(|b| b.to_string()).unwrap_or_default(),
-        )))
+        .body(Full::new(body))
         .map_err(|source| AdminError::BadUrl {
             url: admin_url.to_string(),
             source,
@@ -210,16 +182,15 @@ async fn exchange(
         })?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
-    let value: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|_| AdminError::Unexpected {
-            status,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })?;
+    let unexpected = || AdminError::Unexpected {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
     if !status.is_success() {
-        let reason = value["error"].as_str().unwrap_or("request failed");
-        return Err(AdminError::Refused(reason.to_string()));
+        let refusal: Refusal = serde_json::from_slice(&body).map_err(|_| unexpected())?;
+        return Err(AdminError::Refused(refusal.error));
     }
-    Ok(value)
+    serde_json::from_slice(&body).map_err(|_| unexpected())
 }
 
 #[cfg(test)]
@@ -227,19 +198,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_token_is_made_once_private_and_checked_whole() {
-        use std::os::unix::fs::PermissionsExt as _;
+    fn the_token_is_read_and_checked_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("admin-token");
-        let token = load_or_create_token(&path).unwrap();
-        assert_eq!(token.len(), 64);
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(
-            load_or_create_token(&path).unwrap(),
-            token,
-            "kept across starts"
-        );
+        let token = crate::fsutil::load_or_create_secret(&path).unwrap();
         assert_eq!(read_token(&path).unwrap(), token);
 
         assert!(authorized(Some(&format!("Bearer {token}")), &token));

@@ -1,0 +1,146 @@
+//! The admin endpoints' requests and answers, as JSON: one definition for the proxy that
+//! serves them ([`crate::proxy::http`]) and the clients that ask (`pullthrough cache
+//! drop`, the controller). docs/proxy.md, "Prefetching on request" and "Dropping an
+//! image on purpose", says what each does.
+
+use crate::proxy::index::Removal;
+use serde::{Deserialize, Serialize};
+
+/// `POST /admin/prefetch`: images to pull into the cache before a client asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchRequest {
+    /// Image references (`docker.io/library/alpine:3.20`).
+    pub images: Vec<String>,
+    /// Platforms of multi-platform images to fetch (`linux/amd64`); the proxy's
+    /// `prefetchPlatforms` when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platforms: Option<Vec<String>>,
+}
+
+/// What `POST /admin/prefetch` was answered (202).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchAccepted {
+    /// Queued now.
+    pub queued: Vec<String>,
+    /// Queued, being fetched, or fetched within `tagTTL` already: not queued again.
+    pub known: Vec<String>,
+}
+
+/// Where a requested image is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Queued.
+    Pending,
+    /// Being fetched.
+    Running,
+    /// In the cache.
+    Done,
+    /// Could not be fetched (see `error`).
+    Failed,
+}
+
+/// One requested image's progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// As requested.
+    pub image: String,
+    /// Where it is.
+    pub state: State,
+    /// Seconds it took, once done or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    /// Blobs downloaded for it (what was cached already is not counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blobs: Option<usize>,
+    /// Bytes downloaded for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /admin/prefetch`: every requested image's progress, in the order requested.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrefetchProgress {
+    /// The images.
+    pub images: Vec<Progress>,
+}
+
+/// `PUT /admin/in-use` (the images in use, replacing the set before) and its `GET`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InUse {
+    /// Image references.
+    pub images: Vec<String>,
+}
+
+/// What `PUT /admin/in-use` was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InUseSet {
+    /// How many images are in use now.
+    pub in_use: usize,
+}
+
+/// What `DELETE /admin/cache?image=<reference>` was answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    /// The image, as the proxy resolved it.
+    pub image: String,
+    /// What went.
+    pub removed: Removal,
+}
+
+/// An admin endpoint's refusal (4xx).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Why.
+    pub error: String,
+    /// The image it is about, when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+impl Refusal {
+    /// A refusal saying `why`.
+    pub fn new(why: impl Into<String>) -> Refusal {
+        Refusal {
+            error: why.into(),
+            image: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_json_is_what_the_docs_show() {
+        let asked: PrefetchRequest = serde_json::from_str(
+            r#"{"images": ["docker.io/library/alpine:3.20"], "platforms": ["linux/amd64"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            asked.platforms.as_deref(),
+            Some(&["linux/amd64".to_string()][..])
+        );
+        assert!(serde_json::from_str::<PrefetchRequest>(r#"{"images": [], "x": 1}"#).is_err());
+        let set = serde_json::to_value(InUseSet { in_use: 3 }).unwrap();
+        assert_eq!(set, serde_json::json!({"inUse": 3}));
+        let p = Progress {
+            image: "a".into(),
+            state: State::Pending,
+            seconds: None,
+            blobs: None,
+            bytes: None,
+            error: None,
+        };
+        let shown = serde_json::to_value(&p).unwrap();
+        assert_eq!(shown, serde_json::json!({"image": "a", "state": "pending"}));
+        assert_eq!(serde_json::from_value::<Progress>(shown).unwrap(), p);
+    }
+}

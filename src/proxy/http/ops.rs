@@ -1,0 +1,229 @@
+//! The operations port: `/metrics`, `/healthz`, `/readyz` (the server's own, see
+//! [`crate::server::handle_ops`]) and the admin endpoints, with the admin token
+//! (`Authorization: Bearer <token>`): `POST|GET /admin/prefetch` and `PUT|GET
+//! /admin/in-use` from anywhere (the controller asks from its own pod), `DELETE
+//! /admin/cache?image=<reference>` from loopback only (`pullthrough cache drop` in the
+//! proxy's pod; loopback alone is not enough, sidecars connect from there too). Their
+//! requests and answers are the typed ones of [`crate::proxy::admin::api`].
+
+use super::Body;
+use super::route::percent_decode;
+use crate::proxy::admin::api::{
+    Dropped, InUse, InUseSet, PrefetchProgress, PrefetchRequest, Refusal,
+};
+use crate::proxy::prefetcher::{MAX_IMAGES_PER_REQUEST, MAX_JOBS};
+use crate::proxy::pull_through::ConfiguredImage;
+use crate::proxy::state::Proxy;
+use crate::server::full;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Images an in-use request may name.
+const MAX_IN_USE: usize = 10_000;
+
+/// Answers one request of the operations port from `client`.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let from_anywhere = path == "/admin/prefetch" || path == "/admin/in-use";
+    if path != "/admin/cache" && !from_anywhere {
+        return crate::server::handle_ops(proxy, req).await;
+    }
+    if !from_anywhere && !client.ip().is_loopback() {
+        let why = "the admin endpoint only answers on loopback";
+        return Ok(json(StatusCode::FORBIDDEN, &Refusal::new(why)));
+    }
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !proxy.admin_authorized(authorization) {
+        let why = "missing or wrong admin token (the proxy's admin-token file)";
+        let mut refused = json(StatusCode::UNAUTHORIZED, &Refusal::new(why));
+        refused
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Ok(refused);
+    }
+    Ok(match path.as_str() {
+        "/admin/prefetch" => prefetch(&proxy, req).await,
+        "/admin/in-use" => in_use(&proxy, req).await,
+        _ => drop_image(&proxy, req).await,
+    })
+}
+
+/// A JSON answer of the operations port.
+fn json(status: StatusCode, v: &impl Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(v).expect("an answer serializes");
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(body))
+        .expect("valid response")
+}
+
+/// `POST /admin/prefetch` queues images to prefetch (see [`crate::proxy::prefetcher`]),
+/// answering 202 with what was queued and what was known already; `GET` shows every
+/// requested image's progress. Nothing is queued unless every image resolves, nor when
+/// the queue would hold more than it may (429).
+async fn prefetch(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    let prefetcher = proxy.prefetcher();
+    if req.method() == Method::GET {
+        let progress = PrefetchProgress {
+            images: prefetcher.progress(),
+        };
+        return json(StatusCode::OK, &progress);
+    }
+    if req.method() != Method::POST {
+        let why = "use POST /admin/prefetch with {\"images\": [...]}, or GET for progress";
+        return json(StatusCode::METHOD_NOT_ALLOWED, &Refusal::new(why));
+    }
+    let example = r#"{"images": ["docker.io/library/alpine:3.20"], "platforms": ["linux/amd64"]}"#;
+    let limits = (64 << 10, MAX_IMAGES_PER_REQUEST);
+    let read = images_of(proxy, req, limits, example, |a: &PrefetchRequest| &a.images).await;
+    let (asked, images) = match read {
+        Ok(r) => r,
+        Err(refusal) => return json(StatusCode::BAD_REQUEST, &refusal),
+    };
+    let platforms = asked
+        .platforms
+        .unwrap_or_else(|| proxy.prefetch_platforms().to_vec());
+    match prefetcher.request(images, &platforms) {
+        Ok(accepted) => {
+            tracing::info!(
+                queued = accepted.queued.len(),
+                known = accepted.known.len(),
+                "prefetch requested"
+            );
+            json(StatusCode::ACCEPTED, &accepted)
+        }
+        Err(full) => {
+            let why = format!(
+                "the prefetch queue is full: {} images wait or are being fetched, at most \
+                 {MAX_JOBS} may; ask again once some are done",
+                full.waiting
+            );
+            let mut refused = json(StatusCode::TOO_MANY_REQUESTS, &Refusal::new(why));
+            refused
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            refused
+        }
+    }
+}
+
+/// `PUT /admin/in-use` replaces the images in use: kept from eviction, with everything
+/// they reference, like pins, until the next `PUT` (the controller names the images of
+/// the workloads that run; in memory only, so it sends them again every few minutes).
+/// `GET` lists them.
+async fn in_use(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    let pins = proxy.registry().links().cache().pins();
+    if req.method() == Method::GET {
+        let images = pins.in_use().into_iter().map(|i| i.name).collect();
+        return json(StatusCode::OK, &InUse { images });
+    }
+    if req.method() != Method::PUT {
+        let why = "use PUT /admin/in-use with {\"images\": [...]}, or GET";
+        return json(StatusCode::METHOD_NOT_ALLOWED, &Refusal::new(why));
+    }
+    let example = r#"{"images": ["docker.io/library/alpine:3.20"]}"#;
+    let limits = (1 << 20, MAX_IN_USE);
+    let (_, images) = match images_of(proxy, req, limits, example, |n: &InUse| &n.images).await {
+        Ok(r) => r,
+        Err(refusal) => return json(StatusCode::BAD_REQUEST, &refusal),
+    };
+    let count = images.len();
+    pins.set_in_use(images);
+    tracing::info!(images = count, "images in use replaced");
+    json(StatusCode::OK, &InUseSet { in_use: count })
+}
+
+/// `DELETE /admin/cache?image=<reference>` drops one image or tag from the cache.
+async fn drop_image(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::DELETE {
+        let why = "use DELETE /admin/cache?image=<reference>";
+        return json(StatusCode::METHOD_NOT_ALLOWED, &Refusal::new(why));
+    }
+    let image = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|p| p.strip_prefix("image="))
+        .and_then(percent_decode);
+    let Some(image) = image else {
+        let why = "missing ?image=<reference>, e.g. docker.io/library/alpine:3.20";
+        return json(StatusCode::BAD_REQUEST, &Refusal::new(why));
+    };
+    let parsed = match crate::api::image_ref::parse(&image) {
+        Ok(r) => r,
+        Err(e) => return json(StatusCode::BAD_REQUEST, &Refusal::new(e.to_string())),
+    };
+    let registry = proxy.registry();
+    let Some(up) = registry.upstreams().find(&parsed.registry) else {
+        let why = format!("{} is not mirrored by this proxy", parsed.registry);
+        return json(StatusCode::NOT_FOUND, &Refusal::new(why));
+    };
+    let removed = registry
+        .links()
+        .cache()
+        .drop_image(&up, &parsed.repository, &parsed.reference)
+        .await;
+    tracing::info!(image = %parsed, manifests = removed.manifests.len(), blobs = removed.blobs.len(),
+        bytes = removed.bytes, "dropped from the cache on request");
+    let dropped = Dropped {
+        image: parsed.to_string(),
+        removed,
+    };
+    json(StatusCode::OK, &dropped)
+}
+
+/// The JSON body (`T`, like `example`) of an admin request naming images (`images` of
+/// it), read whole within 30 s: at most `limit` bytes and `max` images, every one
+/// resolved to its upstream; else the refusal to answer 400 with.
+async fn images_of<T: DeserializeOwned>(
+    proxy: &Proxy,
+    req: Request<Incoming>,
+    (limit, max): (usize, usize),
+    example: &str,
+    images: impl Fn(&T) -> &[String],
+) -> Result<(T, Vec<ConfiguredImage>), Refusal> {
+    let body = http_body_util::Limited::new(req.into_body(), limit);
+    let body = match tokio::time::timeout(Duration::from_secs(30), body.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => {
+            return Err(Refusal::new(format!(
+                "the body is over {} KiB, broke off or did not arrive in 30 s",
+                limit >> 10
+            )));
+        }
+    };
+    let asked: T = serde_json::from_slice(&body)
+        .map_err(|e| Refusal::new(format!("expected {example}: {e}")))?;
+    let names = images(&asked);
+    if names.len() > max {
+        return Err(Refusal::new(format!("at most {max} images per request")));
+    }
+    let upstreams = proxy.registry().upstreams();
+    let resolved = names
+        .iter()
+        .map(|image| {
+            upstreams.resolve_image(image).map_err(|e| Refusal {
+                error: format!("{image}: {e}"),
+                image: Some(image.clone()),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((asked, resolved))
+}
