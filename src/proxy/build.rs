@@ -179,10 +179,8 @@ impl Proxy {
             tags_list_ttl: config.tags_list_ttl,
             max_manifest_bytes: config.max_manifest_bytes,
         };
-        let mut cache = PullThrough::new(index, metrics.clone(), policy, pins);
-        if let Some(peers) = peers(config, key.clone())? {
-            cache = cache.with_peers(Arc::new(peers));
-        }
+        let peers = peers(config, key.clone())?.map(Arc::new);
+        let cache = PullThrough::new(index, metrics.clone(), policy, pins, peers);
         let prefetcher = Arc::new(Prefetcher::new(metrics.clone(), config.tag_ttl));
         let links = Links::new(Arc::new(cache), metrics.clone());
         let access = Access::new(key, config.access.clone(), metrics.clone());

@@ -323,7 +323,7 @@ mod tests {
             tags_list_ttl: Duration::from_secs(30),
             max_manifest_bytes: 1 << 20,
         };
-        let cache = PullThrough::new(index.clone(), Metrics::new(), policy, Pins::default());
+        let cache = PullThrough::new(index.clone(), Metrics::new(), policy, Pins::default(), None);
         (Links::new(Arc::new(cache), Metrics::new()), index)
     }
 

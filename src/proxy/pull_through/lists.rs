@@ -1,7 +1,6 @@
 //! tags/list and referrers, passed through, and a short-lived cache of tags/list pages
 //! bounded in bytes and entries.
 
-use super::*;
 use crate::oci::Digest;
 use crate::proxy::error::ProxyError;
 use crate::proxy::upstream::{Referrers, TagsPage, Upstream, tags_query};
@@ -17,7 +16,7 @@ const MAX_ENTRIES: usize = 4096;
 
 struct Entry {
     at: Instant,
-    /// Which put stored it (see [`Lists::order`]).
+    /// Which put stored it (see [`Held::order`]).
     seq: u64,
     page: TagsPage,
 }
@@ -26,11 +25,11 @@ struct Entry {
 /// [`MAX_ENTRIES`].
 #[derive(Default)]
 pub struct TagLists {
-    inner: Mutex<Lists>,
+    inner: Mutex<Held>,
 }
 
 #[derive(Default)]
-struct Lists {
+struct Held {
     pages: HashMap<String, Entry>,
     /// Keys in the order they were stored, with the put that stored them: a key stored
     /// again has an older, stale place here too.
@@ -78,7 +77,7 @@ impl TagLists {
         // Stale places of keys stored again would pile up under a client that asks for
         // the same pages over and over: drop them now and then.
         if lists.order.len() > 2 * MAX_ENTRIES {
-            let Lists { pages, order, .. } = &mut *lists;
+            let Held { pages, order, .. } = &mut *lists;
             order.retain(|(k, seq)| pages.get(k).is_some_and(|e| e.seq == *seq));
         }
     }
@@ -91,7 +90,21 @@ impl TagLists {
     }
 }
 
-impl PullThrough {
+/// tags/list and referrers of every upstream, tags/list pages kept for `ttl`.
+pub struct Lists {
+    pages: TagLists,
+    ttl: Duration,
+}
+
+impl Lists {
+    /// Nothing kept yet; pages are kept for `ttl`.
+    pub fn new(ttl: Duration) -> Lists {
+        Lists {
+            pages: TagLists::default(),
+            ttl,
+        }
+    }
+
     /// `tags/list`, reused for `tags_list_ttl`. Only `n` and `last` of the client's query
     /// are passed on (see [`tags_query`]); the upstream's next page is returned
     /// for the client's `Link`.
@@ -107,11 +120,11 @@ impl PullThrough {
             up.name(),
             query.as_deref().unwrap_or("")
         );
-        if let Some(page) = self.tag_lists.get(&key, self.policy.tags_list_ttl) {
+        if let Some(page) = self.pages.get(&key, self.ttl) {
             return Ok(page);
         }
         let page = up.tags(repository, query.as_deref()).await?;
-        self.tag_lists.put(key, page.clone());
+        self.pages.put(key, page.clone());
         Ok(page)
     }
 

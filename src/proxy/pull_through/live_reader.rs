@@ -2,9 +2,10 @@
 //! (all but the last byte until the digest is verified), through the store's [`Written`]
 //! (`crate::proxy::store::Written`), which stays readable after the commit.
 
-use super::*;
+use super::download::FetchState;
 use crate::proxy::store::WrittenReader;
 use crate::proxy::zero_copy::Spans;
+use bytes::Bytes;
 use std::io;
 use tokio::sync::watch;
 
@@ -98,8 +99,11 @@ impl LiveReader {
 
 #[cfg(test)]
 mod tests {
+
+    use super::super::download::Source;
     use super::*;
-    use crate::proxy::store::{BlobStore, BlobWrite, DiskStore, PageCache};
+    use crate::proxy::error::ProxyError;
+    use crate::proxy::store::{BlobStore, BlobWrite, CHUNK, DiskStore, PageCache};
     use crate::proxy::test_support::*;
     use std::time::Duration;
 

@@ -3,17 +3,19 @@
 //! up to `stale_if_error` more. Concurrent misses for one manifest share one upstream
 //! request; what a client's `Accept` allows decides what it is served.
 
-use super::*;
-use crate::oci::media::{Accept, MANIFEST_ACCEPT, manifest_media_type};
+use super::single_flight::SingleFlight;
+use super::space::Space;
+use super::tags::{TagState, Tags, tag_key_for};
+use super::{CachePolicy, Manifest};
+use crate::oci::media::{Accept, manifest_media_type};
 use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
 use crate::proxy::metrics::CacheResult;
-use crate::proxy::store::{TagKey, TagRecord, unix_now_ms};
 use crate::proxy::upstream::{Patience, Upstream};
 use bytes::Bytes;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// Whether a tag of a given age may be served without asking, only while the upstream
 /// fails, or not at all.
@@ -38,50 +40,7 @@ pub fn freshness(age: Duration, policy: &CachePolicy) -> Freshness {
     }
 }
 
-#[derive(Clone, Debug)]
-pub(super) struct TagState {
-    pub(super) digest: Digest,
-    pub(super) age_at: Duration,
-    pub(super) since: Instant,
-}
-
-impl TagState {
-    pub(super) fn age(&self) -> Duration {
-        self.age_at + self.since.elapsed()
-    }
-}
-
 pub(super) type ManifestResult = Result<(Manifest, CacheResult), ProxyError>;
-
-pub(super) fn tag_key(up: &Upstream, repository: &str, tag: &str) -> String {
-    format!("{}\0{repository}\0{tag}", up.name())
-}
-
-/// The key of a tag as a client with `accept` sees it: the tag's own for one that takes
-/// every type; for an `Accept` of fewer known manifest types, the tag under those types
-/// (what the upstream answers such a client may be another manifest), in memory only;
-/// `None` for an `Accept` naming other types, which is not remembered.
-fn tag_key_for(up: &Upstream, repository: &str, tag: &str, accept: &Accept) -> Option<String> {
-    match accept {
-        Accept::Any => Some(tag_key(up, repository, tag)),
-        Accept::Only(types) => {
-            let mut known: Vec<&str> = types.iter().map(String::as_str).collect();
-            if !known
-                .iter()
-                .all(|t| MANIFEST_ACCEPT.split(", ").any(|m| m == *t))
-            {
-                return None;
-            }
-            known.sort_unstable();
-            known.dedup();
-            Some(format!(
-                "{}\0{}",
-                tag_key(up, repository, tag),
-                known.join(",")
-            ))
-        }
-    }
-}
 
 /// `m`, if the client accepts its type.
 pub(super) fn acceptable(m: Manifest, accept: &Accept) -> Result<Manifest, ProxyError> {
@@ -95,7 +54,31 @@ pub(super) fn acceptable(m: Manifest, accept: &Accept) -> Result<Manifest, Proxy
     }
 }
 
-impl PullThrough {
+/// The manifests of the cache: what is cached by digest, tags as the [`Tags`] know them,
+/// and the one upstream fetch per manifest at a time.
+pub struct Manifests {
+    space: Arc<Space>,
+    tags: Arc<Tags>,
+    flights: SingleFlight<String, ManifestResult>,
+    policy: CachePolicy,
+}
+
+impl Manifests {
+    /// The manifests of the cache in `space`, tags kept by `tags`.
+    pub fn new(
+        space: Arc<Space>,
+        tags: Arc<Tags>,
+        policy: CachePolicy,
+        waiters: prometheus::IntGauge,
+    ) -> Manifests {
+        Manifests {
+            space,
+            tags,
+            flights: SingleFlight::new(waiters),
+            policy,
+        }
+    }
+
     /// A manifest by tag or digest, of a media type `accept` allows.
     ///
     /// Tags are kept for clients that accept every type (what the cache asks upstream
@@ -209,7 +192,7 @@ impl PullThrough {
         fetch: impl Future<Output = Result<(Manifest, CacheResult), ProxyError>> + Send + 'static,
     ) -> Result<(Manifest, CacheResult), ProxyError> {
         let (result, started) = self
-            .manifests
+            .flights
             .run(key, fetch, |e| {
                 Err(ProxyError::internal(format!("manifest fetch failed: {e}")))
             })
@@ -229,11 +212,7 @@ impl PullThrough {
         tag: &str,
         accept: &Accept,
     ) -> Result<(Option<TagState>, Option<Manifest>), ProxyError> {
-        let state = match accept {
-            Accept::Any => self.tag_state(up, repository, tag).await,
-            Accept::Only(_) => tag_key_for(up, repository, tag, accept)
-                .and_then(|k| self.tags.lock().expect("tag map lock").get(&k).cloned()),
-        };
+        let state = self.tags.state_for(up, repository, tag, accept).await;
         let fresh = match &state {
             Some(st) if freshness(st.age(), &self.policy) == Freshness::Fresh => {
                 self.cached_manifest(&st.digest).await?
@@ -241,104 +220,6 @@ impl PullThrough {
             _ => None,
         };
         Ok((state, fresh))
-    }
-
-    pub(super) async fn tag_state(
-        &self,
-        up: &Upstream,
-        repository: &str,
-        tag: &str,
-    ) -> Option<TagState> {
-        let key = tag_key(up, repository, tag);
-        if let Some(st) = self.tags.lock().expect("tag map lock").get(&key) {
-            return Some(st.clone());
-        }
-        let stored = TagKey {
-            upstream: up.name(),
-            repository,
-            tag,
-        };
-        let rec = match self.store().tag(stored).await {
-            Ok(rec) => rec?,
-            Err(e) => {
-                tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, "could not read a tag record");
-                return None;
-            }
-        };
-        let digest: Digest = rec.digest.parse().ok()?;
-        let st = TagState {
-            digest,
-            age_at: Duration::from_millis(unix_now_ms().saturating_sub(rec.checked_at_ms)),
-            since: Instant::now(),
-        };
-        self.tags
-            .lock()
-            .expect("tag map lock")
-            .insert(key, st.clone());
-        Some(st)
-    }
-
-    pub(super) async fn confirm_tag(
-        &self,
-        up: &Upstream,
-        repository: &str,
-        tag: &str,
-        digest: &Digest,
-        accept: &Accept,
-    ) {
-        let st = TagState {
-            digest: digest.clone(),
-            age_at: Duration::ZERO,
-            since: Instant::now(),
-        };
-        let Some(key) = tag_key_for(up, repository, tag, accept) else {
-            return;
-        };
-        self.tags.lock().expect("tag map lock").insert(key, st);
-        // Only the record for every type is kept on disk.
-        if *accept != Accept::Any {
-            return;
-        }
-        let rec = TagRecord {
-            upstream: up.name().to_string(),
-            repository: repository.to_string(),
-            tag: tag.to_string(),
-            digest: digest.to_string(),
-            checked_at_ms: unix_now_ms(),
-        };
-        if let Err(e) = self.store().put_tag(&rec).await {
-            tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, "could not persist tag");
-        }
-    }
-
-    /// Forgets what a tag is for a client with `accept`: for one that takes every type,
-    /// the tag itself (see [`Self::forget_tag`]); for a narrower one, only what it was
-    /// told (the upstream having no manifest of its types says nothing of the others).
-    async fn forget_tag_for(&self, up: &Upstream, repository: &str, tag: &str, accept: &Accept) {
-        if *accept == Accept::Any {
-            return self.forget_tag(up, repository, tag).await;
-        }
-        if let Some(key) = tag_key_for(up, repository, tag, accept) {
-            self.tags.lock().expect("tag map lock").remove(&key);
-        }
-    }
-
-    /// Forgets a tag, under every `Accept`.
-    pub(super) async fn forget_tag(&self, up: &Upstream, repository: &str, tag: &str) {
-        let key = tag_key(up, repository, tag);
-        let narrow = format!("{key}\0");
-        self.tags
-            .lock()
-            .expect("tag map lock")
-            .retain(|k, _| *k != key && !k.starts_with(&narrow));
-        let key = TagKey {
-            upstream: up.name(),
-            repository,
-            tag,
-        };
-        if let Err(e) = self.store().delete_tag(key).await {
-            tracing::warn!(upstream = up.name(), repo = repository, tag, error = %e, "could not remove a tag record");
-        }
     }
 
     /// Tag not fresh (or unknown): revalidate with HEAD, fetch on change, fall back to the
@@ -371,7 +252,8 @@ impl PullThrough {
                 .await;
             let outcome = match head {
                 Ok(digest) if digest.as_ref() == Some(&m.digest) => {
-                    self.confirm_tag(up, repository, tag, &m.digest, accept)
+                    self.tags
+                        .confirm(up, repository, tag, &m.digest, accept)
                         .await;
                     return Ok((m.clone(), CacheResult::Hit));
                 }
@@ -381,7 +263,7 @@ impl PullThrough {
             match outcome {
                 Ok(()) => {}
                 Err(e) if e.upstream_not_found() => {
-                    self.forget_tag_for(up, repository, tag, accept).await;
+                    self.tags.forget_for(up, repository, tag, accept).await;
                     return Err(e);
                 }
                 Err(e) if stale_ok(st, &e) => {
@@ -397,12 +279,13 @@ impl PullThrough {
             .await
         {
             Ok(m) => {
-                self.confirm_tag(up, repository, tag, &m.digest, accept)
+                self.tags
+                    .confirm(up, repository, tag, &m.digest, accept)
                     .await;
                 Ok((m, CacheResult::Miss))
             }
             Err(e) if e.upstream_not_found() => {
-                self.forget_tag_for(up, repository, tag, accept).await;
+                self.tags.forget_for(up, repository, tag, accept).await;
                 Err(e)
             }
             Err(e) => match &known {
@@ -429,19 +312,20 @@ impl PullThrough {
 
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, ProxyError> {
         // Not in the index, it may still be in a store another replica shares.
-        let known = self.index.acquire_manifest(digest);
-        if known.is_none() && !self.store().shared() {
+        let index = self.space.index();
+        let known = index.acquire_manifest(digest);
+        if known.is_none() && !self.space.store().shared() {
             return Ok(None);
         }
-        let found = self.store().manifest(digest).await?;
+        let found = self.space.store().manifest(digest).await?;
         let _guard = match (&found, known) {
             (None, Some(_)) => {
-                self.discard(digest).await;
+                self.space.discard(digest).await;
                 None
             }
             (Some(m), None) => {
                 let refs = crate::proxy::index::manifest_refs(&m.body);
-                Some(self.index.adopt(digest, m.body.len() as u64, Some(refs)))
+                Some(index.adopt(digest, m.body.len() as u64, Some(refs)))
             }
             (_, known) => known,
         };
@@ -459,26 +343,26 @@ impl PullThrough {
         body: &Bytes,
         media_type: &str,
     ) {
-        if self.index.contains(digest) {
+        if self.space.index().contains(digest) {
             return;
         }
-        let Some(reservation) = self.reserve(body.len() as u64).await else {
+        let Some(reservation) = self.space.reserve(body.len() as u64).await else {
             return;
         };
-        let (this, d, b, mt) = (
-            self.clone(),
+        let (index, d, b, mt) = (
+            self.space.index().clone(),
             digest.clone(),
             body.clone(),
             media_type.to_string(),
         );
         // On its own task: the index and the store agree even if the client goes away.
         let result =
-            tokio::spawn(async move { this.index.commit_manifest(&d, b, &mt, reservation).await })
+            tokio::spawn(async move { index.commit_manifest(&d, b, &mt, reservation).await })
                 .await
                 .expect("commit task");
         match result {
-            Ok(()) => self.mark_disk_ok(),
-            Err(e) if e.is_full() => self.mark_disk_full("manifest write failed"),
+            Ok(()) => self.space.mark_disk_ok(),
+            Err(e) if e.is_full() => self.space.mark_disk_full("manifest write failed"),
             Err(e) => tracing::warn!(%digest, error = %e, "could not cache a manifest"),
         }
     }
@@ -521,6 +405,7 @@ impl PullThrough {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::Instant;
 
     fn policy() -> CachePolicy {
         CachePolicy {

@@ -1,58 +1,60 @@
 //! The pull-through cache: answers manifest, blob, tags and referrers requests from the
-//! cache or the upstream, and fills the cache on the way.
+//! cache or the upstream, and fills the cache on the way. [`PullThrough`] is its front;
+//! each concern owns its state:
 //!
-//! Blobs: one download per missing digest, shared by every request for it. The download
-//! runs on its own task, writes to the store and hashes as it goes; every client (the
-//! first included) reads what was written as it grows, so a slow client never slows the
-//! download and memory stays bounded whatever the blob size. The last byte is withheld
-//! until the digest is verified: a client can never receive a complete body that does not
-//! match. The write is committed into the cache only when the digest matches.
+//! - [`space`]: the room the cache has (reservations, eviction as the size limit says,
+//!   pins, a full disk), images dropped on purpose;
+//! - [`tags`]: where each tag points and since when, in memory and as store records;
+//! - [`manifests`]: manifests by digest, tags fresh or revalidated with a HEAD or served
+//!   stale while the upstream fails, one upstream fetch per manifest at a time;
+//! - [`blobs`]: one download per missing digest, shared by every request for it, streamed
+//!   to every client as it is written ([`live_reader`]), its last byte held until the
+//!   digest matches; relays of what cannot be cached ([`relay`]); blobs read back and
+//!   checked where this process has not checked them ([`read_back`]);
+//! - [`lists`]: tags/list (a short-lived cache bounded in bytes) and referrers;
+//! - [`range`] (`Range` requests) and [`single_flight`] (one fetch per key).
 //!
-//! Manifests: cached by digest forever. A tag maps to a digest for `tag_ttl`, then is
-//! revalidated with a HEAD; when the upstream is down the last digest is served for up to
-//! `stale_if_error` more. Concurrent misses for one manifest share one upstream request.
-//!
-//! The rooms: [`manifests`] (tags, freshness, coalesced fetches), [`blobs`] (downloads,
-//! relays, HEADs), [`live_reader`] (a client reading a download in progress), [`prefetch`]
-//! (eviction at start, dropping images), [`lists`] (tags/list, referrers),
-//! [`read_back`] (cached blobs read back, checked where this process has not yet),
-//! [`range`] (`Range` requests) and [`single_flight`] (one fetch per key). This module
-//! holds the cache itself and what they share: the policy, space and reservations, pins.
-//! Bytes are kept by a [`BlobStore`] reached through the [`Index`], never by path.
+//! Bytes are kept by a [`crate::proxy::store::BlobStore`] reached through the
+//! [`Index`], never by path.
 
 mod blobs;
+mod download;
+#[cfg(test)]
+mod download_tests;
 mod lists;
 mod live_reader;
 mod manifests;
-mod prefetch;
 mod range;
 mod read_back;
+mod relay;
 pub mod single_flight;
+mod space;
+mod tags;
 
 pub use blobs::BlobAsk;
-use blobs::*;
-use lists::*;
-use live_reader::*;
-use manifests::*;
 pub use manifests::{Freshness, freshness};
 pub use range::ByteRange;
+pub use space::DISK_FULL_RETRY;
+pub use tags::TagState;
 
 use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
-use crate::proxy::index::{Index, NoRoom, Reservation};
+use crate::proxy::index::{Index, Removal};
 use crate::proxy::metrics::{CacheResult, Metrics};
 use crate::proxy::peers::Peers;
-use crate::proxy::store::{BlobStore, CHUNK};
+use crate::proxy::store::BlobStore;
 use crate::proxy::upstream::Upstream;
 pub use crate::proxy::upstream::{Referrers, TagsPage};
+use blobs::Blobs;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use single_flight::{SingleFlight, Waiting};
-use std::collections::HashMap;
+use lists::Lists;
+use manifests::Manifests;
+use space::Space;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
+use tags::Tags;
 
 /// Limits and timings of the cache.
 #[derive(Clone, Debug)]
@@ -150,69 +152,104 @@ pub struct BlobAnswer {
     pub redirect: Option<String>,
 }
 
-/// How long the cache stays in stream-through mode after the disk filled up before it
-/// tries writing again.
-pub const DISK_FULL_RETRY: Duration = Duration::from_secs(2);
-
-/// Free space kept beyond a download's size before it is written to disk.
-const DISK_MARGIN: u64 = 16 << 20;
-
-/// The cache and its in-flight fetches.
+/// The cache: its parts, each with its own state.
 pub struct PullThrough {
-    index: Arc<Index>,
+    space: Arc<Space>,
+    manifests: Arc<Manifests>,
+    blobs: Arc<Blobs>,
+    lists: Lists,
     metrics: Metrics,
-    policy: CachePolicy,
-    pins: Pins,
-    disk_full_until: Mutex<Option<Instant>>,
-    blobs: Mutex<HashMap<Digest, Arc<BlobFetch>>>,
-    manifests: SingleFlight<String, ManifestResult>,
-    /// HEADs of blobs that are not cached, one upstream HEAD per repository and digest
-    /// at a time.
-    heads: SingleFlight<(String, Digest), Result<Option<u64>, ProxyError>>,
-    tags: Mutex<HashMap<String, TagState>>,
-    tag_lists: TagLists,
-    /// The replicas that share the store, when there are any (see [`Peers`]).
-    peers: Option<Arc<Peers>>,
 }
 
 impl PullThrough {
-    /// A cache over `index` and its store, never evicting what `pins` resolve to.
+    /// A cache over `index` and its store, never evicting what `pins` resolve to, asking
+    /// the replica that owns a missing blob for it when there are `peers`.
     pub fn new(
         index: Arc<Index>,
         metrics: Metrics,
         policy: CachePolicy,
         pins: Pins,
+        peers: Option<Arc<Peers>>,
     ) -> PullThrough {
+        let tags = Arc::new(Tags::new(index.store().clone()));
+        let space = Arc::new(Space::new(index, metrics.clone(), pins, tags.clone()));
+        let waiters = metrics.fetch_waiters.clone();
         PullThrough {
-            index,
-            manifests: SingleFlight::new(metrics.fetch_waiters.clone()),
-            heads: SingleFlight::new(metrics.fetch_waiters.clone()),
+            manifests: Arc::new(Manifests::new(space.clone(), tags, policy.clone(), waiters)),
+            blobs: Arc::new(Blobs::new(space.clone(), metrics.clone(), peers)),
+            lists: Lists::new(policy.tags_list_ttl),
+            space,
             metrics,
-            policy,
-            pins,
-            disk_full_until: Mutex::new(None),
-            blobs: Mutex::new(HashMap::new()),
-            tags: Mutex::new(HashMap::new()),
-            tag_lists: TagLists::default(),
-            peers: None,
         }
     }
 
-    /// The same cache, asking the replica that owns a missing blob for it (see
-    /// [`Peers`]) instead of the upstream.
-    pub fn with_peers(mut self, peers: Arc<Peers>) -> PullThrough {
-        self.peers = Some(peers);
-        self
+    /// A manifest by tag or digest, of a media type `accept` allows (see
+    /// [`manifests`]). `unlinked`: the digest asked for is not linked to the repository
+    /// (see [`crate::proxy::links`]), and the cache's copy is [`ProxyError::NotLinked`].
+    pub async fn manifest(
+        &self,
+        up: &Arc<Upstream>,
+        repository: &str,
+        reference: &Reference,
+        accept: &crate::oci::media::Accept,
+        unlinked: bool,
+    ) -> Result<(Manifest, CacheResult), ProxyError> {
+        self.manifests
+            .manifest(up, repository, reference, accept, unlinked)
+            .await
+    }
+
+    /// A blob (body or HEAD), from the cache, a running download, or a new one (see
+    /// [`blobs`]).
+    pub async fn blob(
+        &self,
+        up: &Arc<Upstream>,
+        repository: &str,
+        digest: &Digest,
+        ask: BlobAsk<'_>,
+    ) -> Result<BlobAnswer, ProxyError> {
+        self.blobs.blob(up, repository, digest, ask).await
+    }
+
+    /// Waits until a running download of `digest`, if there is one, has stored the blob.
+    pub async fn stored(&self, digest: &Digest) -> Result<(), ProxyError> {
+        self.blobs.stored(digest).await
+    }
+
+    /// `tags/list`, reused for `tags_list_ttl` (see [`lists`]).
+    pub async fn tags_list(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        query: Option<&str>,
+    ) -> Result<TagsPage, ProxyError> {
+        self.lists.tags_list(up, repository, query).await
+    }
+
+    /// `referrers/<digest>`, passed through.
+    pub async fn referrers(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        digest: &Digest,
+        query: Option<&str>,
+    ) -> Result<Referrers, ProxyError> {
+        self.lists.referrers(up, repository, digest, query).await
     }
 
     /// The replicas that share the store with this one, if there are any.
     pub fn peers(&self) -> Option<&Arc<Peers>> {
-        self.peers.as_ref()
+        self.blobs.peers()
     }
 
     /// The store underneath.
     pub fn store(&self) -> &Arc<dyn BlobStore> {
-        self.index.store()
+        self.space.store()
+    }
+
+    /// What is cached (sizes, references, objects in use).
+    pub fn index(&self) -> &Arc<Index> {
+        self.space.index()
     }
 
     /// The metrics it counts in.
@@ -220,131 +257,34 @@ impl PullThrough {
         &self.metrics
     }
 
-    /// What is cached (sizes, references, objects in use).
-    pub fn index(&self) -> &Arc<Index> {
-        &self.index
+    /// The images eviction keeps.
+    pub fn pins(&self) -> &Pins {
+        self.space.pins()
     }
 
     /// Whether the cache is in stream-through mode because its disk filled up.
     pub fn disk_full(&self) -> bool {
-        self.disk_full_until
-            .lock()
-            .expect("disk state lock")
-            .is_some_and(|until| Instant::now() < until)
+        self.space.disk_full()
     }
 
-    fn mark_disk_full(&self, why: &str) {
-        let mut until = self.disk_full_until.lock().expect("disk state lock");
-        if until.is_none() {
-            tracing::warn!(
-                reason = why,
-                "cache disk is full: streaming blobs through without caching"
-            );
-        }
-        *until = Some(Instant::now() + DISK_FULL_RETRY);
-        self.metrics.cache_disk_full.set(1);
-    }
-
-    fn mark_disk_ok(&self) {
-        let mut until = self.disk_full_until.lock().expect("disk state lock");
-        if until.take().is_some() {
-            tracing::info!("cache disk has room again: caching resumed");
-            self.metrics.cache_disk_full.set(0);
-        }
-    }
-
-    /// Drops a cached object found unusable (see [`Index::discard`]). It runs on its own
-    /// task, so that the index and the store agree even if the caller goes away.
-    async fn discard(&self, digest: &Digest) {
-        let (index, d) = (self.index.clone(), digest.clone());
-        let _ = tokio::spawn(async move { index.discard(&d).await }).await;
-    }
-
-    /// The images eviction keeps.
-    pub fn pins(&self) -> &Pins {
-        &self.pins
-    }
-
-    /// Digests that must never be evicted: the closure of the pinned images.
-    pub fn pinned(&self) -> std::collections::HashSet<Digest> {
-        let roots: Vec<Digest> = self
-            .pins
-            .all()
-            .iter()
-            .filter_map(|pin| match &pin.reference {
-                Reference::Digest(d) => Some(d.clone()),
-                Reference::Tag(t) => self
-                    .tags
-                    .lock()
-                    .expect("tag map lock")
-                    .get(&tag_key(&pin.upstream, &pin.repository, t))
-                    .map(|st| st.digest.clone()),
-            })
-            .collect();
-        self.index.closure(roots)
-    }
-
-    /// Sets space aside for an object, evicting as needed. `None` when it must not be
-    /// cached: no room under the limit, not enough free space beside the downloads in
-    /// progress (this object alone is streamed through), or the disk is full.
-    async fn reserve(self: &Arc<Self>, size: u64) -> Option<Reservation> {
-        if self.disk_full() {
-            return None;
-        }
-        // Whatever the size limit says, the store has the last word.
-        let free = self.store().free_space();
-        if free.is_some_and(|free| free < DISK_MARGIN) {
-            self.mark_disk_full("less than the margin free on the cache volume");
-            return None;
-        }
-        // On its own task: what it evicts is removed even if the caller goes away.
-        let this = self.clone();
-        let reservation = tokio::spawn(async move {
-            let pinned = this.pinned();
-            let room = free.map(|free| free - DISK_MARGIN);
-            this.index.reserve(size, &pinned, room).await
-        })
-        .await
-        .expect("reserve task");
-        match reservation {
-            Ok(r) => {
-                self.mark_disk_ok();
-                Some(r)
-            }
-            Err(NoRoom::Limit) => {
-                tracing::warn!(
-                    bytes = size,
-                    "no room in the cache (pinned or in use): not caching this object"
-                );
-                None
-            }
-            Err(NoRoom::Disk) => {
-                tracing::info!(
-                    bytes = size,
-                    free,
-                    "not enough free space for this object beside the downloads in progress: \
-                     streaming it through"
-                );
-                None
-            }
-        }
-    }
-
-    /// Clears the disk-full state once its back-off is over and the volume has room
-    /// again, also when no request comes to notice (the gauge must not stay at 1).
+    /// Clears the disk-full state once the volume has room again.
     pub fn recheck_disk(&self) {
-        let due = self
-            .disk_full_until
-            .lock()
-            .expect("disk state lock")
-            .is_some_and(|until| Instant::now() >= until);
-        if due
-            && self
-                .store()
-                .free_space()
-                .is_none_or(|free| free >= DISK_MARGIN)
-        {
-            self.mark_disk_ok();
-        }
+        self.space.recheck_disk()
+    }
+
+    /// Evicts down to the size limit (after a restart with a lower limit), keeping pins.
+    pub async fn enforce_limit(&self) {
+        self.space.enforce_limit().await
+    }
+
+    /// Drops an image (tag or digest) from the cache on purpose: the tag record, the
+    /// manifests, and the blobs no other cached manifest or pin needs.
+    pub async fn drop_image(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        reference: &Reference,
+    ) -> Removal {
+        self.space.drop_image(up, repository, reference).await
     }
 }

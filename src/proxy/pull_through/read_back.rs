@@ -10,7 +10,8 @@
 //! bucket that takes the request and never answers leaves the request to the upstream,
 //! not the client to a status line followed by a broken body.
 
-use super::{BlobAnswer, ByteRange, PullThrough};
+use super::blobs::Blobs;
+use super::{BlobAnswer, ByteRange};
 use crate::oci::{Digest, Hasher};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::Index;
@@ -24,7 +25,7 @@ use std::io;
 /// A blob's chunks as they are read.
 type Chunks = BoxStream<'static, io::Result<Bytes>>;
 
-impl PullThrough {
+impl Blobs {
     /// A cached blob's answer, or `None` if it is not cached (or was, and did not match
     /// its digest). With `spans` (an HTTP/1 connection), the body of a checked object may
     /// hand the connection file ranges to send instead of bytes (see
@@ -40,21 +41,21 @@ impl PullThrough {
     ) -> Result<Option<BlobAnswer>, ProxyError> {
         // Held by the body stream: the blob cannot be evicted while it is being sent.
         // Not in the index, it may still be in a store another replica shares.
-        let known = self.index.acquire(digest);
-        let shared = self.store().shared();
+        let known = self.space.index().acquire(digest);
+        let shared = self.space.store().shared();
         if known.is_none() && !shared {
             return Ok(None);
         }
-        let Some(blob) = self.store().open(digest).await? else {
+        let Some(blob) = self.space.store().open(digest).await? else {
             if known.is_some() {
-                self.discard(digest).await;
+                self.space.discard(digest).await;
             }
             return Ok(None);
         };
         if unlinked {
             return Err(ProxyError::NotLinked);
         }
-        let guard = known.unwrap_or_else(|| self.index.adopt(digest, blob.len(), None));
+        let guard = known.unwrap_or_else(|| self.space.index().adopt(digest, blob.len(), None));
         let len = blob.len();
         let hit = |range, body| {
             Ok(Some(BlobAnswer {
@@ -70,7 +71,7 @@ impl PullThrough {
         }
         // A store that hands out URLs of its own: the client fetches the bytes there (and
         // checks them against the digest, as every OCI client does).
-        if let Some(url) = self.store().presign(digest).await? {
+        if let Some(url) = self.space.store().presign(digest).await? {
             return Ok(Some(BlobAnswer {
                 redirect: Some(url),
                 ..hit(None, None)?.expect("an answer")
@@ -83,14 +84,14 @@ impl PullThrough {
             ),
             None => None,
         };
-        let checked = self.index.verified(digest);
+        let checked = self.space.index().verified(digest);
         let blob = match span {
             // A range cannot be checked alone: the whole object first, once.
             Some(_) if !checked => {
                 if !self.check_whole(digest, blob).await? {
                     return Ok(None);
                 }
-                match self.store().open(digest).await? {
+                match self.space.store().open(digest).await? {
                     Some(b) => b,
                     None => return Ok(None),
                 }
@@ -134,10 +135,10 @@ impl PullThrough {
             hasher.update(&chunk);
         }
         let matched = got == len && hasher.finish() == *digest;
-        record(&self.index, &self.metrics, digest, matched);
+        record(self.space.index(), &self.metrics, digest, matched);
         if !matched {
             // Gone before this request goes on to the upstream for it.
-            self.discard(digest).await;
+            self.space.discard(digest).await;
         }
         Ok(matched)
     }
@@ -145,7 +146,11 @@ impl PullThrough {
     /// What is done once a stored blob was read whole as it streamed: recorded, and a
     /// mismatch dropped from the cache (in the background: the stream cannot wait).
     fn recorder(&self, digest: &Digest) -> impl FnOnce(bool) + Send + 'static {
-        let (index, metrics, digest) = (self.index.clone(), self.metrics.clone(), digest.clone());
+        let (index, metrics, digest) = (
+            self.space.index().clone(),
+            self.metrics.clone(),
+            digest.clone(),
+        );
         move |matched| {
             record(&index, &metrics, &digest, matched);
             if !matched {
