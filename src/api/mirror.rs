@@ -476,6 +476,23 @@ impl RegistryMirrorSpec {
         })
     }
 
+    /// The Secrets the spec names: each upstream's credentials, the bucket's keys, the
+    /// TLS certificate.
+    pub fn secret_names(&self) -> impl Iterator<Item = &str> {
+        let upstreams = self
+            .upstreams
+            .iter()
+            .filter_map(|u| u.credentials_secret_ref.as_ref());
+        let bucket = self
+            .cache
+            .storage
+            .s3
+            .as_ref()
+            .and_then(|s| s.credentials_secret_ref.as_ref());
+        let tls = self.tls.as_ref().map(|t| &t.secret_ref);
+        upstreams.chain(bucket).chain(tls).map(|r| r.name.as_str())
+    }
+
     /// Whether the mirror's proxies share a key (a Secret the controller makes): to
     /// issue tokens any replica verifies ([`Self::guarded`]), and to prove their requests
     /// to each other when they share a bucket.
