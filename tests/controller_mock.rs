@@ -917,12 +917,100 @@ fn amd64_node(name: &str) -> Value {
     n
 }
 
+/// What the prefetch controller's reflectors would hold: filled stores, and the
+/// writers that change them.
+struct Cluster {
+    stores: pullthrough::controller::workloads::Stores,
+    deployments: Writer<k8s_openapi::api::apps::v1::Deployment>,
+    jobs: Writer<k8s_openapi::api::batch::v1::Job>,
+    namespaces: Writer<k8s_openapi::api::core::v1::Namespace>,
+    pods: Writer<k8s_openapi::api::core::v1::Pod>,
+}
+
+/// A store with its first list done, empty, and its writer.
+fn listed<K>() -> (reflector::Store<K>, Writer<K>)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (store, mut writer) = reflector::store::<K>();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    (store, writer)
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let (deployments, dw) = listed();
+        let (jobs, jw) = listed();
+        let (namespaces, nw) = listed();
+        let (pods, pw) = listed();
+        let stores = pullthrough::controller::workloads::Stores {
+            deployments,
+            stateful_sets: listed().0,
+            daemon_sets: listed().0,
+            jobs,
+            cron_jobs: listed().0,
+            namespaces,
+            pods,
+        };
+        Cluster {
+            stores,
+            deployments: dw,
+            jobs: jw,
+            namespaces: nw,
+            pods: pw,
+        }
+    }
+
+    fn apply<K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned>(
+        writer: &mut Writer<K>,
+        object: Value,
+    ) {
+        let object: K = serde_json::from_value(object).unwrap();
+        writer.apply_watcher_event(&watcher::Event::Apply(object));
+    }
+
+    fn namespace(&mut self, name: &str, labels: Value) {
+        let ns = json!({"metadata": {"name": name, "labels": labels}});
+        Cluster::apply(&mut self.namespaces, ns);
+    }
+
+    /// A pod template of `images`.
+    fn template(images: &[&str]) -> Value {
+        let containers: Vec<Value> = images
+            .iter()
+            .enumerate()
+            .map(|(i, image)| json!({"name": format!("c{i}"), "image": image}))
+            .collect();
+        json!({"spec": {"containers": containers}})
+    }
+
+    fn deployment(&mut self, ns: &str, name: &str, images: &[&str]) {
+        let d = json!({"metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {}, "template": Cluster::template(images)}});
+        Cluster::apply(&mut self.deployments, d);
+    }
+
+    fn job(&mut self, ns: &str, name: &str, images: &[&str]) {
+        let j = json!({"metadata": {"name": name, "namespace": ns},
+            "spec": {"template": Cluster::template(images)}});
+        Cluster::apply(&mut self.jobs, j);
+    }
+
+    /// A ready proxy pod of mirror `m` at `ip`.
+    fn replica(&mut self, m: &RegistryMirror, uid: &str, ip: &str) {
+        let labels = pullthrough::controller::builders::selector_labels(m);
+        let pod = json!({"metadata": {"name": uid, "namespace": NS, "uid": uid, "labels": labels},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}});
+        Cluster::apply(&mut self.pods, pod);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     use crate::common::*;
     use pullthrough::api::mirror::RegistryMirrorStatus;
-    use pullthrough::controller::workloads;
-    use std::collections::BTreeSet;
+    use pullthrough::controller::workloads::Warmer;
     // A real Distribution upstream, and the mirror's proxy with the admin token of the
     // Secret the controller made.
     let up = Registry::start().await;
@@ -932,7 +1020,7 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
     let mut cfg = config_for(&[("registry.test", &up.url)]);
-    cfg.admin_token_file = Some(token_file);
+    cfg.admin_token_file = Some(token_file.clone());
     let p = Proxy::start_config(cfg).await;
     let ops_port: u16 = p.metrics_url.rsplit(':').next().unwrap().parse().unwrap();
     let world = World {
@@ -941,10 +1029,6 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
             json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"pullthrough-warm-admin","namespace":NS},
                 "data":{"token": base64(ADMIN_TOKEN)}}),
         )],
-        pods: vec![
-            json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":"pullthrough-warm-0","namespace":NS},
-            "status":{"podIP":"127.0.0.1","conditions":[{"type":"Ready","status":"True"}]}}),
-        ],
         nodes: vec![amd64_node("n1")],
         ops_port: Some(ops_port),
         ..World::default()
@@ -965,26 +1049,37 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     });
     f.add_to_store(&m);
 
-    // A Deployment of team-a now runs app:2.0 (and an image of a registry the mirror does
-    // not serve): the mirror's replica is asked for the one it serves.
-    let images = BTreeSet::from([
-        "registry.test/team/app:2.0".to_string(),
-        "quay.io/other/tool:1".to_string(),
-    ]);
-    let team = |t: &str| std::collections::BTreeMap::from([("team".to_string(), t.to_string())]);
-    let sent = workloads::prefetch_for(&f.ctx, &team("a"), &images)
-        .await
-        .unwrap();
-    assert_eq!(sent.len(), 1, "{sent:?}");
-    assert_eq!(sent[0].2, vec!["registry.test/team/app:2.0".to_string()]);
+    // A Deployment of team-a runs app:2.0 (and an image of a registry the mirror does
+    // not serve); a Job of team-b, a namespace the mirror's selector does not pick, runs
+    // another image of its registry.
+    let mut cluster = Cluster::new();
+    cluster.namespace("team-a", json!({"team": "a"}));
+    cluster.namespace("team-b", json!({}));
+    cluster.deployment(
+        "team-a",
+        "app",
+        &["registry.test/team/app:2.0", "quay.io/other/tool:1"],
+    );
+    cluster.job("team-b", "x", &["registry.test/team/other:1"]);
+    cluster.replica(&m, "replica-1", "127.0.0.1");
+    let warmer = Warmer::new(f.ctx.clone(), cluster.stores.clone());
+    let app_2 = "registry.test/team/app:2.0".to_string();
+
+    // The mirror's replica is asked for the one image it should have, and told it is in
+    // use.
+    let synced = warmer.sync(&m).await.unwrap().expect("synced");
+    assert_eq!(synced.len(), 1, "{synced:?}");
+    assert_eq!(synced[0].1.asked, vec![app_2.clone()]);
+    assert!(synced[0].1.told_in_use);
     // Its blobs come from the upstream, once, before any client asked.
     for b in app.blobs() {
         up.assert_gets(&format!("/blobs/{}", b.digest), 1);
     }
-    // An Event on the mirror says so, and its status counts it (bounded wait: the
-    // controller looks at the progress every 2 s).
+    // An Event on the mirror says so, and its status counts it (bounded wait: each sync
+    // looks at the progress).
     let mut noted = None;
     for _ in 0..300 {
+        warmer.sync(&m).await.unwrap();
         noted = f.calls().into_iter().find(|c| {
             c.method == "POST"
                 && c.path.ends_with("/events")
@@ -999,17 +1094,10 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     }
     let event = noted.expect("a Prefetched event");
     assert_eq!(event.body["regarding"]["name"], "warm");
-    let mut counted = None;
-    for _ in 0..100 {
-        counted = f
-            .calls()
-            .into_iter()
-            .find(|c| c.method == "PATCH" && c.path.ends_with("/registrymirrors/warm/status"));
-        if counted.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let counted = f
+        .calls()
+        .into_iter()
+        .find(|c| c.method == "PATCH" && c.path.ends_with("/registrymirrors/warm/status"));
     assert_eq!(
         counted.expect("a status patch").body["status"]["prefetchedImages"],
         1
@@ -1022,63 +1110,59 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
         up.assert_gets(&format!("/blobs/{}", b.digest), 1);
     }
 
-    // A namespace the mirror's selector does not pick: nothing is asked.
-    let sent = workloads::prefetch_for(&f.ctx, &team("b"), &images)
+    // The images in use: what team-a's workloads run (not team-b's, which the mirror
+    // does not select), told once, until the replica's set differs.
+    let listed = p.admin_get("/admin/in-use", ADMIN_TOKEN).await;
+    assert_eq!(listed["images"], json!([app_2]));
+    let again = warmer.sync(&m).await.unwrap().unwrap();
+    assert_eq!(
+        again[0].1,
+        Default::default(),
+        "nothing lacking, nothing sent"
+    );
+    // A replica that forgot (it restarted) is told again.
+    http()
+        .put(format!("{}/admin/in-use", p.metrics_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"images": []}))
+        .send()
         .await
+        .unwrap()
+        .error_for_status()
         .unwrap();
-    assert!(sent.is_empty(), "{sent:?}");
-
-    // The images in use: the replica is told what team-a's workloads run (not team-b's,
-    // which the mirror does not select), once, until that changes.
-    let mut seen = workloads::Seen::default();
-    for (key, ns) in [
-        ("Deployment/team-a/app", "team-a"),
-        ("Job/team-b/x", "team-b"),
-    ] {
-        let w = workloads::Workload {
-            key: key.into(),
-            namespace: ns.into(),
-            images: images.clone(),
-        };
-        seen.changed(&w);
-    }
-    let labels = std::collections::HashMap::from([
-        (
-            "team-a".to_string(),
-            std::collections::BTreeMap::from([("team".to_string(), "a".to_string())]),
-        ),
-        ("team-b".to_string(), std::collections::BTreeMap::new()),
-    ]);
-    let mut told = std::collections::HashMap::new();
-    let sent = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, false).await;
-    assert_eq!(sent.len(), 1, "{sent:?}");
-    let token = ADMIN_TOKEN;
-    let listed = p.admin_get("/admin/in-use", token).await;
-    assert_eq!(listed["images"], json!(["registry.test/team/app:2.0"]));
-    let again = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, false).await;
-    assert!(again.is_empty(), "unchanged, not sent again");
-    let resync = workloads::publish_in_use(&f.ctx, &seen, &labels, &mut told, true).await;
-    assert_eq!(resync.len(), 1, "sent again on a resync");
+    let told = warmer.sync(&m).await.unwrap().unwrap();
+    assert!(
+        told[0].1.told_in_use && told[0].1.asked.is_empty(),
+        "{told:?}"
+    );
 
     // A replica that becomes ready after all that (a new pod, its cache empty) is warmed
-    // with every image in use, though no workload changed: fetched and kept.
+    // with every image in use, though no workload changed: fetched and kept. The first
+    // replica is asked nothing again.
     let mut cfg = config_for(&[("registry.test", &up.url)]);
-    cfg.admin_token_file = Some(dir.path().join("token"));
-    let p2 = Proxy::start_config(cfg).await;
-    let replica = |mirror: &str| workloads::NewReplica {
-        namespace: NS.into(),
-        mirror: mirror.into(),
-        url: p2.metrics_url.clone(),
-    };
-    let warmed = workloads::warm(&f.ctx, &seen, &labels, &replica("warm"))
+    cfg.admin_token_file = Some(token_file);
+    let cache = tempfile::tempdir().unwrap();
+    cfg.cache_dir = cache.path().join("cache");
+    let api = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let ops = tokio::net::TcpListener::bind(("127.0.0.2", ops_port))
         .await
         .unwrap();
-    assert_eq!(warmed, Some(vec!["registry.test/team/app:2.0".to_string()]));
+    let p2 = Proxy::start_on(cfg, api, ops, Some(cache)).await;
+    cluster.replica(&m, "replica-2", "127.0.0.2");
+    let warmed = warmer.sync(&m).await.unwrap().unwrap();
+    let asked: Vec<_> = warmed
+        .iter()
+        .map(|(r, s)| (r.uid.as_str(), &s.asked))
+        .collect();
+    assert_eq!(
+        asked,
+        [("replica-1", &vec![]), ("replica-2", &vec![app_2.clone()])]
+    );
     for b in app.blobs() {
         up.assert_gets(&format!("/blobs/{}", b.digest), 2);
     }
-    let listed = p2.admin_get("/admin/in-use", token).await;
-    assert_eq!(listed["images"], json!(["registry.test/team/app:2.0"]));
+    let listed = p2.admin_get("/admin/in-use", ADMIN_TOKEN).await;
+    assert_eq!(listed["images"], json!([app_2]));
     p2.settled().await;
     pull(&p2.url, "team/app", "2.0", Some("registry.test"))
         .await
@@ -1086,11 +1170,23 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     for b in app.blobs() {
         up.assert_gets(&format!("/blobs/{}", b.digest), 2);
     }
-    // A pod of a mirror the controller does not know is done with, asking nothing.
-    let other = workloads::warm(&f.ctx, &seen, &labels, &replica("gone"))
-        .await
-        .unwrap();
-    assert_eq!(other, Some(vec![]));
+
+    // team-a relabelled out of the selector: nothing is asked, and nothing is in use.
+    cluster.namespace("team-a", json!({"team": "c"}));
+    let moved = warmer.sync(&m).await.unwrap().unwrap();
+    assert!(
+        moved
+            .iter()
+            .all(|(_, s)| s.asked.is_empty() && s.told_in_use),
+        "{moved:?}"
+    );
+    let listed = p.admin_get("/admin/in-use", ADMIN_TOKEN).await;
+    assert_eq!(listed["images"], json!([]));
+
+    // A mirror that does not prefetch has nothing done to its replicas.
+    let mut plain = m.clone();
+    plain.spec.cache.prefetch_from_workloads = None;
+    assert_eq!(warmer.sync(&plain).await.unwrap(), Some(vec![]));
 }
 
 #[tokio::test]

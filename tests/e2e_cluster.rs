@@ -1216,6 +1216,8 @@ async fn with_the_shipped_rbac_a_prefetching_mirror_gets_its_admin_token_and_wor
         ("", "pods", "list"),
         ("", "pods", "watch"),
         ("", "namespaces", "get"),
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
     ] {
         let what = serde_json::json!({"group": group, "resource": resource, "verb": verb});
         assert!(may(&env.client, ns, sa, what).await, "{verb} {resource}");

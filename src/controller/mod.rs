@@ -4,11 +4,13 @@
 //! from the pure [`builders`] and the status from the pure [`status`] module.
 
 pub mod builders;
+mod context;
 mod metrics;
 mod reconcile;
 pub mod status;
 pub mod workloads;
 
+pub use context::{Context, Error, MANAGER, NODE_CLEANUP_TIMEOUT};
 pub use metrics::ControllerMetrics;
 pub use reconcile::{error_policy, reconcile};
 
@@ -21,10 +23,11 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
+
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::Controller;
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -33,199 +36,6 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Field manager of every server-side apply.
-pub const MANAGER: &str = "pullthrough-controller";
-
-/// How long a deleted mirror waits for node agents before letting go anyway.
-pub const NODE_CLEANUP_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// A reconcile failure (requeued with backoff).
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A Kubernetes API call failed.
-    #[error("{action}: {source}")]
-    Kube {
-        /// What was being done.
-        action: String,
-        /// The API error.
-        #[source]
-        source: kube::Error,
-    },
-    /// The object has no namespace (the CRD is namespaced: a bug elsewhere).
-    #[error("RegistryMirror has no namespace")]
-    NoNamespace,
-    /// No random bytes for a new signing key.
-    #[error("making a signing key: {0}")]
-    Random(std::io::Error),
-    /// A replica's operations port refused or failed a request.
-    #[error("a replica's admin endpoint: {0}")]
-    Replica(String),
-}
-
-impl Error {
-    /// Label value of the error in metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube { .. } => "kube_error",
-            Error::NoNamespace => "invalid_object",
-            Error::Random(_) => "random_error",
-            Error::Replica(_) => "replica_error",
-        }
-    }
-}
-
-fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
-    let action = action.into();
-    move |source| Error::Kube { action, source }
-}
-
-/// What a mirror claims: whether it can, and its registries.
-type Claim = (bool, Vec<String>);
-
-/// Everything a reconcile needs.
-pub struct Context {
-    /// API client.
-    pub client: Client,
-    /// How children are built.
-    pub settings: ChildSettings,
-    /// Every RegistryMirror, for conflict detection.
-    pub store: Store<RegistryMirror>,
-    /// Event recorder.
-    pub recorder: Recorder,
-    /// Who records Events (for Events that must not be folded into a series, see
-    /// [`workloads`]).
-    reporter: Reporter,
-    /// Reconcile counts and durations.
-    pub metrics: ControllerMetrics,
-    failures: Mutex<HashMap<ObjectRef<RegistryMirror>, u32>>,
-    /// Whether this replica holds the leader Lease: reconciles do nothing without it.
-    leading: std::sync::atomic::AtomicBool,
-    /// What each mirror claims and whether it can, as its last reconcile found: fresher
-    /// than the status in the store, which lags the status it has just written.
-    claimants: Mutex<HashMap<ObjectRef<RegistryMirror>, Claim>>,
-    /// Where a reconcile says that its mirror's claims changed, so that the mirrors they
-    /// may move are reconciled at once (see [`run`]); none in tests of one reconcile.
-    claims_changed: Option<tokio::sync::mpsc::UnboundedSender<()>>,
-    /// Every Node, kept by the watch in [`run`]; none in tests of one reconcile, which
-    /// list them.
-    nodes: Option<Store<Node>>,
-    /// The proxies' operations port, where prefetches are asked for (tests point it at
-    /// a proxy of their own).
-    pub ops_port: u16,
-    /// Images each mirror's proxies prefetched for workloads (see [`workloads`]).
-    prefetched: Mutex<HashMap<ObjectRef<RegistryMirror>, i64>>,
-}
-
-impl Context {
-    /// A context over a client and a store of all mirrors.
-    pub fn new(
-        client: Client,
-        settings: ChildSettings,
-        store: Store<RegistryMirror>,
-        reporter: Reporter,
-    ) -> Context {
-        Context {
-            recorder: Recorder::new(client.clone(), reporter.clone()),
-            reporter,
-            client,
-            settings,
-            store,
-            metrics: ControllerMetrics::new(),
-            failures: Mutex::new(HashMap::new()),
-            leading: std::sync::atomic::AtomicBool::new(true),
-            claimants: Mutex::new(HashMap::new()),
-            claims_changed: None,
-            nodes: None,
-            ops_port: crate::api::mirror::METRICS_PORT,
-            prefetched: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Counts one image prefetched for a workload by `m`'s proxies.
-    fn count_prefetched(&self, m: &RegistryMirror) {
-        *self
-            .prefetched
-            .lock()
-            .expect("lock")
-            .entry(ObjectRef::from_obj(m))
-            .or_insert(0) += 1;
-    }
-
-    /// Images prefetched for workloads by `m`'s proxies so far.
-    fn prefetched(&self, m: &RegistryMirror) -> i64 {
-        self.prefetched
-            .lock()
-            .expect("lock")
-            .get(&ObjectRef::from_obj(m))
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Every Node: from the watched store once it has been filled, else listed.
-    async fn nodes(&self) -> Result<Vec<Node>, Error> {
-        let filled = |store: &Store<Node>| {
-            futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
-        };
-        if let Some(store) = self.nodes.as_ref().filter(|s| filled(s)) {
-            return Ok(store.state().iter().map(|n| Node::clone(n)).collect());
-        }
-        Api::<Node>::all(self.client.clone())
-            .list(&ListParams::default())
-            .await
-            .map(|l| l.items)
-            .map_err(kube_err("listing nodes"))
-    }
-
-    /// Whether `m` may claim registries: from its last reconcile here when there was one,
-    /// else from its status (see [`status::can_claim`]).
-    fn can_claim(&self, m: &RegistryMirror) -> bool {
-        if m.meta().deletion_timestamp.is_some() {
-            return false;
-        }
-        let known = self
-            .claimants
-            .lock()
-            .expect("lock")
-            .get(&ObjectRef::from_obj(m))
-            .map(|(can, _)| *can);
-        known.unwrap_or_else(|| status::can_claim(m))
-    }
-
-    /// Records what `m` claims now. When that changed and another mirror claims one of
-    /// its registries (of before or of now), every mirror is reconciled, so that claims
-    /// move at once rather than at the periodic look.
-    fn claimed(&self, m: &RegistryMirror, can: bool, gone: bool) {
-        let key = ObjectRef::from_obj(m);
-        let now = (can, status::registry_keys(m));
-        let before = {
-            let mut claimants = self.claimants.lock().expect("lock");
-            if gone {
-                claimants.remove(&key)
-            } else {
-                claimants.insert(key, now.clone())
-            }
-        };
-        if before.as_ref() == Some(&now) && !gone {
-            return;
-        }
-        let Some(tx) = &self.claims_changed else {
-            return;
-        };
-        let mut keys = now.1;
-        keys.extend(before.map(|b| b.1).unwrap_or_default());
-        if status::rivals(m, keys, &self.store.state())
-            .next()
-            .is_some()
-        {
-            let _ = tx.send(());
-        }
-    }
-
-    fn leading(&self) -> bool {
-        self.leading.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
 
 /// Options of `pullthrough controller`.
 #[derive(Clone, Debug)]
@@ -332,30 +142,27 @@ pub async fn run(
     // reach past it) stops reconciles, not the process: it stands by, and reconciles
     // everything again once it leads again.
     let (regained_tx, regained_rx) = tokio::sync::watch::channel(());
-    let prefetch_regained = regained_tx.subscribe();
+    let prefetch_regained = tokio_stream_of(regained_tx.subscribe());
     let leadership = {
         let ctx = ctx.clone();
         async move {
             loop {
                 lock.hold().await;
-                ctx.leading
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
-                ctx.metrics.set_leader(false);
+                ctx.set_leading(false);
                 tracing::warn!(
                     "stopped reconciling: this replica no longer holds the leader lease; \
                      standing by, and taking over again when the lease is free"
                 );
                 lock.acquire(Duration::from_secs(2)).await;
-                ctx.leading.store(true, std::sync::atomic::Ordering::SeqCst);
-                ctx.metrics.set_leader(true);
+                ctx.set_leading(true);
                 let _ = regained_tx.send(());
             }
         }
     };
     let regained = tokio_stream_of(regained_rx);
     let label = "app.kubernetes.io/managed-by=pullthrough-controller";
-    let owned = || watcher::Config::default().labels(label);
     let secret_store = store.clone();
+    let owned = || watcher::Config::default().labels(label);
     let controller = controller
         .owns(scoped::<ConfigMap>(&client, &options.namespace), owned())
         .owns(scoped::<Deployment>(&client, &options.namespace), owned())
@@ -402,7 +209,12 @@ pub async fn run(
             }
         });
     // Images of workloads, prefetched for the mirrors that ask (cache.prefetchFromWorkloads).
-    let prefetching = tokio::spawn(workloads::run(ctx.clone(), prefetch_regained));
+    let prefetching = tokio::spawn(workloads::run(
+        ctx.clone(),
+        mirrors.clone(),
+        prefetch_regained,
+        shutdown.clone(),
+    ));
     tokio::select! {
         _ = controller => {}
         _ = leadership => {}

@@ -2,8 +2,9 @@
 //! nothing), its status written, Events recorded, and on deletion the wait for the node
 //! agents before the finalizer goes.
 
-use super::status::{Observed, Problem};
-use super::*;
+use super::builders;
+use super::context::{Context, Error, MANAGER, NODE_CLEANUP_TIMEOUT, backoff, kube_err};
+use super::status::{self, Observed, Problem};
 use crate::api::dockerconfig::credentials_for;
 use crate::api::mirror::{FINALIZER, RegistryMirror, RegistryMirrorStatus, mirror_key};
 use k8s_openapi::NamespaceResourceScope;
@@ -53,8 +54,7 @@ pub fn error_policy(mirror: Arc<RegistryMirror>, error: &Error, ctx: Arc<Context
     let mut failures = ctx.failures.lock().expect("lock");
     let n = failures.entry(ObjectRef::from_obj(&*mirror)).or_insert(0);
     *n = n.saturating_add(1);
-    let delay = Duration::from_secs(5u64.saturating_mul(1 << (*n - 1).min(6)))
-        .min(Duration::from_secs(300));
+    let delay = backoff(*n);
     tracing::warn!(mirror = %mirror.name_any(), namespace = ?mirror.namespace(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }

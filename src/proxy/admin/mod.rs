@@ -131,6 +131,11 @@ pub async fn set_in_use(
     exchange(admin_url, Method::PUT, "/admin/in-use", token, Some(&asked)).await
 }
 
+/// The images the proxy at `admin_url` was told are in use.
+pub async fn in_use(admin_url: &str, token: &str) -> Result<InUse, AdminError> {
+    exchange(admin_url, Method::GET, "/admin/in-use", token, None::<&()>).await
+}
+
 /// The progress of every image the proxy at `admin_url` was asked to prefetch.
 pub async fn prefetch_progress(
     admin_url: &str,

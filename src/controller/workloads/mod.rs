@@ -1,0 +1,435 @@
+//! Warm before the rollout (docs/operations.md): a second `Controller<RegistryMirror>`,
+//! level-triggered. For a mirror with `spec.cache.prefetchFromWorkloads`, each reconcile
+//! computes from reflector stores what its replicas should have ([`desired`]): the images
+//! of the pod templates of the workloads (Deployments, StatefulSets, DaemonSets, Jobs,
+//! CronJobs) in the namespaces it selects, of the registries it serves. Then each ready
+//! replica is brought to that ([`replica`]): asked to prefetch what it lacks (for the
+//! platforms of the cluster's nodes, with the admin token of the Secret the controller
+//! made), told the images in use (which eviction keeps like pins) when its set differs,
+//! and the images asked for are followed to an Event on the mirror each (`Prefetched
+//! image ... in 3.2s`) and counted in `status.prefetchedImages`.
+//!
+//! A workload's image set changing, a namespace's labels changing, a proxy pod becoming
+//! ready or going, and this replica leading again are the triggers; a reconcile looks
+//! again every few seconds while prefetches it asked for are underway, and every five
+//! minutes otherwise.
+
+pub mod desired;
+pub mod replica;
+
+use super::context::{Context, Error, MANAGER, backoff, kube_err};
+use crate::api::mirror::{ADMIN_TOKEN, RegistryMirror};
+use crate::controller::builders;
+use desired::{ImagesByNamespace, Replica, Workload};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use replica::{Memory, Synced};
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How soon a mirror is looked at again while prefetches asked for are underway.
+const FOLLOW_EVERY: Duration = Duration::from_secs(2);
+
+/// How often every prefetching mirror is looked at anyway: its replicas' in-use sets
+/// and what they lack are read again (a replica that restarted has forgotten), failed
+/// images asked for again.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// How soon a mirror whose replicas cannot be asked yet (no admin token Secret yet) is
+/// looked at again.
+const NOT_YET: Duration = Duration::from_secs(5);
+
+/// The reflectors' stores: every workload, namespace and proxy pod.
+#[derive(Clone)]
+pub struct Stores {
+    pub deployments: Store<Deployment>,
+    pub stateful_sets: Store<StatefulSet>,
+    pub daemon_sets: Store<DaemonSet>,
+    pub jobs: Store<Job>,
+    pub cron_jobs: Store<CronJob>,
+    pub namespaces: Store<Namespace>,
+    pub pods: Store<Pod>,
+}
+
+impl Stores {
+    /// The images of every workload, by namespace.
+    fn images(&self) -> ImagesByNamespace {
+        let mut out = ImagesByNamespace::new();
+        desired::add_images(&mut out, &self.deployments.state());
+        desired::add_images(&mut out, &self.stateful_sets.state());
+        desired::add_images(&mut out, &self.daemon_sets.state());
+        desired::add_images(&mut out, &self.jobs.state());
+        desired::add_images(&mut out, &self.cron_jobs.state());
+        out
+    }
+
+    /// Whether every store has had its first list: until then a mirror's images would
+    /// be computed from part of the cluster.
+    fn ready(&self) -> bool {
+        fn filled<K: Resource + Clone + 'static>(s: &Store<K>) -> bool
+        where
+            K::DynamicType: Eq + Hash + Clone,
+        {
+            futures::FutureExt::now_or_never(s.wait_until_ready()).is_some_and(|r| r.is_ok())
+        }
+        filled(&self.deployments)
+            && filled(&self.stateful_sets)
+            && filled(&self.daemon_sets)
+            && filled(&self.jobs)
+            && filled(&self.cron_jobs)
+            && filled(&self.namespaces)
+            && filled(&self.pods)
+    }
+}
+
+/// What the prefetch reconciles share: the controller's [`Context`], the stores, and
+/// what they remember of each mirror's replicas.
+pub struct Warmer {
+    /// Client, Node store, leadership, the Event reporter, the operations port.
+    pub ctx: Arc<Context>,
+    /// Workloads, namespaces, proxy pods.
+    pub stores: Stores,
+    /// Per mirror, per replica (pod uid): the images asked for and those that failed.
+    memory: Mutex<HashMap<ObjectRef<RegistryMirror>, HashMap<String, Memory>>>,
+    /// Per mirror: images its replicas prefetched for workloads since the start.
+    prefetched: Mutex<HashMap<ObjectRef<RegistryMirror>, i64>>,
+    /// Per mirror: reconciles that failed in a row (for the backoff).
+    failures: Mutex<HashMap<ObjectRef<RegistryMirror>, u32>>,
+}
+
+impl Warmer {
+    /// A warmer over `stores`.
+    pub fn new(ctx: Arc<Context>, stores: Stores) -> Warmer {
+        Warmer {
+            ctx,
+            stores,
+            memory: Mutex::default(),
+            prefetched: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Brings every ready replica of `mirror` to what it should have. Per replica, what
+    /// was done; `None` while that cannot be known yet (the stores not yet filled, no
+    /// admin token Secret yet).
+    pub async fn sync(
+        &self,
+        mirror: &RegistryMirror,
+    ) -> Result<Option<Vec<(Replica, Synced)>>, Error> {
+        let key = ObjectRef::from_obj(mirror);
+        if mirror.spec.cache.prefetch_from_workloads.is_none()
+            || mirror.meta().deletion_timestamp.is_some()
+        {
+            self.memory.lock().expect("lock").remove(&key);
+            return Ok(Some(Vec::new()));
+        }
+        if !self.stores.ready() {
+            return Ok(None);
+        }
+        let wanted = desired::images(
+            mirror,
+            &self.stores.images(),
+            &self.stores.namespaces.state(),
+        );
+        let replicas = desired::replicas(mirror, &self.stores.pods.state(), self.ctx.ops_port);
+        // Replicas that went are forgotten; new ones start with nothing asked.
+        let mut memories = self
+            .memory
+            .lock()
+            .expect("lock")
+            .remove(&key)
+            .unwrap_or_default();
+        memories.retain(|uid, _| replicas.iter().any(|r| &r.uid == uid));
+        if replicas.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let Some(token) = admin_token(&self.ctx, mirror).await? else {
+            tracing::info!(mirror = %mirror.name_any(), "no admin token Secret yet: asked later");
+            return Ok(None);
+        };
+        let platforms = desired::platforms(&self.ctx.nodes().await?);
+        let mut out = Vec::new();
+        let mut failed = None;
+        for r in replicas {
+            let memory = memories.entry(r.uid.clone()).or_default();
+            match replica::sync(&r, memory, &wanted, &platforms, &token).await {
+                Ok(synced) => {
+                    if !synced.asked.is_empty() {
+                        tracing::info!(mirror = %mirror.name_any(), replica = %r.url,
+                            images = ?synced.asked, "asked for a prefetch");
+                    }
+                    self.record(mirror, &r, &synced).await;
+                    out.push((r, synced));
+                }
+                Err(e) => {
+                    tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot bring a replica to its mirror's images");
+                    failed = Some(e);
+                }
+            }
+        }
+        self.memory.lock().expect("lock").insert(key, memories);
+        if out.iter().any(|(_, s)| !s.finished.is_empty()) {
+            write_count(&self.ctx, mirror, self.prefetched(mirror)).await;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(Some(out)),
+        }
+    }
+
+    /// An Event on the mirror per image the replica finished, and the count.
+    async fn record(&self, mirror: &RegistryMirror, replica: &Replica, synced: &Synced) {
+        let url = &replica.url;
+        for f in &synced.finished {
+            let (type_, reason, note) = match &f.error {
+                None => {
+                    *self
+                        .prefetched
+                        .lock()
+                        .expect("lock")
+                        .entry(ObjectRef::from_obj(mirror))
+                        .or_insert(0) += 1;
+                    let note = format!("Prefetched image {} in {:.1}s ({url})", f.image, f.seconds);
+                    (EventType::Normal, "Prefetched", note)
+                }
+                Some(why) => {
+                    let note = format!("Could not prefetch image {}: {why} ({url})", f.image);
+                    (EventType::Warning, "PrefetchFailed", note)
+                }
+            };
+            let event = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Prefetch".into(),
+                secondary: None,
+            };
+            // An Event of its own per image: a shared recorder folds Events of one
+            // reason on one object into a series that keeps the first one's note.
+            let recorder = Recorder::new(self.ctx.client.clone(), self.ctx.reporter.clone());
+            if let Err(e) = recorder.publish(&event, &mirror.object_ref(&())).await {
+                tracing::warn!(error = %e, "could not publish an event");
+            }
+        }
+    }
+
+    /// Images `m`'s replicas prefetched for workloads so far.
+    fn prefetched(&self, m: &RegistryMirror) -> i64 {
+        self.prefetched
+            .lock()
+            .expect("lock")
+            .get(&ObjectRef::from_obj(m))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// One prefetch reconcile of a mirror: its replicas brought to what they should have,
+/// then a look again soon while prefetches are underway, else at the resync.
+pub async fn reconcile(mirror: Arc<RegistryMirror>, warmer: Arc<Warmer>) -> Result<Action, Error> {
+    if !warmer.ctx.leading() {
+        // Everything is looked at again when the lease comes back (see `run`).
+        return Ok(Action::await_change());
+    }
+    let synced = warmer.sync(&mirror).await?;
+    warmer
+        .failures
+        .lock()
+        .expect("lock")
+        .remove(&ObjectRef::from_obj(&*mirror));
+    Ok(match synced {
+        None => Action::requeue(NOT_YET),
+        Some(s) if s.iter().any(|(_, s)| s.following) => Action::requeue(FOLLOW_EVERY),
+        Some(_) if mirror.spec.cache.prefetch_from_workloads.is_some() => Action::requeue(RESYNC),
+        Some(_) => Action::await_change(),
+    })
+}
+
+/// Requeue with exponential backoff per mirror: 5s, 10s, 20s ... up to 5 minutes.
+pub fn error_policy(mirror: Arc<RegistryMirror>, error: &Error, warmer: Arc<Warmer>) -> Action {
+    let mut failures = warmer.failures.lock().expect("lock");
+    let n = failures.entry(ObjectRef::from_obj(&*mirror)).or_insert(0);
+    *n = n.saturating_add(1);
+    let delay = backoff(*n);
+    tracing::warn!(mirror = %mirror.name_any(), error = %error, retry_in = ?delay, "prefetch reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The admin token of a mirror's proxies, from the Secret the controller made.
+async fn admin_token(ctx: &Context, mirror: &RegistryMirror) -> Result<Option<String>, Error> {
+    let ns = mirror.namespace().ok_or(Error::NoNamespace)?;
+    let name = builders::admin_secret_name(mirror);
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("reading Secret {name}")))?;
+    Ok(secret
+        .and_then(|s| s.data)
+        .and_then(|d| d.get(ADMIN_TOKEN).cloned())
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string()))
+}
+
+/// Writes the mirror's count of prefetched images into its status (its own field
+/// manager: the rest of the status is the other reconcile's).
+async fn write_count(ctx: &Context, mirror: &RegistryMirror, count: i64) {
+    let Some(ns) = mirror.namespace() else {
+        return;
+    };
+    let patch = serde_json::json!({
+        "apiVersion": "pullthrough.dev/v1alpha1",
+        "kind": "RegistryMirror",
+        "status": {"prefetchedImages": count},
+    });
+    let api: Api<RegistryMirror> = Api::namespaced(ctx.client.clone(), &ns);
+    let manager = format!("{MANAGER}-prefetch");
+    if let Err(e) = api
+        .patch_status(
+            &mirror.name_any(),
+            &PatchParams::apply(&manager).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot write prefetchedImages");
+    }
+}
+
+/// The hash of what a watched object contributes (a workload's images, a namespace's
+/// labels, a pod's readiness and address).
+fn hash_of(v: impl Hash) -> u64 {
+    let mut h = DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+/// Reflects `api` into `writer` (without managed fields and annotations, which nothing
+/// here reads) and yields whenever what `what` takes of an object changes, an object
+/// goes, or a (re)list completes. Other updates (a rollout's status, scaling, a pod's
+/// heartbeat) yield nothing.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    what: impl Fn(&K) -> u64 + Send + 'static,
+) -> BoxStream<'static, ()>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let mut seen: HashMap<ObjectRef<K>, u64> = HashMap::new();
+    watcher::watcher(api, config)
+        .default_backoff()
+        .modify(|o: &mut K| {
+            o.meta_mut().managed_fields = None;
+            o.meta_mut().annotations = None;
+        })
+        .reflect(writer)
+        .filter_map(move |event| {
+            let changed = match event {
+                Ok(watcher::Event::Apply(o)) => {
+                    let now = what(&o);
+                    seen.insert(ObjectRef::from_obj(&o), now) != Some(now)
+                }
+                // A (re)list yields once, when complete.
+                Ok(watcher::Event::InitApply(o)) => {
+                    seen.insert(ObjectRef::from_obj(&o), what(&o));
+                    false
+                }
+                Ok(watcher::Event::Delete(o)) => seen.remove(&ObjectRef::from_obj(&o)).is_some(),
+                Ok(watcher::Event::InitDone) => true,
+                Ok(watcher::Event::Init) => false,
+                Err(e) => {
+                    tracing::debug!(error = %e, kind = %K::kind(&()), "watch");
+                    false
+                }
+            };
+            futures::future::ready(changed.then_some(()))
+        })
+        .boxed()
+}
+
+/// A workload kind reflected into a store, yielding when an image set changes.
+fn workloads<K>(client: &kube::Client) -> (Store<K>, BoxStream<'static, ()>)
+where
+    K: Workload + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let images = |w: &K| hash_of(desired::pod_images(w.pod_spec()));
+    let changes = reflect(
+        Api::<K>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+        writer,
+        images,
+    );
+    (store, changes)
+}
+
+/// Runs the prefetch controller over the mirrors of `mirrors` until `shutdown`: reflects
+/// the workloads, namespaces and proxy pods, and reconciles every mirror when what it
+/// wants or where its replicas are may have changed, or when this replica leads again
+/// (`regained`).
+pub async fn run(
+    ctx: Arc<Context>,
+    mirrors: Api<RegistryMirror>,
+    regained: impl futures::Stream<Item = ()> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (deployments, d) = workloads::<Deployment>(&client);
+    let (stateful_sets, s) = workloads::<StatefulSet>(&client);
+    let (daemon_sets, ds) = workloads::<DaemonSet>(&client);
+    let (jobs, j) = workloads::<Job>(&client);
+    let (cron_jobs, c) = workloads::<CronJob>(&client);
+    let (namespaces, writer) = reflector::store();
+    let labels = reflect(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+        writer,
+        |n: &Namespace| hash_of(n.labels()),
+    );
+    let (pods, writer) = reflector::store();
+    let replicas = reflect(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(&builders::proxy_pods_selector()),
+        writer,
+        |p: &Pod| hash_of(desired::ready_ip(p)),
+    );
+    let stores = Stores {
+        deployments,
+        stateful_sets,
+        daemon_sets,
+        jobs,
+        cron_jobs,
+        namespaces,
+        pods,
+    };
+    let warmer = Arc::new(Warmer::new(ctx, stores));
+    let changes = futures::stream::select_all([d, s, ds, j, c, labels, replicas]);
+    Controller::new(mirrors, watcher::Config::default().any_semantic())
+        .reconcile_all_on(changes)
+        .reconcile_all_on(regained)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, warmer)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "prefetch controller event");
+            }
+        })
+        .await;
+}
