@@ -857,6 +857,34 @@ async fn a_missing_secret_degrades_the_mirror_until_it_is_created() {
     // Credentials make the upstream upstreamAuth: its replicas' signing key, made once.
     env.random_secret("pullthrough-private-access", "private", "signing-key")
         .await;
+
+    // Every Secret a mirror reads is watched, of any type: a certificate too.
+    let tls = serde_json::json!({"spec": {"tls": {"secretRef": {"name": "cert"}}}});
+    env.mirrors
+        .patch("private", &PatchParams::default(), &Patch::Merge(&tls))
+        .await
+        .unwrap();
+    env.status_where("private", 60, "SecretNotFound (spec.tls)", |m| {
+        cond(m, "Degraded").is_some_and(|c| c.1 == "SecretNotFound")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    crate::common::test_certificate(dir.path());
+    let pem = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+    let cert: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "cert"},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": pem("tls.crt"), "tls.key": pem("tls.key"), "ca.crt": pem("ca.crt")}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), &env.ns)
+        .create(&PostParams::default(), &cert)
+        .await
+        .unwrap();
+    env.status_where("private", 30, "Degraded=False with a certificate", |m| {
+        cond(m, "Degraded").is_some_and(|c| c.0 == "False")
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -23,11 +23,11 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
-
+use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::Reporter;
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -161,7 +161,6 @@ pub async fn run(
     };
     let regained = tokio_stream_of(regained_rx);
     let label = "app.kubernetes.io/managed-by=pullthrough-controller";
-    let secret_store = store.clone();
     let owned = || watcher::Config::default().labels(label);
     let controller = controller
         .owns(scoped::<ConfigMap>(&client, &options.namespace), owned())
@@ -172,27 +171,12 @@ pub async fn run(
             scoped::<PodDisruptionBudget>(&client, &options.namespace),
             owned(),
         )
-        .watches(
-            scoped::<Secret>(&client, &options.namespace),
-            watcher::Config::default().fields("type=kubernetes.io/dockerconfigjson"),
-            move |secret: Secret| {
-                let ns = secret.namespace();
-                let name = secret.name_any();
-                secret_store
-                    .state()
-                    .into_iter()
-                    .filter(|m| m.namespace() == ns)
-                    .filter(|m| {
-                        m.spec.upstreams.iter().any(|u| {
-                            u.credentials_secret_ref
-                                .as_ref()
-                                .is_some_and(|r| r.name == name)
-                        })
-                    })
-                    .map(|m| ObjectRef::from_obj(&*m))
-                    .collect::<Vec<_>>()
-            },
-        )
+        // A Secret a mirror reads (its spec names it, or the controller made it for the
+        // mirror) that is created, changed or deleted.
+        .reconcile_all_on(secret_changes(
+            scoped::<PartialObjectMeta<Secret>>(&client, &options.namespace),
+            store.clone(),
+        ))
         // A mirror that changes, breaks, is fixed or goes can hand a registry to, or
         // take one from, the mirrors that also claim it: its reconcile (which sees its
         // new state) says so (see `Context::claimed`), and all are looked at again.
@@ -226,6 +210,27 @@ pub async fn run(
         lock_release(&client, &options).await;
     }
     Ok(())
+}
+
+/// Yields whenever a Secret that a mirror in `mirrors` reads comes, changes or goes
+/// (only the Secrets' metadata is watched: their data is read by the reconcile).
+fn secret_changes(
+    api: Api<PartialObjectMeta<Secret>>,
+    mirrors: Store<RegistryMirror>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    watcher::watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects()
+        .filter_map(move |secret| {
+            let read = secret.ok().is_some_and(|secret| {
+                let (ns, name) = (secret.namespace(), secret.name_any());
+                mirrors
+                    .state()
+                    .iter()
+                    .any(|m| m.namespace() == ns && builders::secret_names(m).contains(&name))
+            });
+            futures::future::ready(read.then_some(()))
+        })
 }
 
 /// Gives the Lease up on shutdown, so that another replica takes over at once.
