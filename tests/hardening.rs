@@ -585,7 +585,7 @@ async fn probes_answer_while_idle_connections_hold_the_operations_port() {
 async fn connections_beyond_the_limit_get_a_clear_answer_and_ops_keep_answering() {
     let up = FaultUpstream::start().await;
     let mut cfg = config(&up);
-    cfg.max_connections = 4;
+    cfg.max_connections = 4.try_into().unwrap();
     let proxy = Proxy::start_config(cfg).await;
     // Four connections that each got a real answer, and stay open (kept alive): they
     // hold the four places, whatever other connection came and went before.

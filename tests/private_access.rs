@@ -723,7 +723,7 @@ async fn replicas_that_share_the_key_accept_each_others_tokens() {
 async fn repeated_failures_of_one_user_are_refused_without_asking() {
     let w = world().await;
     let mut c = config(&w);
-    c.access.max_failed_checks = 3;
+    c.access.max_failed_checks = 3.try_into().unwrap();
     let p = Proxy::start_config(c).await;
     for i in 0..3 {
         let pw = format!("guess{i}");
@@ -764,8 +764,8 @@ async fn repeated_failures_of_one_user_are_refused_without_asking() {
 async fn the_token_endpoint_neither_amplifies_nor_locks_out_the_real_user() {
     let w = world().await;
     let mut c = config(&w);
-    c.access.max_failed_checks = 3;
-    c.access.max_failed_checks_per_client = 5;
+    c.access.max_failed_checks = 3.try_into().unwrap();
+    c.access.max_failed_checks_per_client = 5.try_into().unwrap();
     let p = Proxy::start_config(c).await;
     let denied = || {
         let p = &p;

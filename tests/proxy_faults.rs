@@ -467,7 +467,7 @@ async fn bad_input_is_refused_before_any_upstream_call() {
     );
     up.add_manifest("a/b", "big", &big);
     let mut cfg = config(&up);
-    cfg.max_manifest_bytes = 4096;
+    cfg.max_manifest_bytes = 4096.try_into().unwrap();
     cfg.upstreams[0].repositories = RepositoryFilter {
         allow: vec!["a/*".into(), "team/*".into()],
         deny: vec!["team/secret*".into()],

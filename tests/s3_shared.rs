@@ -17,7 +17,6 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt};
 use pullthrough::api::proxy_config::{
     EvictionConfig, PeersConfig, ProxyConfig, S3Config, StorageConfig,
-    default_abandon_uploads_after,
 };
 use pullthrough::proxy::peers::owner_of;
 use std::net::SocketAddr;
@@ -57,8 +56,7 @@ fn bucket_at(endpoint: &str, bucket: &str, prefix: &str) -> S3Config {
         region: None,
         path_style: None,
         redirect: false,
-        abandon_uploads_after: default_abandon_uploads_after(),
-        eviction: Default::default(),
+        ..S3Config::default()
     }
 }
 

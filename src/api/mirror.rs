@@ -4,7 +4,7 @@
 
 use super::proxy_config::{
     AccessConfig, AccessMode, ConfigError, ProxyConfig, RepositoryFilter, S3Config, StorageConfig,
-    TlsConfig, UpstreamAccess, UpstreamConfig, UpstreamLimits, default_abandon_uploads_after,
+    TlsConfig, UpstreamAccess, UpstreamConfig, UpstreamLimits,
 };
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -522,8 +522,7 @@ impl RegistryMirrorSpec {
                     region: s.region.clone(),
                     path_style: s.path_style,
                     redirect: s.redirect.unwrap_or(false),
-                    abandon_uploads_after: default_abandon_uploads_after(),
-                    eviction: Default::default(),
+                    ..S3Config::default()
                 }),
             },
             peers: None,

@@ -177,7 +177,7 @@ impl Proxy {
             tag_ttl: config.tag_ttl,
             stale_if_error: config.stale_if_error,
             tags_list_ttl: config.tags_list_ttl,
-            max_manifest_bytes: config.max_manifest_bytes,
+            max_manifest_bytes: config.max_manifest_bytes.get(),
         };
         let peers = peers(config, key.clone())?.map(Arc::new);
         let cache = PullThrough::new(index, metrics.clone(), policy, pins, peers);

@@ -72,14 +72,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     if let Some(budget) = connection_budget()
-        && budget < config.max_connections
+        && budget < config.max_connections.get()
     {
         tracing::warn!(
             configured = config.max_connections,
             allowed = budget,
             "the open-file limit allows fewer client connections than maxConnections"
         );
-        config.max_connections = budget;
+        // At least 8 (see `connection_budget`).
+        config.max_connections = budget.try_into().unwrap_or(config.max_connections);
     }
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -112,7 +113,7 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let (registry, https) = (proxy.registry.clone(), proxy.https());
     let limits = ConnLimits {
-        max_connections: config.max_connections,
+        max_connections: config.max_connections.get(),
         header_timeout: config.client_header_timeout,
         idle_timeout: config.client_idle_timeout,
     };

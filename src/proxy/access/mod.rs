@@ -405,8 +405,8 @@ impl Access {
         let from = self.key.mac(&[b"client\0", name, b"\0", address]);
         let config = &self.config;
         if !self.proven(&credentials)
-            && (self.failing(&who, config.max_failed_checks)
-                || self.failing(&from, config.max_failed_checks_per_client))
+            && (self.failing(&who, config.max_failed_checks.get())
+                || self.failing(&from, config.max_failed_checks_per_client.get()))
         {
             return Err(ProxyError::TooManyAttempts);
         }
