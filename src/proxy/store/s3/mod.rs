@@ -27,54 +27,32 @@
 //! With a size limit, every replica writes access records and one keeps the bucket under
 //! it (its `eviction` module, and [`crate::proxy::shared_eviction`]).
 
+mod bucket;
 mod eviction;
 mod fetch_lease;
+mod upload;
+pub use bucket::{Bucket, DOWN_FOR, REDIRECT_EXPIRY};
 pub use eviction::{Merged, Stored, Uses};
 pub use fetch_lease::FETCH_LEASE;
+pub use upload::PART;
 
 use super::disk::DiskStore;
 use super::{
     BlobStore, BlobWrite, FetchClaim, LinkRecord, Listed, RepoKey, StoreError, StoreResult,
-    StoredBlob, StoredManifest, TagKey, TagRecord, Written, link_name, tag_name, unix_now_ms,
+    StoredBlob, StoredManifest, TagKey, TagRecord, link_name, tag_name, unix_now_ms,
 };
-use crate::api::proxy_config::S3Config;
-use crate::oci::{Algorithm, Digest};
-use crate::proxy::metrics::Metrics;
+use crate::oci::Digest;
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
-use object_store::multipart::{MultipartStore, PartId};
+use futures::stream::{self, BoxStream, StreamExt};
 use object_store::path::Path as Key;
-use object_store::signer::{Method, Signer};
-use object_store::{
-    Attribute, Attributes, ClientOptions, GetOptions, GetRange, MultipartId, ObjectStore,
-    ObjectStoreExt, PutOptions, PutPayload, RetryConfig,
-};
-use serde::{Deserialize, Serialize};
-use std::future::Future;
+use object_store::{Attribute, Attributes, PutOptions};
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
-
-/// Size of the parts a download is uploaded in (S3's least is 5 MiB but for the last).
-pub const PART: usize = 8 << 20;
-
-/// Parts of one download uploaded at once (at most 2 x 8 MiB of a download in memory
-/// for the bucket).
-const PARTS_IN_FLIGHT: usize = 2;
-
-/// A multipart upload in progress, as recorded under `uploads/`.
-#[derive(Debug, Serialize, Deserialize)]
-struct UploadRecord {
-    key: String,
-    id: String,
-}
+use upload::{S3Write, UploadRecord};
 
 /// The bucket's failure `e`, while doing `what`.
 fn s3_error(what: &'static str, e: object_store::Error) -> StoreError {
@@ -90,235 +68,6 @@ fn absent_ok<T>(r: object_store::Result<T>) -> object_store::Result<Option<T>> {
         Ok(v) => Ok(Some(v)),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(e),
-    }
-}
-
-/// The bucket, as the cache uses it: objects, and multipart uploads with their ids;
-/// every request counted and timed (`pullthrough_store_*`).
-#[derive(Clone)]
-pub struct Bucket {
-    objects: Arc<dyn ObjectStore>,
-    parts: Arc<dyn MultipartStore>,
-    metrics: Metrics,
-    /// Until when requests are not sent (see [`DOWN_FOR`]).
-    down_until: Arc<std::sync::Mutex<Option<Instant>>>,
-    /// What signs URLs of objects, when the store can.
-    signer: Option<Arc<dyn Signer>>,
-}
-
-pub use crate::api::proxy_config::REDIRECT_EXPIRY;
-
-/// After a request fails (an error, not an answer such as "not found") or takes too long,
-/// the bucket is left alone this long: requests fail at once and the cache serves from
-/// the upstream meanwhile, instead of every client waiting for a bucket that is down.
-pub const DOWN_FOR: Duration = Duration::from_secs(10);
-
-/// How long one request to the bucket may take (for a ranged read, until its headers):
-/// the lookups that clients wait for least, a part the most.
-fn request_timeout(op: &str) -> Duration {
-    match op {
-        "head" | "get" => Duration::from_secs(10),
-        "put_part" => Duration::from_secs(120),
-        _ => Duration::from_secs(20),
-    }
-}
-
-impl Bucket {
-    /// One store that is both.
-    pub fn new<S: ObjectStore + MultipartStore>(store: S, metrics: Metrics) -> Bucket {
-        Bucket::of(Arc::new(store), None, metrics)
-    }
-
-    fn of<S: ObjectStore + MultipartStore>(
-        store: Arc<S>,
-        signer: Option<Arc<dyn Signer>>,
-        metrics: Metrics,
-    ) -> Bucket {
-        Bucket {
-            objects: store.clone(),
-            parts: store,
-            metrics,
-            down_until: Default::default(),
-            signer,
-        }
-    }
-
-    /// A URL that GETs `key` for [`REDIRECT_EXPIRY`], signed with the store's
-    /// credentials; `None` when the store signs none.
-    async fn signed_get(&self, key: &Key) -> object_store::Result<Option<String>> {
-        let Some(signer) = &self.signer else {
-            return Ok(None);
-        };
-        let url = signer.signed_url(Method::GET, key, REDIRECT_EXPIRY).await?;
-        Ok(Some(url.to_string()))
-    }
-
-    /// Runs one request, counting it as `op`.
-    async fn timed<T>(
-        &self,
-        op: &'static str,
-        request: impl Future<Output = object_store::Result<T>>,
-    ) -> object_store::Result<T> {
-        let started = Instant::now();
-        let down = *self.down_until.lock().expect("bucket lock");
-        if down.is_some_and(|until| started < until) {
-            self.metrics.store_request(op, "skipped", 0.0);
-            let e = io::Error::other("the bucket failed a moment ago; not asked again yet");
-            return Err(object_store::Error::Generic {
-                store: "S3",
-                source: Box::new(e),
-            });
-        }
-        let result = match tokio::time::timeout(request_timeout(op), request).await {
-            Ok(result) => result,
-            Err(_) => Err(object_store::Error::Generic {
-                store: "S3",
-                source: format!("no answer within {:?}", request_timeout(op)).into(),
-            }),
-        };
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(object_store::Error::NotFound { .. }) => "not_found",
-            // A create-only write that found the object there: an answer, not a failure.
-            Err(object_store::Error::AlreadyExists { .. }) => "exists",
-            Err(e) => {
-                tracing::warn!(op, error = %e, "the bucket failed; leaving it alone for {DOWN_FOR:?}");
-                *self.down_until.lock().expect("bucket lock") = Some(Instant::now() + DOWN_FOR);
-                "error"
-            }
-        };
-        self.metrics
-            .store_request(op, outcome, started.elapsed().as_secs_f64());
-        result
-    }
-
-    async fn head(&self, key: &Key) -> object_store::Result<object_store::ObjectMeta> {
-        self.timed("head", self.objects.head(key)).await
-    }
-
-    /// An object whole.
-    async fn get_bytes(&self, key: &Key) -> object_store::Result<Bytes> {
-        let bytes = self
-            .timed("get", async { self.objects.get(key).await?.bytes().await })
-            .await?;
-        self.metrics.store_bytes(true).inc_by(bytes.len() as u64);
-        Ok(bytes)
-    }
-
-    async fn put(&self, key: &Key, body: Bytes, opts: PutOptions) -> object_store::Result<()> {
-        let len = body.len() as u64;
-        self.timed(
-            "put",
-            self.objects.put_opts(key, PutPayload::from(body), opts),
-        )
-        .await?;
-        self.metrics.store_bytes(false).inc_by(len);
-        Ok(())
-    }
-
-    async fn delete(&self, key: &Key) -> object_store::Result<()> {
-        self.timed("delete", self.objects.delete(key)).await
-    }
-
-    /// Every object under `prefix`.
-    async fn list(&self, prefix: &Key) -> object_store::Result<Vec<object_store::ObjectMeta>> {
-        self.timed("list", self.objects.list(Some(prefix)).try_collect())
-            .await
-    }
-
-    async fn create_upload(&self, key: &Key) -> object_store::Result<MultipartId> {
-        self.timed("create_upload", self.parts.create_multipart(key))
-            .await
-    }
-
-    async fn put_part(
-        &self,
-        key: &Key,
-        id: &MultipartId,
-        idx: usize,
-        chunks: Vec<Bytes>,
-    ) -> object_store::Result<PartId> {
-        let payload = PutPayload::from_iter(chunks);
-        let len = payload.content_length() as u64;
-        let part = self
-            .timed("put_part", self.parts.put_part(key, id, idx, payload))
-            .await?;
-        self.metrics.store_bytes(false).inc_by(len);
-        Ok(part)
-    }
-
-    async fn complete_upload(
-        &self,
-        key: &Key,
-        id: &MultipartId,
-        parts: Vec<PartId>,
-    ) -> object_store::Result<()> {
-        self.timed(
-            "complete_upload",
-            self.parts.complete_multipart(key, id, parts),
-        )
-        .await?;
-        Ok(())
-    }
-
-    async fn abort_upload(&self, key: &Key, id: &MultipartId) -> object_store::Result<()> {
-        self.timed("abort_upload", self.parts.abort_multipart(key, id))
-            .await
-    }
-
-    /// `count` bytes from `start`, as they arrive.
-    fn read(&self, key: Key, start: u64, count: u64) -> BoxStream<'static, io::Result<Bytes>> {
-        let bucket = self.clone();
-        let read = self.metrics.store_bytes(true);
-        stream::once(async move {
-            let opts = GetOptions::new().with_range(Some(GetRange::Bounded(start..start + count)));
-            let got = bucket
-                .timed("get", bucket.objects.get_opts(&key, opts))
-                .await;
-            got.map(|got| got.into_stream())
-        })
-        .try_flatten()
-        .map_ok(move |chunk| {
-            read.inc_by(chunk.len() as u64);
-            chunk
-        })
-        .map_err(io::Error::other)
-        .boxed()
-    }
-
-    /// An S3 bucket as configured. Credentials come from the environment as the AWS
-    /// tools take them (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
-    /// web identity with `AWS_WEB_IDENTITY_TOKEN_FILE` and `AWS_ROLE_ARN`, the instance
-    /// metadata), so a Kubernetes Secret mounted as environment works, as does IRSA.
-    pub fn s3(config: &S3Config, metrics: Metrics) -> Result<Bucket, object_store::Error> {
-        // reqwest takes TLS from rustls's process-wide provider.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        // A bucket that is down costs a request a few hundred milliseconds, not minutes
-        // of retries: the upstream serves meanwhile.
-        let retry = RetryConfig {
-            max_retries: 3,
-            retry_timeout: Duration::from_secs(15),
-            ..Default::default()
-        };
-        // The client options first: they hold what `with_allow_http` sets.
-        let client = ClientOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(300));
-        let mut b = AmazonS3Builder::from_env()
-            .with_client_options(client)
-            .with_retry(retry)
-            .with_bucket_name(&config.bucket)
-            .with_virtual_hosted_style_request(!config.path_style());
-        if let Some(region) = &config.region {
-            b = b.with_region(region);
-        }
-        if let Some(endpoint) = &config.endpoint {
-            b = b
-                .with_endpoint(endpoint)
-                .with_allow_http(endpoint.starts_with("http://"));
-        }
-        let s3 = Arc::new(b.build()?);
-        Ok(Bucket::of(s3.clone(), Some(s3), metrics))
     }
 }
 
@@ -538,24 +287,10 @@ impl BlobStore for S3Store {
         len: Option<u64>,
     ) -> BoxFuture<'a, StoreResult<Box<dyn BlobWrite>>> {
         Box::pin(async move {
-            // Only the spool is made here: the upload begins on the uploader's task, so
-            // that a bucket that is slow to answer delays no client.
             let spool = self.spool.begin(digest, len).await?;
-            let (landed, rx) = watch::channel(Landed::default());
-            let uploader = tokio::spawn(upload(
-                self.bucket.clone(),
-                self.blob_key(digest),
-                self.key(["uploads"]),
-                spool.written(),
-                rx,
-            ));
-            Ok(Box::new(S3Write {
-                spool,
-                bucket: self.bucket.clone(),
-                digest: digest.clone(),
-                landed,
-                uploader: Some(uploader),
-            }) as Box<dyn BlobWrite>)
+            let (key, records) = (self.blob_key(digest), self.key(["uploads"]));
+            let write = S3Write::begin(self.bucket.clone(), spool, digest, key, records);
+            Ok(Box::new(write) as Box<dyn BlobWrite>)
         })
     }
 
@@ -694,13 +429,6 @@ impl BlobStore for S3Store {
     }
 }
 
-/// The name of the record of the upload `id` of `key`.
-fn record_name(key: &str, id: &str) -> String {
-    Digest::of(Algorithm::Sha256, format!("{key}\0{id}").as_bytes())
-        .hex()
-        .to_string()
-}
-
 /// A blob in the bucket.
 struct S3Blob {
     bucket: Bucket,
@@ -726,211 +454,13 @@ impl StoredBlob for S3Blob {
     }
 }
 
-/// A download spooled for its clients and uploaded in parts from the spool by a task of
-/// its own, which follows the spool as the bytes land: the download never waits for the
-/// bucket (a slow or hung bucket delays only the blob's caching), and the parts are read
-/// back from the page cache rather than held in memory.
-struct S3Write {
-    spool: Box<dyn BlobWrite>,
-    bucket: Bucket,
-    digest: Digest,
-    /// What the uploader may read of the spool.
-    landed: watch::Sender<Landed>,
-    /// The uploader: the upload and its parts, in order, once it has sent the last one.
-    uploader: Option<JoinHandle<StoreResult<Uploaded>>>,
-}
-
-/// An upload with every part sent, to be completed.
-type Uploaded = (Upload, Vec<PartId>);
-
-/// A multipart upload begun: aborted (and its record removed) when dropped before it is
-/// completed, also when the task that holds it is aborted.
-struct Upload {
-    bucket: Bucket,
-    key: Key,
-    id: MultipartId,
-    /// Its record under `uploads/`.
-    record: Key,
-    completed: bool,
-}
-
-impl Drop for Upload {
-    fn drop(&mut self) {
-        if self.completed {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (bucket, key, id, record) = (
-            self.bucket.clone(),
-            self.key.clone(),
-            self.id.clone(),
-            self.record.clone(),
-        );
-        rt.spawn(async move {
-            if let Err(e) = bucket.abort_upload(&key, &id).await {
-                tracing::warn!(%key, error = %e, "could not abort an upload; it is retried at the next start after it is abandoned");
-                return;
-            }
-            let _ = bucket.delete(&record).await;
-        });
-    }
-}
-
-/// How much of the spool is written, and whether that is all of it.
-#[derive(Clone, Copy, Default)]
-struct Landed {
-    bytes: u64,
-    end: bool,
-}
-
-/// Begins a multipart upload of `key`, records it under `records`, and uploads the
-/// spool `written` in parts as it grows (told by `landed`): a whole [`PART`] whenever one
-/// is there, the rest at the end (an empty part for an empty blob), with
-/// [`PARTS_IN_FLIGHT`] at once. Ends with the upload and its parts once the end is
-/// uploaded, or fails when the bucket does or the write is dropped.
-async fn upload(
-    bucket: Bucket,
-    key: Key,
-    records: Key,
-    written: Arc<dyn Written>,
-    mut landed: watch::Receiver<Landed>,
-) -> StoreResult<Uploaded> {
-    let what = "beginning an upload";
-    let id = bucket
-        .create_upload(&key)
-        .await
-        .map_err(|e| s3_error(what, e))?;
-    let upload = Upload {
-        record: records.join(record_name(key.as_ref(), &id)),
-        bucket: bucket.clone(),
-        key: key.clone(),
-        id: id.clone(),
-        completed: false,
-    };
-    let rec = UploadRecord {
-        key: key.to_string(),
-        id: id.clone(),
-    };
-    let body = serde_json::to_vec(&rec).expect("an upload record serializes");
-    bucket
-        .put(&upload.record, body.into(), PutOptions::default())
-        .await
-        .map_err(|e| s3_error(what, e))?;
-    let what = "uploading a part";
-    let mut reader = written.reader()?;
-    let (mut pos, mut sent) = (0u64, 0usize);
-    let mut parts = Vec::new();
-    let mut in_flight = futures::stream::FuturesOrdered::new();
-    loop {
-        let Landed { bytes, end } = *landed.borrow_and_update();
-        let ready = bytes - pos;
-        if ready >= PART as u64 || (end && (ready > 0 || sent == 0)) {
-            let len = ready.min(PART as u64);
-            let mut chunks = Vec::new();
-            let mut at = pos;
-            while at < pos + len {
-                let chunk = reader
-                    .read(None, at, pos + len - at)
-                    .await
-                    .map_err(|e| StoreError::io("reading the spool", e))?;
-                at += chunk.len() as u64;
-                chunks.push(chunk);
-            }
-            in_flight.push_back(bucket.put_part(&key, &id, sent, chunks));
-            pos += len;
-            sent += 1;
-            while in_flight.len() >= PARTS_IN_FLIGHT {
-                let part = in_flight.next().await.expect("a part in flight");
-                parts.push(part.map_err(|e| s3_error(what, e))?);
-            }
-            continue;
-        }
-        if end {
-            break;
-        }
-        if landed.changed().await.is_err() {
-            let e = io::Error::other("the download was dropped");
-            return Err(StoreError::io(what, e));
-        }
-    }
-    while let Some(part) = in_flight.next().await {
-        parts.push(part.map_err(|e| s3_error(what, e))?);
-    }
-    drop(in_flight);
-    Ok((upload, parts))
-}
-
-impl S3Write {
-    /// Lets the uploader read `bytes` of the spool.
-    fn landed(&self, bytes: u64, end: bool) {
-        self.landed.send_replace(Landed { bytes, end });
-    }
-}
-
-impl BlobWrite for S3Write {
-    fn append(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, StoreResult<u64>> {
-        Box::pin(async move {
-            let landed = self.spool.append(chunks).await?;
-            self.landed(landed, false);
-            Ok(landed)
-        })
-    }
-
-    fn flush(&mut self) -> BoxFuture<'_, StoreResult<u64>> {
-        Box::pin(async move {
-            let landed = self.spool.flush().await?;
-            self.landed(landed, false);
-            Ok(landed)
-        })
-    }
-
-    fn written(&self) -> Arc<dyn Written> {
-        self.spool.written()
-    }
-
-    fn commit(mut self: Box<Self>, digest: Digest) -> BoxFuture<'static, StoreResult<()>> {
-        Box::pin(async move {
-            if digest != self.digest {
-                let e = io::Error::other(format!(
-                    "an upload for {} committed as {digest}",
-                    self.digest
-                ));
-                return Err(StoreError::io("completing an upload", e));
-            }
-            let len = self.spool.flush().await?;
-            self.landed(len, true);
-            let uploader = self.uploader.take().expect("one commit");
-            let (mut upload, parts) = uploader
-                .await
-                .unwrap_or_else(|e| Err(StoreError::io("uploading a part", io::Error::other(e))))?;
-            self.bucket
-                .complete_upload(&upload.key, &upload.id, parts)
-                .await
-                .map_err(|e| s3_error("completing an upload", e))?;
-            upload.completed = true;
-            if let Err(e) = absent_ok(self.bucket.delete(&upload.record).await) {
-                tracing::warn!(key = %upload.record, error = %e, "could not remove an upload's record");
-            }
-            Ok(())
-        })
-    }
-}
-
-impl Drop for S3Write {
-    fn drop(&mut self) {
-        // Its `Upload`, dropped with the task (or with the task's result), is aborted.
-        if let Some(t) = self.uploader.take() {
-            t.abort();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Algorithm;
+    use crate::proxy::metrics::Metrics;
     use object_store::memory::InMemory;
+    use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
     fn store(mem: &InMemory, spool: &Path, abandon_after: Duration) -> S3Store {
         let bucket = Bucket::new(mem.clone(), Metrics::new());
