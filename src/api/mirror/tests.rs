@@ -1,0 +1,200 @@
+//! The CRD's types and the configuration a spec maps to.
+
+use super::*;
+use crate::api::proxy_config::ProxyConfig;
+use std::path::PathBuf;
+
+pub(crate) fn example(upstreams: &[&str]) -> RegistryMirrorSpec {
+    serde_yaml::from_str(&format!(
+        "upstreams: [{}]",
+        upstreams
+            .iter()
+            .map(|u| format!("{{registry: \"{u}\"}}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    ))
+    .unwrap()
+}
+
+#[test]
+fn defaults_apply() {
+    let spec = example(&["docker.io"]);
+    assert_eq!(spec.replicas, 1);
+    assert!(spec.nodes.configure);
+    let c = spec.proxy_config().unwrap();
+    assert_eq!(c.listen.port(), PROXY_PORT);
+    assert_eq!(c.cache_dir, PathBuf::from(CACHE_MOUNT));
+    assert_eq!(c.upstreams[0].base_url(), "https://registry-1.docker.io");
+}
+
+#[test]
+fn spec_maps_to_proxy_config() {
+    let spec: RegistryMirrorSpec = serde_yaml::from_str(
+        r#"
+upstreams:
+  - registry: docker.io
+    credentialsSecretRef: {name: hub}
+    repositories: {allow: ["library/*"]}
+  - registry: ghcr.io
+    url: https://ghcr.example
+cache: {tagTTL: 1m, staleIfError: 2h}
+access: {plainHttp: true, allowedTTL: 1m}
+"#,
+    )
+    .unwrap();
+    let c = spec.proxy_config().unwrap();
+    use crate::api::AccessMode;
+    assert_eq!(c.upstreams[0].access_mode(), AccessMode::UpstreamAuth);
+    assert_eq!(c.upstreams[1].access_mode(), AccessMode::Open);
+    assert_eq!(c.access.allowed_ttl, std::time::Duration::from_secs(60));
+    assert!(c.access.plain_http);
+    let mut clear = spec.clone();
+    clear.access = None;
+    let e = clear.proxy_config().unwrap_err().to_string();
+    assert!(e.contains("access.plainHttp"), "{e}");
+    assert_eq!(c.tag_ttl, std::time::Duration::from_secs(60));
+    assert_eq!(c.stale_if_error, std::time::Duration::from_secs(7200));
+    assert_eq!(
+        c.upstreams[0].credentials_file,
+        Some(PathBuf::from(format!(
+            "{SECRETS_MOUNT}/0/.dockerconfigjson"
+        )))
+    );
+    assert_eq!(c.upstreams[0].repositories.allow, vec!["library/*"]);
+    assert_eq!(c.upstreams[1].base_url(), "https://ghcr.example");
+    assert_eq!(c.max_cache_bytes, None);
+    let sized: RegistryMirrorSpec = serde_yaml::from_str(
+            "upstreams: [{registry: docker.io}]\ncache: {storage: {size: 10Gi}, pin: [alpine:3.20], prefetch: [busybox], prefetchPlatforms: [linux/amd64]}",
+        )
+        .unwrap();
+    let c2 = sized.proxy_config().unwrap();
+    assert_eq!(c2.max_cache_bytes, Some((10u64 << 30) * 9 / 10));
+    assert_eq!(c2.pin, vec!["alpine:3.20"]);
+    assert_eq!(c2.prefetch_platforms, vec!["linux/amd64"]);
+    let mut wrong = sized.clone();
+    wrong.cache.pin = vec!["quay.io/x/y:1".into()];
+    assert!(
+        wrong
+            .proxy_config()
+            .unwrap_err()
+            .to_string()
+            .contains("not one of the upstreams")
+    );
+    // What the controller writes, the proxy reads back unchanged.
+    assert_eq!(ProxyConfig::from_yaml(&c.to_yaml()).unwrap(), c);
+}
+
+#[test]
+fn upstream_limits_default_by_registry_and_take_the_spec() {
+    let mut spec = example(&["docker.io", "ghcr.io"]);
+    spec.upstreams[1].limits = Some(UpstreamLimitsSpec {
+        max_concurrent_requests: Some(8),
+        queue_timeout: Some("20s".into()),
+        ..UpstreamLimitsSpec::default()
+    });
+    let c = spec.proxy_config().unwrap();
+    let hub = c.upstreams[0].limits();
+    assert_eq!(
+        (hub.max_concurrent_requests, hub.manifest_gets_per_second),
+        (Some(32), Some(10))
+    );
+    let ghcr = c.upstreams[1].limits();
+    assert_eq!(ghcr.max_concurrent_requests, Some(8));
+    assert_eq!(ghcr.manifest_gets_per_second, Some(0));
+    assert_eq!(ghcr.queue_timeout, std::time::Duration::from_secs(20));
+    assert_eq!(ProxyConfig::from_yaml(&c.to_yaml()).unwrap(), c);
+    spec.upstreams[1].limits = Some(UpstreamLimitsSpec {
+        backoff: Some("soon".into()),
+        ..UpstreamLimitsSpec::default()
+    });
+    let err = spec.proxy_config().unwrap_err().to_string();
+    assert!(err.contains("limits.backoff"), "{err}");
+    spec.upstreams[1].limits = Some(UpstreamLimitsSpec {
+        max_concurrent_requests: Some(0),
+        ..UpstreamLimitsSpec::default()
+    });
+    let err = spec.proxy_config().unwrap_err().to_string();
+    assert!(err.contains("maxConcurrentRequests"), "{err}");
+}
+
+#[test]
+fn several_urls_are_tried_in_order_and_containerd_falls_back_to_the_last() {
+    let mut spec = example(&["docker.io"]);
+    let urls = ["https://mirror.example", "https://registry-1.docker.io/"];
+    spec.upstreams[0].urls = Some(urls.map(|u| UpstreamUrl(u.into())).to_vec());
+    let c = spec.proxy_config().unwrap();
+    assert_eq!(
+        c.upstreams[0].base_urls(),
+        ["https://mirror.example", "https://registry-1.docker.io"]
+    );
+    assert_eq!(
+        upstream_url(&spec.upstreams[0]),
+        "https://registry-1.docker.io"
+    );
+    spec.upstreams[0].url = Some("https://other.example".into());
+    let err = spec.proxy_config().unwrap_err().to_string();
+    assert!(err.contains("both url and urls"), "{err}");
+}
+
+#[test]
+fn invalid_specs_are_explained() {
+    let mut spec = example(&["docker.io"]);
+    spec.cache.tag_ttl = Some("5 minutes".into());
+    let err = spec.proxy_config().unwrap_err().to_string();
+    assert!(err.contains("cache.tagTTL"), "{err}");
+    // Docker Hub's names are one registry, whatever the case.
+    for pair in [
+        ["docker.io", "index.docker.io"],
+        ["registry-1.docker.io", "Index.Docker.io"],
+        ["ghcr.io", "GHCR.io"],
+    ] {
+        assert!(
+            example(&pair)
+                .proxy_config()
+                .unwrap_err()
+                .to_string()
+                .contains("twice"),
+            "{pair:?}"
+        );
+    }
+}
+
+#[test]
+fn cel_rules_hold_client_side() {
+    let ok = serde_json::to_value(example(&["docker.io", "ghcr.io"])).unwrap();
+    RegistryMirrorSpec::validate_cel(&ok, None).unwrap();
+    for pair in [
+        ["docker.io", "docker.io"],
+        ["docker.io", "Docker.IO"],
+        ["registry-1.docker.io", "index.docker.io"],
+    ] {
+        let dup = serde_json::to_value(example(&pair)).unwrap();
+        let err = RegistryMirrorSpec::validate_cel(&dup, None).unwrap_err();
+        assert!(
+            format!("{err:?}").contains("only once"),
+            "{pair:?}: {err:?}"
+        );
+    }
+    let lots = serde_json::json!({"size": "lots"});
+    assert!(
+        StorageSpec::validate_cel(&lots, None).is_err(),
+        "not a quantity"
+    );
+    StorageSpec::validate_cel(&serde_json::json!({"size": "50Gi"}), None).unwrap();
+    let limit = serde_json::json!({"sizeLimit": "lots"});
+    assert!(EmptyDirSpec::validate_cel(&limit, None).is_err());
+    EmptyDirSpec::validate_cel(&serde_json::json!({"sizeLimit": "20Gi"}), None).unwrap();
+    let both = serde_json::json!({"size": "1Gi", "emptyDir": {}});
+    assert!(StorageSpec::validate_cel(&both, None).is_err());
+    StorageSpec::validate_cel(&serde_json::json!({"size": "1Gi"}), None).unwrap();
+    let bucket = |max: &str| serde_json::json!({"s3": {"bucket": "b", "maxSize": max}});
+    assert!(StorageSpec::validate_cel(&bucket("lots"), None).is_err());
+    StorageSpec::validate_cel(&bucket("500Gi"), None).unwrap();
+}
+
+#[test]
+fn annotations_and_keys() {
+    assert_eq!(parse_node_annotation(" a/b, c/d ,,"), vec!["a/b", "c/d"]);
+    assert_eq!(registry_key("Index.Docker.io"), "docker.io");
+    assert_eq!(registry_key("GHCR.io"), "ghcr.io");
+}
