@@ -5,8 +5,11 @@
 use super::builders;
 use super::context::{Context, Error, MANAGER, NODE_CLEANUP_TIMEOUT, backoff, kube_err};
 use super::status::{self, Observed, Problem};
+use crate::api::ProxyConfig;
 use crate::api::dockerconfig::credentials_for;
-use crate::api::mirror::{FINALIZER, RegistryMirror, RegistryMirrorStatus, mirror_key};
+use crate::api::mirror::{
+    FINALIZER, MirrorUpstream, RegistryMirror, RegistryMirrorStatus, mirror_key,
+};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
@@ -149,111 +152,135 @@ pub(super) async fn read_secrets(
     ns: &str,
 ) -> Result<Result<SecretData, Problem>, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let mut out = Vec::new();
+    let mut hashed = Vec::new();
     for u in &mirror.spec.upstreams {
-        let Some(reference) = &u.credentials_secret_ref else {
-            continue;
-        };
-        let secret = secrets
-            .get_opt(&reference.name)
-            .await
-            .map_err(kube_err(format!("reading Secret {}", reference.name)))?;
-        let Some(secret) = secret else {
-            return Ok(Err(Problem {
-                reason: "SecretNotFound",
-                message: format!(
-                    "Secret {ns}/{} (credentials of {}) does not exist",
-                    reference.name, u.registry
-                ),
-            }));
-        };
-        let data = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(".dockerconfigjson"))
-            .map(|b| b.0.clone());
-        let invalid = |why: String| Problem {
-            reason: "SecretInvalid",
+        match read_credentials(&secrets, ns, u).await? {
+            Ok(Some(data)) => hashed.push(data),
+            Ok(None) => {}
+            Err(problem) => return Ok(Err(problem)),
+        }
+    }
+    match read_bucket_keys(&secrets, ns, mirror).await? {
+        Ok(values) => hashed.extend(values),
+        Err(problem) => return Ok(Err(problem)),
+    }
+    let ca_bundle = match read_certificate(&secrets, ns, mirror).await? {
+        Ok(ca) => ca,
+        Err(problem) => return Ok(Err(problem)),
+    };
+    Ok(Ok(SecretData { hashed, ca_bundle }))
+}
+
+/// The `.dockerconfigjson` of upstream `u`'s credentials Secret, if it has one, checked
+/// to hold the registry's entry.
+async fn read_credentials(
+    secrets: &Api<Secret>,
+    ns: &str,
+    u: &MirrorUpstream,
+) -> Result<Result<Option<Vec<u8>>, Problem>, Error> {
+    let Some(reference) = &u.credentials_secret_ref else {
+        return Ok(Ok(None));
+    };
+    let secret = secrets
+        .get_opt(&reference.name)
+        .await
+        .map_err(kube_err(format!("reading Secret {}", reference.name)))?;
+    let Some(secret) = secret else {
+        return Ok(Err(Problem {
+            reason: "SecretNotFound",
             message: format!(
-                "Secret {ns}/{} (credentials of {}): {why}",
+                "Secret {ns}/{} (credentials of {}) does not exist",
                 reference.name, u.registry
             ),
-        };
-        let Some(data) = data else {
-            return Ok(Err(invalid(
-                "must be of type kubernetes.io/dockerconfigjson with a .dockerconfigjson key"
-                    .into(),
-            )));
-        };
-        match credentials_for(&data, &u.registry) {
-            Ok(Some(_)) => out.push(data),
-            Ok(None) => return Ok(Err(invalid(format!("has no entry for {}", u.registry)))),
-            Err(e) => return Ok(Err(invalid(e.to_string()))),
-        }
-    }
-    // The bucket's credentials: its keys become the pods' environment.
-    if let Some(reference) = mirror
-        .spec
-        .cache
-        .storage
-        .s3
+        }));
+    };
+    let data = secret
+        .data
         .as_ref()
-        .and_then(|s| s.credentials_secret_ref.as_ref())
-    {
-        let secret = secrets
-            .get_opt(&reference.name)
-            .await
-            .map_err(kube_err(format!("reading Secret {}", reference.name)))?;
-        let data = secret.and_then(|s| s.data).unwrap_or_default();
-        if !data.contains_key("AWS_ACCESS_KEY_ID") || !data.contains_key("AWS_SECRET_ACCESS_KEY") {
-            return Ok(Err(Problem {
-                reason: "SecretInvalid",
-                message: format!(
-                    "Secret {ns}/{} (credentials of the bucket) must exist and have the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
-                    reference.name
-                ),
-            }));
-        }
-        // Pods roll when the credentials change.
-        for value in data.values() {
-            out.push(value.0.clone());
-        }
+        .and_then(|d| d.get(".dockerconfigjson"))
+        .map(|b| b.0.clone());
+    let invalid = |why: String| Problem {
+        reason: "SecretInvalid",
+        message: format!(
+            "Secret {ns}/{} (credentials of {}): {why}",
+            reference.name, u.registry
+        ),
+    };
+    let Some(data) = data else {
+        let why = "must be of type kubernetes.io/dockerconfigjson with a .dockerconfigjson key";
+        return Ok(Err(invalid(why.into())));
+    };
+    Ok(match credentials_for(&data, &u.registry) {
+        Ok(Some(_)) => Ok(Some(data)),
+        Ok(None) => Err(invalid(format!("has no entry for {}", u.registry))),
+        Err(e) => Err(invalid(e.to_string())),
+    })
+}
+
+/// The values of the bucket's credentials Secret, if the mirror names one: they become
+/// the pods' environment, and the pods roll when they change.
+async fn read_bucket_keys(
+    secrets: &Api<Secret>,
+    ns: &str,
+    mirror: &RegistryMirror,
+) -> Result<Result<Vec<Vec<u8>>, Problem>, Error> {
+    let s3 = mirror.spec.cache.storage.s3.as_ref();
+    let Some(reference) = s3.and_then(|s| s.credentials_secret_ref.as_ref()) else {
+        return Ok(Ok(Vec::new()));
+    };
+    let secret = secrets
+        .get_opt(&reference.name)
+        .await
+        .map_err(kube_err(format!("reading Secret {}", reference.name)))?;
+    let data = secret.and_then(|s| s.data).unwrap_or_default();
+    if !data.contains_key("AWS_ACCESS_KEY_ID") || !data.contains_key("AWS_SECRET_ACCESS_KEY") {
+        return Ok(Err(Problem {
+            reason: "SecretInvalid",
+            message: format!(
+                "Secret {ns}/{} (credentials of the bucket) must exist and have the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                reference.name
+            ),
+        }));
     }
-    // The certificate: not hashed (the proxy reads a renewed one itself, without a
-    // restart); its CA goes to the nodes.
-    let mut ca_bundle = None;
-    if let Some(tls) = &mirror.spec.tls {
-        let name = &tls.secret_ref.name;
-        let secret = secrets
-            .get_opt(name)
-            .await
-            .map_err(kube_err(format!("reading Secret {name}")))?;
-        let Some(secret) = secret else {
-            return Ok(Err(Problem {
-                reason: "SecretNotFound",
-                message: format!("Secret {ns}/{name} (spec.tls) does not exist"),
-            }));
-        };
-        let data = secret.data.unwrap_or_default();
-        let text = |k: &str| {
-            data.get(k)
-                .and_then(|b| String::from_utf8(b.0.clone()).ok())
-                .filter(|t| t.contains("-----BEGIN"))
-        };
-        if text("tls.crt").is_none() || text("tls.key").is_none() {
-            return Ok(Err(Problem {
-                reason: "SecretInvalid",
-                message: format!(
-                    "Secret {ns}/{name} (spec.tls) must be a kubernetes.io/tls Secret with PEM tls.crt and tls.key"
-                ),
-            }));
-        }
-        ca_bundle = text("ca.crt").or_else(|| text("tls.crt"));
+    Ok(Ok(data.into_values().map(|v| v.0).collect()))
+}
+
+/// The CA nodes verify the proxy's certificate with, if the mirror has `spec.tls`. The
+/// certificate is not hashed: the proxy reads a renewed one itself, without a restart.
+async fn read_certificate(
+    secrets: &Api<Secret>,
+    ns: &str,
+    mirror: &RegistryMirror,
+) -> Result<Result<Option<String>, Problem>, Error> {
+    let Some(tls) = &mirror.spec.tls else {
+        return Ok(Ok(None));
+    };
+    let name = &tls.secret_ref.name;
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(kube_err(format!("reading Secret {name}")))?;
+    let Some(secret) = secret else {
+        return Ok(Err(Problem {
+            reason: "SecretNotFound",
+            message: format!("Secret {ns}/{name} (spec.tls) does not exist"),
+        }));
+    };
+    let data = secret.data.unwrap_or_default();
+    let text = |k: &str| {
+        data.get(k)
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .filter(|t| t.contains("-----BEGIN"))
+    };
+    if text("tls.crt").is_none() || text("tls.key").is_none() {
+        return Ok(Err(Problem {
+            reason: "SecretInvalid",
+            message: format!(
+                "Secret {ns}/{name} (spec.tls) must be a kubernetes.io/tls Secret with PEM tls.crt and tls.key"
+            ),
+        }));
     }
-    Ok(Ok(SecretData {
-        hashed: out,
-        ca_bundle,
-    }))
+    Ok(Ok(text("ca.crt").or_else(|| text("tls.crt"))))
 }
 
 /// Creates a Secret of the mirror's holding a random value (`make` builds it around
@@ -293,6 +320,8 @@ pub(super) async fn service_monitors_available(client: &Client) -> Result<bool, 
     }
 }
 
+/// One reconcile of a mirror that is not being deleted: what it claims, its children
+/// when it can run and serves a registry, then its status.
 pub(super) async fn apply(
     mirror: &Arc<RegistryMirror>,
     ctx: &Context,
@@ -300,7 +329,6 @@ pub(super) async fn apply(
     mirrors: &Api<RegistryMirror>,
 ) -> Result<Action, Error> {
     let client = &ctx.client;
-    let name = mirror.name_any();
     let child = builders::child_name(mirror);
     let mut observed = Observed {
         generation: mirror.meta().generation,
@@ -340,86 +368,119 @@ pub(super) async fn apply(
         // Every registry is served by an older mirror: nothing to run.
         (Ok(_), Ok(_)) if observed.served.is_empty() => delete_children(client, ns, &child).await?,
         (Ok(config), Ok(secret_data)) => {
-            let yaml = config.to_yaml();
-            let hash = builders::config_hash(&yaml, &secret_data.hashed);
-            observed.ca_bundle = secret_data.ca_bundle;
-            if mirror.spec.shares_key() {
-                let name = builders::access_secret_name(mirror);
-                ensure_random_secret(client, ns, name, |k| builders::access_secret(mirror, k))
-                    .await?;
-            }
-            if mirror.spec.cache.prefetch_from_workloads.is_some() {
-                let name = builders::admin_secret_name(mirror);
-                ensure_random_secret(client, ns, name, |k| builders::admin_secret(mirror, k))
-                    .await?;
-            }
-            apply_child(client, ns, &builders::config_map(mirror, &yaml)).await?;
-            // The replicas of a bucket with a size limit elect their evictor on a Lease.
-            if builders::evicts(mirror) {
-                apply_child(client, ns, &builders::proxy_service_account(mirror)).await?;
-                apply_child(client, ns, &builders::evictor_role(mirror)).await?;
-                apply_child(client, ns, &builders::evictor_role_binding(mirror)).await?;
-            } else if mirror.spec.cache.storage.s3.is_some() {
-                delete_evictor_rbac(client, ns, &child).await?;
-            }
-            if builders::uses_pvc(mirror) {
-                let sts = apply_child(
-                    client,
-                    ns,
-                    &builders::stateful_set(mirror, &ctx.settings, &hash),
-                )
-                .await?;
-                delete_child::<Deployment>(client, ns, &child).await?;
-                let st = sts.status.unwrap_or_default();
-                observed.ready_replicas = st.ready_replicas.unwrap_or(0);
-                observed.updated_replicas = st.updated_replicas.unwrap_or(0);
-            } else {
-                let dep = apply_child(
-                    client,
-                    ns,
-                    &builders::deployment(mirror, &ctx.settings, &hash),
-                )
-                .await?;
-                delete_child::<StatefulSet>(client, ns, &child).await?;
-                let st = dep.status.unwrap_or_default();
-                observed.ready_replicas = st.ready_replicas.unwrap_or(0);
-                observed.updated_replicas = st.updated_replicas.unwrap_or(0);
-            }
-            let svc = apply_child(client, ns, &builders::service(mirror)).await?;
-            observed.endpoint = builders::endpoint(&svc, mirror.spec.tls.is_some());
-            // Replicas sharing a bucket find each other through a headless Service.
-            let peers = builders::peers_service_name(mirror);
-            if mirror.spec.cache.storage.s3.is_some() {
-                apply_child(client, ns, &builders::peers_service(mirror)).await?;
-            } else {
-                delete_child::<Service>(client, ns, &peers).await?;
-            }
-            if mirror.spec.replicas > 1 {
-                apply_child(client, ns, &builders::pdb(mirror)).await?;
-            } else {
-                delete_child::<PodDisruptionBudget>(client, ns, &child).await?;
-            }
-            if service_monitors_available(client).await? {
-                let gvk = GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor");
-                let ar = ApiResource::from_gvk(&gvk);
-                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
-                api.patch(
-                    &child,
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(builders::service_monitor(mirror)),
-                )
-                .await
-                .map_err(kube_err("applying ServiceMonitor"))?;
-            }
+            observed.ca_bundle = secret_data.ca_bundle.clone();
+            apply_children(mirror, ctx, ns, &config, &secret_data, &mut observed).await?;
         }
     }
     let node_list = ctx.nodes().await?;
     let (nodes, ignoring) = status::count_nodes(mirror, &node_list);
     observed.nodes = Some(nodes);
     observed.nodes_ignoring = ignoring;
+    write_status(mirror, ctx, mirrors, &observed).await?;
+    tracing::info!(mirror = %mirror.name_any(), namespace = %ns, ready = observed.ready_replicas,
+        endpoint = ?observed.endpoint, problem = ?observed.problem.as_ref().map(|p| p.reason),
+        served = ?observed.served, lost = observed.conflicts.len(), "reconciled");
+    // Nodes are watched, but a node going away is not: look again in a while.
+    Ok(Action::requeue(Duration::from_secs(60)))
+}
 
+/// Everything that runs a mirror that can: the Secrets the controller makes, the
+/// configuration, the evictor's RBAC, the workload, and how it is reached.
+async fn apply_children(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+    ns: &str,
+    config: &ProxyConfig,
+    secret_data: &SecretData,
+    observed: &mut Observed,
+) -> Result<(), Error> {
+    let client = &ctx.client;
+    let child = builders::child_name(mirror);
+    let yaml = config.to_yaml();
+    let hash = builders::config_hash(&yaml, &secret_data.hashed);
+    if mirror.spec.shares_key() {
+        let name = builders::access_secret_name(mirror);
+        ensure_random_secret(client, ns, name, |k| builders::access_secret(mirror, k)).await?;
+    }
+    if mirror.spec.cache.prefetch_from_workloads.is_some() {
+        let name = builders::admin_secret_name(mirror);
+        ensure_random_secret(client, ns, name, |k| builders::admin_secret(mirror, k)).await?;
+    }
+    apply_child(client, ns, &builders::config_map(mirror, &yaml)).await?;
+    // The replicas of a bucket with a size limit elect their evictor on a Lease.
+    if builders::evicts(mirror) {
+        apply_child(client, ns, &builders::proxy_service_account(mirror)).await?;
+        apply_child(client, ns, &builders::evictor_role(mirror)).await?;
+        apply_child(client, ns, &builders::evictor_role_binding(mirror)).await?;
+    } else if mirror.spec.cache.storage.s3.is_some() {
+        delete_evictor_rbac(client, ns, &child).await?;
+    }
+    let (ready, updated) = if builders::uses_pvc(mirror) {
+        let sts = builders::stateful_set(mirror, &ctx.settings, &hash);
+        let sts = apply_child(client, ns, &sts).await?;
+        delete_child::<Deployment>(client, ns, &child).await?;
+        let st = sts.status.unwrap_or_default();
+        (st.ready_replicas, st.updated_replicas)
+    } else {
+        let dep = builders::deployment(mirror, &ctx.settings, &hash);
+        let dep = apply_child(client, ns, &dep).await?;
+        delete_child::<StatefulSet>(client, ns, &child).await?;
+        let st = dep.status.unwrap_or_default();
+        (st.ready_replicas, st.updated_replicas)
+    };
+    observed.ready_replicas = ready.unwrap_or(0);
+    observed.updated_replicas = updated.unwrap_or(0);
+    observed.endpoint = apply_reach(mirror, client, ns).await?;
+    Ok(())
+}
+
+/// How a running mirror is reached and kept up: its Service (the endpoint, once it has
+/// an address), the headless Service of replicas on a bucket, the PodDisruptionBudget
+/// and, where prometheus-operator is installed, the ServiceMonitor.
+async fn apply_reach(
+    mirror: &RegistryMirror,
+    client: &Client,
+    ns: &str,
+) -> Result<Option<String>, Error> {
+    let child = builders::child_name(mirror);
+    let svc = apply_child(client, ns, &builders::service(mirror)).await?;
+    // Replicas sharing a bucket find each other through a headless Service.
+    let peers = builders::peers_service_name(mirror);
+    if mirror.spec.cache.storage.s3.is_some() {
+        apply_child(client, ns, &builders::peers_service(mirror)).await?;
+    } else {
+        delete_child::<Service>(client, ns, &peers).await?;
+    }
+    if mirror.spec.replicas > 1 {
+        apply_child(client, ns, &builders::pdb(mirror)).await?;
+    } else {
+        delete_child::<PodDisruptionBudget>(client, ns, &child).await?;
+    }
+    if service_monitors_available(client).await? {
+        let gvk = GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor");
+        let ar = ApiResource::from_gvk(&gvk);
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+        api.patch(
+            &child,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(builders::service_monitor(mirror)),
+        )
+        .await
+        .map_err(kube_err("applying ServiceMonitor"))?;
+    }
+    Ok(builders::endpoint(&svc, mirror.spec.tls.is_some()))
+}
+
+/// Writes the status `observed` makes, when it differs from the mirror's, and records
+/// an Event per condition that changed.
+async fn write_status(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+    mirrors: &Api<RegistryMirror>,
+    observed: &Observed,
+) -> Result<(), Error> {
     let previous = mirror.status.clone();
-    let next = status::build_status(previous.as_ref(), &observed, Timestamp::now());
+    let next = status::build_status(previous.as_ref(), observed, Timestamp::now());
     // `prefetchedImages` is the prefetches' field (see `workloads`): not compared.
     let mine = previous.clone().map(|p| RegistryMirrorStatus {
         prefetched_images: None,
@@ -434,7 +495,7 @@ pub(super) async fn apply(
         });
         mirrors
             .patch_status(
-                &name,
+                &mirror.name_any(),
                 &PatchParams::apply(MANAGER).force(),
                 &Patch::Apply(&patch),
             )
@@ -442,11 +503,7 @@ pub(super) async fn apply(
             .map_err(kube_err("updating status"))?;
     }
     publish_transitions(ctx, mirror, previous.as_ref(), &next).await;
-    tracing::info!(mirror = %name, namespace = %ns, ready = observed.ready_replicas,
-        endpoint = ?observed.endpoint, problem = ?observed.problem.as_ref().map(|p| p.reason),
-        served = ?observed.served, lost = observed.conflicts.len(), "reconciled");
-    // Nodes are watched, but a node going away is not: look again in a while.
-    Ok(Action::requeue(Duration::from_secs(60)))
+    Ok(())
 }
 
 pub(super) async fn publish_transitions(

@@ -216,130 +216,9 @@ pub fn build_status(
     now: Timestamp,
 ) -> RegistryMirrorStatus {
     let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
-    let conflict_msg = o
-        .conflicts
-        .iter()
-        .map(|(r, m)| format!("{r} is already mirrored by {m}"))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let serves = if o.served.is_empty() {
-        "this mirror serves none of its registries".to_string()
-    } else {
-        format!("this mirror serves {}", o.served.join(", "))
+    let make = |type_: &str, (status, reason, message): Verdict| {
+        condition(prev, type_, status, reason, message, o.generation, now)
     };
-    let conflict = condition(
-        prev,
-        CONFLICT,
-        !o.conflicts.is_empty(),
-        if o.conflicts.is_empty() {
-            "NoConflict"
-        } else {
-            "RegistryClaimed"
-        },
-        if o.conflicts.is_empty() {
-            "no other mirror serves these registries".into()
-        } else {
-            format!(
-                "{conflict_msg} (the oldest mirror that can serve a registry serves it); {serves}"
-            )
-        },
-        o.generation,
-        now,
-    );
-    let degraded = match (&o.problem, o.nodes_ignoring.is_empty()) {
-        (Some(p), _) => condition(
-            prev,
-            DEGRADED,
-            true,
-            p.reason,
-            p.message.clone(),
-            o.generation,
-            now,
-        ),
-        (None, false) => condition(
-            prev,
-            DEGRADED,
-            true,
-            NODES_IGNORING,
-            format!(
-                "containerd ignores this mirror's hosts.toml on {} node(s): {}; set its \
-                 registry config_path (docs/node-agent.md)",
-                o.nodes_ignoring.len(),
-                o.nodes_ignoring
-                    .iter()
-                    .map(|(n, why)| format!("{n} ({why})"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            o.generation,
-            now,
-        ),
-        (None, true) => condition(
-            prev,
-            DEGRADED,
-            false,
-            "AsExpected",
-            "configuration is valid".into(),
-            o.generation,
-            now,
-        ),
-    };
-    let rolling = o.problem.is_none()
-        && !o.served.is_empty()
-        && (o.updated_replicas < o.replicas
-            || o.ready_replicas < o.replicas
-            || o.endpoint.is_none());
-    let progressing = if rolling {
-        condition(
-            prev,
-            PROGRESSING,
-            true,
-            "RollingOut",
-            format!(
-                "{} of {} proxy pods ready and up to date",
-                o.ready_replicas.min(o.updated_replicas),
-                o.replicas
-            ),
-            o.generation,
-            now,
-        )
-    } else {
-        condition(
-            prev,
-            PROGRESSING,
-            false,
-            "Complete",
-            "no rollout in progress".into(),
-            o.generation,
-            now,
-        )
-    };
-    let (ready, reason, message) = if let Some(p) = &o.problem {
-        (false, p.reason, p.message.clone())
-    } else if o.served.is_empty() {
-        (false, "Conflict", format!("{conflict_msg}; {serves}"))
-    } else if o.replicas == 0 {
-        (false, "ScaledToZero", "replicas is 0".to_string())
-    } else if o.ready_replicas == 0 {
-        (
-            false,
-            "NoReadyPods",
-            "no proxy pod is ready yet".to_string(),
-        )
-    } else if o.endpoint.is_none() {
-        (
-            false,
-            "NoEndpoint",
-            "the Service has no cluster IP yet".to_string(),
-        )
-    } else {
-        (
-            true,
-            "ProxyReady",
-            format!("{} of {} proxy pods ready", o.ready_replicas, o.replicas),
-        )
-    };
-    let ready = condition(prev, READY, ready, reason, message, o.generation, now);
     RegistryMirrorStatus {
         observed_generation: o.generation,
         endpoint: o.endpoint.clone(),
@@ -356,10 +235,115 @@ pub fn build_status(
                 mirrored_by: by.clone(),
             })
             .collect(),
-        conditions: vec![ready, progressing, degraded, conflict],
+        conditions: vec![
+            make(READY, ready(o)),
+            make(PROGRESSING, progressing(o)),
+            make(DEGRADED, degraded(o)),
+            make(CONFLICT, conflict(o)),
+        ],
         // Written by the prefetches' own field manager (see `workloads`), never here.
         prefetched_images: None,
     }
+}
+
+/// A condition's status, reason and message.
+type Verdict = (bool, &'static str, String);
+
+/// Who else serves the mirror's registries, and what it serves itself.
+fn claims_said(o: &Observed) -> (String, String) {
+    let conflicts = o
+        .conflicts
+        .iter()
+        .map(|(r, m)| format!("{r} is already mirrored by {m}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let serves = if o.served.is_empty() {
+        "this mirror serves none of its registries".to_string()
+    } else {
+        format!("this mirror serves {}", o.served.join(", "))
+    };
+    (conflicts, serves)
+}
+
+/// Conflict: another, older mirror serves one of its registries.
+fn conflict(o: &Observed) -> Verdict {
+    if o.conflicts.is_empty() {
+        return (
+            false,
+            "NoConflict",
+            "no other mirror serves these registries".into(),
+        );
+    }
+    let (conflicts, serves) = claims_said(o);
+    let message =
+        format!("{conflicts} (the oldest mirror that can serve a registry serves it); {serves}");
+    (true, "RegistryClaimed", message)
+}
+
+/// Degraded: its spec or Secrets are wrong, or nodes' containerd ignores it.
+fn degraded(o: &Observed) -> Verdict {
+    if let Some(p) = &o.problem {
+        return (true, p.reason, p.message.clone());
+    }
+    if o.nodes_ignoring.is_empty() {
+        return (false, "AsExpected", "configuration is valid".into());
+    }
+    let nodes = o
+        .nodes_ignoring
+        .iter()
+        .map(|(n, why)| format!("{n} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let message = format!(
+        "containerd ignores this mirror's hosts.toml on {} node(s): {nodes}; set its \
+         registry config_path (docs/node-agent.md)",
+        o.nodes_ignoring.len(),
+    );
+    (true, NODES_IGNORING, message)
+}
+
+/// Progressing: a rollout of its proxy pods is under way.
+fn progressing(o: &Observed) -> Verdict {
+    let rolling = o.problem.is_none()
+        && !o.served.is_empty()
+        && (o.updated_replicas < o.replicas
+            || o.ready_replicas < o.replicas
+            || o.endpoint.is_none());
+    if !rolling {
+        return (false, "Complete", "no rollout in progress".into());
+    }
+    let message = format!(
+        "{} of {} proxy pods ready and up to date",
+        o.ready_replicas.min(o.updated_replicas),
+        o.replicas
+    );
+    (true, "RollingOut", message)
+}
+
+/// Ready: it serves a registry, with a ready pod behind an address.
+fn ready(o: &Observed) -> Verdict {
+    if let Some(p) = &o.problem {
+        return (false, p.reason, p.message.clone());
+    }
+    if o.served.is_empty() {
+        let (conflicts, serves) = claims_said(o);
+        return (false, "Conflict", format!("{conflicts}; {serves}"));
+    }
+    if o.replicas == 0 {
+        return (false, "ScaledToZero", "replicas is 0".into());
+    }
+    if o.ready_replicas == 0 {
+        return (false, "NoReadyPods", "no proxy pod is ready yet".into());
+    }
+    if o.endpoint.is_none() {
+        return (
+            false,
+            "NoEndpoint",
+            "the Service has no cluster IP yet".into(),
+        );
+    }
+    let message = format!("{} of {} proxy pods ready", o.ready_replicas, o.replicas);
+    (true, "ProxyReady", message)
 }
 
 /// Conditions whose status changed between two statuses: (type, new condition).
