@@ -73,44 +73,98 @@ pub async fn run(
     options: ControllerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
-    where
-        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-            + Clone
-            + DeserializeOwned
-            + Debug,
-    {
-        match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
     let mirrors: Api<RegistryMirror> = scoped(&client, &options.namespace);
     // Fail early and clearly when the CRD is not installed.
     if let Err(e) = mirrors.list(&ListParams::default().limit(1)).await {
         return Err(RunError::CrdMissing(e));
     }
     let controller = Controller::new(mirrors.clone(), watcher::Config::default().any_semantic());
-    let store = controller.store();
     let reporter = Reporter {
         controller: MANAGER.into(),
         instance: Some(options.identity.clone()),
     };
+    let settings = options.settings.clone();
+    let mut ctx = Context::new(client.clone(), settings, controller.store(), reporter);
     let (claims_tx, claims_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut ctx = Context::new(
-        client.clone(),
-        options.settings.clone(),
-        store.clone(),
-        reporter,
-    );
     ctx.claims_changed = Some(claims_tx);
     let (node_store, node_writer) = reflector::store::<Node>();
     ctx.nodes = Some(node_store);
     let ctx = Arc::new(ctx);
-    let claims_changed = futures::stream::unfold(claims_rx, |mut rx| async move {
-        rx.recv().await.map(|()| ((), rx))
-    });
+    let (stop_tx, ops_task) = serve_metrics(&options, &ctx).await?;
+    let lock = leader_lease(&client, &options);
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    tokio::select! {
+        _ = lock.acquire(Duration::from_secs(2)) => ctx.metrics.set_leader(true),
+        _ = shutdown.clone() => {
+            let _ = stop_tx.send(true);
+            let _ = ops_task.await;
+            return Ok(());
+        }
+    }
+    let (regained_tx, regained_rx) = tokio::sync::watch::channel(());
+    let prefetch_regained = tokio_stream_of(regained_tx.subscribe());
+    let leadership = stand_by_when_lost(lock, ctx.clone(), regained_tx);
+    let triggers = Triggers {
+        claims_changed: futures::stream::unfold(claims_rx, |mut rx| async move {
+            rx.recv().await.map(|()| ((), rx))
+        })
+        .boxed(),
+        node_reports: node_reports(&client, node_writer).boxed(),
+        regained: tokio_stream_of(regained_rx).boxed(),
+    };
+    let reconciling = reconcile_mirrors(
+        controller,
+        &client,
+        &options,
+        triggers,
+        shutdown.clone(),
+        &ctx,
+    );
+    // Images of workloads, prefetched for the mirrors that ask (cache.prefetchFromWorkloads).
+    let prefetching = tokio::spawn(workloads::run(
+        ctx.clone(),
+        mirrors,
+        prefetch_regained,
+        shutdown.clone(),
+    ));
+    tokio::select! {
+        _ = reconciling => {}
+        _ = leadership => {}
+    }
+    prefetching.abort();
+    let _ = stop_tx.send(true);
+    let _ = ops_task.await;
+    if ctx.leading() {
+        leader_lease(&client, &options).release().await;
+    }
+    Ok(())
+}
 
+/// An API of `K` in the controller's namespace, or in all of them.
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Serves /metrics, /healthz and /readyz until the sender says stop.
+async fn serve_metrics(
+    options: &ControllerOptions,
+    ctx: &Context,
+) -> Result<
+    (
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ),
+    RunError,
+> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let listener = tokio::net::TcpListener::bind(options.metrics_listen)
         .await
@@ -121,95 +175,90 @@ pub async fn run(
     let ops: Arc<dyn crate::server::Ops> = Arc::new(ControllerOps {
         metrics: ctx.metrics.clone(),
     });
-    let ops_task = tokio::spawn(crate::server::serve_ops(listener, ops, stop_rx));
+    let task = tokio::spawn(crate::server::serve_ops(listener, ops, stop_rx));
+    Ok((stop_tx, task))
+}
 
-    let lock = crate::lease::LeaseLock::new(
+/// The leader Lease of the controller's replicas.
+fn leader_lease(client: &Client, options: &ControllerOptions) -> crate::lease::LeaseLock {
+    crate::lease::LeaseLock::new(
         Api::<Lease>::namespaced(client.clone(), &options.lease_namespace),
         "pullthrough-controller",
         &options.identity,
         Duration::from_secs(15),
-    );
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    tokio::select! {
-        _ = lock.acquire(Duration::from_secs(2)) => ctx.metrics.set_leader(true),
-        _ = shutdown.clone() => {
-            let _ = stop_tx.send(true);
-            let _ = ops_task.await;
-            return Ok(());
-        }
+    )
+}
+
+/// Holds the Lease for as long as it can. Lost leadership (another replica took the
+/// Lease, or the API server was out of reach past it) stops reconciles, not the process:
+/// it stands by, and once it leads again says so on `regained`, so that everything is
+/// reconciled again.
+async fn stand_by_when_lost(
+    lock: crate::lease::LeaseLock,
+    ctx: Arc<Context>,
+    regained: tokio::sync::watch::Sender<()>,
+) {
+    loop {
+        lock.hold().await;
+        ctx.set_leading(false);
+        tracing::warn!(
+            "stopped reconciling: this replica no longer holds the leader lease; \
+             standing by, and taking over again when the lease is free"
+        );
+        lock.acquire(Duration::from_secs(2)).await;
+        ctx.set_leading(true);
+        let _ = regained.send(());
     }
-    // Lost leadership (another replica took the Lease, or the API server was out of
-    // reach past it) stops reconciles, not the process: it stands by, and reconciles
-    // everything again once it leads again.
-    let (regained_tx, regained_rx) = tokio::sync::watch::channel(());
-    let prefetch_regained = tokio_stream_of(regained_tx.subscribe());
-    let leadership = {
-        let ctx = ctx.clone();
-        async move {
-            loop {
-                lock.hold().await;
-                ctx.set_leading(false);
-                tracing::warn!(
-                    "stopped reconciling: this replica no longer holds the leader lease; \
-                     standing by, and taking over again when the lease is free"
-                );
-                lock.acquire(Duration::from_secs(2)).await;
-                ctx.set_leading(true);
-                let _ = regained_tx.send(());
-            }
-        }
-    };
-    let regained = tokio_stream_of(regained_rx);
+}
+
+/// What reconciles every mirror, besides changes to the mirrors and their children.
+struct Triggers {
+    /// A mirror's claims changed (see [`Context::claimed`]).
+    claims_changed: futures::stream::BoxStream<'static, ()>,
+    /// A node's report changed, or a node came or went (see [`node_reports`]).
+    node_reports: futures::stream::BoxStream<'static, ()>,
+    /// This replica leads again.
+    regained: futures::stream::BoxStream<'static, ()>,
+}
+
+/// The mirrors' controller: their children owned, the Secrets they read watched, and
+/// every mirror looked at again on each of `triggers`, until `shutdown`.
+fn reconcile_mirrors(
+    controller: Controller<RegistryMirror>,
+    client: &Client,
+    options: &ControllerOptions,
+    triggers: Triggers,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    ctx: &Arc<Context>,
+) -> impl Future<Output = ()> {
     let label = "app.kubernetes.io/managed-by=pullthrough-controller";
     let owned = || watcher::Config::default().labels(label);
-    let controller = controller
-        .owns(scoped::<ConfigMap>(&client, &options.namespace), owned())
-        .owns(scoped::<Deployment>(&client, &options.namespace), owned())
-        .owns(scoped::<StatefulSet>(&client, &options.namespace), owned())
-        .owns(scoped::<Service>(&client, &options.namespace), owned())
-        .owns(
-            scoped::<PodDisruptionBudget>(&client, &options.namespace),
-            owned(),
-        )
+    let ns = &options.namespace;
+    let store = controller.store();
+    controller
+        .owns(scoped::<ConfigMap>(client, ns), owned())
+        .owns(scoped::<Deployment>(client, ns), owned())
+        .owns(scoped::<StatefulSet>(client, ns), owned())
+        .owns(scoped::<Service>(client, ns), owned())
+        .owns(scoped::<PodDisruptionBudget>(client, ns), owned())
         // A Secret a mirror reads (its spec names it, or the controller made it for the
         // mirror) that is created, changed or deleted.
-        .reconcile_all_on(secret_changes(
-            scoped::<PartialObjectMeta<Secret>>(&client, &options.namespace),
-            store.clone(),
-        ))
+        .reconcile_all_on(secret_changes(scoped(client, ns), store))
         // A mirror that changes, breaks, is fixed or goes can hand a registry to, or
         // take one from, the mirrors that also claim it: its reconcile (which sees its
         // new state) says so (see `Context::claimed`), and all are looked at again.
-        .reconcile_all_on(claims_changed)
+        .reconcile_all_on(triggers.claims_changed)
         // Node agents report through Node annotations: the mirrors a node names (and,
         // when a node's containerd state changes, the same ones) are looked at again.
-        .reconcile_all_on(node_reports(&client, node_writer))
-        .reconcile_all_on(regained)
-        .graceful_shutdown_on(shutdown.clone())
+        .reconcile_all_on(triggers.node_reports)
+        .reconcile_all_on(triggers.regained)
+        .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "controller event");
             }
-        });
-    // Images of workloads, prefetched for the mirrors that ask (cache.prefetchFromWorkloads).
-    let prefetching = tokio::spawn(workloads::run(
-        ctx.clone(),
-        mirrors.clone(),
-        prefetch_regained,
-        shutdown.clone(),
-    ));
-    tokio::select! {
-        _ = controller => {}
-        _ = leadership => {}
-    }
-    prefetching.abort();
-    let _ = stop_tx.send(true);
-    let _ = ops_task.await;
-    if ctx.leading() {
-        lock_release(&client, &options).await;
-    }
-    Ok(())
+        })
 }
 
 /// Yields whenever a Secret that a mirror in `mirrors` reads comes, changes or goes
@@ -231,18 +280,6 @@ fn secret_changes(
             });
             futures::future::ready(read.then_some(()))
         })
-}
-
-/// Gives the Lease up on shutdown, so that another replica takes over at once.
-async fn lock_release(client: &Client, options: &ControllerOptions) {
-    crate::lease::LeaseLock::new(
-        Api::<Lease>::namespaced(client.clone(), &options.lease_namespace),
-        "pullthrough-controller",
-        &options.identity,
-        Duration::from_secs(15),
-    )
-    .release()
-    .await;
 }
 
 /// A stream with an item each time the watched value is sent (not for its first value).

@@ -289,34 +289,18 @@ pub async fn run(
         })?;
     let ops: Arc<dyn crate::server::Ops> = metrics.clone();
     let ops_task = tokio::spawn(crate::server::serve_ops(listener, ops, stop_rx));
-
-    let (mirrors, mirror_writer) = reflector::store::<RegistryMirror>();
-    let mirror_events = reflector::reflector(
-        mirror_writer,
-        watcher(
-            Api::<RegistryMirror>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .map(|_| ());
-    let nodes_api: Api<Node> = Api::all(client.clone());
-    let (nodes, node_writer) = reflector::store::<Node>();
-    let node_events = reflector::reflector(
-        node_writer,
-        watcher(
-            nodes_api.clone(),
-            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-        ),
-    )
-    .default_backoff()
-    .map(|_| ());
-    let mut triggers = futures::stream::select(mirror_events.boxed(), node_events.boxed());
+    let (mirrors, nodes, mut triggers) = watch(&client, &node_name);
     let mut tick = tokio::time::interval(resync);
-    let hosts = HostsDir::new(&options.certs_dir);
+    let mut agent = Agent {
+        hosts: HostsDir::new(&options.certs_dir),
+        options,
+        nodes_api: Api::all(client.clone()),
+        node_name,
+        metrics,
+        last_containerd: None,
+    };
     tokio::pin!(shutdown);
     let mut ready = false;
-    let mut last_containerd: Option<String> = None;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -345,63 +329,124 @@ pub async fn run(
                 Some(()) = triggers.next() => {}
             }
         }
-        let Some(node) = nodes.get(&ObjectRef::new(&node_name)) else {
-            tracing::warn!(node = %node_name, "this node is not visible to the agent; is NODE_NAME right?");
+        let Some(node) = nodes.get(&ObjectRef::new(&agent.node_name)) else {
+            tracing::warn!(node = %agent.node_name, "this node is not visible to the agent; is NODE_NAME right?");
             continue;
         };
-        let desired = desired_hosts(node.labels(), &mirrors.state());
-        let report = hosts.sync(&desired);
-        log_report(&report);
-        metrics.files.set(report.in_place().count() as i64);
-        metrics
-            .syncs
-            .with_label_values(&[if report.failed.is_empty() {
-                "success"
-            } else {
-                "error"
-            }])
-            .inc();
-        let containerd = containerd_status(&options);
-        metrics.config_path.set(i64::from(containerd.enabled()));
-        // Said when it changes, not on every sync (the agent's own annotation patch
-        // brings it back here at once).
-        if last_containerd.as_deref() != Some(containerd.state()) {
-            if containerd.enabled() {
-                tracing::info!("{}", containerd.message(&options.containerd_certs_path));
-            } else {
-                tracing::warn!("{}", containerd.message(&options.containerd_certs_path));
-            }
-            last_containerd = Some(containerd.state().to_string());
-        }
-        let configured = configured_mirrors(&desired, &report);
-        let value = configured.iter().cloned().collect::<Vec<_>>().join(",");
-        let annotations = node.annotations();
-        let want_mirrors = (!value.is_empty()).then_some(value.clone());
-        let have_mirrors = annotations.get(NODE_ANNOTATION).cloned();
-        let want_containerd = containerd.state().to_string();
-        if have_mirrors != want_mirrors
-            || annotations.get(CONTAINERD_ANNOTATION) != Some(&want_containerd)
-        {
-            let patch = serde_json::json!({"metadata": {"annotations": {
-                NODE_ANNOTATION: want_mirrors,
-                CONTAINERD_ANNOTATION: want_containerd,
-            }}});
-            match nodes_api
-                .patch(&node_name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(node = %node_name, mirrors = %value, "reported configured mirrors")
-                }
-                Err(e) => {
-                    tracing::error!(node = %node_name, error = %e, "could not annotate the node")
-                }
-            }
-        }
+        agent.sync(&node, &mirrors.state()).await;
     }
     let _ = stop_tx.send(true);
     let _ = ops_task.await;
     Ok(())
+}
+
+/// Stores of every mirror and of this node, and a stream with an item whenever either
+/// changes.
+fn watch(
+    client: &Client,
+    node_name: &str,
+) -> (
+    reflector::Store<RegistryMirror>,
+    reflector::Store<Node>,
+    futures::stream::BoxStream<'static, ()>,
+) {
+    let (mirrors, mirror_writer) = reflector::store::<RegistryMirror>();
+    let mirror_events = reflector::reflector(
+        mirror_writer,
+        watcher(
+            Api::<RegistryMirror>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .map(|_| ());
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let node_events = reflector::reflector(
+        node_writer,
+        watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        ),
+    )
+    .default_backoff()
+    .map(|_| ());
+    let triggers = futures::stream::select(mirror_events.boxed(), node_events.boxed());
+    (mirrors, nodes, triggers.boxed())
+}
+
+/// What one node's agent keeps between syncs.
+struct Agent {
+    options: AgentOptions,
+    node_name: String,
+    nodes_api: Api<Node>,
+    hosts: HostsDir,
+    metrics: Arc<AgentMetrics>,
+    /// containerd's state as last said in the log.
+    last_containerd: Option<String>,
+}
+
+impl Agent {
+    /// One sync: the node's `hosts.toml` files brought to what the mirrors want,
+    /// containerd's state looked at, and both reported on the Node.
+    async fn sync(&mut self, node: &Node, mirrors: &[Arc<RegistryMirror>]) {
+        let desired = desired_hosts(node.labels(), mirrors);
+        let report = self.hosts.sync(&desired);
+        log_report(&report);
+        let metrics = &self.metrics;
+        metrics.files.set(report.in_place().count() as i64);
+        let result = if report.failed.is_empty() {
+            "success"
+        } else {
+            "error"
+        };
+        metrics.syncs.with_label_values(&[result]).inc();
+        let containerd = containerd_status(&self.options);
+        metrics.config_path.set(i64::from(containerd.enabled()));
+        // Said when it changes, not on every sync (the agent's own annotation patch
+        // brings it back here at once).
+        if self.last_containerd.as_deref() != Some(containerd.state()) {
+            let message = containerd.message(&self.options.containerd_certs_path);
+            if containerd.enabled() {
+                tracing::info!("{message}");
+            } else {
+                tracing::warn!("{message}");
+            }
+            self.last_containerd = Some(containerd.state().to_string());
+        }
+        let configured = configured_mirrors(&desired, &report);
+        let value = configured.iter().cloned().collect::<Vec<_>>().join(",");
+        self.annotate(node, &value, containerd.state()).await;
+    }
+
+    /// Writes the mirrors configured (`value`) and containerd's state onto the Node,
+    /// when they differ from what it says.
+    async fn annotate(&self, node: &Node, value: &str, containerd: &str) {
+        let annotations = node.annotations();
+        let want_mirrors = (!value.is_empty()).then(|| value.to_string());
+        let have_mirrors = annotations.get(NODE_ANNOTATION).cloned();
+        if have_mirrors == want_mirrors
+            && annotations.get(CONTAINERD_ANNOTATION).map(String::as_str) == Some(containerd)
+        {
+            return;
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            NODE_ANNOTATION: want_mirrors,
+            CONTAINERD_ANNOTATION: containerd,
+        }}});
+        let node_name = &self.node_name;
+        match self
+            .nodes_api
+            .patch(node_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(node = %node_name, mirrors = %value, "reported configured mirrors")
+            }
+            Err(e) => {
+                tracing::error!(node = %node_name, error = %e, "could not annotate the node")
+            }
+        }
+    }
 }
 
 #[cfg(test)]
