@@ -329,73 +329,93 @@ pub async fn accept_loop<C, F, Fut>(
             let probes = probes.clone();
             tracker.spawn(async move {
                 let _refusal = refusal;
-                let mut stream = stream;
-                // The request first (what of it arrives within a second), so that an
-                // HTTP client reads the answer as the answer to its request.
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-                    let mut head = [0u8; 4096];
-                    let read =
-                        tokio::time::timeout(Duration::from_millis(500), stream.read(&mut head))
-                            .await;
-                    let n = read.ok().and_then(Result::ok).unwrap_or(0);
-                    let answer = probes
-                        .as_deref()
-                        .and_then(|ops| probe_over_the_limit(ops, &head[..n]))
-                        .unwrap_or_else(too_many_connections);
-                    let _ = stream.write_all(&answer).await;
-                    let _ = stream.shutdown().await;
-                })
-                .await;
+                refuse(stream, probes).await;
             });
             continue;
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let mut stop = stop.clone();
+        let stop = stop.clone();
         let (io, tag) = connections.open(stream);
         tracker.spawn(async move {
             let _slot = slot;
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            // Body frames queued as they are, never copied into one buffer: what lets
-            // the proxy's placeholder frames reach its I/O object (see `zero_copy`).
-            builder
-                .http1()
-                .writev(true)
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            builder.http2().timer(TokioTimer::new());
-            let activity = Activity::new();
-            let io = Watched {
-                io,
-                activity: activity.clone(),
-            };
-            let requests = activity.clone();
-            let conn = builder.serve_connection(
-                io,
-                service_fn(move |mut req: Request<Incoming>| {
-                    tag(&mut req);
-                    let busy = requests.enter();
-                    let answer = handler(req, peer);
-                    async move {
-                        let answer = answer.await;
-                        drop(busy);
-                        answer
-                    }
-                }),
-            );
-            tokio::pin!(conn);
-            // Stopping lets requests finish; an idle connection has nothing to finish
-            // (or a client that stopped reading): it goes at once.
-            let grace = tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stop.changed() => Duration::from_secs(10),
-                _ = activity.idle(limits) => Duration::from_secs(1),
-            };
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(grace, conn).await;
+            serve_connection(io, tag, handler, peer, limits, stop).await;
         });
     }
+}
+
+/// Answers a connection over the limit and closes it: a probe of the operations port
+/// with its answer (`probes`), anything else 503. The request is read first (what of it
+/// arrives within half a second), so that an HTTP client reads the answer as the answer
+/// to its request; all within a second.
+async fn refuse(mut stream: tokio::net::TcpStream, probes: Option<Arc<dyn Ops>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut head = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut head)).await;
+        let n = read.ok().and_then(Result::ok).unwrap_or(0);
+        let answer = probes
+            .as_deref()
+            .and_then(|ops| probe_over_the_limit(ops, &head[..n]))
+            .unwrap_or_else(too_many_connections);
+        let _ = stream.write_all(&answer).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Serves one connection (HTTP/1 or HTTP/2) with `handler` until it ends, goes idle past
+/// the limits, or `stop` says so (requests under way get 10 s to finish).
+async fn serve_connection<I, F, Fut>(
+    io: I,
+    tag: Tag,
+    handler: F,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Body frames queued as they are, never copied into one buffer: what lets
+    // the proxy's placeholder frames reach its I/O object (see `zero_copy`).
+    builder
+        .http1()
+        .writev(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let activity = Activity::new();
+    let io = Watched {
+        io,
+        activity: activity.clone(),
+    };
+    let requests = activity.clone();
+    let conn = builder.serve_connection(
+        io,
+        service_fn(move |mut req: Request<Incoming>| {
+            tag(&mut req);
+            let busy = requests.enter();
+            let answer = handler(req, peer);
+            async move {
+                let answer = answer.await;
+                drop(busy);
+                answer
+            }
+        }),
+    );
+    tokio::pin!(conn);
+    // Stopping lets requests finish; an idle connection has nothing to finish
+    // (or a client that stopped reading): it goes at once.
+    let grace = tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.changed() => Duration::from_secs(10),
+        _ = activity.idle(limits) => Duration::from_secs(1),
+    };
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(grace, conn).await;
 }
 
 /// What an operations server exposes.

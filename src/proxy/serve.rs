@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 /// Fetches the images requested on the operations port, one at a time, as a client's
@@ -111,38 +112,7 @@ pub async fn serve(
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
-    let (registry, https) = (proxy.registry.clone(), proxy.https());
-    let limits = ConnLimits {
-        max_connections: config.max_connections.get(),
-        header_timeout: config.client_header_timeout,
-        idle_timeout: config.client_idle_timeout,
-    };
-    let handler = move |req, client| http::handle(registry.clone(), https, req, client);
-    let api_task = match proxy.tls.clone() {
-        Some(tls) => tokio::spawn(crate::server::accept_loop(
-            api,
-            stop_rx.clone(),
-            tracker.clone(),
-            limits,
-            tls,
-            handler,
-            None,
-        )),
-        None => {
-            let zero_copy = Arc::new(zero_copy::ZeroCopy {
-                sent: proxy.metrics.sendfile_bytes.clone(),
-            });
-            tokio::spawn(crate::server::accept_loop(
-                api,
-                stop_rx.clone(),
-                tracker.clone(),
-                limits,
-                zero_copy,
-                handler,
-                None,
-            ))
-        }
-    };
+    let api_task = tokio::spawn(serve_api(&proxy, &config, api, stop_rx.clone(), &tracker));
     let p2 = proxy.clone();
     let ops_loop = crate::server::accept_loop(
         ops,
@@ -154,41 +124,9 @@ pub async fn serve(
         Some(proxy.clone() as Arc<dyn crate::server::Ops>),
     );
     let ops_task = tokio::spawn(ops_loop);
-    // Pins are known once prefetched: only then may a lowered limit evict.
-    let p = proxy.clone();
-    let startup = tokio::spawn(async move {
-        if !p.prefetch.is_empty() {
-            prefetcher::prefetch_all(p.registry.links(), &p.prefetch, &p.prefetch_platforms).await;
-        }
-        p.cache().enforce_limit().await;
-    });
-    // The disk-full gauge goes back to 0 once space is back, with or without requests.
-    let p = proxy.clone();
-    let disk_watch = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(pull_through::DISK_FULL_RETRY);
-        loop {
-            tick.tick().await;
-            p.cache().recheck_disk();
-        }
-    });
-    let eviction = proxy.eviction.clone().map(|e| tokio::spawn(e.run()));
-    let requested = proxy
-        .prefetcher
-        .take_queue()
-        .map(|queue| tokio::spawn(prefetch_requested(proxy.clone(), queue)));
+    let background = Background::start(&proxy);
     shutdown.await;
-    if let Some(task) = requested {
-        task.abort();
-    }
-    startup.abort();
-    disk_watch.abort();
-    if let Some(task) = eviction {
-        task.abort();
-        let _ = task.await;
-    }
-    if let Some(e) = &proxy.eviction {
-        e.release().await;
-    }
+    background.stop(&proxy).await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = api_task.await;
@@ -201,4 +139,97 @@ pub async fn serve(
         tracing::warn!("connections still open after 10s; closing them");
     }
     Ok(())
+}
+
+/// The registry API's accept loop: over TLS, or in plain HTTP with `sendfile(2)` for
+/// cached blobs (see [`zero_copy`]).
+fn serve_api(
+    proxy: &Arc<Proxy>,
+    config: &ProxyConfig,
+    api: TcpListener,
+    stop: watch::Receiver<bool>,
+    tracker: &TaskTracker,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (registry, https) = (proxy.registry.clone(), proxy.https());
+    let limits = ConnLimits {
+        max_connections: config.max_connections.get(),
+        header_timeout: config.client_header_timeout,
+        idle_timeout: config.client_idle_timeout,
+    };
+    let handler = move |req, client| http::handle(registry.clone(), https, req, client);
+    let tracker = tracker.clone();
+    let tls = proxy.tls.clone();
+    let sent = proxy.metrics.sendfile_bytes.clone();
+    async move {
+        match tls {
+            Some(tls) => {
+                crate::server::accept_loop(api, stop, tracker, limits, tls, handler, None).await
+            }
+            None => {
+                let zero_copy = Arc::new(zero_copy::ZeroCopy { sent });
+                crate::server::accept_loop(api, stop, tracker, limits, zero_copy, handler, None)
+                    .await
+            }
+        }
+    }
+}
+
+/// What the proxy does besides answering requests, for as long as it serves.
+struct Background {
+    /// Prefetch at start, then eviction down to a lowered limit.
+    startup: JoinHandle<()>,
+    /// The disk-full state cleared once space is back.
+    disk_watch: JoinHandle<()>,
+    /// A shared bucket's evictor.
+    eviction: Option<JoinHandle<()>>,
+    /// Prefetches asked for on the admin endpoint.
+    requested: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    fn start(proxy: &Arc<Proxy>) -> Background {
+        // Pins are known once prefetched: only then may a lowered limit evict.
+        let p = proxy.clone();
+        let startup = tokio::spawn(async move {
+            if !p.prefetch.is_empty() {
+                prefetcher::prefetch_all(p.registry.links(), &p.prefetch, &p.prefetch_platforms)
+                    .await;
+            }
+            p.cache().enforce_limit().await;
+        });
+        // The disk-full gauge goes back to 0 once space is back, with or without requests.
+        let p = proxy.clone();
+        let disk_watch = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(pull_through::DISK_FULL_RETRY);
+            loop {
+                tick.tick().await;
+                p.cache().recheck_disk();
+            }
+        });
+        Background {
+            startup,
+            disk_watch,
+            eviction: proxy.eviction.clone().map(|e| tokio::spawn(e.run())),
+            requested: proxy
+                .prefetcher
+                .take_queue()
+                .map(|queue| tokio::spawn(prefetch_requested(proxy.clone(), queue))),
+        }
+    }
+
+    /// Stops it all; a shared bucket's evictor lets its Lease go.
+    async fn stop(self, proxy: &Proxy) {
+        if let Some(task) = self.requested {
+            task.abort();
+        }
+        self.startup.abort();
+        self.disk_watch.abort();
+        if let Some(task) = self.eviction {
+            task.abort();
+            let _ = task.await;
+        }
+        if let Some(e) = &proxy.eviction {
+            e.release().await;
+        }
+    }
 }

@@ -155,41 +155,7 @@ impl Blobs {
             | FetchState::Unstored { len, .. } => Some(len),
             FetchState::Connecting => unreachable!("waited for a later state"),
         };
-        let span = match (range, len) {
-            (Some(r), Some(len)) => Some(
-                r.resolve(len)
-                    .ok_or(ProxyError::RangeNotSatisfiable { len })?,
-            ),
-            _ => None,
-        };
-        let (start, end) = span.map_or((0, len), |(s, e)| (s, Some(e + 1)));
-        let reader = LiveReader::new(rx, start, end, spans.cloned());
-        // The body follows the download for as long as it is read.
-        let body = futures::stream::unfold((reader, follower), |(mut r, f)| async move {
-            if r.finished {
-                return None;
-            }
-            match r.next_chunk().await {
-                Ok(Some(b)) => Some((Ok(b), (r, f))),
-                Ok(None) => None,
-                Err(e) => {
-                    r.finished = true;
-                    Some((Err(e), (r, f)))
-                }
-            }
-        })
-        .boxed();
-        Ok(BlobAnswer {
-            len,
-            range: span,
-            body: Some(body),
-            result: if leader {
-                CacheResult::Miss
-            } else {
-                CacheResult::Coalesced
-            },
-            redirect: None,
-        })
+        live_answer(rx, len, range, spans, follower, leader)
     }
 
     /// Joins the running download of `digest` or starts one, with a place among the
@@ -355,4 +321,51 @@ impl Blobs {
             _ => Ok(()),
         }
     }
+}
+
+/// The answer of a client that follows a download: the bytes (of its `range`, if
+/// satisfiable) read from the write as it grows, for as long as the client reads them.
+fn live_answer(
+    rx: watch::Receiver<FetchState>,
+    len: Option<u64>,
+    range: Option<ByteRange>,
+    spans: Option<&Spans>,
+    follower: Follower,
+    leader: bool,
+) -> Result<BlobAnswer, ProxyError> {
+    let span = match (range, len) {
+        (Some(r), Some(len)) => Some(
+            r.resolve(len)
+                .ok_or(ProxyError::RangeNotSatisfiable { len })?,
+        ),
+        _ => None,
+    };
+    let (start, end) = span.map_or((0, len), |(s, e)| (s, Some(e + 1)));
+    let reader = LiveReader::new(rx, start, end, spans.cloned());
+    // The body follows the download for as long as it is read.
+    let body = futures::stream::unfold((reader, follower), |(mut r, f)| async move {
+        if r.finished {
+            return None;
+        }
+        match r.next_chunk().await {
+            Ok(Some(b)) => Some((Ok(b), (r, f))),
+            Ok(None) => None,
+            Err(e) => {
+                r.finished = true;
+                Some((Err(e), (r, f)))
+            }
+        }
+    })
+    .boxed();
+    Ok(BlobAnswer {
+        len,
+        range: span,
+        body: Some(body),
+        result: if leader {
+            CacheResult::Miss
+        } else {
+            CacheResult::Coalesced
+        },
+        redirect: None,
+    })
 }
