@@ -27,6 +27,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Why the proxy could not start.
+/// Why a credentials file gives no credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    /// It cannot be read.
+    #[error("{0}")]
+    Read(std::io::Error),
+    /// It is not a `.dockerconfigjson` with the registry's entry.
+    #[error("{0}")]
+    Parse(crate::api::dockerconfig::DockerConfigError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Invalid configuration.
@@ -48,9 +59,9 @@ pub enum StartError {
         /// What went wrong.
         source: StoreError,
     },
-    /// The shared bucket's eviction cannot be set up (no client for its Lease).
-    #[error("storage.s3.eviction: {0}")]
-    Eviction(String),
+    /// The shared bucket's eviction cannot be set up: no client for its Lease.
+    #[error("storage.s3.eviction: no client for the eviction Lease: {0}")]
+    Eviction(#[source] kube::Error),
     /// The bucket's settings cannot make a client.
     #[error("storage.s3 ({name}): {source}")]
     Bucket {
@@ -67,7 +78,7 @@ pub enum StartError {
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        reason: String,
+        reason: CredentialsError,
     },
     /// The access signing key cannot be read or written.
     #[error("access signing key {path}: {source}")]
@@ -79,7 +90,7 @@ pub enum StartError {
     },
     /// The certificate or key cannot be used.
     #[error("tls: {0}")]
-    Tls(String),
+    Tls(#[from] crate::proxy::tls::TlsError),
     /// The admin token cannot be read or written.
     #[error("admin token {path}: {source}")]
     AdminToken {
@@ -311,13 +322,14 @@ fn credentials(u: &UpstreamConfig) -> Result<Option<Credentials>, StartError> {
     let Some(path) = &u.credentials_file else {
         return Ok(u.credentials.clone());
     };
-    let fail = |reason: String| StartError::Credentials {
+    let fail = |reason: CredentialsError| StartError::Credentials {
         registry: u.registry.clone(),
         path: path.clone(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-    let creds = credentials_for(&bytes, &u.registry).map_err(|e| fail(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|e| fail(CredentialsError::Read(e)))?;
+    let creds =
+        credentials_for(&bytes, &u.registry).map_err(|e| fail(CredentialsError::Parse(e)))?;
     if creds.is_none() {
         tracing::warn!(registry = %u.registry, path = %path.display(),
             "credentials file has no entry for this registry; pulling anonymously");

@@ -188,7 +188,7 @@ impl Prefetcher {
     }
 
     /// `q` is in the cache (with these manifests) or failed.
-    pub fn finished(&self, q: &Queued, outcome: Result<(Vec<Digest>, usize, u64), String>) {
+    pub fn finished(&self, q: &Queued, outcome: Result<(Vec<Digest>, usize, u64), ProxyError>) {
         let now = Instant::now();
         let gauge = |state: &str| self.metrics.prefetch_images.with_label_values(&[state]);
         gauge("pending").dec();
@@ -228,7 +228,7 @@ impl Prefetcher {
                 if let Some(j) = job {
                     j.progress.state = State::Failed;
                     j.progress.seconds = Some((now - j.started).as_secs_f64());
-                    j.progress.error = Some(error);
+                    j.progress.error = Some(error.to_string());
                     j.finished = Some(now);
                 }
             }

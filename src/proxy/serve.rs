@@ -40,7 +40,7 @@ async fn prefetch_requested(
                 }
                 Err(e) => {
                     tracing::warn!(image = %q.image.name, error = %e, "prefetch on request failed");
-                    Err(e.to_string())
+                    Err(e)
                 }
             };
         proxy.prefetcher.finished(&q, outcome);

@@ -254,13 +254,11 @@ impl SharedEviction {
         config: &EvictionConfig,
         pins: Pins,
         metrics: Metrics,
-    ) -> Result<SharedEviction, String> {
+    ) -> Result<SharedEviction, kube::Error> {
         let lock = match &config.lease {
             None => None,
             Some(name) => {
-                let client = kube::Client::try_default()
-                    .await
-                    .map_err(|e| format!("no client for the eviction Lease: {e}"))?;
+                let client = kube::Client::try_default().await?;
                 let ns = config
                     .lease_namespace
                     .clone()

@@ -23,19 +23,54 @@ use tokio::net::TcpStream;
 /// How often the files are looked at for a renewed certificate.
 const RECHECK: Duration = Duration::from_secs(10);
 
+/// Why the certificate and key cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file that cannot be read as PEM.
+    #[error("{}: {source}", path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// A certificate file with no certificate in it.
+    #[error("{}: no PEM certificate in it", .0.display())]
+    NoCertificate(PathBuf),
+    /// A certificate and key that do not make a key pair (or a key of a kind not used).
+    #[error("{} and {}: {source}", cert.display(), key.display())]
+    Pair {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// Why.
+        source: rustls::Error,
+    },
+    /// The TLS configuration itself.
+    #[error("{0}")]
+    Config(#[from] rustls::Error),
+}
+
 /// The certificate and key read from `cert` and `key`, checked to belong together.
-pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let pem = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TlsError::Pem { path, source }
+    };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<_, _>>())
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+        .map_err(pem(cert))?;
     if chain.is_empty() {
-        return Err(format!("{}: no PEM certificate in it", cert.display()));
+        return Err(TlsError::NoCertificate(cert.to_path_buf()));
     }
-    let private =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
     let provider = rustls::crypto::ring::default_provider();
-    CertifiedKey::from_der(chain, private, &provider)
-        .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))
+    CertifiedKey::from_der(chain, private, &provider).map_err(|source| TlsError::Pair {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        source,
+    })
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -104,7 +139,7 @@ pub struct Tls {
 impl Tls {
     /// TLS with the certificate chain in `cert` and its key in `key` (PEM), HTTP/2 and
     /// HTTP/1.1 offered by ALPN.
-    pub fn new(cert: &Path, key: &Path) -> Result<Tls, String> {
+    pub fn new(cert: &Path, key: &Path) -> Result<Tls, TlsError> {
         let certs = Arc::new(Certs {
             current: RwLock::new(Arc::new(load(cert, key)?)),
             read: Mutex::new((modified(cert), modified(key))),
@@ -115,8 +150,7 @@ impl Tls {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(certs.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
