@@ -97,6 +97,11 @@ impl Drop for FaultUpstream {
 }
 
 impl FaultUpstream {
+    /// A proxy's configuration with this upstream as its one (and default) upstream.
+    pub fn config(&self) -> pullthrough::api::ProxyConfig {
+        super::config_for(&[(self.host.as_str(), self.url.as_str())])
+    }
+
     pub async fn start() -> FaultUpstream {
         let state = Arc::new(State::default());
         let st = state.clone();

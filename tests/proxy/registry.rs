@@ -1,7 +1,11 @@
-//! The proxy in front of the real CNCF Distribution registry, pulled through with a Rust
-//! OCI client and with skopeo.
+//! The registry API as clients and Distribution use it: the proxy in front of the real
+//! CNCF Distribution registry, pulled through with a Rust OCI client and with skopeo;
+//! manifests that follow the client's Accept, answers that are not manifests, tags/list
+//! pages and its bounded cache.
 
+use crate::common::fault::FaultUpstream;
 use crate::common::*;
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pulls_through_distribution_with_rust_client_and_skopeo() {
@@ -423,4 +427,149 @@ async fn a_digest_is_served_only_under_repositories_that_hold_it() {
     assert_eq!(proxy.upstream_requests().await, 0.0, "served from links");
     let r = c.get(again("team/public")).send().await.unwrap();
     assert_eq!(r.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_follow_the_clients_accept_as_distribution_does() {
+    let upstream = Registry::start().await;
+    let image = MultiArch::generate(460, &[1000]);
+    push_multiarch(&upstream.url, "acc/app", "v1", &image).await;
+    let host = upstream.host();
+    let proxy = Proxy::start(&[(host.as_str(), upstream.url.as_str())]).await;
+    let docker = "application/vnd.docker.distribution.manifest.v2+json";
+    let index = &image.index.digest;
+    let answer = |base: String, reference: String, accept: &'static str| async move {
+        let r = http()
+            .get(format!("{base}/v2/acc/app/manifests/{reference}"))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r.json().await.unwrap();
+        let code = body["errors"][0]["code"].as_str().map(str::to_string);
+        (status, code, body["mediaType"].as_str().map(str::to_string))
+    };
+
+    // A client that takes everything caches the index first.
+    let full = answer(proxy.url.clone(), "v1".into(), ACCEPT).await;
+    assert_eq!((full.0, full.2.as_deref()), (200, Some(OCI_INDEX)));
+    // A client that reads only Docker schema 2 gets what Distribution itself answers
+    // (404 MANIFEST_UNKNOWN), by tag and by digest, never the index.
+    for reference in ["v1".to_string(), index.clone()] {
+        let direct = answer(upstream.url.clone(), reference.clone(), docker).await;
+        let through = answer(proxy.url.clone(), reference.clone(), docker).await;
+        assert_eq!(direct.0, 404, "Distribution's answer changed");
+        assert_eq!((through.0, through.1), (direct.0, direct.1), "{reference}");
+    }
+    // An image manifest, asked for as one, is served.
+    let child = &image.images[0].manifest.digest;
+    let one = answer(proxy.url.clone(), child.clone(), OCI_MANIFEST).await;
+    assert_eq!((one.0, one.2.as_deref()), (200, Some(OCI_MANIFEST)));
+    // The tag still serves the index to clients that take it, from the cache.
+    let again = answer(proxy.url.clone(), "v1".into(), ACCEPT).await;
+    assert_eq!((again.0, again.2.as_deref()), (200, Some(OCI_INDEX)));
+    assert_eq!(
+        proxy
+            .metric(
+                "pullthrough_requests_total",
+                &[("kind", "manifest"), ("result", "hit")]
+            )
+            .await,
+        1.0,
+        "the tag again, from the cache"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_is_not_a_manifest_is_neither_served_nor_cached() {
+    let up = FaultUpstream::start().await;
+    let html = Blob::new("text/html", b"<html>try again later</html>".to_vec());
+    up.add_manifest("a/b", "v1", &html);
+    let proxy = Proxy::start_config(up.config()).await;
+    for _ in 0..2 {
+        let r = get(&format!("{}/v2/a/b/manifests/v1", proxy.url)).await;
+        assert_eq!(error_code(r).await, (502, "MANIFEST_INVALID".to_string()));
+    }
+    assert_eq!(up.count("GET /v2/a/b/manifests/v1"), 2, "nothing cached");
+    assert!(!cached(&proxy.cache_dir, &html.digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_list_pages_through_this_proxy_and_caches_by_n_and_last_only() {
+    let up = FaultUpstream::start().await;
+    let image = Image::generate(470, &[100], "amd64");
+    for i in 0..7 {
+        up.add_manifest("library/tool", &format!("t{i}"), &image.manifest);
+    }
+    // Docker Hub naming: the client says `tool`, the upstream knows `library/tool`.
+    let mut cfg = config_for(&[("docker.io", up.url.as_str())]);
+    // Long enough that no page expires during the test, however slow the machine.
+    cfg.tags_list_ttl = Duration::from_secs(3600);
+    let proxy = Proxy::start_config(cfg).await;
+    let mut tags = Vec::new();
+    let mut next = Some("/v2/tool/tags/list?n=3&ns=docker.io".to_string());
+    for _ in 0..10 {
+        let Some(path) = next.take() else { break };
+        let r = get(&format!("{}{path}", proxy.url)).await;
+        assert_eq!(r.status(), 200, "{path}");
+        next = r.headers().get("link").map(|l| {
+            let l = l.to_str().unwrap();
+            assert!(l.ends_with(r#">; rel="next""#), "{l}");
+            l[1..l.find('>').unwrap()].to_string()
+        });
+        if let Some(n) = &next {
+            assert!(
+                n.starts_with("/v2/tool/tags/list?") && n.ends_with("&ns=docker.io"),
+                "{n}"
+            );
+        }
+        let page: serde_json::Value = r.json().await.unwrap();
+        tags.extend(
+            page["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.to_string()),
+        );
+    }
+    assert_eq!(tags.len(), 7, "{tags:?}");
+
+    // Parameters other than n and last neither reach the upstream nor split the cache.
+    let before = up.count("/tags/list");
+    for buster in 0..5 {
+        let r = get(&format!("{}/v2/tool/tags/list?n=3&x={buster}", proxy.url)).await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(up.count("/tags/list"), before, "served from the cache");
+    assert_eq!(up.count("x="), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tags_list_cache_is_bounded_in_bytes_oldest_first() {
+    let up = FaultUpstream::start().await;
+    let image = Image::generate(480, &[100], "amd64");
+    // Long tag names make a page of 1,000 of them about 1 MiB.
+    for i in 0..8000 {
+        let tag = format!("{i:05}-{}", "x".repeat(1000));
+        up.add_manifest("big/repo", &tag[..120], &image.manifest);
+    }
+    let mut cfg = up.config();
+    cfg.tags_list_ttl = Duration::from_secs(3600);
+    let proxy = Proxy::start_config(cfg).await;
+    let page = |last: usize| {
+        let url = format!("{}/v2/big/repo/tags/list?n=8000&last={last:05}", proxy.url);
+        async move { get(&url).await.bytes().await.unwrap() }
+    };
+    let first = page(0).await;
+    assert!(first.len() > 500_000, "{} bytes", first.len());
+    // Sixty more distinct pages: far more than 16 MiB, far fewer than 4,096 entries.
+    for last in 1..=60 {
+        page(last).await;
+    }
+    let before = up.count("/tags/list");
+    page(60).await;
+    assert_eq!(up.count("/tags/list"), before, "the newest page is cached");
+    page(0).await;
+    assert_eq!(up.count("/tags/list"), before + 1, "the oldest page went");
 }

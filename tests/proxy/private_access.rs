@@ -9,27 +9,6 @@ use std::time::{Duration, Instant};
 
 const PRIVATE: &str = "private.test";
 const PUBLIC: &str = "public.test";
-/// htpasswd lines (bcrypt, cost 4): cache:stash (the proxy's own), alice:wonder,
-/// bob:builder.
-pub(crate) const CACHE: &str =
-    "cache:$2b$04$es1FBHi4rE1F0WDaj9M.q.OytbToYO6a1FJgb5whB3UX6FEmiU7xK\n";
-pub(crate) const ALICE: &str =
-    "alice:$2b$04$TwXjjJWJnR8Mh0jdpU37POgeOMpEganXZYC42vKGEkHIYzhpZHHP6\n";
-pub(crate) const BOB: &str = "bob:$2b$04$HZrnC6gMd75VvjRd6.20meK4Yz6p.G8t3PUTEW5X2SGx5lv9RHtPO\n";
-
-/// The proxy's own credentials on the private registry: the `cache` user.
-pub(crate) fn cache_credentials() -> Credentials {
-    Credentials {
-        username: "cache".into(),
-        password: "stash".into(),
-    }
-}
-
-/// The private registry's URL with alice's credentials in it, to push with.
-pub(crate) fn as_alice(r: &Registry) -> String {
-    format!("http://alice:wonder@{}", r.host())
-}
-
 struct World {
     private: Registry,
     public: Registry,

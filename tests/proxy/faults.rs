@@ -3,20 +3,10 @@
 
 use crate::common::fault::FaultUpstream;
 use crate::common::*;
-use pullthrough::api::{Credentials, ProxyConfig, RepositoryFilter};
+use pullthrough::api::{Credentials, RepositoryFilter};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn config(up: &FaultUpstream) -> ProxyConfig {
-    config_for(&[(up.host.as_str(), up.url.as_str())])
-}
-
-/// Whether a committed blob file exists in the proxy's cache.
-fn cached(proxy: &Proxy, digest: &str) -> bool {
-    let hex = digest.trim_start_matches("sha256:");
-    proxy.cache_dir.join("blobs/sha256").join(hex).exists()
-}
 
 fn tmp_files(proxy: &Proxy) -> usize {
     std::fs::read_dir(proxy.cache_dir.join("tmp"))
@@ -47,7 +37,7 @@ async fn bearer_token_flow_with_credentials_and_token_cache() {
     let image = Image::generate(21, &[50_000, 60_000], "amd64");
     up.add_image("private/app", "v1", &image);
 
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.upstreams[0].credentials = Some(Credentials {
         username: "alice".into(),
         password: "s3cret".into(),
@@ -72,7 +62,7 @@ async fn bearer_token_flow_with_credentials_and_token_cache() {
     );
 
     // Wrong credentials: the token endpoint refuses, the client gets DENIED, nothing cached.
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.upstreams[0].credentials = Some(Credentials {
         username: "alice".into(),
         password: "wrong".into(),
@@ -109,7 +99,7 @@ async fn blob_redirects_to_storage_are_followed_without_leaking_credentials() {
     for b in image.blobs() {
         cdn.add_blob(b);
     }
-    let mut cfg = config(&origin);
+    let mut cfg = origin.config();
     cfg.upstreams[0].credentials = Some(Credentials {
         username: "alice".into(),
         password: "s3cret".into(),
@@ -149,7 +139,7 @@ async fn blob_redirects_to_storage_are_followed_without_leaking_credentials() {
     // Cached like any other blob.
     proxy.settled().await;
     for b in image.blobs() {
-        assert!(cached(&proxy, &b.digest));
+        assert!(cached(&proxy.cache_dir, &b.digest));
     }
 }
 
@@ -159,7 +149,7 @@ async fn upstream_5xx_is_an_oci_error_and_caches_nothing() {
     let image = Image::generate(22, &[10_000], "amd64");
     up.add_image("a/b", "v1", &image);
     up.state.fail_status.store(503, Ordering::SeqCst);
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     // A 429 without Retry-After leaves the upstream alone for `limits.backoff`
     // (tests/upstream_limits.rs): not at all here, so the upstream's return shows at once.
     cfg.upstreams[0].limits = Some(pullthrough::api::UpstreamLimits {
@@ -183,8 +173,8 @@ async fn upstream_5xx_is_an_oci_error_and_caches_nothing() {
         .await
         .unwrap();
     assert_eq!(error_code(r).await, (502, "UNAVAILABLE".to_string()));
-    assert!(!cached(&proxy, &image.layers[0].digest));
-    assert!(!cached(&proxy, &image.manifest.digest));
+    assert!(!cached(&proxy.cache_dir, &image.layers[0].digest));
+    assert!(!cached(&proxy.cache_dir, &image.manifest.digest));
     assert_eq!(
         proxy
             .metric("pullthrough_upstream_requests_total", &[("code", "503")])
@@ -232,7 +222,7 @@ async fn dropped_connection_mid_blob_is_never_cached_or_served_whole() {
     let layer = Blob::new(LAYER, random_bytes(5, 1_000_000));
     up.add_blob(&layer);
     up.state.drop_mid_blob.store(1, Ordering::SeqCst);
-    let proxy = Proxy::start_config(config(&up)).await;
+    let proxy = Proxy::start_config(up.config()).await;
     let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
 
     let r = http().get(&url).send().await.unwrap();
@@ -244,13 +234,13 @@ async fn dropped_connection_mid_blob_is_never_cached_or_served_whole() {
     );
     // Let the download task clean up.
     proxy.settled().await;
-    assert!(!cached(&proxy, &layer.digest));
+    assert!(!cached(&proxy.cache_dir, &layer.digest));
     assert_eq!(tmp_files(&proxy), 0, "the partial file is removed");
 
     let body = get_bytes(&url).await;
     assert_eq!(sha256(&body), layer.digest);
     proxy.settled().await;
-    assert!(cached(&proxy, &layer.digest));
+    assert!(cached(&proxy.cache_dir, &layer.digest));
     assert_eq!(up.count("GET /v2/a/b/blobs/"), 2);
 }
 
@@ -264,7 +254,7 @@ async fn wrong_bytes_for_a_digest_are_never_cached_or_served_whole() {
         .lock()
         .unwrap()
         .insert(layer.digest.clone());
-    let proxy = Proxy::start_config(config(&up)).await;
+    let proxy = Proxy::start_config(up.config()).await;
     let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
 
     for _ in 0..2 {
@@ -276,7 +266,7 @@ async fn wrong_bytes_for_a_digest_are_never_cached_or_served_whole() {
             );
         }
         proxy.settled().await;
-        assert!(!cached(&proxy, &layer.digest));
+        assert!(!cached(&proxy.cache_dir, &layer.digest));
     }
     assert_eq!(tmp_files(&proxy), 0);
     // Each request tried again: a bad download is never remembered as good.
@@ -292,14 +282,14 @@ async fn wrong_bytes_for_a_digest_are_never_cached_or_served_whole() {
         .await
         .unwrap();
     assert_eq!(error_code(r).await, (502, "DIGEST_INVALID".to_string()));
-    assert!(!cached(&proxy, &m.digest) && !cached(&proxy, &other.digest));
+    assert!(!cached(&proxy.cache_dir, &m.digest) && !cached(&proxy.cache_dir, &other.digest));
 
     // Upstream fixed: the right bytes are served and cached.
     up.state.corrupt.lock().unwrap().clear();
     let body = get_bytes(&url).await;
     assert_eq!(sha256(&body), layer.digest);
     proxy.settled().await;
-    assert!(cached(&proxy, &layer.digest));
+    assert!(cached(&proxy.cache_dir, &layer.digest));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -310,7 +300,7 @@ async fn slow_upstream_streams_to_the_first_client_and_coalesces_the_rest() {
     // The upstream sends the first 16 KiB, then holds the rest back until released: a
     // cache that stored before serving would never pass those first bytes on.
     let release = up.hold_blobs(16 * 1024);
-    let proxy = Proxy::start_config(config(&up)).await;
+    let proxy = Proxy::start_config(up.config()).await;
     let url = format!("{}/v2/a/b/blobs/{}", proxy.url, layer.digest);
 
     let mut first = http().get(&url).send().await.unwrap();
@@ -361,7 +351,7 @@ async fn stale_tags_are_served_while_the_upstream_is_down_within_the_bound() {
     let image = Image::generate(23, &[30_000], "amd64");
     up.add_image("a/b", "v1", &image);
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.cache_dir = dir.path().join("cache");
     // Each step runs its own process on the same cache with the TTLs it needs, so that no
     // step depends on how fast the machine is: a TTL of zero is always past, an hour
@@ -417,7 +407,7 @@ async fn tags_are_revalidated_after_ttl_and_follow_upstream_changes() {
     let v1 = Image::generate(24, &[1000], "amd64");
     let v2 = Image::generate(25, &[1000], "amd64");
     up.add_image("a/b", "latest", &v1);
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.tag_ttl = Duration::from_millis(300);
     let proxy = Proxy::start_config(cfg).await;
     assert_eq!(
@@ -466,7 +456,7 @@ async fn bad_input_is_refused_before_any_upstream_call() {
         format!(r#"{{"schemaVersion":2,"pad":"{}"}}"#, "x".repeat(5000)).into_bytes(),
     );
     up.add_manifest("a/b", "big", &big);
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.max_manifest_bytes = 4096.try_into().unwrap();
     cfg.upstreams[0].repositories = RepositoryFilter {
         allow: vec!["a/*".into(), "team/*".into()],
@@ -559,7 +549,7 @@ async fn bad_input_is_refused_before_any_upstream_call() {
         .await
         .unwrap();
     assert_eq!(error_code(r).await, (502, "SIZE_INVALID".to_string()));
-    assert!(!cached(&proxy, &big.digest));
+    assert!(!cached(&proxy.cache_dir, &big.digest));
     assert_eq!(
         proxy
             .metric(
@@ -636,4 +626,179 @@ async fn several_upstreams_routed_by_ns_and_referrers_passed_through() {
         "filters are forwarded, ns is not"
     );
     assert_eq!(two.count("ns="), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_bodies_that_stall_fail_within_the_timeout() {
+    let up = FaultUpstream::start().await;
+    let image = Image::generate(500, &[100], "amd64");
+    up.add_image("a/b", "v1", &image);
+    up.add_image("a/c", "v1", &image);
+    let mut cfg = up.config();
+    cfg.upstream_timeout = Duration::from_secs(1);
+    let proxy = Proxy::start_config(cfg).await;
+    for part in ["/tags/list", "/referrers/", "/manifests/v1"] {
+        up.state.stall_bodies.lock().unwrap().push(part.to_string());
+    }
+    let paths = [
+        "/v2/a/b/tags/list".to_string(),
+        format!("/v2/a/b/referrers/{}", image.manifest.digest),
+        "/v2/a/b/manifests/v1".to_string(),
+    ];
+    // The client waits up to 120 s: a stall that is not cut by the proxy fails it.
+    for path in &paths {
+        let r = get(&format!("{}{path}", proxy.url)).await;
+        assert_eq!(
+            error_code(r).await,
+            (502, "UNAVAILABLE".to_string()),
+            "{path}"
+        );
+    }
+    // And the token endpoint's answer.
+    up.state.stall_bodies.lock().unwrap().clear();
+    *up.state.token_auth.lock().unwrap() = Some(("u".into(), "p".into()));
+    up.state.stall_bodies.lock().unwrap().push("/token".into());
+    let mut cfg = up.config();
+    cfg.upstream_timeout = Duration::from_secs(1);
+    cfg.upstreams[0].credentials = Some(pullthrough::api::Credentials {
+        username: "u".into(),
+        password: "p".into(),
+    });
+    // The proxy's own credentials upstream, served to any client.
+    cfg.upstreams[0].access = Some(pullthrough::api::UpstreamAccess {
+        mode: pullthrough::api::AccessMode::Open,
+    });
+    let proxy = Proxy::start_config(cfg).await;
+    let r = get(&format!("{}/v2/a/c/manifests/v1", proxy.url)).await;
+    assert_eq!(error_code(r).await, (502, "UNAVAILABLE".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_ns_and_odd_upstream_answers_get_their_own_errors() {
+    let up = FaultUpstream::start().await;
+    let image = Image::generate(510, &[100], "amd64");
+    up.add_image("a/b", "v1", &image);
+    let proxy = Proxy::start_config(up.config()).await;
+    let at = |path: String| {
+        let url = format!("{}{path}", proxy.url);
+        async move { get(&url).await }
+    };
+    for query in ["ns=%zz", &format!("ns={}&ns={}", up.host, up.host)] {
+        let r = at(format!("/v2/a/b/manifests/v1?{query}")).await;
+        assert_eq!(
+            error_code(r).await,
+            (400, "NAME_INVALID".to_string()),
+            "{query}"
+        );
+    }
+    assert_eq!(up.total(), 0, "refused before any upstream call");
+
+    // A status no registry sends here is not a digest problem.
+    up.state.fail_status.store(418, Ordering::SeqCst);
+    let r = at("/v2/a/b/manifests/v1".into()).await;
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "UNKNOWN");
+    assert!(v["errors"][0]["message"].as_str().unwrap().contains("418"));
+    up.state.fail_status.store(0, Ordering::SeqCst);
+
+    // A redirect to nowhere.
+    up.state.redirect_nowhere.store(true, Ordering::SeqCst);
+    let layer = &image.layers[0].digest;
+    let r = at(format!("/v2/a/b/blobs/{layer}")).await;
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "UNKNOWN");
+    assert!(
+        v["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("without a Location")
+    );
+
+    // A token endpoint that answers without a token names itself.
+    *up.state.token_auth.lock().unwrap() = Some(("u".into(), "p".into()));
+    *up.state.token_answer.lock().unwrap() = Some(r#"{"nothing":"here"}"#.into());
+    let mut cfg = up.config();
+    cfg.upstreams[0].credentials = Some(pullthrough::api::Credentials {
+        username: "u".into(),
+        password: "p".into(),
+    });
+    // The proxy's own credentials upstream, served to any client.
+    cfg.upstreams[0].access = Some(pullthrough::api::UpstreamAccess {
+        mode: pullthrough::api::AccessMode::Open,
+    });
+    let proxy = Proxy::start_config(cfg).await;
+    let r = get(&format!("{}/v2/a/b/manifests/v1", proxy.url)).await;
+    let v: serde_json::Value = r.json().await.unwrap();
+    let message = v["errors"][0]["message"].as_str().unwrap();
+    assert_eq!(v["errors"][0]["code"], "UNKNOWN", "{message}");
+    assert!(
+        message.contains(&format!(
+            "token endpoint {} answered without a token",
+            up.url
+        )),
+        "{message}"
+    );
+}
+
+/// A hostile upstream body of unknown length: one that never ends is written only into
+/// the room set aside for it and only while a client reads it, so the cache's volume never
+/// fills (no disk-full for everyone); one that drips a byte every 100 ms is cut off at the
+/// end of its first window below `upstreamMinRate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_and_dripping_bodies_cannot_hold_the_cache() {
+    let up = FaultUpstream::start().await;
+    let (endless, dripping) = (
+        Blob::new(LAYER, random_bytes(640, 1000)),
+        Blob::new(LAYER, random_bytes(641, 1000)),
+    );
+    up.add_blob(&endless);
+    up.add_blob(&dripping);
+    up.state
+        .endless
+        .lock()
+        .unwrap()
+        .push(endless.digest.clone());
+    up.state
+        .drips
+        .lock()
+        .unwrap()
+        .push((dripping.digest.clone(), Duration::from_millis(100)));
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&dir.path().join("fs"), 96);
+    let mut cfg = up.config();
+    cfg.cache_dir = fs.0.join("cache");
+    cfg.upstream_min_rate = 1024;
+    cfg.upstream_min_rate_window = Duration::from_secs(1);
+    let proxy = Proxy::start_config(cfg).await;
+    let url = |b: &Blob| format!("{}/v2/team/x/blobs/{}", proxy.url, b.digest);
+    let disk_full = || proxy.metric("pullthrough_cache_disk_full", &[]);
+
+    // A client that reads 1 MiB and leaves: the download stops with it.
+    let (first, _) = get_begun(&url(&endless), 1 << 20).await;
+    drop(first);
+    until("the endless download to stop", || async {
+        proxy.metric("pullthrough_inflight_fetches", &[]).await == 0.0
+    })
+    .await;
+    // A client that reads on: the download stops at its room, the volume never fills.
+    let mut r = http().get(url(&endless)).send().await.unwrap();
+    let mut got = 0u64;
+    let ended = loop {
+        match r.chunk().await {
+            Ok(Some(c)) => got += c.len() as u64,
+            Ok(None) => break "the body ended",
+            Err(_) => break "cut",
+        }
+    };
+    assert_eq!(ended, "cut");
+    assert!(got < 96 << 20, "read {got} bytes of an endless body");
+    assert_eq!(disk_full().await, 0.0, "the cache volume filled up");
+    proxy.settled().await;
+    let left = std::fs::read_dir(fs.0.join("cache/tmp")).unwrap().count();
+    assert_eq!(left, 0, "partial downloads left behind");
+
+    // A drip: cut off after its first window, not held until a timeout.
+    let r = http().get(url(&dripping)).send().await.unwrap();
+    assert!(r.bytes().await.is_err(), "a dripping body was not cut off");
+    assert_eq!(disk_full().await, 0.0);
 }

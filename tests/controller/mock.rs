@@ -1,239 +1,18 @@
 //! The reconciler's side effects against a mocked API server (kube-rs/controller-rs's
 //! tower-test pattern): every request the controller sends is recorded and answered by a
-//! small fake that knows the objects of each scenario.
+//! small fake that knows the objects of each scenario ([`crate::common::fake_api`]).
 
-use http_body_util::BodyExt;
-use hyper::{Request, Response};
+use crate::common::fake_api::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::Client;
-use kube::client::Body;
 use kube::runtime::controller::Action;
-use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
-use pullthrough::api::mirror::{FINALIZER, RegistryMirror, RegistryMirrorSpec};
-use pullthrough::controller::builders::ChildSettings;
-use pullthrough::controller::{Context, error_policy, reconcile};
+use pullthrough::api::mirror::{FINALIZER, RegistryMirror};
+use pullthrough::controller::{error_policy, reconcile};
 use serde_json::{Value, json};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-const NS: &str = "pullthrough-system";
-/// The admin token of the proxies of these tests (as long as a real one must be).
-const ADMIN_TOKEN: &str = "the admin token of the test proxies, 32+ bytes";
-
-#[derive(Debug, Clone)]
-struct Call {
-    method: String,
-    path: String,
-    query: String,
-    body: Value,
-}
-
-/// What the fake API server holds for one scenario.
-#[derive(Clone, Default)]
-struct World {
-    secret: Option<Value>,
-    /// Secrets by name, before `secret` (which answers for any name).
-    named: Vec<(String, Value)>,
-    nodes: Vec<Value>,
-    ready_replicas: i64,
-    service_monitor_crd: bool,
-    fail_configmap: bool,
-    /// Pods, for every pod list.
-    pods: Vec<Value>,
-    /// Where the controller asks proxies for prefetches.
-    ops_port: Option<u16>,
-}
-
-fn not_found() -> (u16, Value) {
-    (
-        404,
-        json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"message":"not found"}),
-    )
-}
-
-fn answer(world: &World, call: &Call) -> (u16, Value) {
-    let p = call.path.as_str();
-    let m = call.method.as_str();
-    let mut echo = call.body.clone();
-    if echo.is_object() {
-        echo["metadata"]["resourceVersion"] = json!("2");
-    }
-    match m {
-        "GET" if p.contains("/secrets/") => {
-            let name = p.rsplit('/').next().unwrap();
-            match world.named.iter().find(|(n, _)| n == name) {
-                Some((_, s)) => (200, s.clone()),
-                None => match &world.secret {
-                    Some(s) => (200, s.clone()),
-                    None => not_found(),
-                },
-            }
-        }
-        "POST" if p.ends_with("/secrets") => (201, echo),
-        "GET"
-            if p.ends_with("/customresourcedefinitions/servicemonitors.monitoring.coreos.com") =>
-        {
-            if world.service_monitor_crd {
-                (
-                    200,
-                    json!({"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition",
-                    "metadata":{"name":"servicemonitors.monitoring.coreos.com"},
-                    "spec":{"group":"monitoring.coreos.com","names":{"kind":"ServiceMonitor","plural":"servicemonitors"},
-                        "scope":"Namespaced","versions":[]}}),
-                )
-            } else {
-                not_found()
-            }
-        }
-        "GET" if p.ends_with("/pods") => (
-            200,
-            json!({"apiVersion":"v1","kind":"PodList","metadata":{},"items":world.pods}),
-        ),
-        "GET" if p == "/api/v1/nodes" => (
-            200,
-            json!({"apiVersion":"v1","kind":"NodeList","metadata":{},"items":world.nodes}),
-        ),
-        "DELETE" => not_found(),
-        "PATCH" if p.contains("/configmaps/") && world.fail_configmap => (
-            500,
-            json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"InternalError","code":500,"message":"etcd is sad"}),
-        ),
-        "PATCH" if p.contains("/deployments/") || p.contains("/statefulsets/") => {
-            echo["status"] = json!({"readyReplicas": world.ready_replicas, "updatedReplicas": world.ready_replicas});
-            (200, echo)
-        }
-        "PATCH" if p.contains("/services/") => {
-            echo["spec"]["clusterIP"] = json!("10.96.0.10");
-            (200, echo)
-        }
-        "PATCH" if p.contains("/registrymirrors/") => {
-            // Merge patches of a mirror: answer with a plausible whole object.
-            (
-                200,
-                json!({"apiVersion":"pullthrough.dev/v1alpha1","kind":"RegistryMirror",
-                "metadata":{"name":"public","namespace":NS,"uid":"u-1","resourceVersion":"3"},
-                "spec":{"upstreams":[{"registry":"docker.io"}]}}),
-            )
-        }
-        "PATCH" => (200, echo),
-        "POST" if p.ends_with("/events") => (201, echo),
-        _ => panic!("unexpected request {m} {p}"),
-    }
-}
-
-struct Fake {
-    calls: Arc<Mutex<Vec<Call>>>,
-    ctx: Arc<Context>,
-    writer: Writer<RegistryMirror>,
-}
-
-fn fake(world: World) -> Fake {
-    let world_ops_port = world.ops_port;
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let calls = Arc::new(Mutex::new(Vec::new()));
-    let log = calls.clone();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let (parts, body) = req.into_parts();
-            let bytes = body.collect().await.unwrap().to_bytes();
-            let call = Call {
-                method: parts.method.to_string(),
-                path: parts.uri.path().to_string(),
-                query: parts.uri.query().unwrap_or("").to_string(),
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            };
-            let (status, value) = answer(&world, &call);
-            log.lock().unwrap().push(call);
-            send.send_response(
-                Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&value).unwrap()))
-                    .unwrap(),
-            );
-        }
-    });
-    let client = Client::new(service, NS);
-    let (store, writer) = reflector::store::<RegistryMirror>();
-    let settings = ChildSettings {
-        proxy_image: "example.org/pullthrough:test".into(),
-        image_pull_policy: None,
-    };
-    let reporter = Reporter {
-        controller: "pullthrough-controller".into(),
-        instance: Some("test".into()),
-    };
-    let mut ctx = Context::new(client, settings, store, reporter);
-    if let Some(port) = world_ops_port {
-        ctx.ops_port = port;
-    }
-    let ctx = Arc::new(ctx);
-    Fake { calls, ctx, writer }
-}
-
-impl Fake {
-    fn calls(&self) -> Vec<Call> {
-        self.calls.lock().unwrap().clone()
-    }
-    fn summary(&self) -> Vec<String> {
-        self.calls()
-            .iter()
-            .map(|c| {
-                let kind = c.path.rsplit('/').nth(1).unwrap_or("");
-                let last = c.path.rsplit('/').next().unwrap_or("");
-                if last == "status" || last == "events" || last == "nodes" {
-                    format!("{} {last}", c.method)
-                } else {
-                    format!("{} {kind}", c.method)
-                }
-            })
-            .collect()
-    }
-    fn find(&self, method: &str, path_part: &str) -> Call {
-        self.calls()
-            .into_iter()
-            .find(|c| c.method == method && c.path.contains(path_part))
-            .unwrap_or_else(|| panic!("no {method} {path_part} in {:?}", self.summary()))
-    }
-    fn add_to_store(&mut self, m: &RegistryMirror) {
-        self.writer
-            .apply_watcher_event(&watcher::Event::Apply(m.clone()));
-    }
-}
-
-fn mirror(name: &str, created: i64, yaml: &str, finalized: bool) -> RegistryMirror {
-    let spec: RegistryMirrorSpec = serde_yaml::from_str(yaml).unwrap();
-    let mut m = RegistryMirror::new(name, spec);
-    m.metadata.namespace = Some(NS.into());
-    m.metadata.uid = Some(format!("uid-{name}"));
-    m.metadata.generation = Some(1);
-    m.metadata.resource_version = Some("1".into());
-    m.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
-    if finalized {
-        m.metadata.finalizers = Some(vec![FINALIZER.into()]);
-    }
-    m
-}
-
-fn node(name: &str, annotation: Option<&str>) -> Value {
-    let mut n = json!({"apiVersion":"v1","kind":"Node","metadata":{"name":name,"labels":{"kubernetes.io/hostname":name}}});
-    if let Some(a) = annotation {
-        n["metadata"]["annotations"] = json!({"pullthrough.dev/mirrors": a});
-    }
-    n
-}
-
-fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
-    status_patch["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == type_)
-        .unwrap()
-}
 
 #[tokio::test]
 async fn a_new_mirror_gets_its_finalizer_first() {
@@ -674,11 +453,6 @@ async fn a_secret_of_the_wrong_kind_is_reported() {
     assert!(vols.iter().any(|v| v["secret"]["secretName"] == "hub"));
 }
 
-fn base64(s: &str) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
 #[tokio::test]
 async fn an_invalid_spec_is_explained_in_a_condition() {
     let f = fake(World::default());
@@ -905,16 +679,6 @@ async fn a_tls_mirror_waiting_for_its_certificate_already_has_the_address_it_mus
     let status = f.find("PATCH", "/status").body;
     assert_eq!(condition(&status, "Degraded")["reason"], "SecretNotFound");
     assert_eq!(status["status"]["endpoint"], "https://10.96.0.10:5000");
-}
-
-/// A node of linux/amd64, as its kubelet reports it.
-fn amd64_node(name: &str) -> Value {
-    let mut n = node(name, None);
-    n["status"] = json!({"nodeInfo": {
-        "architecture": "amd64", "operatingSystem": "linux", "bootID": "b", "containerRuntimeVersion": "containerd://1.6",
-        "kernelVersion": "6.1", "kubeProxyVersion": "", "kubeletVersion": "v1.32.6", "machineID": "m",
-        "osImage": "Debian GNU/Linux 12", "systemUUID": "u"}});
-    n
 }
 
 /// What the prefetch controller's reflectors would hold: filled stores, and the

@@ -285,13 +285,13 @@ fn refused_from_containerd(upstream: &Registry, path: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_a_private_image_through_the_mirror_only_with_good_credentials() {
-    use crate::private_access::{ALICE, BOB, CACHE};
+    use crate::common::{ALICE, BOB, CACHE};
     let private = Registry::start_private(&format!("{CACHE}{ALICE}{BOB}")).await;
     let public = Registry::start().await;
     let secret = Image::generate_tar(61, &[200_000, 30_000], "amd64");
     let open = Image::generate_tar(62, &[100_000], "amd64");
     push_image(
-        &crate::private_access::as_alice(&private),
+        &crate::common::as_alice(&private),
         "team/app",
         "v1",
         &secret,
@@ -300,7 +300,7 @@ async fn containerd_pulls_a_private_image_through_the_mirror_only_with_good_cred
     push_image(&public.url, "lib/open", "v1", &open).await;
     let (p, o) = (private.host(), public.host());
     let mut config = config_for(&[(&p, &private.url), (&o, &public.url)]);
-    config.upstreams[0].credentials = Some(crate::private_access::cache_credentials());
+    config.upstreams[0].credentials = Some(crate::common::cache_credentials());
     config.upstreams[1].access = Some(pullthrough::api::UpstreamAccess {
         mode: pullthrough::api::AccessMode::UpstreamAuth,
     });
@@ -413,21 +413,15 @@ async fn containerd_pulls_a_private_image_through_the_mirror_only_with_good_cred
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_verifies_a_tls_mirror_with_the_ca_the_agent_writes() {
-    use crate::private_access::{ALICE, CACHE};
+    use crate::common::{ALICE, CACHE};
     let private = Registry::start_private(&format!("{CACHE}{ALICE}")).await;
     let image = Image::generate_tar(63, &[150_000], "amd64");
-    push_image(
-        &crate::private_access::as_alice(&private),
-        "team/app",
-        "v1",
-        &image,
-    )
-    .await;
+    push_image(&crate::common::as_alice(&private), "team/app", "v1", &image).await;
     let certs = tempfile::tempdir().unwrap();
     test_certificate(certs.path());
     let p = private.host();
     let mut config = config_for(&[(&p, &private.url)]);
-    config.upstreams[0].credentials = Some(crate::private_access::cache_credentials());
+    config.upstreams[0].credentials = Some(crate::common::cache_credentials());
     config.tls = Some(pullthrough::api::TlsConfig {
         cert_file: certs.path().join("tls.crt"),
         key_file: certs.path().join("tls.key"),

@@ -8,17 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn config(up: &FaultUpstream) -> ProxyConfig {
-    config_for(&[(up.host.as_str(), up.url.as_str())])
-}
-
-fn cached(cache_dir: &Path, digest: &str) -> bool {
-    cache_dir
-        .join("blobs/sha256")
-        .join(digest.trim_start_matches("sha256:"))
-        .exists()
-}
-
 fn blob_dir_bytes(cache_dir: &Path) -> u64 {
     std::fs::read_dir(cache_dir.join("blobs/sha256"))
         .unwrap()
@@ -38,7 +27,7 @@ async fn four_images(seed: u64) -> (FaultUpstream, Vec<Image>, tempfile::TempDir
         up.add_image(&format!("team/img{i}"), "v1", img);
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.cache_dir = dir.path().join("cache");
     cfg.max_cache_bytes = Some(2_500_000);
     (up, images, dir, cfg)
@@ -130,7 +119,7 @@ async fn a_blob_being_sent_is_never_evicted_under_its_reader() {
     for b in [&held, &x, &y] {
         up.add_blob(b);
     }
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.max_cache_bytes = Some(40 << 20);
     let proxy = Proxy::start_config(cfg).await;
     let get = |d: &str| {
@@ -169,7 +158,7 @@ async fn an_uncacheable_blob_is_streamed_through_whole() {
     let up = FaultUpstream::start().await;
     let big = Blob::new(LAYER, random_bytes(70, 3_000_000));
     up.add_blob(&big);
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.max_cache_bytes = Some(1_000_000);
     let proxy = Proxy::start_config(cfg).await;
     let body = get_bytes(&format!("{}/v2/a/b/blobs/{}", proxy.url, big.digest)).await;
@@ -192,7 +181,7 @@ async fn prefetch_pulls_the_listed_platforms_at_start() {
         up.add_manifest("team/app", &img.manifest.digest, &img.manifest);
     }
     up.add_manifest("team/app", "v1", &multi.index);
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.prefetch = vec![format!("{}/team/app:v1", up.host)];
     cfg.prefetch_platforms = vec!["linux/arm64".into()];
     let proxy = Proxy::start_config(cfg).await;
@@ -352,7 +341,7 @@ async fn a_disk_that_fills_during_a_download_does_not_cut_it() {
     let release = up.hold_blobs(320 * 1024);
     let dir = tempfile::tempdir().unwrap();
     let fs = Tmpfs::mount(&dir.path().join("small"), 40);
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.cache_dir = fs.0.join("cache");
     let proxy = Proxy::start_config(cfg).await;
 
@@ -384,7 +373,7 @@ async fn a_full_disk_streams_through_and_caching_resumes_when_space_returns() {
     let fs = Tmpfs::mount(&dir.path().join("small"), 40);
     let filler = fs.0.join("filler");
     std::fs::write(&filler, vec![0u8; 30 << 20]).unwrap();
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.cache_dir = fs.0.join("cache");
     let proxy = Proxy::start_config(cfg).await;
 
@@ -583,7 +572,7 @@ async fn a_blob_changed_on_disk_while_stopped_is_never_served() {
     up.add_blob(&a);
     up.add_blob(&b);
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&up);
+    let mut cfg = up.config();
     cfg.cache_dir = dir.path().join("cache");
     let url = |p: &Proxy, blob: &Blob| format!("{}/v2/team/x/blobs/{}", p.url, blob.digest);
     let proxy = Proxy::start_config(cfg.clone()).await;

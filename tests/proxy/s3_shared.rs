@@ -655,19 +655,13 @@ async fn mirrors_that_do_not_know_each_other_fetch_a_blob_once_through_the_bucke
 #[tokio::test]
 #[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
 async fn replicas_serving_tls_ask_each_other_over_it_for_private_blobs() {
-    use crate::private_access::{ALICE, CACHE};
+    use crate::common::{ALICE, CACHE};
     let up = Registry::start_private(&format!("{CACHE}{ALICE}")).await;
     let blob = Blob::new("application/octet-stream", random_bytes(43, 4 << 20));
-    push_blob(&crate::private_access::as_alice(&up), "team/big", &blob).await;
+    push_blob(&crate::common::as_alice(&up), "team/big", &blob).await;
     // A tag in the repository, which the check of alice's credentials asks for.
     let tagged = Image::generate(47, &[1000], "amd64");
-    push_image(
-        &crate::private_access::as_alice(&up),
-        "team/big",
-        "latest",
-        &tagged,
-    )
-    .await;
+    push_image(&crate::common::as_alice(&up), "team/big", "latest", &tagged).await;
     let certs = tempfile::tempdir().unwrap();
     test_certificate(certs.path());
     let key = certs.path().join("signing-key");
@@ -676,7 +670,7 @@ async fn replicas_serving_tls_ask_each_other_over_it_for_private_blobs() {
     let host = up.host();
     let (replicas, addrs) = replicas(2, || {
         let mut c = with_storage(config_for(&[(&host, &up.url)]), s3(&prefix));
-        c.upstreams[0].credentials = Some(crate::private_access::cache_credentials());
+        c.upstreams[0].credentials = Some(crate::common::cache_credentials());
         c.tls = Some(pullthrough::api::TlsConfig {
             cert_file: certs.path().join("tls.crt"),
             key_file: certs.path().join("tls.key"),
@@ -740,17 +734,17 @@ async fn replicas_serving_tls_ask_each_other_over_it_for_private_blobs() {
 #[tokio::test]
 #[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
 async fn only_a_proven_replica_gets_a_blob_and_nothing_else() {
-    use crate::private_access::{ALICE, CACHE};
+    use crate::common::{ALICE, CACHE};
     use pullthrough::proxy::peers::{PEER_HEADER, Peers};
     use pullthrough::proxy::shared_key::SharedKey;
     let up = Registry::start_private(&format!("{CACHE}{ALICE}")).await;
     let img = Image::generate(44, &[30_000], "amd64");
-    push_image(&crate::private_access::as_alice(&up), "team/app", "1", &img).await;
+    push_image(&crate::common::as_alice(&up), "team/app", "1", &img).await;
     let prefix = prefix("peer-trust");
     let host = up.host();
     let (replicas, addrs) = replicas(2, || {
         let mut c = with_storage(config_for(&[(&host, &up.url)]), s3(&prefix));
-        c.upstreams[0].credentials = Some(crate::private_access::cache_credentials());
+        c.upstreams[0].credentials = Some(crate::common::cache_credentials());
         c.access.plain_http = true;
         c
     })
