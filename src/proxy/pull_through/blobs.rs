@@ -6,7 +6,7 @@
 //! match. A blob that cannot be cached is relayed through memory to the clients that
 //! waited for it ([`super::relay`]); HEADs of uncached blobs are coalesced too.
 
-use super::download::{BlobFetch, FetchState, Follower, Joined};
+use super::fetch::{BlobFetch, FetchState, Follower, Joined};
 use super::live_reader::LiveReader;
 use super::relay::{RELAY_DEPTH, relay, relay_answer};
 use super::single_flight::{SingleFlight, Waiting};

@@ -96,7 +96,7 @@ impl FakeUpstream {
             Metrics::new(),
             (
                 Duration::from_secs(30),
-                crate::api::ProxyConfig::default().upstream_min_rate(),
+                crate::proxy::upstream::MinRate::of(&crate::api::ProxyConfig::default()),
             ),
         ));
         FakeUpstream {

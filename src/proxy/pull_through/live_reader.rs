@@ -2,7 +2,7 @@
 //! (all but the last byte until the digest is verified), through the store's [`Written`]
 //! (`crate::proxy::store::Written`), which stays readable after the commit.
 
-use super::download::FetchState;
+use super::fetch::FetchState;
 use crate::proxy::store::WrittenReader;
 use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
@@ -100,7 +100,7 @@ impl LiveReader {
 #[cfg(test)]
 mod tests {
 
-    use super::super::download::Source;
+    use super::super::fetch::Source;
     use super::*;
     use crate::proxy::error::ProxyError;
     use crate::proxy::store::{BlobStore, BlobWrite, CHUNK, DiskStore, PageCache};

@@ -21,6 +21,7 @@ mod blobs;
 mod download;
 #[cfg(test)]
 mod download_tests;
+mod fetch;
 mod lists;
 mod live_reader;
 mod manifests;
