@@ -17,7 +17,7 @@ use super::state::Proxy;
 use super::store::s3::{Bucket, S3Store};
 use super::store::{BlobStore, DiskStore, StoreError};
 use super::tls::Tls;
-use super::upstream::{self, Upstream};
+use super::upstream::{self, MinRate, Upstream};
 use crate::api::dockerconfig::credentials_for;
 use crate::api::image_ref;
 use crate::api::{ConfigError, Credentials, ProxyConfig, UpstreamConfig};
@@ -303,7 +303,7 @@ fn upstreams(
             credentials(u)?,
             client.clone(),
             metrics.clone(),
-            (config.upstream_timeout, config.upstream_min_rate()),
+            (config.upstream_timeout, MinRate::of(config)),
         );
         if let Some(c) = &peers_client {
             up = up.with_tls_peers(c.clone());

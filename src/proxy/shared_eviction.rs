@@ -532,7 +532,7 @@ mod tests {
             Metrics::new(),
             (
                 Duration::from_secs(1),
-                crate::api::ProxyConfig::default().upstream_min_rate(),
+                crate::proxy::upstream::MinRate::of(&crate::api::ProxyConfig::default()),
             ),
         ));
         let pin = ConfiguredImage {

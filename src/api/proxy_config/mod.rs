@@ -346,14 +346,6 @@ impl ProxyConfig {
             .unwrap_or_else(|| self.cache_dir.join(SIGNING_KEY_FILE))
     }
 
-    /// The floor of blob downloads (`upstreamMinRate` over `upstreamMinRateWindow`).
-    pub fn upstream_min_rate(&self) -> crate::proxy::upstream::MinRate {
-        crate::proxy::upstream::MinRate {
-            bytes_per_second: self.upstream_min_rate,
-            window: self.upstream_min_rate_window,
-        }
-    }
-
     /// The registry used when a request has no `?ns=`.
     pub fn default_registry(&self) -> Option<&str> {
         self.default_upstream

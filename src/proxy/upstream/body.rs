@@ -24,6 +24,16 @@ pub struct MinRate {
     pub window: Duration,
 }
 
+impl MinRate {
+    /// The floor `config` sets (`upstreamMinRate` over `upstreamMinRateWindow`).
+    pub fn of(config: &crate::api::ProxyConfig) -> MinRate {
+        MinRate {
+            bytes_per_second: config.upstream_min_rate,
+            window: config.upstream_min_rate_window,
+        }
+    }
+}
+
 /// A blob's body, read chunk by chunk.
 pub struct BlobBody {
     length: Option<u64>,
