@@ -42,7 +42,7 @@ enum CacheCommand {
     Drop {
         /// Image reference, e.g. docker.io/library/alpine:3.20 or ghcr.io/org/app@sha256:...
         image: String,
-        /// The proxy's operations address (the admin endpoint answers on loopback only).
+        /// The proxy's operations address (dropping an image answers on loopback only).
         #[arg(
             long,
             env = "PULLTHROUGH_ADMIN_URL",
