@@ -6,11 +6,11 @@
 //! PULLTHROUGH_E2E_KUBECONFIG=~/.kube/config cargo test --test suite e2e_cluster -- --ignored
 //! ```
 //!
-//! `./scripts/test` runs them itself when it can start the local cluster kit (see the
-//! README). Any cluster does (kind, k3d, a real one): every test works in a namespace of
-//! its own, with registry names no real mirror uses (`*.e2e.test`), and a controller that
-//! watches only that namespace, so an operator installed in the cluster is neither
-//! disturbed nor in the way. What a test creates is removed when it ends, also when it
+//! `./scripts/test` runs them itself when it can start the local cluster kit (see
+//! docs/development.md). Any cluster does (kind, k3d, a real one): every test works in a
+//! namespace of its own, with registry names no real mirror uses (`*.e2e.test`), and a
+//! controller that watches only that namespace, so an operator installed in the cluster is
+//! neither disturbed nor in the way. What a test creates is removed when it ends, also when it
 //! fails (finalizers included). With a node and `PULLTHROUGH_E2E_PROXY_IMAGE` (an image
 //! of this project the node already has), two tests also run real proxy pods (host
 //! network: the kit has no pod network), one at a time: one with a node agent for that

@@ -1,8 +1,9 @@
 //! The chart's and deploy/'s static files stay in sync with the code: CRDs identical to the
 //! generated one, versions, RBAC rules, alerts and dashboard (every metric they use exists
 //! and every PromQL expression parses), values against their schema, templates only using
-//! values that exist. Nothing is rendered by hand. The README's metrics table and source
-//! tree are checked against the code too.
+//! values that exist. Nothing is rendered by hand. The docs' metrics table
+//! (docs/metrics.md), configuration example (docs/configuration.md) and file list
+//! (docs/architecture.md) are checked against the code too, and the README's size.
 
 use crate::common::{kubernetes_validate, root};
 use std::collections::BTreeSet;
@@ -456,15 +457,10 @@ fn deploy_manifests_pass_kubernetes_validation() {
     );
 }
 
-/// The rows of the README's metrics table: the metrics each names, and their labels
-/// (the backticked names outside parentheses in the labels column).
-fn readme_metrics() -> Vec<(Vec<String>, BTreeSet<String>)> {
-    let readme = read("README.md");
-    let section = readme
-        .split("\n## Metrics")
-        .nth(1)
-        .expect("a Metrics section");
-    let section = section.split("\n## ").next().unwrap();
+/// The rows of docs/metrics.md's table: the metrics each names, and their labels (the
+/// backticked names outside parentheses in the labels column).
+fn documented_metrics() -> Vec<(Vec<String>, BTreeSet<String>)> {
+    let section = read("docs/metrics.md");
     let ticked = |text: &str| -> Vec<String> {
         text.split('`')
             .skip(1)
@@ -509,7 +505,7 @@ fn label_names(series: &str) -> BTreeSet<String> {
 }
 
 #[tokio::test]
-async fn the_readme_metrics_table_is_what_each_role_exports_from_the_start() {
+async fn the_metrics_table_is_what_each_role_exports_from_the_start() {
     use pullthrough::server::Ops as _;
     // Every role's metrics before anything happened: a proxy that has served nothing,
     // with an upstreamAuth upstream beside an open one.
@@ -528,7 +524,7 @@ async fn the_readme_metrics_table_is_what_each_role_exports_from_the_start() {
     proxy.stop().await;
 
     let mut documented = BTreeSet::new();
-    for (names, labels) in readme_metrics() {
+    for (names, labels) in documented_metrics() {
         for name in names {
             let series: Vec<&str> = text
                 .lines()
@@ -543,7 +539,7 @@ async fn the_readme_metrics_table_is_what_each_role_exports_from_the_start() {
                 .collect();
             assert!(!series.is_empty(), "{name} is not exported from the start");
             for s in series {
-                assert_eq!(label_names(s), labels, "labels of {name} (README): {s}");
+                assert_eq!(label_names(s), labels, "labels of {name} (docs): {s}");
             }
             documented.insert(name);
         }
@@ -560,13 +556,18 @@ async fn the_readme_metrics_table_is_what_each_role_exports_from_the_start() {
                 .map_or(n.clone(), str::to_string)
         })
         .collect();
-    assert_same_sets(&families, &documented, "metrics of the code", "the README");
+    assert_same_sets(
+        &families,
+        &documented,
+        "metrics of the code",
+        "docs/metrics.md",
+    );
 }
 
 #[test]
-fn the_readme_source_tree_lists_every_file() {
-    let readme = read("README.md");
-    let tree = readme.split("\nsrc/\n").nth(1).expect("a src/ tree");
+fn the_architecture_lists_every_file() {
+    let doc = read("docs/architecture.md");
+    let tree = doc.split("\nsrc/\n").nth(1).expect("a src/ tree");
     let tree = tree.split("```").next().unwrap();
     let mut listed = BTreeSet::new();
     let mut dirs: Vec<&str> = Vec::new();
@@ -597,7 +598,7 @@ fn the_readme_source_tree_lists_every_file() {
     }
     let mut files = BTreeSet::new();
     walk(&root().join("src"), &mut files);
-    assert_same_sets(&files, &listed, "src/", "the README's source tree");
+    assert_same_sets(&files, &listed, "src/", "docs/architecture.md's file list");
 }
 
 /// Fails with what only one side has, not both sets whole.
@@ -612,20 +613,18 @@ fn assert_same_sets(a: &BTreeSet<String>, b: &BTreeSet<String>, a_name: &str, b_
 }
 
 #[test]
-fn the_readme_configuration_example_is_valid_and_shows_every_field() {
-    let readme = read("README.md");
-    let section = readme
-        .split("\n## Configuration")
-        .nth(1)
-        .expect("a Configuration section");
+fn the_configuration_example_is_valid_and_shows_every_field() {
+    let section = read("docs/configuration.md");
     let block = section
         .split("```yaml\n")
         .nth(1)
         .and_then(|b| b.split("```").next())
         .expect("a YAML example");
     let config = pullthrough::api::ProxyConfig::from_yaml(block)
-        .unwrap_or_else(|e| panic!("the README's example does not parse: {e}"));
-    config.validate().expect("the README's example is valid");
+        .unwrap_or_else(|e| panic!("docs/configuration.md's example does not parse: {e}"));
+    config
+        .validate()
+        .expect("docs/configuration.md's example is valid");
     let keys = |text: &str| -> BTreeSet<String> {
         let v: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
         v.as_mapping()
@@ -639,8 +638,38 @@ fn the_readme_configuration_example_is_valid_and_shows_every_field() {
         &keys(&config.to_yaml()),
         &keys(block),
         "the configuration",
-        "the README's example",
+        "docs/configuration.md's example",
     );
+}
+
+#[test]
+fn the_readme_is_a_door_not_a_manual() {
+    // What it is, the two commands, a first pull, install, links: depth goes to docs/.
+    let readme = read("README.md");
+    assert!(
+        readme.len() <= 8 * 1024,
+        "README.md is {} bytes",
+        readme.len()
+    );
+    for link in readme.split("](").skip(1) {
+        let target = link.split(')').next().unwrap();
+        if !target.starts_with("http") {
+            assert!(
+                root().join(target).exists(),
+                "README links {target}, not there"
+            );
+        }
+    }
+    let index = read("docs/README.md");
+    for entry in std::fs::read_dir(root().join("docs")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".md") && name != "README.md" {
+            assert!(
+                index.contains(&format!("]({name})")),
+                "docs/README.md omits {name}"
+            );
+        }
+    }
 }
 
 #[test]
