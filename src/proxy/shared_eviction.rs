@@ -362,7 +362,6 @@ mod tests {
     use crate::proxy::pull_through::ConfiguredImage;
     use crate::proxy::store::TagRecord;
     use crate::proxy::store::s3::Bucket;
-    use crate::proxy::upstream::{Upstream, http_client};
     use bytes::Bytes;
     use futures::StreamExt;
     use object_store::memory::InMemory;
@@ -523,18 +522,8 @@ mod tests {
             checked_at_ms: 0,
         };
         s.store.put_tag(&rec).await.unwrap();
-        let up: crate::api::proxy_config::UpstreamConfig =
-            serde_yaml::from_str("registry: docker.io").unwrap();
-        let upstream = Arc::new(Upstream::new(
-            &up,
-            None,
-            http_client(Duration::from_secs(1)),
-            Metrics::new(),
-            (
-                Duration::from_secs(1),
-                crate::proxy::upstream::MinRate::of(&crate::api::ProxyConfig::default()),
-            ),
-        ));
+        let upstream =
+            crate::proxy::test_support::upstream("registry: docker.io", Duration::from_secs(1));
         let pin = ConfiguredImage {
             upstream,
             repository: "library/app".into(),

@@ -1,6 +1,9 @@
 //! Helpers the data plane's tests share.
 
 use crate::oci::Digest;
+use crate::proxy::upstream::Upstream;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Fails with the lengths, digests and first difference of two byte strings, never
 /// the bytes themselves (a blob-sized message helps nobody).
@@ -26,4 +29,18 @@ pub(crate) fn blob_file(len: usize) -> (tempfile::TempDir, std::path::PathBuf, V
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     std::fs::write(&path, &data).unwrap();
     (dir, path, data)
+}
+
+/// An upstream of the configuration `yaml` (an `UpstreamConfig`), without credentials,
+/// allowing `timeout` for answers and between chunks.
+pub(crate) fn upstream(yaml: &str, timeout: Duration) -> Arc<Upstream> {
+    let config: crate::api::proxy_config::UpstreamConfig = serde_yaml::from_str(yaml).unwrap();
+    let defaults = crate::api::ProxyConfig::default();
+    Arc::new(Upstream::new(
+        &config,
+        None,
+        crate::proxy::upstream::http_client(defaults.connect_timeout),
+        crate::proxy::metrics::Metrics::new(),
+        (timeout, crate::proxy::upstream::MinRate::of(&defaults)),
+    ))
 }

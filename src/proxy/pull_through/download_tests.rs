@@ -11,8 +11,8 @@ use crate::proxy::index::Index;
 use crate::proxy::metrics::{CacheResult, Metrics};
 use crate::proxy::store::s3::{Bucket, S3Store};
 use crate::proxy::store::{BlobStore, CHUNK};
-use crate::proxy::test_support::assert_same;
-use crate::proxy::upstream::{Upstream, http_client};
+use crate::proxy::test_support::{self, assert_same};
+use crate::proxy::upstream::Upstream;
 use futures::StreamExt;
 use object_store::memory::InMemory;
 use std::sync::Arc;
@@ -87,18 +87,8 @@ impl FakeUpstream {
                 });
             }
         });
-        let config: crate::api::proxy_config::UpstreamConfig =
-            serde_yaml::from_str(&format!("registry: registry.test\nurl: http://{addr}")).unwrap();
-        let upstream = Arc::new(Upstream::new(
-            &config,
-            None,
-            http_client(Duration::from_secs(5)),
-            Metrics::new(),
-            (
-                Duration::from_secs(30),
-                crate::proxy::upstream::MinRate::of(&crate::api::ProxyConfig::default()),
-            ),
-        ));
+        let yaml = format!("registry: registry.test\nurl: http://{addr}");
+        let upstream = test_support::upstream(&yaml, Duration::from_secs(30));
         FakeUpstream {
             upstream,
             gets,
@@ -110,6 +100,18 @@ impl FakeUpstream {
     fn gets(&self) -> usize {
         self.gets.load(Ordering::SeqCst)
     }
+}
+
+/// GETs answered at once: more than any test sends.
+const OPEN: usize = 1 << 20;
+
+/// An upstream that answers every GET at once with `data`, its length announced.
+async fn serving(data: &[u8]) -> FakeUpstream {
+    let answer = Answer::Body {
+        bytes: data.to_vec(),
+        announced: None,
+    };
+    FakeUpstream::start(answer, OPEN).await
 }
 
 /// The blobs of a cache over an empty in-memory bucket, of at most `limit` bytes.
@@ -167,14 +169,7 @@ async fn get(blobs: &Arc<Blobs>, up: &FakeUpstream, d: &Digest) -> Result<BlobAn
 async fn a_cold_blob_is_streamed_verified_and_committed() {
     let data = data();
     let d = Digest::of(Algorithm::Sha256, &data);
-    let up = FakeUpstream::start(
-        Answer::Body {
-            bytes: data.clone(),
-            announced: None,
-        },
-        usize::MAX >> 4,
-    )
-    .await;
+    let up = serving(&data).await;
     let (blobs, index, _spool) = blobs_over(None).await;
 
     let answer = get(&blobs, &up, &d).await.unwrap();
@@ -261,7 +256,7 @@ async fn clients_that_ask_together_share_one_download() {
 /// A download that fails: its client never gets the whole body, and nothing is stored.
 async fn fails_and_stores_nothing(answer: Answer, data: &[u8]) {
     let d = Digest::of(Algorithm::Sha256, data);
-    let up = FakeUpstream::start(answer, usize::MAX >> 4).await;
+    let up = FakeUpstream::start(answer, OPEN).await;
     let (blobs, index, _spool) = blobs_over(None).await;
     let (got, error) = read(get(&blobs, &up, &d).await.unwrap()).await;
     assert!(error.is_some(), "the body ended well");
@@ -303,7 +298,7 @@ async fn a_body_shorter_than_its_length_fails_and_stores_nothing() {
 async fn a_blob_of_unknown_length_is_cached_when_it_matches() {
     let data = data();
     let d = Digest::of(Algorithm::Sha256, &data);
-    let up = FakeUpstream::start(Answer::Unsized(data.clone()), usize::MAX >> 4).await;
+    let up = FakeUpstream::start(Answer::Unsized(data.clone()), OPEN).await;
     let (blobs, index, _spool) = blobs_over(None).await;
     let answer = get(&blobs, &up, &d).await.unwrap();
     assert_eq!(answer.len, None);
@@ -321,14 +316,7 @@ async fn a_blob_of_unknown_length_is_cached_when_it_matches() {
 async fn a_blob_with_no_room_is_relayed_whole_and_not_stored() {
     let data = data();
     let d = Digest::of(Algorithm::Sha256, &data);
-    let up = FakeUpstream::start(
-        Answer::Body {
-            bytes: data.clone(),
-            announced: None,
-        },
-        usize::MAX >> 4,
-    )
-    .await;
+    let up = serving(&data).await;
     // The size limit leaves no room for it.
     let (blobs, index, _spool) = blobs_over(Some(data.len() as u64 / 2)).await;
     let answer = get(&blobs, &up, &d).await.unwrap();
