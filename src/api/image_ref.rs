@@ -62,9 +62,7 @@ pub fn parse(s: &str) -> Result<ImageRef, ImageRefError> {
         None => (s, None),
     };
     let (registry, path) = match rest.split_once('/') {
-        Some((first, path)) if first.contains(['.', ':']) || first == "localhost" => {
-            (first.to_ascii_lowercase(), path)
-        }
+        Some((first, path)) if looks_like_registry(first) => (first.to_ascii_lowercase(), path),
         _ => (docker_hub::REGISTRY.to_string(), rest),
     };
     // A tag follows the last ':' after the last '/'.
@@ -97,6 +95,32 @@ pub fn parse(s: &str) -> Result<ImageRef, ImageRefError> {
         repository,
         reference,
     })
+}
+
+/// Whether the first component of a name is a registry rather than a Docker Hub
+/// namespace, as docker and containerd decide: it has a `.` or a `:`, or is `localhost`.
+/// Paths through the proxy (`/v2/ghcr.io/org/app/...`) are read by the same rule.
+pub fn looks_like_registry(first: &str) -> bool {
+    first.contains(['.', ':']) || first.eq_ignore_ascii_case("localhost")
+}
+
+/// Whether `h` is a registry host as image references write it: DNS labels (letters,
+/// digits, `-`) joined by dots, with an optional `:port`.
+pub fn valid_registry_host(h: &str) -> bool {
+    let (host, port) = match h.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (h, None),
+    };
+    if let Some(p) = port
+        && p.parse::<u16>().is_err()
+    {
+        return false;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
 #[cfg(test)]

@@ -72,6 +72,43 @@ impl Upstreams {
         None
     }
 
+    /// Which upstream a request is for (docs/proxy.md, "Which upstream a request is
+    /// for"): the one `?ns=` names; else the one the name's first component names, when
+    /// it is a registry as image references write one (`/v2/ghcr.io/org/app/...`), that
+    /// component taken off the name; else the default upstream. A first component that
+    /// names no configured upstream stays part of the name, on the default upstream.
+    pub fn route<'n>(&self, ns: Option<&str>, name: &'n str) -> Result<Routed<'n>, ProxyError> {
+        if let Some(ns) = ns {
+            let upstream = self
+                .find(ns)
+                .ok_or_else(|| ProxyError::UnknownRegistry(ns.chars().take(253).collect()))?;
+            return Ok(Routed {
+                upstream,
+                prefix: None,
+                name,
+            });
+        }
+        Ok(self.by_prefix(name).unwrap_or_else(|| Routed {
+            upstream: self.default.clone(),
+            prefix: None,
+            name,
+        }))
+    }
+
+    /// The upstream the first component of `name` names, if it is a registry that one
+    /// serves.
+    fn by_prefix<'n>(&self, name: &'n str) -> Option<Routed<'n>> {
+        let (first, rest) = name.split_once('/')?;
+        if !image_ref::looks_like_registry(first) {
+            return None;
+        }
+        Some(Routed {
+            upstream: self.find(first)?,
+            prefix: Some(first),
+            name: rest,
+        })
+    }
+
     /// The upstream for clients that name none.
     pub fn default_upstream(&self) -> &Arc<Upstream> {
         &self.default
@@ -100,6 +137,16 @@ impl Upstreams {
             name: image.to_string(),
         })
     }
+}
+
+/// A request's upstream, and the repository's name there as the client wrote it.
+pub struct Routed<'n> {
+    /// The upstream.
+    pub upstream: Arc<Upstream>,
+    /// The path's first component, when it chose the upstream (`ghcr.io`).
+    pub prefix: Option<&'n str>,
+    /// The name without that component.
+    pub name: &'n str,
 }
 
 /// What the log line says of a request.
@@ -321,8 +368,30 @@ impl Registry {
         (result, served)
     }
 
+    /// `/v2/`, which clients that start with it (docker, podman, skopeo, crane) ask before
+    /// anything else, keeping its challenge for every request after: with an
+    /// `upstreamAuth` upstream, a client without credentials is challenged, for a token
+    /// from this proxy's service as a whole ([`Registry::token`] routes each scope). With
+    /// none, or without a valid Host to name the realm, anyone may go on. containerd
+    /// never asks it.
+    pub fn base(&self, authorization: Option<&str>, realm: Option<&str>) -> Result<(), ProxyError> {
+        match realm {
+            Some(realm) if authorization.is_none() && self.upstreams.all().any(|u| u.guarded()) => {
+                Err(ProxyError::Unauthorized {
+                    challenge: format!("Bearer realm=\"{realm}\",service=\"{}\"", access::SERVICE),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A token for the repositories a token request's scopes ask to pull, as far as the
-    /// client's secret may pull them upstream (see [`crate::proxy::access`]).
+    /// client's secret may pull them upstream (see [`crate::proxy::access`]). The
+    /// service names the upstream (`pullthrough:<registry>`, as a repository's challenge
+    /// says), or, as `/v2/`'s challenge says, only this proxy (`pullthrough`): then each
+    /// scope is read as a path is, the upstream first or the default upstream's. A
+    /// token is for one upstream, the first scope's; an upstream that is not
+    /// `upstreamAuth` asks for no token, and gets one that grants nothing.
     pub async fn token(
         &self,
         ask: TokenAsk,
@@ -330,19 +399,8 @@ impl Registry {
     ) -> (Result<Issued, ProxyError>, Served) {
         let mut served = Served::default();
         let result = async {
-            let up = ask
-                .service
-                .as_deref()
-                .and_then(|s| s.strip_prefix("pullthrough:"))
-                .and_then(|name| self.upstreams.find(name))
-                .filter(|u| u.guarded())
-                .ok_or_else(|| {
-                    ProxyError::TokenRequest(
-                        "service must be pullthrough:<registry> for an upstreamAuth upstream"
-                            .into(),
-                    )
-                })?;
-            served.upstream = Some(up.name().to_string());
+            let named = self.service(ask.service.as_deref())?;
+            let mut chosen = named.clone();
             let mut repositories: Vec<String> = Vec::new();
             for scope in &ask.scopes {
                 let mut parts = scope.splitn(3, ':');
@@ -351,8 +409,23 @@ impl Registry {
                 else {
                     continue;
                 };
+                if !actions.split(',').any(|a| a == "pull" || a == "*") {
+                    continue;
+                }
+                let (up, name) = match &named {
+                    // Clients that pulled through a path prefix name it in their scope.
+                    Some(up) => match self.upstreams.by_prefix(name) {
+                        Some(r) if Arc::ptr_eq(&r.upstream, up) => (r.upstream, r.name),
+                        _ => (up.clone(), name),
+                    },
+                    None => {
+                        let r = self.upstreams.route(None, name)?;
+                        (r.upstream, r.name)
+                    }
+                };
+                let chosen = chosen.get_or_insert_with(|| up.clone());
                 let repo = up.canonical_repository(name);
-                if actions.split(',').any(|a| a == "pull" || a == "*")
+                if Arc::ptr_eq(chosen, &up)
                     && validate_repository(&repo).is_ok()
                     && up.permits(&repo)
                     && !repositories.contains(&repo)
@@ -360,11 +433,16 @@ impl Registry {
                     repositories.push(repo);
                 }
             }
+            let up = chosen.unwrap_or_else(|| self.upstreams.default.clone());
+            served.upstream = Some(up.name().to_string());
             served.repo = repositories.first().cloned();
             if repositories.len() > MAX_TOKEN_SCOPES {
                 return Err(ProxyError::TokenRequest(format!(
                     "at most {MAX_TOKEN_SCOPES} repositories per token request"
                 )));
+            }
+            if !up.guarded() {
+                repositories.clear();
             }
             self.access
                 .issue(&up, &repositories, ask.secret.as_ref(), client)
@@ -372,6 +450,24 @@ impl Registry {
         }
         .await;
         (result, served)
+    }
+
+    /// The upstream a token request's `service` names: `None` for this proxy as a whole.
+    fn service(&self, service: Option<&str>) -> Result<Option<Arc<Upstream>>, ProxyError> {
+        match service {
+            None | Some(access::SERVICE) => Ok(None),
+            Some(s) => s
+                .strip_prefix(access::SERVICE)
+                .and_then(|s| s.strip_prefix(':'))
+                .and_then(|name| self.upstreams.find(name))
+                .map(Some)
+                .ok_or_else(|| {
+                    ProxyError::TokenRequest(format!(
+                        "service must be {0} or {0}:<registry> of a registry this proxy mirrors",
+                        access::SERVICE
+                    ))
+                }),
+        }
     }
 
     /// The first steps of every registry request: its upstream, its repository as the
@@ -382,15 +478,10 @@ impl Registry {
         want: Want,
         served: &mut Served,
     ) -> Result<Admitted, ProxyError> {
-        let up = match ask.ns {
-            Some(ns) => self
-                .upstreams
-                .find(ns)
-                .ok_or_else(|| ProxyError::UnknownRegistry(ns.chars().take(253).collect()))?,
-            None => self.upstreams.default.clone(),
-        };
+        let routed = self.upstreams.route(ask.ns, ask.name)?;
+        let up = routed.upstream;
         served.upstream = Some(up.name().to_string());
-        let repo = up.canonical_repository(ask.name);
+        let repo = up.canonical_repository(routed.name);
         validate_repository(&repo).map_err(|e| ProxyError::NameInvalid(e.to_string()))?;
         served.repo = Some(repo.clone());
         if !up.permits(&repo) {
@@ -426,8 +517,14 @@ impl Registry {
                         "a request for a private repository needs a valid Host".into(),
                     )
                 })?;
+                // The scope names the repository as the client's path does, so that a
+                // client that asks for the scope it was told asks for this one.
+                let scoped = match routed.prefix {
+                    Some(prefix) => format!("{prefix}/{repo}"),
+                    None => repo.clone(),
+                };
                 return Err(ProxyError::Unauthorized {
-                    challenge: challenge(realm, &up, &repo, insufficient_scope),
+                    challenge: challenge(realm, &up, &scoped, insufficient_scope),
                 });
             }
         }
@@ -463,4 +560,73 @@ fn challenge(realm: &str, up: &Upstream, repository: &str, insufficient_scope: b
         c.push_str(",error=\"insufficient_scope\"");
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::test_support::upstream;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn ns_first_then_a_registry_in_the_path_then_the_default() {
+        let names = ["docker.io", "ghcr.io", "registry.local:5000"];
+        let by_name = names
+            .iter()
+            .map(|n| {
+                let up = upstream(&format!("registry: {n}"), Duration::from_secs(5));
+                (n.to_string(), up)
+            })
+            .collect();
+        let upstreams = Upstreams::new(by_name, "docker.io");
+        let route = |ns: Option<&str>, name: &str| {
+            let r = upstreams.route(ns, name).unwrap();
+            let prefix = r.prefix.map(str::to_string);
+            (r.upstream.name().to_string(), prefix, r.name.to_string())
+        };
+        let is = |up: &str, prefix: Option<&str>, name: &str| {
+            (up.to_string(), prefix.map(str::to_string), name.to_string())
+        };
+        // `?ns=` wins, and the path is the repository as it stands.
+        assert_eq!(
+            route(Some("ghcr.io"), "docker.io/org/app"),
+            is("ghcr.io", None, "docker.io/org/app")
+        );
+        assert_eq!(
+            route(Some("INDEX.docker.io"), "library/alpine"),
+            is("docker.io", None, "library/alpine")
+        );
+        assert!(matches!(
+            upstreams.route(Some("quay.io"), "x/y"),
+            Err(ProxyError::UnknownRegistry(r)) if r == "quay.io"
+        ));
+        // Else a first component that is a configured registry, by any of its names.
+        assert_eq!(
+            route(None, "ghcr.io/org/app"),
+            is("ghcr.io", Some("ghcr.io"), "org/app")
+        );
+        assert_eq!(
+            route(None, "index.docker.io/library/alpine"),
+            is("docker.io", Some("index.docker.io"), "library/alpine")
+        );
+        assert_eq!(
+            route(None, "registry.local:5000/team/app"),
+            is(
+                "registry.local:5000",
+                Some("registry.local:5000"),
+                "team/app"
+            )
+        );
+        // Only one component is taken: the default's own repository named like a
+        // registry is reached through the default's name.
+        assert_eq!(
+            route(None, "docker.io/ghcr.io/app"),
+            is("docker.io", Some("docker.io"), "ghcr.io/app")
+        );
+        // Else the default, the name whole: a namespace, a registry no upstream serves,
+        // a registry's name alone.
+        for name in ["library/alpine", "quay.io/x/y", "ghcr.io", "ghcr/app"] {
+            assert_eq!(route(None, name), is("docker.io", None, name));
+        }
+    }
 }

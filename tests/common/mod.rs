@@ -34,7 +34,9 @@ pub use oci_client::{
 pub use proxy::{Proxy, cached, config_for, settled};
 pub use registry::{ALICE, BOB, CACHE, Registry, as_alice, cache_credentials};
 pub use tls::{test_certificate, tls_provider};
-pub use tools::{Tmpfs, dir_blobs, examples, kubernetes_validate, skopeo, which};
+pub use tools::{
+    Tmpfs, dir_blobs, examples, kubernetes_validate, podman, skopeo, try_skopeo, which,
+};
 
 use sha2::{Digest as _, Sha256};
 use std::net::TcpListener as StdListener;

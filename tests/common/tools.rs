@@ -1,4 +1,4 @@
-//! The real tools tests drive (skopeo, kubernetes-validate, tmpfs mounts) and the repository's examples.
+//! The real tools tests drive (skopeo, podman, kubernetes-validate, tmpfs mounts) and the repository's examples.
 
 use super::{root, sha256};
 use std::collections::BTreeSet;
@@ -15,15 +15,53 @@ pub fn which(bin: &str) -> Option<PathBuf> {
 
 /// Runs skopeo, failing with its output.
 pub fn skopeo(args: &[&str]) -> String {
-    let bin = which("skopeo").expect("skopeo not found: run ./scripts/test, which installs it");
-    let out = Command::new(bin).args(args).output().expect("skopeo runs");
-    assert!(
-        out.status.success(),
-        "skopeo {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    try_skopeo(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs skopeo: its standard output, or why it failed.
+pub fn try_skopeo(args: &[&str]) -> Result<String, String> {
+    tool("skopeo", Command::new(tool_path("skopeo")).args(args))
+}
+
+/// Runs podman as a client alone, its images in `dir` (vfs storage, no system
+/// registries, no journal): its standard output, or why it failed.
+pub fn podman(dir: &Path, args: &[&str]) -> Result<String, String> {
+    let conf = dir.join("registries.conf");
+    if !conf.exists() {
+        std::fs::write(&conf, "").unwrap();
+    }
+    let mut cmd = Command::new(tool_path("podman"));
+    cmd.env("CONTAINERS_REGISTRIES_CONF", &conf)
+        .env("TMPDIR", dir)
+        .arg("--root")
+        .arg(dir.join("root"))
+        .arg("--runroot")
+        .arg(dir.join("run"))
+        .args([
+            "--storage-driver=vfs",
+            "--events-backend=file",
+            "--cgroup-manager=cgroupfs",
+        ])
+        .args(args);
+    tool("podman", &mut cmd)
+}
+
+fn tool_path(bin: &str) -> PathBuf {
+    which(bin).unwrap_or_else(|| panic!("{bin} not found: run ./scripts/test, which installs it"))
+}
+
+fn tool(name: &str, cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{name} runs: {e}"));
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{name} {:?} failed: {}{}",
+            cmd.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 /// sha256 of every file in a skopeo `dir:` copy, by file name.

@@ -11,6 +11,8 @@ mod downloads;
 mod faults;
 /// The parsers every request goes through, under arbitrary input.
 mod parsers;
+/// Upstreams chosen by the path's first component, by skopeo and podman.
+mod path_routing;
 /// Prefetching on request, on the operations port.
 mod prefetch;
 /// Private repositories stay private through the cache.

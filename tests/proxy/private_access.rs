@@ -83,6 +83,15 @@ async fn token_with(
     r.send().await.unwrap()
 }
 
+/// GET `/auth/token?<query>`.
+async fn get_token_raw(p: &Proxy, query: &str) -> reqwest::Response {
+    http()
+        .get(format!("{}/auth/token?{query}", p.url))
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn token_of(p: &Proxy, ns: &str, repo: &str, user: Option<(&str, &str)>) -> String {
     let r = token(p, ns, repo, user).await;
     assert_eq!(r.status(), 200, "token request");
@@ -262,6 +271,109 @@ fn pusher(issuer: &token_server::TokenServer, repo: &str) -> reqwest::Client {
         .default_headers(auth)
         .build()
         .unwrap()
+}
+
+/// A client that names the upstream in the path (`mirror/private.test/team/app`) is
+/// challenged for the path it pulls, and the token it gets for that scope is a token for
+/// the upstream's repository: skopeo, a real client, pulls with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_repository_through_a_path_prefix_is_challenged_for_that_path() {
+    let w = world().await;
+    let p = Proxy::start_config(config(&w)).await;
+    let path = format!("{PRIVATE}/team/app");
+    let r = http()
+        .get(format!("{}/v2/{path}/manifests/1", p.url))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        challenge(&r),
+        format!(
+            "Bearer realm=\"http://{}/auth/token\",service=\"pullthrough:{PRIVATE}\",scope=\"repository:{path}:pull\"",
+            p.host
+        )
+    );
+    let src = format!("docker://{}/{path}:1", p.host);
+    let out = tempfile::tempdir().unwrap();
+    let dest = format!("dir:{}", out.path().display());
+    let copy = |creds: Option<&str>| {
+        let mut args = vec![
+            "copy",
+            "--src-tls-verify=false",
+            src.as_str(),
+            dest.as_str(),
+        ];
+        if let Some(c) = creds {
+            args.splice(2..2, ["--src-creds", c]);
+        }
+        try_skopeo(&args)
+    };
+    for creds in [None, Some("alice:wrong")] {
+        let refused = copy(creds).unwrap_err();
+        assert!(
+            refused.contains("401") || refused.contains("nauthorized"),
+            "{refused}"
+        );
+    }
+    copy(Some("alice:wonder")).unwrap();
+    let copied = dir_blobs(out.path());
+    for b in w.app.blobs() {
+        assert!(copied.contains(&b.digest), "skopeo is missing {}", b.digest);
+    }
+    // skopeo pulls a public repository of an upstreamAuth upstream without credentials:
+    // `/v2/`'s challenge got it an anonymous token, which public repositories need not.
+    let public = format!("docker://{}/{PUBLIC}/lib/open:1", p.host);
+    let anonymous = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &public,
+        &format!("dir:{}", anonymous.path().display()),
+    ]);
+    assert!(dir_blobs(anonymous.path()).contains(&w.open.layers[0].digest));
+    // So is an open upstream's, its token granting nothing: open upstreams ask for none.
+    let mut mixed = config(&w);
+    mixed.upstreams.push(pullthrough::api::UpstreamConfig {
+        url: Some(w.public.url.clone()),
+        ..pullthrough::api::UpstreamConfig::new("open.test")
+    });
+    let m = Proxy::start_config(mixed).await;
+    let open = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/open.test/lib/open:1", m.host),
+        &format!("dir:{}", open.path().display()),
+    ]);
+    assert!(dir_blobs(open.path()).contains(&w.open.layers[0].digest));
+    m.stop().await;
+    // `/v2/` challenges for this proxy as a whole, and lets a client with credentials on.
+    let base = format!("{}/v2/", p.url);
+    let r = http().get(&base).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        challenge(&r),
+        format!(
+            "Bearer realm=\"http://{}/auth/token\",service=\"pullthrough\"",
+            p.host
+        )
+    );
+    let r = http().get(&base).bearer_auth("x").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // A service that names no mirrored registry is a bad request.
+    let r = get_token_raw(&p, "service=pullthrough:quay.io&scope=repository:x/y:pull").await;
+    assert_eq!(r.status(), 400);
+
+    // The prefixed scope's token is the repository's, through `?ns=` too; a prefix that
+    // names another upstream is part of the name, and covers nothing here.
+    let t = token_of(&p, PRIVATE, &path, Some(("alice", "wonder"))).await;
+    pull_with(&p, "team/app", &w.app, &t).await;
+    let elsewhere = format!("{PUBLIC}/team/app");
+    let t = token_of(&p, PRIVATE, &elsewhere, Some(("alice", "wonder"))).await;
+    let r = get(&p, PRIVATE, "team/app/manifests/1", Some(&t)).await;
+    assert_eq!(r.status(), 401);
 }
 
 /// An identity token of `user` from `issuer`, as `docker login` gets one (an offline

@@ -146,6 +146,28 @@ pub enum ConfigError {
         "upstream registry {0:?} is not a host name (expected e.g. docker.io or registry.local:5000)"
     )]
     BadRegistry(String),
+    /// A registry name that image references and paths read as a Docker Hub namespace.
+    #[error(
+        "upstream registry {0:?} has no '.' or ':' and is not localhost, so image references \
+         and paths through the proxy read it as a Docker Hub namespace; name the registry by \
+         its full host (e.g. {0}.example.com or {0}:5000)"
+    )]
+    NotARegistryName(String),
+    /// The default upstream's filter names repositories under another upstream's name,
+    /// which a path without `?ns=` sends to that upstream.
+    #[error(
+        "upstream {default:?} is the default and allows {pattern:?}, but /v2/{registry}/... \
+         is a pull from the upstream {registry:?}: remove the pattern, or pull those \
+         repositories as /v2/{default}/{registry}/... (or with ?ns={default})"
+    )]
+    AmbiguousRoute {
+        /// The default upstream.
+        default: String,
+        /// Its allow pattern.
+        pattern: String,
+        /// The other upstream that pattern's first component names.
+        registry: String,
+    },
     /// URL that is not http(s)://host[:port][/path].
     #[error("upstream {registry:?} has invalid url {url:?}: expected http(s)://host[:port]")]
     BadUrl {
@@ -305,6 +327,46 @@ impl ProxyConfig {
                 .any(|u| u.registry.eq_ignore_ascii_case(d))
         {
             return Err(ConfigError::UnknownDefault(d.clone()));
+        }
+        self.validate_routes()
+    }
+
+    /// No path means two upstreams: a request without `?ns=` whose first component names
+    /// an upstream goes to it (docs/proxy.md, "Which upstream a request is for"), so the
+    /// default upstream may not also claim, by name, repositories under that component.
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        let Some(default) = self.default_registry() else {
+            return Ok(());
+        };
+        let keys: HashSet<String> = self
+            .upstreams
+            .iter()
+            .map(|u| docker_hub::registry_key(&u.registry))
+            .collect();
+        let default_key = docker_hub::registry_key(default);
+        let Some(up) = self
+            .upstreams
+            .iter()
+            .find(|u| docker_hub::registry_key(&u.registry) == default_key)
+        else {
+            return Ok(());
+        };
+        for pattern in &up.repositories.allow {
+            let Some((first, _)) = pattern.split_once('/') else {
+                continue;
+            };
+            let key = docker_hub::registry_key(first);
+            if !first.contains('*')
+                && key != default_key
+                && keys.contains(&key)
+                && super::image_ref::looks_like_registry(first)
+            {
+                return Err(ConfigError::AmbiguousRoute {
+                    default: default.to_string(),
+                    pattern: pattern.clone(),
+                    registry: first.to_string(),
+                });
+            }
         }
         Ok(())
     }

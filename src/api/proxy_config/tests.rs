@@ -101,6 +101,57 @@ fn invalid_configs_are_explained() {
 }
 
 #[test]
+fn every_upstream_can_be_named_by_a_path_and_no_path_names_two() {
+    let with = |registries: &[&str], default: &str, allow: &[&str]| {
+        let mut upstreams: Vec<UpstreamConfig> =
+            registries.iter().map(|r| UpstreamConfig::new(r)).collect();
+        upstreams[0].repositories.allow = allow.iter().map(|p| p.to_string()).collect();
+        ProxyConfig {
+            upstreams,
+            default_upstream: Some(default.into()),
+            ..ProxyConfig::default()
+        }
+        .validate()
+    };
+    // A name that image references read as a Docker Hub namespace.
+    assert_eq!(
+        with(&["myregistry"], "myregistry", &[]),
+        Err(ConfigError::NotARegistryName("myregistry".into()))
+    );
+    assert_eq!(with(&["localhost"], "localhost", &[]), Ok(()));
+    // The default claims repositories under another upstream's name.
+    let both = ["registry.local:5000", "ghcr.io"];
+    let e = with(&both, "registry.local:5000", &["ghcr.io/team/*"]).unwrap_err();
+    assert_eq!(
+        e,
+        ConfigError::AmbiguousRoute {
+            default: "registry.local:5000".into(),
+            pattern: "ghcr.io/team/*".into(),
+            registry: "ghcr.io".into(),
+        }
+    );
+    assert!(
+        e.to_string().contains("/v2/registry.local:5000/ghcr.io/"),
+        "{e}"
+    );
+    // Docker Hub's other names are its name too.
+    assert!(matches!(
+        with(
+            &["registry.local:5000", "docker.io"],
+            "registry.local:5000",
+            &["index.docker.io/x"]
+        ),
+        Err(ConfigError::AmbiguousRoute { .. })
+    ));
+    // Globs, names of no upstream, and another upstream's filter name nothing twice.
+    assert_eq!(
+        with(&both, "registry.local:5000", &["*", "*/app", "quay.io/x"]),
+        Ok(())
+    );
+    assert_eq!(with(&both, "ghcr.io", &["ghcr.io/team/*"]), Ok(()));
+}
+
+#[test]
 fn cache_limits_take_quantities_and_refuse_zero() {
     let c = ProxyConfig::from_yaml("maxCacheBytes: 10Gi").unwrap();
     assert_eq!(c.max_cache_bytes, Some(10 << 30));

@@ -4,6 +4,7 @@
 
 use super::ConfigError;
 use crate::api::docker_hub;
+use crate::api::image_ref::{looks_like_registry, valid_registry_host};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -263,8 +264,12 @@ impl UpstreamConfig {
     /// Checks what serde cannot (the registry's name as [`ProxyConfig`](super::ProxyConfig)
     /// compares it is checked there, against the others).
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        if !valid_registry_host(&docker_hub::registry_key(&self.registry)) {
+        let key = docker_hub::registry_key(&self.registry);
+        if !valid_registry_host(&key) {
             return Err(ConfigError::BadRegistry(self.registry.clone()));
+        }
+        if !looks_like_registry(&key) {
+            return Err(ConfigError::NotARegistryName(self.registry.clone()));
         }
         if self.credentials.is_some() && self.credentials_file.is_some() {
             return Err(ConfigError::TwoCredentialSources(self.registry.clone()));
@@ -285,23 +290,6 @@ impl UpstreamConfig {
         }
         Ok(())
     }
-}
-
-fn valid_registry_host(h: &str) -> bool {
-    let (host, port) = match h.rsplit_once(':') {
-        Some((host, port)) => (host, Some(port)),
-        None => (h, None),
-    };
-    if let Some(p) = port
-        && p.parse::<u16>().is_err()
-    {
-        return false;
-    }
-    !host.is_empty()
-        && host.len() <= 253
-        && host
-            .split('.')
-            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
 /// `url` as an error may show it: a `user:password@` in it (not accepted, but written by

@@ -148,9 +148,12 @@ async fn take(semaphores: Vec<Arc<Semaphore>>) -> Result<Vec<OwnedSemaphorePermi
         .map_err(|_| ProxyError::ChecksBusy)
 }
 
+/// The `service` of `/v2/`'s challenge: this proxy, whichever upstream a scope names.
+pub const SERVICE: &str = "pullthrough";
+
 /// The `service` of an upstream's challenges and tokens.
 pub fn service(upstream: &str) -> String {
-    format!("pullthrough:{upstream}")
+    format!("{SERVICE}:{upstream}")
 }
 
 fn unix_now() -> u64 {

@@ -38,11 +38,15 @@ pub(super) async fn serve(
         Ok(p) => p,
         Err(e) => return (Err(e), Served::default()),
     };
+    let header = |name: header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
     let name = match &route {
-        Route::Base => return (Ok(base(head)), Served::default()),
+        Route::Base => {
+            let realm = realm(&req, https);
+            let asked = registry.base(header(header::AUTHORIZATION), realm.as_deref());
+            return (asked.map(|()| base(head)), Served::default());
+        }
         Route::Manifest(n, _) | Route::Blob(n, _) | Route::Tags(n) | Route::Referrers(n, _) => n,
     };
-    let header = |name: header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
     let ask = Ask {
         ns: ns.as_deref(),
         name,

@@ -1,7 +1,9 @@
-//! The registry API's requests as they are written: the path (`/v2/<name>/...`) parsed
-//! and validated before anything is looked up, the query's `ns` apart from what is passed
+//! The registry API's requests as they are written: the path (`/v2/<name>/...`, where
+//! `<name>` may start with a registry: `/v2/ghcr.io/org/app/...`) parsed and validated
+//! before anything is looked up, the query's `ns` apart from what is passed
 //! on, and the escapes of paths, queries and forms.
 
+use crate::api::image_ref::valid_registry_host;
 use crate::oci::reference::validate_repository;
 use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
@@ -45,8 +47,13 @@ pub fn parse_route(raw_path: &str) -> Result<Route, ProxyError> {
             ));
         }
         let name = parts.join("/");
-        validate_repository(&name).map_err(|e| ProxyError::NameInvalid(e.to_string()))?;
-        Ok(name)
+        match validate_repository(&name) {
+            Ok(()) => Ok(name),
+            // A registry with a port ahead of the repository (`/v2/registry.local:5000/
+            // team/app/...`): a name only as the prefix that chooses an upstream.
+            Err(_) if with_port_prefix(parts) => Ok(name),
+            Err(e) => Err(ProxyError::NameInvalid(e.to_string())),
+        }
     };
     let digest = |s: &str| -> Result<Digest, ProxyError> {
         s.parse()
@@ -67,6 +74,16 @@ pub fn parse_route(raw_path: &str) -> Result<Route, ProxyError> {
         ("blobs", d) => Ok(Route::Blob(name_of(name_parts)?, digest(d)?)),
         ("referrers", d) => Ok(Route::Referrers(name_of(name_parts)?, digest(d)?)),
         _ => Err(ProxyError::NotFound),
+    }
+}
+
+/// Whether `parts` are a registry host with a port, then a valid repository.
+fn with_port_prefix(parts: &[String]) -> bool {
+    match parts {
+        [first, rest @ ..] if !rest.is_empty() && first.contains(':') => {
+            valid_registry_host(first) && validate_repository(&rest.join("/")).is_ok()
+        }
+        _ => false,
     }
 }
 
@@ -173,6 +190,11 @@ mod tests {
             parse_route(&format!("/v2/a/referrers/{}", d())).unwrap(),
             Route::Referrers(..)
         ));
+        // A registry with a port may lead the name, to choose the upstream.
+        assert_eq!(
+            parse_route("/v2/registry.local:5000/team/app/tags/list").unwrap(),
+            Route::Tags("registry.local:5000/team/app".into())
+        );
     }
 
     #[test]
@@ -188,6 +210,10 @@ mod tests {
         assert_eq!(code("/v2/a/manifests/md5:00"), DigestInvalid);
         assert_eq!(code("/v2/a/uploads/x"), NameUnknown);
         assert_eq!(code("/other"), NameUnknown);
+        assert_eq!(code("/v2/registry.local:5000/tags/list"), NameInvalid);
+        assert_eq!(code("/v2/a:b:c/x/tags/list"), NameInvalid);
+        assert_eq!(code("/v2/x/registry.local:5000/tags/list"), NameInvalid);
+        assert_eq!(code("/v2/registry.local:5000/Team/tags/list"), NameInvalid);
         assert_eq!(code("/v2/a/%ff/manifests/x"), NameInvalid);
         assert_eq!(code("/v2/a%2fb/manifests/x"), NameInvalid);
         assert_eq!(code("/v2/a/blobs/sha256:..%2f..%2fetc"), DigestInvalid);
