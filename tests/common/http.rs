@@ -132,3 +132,25 @@ pub async fn error_code(r: reqwest::Response) -> (u16, String) {
     let v: serde_json::Value = r.json().await.expect("an OCI error body");
     (status, v["errors"][0]["code"].as_str().unwrap().to_string())
 }
+
+/// Every page of a tags/list from `base` (a proxy's URL), from `first` (a path) on, by its
+/// `Link` headers (at most `max` pages): the tags, and each next page's path.
+pub async fn tags_pages(base: &str, first: &str, max: usize) -> (Vec<String>, Vec<String>) {
+    let (mut tags, mut links) = (Vec::new(), Vec::new());
+    let mut next = Some(first.to_string());
+    for _ in 0..max {
+        let Some(path) = next.take() else { break };
+        let r = get(&format!("{base}{path}")).await;
+        assert_eq!(r.status(), 200, "{path}");
+        next = r.headers().get("link").map(|l| {
+            let l = l.to_str().unwrap();
+            assert!(l.ends_with(r#">; rel="next""#), "{l}");
+            l[1..l.find('>').unwrap()].to_string()
+        });
+        links.extend(next.clone());
+        let page: serde_json::Value = r.json().await.unwrap();
+        let page_tags = page["tags"].as_array().unwrap().iter();
+        tags.extend(page_tags.map(|t| t.as_str().unwrap().to_string()));
+    }
+    (tags, links)
+}

@@ -23,7 +23,7 @@ pub mod tools;
 
 pub use http::{
     error_code, get, get_begun, get_bytes, get_finished, http, http_from, https, serve_http1,
-    serving, serving_ops,
+    serving, serving_ops, tags_pages,
 };
 pub use images::{Blob, Image, MultiArch, random_bytes};
 pub use metrics::{metric_value, scrape};

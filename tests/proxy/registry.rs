@@ -507,30 +507,11 @@ async fn tags_list_pages_through_this_proxy_and_caches_by_n_and_last_only() {
     // Long enough that no page expires during the test, however slow the machine.
     cfg.tags_list_ttl = Duration::from_secs(3600);
     let proxy = Proxy::start_config(cfg).await;
-    let mut tags = Vec::new();
-    let mut next = Some("/v2/tool/tags/list?n=3&ns=docker.io".to_string());
-    for _ in 0..10 {
-        let Some(path) = next.take() else { break };
-        let r = get(&format!("{}{path}", proxy.url)).await;
-        assert_eq!(r.status(), 200, "{path}");
-        next = r.headers().get("link").map(|l| {
-            let l = l.to_str().unwrap();
-            assert!(l.ends_with(r#">; rel="next""#), "{l}");
-            l[1..l.find('>').unwrap()].to_string()
-        });
-        if let Some(n) = &next {
-            assert!(
-                n.starts_with("/v2/tool/tags/list?") && n.ends_with("&ns=docker.io"),
-                "{n}"
-            );
-        }
-        let page: serde_json::Value = r.json().await.unwrap();
-        tags.extend(
-            page["tags"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t.to_string()),
+    let (tags, links) = tags_pages(&proxy.url, "/v2/tool/tags/list?n=3&ns=docker.io", 10).await;
+    for n in &links {
+        assert!(
+            n.starts_with("/v2/tool/tags/list?") && n.ends_with("&ns=docker.io"),
+            "{n}"
         );
     }
     assert_eq!(tags.len(), 7, "{tags:?}");
