@@ -85,6 +85,25 @@ struct NodeAgentArgs {
         default_value = "/etc/containerd/config.toml"
     )]
     containerd_config: PathBuf,
+    /// The directory of CRI-O's, podman's and skopeo's registries configuration; the agent
+    /// writes registries.conf.d/50-pullthrough.conf and each HTTPS mirror's CA under certs.d.
+    #[arg(
+        long,
+        env = "PULLTHROUGH_CONTAINERS_DIR",
+        default_value = "/etc/containers"
+    )]
+    containers_dir: PathBuf,
+    /// When to write the registries.conf.d drop-in: auto (on a CRI-O node, or where
+    /// registries.conf is), always, never.
+    #[arg(long, value_enum, default_value = "auto")]
+    containers: pullthrough::node_agent::WriteContainers,
+    /// The procfs in which CRI-O is looked for, to signal it when the drop-in changes (the
+    /// host's: the DaemonSet needs hostPID).
+    #[arg(long, default_value = "/proc")]
+    proc_dir: PathBuf,
+    /// Do not signal CRI-O when the drop-in changes: it runs with auto_reload_registries.
+    #[arg(long)]
+    crio_reloads_itself: bool,
     /// Name of the node this agent runs on.
     #[arg(long, env = "NODE_NAME", required_unless_present = "standalone")]
     node_name: Option<String>,
@@ -347,6 +366,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 certs_dir: args.certs_dir,
                 containerd_certs_path: args.containerd_certs_path,
                 containerd_config: args.containerd_config,
+                containers: pullthrough::node_agent::ContainersOptions {
+                    proc_dir: args.proc_dir,
+                    signal_crio: !args.crio_reloads_itself,
+                    ..pullthrough::node_agent::ContainersOptions::under(
+                        &args.containers_dir,
+                        args.containers,
+                    )
+                },
             };
             if args.standalone {
                 let mirrors = pairs("mirror", &args.mirrors)?;
@@ -361,7 +388,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     pullthrough::node_agent::run_standalone(&options, &mirrors, &servers, &cas);
                 if !report.failed.is_empty() {
                     anyhow::bail!(
-                        "{} hosts.toml file(s) could not be written",
+                        "the files of {} registr(y/ies) could not be written",
                         report.failed.len()
                     );
                 }

@@ -284,16 +284,14 @@ fn secret_changes(
 
 /// A stream with an item each time the watched value is sent (not for its first value).
 /// Fills the Node store and yields whenever a node's report (the mirrors configured on
-/// it, its containerd's state) changes, or a node comes or goes: every mirror's node count
+/// it, its runtime's state) changes, or a node comes or goes: every mirror's node count
 /// may have changed, and a mirror being deleted may be waiting on that node. Other Node
 /// updates (heartbeats, every few seconds per node) yield nothing.
 fn node_reports(
     client: &Client,
     writer: reflector::store::Writer<Node>,
 ) -> impl futures::Stream<Item = ()> + Send + 'static {
-    let reports = Arc::new(Mutex::new(
-        HashMap::<String, Option<(String, String)>>::new(),
-    ));
+    let reports = Arc::new(Mutex::new(HashMap::<String, Option<[String; 4]>>::new()));
     reflector::reflector(
         writer,
         watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
@@ -309,10 +307,13 @@ fn node_reports(
             };
             let report = |key: &str| node.annotations().get(key).cloned().unwrap_or_default();
             let now = present.then(|| {
-                (
-                    report(crate::api::mirror::NODE_ANNOTATION),
-                    report(crate::api::mirror::CONTAINERD_ANNOTATION),
-                )
+                [
+                    crate::api::mirror::NODE_ANNOTATION,
+                    crate::api::mirror::CONTAINERD_ANNOTATION,
+                    crate::api::mirror::RUNTIME_ANNOTATION,
+                    crate::api::mirror::REGISTRIES_CONF_ANNOTATION,
+                ]
+                .map(report)
             });
             let mut reports = reports.lock().expect("lock");
             let before = reports.insert(node.name_any(), now.clone());

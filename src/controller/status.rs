@@ -2,8 +2,9 @@
 //! mirrors, node counts. The reconciler gathers observations and writes what this returns.
 
 use crate::api::mirror::{
-    CONTAINERD_ANNOTATION, LostRegistry, NODE_ANNOTATION, NodesStatus, RegistryMirror,
-    RegistryMirrorStatus, claim_order, mirror_key, parse_node_annotation, registry_key,
+    CONTAINERD_ANNOTATION, LostRegistry, NODE_ANNOTATION, NodesStatus, REGISTRIES_CONF_ANNOTATION,
+    RUNTIME_ANNOTATION, RegistryMirror, RegistryMirrorStatus, claim_order, mirror_key,
+    parse_node_annotation, registry_key,
 };
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -164,16 +165,31 @@ pub fn count_nodes(
         if !configured_on(node, &key) {
             continue;
         }
-        // An agent older than the annotation is taken at its word.
-        match node.annotations().get(CONTAINERD_ANNOTATION) {
-            Some(state) if state != "enabled" => {
+        match runtime_ignores(node) {
+            Some(why) => {
                 status.ignoring_mirrors += 1;
-                ignoring.push((node.name_any(), state.clone()));
+                ignoring.push((node.name_any(), why));
             }
-            _ => status.configured += 1,
+            None => status.configured += 1,
         }
     }
     (status, ignoring)
+}
+
+/// Why the node's runtime does not read the files its agent wrote, if it does not: on a
+/// CRI-O node the drop-in's state, elsewhere containerd's `config_path`. An agent older
+/// than the annotations is taken at its word.
+fn runtime_ignores(node: &Node) -> Option<String> {
+    let annotations = node.annotations();
+    let crio = annotations
+        .get(RUNTIME_ANNOTATION)
+        .is_some_and(|r| r.starts_with("cri-o://"));
+    if crio {
+        let state = annotations.get(REGISTRIES_CONF_ANNOTATION)?;
+        return (state != "in-place").then(|| format!("CRI-O, registries.conf.d {state}"));
+    }
+    let state = annotations.get(CONTAINERD_ANNOTATION)?;
+    (state != "enabled").then(|| state.clone())
 }
 
 /// Whether a node's agent reports the mirror `key` configured.
@@ -295,8 +311,9 @@ fn degraded(o: &Observed) -> Verdict {
         .collect::<Vec<_>>()
         .join(", ");
     let message = format!(
-        "containerd ignores this mirror's hosts.toml on {} node(s): {nodes}; set its \
-         registry config_path (docs/node-agent.md)",
+        "the container runtime ignores this mirror's files on {} node(s): {nodes}; for \
+         containerd set its registry config_path, for CRI-O give the agent hostPID \
+         (docs/node-agent.md)",
         o.nodes_ignoring.len(),
     );
     (true, NODES_IGNORING, message)
@@ -564,9 +581,25 @@ mod tests {
             .as_mut()
             .unwrap()
             .insert(CONTAINERD_ANNOTATION.into(), "not-set".into());
-        let (counts, named) = count_nodes(&m, &[ignoring]);
+        let (counts, named) = count_nodes(&m, &[ignoring.clone()]);
         assert_eq!((counts.configured, counts.ignoring_mirrors), (0, 1));
         assert_eq!(named, [("node-1".to_string(), "not-set".to_string())]);
+        // On a CRI-O node the drop-in counts, containerd's config_path does not.
+        let annotations = ignoring.metadata.annotations.as_mut().unwrap();
+        annotations.insert(
+            RUNTIME_ANNOTATION.into(),
+            "cri-o://1.29.1: hosts.toml, registries.conf.d".into(),
+        );
+        annotations.insert(REGISTRIES_CONF_ANNOTATION.into(), "in-place".into());
+        assert_eq!(count_nodes(&m, &[ignoring.clone()]).0.configured, 1);
+        let annotations = ignoring.metadata.annotations.as_mut().unwrap();
+        annotations.insert(
+            REGISTRIES_CONF_ANNOTATION.into(),
+            "crio-not-reloaded".into(),
+        );
+        let (counts, named) = count_nodes(&m, &[ignoring]);
+        assert_eq!((counts.configured, counts.ignoring_mirrors), (0, 1));
+        assert_eq!(named[0].1, "CRI-O, registries.conf.d crio-not-reloaded");
     }
 
     fn cond<'a>(s: &'a RegistryMirrorStatus, t: &str) -> &'a Condition {

@@ -27,7 +27,7 @@ pub struct DesiredHost {
 /// The CA file the agent writes beside a `hosts.toml` of its own.
 pub const CA_FILE: &str = "pullthrough-ca.crt";
 
-fn toml_string(s: &str) -> String {
+pub(crate) fn toml_string(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {
@@ -200,7 +200,7 @@ impl HostsDir {
 
 /// Writes via a temp file in the same directory and a rename: containerd, which reads the
 /// file on every pull, sees the old file or the new one, never half of one.
-fn write_atomic(path: &Path, content: &str) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, content: &str) -> io::Result<()> {
     let dir = path.parent().expect("hosts.toml has a directory");
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().expect("a file").to_string_lossy();

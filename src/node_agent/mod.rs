@@ -1,17 +1,21 @@
 //! `pullthrough node-agent`: runs on every node (DaemonSet) and writes containerd
-//! `hosts.toml` files so that pulls go through the Ready mirrors that select the node,
-//! with the upstream as fallback. Reads RegistryMirrors (never writes them), reports what
-//! it configured in the Node annotation `pullthrough.dev/mirrors`, and reads containerd's
-//! config (never writes it) to say whether containerd will use the files.
+//! `hosts.toml` files, and for CRI-O, podman and skopeo a containers-registries.conf(5)
+//! drop-in, so that pulls go through the Ready mirrors that select the node, with the
+//! upstream as fallback. Reads RegistryMirrors (never writes them), reports what it
+//! configured in the Node annotations `pullthrough.dev/mirrors` and
+//! `pullthrough.dev/runtime`, reads containerd's config (never writes it) to say whether
+//! containerd will use the files, and signals CRI-O to read its drop-in again.
 //!
 //! Also runs without Kubernetes (`--standalone --mirror registry=endpoint`) for nodes
 //! configured by hand and for tests.
 
 pub mod containerd;
 pub mod hosts;
+pub mod registries_conf;
 
 use crate::api::mirror::{
-    NODE_ANNOTATION, RegistryMirror, claim_order, is_ready, mirror_key, registry_key, upstream_url,
+    NODE_ANNOTATION, REGISTRIES_CONF_ANNOTATION, RUNTIME_ANNOTATION, RegistryMirror, claim_order,
+    is_ready, mirror_key, registry_key, upstream_url,
 };
 use futures::StreamExt;
 use hosts::{DesiredHost, HostsDir, SyncReport};
@@ -21,9 +25,10 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use registries_conf::RegistriesConf;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,6 +112,67 @@ pub struct AgentOptions {
     pub containerd_certs_path: String,
     /// containerd's config file (mounted read-only).
     pub containerd_config: PathBuf,
+    /// Where CRI-O, podman and skopeo read their registries.
+    pub containers: ContainersOptions,
+}
+
+/// Where containers/image (CRI-O, podman, skopeo) reads its registries on the node, and
+/// when the agent writes there.
+#[derive(Clone, Debug)]
+pub struct ContainersOptions {
+    /// `registries.conf.d` (a hostPath mount of `/etc/containers`).
+    pub conf_dir: PathBuf,
+    /// `certs.d`, where the mirrors' CAs go.
+    pub certs_dir: PathBuf,
+    /// The main `registries.conf`: where it is, containers/image is used on the node.
+    pub main_file: PathBuf,
+    /// When the drop-in is written.
+    pub write: WriteContainers,
+    /// The procfs in which CRI-O is looked for (the host's: the DaemonSet's `hostPID`).
+    pub proc_dir: PathBuf,
+    /// Whether CRI-O is signalled when the drop-in changes (not where it reloads its
+    /// registries itself: `auto_reload_registries`).
+    pub signal_crio: bool,
+}
+
+impl ContainersOptions {
+    /// The node's own places (`/etc/containers`, `/proc`), written where they are used.
+    pub fn on_host() -> ContainersOptions {
+        ContainersOptions::under(Path::new("/etc/containers"), WriteContainers::Auto)
+    }
+
+    /// `registries.conf.d`, `certs.d` and `registries.conf` under `dir`, the host's procfs.
+    pub fn under(dir: &Path, write: WriteContainers) -> ContainersOptions {
+        ContainersOptions {
+            conf_dir: dir.join("registries.conf.d"),
+            certs_dir: dir.join("certs.d"),
+            main_file: dir.join("registries.conf"),
+            write,
+            proc_dir: PathBuf::from("/proc"),
+            signal_crio: true,
+        }
+    }
+
+    /// Whether the drop-in is wanted on a node running `runtime` (its status's
+    /// `containerRuntimeVersion`; empty when unknown).
+    pub fn wanted(&self, runtime: &str) -> bool {
+        match self.write {
+            WriteContainers::Always => true,
+            WriteContainers::Never => false,
+            WriteContainers::Auto => runtime.starts_with("cri-o://") || self.main_file.is_file(),
+        }
+    }
+}
+
+/// When the agent writes the containers-registries.conf(5) drop-in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WriteContainers {
+    /// Where the node runs CRI-O, or has a `registries.conf` (podman, skopeo, buildah).
+    Auto,
+    /// On every node.
+    Always,
+    /// Never (a drop-in written before is removed).
+    Never,
 }
 
 /// Reads and checks containerd's config.
@@ -123,19 +189,103 @@ pub fn containerd_status(options: &AgentOptions) -> containerd::ConfigPath {
     }
 }
 
-fn log_report(report: &SyncReport) {
+fn log_report(file: &str, report: &SyncReport) {
     for r in &report.written {
-        tracing::info!(registry = %r, "hosts.toml written");
+        tracing::info!(registry = %r, "{file} written");
     }
     for r in &report.removed {
-        tracing::info!(registry = %r, "hosts.toml removed");
+        tracing::info!(registry = %r, "{file} removed");
     }
     for r in &report.unmanaged {
-        tracing::warn!(registry = %r, "a hosts.toml not written by pullthrough is there; leaving it alone");
+        tracing::warn!(registry = %r, "a {file} not written by pullthrough is there; leaving it alone");
     }
     for (r, e) in &report.failed {
-        tracing::error!(registry = %r, error = %e, "could not update hosts.toml");
+        tracing::error!(registry = %r, error = %e, "could not update {file}");
     }
+}
+
+/// What the containers-registries.conf(5) drop-in came to after a sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DropInState {
+    /// Not wanted on this node: no drop-in.
+    NotWritten,
+    /// Says what it should; CRI-O, where it runs, was signalled after the last change.
+    InPlace,
+    /// In place, but CRI-O was not signalled (it reads the drop-in when it next starts).
+    CrioNotReloaded(String),
+    /// A file not written by the agent is where the drop-in goes.
+    Unmanaged,
+    /// Could not be written.
+    Failed,
+}
+
+impl DropInState {
+    /// The value of [`REGISTRIES_CONF_ANNOTATION`].
+    pub fn state(&self) -> &'static str {
+        match self {
+            DropInState::NotWritten => "not-written",
+            DropInState::InPlace => "in-place",
+            DropInState::CrioNotReloaded(_) => "crio-not-reloaded",
+            DropInState::Unmanaged => "unmanaged",
+            DropInState::Failed => "failed",
+        }
+    }
+}
+
+/// The drop-in brought to `desired` (or removed, where it is not wanted), and CRI-O
+/// signalled when it changed or an earlier signal is still owed (`owed`, kept between
+/// syncs). `crio`: whether the node runs CRI-O (unknown on a node configured by hand:
+/// then any CRI-O there is signalled).
+fn sync_drop_in(
+    options: &ContainersOptions,
+    wanted: bool,
+    desired: &BTreeMap<String, DesiredHost>,
+    crio: Option<bool>,
+    owed: &mut bool,
+) -> (SyncReport, DropInState) {
+    let conf = RegistriesConf::new(&options.conf_dir, &options.certs_dir);
+    let none = BTreeMap::new();
+    let report = conf.sync(if wanted { desired } else { &none });
+    log_report(registries_conf::FILE, &report);
+    if !report.written.is_empty() || !report.removed.is_empty() {
+        *owed = options.signal_crio && crio != Some(false);
+    }
+    let mut state = if !report.failed.is_empty() {
+        DropInState::Failed
+    } else if !report.unmanaged.is_empty() {
+        DropInState::Unmanaged
+    } else if wanted {
+        DropInState::InPlace
+    } else {
+        DropInState::NotWritten
+    };
+    if *owed {
+        match registries_conf::reload_crio(&options.proc_dir) {
+            Ok(n) if n > 0 => {
+                tracing::info!(
+                    processes = n,
+                    "CRI-O told to read its registries again (SIGHUP)"
+                );
+                *owed = false;
+            }
+            Ok(_) if crio.is_none() => *owed = false,
+            Ok(_) => {
+                let why =
+                    "no crio process is visible: the agent needs hostPID (docs/node-agent.md)";
+                tracing::warn!("the drop-in changed but CRI-O was not told: {why}");
+                if state == DropInState::InPlace {
+                    state = DropInState::CrioNotReloaded(why.into());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the drop-in changed but CRI-O could not be told");
+                if state == DropInState::InPlace {
+                    state = DropInState::CrioNotReloaded(e.to_string());
+                }
+            }
+        }
+    }
+    (report, state)
 }
 
 /// Writes the files for hand-given mirrors once (no Kubernetes). `mirrors` maps registry to
@@ -172,14 +322,19 @@ pub fn run_standalone(
         })
         .collect();
     let report = HostsDir::new(&options.certs_dir).sync(&desired);
-    log_report(&report);
+    log_report("hosts.toml", &report);
+    let wanted = options.containers.wanted("");
+    let (dropped, _) = sync_drop_in(&options.containers, wanted, &desired, None, &mut false);
     let status = containerd_status(options);
     if status.enabled() {
         tracing::info!("{}", status.message(&options.containerd_certs_path));
     } else {
         tracing::warn!("{}", status.message(&options.containerd_certs_path));
     }
-    report
+    SyncReport {
+        failed: report.failed.into_iter().chain(dropped.failed).collect(),
+        ..report
+    }
 }
 
 /// The node agent's metrics.
@@ -189,6 +344,7 @@ pub struct AgentMetrics {
     names: Vec<String>,
     syncs: IntCounterVec,
     files: IntGauge,
+    drop_in_registries: IntGauge,
     config_path: IntGauge,
 }
 
@@ -215,6 +371,11 @@ impl AgentMetrics {
             "hosts.toml files the agent keeps on this node.",
         )
         .expect("valid metric");
+        let drop_in_registries = IntGauge::new(
+            "pullthrough_node_registries_conf_registries",
+            "Registries in the agent's containers-registries.conf drop-in on this node (CRI-O, podman).",
+        )
+        .expect("valid metric");
         let config_path = IntGauge::new(
             "pullthrough_node_containerd_config_path_enabled",
             "1 when containerd's registry config_path includes the directory the agent writes.",
@@ -228,6 +389,7 @@ impl AgentMetrics {
             vec![
                 Box::new(syncs.clone()),
                 Box::new(files.clone()),
+                Box::new(drop_in_registries.clone()),
                 Box::new(config_path.clone()),
             ],
         );
@@ -236,6 +398,7 @@ impl AgentMetrics {
             names,
             syncs,
             files,
+            drop_in_registries,
             config_path,
         }
     }
@@ -298,6 +461,7 @@ pub async fn run(
         node_name,
         metrics,
         last_containerd: None,
+        crio_owed: false,
     };
     tokio::pin!(shutdown);
     let mut ready = false;
@@ -383,6 +547,18 @@ struct Agent {
     metrics: Arc<AgentMetrics>,
     /// containerd's state as last said in the log.
     last_containerd: Option<String>,
+    /// The drop-in changed and CRI-O has not been told yet.
+    crio_owed: bool,
+}
+
+/// The node's container runtime as its status names it (`cri-o://1.29.1`); empty when
+/// it says none.
+fn node_runtime(node: &Node) -> String {
+    node.status
+        .as_ref()
+        .and_then(|s| s.node_info.as_ref())
+        .map(|i| i.container_runtime_version.clone())
+        .unwrap_or_default()
 }
 
 impl Agent {
@@ -391,10 +567,24 @@ impl Agent {
     async fn sync(&mut self, node: &Node, mirrors: &[Arc<RegistryMirror>]) {
         let desired = desired_hosts(node.labels(), mirrors);
         let report = self.hosts.sync(&desired);
-        log_report(&report);
+        log_report("hosts.toml", &report);
+        let runtime = node_runtime(node);
+        let crio = runtime.starts_with("cri-o://");
+        let containers = &self.options.containers;
+        let wanted = containers.wanted(&runtime);
+        let (dropped, drop_in) = sync_drop_in(
+            containers,
+            wanted,
+            &desired,
+            Some(crio),
+            &mut self.crio_owed,
+        );
         let metrics = &self.metrics;
         metrics.files.set(report.in_place().count() as i64);
-        let result = if report.failed.is_empty() {
+        metrics
+            .drop_in_registries
+            .set(dropped.in_place().count() as i64);
+        let result = if report.failed.is_empty() && dropped.failed.is_empty() {
             "success"
         } else {
             "error"
@@ -413,26 +603,53 @@ impl Agent {
             }
             self.last_containerd = Some(containerd.state().to_string());
         }
-        let configured = configured_mirrors(&desired, &report);
+        // A mirror is configured where the node's runtime reads its files.
+        let configured = configured_mirrors(&desired, if crio { &dropped } else { &report });
         let value = configured.iter().cloned().collect::<Vec<_>>().join(",");
-        self.annotate(node, &value, containerd.state()).await;
+        let files = if wanted {
+            "hosts.toml, registries.conf.d"
+        } else {
+            "hosts.toml"
+        };
+        let runtime = if runtime.is_empty() {
+            "unknown"
+        } else {
+            &runtime
+        };
+        self.annotate(
+            node,
+            &[
+                (
+                    NODE_ANNOTATION,
+                    (!value.is_empty()).then_some(value.clone()),
+                ),
+                (CONTAINERD_ANNOTATION, Some(containerd.state().to_string())),
+                (RUNTIME_ANNOTATION, Some(format!("{runtime}: {files}"))),
+                (
+                    REGISTRIES_CONF_ANNOTATION,
+                    Some(drop_in.state().to_string()),
+                ),
+            ],
+            &value,
+        )
+        .await;
     }
 
-    /// Writes the mirrors configured (`value`) and containerd's state onto the Node,
-    /// when they differ from what it says.
-    async fn annotate(&self, node: &Node, value: &str, containerd: &str) {
+    /// Writes `wanted` onto the Node (an annotation of `None` removed), when it differs
+    /// from what it says; `mirrors` is what the log says.
+    async fn annotate(&self, node: &Node, wanted: &[(&str, Option<String>)], mirrors: &str) {
         let annotations = node.annotations();
-        let want_mirrors = (!value.is_empty()).then(|| value.to_string());
-        let have_mirrors = annotations.get(NODE_ANNOTATION).cloned();
-        if have_mirrors == want_mirrors
-            && annotations.get(CONTAINERD_ANNOTATION).map(String::as_str) == Some(containerd)
+        if wanted
+            .iter()
+            .all(|(key, value)| annotations.get(*key) == value.as_ref())
         {
             return;
         }
-        let patch = serde_json::json!({"metadata": {"annotations": {
-            NODE_ANNOTATION: want_mirrors,
-            CONTAINERD_ANNOTATION: containerd,
-        }}});
+        let values: serde_json::Map<String, serde_json::Value> = wanted
+            .iter()
+            .map(|(key, value)| (key.to_string(), serde_json::json!(value)))
+            .collect();
+        let patch = serde_json::json!({"metadata": {"annotations": values}});
         let node_name = &self.node_name;
         match self
             .nodes_api
@@ -440,7 +657,7 @@ impl Agent {
             .await
         {
             Ok(_) => {
-                tracing::info!(node = %node_name, mirrors = %value, "reported configured mirrors")
+                tracing::info!(node = %node_name, mirrors = %mirrors, "reported configured mirrors")
             }
             Err(e) => {
                 tracing::error!(node = %node_name, error = %e, "could not annotate the node")
@@ -579,6 +796,44 @@ mod tests {
         let d = desired_hosts(&BTreeMap::new(), &[Arc::new(partial), other]);
         assert_eq!(d["docker.io"].mirror, "ns/partial");
         assert_eq!(d["quay.io"].mirror, "ns/other");
+    }
+
+    #[test]
+    fn a_signal_crio_did_not_get_is_owed_until_it_can_be_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = ContainersOptions::under(dir.path(), WriteContainers::Always);
+        // A procfs without any process: CRI-O is not visible (no hostPID).
+        options.proc_dir = dir.path().join("proc");
+        std::fs::create_dir_all(&options.proc_dir).unwrap();
+        let desired = BTreeMap::from([(
+            "docker.io".to_string(),
+            DesiredHost {
+                mirror: "ns/a".into(),
+                server: "https://registry-1.docker.io".into(),
+                endpoint: "http://10.0.0.1:5000".into(),
+                ca: None,
+                skip_verify: false,
+            },
+        )]);
+        let mut owed = false;
+        let (report, state) = sync_drop_in(&options, true, &desired, Some(true), &mut owed);
+        assert_eq!(report.written, ["docker.io"]);
+        assert!(matches!(state, DropInState::CrioNotReloaded(_)) && owed);
+        assert_eq!(state.state(), "crio-not-reloaded");
+        // Unchanged since, but still owed.
+        let (report, state) = sync_drop_in(&options, true, &desired, Some(true), &mut owed);
+        assert_eq!(report.unchanged, ["docker.io"]);
+        assert!(matches!(state, DropInState::CrioNotReloaded(_)) && owed);
+        // Not a CRI-O node: nothing is owed; a node configured by hand: none seen, none owed.
+        let mut owed = false;
+        let none = BTreeMap::new();
+        let (report, state) = sync_drop_in(&options, false, &none, Some(false), &mut owed);
+        assert_eq!(
+            (report.removed, state, owed),
+            (vec!["docker.io".into()], DropInState::NotWritten, false)
+        );
+        let (_, state) = sync_drop_in(&options, true, &desired, None, &mut owed);
+        assert_eq!((state, owed), (DropInState::InPlace, false));
     }
 
     #[test]

@@ -96,14 +96,26 @@ impl Upstreams {
     }
 
     /// The upstream the first component of `name` names, if it is a registry that one
-    /// serves.
+    /// serves. A registry's port may be written `_port` (`registry.local_5000`): image
+    /// references, and so containers/image and docker, allow no `:` after the first
+    /// component, and no host name has a `_`.
     fn by_prefix<'n>(&self, name: &'n str) -> Option<Routed<'n>> {
         let (first, rest) = name.split_once('/')?;
-        if !image_ref::looks_like_registry(first) {
+        let registry = match first.rsplit_once('_') {
+            Some((host, port))
+                if !first.contains(':')
+                    && !port.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                std::borrow::Cow::Owned(format!("{host}:{port}"))
+            }
+            _ => std::borrow::Cow::Borrowed(first),
+        };
+        if !image_ref::looks_like_registry(&registry) {
             return None;
         }
         Some(Routed {
-            upstream: self.find(first)?,
+            upstream: self.find(&registry)?,
             prefix: Some(first),
             name: rest,
         })
@@ -617,6 +629,18 @@ mod tests {
                 "team/app"
             )
         );
+        // Its port written as image references allow it in a path.
+        assert_eq!(
+            route(None, "registry.local_5000/team/app"),
+            is(
+                "registry.local:5000",
+                Some("registry.local_5000"),
+                "team/app"
+            )
+        );
+        for not_a_port in ["registry.local_/x", "registry.local_50a/x", "ghcr.io_443/x"] {
+            assert_eq!(route(None, not_a_port), is("docker.io", None, not_a_port));
+        }
         // Only one component is taken: the default's own repository named like a
         // registry is reached through the default's name.
         assert_eq!(

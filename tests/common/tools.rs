@@ -23,8 +23,10 @@ pub fn try_skopeo(args: &[&str]) -> Result<String, String> {
     tool("skopeo", Command::new(tool_path("skopeo")).args(args))
 }
 
-/// Runs podman as a client alone, its images in `dir` (vfs storage, no system
-/// registries, no journal): its standard output, or why it failed.
+/// Runs podman as a client alone, its images in `dir` (vfs storage, no journal), its
+/// registries configuration only the drop-ins in `dir/home/.config/containers/
+/// registries.conf.d` (where a user's go; the system's main file is replaced by an empty
+/// one): its standard output, or why it failed.
 pub fn podman(dir: &Path, args: &[&str]) -> Result<String, String> {
     let conf = dir.join("registries.conf");
     if !conf.exists() {
@@ -32,6 +34,7 @@ pub fn podman(dir: &Path, args: &[&str]) -> Result<String, String> {
     }
     let mut cmd = Command::new(tool_path("podman"));
     cmd.env("CONTAINERS_REGISTRIES_CONF", &conf)
+        .env("HOME", dir.join("home"))
         .env("TMPDIR", dir)
         .arg("--root")
         .arg(dir.join("root"))

@@ -3,9 +3,10 @@
 //! `docker-registry` upstream, through the proxy the agent pointed it at; then, with the
 //! proxy gone, straight from the upstream.
 
+use super::{agent, text};
 use crate::common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 struct Containerd {
@@ -109,24 +110,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         args.push(reference);
         self.ctr(&args)
     }
-}
-
-fn agent(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .arg("node-agent")
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ use http_body_util::BodyExt;
 use hyper::{Request, Response};
 use kube::Client;
 use kube::client::Body;
-use pullthrough::node_agent::{AgentOptions, run};
+use pullthrough::node_agent::{AgentOptions, ContainersOptions, WriteContainers, run};
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,8 +23,10 @@ fn ready_mirror() -> Value {
     })
 }
 
-#[tokio::test]
-async fn agent_writes_files_for_ready_mirrors_and_annotates_its_node() {
+/// An agent for node `n1` (`node`: its JSON) against a mocked API server that lists
+/// [`ready_mirror`]; the first annotation patch it sends, and its temp directory (the
+/// containerd certs.d under `certs.d`, the containers configuration under `containers`).
+async fn first_patch(node: Value, write: WriteContainers) -> (Value, tempfile::TempDir) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let patches: Arc<Mutex<Vec<Value>>> = Arc::new(Mutex::new(Vec::new()));
     let seen = patches.clone();
@@ -50,8 +52,7 @@ async fn agent_writes_files_for_ready_mirrors_and_annotates_its_node() {
                         "{query}"
                     );
                     json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "10"},
-                        "items": [{"apiVersion": "v1", "kind": "Node",
-                                   "metadata": {"name": "n1", "resourceVersion": "3", "labels": {"pool": "a"}}}]})
+                        "items": [node.clone()]})
                 }
                 ("PATCH", "/api/v1/nodes/n1") => {
                     let patch: Value = serde_json::from_slice(&bytes).unwrap();
@@ -81,6 +82,7 @@ async fn agent_writes_files_for_ready_mirrors_and_annotates_its_node() {
         certs_dir: certs.clone(),
         containerd_certs_path: certs.display().to_string(),
         containerd_config: config,
+        containers: ContainersOptions::under(&dir.path().join("containers"), write),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(run(
@@ -102,14 +104,40 @@ async fn agent_writes_files_for_ready_mirrors_and_annotates_its_node() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let patch = patches.lock().unwrap()[0].clone();
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+    (patch, dir)
+}
+
+fn node(runtime: Option<&str>) -> Value {
+    let mut n = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "n1", "resourceVersion": "3", "labels": {"pool": "a"}}});
+    if let Some(r) = runtime {
+        n["status"] = json!({"nodeInfo": {"containerRuntimeVersion": r, "machineID": "", "systemUUID": "",
+            "bootID": "", "kernelVersion": "", "osImage": "", "kubeletVersion": "", "kubeProxyVersion": "",
+            "operatingSystem": "linux", "architecture": "amd64"}});
+    }
+    n
+}
+
+#[tokio::test]
+async fn agent_writes_files_for_ready_mirrors_and_annotates_its_node() {
+    let (patch, dir) = first_patch(node(Some("containerd://1.7.13")), WriteContainers::Auto).await;
+    let annotations = &patch["metadata"]["annotations"];
+    assert_eq!(annotations["pullthrough.dev/mirrors"], "ns/public");
     assert_eq!(
-        patch["metadata"]["annotations"]["pullthrough.dev/mirrors"],
-        "ns/public"
-    );
-    assert_eq!(
-        patch["metadata"]["annotations"]["pullthrough.dev/containerd-config-path"],
+        annotations["pullthrough.dev/containerd-config-path"],
         "enabled"
     );
+    assert_eq!(
+        annotations["pullthrough.dev/runtime"],
+        "containerd://1.7.13: hosts.toml"
+    );
+    assert_eq!(
+        annotations["pullthrough.dev/registries-conf"],
+        "not-written"
+    );
+    let certs = dir.path().join("certs.d");
     for registry in ["docker.io", "ghcr.io"] {
         let file = std::fs::read_to_string(certs.join(registry).join("hosts.toml")).unwrap();
         assert!(file.contains("[host.\"http://10.96.0.10:5000\"]"), "{file}");
@@ -119,6 +147,65 @@ async fn agent_writes_files_for_ready_mirrors_and_annotates_its_node() {
             .unwrap()
             .contains("server = \"https://registry-1.docker.io\"")
     );
-    let _ = stop.send(());
-    agent.await.unwrap().unwrap();
+    assert!(!dir.path().join("containers").exists());
+}
+
+/// On a CRI-O node the drop-in is written, and the mirror counts as configured by it; a
+/// process named crio that the agent can see is told to read it (SIGHUP).
+#[tokio::test]
+async fn on_a_cri_o_node_the_agent_writes_the_drop_in_and_signals_crio() {
+    // A stand-in for CRI-O: `sleep` under the name crio, which a SIGHUP ends.
+    let bin = tempfile::tempdir().unwrap();
+    let crio = bin.path().join("crio");
+    std::fs::copy("/bin/sleep", &crio).unwrap();
+    let mut stand_in = Reaped(
+        std::process::Command::new(&crio)
+            .arg("600")
+            .spawn()
+            .unwrap(),
+    );
+    let (patch, dir) = first_patch(node(Some("cri-o://1.29.1")), WriteContainers::Auto).await;
+    let annotations = &patch["metadata"]["annotations"];
+    assert_eq!(annotations["pullthrough.dev/mirrors"], "ns/public");
+    assert_eq!(
+        annotations["pullthrough.dev/runtime"],
+        "cri-o://1.29.1: hosts.toml, registries.conf.d"
+    );
+    assert_eq!(annotations["pullthrough.dev/registries-conf"], "in-place");
+    let drop_in = dir
+        .path()
+        .join("containers/registries.conf.d/50-pullthrough.conf");
+    let text = std::fs::read_to_string(&drop_in).unwrap();
+    assert!(
+        text.contains("location = \"10.96.0.10:5000/ghcr.io\""),
+        "{text}"
+    );
+    // Signalled before the patch was sent: it ends at once (waited for, bounded).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = stand_in.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stand-in was never signalled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(1),
+        "the stand-in got SIGHUP: {status:?}"
+    );
+}
+
+/// A child process killed if the test ends before it does.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

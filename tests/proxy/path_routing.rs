@@ -77,6 +77,15 @@ async fn a_registry_in_the_path_chooses_the_upstream() {
         .await
         .unwrap();
     assert_eq!(ported.top, app.manifest.digest);
+    // The port written as image references allow it (podman and skopeo refuse a `:`).
+    let out = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/ported.test_5000/team/app:v1", proxy.host),
+        &format!("dir:{}", out.path().display()),
+    ]);
+    assert!(dir_blobs(out.path()).contains(&app.layers[0].digest));
     for name in ["docker.io/tool", "index.docker.io/library/tool", "tool"] {
         let pulled = pull(&proxy.url, name, "1.0", None).await.unwrap();
         assert_eq!(pulled.top, tool.manifest.digest, "{name}");

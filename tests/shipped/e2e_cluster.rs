@@ -20,7 +20,7 @@ use crate::common::cluster::*;
 use crate::common::{metric_value, root, scrape};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -28,7 +28,7 @@ use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::{Api, ResourceExt};
 use pullthrough::api::mirror::{FINALIZER, METRICS_PORT, PROXY_PORT, RegistryMirror};
-use pullthrough::node_agent::AgentOptions;
+use pullthrough::node_agent::{AgentOptions, ContainersOptions, WriteContainers};
 use std::time::Duration;
 
 #[tokio::test]
@@ -479,6 +479,10 @@ async fn with_a_node_proxy_pods_run_and_the_node_agent_reports() {
             certs_dir: certs.path().to_path_buf(),
             containerd_certs_path: certs.path().display().to_string(),
             containerd_config: config,
+            containers: ContainersOptions::under(
+                &certs.path().join("containers"),
+                WriteContainers::Auto,
+            ),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(pullthrough::node_agent::run(
@@ -517,6 +521,18 @@ async fn with_a_node_proxy_pods_run_and_the_node_agent_reports() {
             .is_some_and(|n| n.configured == 1 && n.ignoring_mirrors == 0)
     })
     .await;
+    // The real node's runtime, as its status names it, and the files the agent keeps.
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    let annotations = nodes.get(&node).await.unwrap().annotations().clone();
+    let runtime = &annotations["pullthrough.dev/runtime"];
+    assert!(
+        runtime.starts_with("containerd://") && runtime.ends_with(": hosts.toml"),
+        "{runtime}"
+    );
+    assert_eq!(
+        annotations["pullthrough.dev/registries-conf"],
+        "not-written"
+    );
 
     // Deleted: it waits for the node agent to remove the file, then goes.
     env.gone("pods").await;

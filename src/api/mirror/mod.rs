@@ -429,6 +429,16 @@ pub const NODE_ANNOTATION: &str = "pullthrough.dev/mirrors";
 /// `hosts.toml` files (`enabled`), else why not (`not-set`, `elsewhere`, ...).
 pub const CONTAINERD_ANNOTATION: &str = "pullthrough.dev/containerd-config-path";
 
+/// Node annotation the node agent keeps: the node's container runtime, as its status
+/// names it (`containerd://1.7.13`, `cri-o://1.29.1`), and the files the agent keeps for
+/// it (`hosts.toml`, `registries.conf.d`).
+pub const RUNTIME_ANNOTATION: &str = "pullthrough.dev/runtime";
+
+/// Node annotation the node agent keeps: the state of its containers-registries.conf(5)
+/// drop-in, read by CRI-O, podman and skopeo (`in-place`, `crio-reloaded`, `not-written`,
+/// `crio-not-reloaded`, `unmanaged`, `failed`).
+pub const REGISTRIES_CONF_ANNOTATION: &str = "pullthrough.dev/registries-conf";
+
 /// Finalizer that holds a deleted mirror until no node is configured for it any more.
 pub const FINALIZER: &str = "pullthrough.dev/node-cleanup";
 
