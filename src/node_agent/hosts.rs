@@ -41,15 +41,21 @@ pub(crate) fn toml_string(s: &str) -> String {
     out
 }
 
+/// How long containerd waits for a connection to the mirror before it falls back
+/// (`dial_timeout`, honoured from containerd 2.0.7 and 2.1; earlier versions ignore the
+/// key, as they ignore every key they do not know: their decoding is not strict).
+pub const DIAL_TIMEOUT: &str = "1s";
+
 /// The file: the mirror first (pull and resolve), the upstream as fallback, so a failing
 /// mirror never takes pulls down. `ca` is where the mirror's CA certificate is, when it
 /// has one.
 pub fn render(host: &DesiredHost, ca: Option<&Path>) -> String {
     let mut out = format!(
-        "{MARKER} Mirror: {}. Changes are overwritten.\nserver = {}\n\n[host.{}]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        "{MARKER} Mirror: {}. Changes are overwritten.\nserver = {}\n\n[host.{}]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = {}\n",
         host.mirror.replace('\n', " "),
         toml_string(&host.server),
         toml_string(&host.endpoint),
+        toml_string(DIAL_TIMEOUT),
     );
     if let Some(ca) = ca {
         out.push_str(&format!(
@@ -230,6 +236,7 @@ mod tests {
         assert_eq!(v["server"].as_str(), Some("https://registry-1.docker.io"));
         let h = &v["host"]["http://10.96.12.7:5000"];
         assert_eq!(h["capabilities"].as_array().unwrap().len(), 2);
+        assert_eq!(h["dial_timeout"].as_str(), Some("1s"));
         let tricky = render(
             &DesiredHost {
                 mirror: "a\nb".into(),
