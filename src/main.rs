@@ -104,6 +104,14 @@ struct NodeAgentArgs {
     /// Do not signal CRI-O when the drop-in changes: it runs with auto_reload_registries.
     #[arg(long)]
     crio_reloads_itself: bool,
+    /// Ask each mirror whether it answers from this node (a connection within 1 s, /v2/
+    /// within 2 s), every --probe-interval, and leave out of the node's files a mirror that
+    /// failed twice in a row (with --standalone: once) until it answers again.
+    #[arg(long)]
+    probe_mirrors: bool,
+    /// How often mirrors are asked, with --probe-mirrors.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    probe_interval: std::time::Duration,
     /// Name of the node this agent runs on.
     #[arg(long, env = "NODE_NAME", required_unless_present = "standalone")]
     node_name: Option<String>,
@@ -366,6 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 certs_dir: args.certs_dir,
                 containerd_certs_path: args.containerd_certs_path,
                 containerd_config: args.containerd_config,
+                probe: args.probe_mirrors.then_some(args.probe_interval),
                 containers: pullthrough::node_agent::ContainersOptions {
                     proc_dir: args.proc_dir,
                     signal_crio: !args.crio_reloads_itself,
@@ -385,7 +394,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })?;
                 }
                 let report =
-                    pullthrough::node_agent::run_standalone(&options, &mirrors, &servers, &cas);
+                    pullthrough::node_agent::run_standalone(&options, &mirrors, &servers, &cas)
+                        .await;
                 if !report.failed.is_empty() {
                     anyhow::bail!(
                         "the files of {} registr(y/ies) could not be written",

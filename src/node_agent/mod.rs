@@ -11,6 +11,7 @@
 
 pub mod containerd;
 pub mod hosts;
+pub mod probe;
 pub mod registries_conf;
 
 use crate::api::mirror::{
@@ -114,6 +115,48 @@ pub struct AgentOptions {
     pub containerd_config: PathBuf,
     /// Where CRI-O, podman and skopeo read their registries.
     pub containers: ContainersOptions,
+    /// How often each mirror is asked whether it answers from this node ([`probe`]); a
+    /// mirror that does not is left out of the node's files until it does. `None`: never
+    /// asked.
+    pub probe: Option<Duration>,
+}
+
+/// Failed probes in a row after which a mirror is left out (one more is a blip: a
+/// replica restarting behind its Service).
+const PROBES_TO_LEAVE_OUT: u32 = 2;
+
+/// The registries of `desired` whose mirror answers: each distinct endpoint asked once
+/// ([`probe::answers`]), its failures in a row counted in `failures`; one that failed
+/// `needed` times in a row is left out. What changed is logged.
+async fn answering(
+    desired: BTreeMap<String, DesiredHost>,
+    failures: &mut BTreeMap<String, u32>,
+    needed: u32,
+) -> BTreeMap<String, DesiredHost> {
+    let endpoints: BTreeSet<String> = desired.values().map(|h| h.endpoint.clone()).collect();
+    let answers = futures::future::join_all(endpoints.iter().map(|e| probe::answers(e))).await;
+    failures.retain(|e, _| endpoints.contains(e));
+    for (endpoint, answer) in endpoints.iter().zip(answers) {
+        let count = failures.entry(endpoint.clone()).or_default();
+        match answer {
+            Ok(()) => {
+                if *count >= needed {
+                    tracing::info!(mirror = %endpoint, "the mirror answers again; pulls go through it");
+                }
+                *count = 0;
+            }
+            Err(why) => {
+                *count += 1;
+                if *count == needed {
+                    tracing::warn!(mirror = %endpoint, %why, "the mirror does not answer; pulls on this node go to the upstreams until it does");
+                }
+            }
+        }
+    }
+    desired
+        .into_iter()
+        .filter(|(_, h)| failures.get(&h.endpoint).is_none_or(|n| *n < needed))
+        .collect()
 }
 
 /// Where containers/image (CRI-O, podman, skopeo) reads its registries on the node, and
@@ -291,7 +334,7 @@ fn sync_drop_in(
 /// Writes the files for hand-given mirrors once (no Kubernetes). `mirrors` maps registry to
 /// mirror endpoint, `servers` optionally registry to upstream URL, `cas` optionally
 /// registry to the PEM of the CA that signed its mirror's certificate.
-pub fn run_standalone(
+pub async fn run_standalone(
     options: &AgentOptions,
     mirrors: &BTreeMap<String, String>,
     servers: &BTreeMap<String, String>,
@@ -321,6 +364,10 @@ pub fn run_standalone(
             )
         })
         .collect();
+    let desired = match options.probe {
+        Some(_) => answering(desired, &mut BTreeMap::new(), 1).await,
+        None => desired,
+    };
     let report = HostsDir::new(&options.certs_dir).sync(&desired);
     log_report("hosts.toml", &report);
     let wanted = options.containers.wanted("");
@@ -345,6 +392,7 @@ pub struct AgentMetrics {
     syncs: IntCounterVec,
     files: IntGauge,
     drop_in_registries: IntGauge,
+    left_out: IntGauge,
     config_path: IntGauge,
 }
 
@@ -376,6 +424,11 @@ impl AgentMetrics {
             "Registries in the agent's containers-registries.conf drop-in on this node (CRI-O, podman).",
         )
         .expect("valid metric");
+        let left_out = IntGauge::new(
+            "pullthrough_node_registries_left_out",
+            "Registries whose mirror does not answer from this node, left out of its files (their pulls go to the upstream).",
+        )
+        .expect("valid metric");
         let config_path = IntGauge::new(
             "pullthrough_node_containerd_config_path_enabled",
             "1 when containerd's registry config_path includes the directory the agent writes.",
@@ -390,6 +443,7 @@ impl AgentMetrics {
                 Box::new(syncs.clone()),
                 Box::new(files.clone()),
                 Box::new(drop_in_registries.clone()),
+                Box::new(left_out.clone()),
                 Box::new(config_path.clone()),
             ],
         );
@@ -399,6 +453,7 @@ impl AgentMetrics {
             syncs,
             files,
             drop_in_registries,
+            left_out,
             config_path,
         }
     }
@@ -453,7 +508,8 @@ pub async fn run(
     let ops: Arc<dyn crate::server::Ops> = metrics.clone();
     let ops_task = tokio::spawn(crate::server::serve_ops(listener, ops, stop_rx));
     let (mirrors, nodes, mut triggers) = watch(&client, &node_name);
-    let mut tick = tokio::time::interval(resync);
+    let mut tick = tokio::time::interval(options.probe.map_or(resync, |p| p.min(resync)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut agent = Agent {
         hosts: HostsDir::new(&options.certs_dir),
         options,
@@ -462,6 +518,7 @@ pub async fn run(
         metrics,
         last_containerd: None,
         crio_owed: false,
+        failures: BTreeMap::new(),
     };
     tokio::pin!(shutdown);
     let mut ready = false;
@@ -549,6 +606,8 @@ struct Agent {
     last_containerd: Option<String>,
     /// The drop-in changed and CRI-O has not been told yet.
     crio_owed: bool,
+    /// Failed probes in a row, by mirror endpoint.
+    failures: BTreeMap<String, u32>,
 }
 
 /// The node's container runtime as its status names it (`cri-o://1.29.1`); empty when
@@ -565,7 +624,12 @@ impl Agent {
     /// One sync: the node's `hosts.toml` files brought to what the mirrors want,
     /// containerd's state looked at, and both reported on the Node.
     async fn sync(&mut self, node: &Node, mirrors: &[Arc<RegistryMirror>]) {
-        let desired = desired_hosts(node.labels(), mirrors);
+        let mut desired = desired_hosts(node.labels(), mirrors);
+        if self.options.probe.is_some() {
+            let wanted = desired.len();
+            desired = answering(desired, &mut self.failures, PROBES_TO_LEAVE_OUT).await;
+            self.metrics.left_out.set((wanted - desired.len()) as i64);
+        }
         let report = self.hosts.sync(&desired);
         log_report("hosts.toml", &report);
         let runtime = node_runtime(node);
@@ -796,6 +860,53 @@ mod tests {
         let d = desired_hosts(&BTreeMap::new(), &[Arc::new(partial), other]);
         assert_eq!(d["docker.io"].mirror, "ns/partial");
         assert_eq!(d["quay.io"].mirror, "ns/other");
+    }
+
+    #[tokio::test]
+    async fn a_mirror_is_left_out_after_two_failed_probes_and_back_after_one_answer() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A mirror that answers 503 until `up`, then 200.
+        let up = Arc::new(AtomicBool::new(false));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let serving = up.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let status = if serving.load(Ordering::SeqCst) {
+                    "200 OK"
+                } else {
+                    "503 Unavailable"
+                };
+                let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\n{{}}");
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        let host = DesiredHost {
+            mirror: "ns/a".into(),
+            server: "https://quay.io".into(),
+            endpoint: endpoint.clone(),
+            ca: None,
+            skip_verify: false,
+        };
+        let desired = BTreeMap::from([("quay.io".to_string(), host)]);
+        let mut failures = BTreeMap::new();
+        // One failure is a blip, two leave the mirror out.
+        let kept = answering(desired.clone(), &mut failures, PROBES_TO_LEAVE_OUT).await;
+        assert_eq!(kept.len(), 1);
+        let kept = answering(desired.clone(), &mut failures, PROBES_TO_LEAVE_OUT).await;
+        assert!(kept.is_empty());
+        assert_eq!(failures[&endpoint], 2);
+        // It answers again: back at once.
+        up.store(true, Ordering::SeqCst);
+        let kept = answering(desired.clone(), &mut failures, PROBES_TO_LEAVE_OUT).await;
+        assert_eq!(kept.len(), 1);
+        assert_eq!(failures[&endpoint], 0);
+        // Endpoints no mirror names any more are forgotten.
+        answering(BTreeMap::new(), &mut failures, PROBES_TO_LEAVE_OUT).await;
+        assert!(failures.is_empty());
     }
 
     #[test]

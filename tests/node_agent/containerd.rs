@@ -215,6 +215,96 @@ async fn containerd_pulls_through_the_mirror_and_falls_back_without_it() {
     assert!(!certs.join(&registry).join("hosts.toml").exists());
 }
 
+/// A mirror that does not answer from the node is left out of its files (`--probe-mirrors`):
+/// stopped, answering 503, or sending headers and then nothing; one that answers stays.
+/// containerd then pulls the left-out registry straight from its upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_that_do_not_answer_are_left_out_of_the_node_s_files() {
+    let upstream = Registry::start().await;
+    let image = Image::generate_tar(43, &[100_000], "amd64");
+    push_image(&upstream.url, "team/app", "v1", &image).await;
+    let live = Proxy::start(&[(upstream.host().as_str(), upstream.url.as_str())]).await;
+    let stopped = format!("127.0.0.1:{}", free_port());
+    let (unavailable, _a) = serve_http1(|_, _| async {
+        hyper::Response::builder()
+            .status(503)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    })
+    .await;
+    // Headers, then a body that never comes (until the test ends).
+    let (hung, _b) = serve_http1(|_, _| async {
+        let never =
+            futures::stream::pending::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>();
+        hyper::Response::builder()
+            .header("content-length", "100")
+            .body(http_body_util::StreamBody::new(never))
+            .unwrap()
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs.d");
+    let registry = upstream.host();
+    let mirrors = [
+        (registry.clone(), live.url.clone()),
+        ("stopped.test".to_string(), format!("http://{stopped}")),
+        (
+            "unavailable.test".to_string(),
+            format!("http://{unavailable}"),
+        ),
+        ("hung.test".to_string(), format!("http://{hung}")),
+    ];
+    let mut args = vec![
+        "--standalone".to_string(),
+        "--probe-mirrors".into(),
+        "--certs-dir".into(),
+        certs.display().to_string(),
+        "--containerd-config".into(),
+        "/nonexistent".into(),
+        "--server".into(),
+        format!("{registry}={}", upstream.url),
+    ];
+    for (r, m) in &mirrors {
+        args.extend(["--mirror".to_string(), format!("{r}={m}")]);
+    }
+    let out = agent(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(certs.join(&registry).join("hosts.toml").exists(), "{t}");
+    for (r, m) in &mirrors[1..] {
+        assert!(!certs.join(r).exists(), "{r} was written: {t}");
+        assert!(
+            t.contains(&format!("mirror={m}")) && t.contains("does not answer"),
+            "{t}"
+        );
+    }
+    assert!(t.contains("503"), "{t}");
+
+    // The live mirror's registry still pulls through it; stopped, its file stays until the
+    // agent runs again, which then leaves it out, and containerd pulls from the upstream.
+    let containerd = Containerd::start(
+        work.path(),
+        &format!("config_path = \"{}\"", certs.display()),
+    );
+    let reference = format!("{registry}/team/app:v1");
+    let out = containerd.pull(&certs, &reference);
+    assert!(out.status.success(), "{}\n{}", text(&out), containerd.log());
+    upstream.assert_gets(&format!("/blobs/{}", image.layers[0].digest), 1);
+    live.stop().await;
+    let out = agent(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !certs.join(&registry).join("hosts.toml").exists(),
+        "{}",
+        text(&out)
+    );
+    containerd.ctr(&["images", "rm", &reference]);
+    containerd.ctr(&["content", "rm", &image.layers[0].digest]);
+    let out = containerd.pull(&certs, &reference);
+    assert!(out.status.success(), "{}\n{}", text(&out), containerd.log());
+    upstream.assert_gets(&format!("/blobs/{}", image.layers[0].digest), 2);
+}
+
 #[test]
 fn the_agent_says_clearly_when_containerd_ignores_hosts_toml() {
     let dir = tempfile::tempdir().unwrap();

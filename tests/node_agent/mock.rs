@@ -83,6 +83,7 @@ async fn first_patch(node: Value, write: WriteContainers) -> (Value, tempfile::T
         containerd_certs_path: certs.display().to_string(),
         containerd_config: config,
         containers: ContainersOptions::under(&dir.path().join("containers"), write),
+        probe: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(run(

@@ -483,6 +483,7 @@ async fn with_a_node_proxy_pods_run_and_the_node_agent_reports() {
                 &certs.path().join("containers"),
                 WriteContainers::Auto,
             ),
+            probe: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(pullthrough::node_agent::run(
