@@ -2,7 +2,8 @@
 //! (containers/image): the agent writes its containers-registries.conf(5) drop-in; podman
 //! and skopeo, each with a private store and nothing but that drop-in for configuration,
 //! pull through the mirror it names (by path: the proxy reads the registry from it), and
-//! straight from the upstream when the mirror is down. Plain HTTP and TLS mirrors.
+//! straight from the upstream when the mirror is down, or without trying it once the agent
+//! found it dead (`--probe-mirrors`). Plain HTTP and TLS mirrors.
 
 use super::{agent, text};
 use crate::common::*;
@@ -115,6 +116,43 @@ async fn podman_and_skopeo_pull_through_the_drop_in_and_fall_back_without_the_mi
     assert_eq!(drop_in_again, drop_in);
     podman(fallback.path(), &["pull", &reference]).unwrap();
     assert_upstream_gets(&upstream, &image, 2);
+
+    // Asked first (--probe-mirrors), the agent leaves the dead mirror out: its drop-in
+    // goes, the node's own word on the registry (plain HTTP here) stands, and podman pulls
+    // from the upstream without trying the mirror.
+    let asked = tempfile::tempdir().unwrap();
+    let own = asked
+        .path()
+        .join("home/.config/containers/registries.conf.d");
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::write(
+        own.join("10-registry.conf"),
+        format!("[[registry]]\nprefix = \"{host}\"\nlocation = \"{host}\"\ninsecure = true\n"),
+    )
+    .unwrap();
+    let out = agent(&[
+        "--standalone",
+        "--probe-mirrors",
+        "--certs-dir",
+        asked.path().join("containerd-certs.d").to_str().unwrap(),
+        "--containerd-config",
+        "/nonexistent",
+        "--containers",
+        "always",
+        "--containers-dir",
+        asked
+            .path()
+            .join("home/.config/containers")
+            .to_str()
+            .unwrap(),
+        "--mirror",
+        &format!("{host}=http://{port}"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("does not answer"), "{}", text(&out));
+    assert!(!own.join("50-pullthrough.conf").exists());
+    podman(asked.path(), &["pull", &reference]).unwrap();
+    assert_upstream_gets(&upstream, &image, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

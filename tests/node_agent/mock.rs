@@ -10,14 +10,14 @@ use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn ready_mirror() -> Value {
+fn ready_mirror(endpoint: &str) -> Value {
     json!({
         "apiVersion": "pullthrough.dev/v1alpha1", "kind": "RegistryMirror",
         "metadata": {"name": "public", "namespace": "ns", "uid": "u1", "resourceVersion": "5",
                      "creationTimestamp": "2026-01-01T00:00:00Z"},
         "spec": {"upstreams": [{"registry": "docker.io"}, {"registry": "ghcr.io"}],
                  "nodes": {"configure": true, "selector": {"pool": "a"}}},
-        "status": {"endpoint": "http://10.96.0.10:5000", "readyReplicas": 1, "conditions": [
+        "status": {"endpoint": endpoint, "readyReplicas": 1, "conditions": [
             {"type": "Ready", "status": "True", "reason": "ProxyReady", "message": "",
              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
     })
@@ -27,6 +27,20 @@ fn ready_mirror() -> Value {
 /// [`ready_mirror`]; the first annotation patch it sends, and its temp directory (the
 /// containerd certs.d under `certs.d`, the containers configuration under `containers`).
 async fn first_patch(node: Value, write: WriteContainers) -> (Value, tempfile::TempDir) {
+    let mirror = ready_mirror("http://10.96.0.10:5000");
+    let (patches, dir) = agent_patches(node, mirror, write, None, |p| !p.is_empty()).await;
+    (patches[0].clone(), dir)
+}
+
+/// The annotation patches an agent (asking mirrors every `probe`, if given) sends until
+/// `enough` says so (bounded), with `mirror` listed.
+async fn agent_patches(
+    node: Value,
+    mirror: Value,
+    write: WriteContainers,
+    probe: Option<Duration>,
+    enough: impl Fn(&[Value]) -> bool,
+) -> (Vec<Value>, tempfile::TempDir) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let patches: Arc<Mutex<Vec<Value>>> = Arc::new(Mutex::new(Vec::new()));
     let seen = patches.clone();
@@ -45,7 +59,7 @@ async fn first_patch(node: Value, write: WriteContainers) -> (Value, tempfile::T
             let value = match (parts.method.as_str(), path) {
                 ("GET", "/apis/pullthrough.dev/v1alpha1/registrymirrors") => json!({
                     "apiVersion": "pullthrough.dev/v1alpha1", "kind": "RegistryMirrorList",
-                    "metadata": {"resourceVersion": "10"}, "items": [ready_mirror()]}),
+                    "metadata": {"resourceVersion": "10"}, "items": [mirror.clone()]}),
                 ("GET", "/api/v1/nodes") => {
                     assert!(
                         query.contains("fieldSelector=metadata.name%3Dn1"),
@@ -83,7 +97,7 @@ async fn first_patch(node: Value, write: WriteContainers) -> (Value, tempfile::T
         containerd_certs_path: certs.display().to_string(),
         containerd_config: config,
         containers: ContainersOptions::under(&dir.path().join("containers"), write),
-        probe: None,
+        probe,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(run(
@@ -97,17 +111,17 @@ async fn first_patch(node: Value, write: WriteContainers) -> (Value, tempfile::T
         },
     ));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while patches.lock().unwrap().is_empty() {
+    while !enough(&patches.lock().unwrap()) {
         assert!(
             Instant::now() < deadline,
             "the agent never annotated its node"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let patch = patches.lock().unwrap()[0].clone();
+    let seen = patches.lock().unwrap().clone();
     let _ = stop.send(());
     agent.await.unwrap().unwrap();
-    (patch, dir)
+    (seen, dir)
 }
 
 fn node(runtime: Option<&str>) -> Value {
@@ -209,4 +223,25 @@ impl Drop for Reaped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A mirror that does not answer from the node (its port is held but never accepted
+/// from: connections wait in the queue, unanswered) is listed after one failed probe,
+/// and left out after the second: its files go, the Node no longer lists it.
+#[tokio::test]
+async fn a_mirror_that_does_not_answer_is_left_out_of_the_node() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("http://{}", listener.local_addr().unwrap());
+    let mirrors = |p: &Value| p["metadata"]["annotations"]["pullthrough.dev/mirrors"].clone();
+    let (patches, dir) = agent_patches(
+        node(Some("containerd://1.7.13")),
+        ready_mirror(&dead),
+        WriteContainers::Auto,
+        Some(Duration::from_millis(100)),
+        |p| p.iter().any(|p| mirrors(p).is_null()),
+    )
+    .await;
+    assert_eq!(mirrors(&patches[0]), "ns/public", "one failure is a blip");
+    assert!(!dir.path().join("certs.d/docker.io/hosts.toml").exists());
+    drop(listener);
 }
