@@ -31,6 +31,14 @@ enum Role {
     NodeAgent(NodeAgentArgs),
     /// Print the RegistryMirror CustomResourceDefinition as YAML.
     Crd,
+    /// Print the OpenShift ImageDigestMirrorSet and ImageTagMirrorSet that point nodes at a
+    /// Ready RegistryMirror (`kubectl get registrymirror NAME -o yaml | pullthrough
+    /// openshift-mirror-sets`), for clusters that configure nodes through them.
+    OpenshiftMirrorSets {
+        /// The RegistryMirror as YAML or JSON (`-`: standard input).
+        #[arg(default_value = "-")]
+        file: PathBuf,
+    },
     /// Manage a running proxy's cache.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -421,6 +429,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
         }
         Role::Crd => print!("{}", pullthrough::api::mirror::crd_yaml()),
+        Role::OpenshiftMirrorSets { file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let mirror: pullthrough::api::mirror::RegistryMirror = serde_yaml::from_str(&text)
+                .context("not a RegistryMirror (kubectl get registrymirror NAME -o yaml)")?;
+            print!(
+                "{}",
+                pullthrough::api::mirror::openshift::mirror_sets(&mirror)?
+            );
+        }
         Role::Cache(CacheCommand::Drop {
             image,
             admin_url,

@@ -43,6 +43,53 @@ fn output_within(mut cmd: Command, limit: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// `kubectl get registrymirror NAME -o yaml | pullthrough openshift-mirror-sets` prints
+/// the two objects; a mirror that is not Ready yet, or a file that is no mirror, is one
+/// line.
+#[test]
+fn openshift_mirror_sets_come_from_a_mirror_s_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mirror.yaml");
+    let mirror = "apiVersion: pullthrough.dev/v1alpha1\nkind: RegistryMirror\n\
+        metadata: {name: public, namespace: pullthrough-system}\n\
+        spec: {upstreams: [{registry: docker.io}]}\n";
+    std::fs::write(
+        &file,
+        format!("{mirror}status: {{endpoint: 'https://10.96.0.9:5000'}}\n"),
+    )
+    .unwrap();
+    let out = pullthrough()
+        .arg("openshift-mirror-sets")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("kind: ImageDigestMirrorSet") && text.contains("kind: ImageTagMirrorSet"),
+        "{text}"
+    );
+    assert!(text.contains("- 10.96.0.9:5000/docker.io"), "{text}");
+    std::fs::write(&file, mirror).unwrap();
+    let out = pullthrough()
+        .arg("openshift-mirror-sets")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(error_line(&out).contains("no status.endpoint yet"));
+    std::fs::write(&file, "kind: Pod\n").unwrap();
+    let out = pullthrough()
+        .arg("openshift-mirror-sets")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(error_line(&out).contains("not a RegistryMirror"));
+}
+
 #[test]
 fn ordinary_mistakes_are_one_line_without_a_backtrace() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,9 +1,11 @@
 //! The `RegistryMirror` custom resource (`pullthrough.dev/v1alpha1`): the Rust types are the
 //! source of truth for the CRD (`pullthrough crd` prints it; `crds/` holds its output).
 //! The pure mapping from a mirror's spec to the [`ProxyConfig`](super::ProxyConfig) its
-//! proxy runs with is [`config`].
+//! proxy runs with is [`config`]; the OpenShift objects that point nodes at it, in
+//! [`openshift`].
 
 mod config;
+pub mod openshift;
 #[cfg(test)]
 mod tests;
 
