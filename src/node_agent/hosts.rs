@@ -94,6 +94,22 @@ impl SyncReport {
     pub fn in_place(&self) -> impl Iterator<Item = &String> {
         self.written.iter().chain(self.unchanged.iter())
     }
+
+    /// Says what the sync did to `file`s in the log.
+    pub fn log(&self, file: &str) {
+        for r in &self.written {
+            tracing::info!(registry = %r, "{file} written");
+        }
+        for r in &self.removed {
+            tracing::info!(registry = %r, "{file} removed");
+        }
+        for r in &self.unmanaged {
+            tracing::warn!(registry = %r, "a {file} not written by pullthrough is there; leaving it alone");
+        }
+        for (r, e) in &self.failed {
+            tracing::error!(registry = %r, error = %e, "could not update {file}");
+        }
+    }
 }
 
 /// A containerd `certs.d` directory.

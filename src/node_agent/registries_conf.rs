@@ -9,6 +9,7 @@
 //! command.
 
 use super::hosts::{CA_FILE, DesiredHost, MARKER, SyncReport, toml_string, write_atomic};
+use super::options::ContainersOptions;
 use crate::api::docker_hub;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -231,6 +232,90 @@ pub fn reload_crio(proc: &Path) -> io::Result<usize> {
         }
     }
     Ok(signalled)
+}
+
+/// What the containers-registries.conf(5) drop-in came to after a sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DropInState {
+    /// Not wanted on this node: no drop-in.
+    NotWritten,
+    /// Says what it should; CRI-O, where it runs, was signalled after the last change.
+    InPlace,
+    /// In place, but CRI-O was not signalled (it reads the drop-in when it next starts).
+    CrioNotReloaded(String),
+    /// A file not written by the agent is where the drop-in goes.
+    Unmanaged,
+    /// Could not be written.
+    Failed,
+}
+
+impl DropInState {
+    /// The value of [`REGISTRIES_CONF_ANNOTATION`].
+    pub fn state(&self) -> &'static str {
+        match self {
+            DropInState::NotWritten => "not-written",
+            DropInState::InPlace => "in-place",
+            DropInState::CrioNotReloaded(_) => "crio-not-reloaded",
+            DropInState::Unmanaged => "unmanaged",
+            DropInState::Failed => "failed",
+        }
+    }
+}
+
+/// The drop-in brought to `desired` (or removed, where it is not wanted), and CRI-O
+/// signalled when it changed or an earlier signal is still owed (`owed`, kept between
+/// syncs). `crio`: whether the node runs CRI-O (unknown on a node configured by hand:
+/// then any CRI-O there is signalled).
+pub(super) fn sync_drop_in(
+    options: &ContainersOptions,
+    wanted: bool,
+    desired: &BTreeMap<String, DesiredHost>,
+    crio: Option<bool>,
+    owed: &mut bool,
+) -> (SyncReport, DropInState) {
+    let conf = RegistriesConf::new(&options.conf_dir, &options.certs_dir);
+    let none = BTreeMap::new();
+    let report = conf.sync(if wanted { desired } else { &none });
+    report.log(FILE);
+    if !report.written.is_empty() || !report.removed.is_empty() {
+        *owed = options.signal_crio && crio != Some(false);
+    }
+    let mut state = if !report.failed.is_empty() {
+        DropInState::Failed
+    } else if !report.unmanaged.is_empty() {
+        DropInState::Unmanaged
+    } else if wanted {
+        DropInState::InPlace
+    } else {
+        DropInState::NotWritten
+    };
+    if *owed {
+        match reload_crio(&options.proc_dir) {
+            Ok(n) if n > 0 => {
+                tracing::info!(
+                    processes = n,
+                    "CRI-O told to read its registries again (SIGHUP)"
+                );
+                *owed = false;
+            }
+            Ok(_) if crio.is_none() => *owed = false,
+            Ok(_) => {
+                let why =
+                    "no crio process is visible: the agent needs hostPID (docs/node-agent.md)";
+                tracing::warn!("the drop-in changed but CRI-O was not told: {why}");
+                if state == DropInState::InPlace {
+                    state = DropInState::CrioNotReloaded(why.into());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the drop-in changed but CRI-O could not be told");
+                if state == DropInState::InPlace {
+                    state = DropInState::CrioNotReloaded(e.to_string());
+                }
+            }
+        }
+    }
+    (report, state)
 }
 
 #[cfg(test)]
