@@ -626,6 +626,20 @@ async fn several_upstreams_routed_by_ns_and_referrers_passed_through() {
         "filters are forwarded, ns is not"
     );
     assert_eq!(two.count("ns="), 0);
+    // The same referrers with the registry in the path (its port as image references
+    // write it), for clients that send no ns.
+    let r = http()
+        .get(format!(
+            "{}/v2/two.example_5000/x/y/referrers/{}",
+            proxy.url, b.manifest.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["manifests"][0]["digest"], b.manifest.digest.as_str());
+    assert_eq!(one.count("/referrers/"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
