@@ -18,4 +18,5 @@ pub mod lease;
 pub mod node_agent;
 pub mod oci;
 pub mod proxy;
+pub mod relay;
 pub mod server;

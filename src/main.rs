@@ -29,6 +29,16 @@ enum Role {
     Controller(ControllerArgs),
     /// Write containerd hosts.toml files on this node for the Ready mirrors that select it.
     NodeAgent(NodeAgentArgs),
+    /// Hand pulls from the node's loopback to a mirror unchanged: a node-local entry point
+    /// (`127.0.0.1:PORT/<registry>/<repo>`, which containerd pulls over plain HTTP).
+    Relay {
+        /// Where to listen (the node's loopback, with hostNetwork).
+        #[arg(long, default_value = "127.0.0.1:5001", value_parser = parse_listen)]
+        listen: SocketAddr,
+        /// The mirror: http://HOST:PORT (its Service).
+        #[arg(long)]
+        to: String,
+    },
     /// Print the RegistryMirror CustomResourceDefinition as YAML.
     Crd,
     /// Print the OpenShift ImageDigestMirrorSet and ImageTagMirrorSet that point nodes at a
@@ -427,6 +437,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown_signal(),
             )
             .await?;
+        }
+        Role::Relay { listen, to } => {
+            init_tracing(&cli.log_format);
+            pullthrough::relay::run(listen, &to, shutdown_signal()).await?;
         }
         Role::Crd => print!("{}", pullthrough::api::mirror::crd_yaml()),
         Role::OpenshiftMirrorSets { file } => {

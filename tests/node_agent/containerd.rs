@@ -305,6 +305,74 @@ async fn mirrors_that_do_not_answer_are_left_out_of_the_node_s_files() {
     upstream.assert_gets(&format!("/blobs/{}", image.layers[0].digest), 2);
 }
 
+/// The node-local entry point: with no configuration for it at all (an empty hosts
+/// directory), containerd pulls `127.0.0.1:<port>/<registry>/<repo>` from the relay over
+/// plain HTTP, the relay hands it to the mirror, and the mirror reads the registry from
+/// the path. A second image of the same layers is served from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_a_loopback_relay_with_no_configuration() {
+    let upstream = Registry::start().await;
+    let image = Image::generate_tar(44, &[200_000, 30_000], "amd64");
+    push_image(&upstream.url, "team/app", "v1", &image).await;
+    push_image(&upstream.url, "team/app", "v2", &image).await;
+    let registry = upstream.host();
+    let proxy = Proxy::start(&[(registry.as_str(), upstream.url.as_str())]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relaying = tokio::spawn(pullthrough::relay::serve(
+        listener,
+        proxy.url.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let work = tempfile::tempdir().unwrap();
+    let empty = work.path().join("certs.d");
+    std::fs::create_dir_all(&empty).unwrap();
+    let containerd = Containerd::start(
+        work.path(),
+        &format!("config_path = \"{}\"", empty.display()),
+    );
+    // The registry's port as image references allow it in a path.
+    let path = registry.replace(':', "_");
+    for tag in ["v1", "v2"] {
+        let out = containerd.pull(&empty, &format!("{relay}/{path}/team/app:{tag}"));
+        assert!(out.status.success(), "{}\n{}", text(&out), containerd.log());
+    }
+    let images = text(&containerd.ctr(&["images", "ls"]));
+    assert!(images.contains(&image.manifest.digest), "{images}");
+    for b in image.blobs() {
+        upstream.assert_gets(&format!("/v2/team/app/blobs/{}", b.digest), 1);
+    }
+    let m = proxy.metrics().await;
+    let miss = [
+        ("upstream", registry.as_str()),
+        ("kind", "manifest"),
+        ("result", "miss"),
+    ];
+    assert_eq!(
+        metric_value(&m, "pullthrough_requests_total", &miss),
+        2.0,
+        "a manifest per tag"
+    );
+
+    // The mirror gone: the relay says so, as an OCI error.
+    proxy.stop().await;
+    let r = get(&format!("http://{relay}/v2/{path}/team/app/manifests/v1")).await;
+    assert_eq!(error_code(r).await, (502, "UNAVAILABLE".to_string()));
+    // What a pull does not send is not relayed.
+    let r = http()
+        .delete(format!("http://{relay}/v2/{path}/team/app/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (405, "UNSUPPORTED".to_string()));
+    let _ = stop.send(());
+    relaying.await.unwrap();
+}
+
 #[test]
 fn the_agent_says_clearly_when_containerd_ignores_hosts_toml() {
     let dir = tempfile::tempdir().unwrap();
