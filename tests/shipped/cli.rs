@@ -314,6 +314,15 @@ async fn the_readme_first_run_works_without_docker_hub() {
         &format!("dir:{}", out.display()),
     ]);
     assert_eq!(dir_blobs(&out).len(), 2, "a config and a layer");
+    // The README's second copy names the registry in the path.
+    let named = work.path().join("hello2");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://127.0.0.1:{port}/local.test/demo/hello:1.0"),
+        &format!("dir:{}", named.display()),
+    ]);
+    assert_eq!(dir_blobs(&named), dir_blobs(&out));
 
     // A pull that fails says why in its OCI error body.
     let r = get(&format!("{url}/v2/demo/missing/manifests/1.0")).await;
