@@ -222,7 +222,9 @@ async fn containerd_pulls_through_the_mirror_and_falls_back_without_it() {
 async fn mirrors_that_do_not_answer_are_left_out_of_the_node_s_files() {
     let upstream = Registry::start().await;
     let image = Image::generate_tar(43, &[100_000], "amd64");
+    let second = Image::generate_tar(45, &[90_000], "amd64");
     push_image(&upstream.url, "team/app", "v1", &image).await;
+    push_image(&upstream.url, "team/app", "v2", &second).await;
     let live = Proxy::start(&[(upstream.host().as_str(), upstream.url.as_str())]).await;
     let stopped = format!("127.0.0.1:{}", free_port());
     let (unavailable, _a) = serve_http1(|_, _| async {
@@ -298,11 +300,21 @@ async fn mirrors_that_do_not_answer_are_left_out_of_the_node_s_files() {
         "{}",
         text(&out)
     );
-    containerd.ctr(&["images", "rm", &reference]);
-    containerd.ctr(&["content", "rm", &image.layers[0].digest]);
-    let out = containerd.pull(&certs, &reference);
+    // Another image (new layers: nothing of it is on the node yet), from the upstream.
+    let out = containerd.pull(&certs, &format!("{registry}/team/app:v2"));
     assert!(out.status.success(), "{}\n{}", text(&out), containerd.log());
-    upstream.assert_gets(&format!("/blobs/{}", image.layers[0].digest), 2);
+    for b in second.blobs() {
+        upstream.assert_gets(&format!("/blobs/{}", b.digest), 1);
+    }
+    let from_containerd = upstream
+        .access_log()
+        .lines()
+        .filter(|l| l.contains(&second.layers[0].digest) && l.contains("containerd/"))
+        .count();
+    assert_eq!(
+        from_containerd, 1,
+        "containerd itself fetched the new layer"
+    );
 }
 
 /// The node-local entry point: with no configuration for it at all (an empty hosts
