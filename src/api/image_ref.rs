@@ -104,6 +104,29 @@ pub fn looks_like_registry(first: &str) -> bool {
     first.contains(['.', ':']) || first.eq_ignore_ascii_case("localhost")
 }
 
+/// `registry` as the first component of a path through a mirror
+/// (`<mirror>/registry.local_5000/team/app`): its port written `_port`, since image
+/// references allow no `:` after their first component and no host name has a `_`.
+/// [`registry_from_path`] reads it back.
+pub fn registry_in_path(registry: &str) -> String {
+    registry.replace(':', "_")
+}
+
+/// The registry a path's first component names, as [`registry_in_path`] wrote it:
+/// `registry.local_5000` is `registry.local:5000`; anything else stands as it is.
+pub fn registry_from_path(first: &str) -> std::borrow::Cow<'_, str> {
+    match first.rsplit_once('_') {
+        Some((host, port))
+            if !first.contains(':')
+                && !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            std::borrow::Cow::Owned(format!("{host}:{port}"))
+        }
+        _ => std::borrow::Cow::Borrowed(first),
+    }
+}
+
 /// Whether `h` is a registry host as image references write it: DNS labels (letters,
 /// digits, `-`) joined by dots, with an optional `:port`.
 pub fn valid_registry_host(h: &str) -> bool {
@@ -154,6 +177,22 @@ mod tests {
             parse("127.0.0.1:5000/a/b:c").unwrap().registry,
             "127.0.0.1:5000"
         );
+    }
+
+    #[test]
+    fn a_port_is_spelled_in_a_path_and_read_back() {
+        assert_eq!(
+            registry_in_path("registry.local:5000"),
+            "registry.local_5000"
+        );
+        assert_eq!(registry_in_path("docker.io"), "docker.io");
+        assert_eq!(
+            registry_from_path("registry.local_5000"),
+            "registry.local:5000"
+        );
+        for stands in ["ghcr.io", "registry.local_", "registry.local_50a", "a:1_2"] {
+            assert_eq!(registry_from_path(stands), stands);
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@
 use super::hosts::{CA_FILE, DesiredHost, MARKER, SyncReport, toml_string, write_atomic};
 use super::options::ContainersOptions;
 use crate::api::docker_hub;
+use crate::api::image_ref::registry_in_path;
+use crate::api::mirror::endpoint_location;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,16 +21,6 @@ use std::path::{Path, PathBuf};
 /// `001-rhel-shortnames.conf`), so that its `[[registry]]` entries replace theirs for the
 /// same prefix; an administrator's file sorting after it wins over it.
 pub const FILE: &str = "50-pullthrough.conf";
-
-/// A mirror's endpoint as containers/image names a location: `host:port`, and whether it
-/// is plain HTTP.
-fn location(url: &str) -> (&str, bool) {
-    let url = url.trim_end_matches('/');
-    match url.split_once("://") {
-        Some((scheme, rest)) => (rest, scheme.eq_ignore_ascii_case("http")),
-        None => (url, false),
-    }
-}
 
 /// Where pulls go when the mirror fails: the registry itself, unless the mirror's upstream
 /// names another URL for it (then that URL's host).
@@ -41,8 +33,8 @@ fn fallback(registry: &str, server: &str) -> (String, bool) {
     if server.trim_end_matches('/') == default {
         return (registry.to_string(), false);
     }
-    let (host, insecure) = location(server);
-    let host = host.split('/').next().unwrap_or(host);
+    let (location, insecure) = endpoint_location(server);
+    let host = location.split('/').next().unwrap_or(location);
     (host.to_string(), insecure)
 }
 
@@ -62,7 +54,7 @@ pub fn render(desired: &BTreeMap<String, DesiredHost>) -> String {
     );
     for (registry, host) in desired {
         let (fallback, fallback_insecure) = fallback(registry, &host.server);
-        let (mirror, plain) = location(&host.endpoint);
+        let (mirror, plain) = endpoint_location(&host.endpoint);
         out.push_str(&format!(
             "\n[[registry]]\nprefix = {}\nlocation = {}\n",
             toml_string(registry),
@@ -71,9 +63,7 @@ pub fn render(desired: &BTreeMap<String, DesiredHost>) -> String {
         if fallback_insecure {
             out.push_str("insecure = true\n");
         }
-        // A port in a path is written `_port`: containers/image allows no `:` there, and
-        // the proxy reads it back (docs/proxy.md, "Which upstream a request is for").
-        let path = registry.replace(':', "_");
+        let path = registry_in_path(registry);
         out.push_str(&format!(
             "\n[[registry.mirror]]\nlocation = {}\n",
             toml_string(&format!("{mirror}/{path}"))
@@ -180,7 +170,7 @@ impl RegistriesConf {
     fn sync_cas(&self, desired: &BTreeMap<String, DesiredHost>) -> io::Result<()> {
         let mut wanted: BTreeMap<&str, &str> = BTreeMap::new();
         for host in desired.values() {
-            let (mirror, plain) = location(&host.endpoint);
+            let (mirror, plain) = endpoint_location(&host.endpoint);
             if let (Some(pem), false) = (&host.ca, plain)
                 && super::hosts::valid_dir_name(mirror)
             {

@@ -96,21 +96,10 @@ impl Upstreams {
     }
 
     /// The upstream the first component of `name` names, if it is a registry that one
-    /// serves. A registry's port may be written `_port` (`registry.local_5000`): image
-    /// references, and so containers/image and docker, allow no `:` after the first
-    /// component, and no host name has a `_`.
+    /// serves, its port written either way ([`image_ref::registry_from_path`]).
     fn by_prefix<'n>(&self, name: &'n str) -> Option<Routed<'n>> {
         let (first, rest) = name.split_once('/')?;
-        let registry = match first.rsplit_once('_') {
-            Some((host, port))
-                if !first.contains(':')
-                    && !port.is_empty()
-                    && port.bytes().all(|b| b.is_ascii_digit()) =>
-            {
-                std::borrow::Cow::Owned(format!("{host}:{port}"))
-            }
-            _ => std::borrow::Cow::Borrowed(first),
-        };
+        let registry = image_ref::registry_from_path(first);
         if !image_ref::looks_like_registry(&registry) {
             return None;
         }

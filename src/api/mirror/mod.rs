@@ -480,6 +480,17 @@ pub fn is_ready(m: &RegistryMirror) -> bool {
     })
 }
 
+/// A mirror's (or an upstream's) URL as containers/image and OpenShift's mirror sets name
+/// a location: without its scheme or a trailing `/` (`host:port`), and whether it is
+/// plain HTTP. A text without a scheme stands as it is.
+pub fn endpoint_location(url: &str) -> (&str, bool) {
+    let url = url.trim_end_matches('/');
+    match url.split_once("://") {
+        Some((scheme, rest)) => (rest, scheme.eq_ignore_ascii_case("http")),
+        None => (url, false),
+    }
+}
+
 /// The upstream's own API URL (containerd's fallback): the last of `urls`, the origin.
 pub fn upstream_url(u: &MirrorUpstream) -> String {
     let c = UpstreamConfig {

@@ -3,7 +3,8 @@
 //! writes them into every node's registries.conf (docs/node-agent.md, "OpenShift"). Each
 //! registry the mirror serves is mirrored by path, as the agent's own drop-in does it.
 
-use super::{RegistryMirror, registry_key};
+use super::{RegistryMirror, endpoint_location, registry_key};
+use crate::api::image_ref::registry_in_path;
 use kube::ResourceExt;
 use serde_json::json;
 
@@ -31,12 +32,8 @@ pub fn mirror_sets(mirror: &RegistryMirror) -> Result<String, MirrorSetsError> {
     let status = mirror.status.as_ref();
     let endpoint = status
         .and_then(|s| s.endpoint.as_deref())
-        .ok_or_else(|| MirrorSetsError::NoEndpoint(key.clone()))?
-        .trim_end_matches('/');
-    let (host, plain) = match endpoint.split_once("://") {
-        Some((scheme, rest)) => (rest, scheme.eq_ignore_ascii_case("http")),
-        None => (endpoint, false),
-    };
+        .ok_or_else(|| MirrorSetsError::NoEndpoint(key.clone()))?;
+    let (host, plain) = endpoint_location(endpoint);
     let served = status
         .map(|s| s.served_registries.clone())
         .unwrap_or_default();
@@ -54,8 +51,7 @@ pub fn mirror_sets(mirror: &RegistryMirror) -> Result<String, MirrorSetsError> {
             .map(|r| {
                 json!({
                     "source": r,
-                    // A port in a path is written `_port` (the proxy reads it back).
-                    "mirrors": [format!("{host}/{}", r.replace(':', "_"))],
+                    "mirrors": [format!("{host}/{}", registry_in_path(r))],
                     "mirrorSourcePolicy": "AllowContactingSource",
                 })
             })
