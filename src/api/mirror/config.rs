@@ -37,6 +37,17 @@ pub enum SpecError {
 /// progress, tag records and the file system's own overhead.
 pub const CACHE_FILL_RATIO: f64 = 0.9;
 
+impl MirrorUpstream {
+    /// Who may pull through: as set, else `upstreamAuth` with credentials, `open` without.
+    pub fn access_mode(&self) -> AccessMode {
+        match &self.access {
+            Some(a) => a.mode,
+            None if self.credentials_secret_ref.is_some() => AccessMode::UpstreamAuth,
+            None => AccessMode::Open,
+        }
+    }
+}
+
 impl RegistryMirrorSpec {
     /// The proxy's size limit from the volume size (PVC size or emptyDir sizeLimit).
     pub fn cache_limit(&self) -> Result<Option<u64>, SpecError> {
@@ -71,14 +82,9 @@ impl RegistryMirrorSpec {
     /// Whether any upstream is in access mode `upstreamAuth` (as set, or by default with
     /// credentials): its proxies then issue tokens under a key they share.
     pub fn guarded(&self) -> bool {
-        self.upstreams.iter().any(|u| {
-            let mode = match &u.access {
-                Some(a) => a.mode,
-                None if u.credentials_secret_ref.is_some() => AccessMode::UpstreamAuth,
-                None => AccessMode::Open,
-            };
-            mode == AccessMode::UpstreamAuth
-        })
+        self.upstreams
+            .iter()
+            .any(|u| u.access_mode() == AccessMode::UpstreamAuth)
     }
 
     /// The Secrets the spec names: each upstream's credentials, the bucket's keys, the

@@ -6,10 +6,12 @@
 
 mod config;
 pub mod openshift;
+pub mod rewrite;
 #[cfg(test)]
 mod tests;
 
 pub use config::{CACHE_FILL_RATIO, SpecError};
+pub use rewrite::{RewriteSpec, RewriteStatus};
 
 use super::proxy_config::{RepositoryFilter, UpstreamAccess, UpstreamConfig};
 use k8s_openapi::api::core::v1::ResourceRequirements;
@@ -87,6 +89,10 @@ pub struct RegistryMirrorSpec {
     /// Serve HTTPS to the nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// Rewrite the images of pods to go through this mirror, for nodes no one may
+    /// configure (docs/rewrite.md). Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<RewriteSpec>,
 }
 
 /// The proxy's certificate, and what nodes check of it.
@@ -387,6 +393,9 @@ pub struct RegistryMirrorStatus {
     /// prefetched since the controller started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetched_images: Option<i64>,
+    /// With `spec.rewrite`: whether pods are rewritten now, and what the webhook missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<RewriteStatus>,
 }
 
 /// A registry of the mirror's that another mirror serves.
