@@ -220,6 +220,38 @@ struct ControllerArgs {
     /// Reconcile only the RegistryMirrors of this namespace (default: every namespace).
     #[arg(long, env = "PULLTHROUGH_WATCH_NAMESPACE")]
     namespace: Option<String>,
+    /// Serve the image-rewriting admission webhook (HTTPS) here, on every replica
+    /// (docs/rewrite.md); not served unless given.
+    #[arg(long, env = "PULLTHROUGH_WEBHOOK_LISTEN", value_parser = parse_listen)]
+    webhook_listen: Option<SocketAddr>,
+    /// Who makes the webhook's serving certificate: the controller (`self`, a CA of its
+    /// own) or cert-manager (the controller only reads the Secret).
+    #[arg(
+        long,
+        env = "PULLTHROUGH_WEBHOOK_CERTS",
+        value_enum,
+        default_value = "self"
+    )]
+    webhook_certs: pullthrough::controller::rewrite::certs::Issuance,
+    /// The Secret (in the controller's namespace) holding the webhook's certificate.
+    #[arg(
+        long,
+        env = "PULLTHROUGH_WEBHOOK_SECRET",
+        default_value = "pullthrough-webhook-tls"
+    )]
+    webhook_secret: String,
+    /// The names the self-made certificate carries (comma-separated; default: the
+    /// webhook Service's, `pullthrough-webhook.<namespace>.svc`).
+    #[arg(long, env = "PULLTHROUGH_WEBHOOK_HOSTS", value_delimiter = ',')]
+    webhook_hosts: Vec<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the controller keeps (self-made
+    /// certificates only).
+    #[arg(
+        long,
+        env = "PULLTHROUGH_WEBHOOK_CONFIGURATION",
+        default_value = "pullthrough-rewrite"
+    )]
+    webhook_configuration: String,
 }
 
 #[derive(clap::Args)]
@@ -374,6 +406,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .identity
                 .or_else(|| std::env::var("HOSTNAME").ok())
                 .unwrap_or_else(|| format!("pullthrough-controller-{}", std::process::id()));
+            let webhook = args.webhook_listen.map(|listen| {
+                use pullthrough::controller::rewrite::{WebhookOptions, certs::CertOptions};
+                let hosts = if args.webhook_hosts.is_empty() {
+                    let ns = &args.lease_namespace;
+                    vec![
+                        format!("pullthrough-webhook.{ns}.svc"),
+                        format!("pullthrough-webhook.{ns}.svc.cluster.local"),
+                    ]
+                } else {
+                    args.webhook_hosts.clone()
+                };
+                WebhookOptions {
+                    listen,
+                    certs: CertOptions {
+                        namespace: args.lease_namespace.clone(),
+                        secret: args.webhook_secret.clone(),
+                        hosts,
+                        issuance: args.webhook_certs,
+                        configuration: Some(args.webhook_configuration.clone()),
+                    },
+                }
+            });
             let options = pullthrough::controller::ControllerOptions {
                 settings: pullthrough::controller::builders::ChildSettings {
                     proxy_image: args.proxy_image,
@@ -383,6 +437,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 lease_namespace: args.lease_namespace,
                 identity,
                 namespace: args.namespace,
+                webhook,
             };
             pullthrough::controller::run(client, options, shutdown_signal()).await?;
         }

@@ -108,6 +108,9 @@ pub struct Context {
     /// The proxies' operations port, where prefetches are asked for (tests point it at
     /// a proxy of their own).
     pub ops_port: u16,
+    /// Per rewriting mirror (`namespace/name`): running pods the webhook missed, as the
+    /// audit counts them (see `rewrite::audit`).
+    pub(super) missed: Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 impl Context {
@@ -131,6 +134,7 @@ impl Context {
             claims_changed: None,
             nodes: None,
             ops_port: crate::api::mirror::METRICS_PORT,
+            missed: Mutex::default(),
         }
     }
 

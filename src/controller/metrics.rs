@@ -1,6 +1,15 @@
-//! The controller's metrics: reconciles by result, and how long they take.
+//! The controller's metrics: reconciles by result and how long they take, and the
+//! image-rewriting webhook's answers (docs/rewrite.md).
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+
+/// The outcomes of `pullthrough_rewrite_pods_total`, there from the start.
+const OUTCOMES: [&str; 4] = [
+    "rewritten",
+    "mirror-not-ready",
+    "owner-compares-images",
+    "private-images",
+];
 
 /// The controller's metrics.
 #[derive(Clone)]
@@ -11,6 +20,9 @@ pub struct ControllerMetrics {
     reconciles: IntCounterVec,
     duration: HistogramVec,
     leader: IntGauge,
+    webhook_duration: Histogram,
+    webhook_pods: IntCounterVec,
+    missed_pods: IntGauge,
 }
 
 impl ControllerMetrics {
@@ -39,6 +51,32 @@ impl ControllerMetrics {
             "1 while this controller replica holds the leader Lease (and so reconciles and asks for prefetches), 0 while it stands by.",
         )
         .expect("valid metric");
+        let webhook_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "pullthrough_webhook_duration_seconds",
+                "Time the image-rewriting webhook takes to answer the API server, from the request read to the answer written.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+        )
+        .expect("valid metric");
+        let webhook_pods = IntCounterVec::new(
+            Opts::new(
+                "pullthrough_rewrite_pods_total",
+                "Pods with images of a rewriting mirror the webhook answered for, by outcome: rewritten, or why not (mirror-not-ready, owner-compares-images, private-images).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let missed_pods = IntGauge::new(
+            "pullthrough_rewrite_missed_pods",
+            "Pods in a rewriting mirror's scope, running now, that the webhook never answered for (it was down or too slow and the API server let them in unrewritten); each mirror's status says how many are its own.",
+        )
+        .expect("valid metric");
+        for outcome in OUTCOMES {
+            webhook_pods.with_label_values(&[outcome]);
+        }
         // At zero from the start; error results appear as they happen.
         reconciles.with_label_values(&["success"]);
         duration.with_label_values(&["success"]);
@@ -48,6 +86,9 @@ impl ControllerMetrics {
                 Box::new(reconciles.clone()),
                 Box::new(duration.clone()),
                 Box::new(leader.clone()),
+                Box::new(webhook_duration.clone()),
+                Box::new(webhook_pods.clone()),
+                Box::new(missed_pods.clone()),
             ],
         );
         ControllerMetrics {
@@ -56,7 +97,25 @@ impl ControllerMetrics {
             reconciles,
             duration,
             leader,
+            webhook_duration,
+            webhook_pods,
+            missed_pods,
         }
+    }
+
+    /// One webhook answer and how long it took.
+    pub(super) fn observe_webhook(&self, seconds: f64) {
+        self.webhook_duration.observe(seconds);
+    }
+
+    /// A pod the webhook answered for: what became of a mirror's images in it.
+    pub(super) fn count_pod(&self, outcome: &str) {
+        self.webhook_pods.with_label_values(&[outcome]).inc();
+    }
+
+    /// The running pods the webhook missed.
+    pub(super) fn set_missed(&self, missed: i64) {
+        self.missed_pods.set(missed);
     }
 
     pub(super) fn observe(&self, result: &'static str, seconds: f64) {

@@ -7,6 +7,7 @@ pub mod builders;
 mod context;
 mod metrics;
 mod reconcile;
+pub mod rewrite;
 pub mod status;
 pub mod workloads;
 
@@ -18,7 +19,7 @@ use crate::api::mirror::RegistryMirror;
 use builders::ChildSettings;
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -51,6 +52,9 @@ pub struct ControllerOptions {
     /// Reconcile only the RegistryMirrors of this namespace (default: all). A controller
     /// scoped so can run beside another one (the e2e tests do, on a shared cluster).
     pub namespace: Option<String>,
+    /// The image-rewriting webhook, served by every replica (docs/rewrite.md); none: not
+    /// served here.
+    pub webhook: Option<rewrite::WebhookOptions>,
 }
 
 struct ControllerOps {
@@ -91,6 +95,21 @@ pub async fn run(
     ctx.nodes = Some(node_store);
     let ctx = Arc::new(ctx);
     let (stop_tx, ops_task) = serve_metrics(&options, &ctx).await?;
+    // What the webhook (on every replica) and the audit (on the leader) read.
+    let views = rewrite::Views::start(&client, mirrors.clone());
+    let webhook = match &options.webhook {
+        Some(w) => Some(
+            rewrite::serve(
+                client.clone(),
+                views.clone(),
+                w.clone(),
+                ctx.metrics.clone(),
+                stop_tx.subscribe(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let lock = leader_lease(&client, &options);
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     tokio::select! {
@@ -98,9 +117,15 @@ pub async fn run(
         _ = shutdown.clone() => {
             let _ = stop_tx.send(true);
             let _ = ops_task.await;
+            if let Some(w) = webhook {
+                let _ = w.await;
+            }
             return Ok(());
         }
     }
+    // Pods admitted without the rewrite, counted for the mirrors' status.
+    let (missed_tx, missed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let auditing = tokio::spawn(rewrite::audit::run(ctx.clone(), views.clone(), missed_tx));
     let (regained_tx, regained_rx) = tokio::sync::watch::channel(());
     let prefetch_regained = tokio_stream_of(regained_tx.subscribe());
     let leadership = stand_by_when_lost(lock, ctx.clone(), regained_tx);
@@ -111,6 +136,10 @@ pub async fn run(
         .boxed(),
         node_reports: node_reports(&client, node_writer).boxed(),
         regained: tokio_stream_of(regained_rx).boxed(),
+        missed_changed: futures::stream::unfold(missed_rx, |mut rx| async move {
+            rx.recv().await.map(|()| ((), rx))
+        })
+        .boxed(),
     };
     let reconciling = reconcile_mirrors(
         controller,
@@ -132,8 +161,13 @@ pub async fn run(
         _ = leadership => {}
     }
     prefetching.abort();
+    auditing.abort();
+    views.stop();
     let _ = stop_tx.send(true);
     let _ = ops_task.await;
+    if let Some(w) = webhook {
+        let _ = w.await;
+    }
     if ctx.leading() {
         leader_lease(&client, &options).release().await;
     }
@@ -219,6 +253,8 @@ struct Triggers {
     node_reports: futures::stream::BoxStream<'static, ()>,
     /// This replica leads again.
     regained: futures::stream::BoxStream<'static, ()>,
+    /// The pods the rewrite webhook missed changed (see [`rewrite::audit`]).
+    missed_changed: futures::stream::BoxStream<'static, ()>,
 }
 
 /// The mirrors' controller: their children owned, the Secrets they read watched, and
@@ -241,6 +277,7 @@ fn reconcile_mirrors(
         .owns(scoped::<StatefulSet>(client, ns), owned())
         .owns(scoped::<Service>(client, ns), owned())
         .owns(scoped::<PodDisruptionBudget>(client, ns), owned())
+        .owns(scoped::<DaemonSet>(client, ns), owned())
         // A Secret a mirror reads (its spec names it, or the controller made it for the
         // mirror) that is created, changed or deleted.
         .reconcile_all_on(secret_changes(scoped(client, ns), store))
@@ -252,6 +289,7 @@ fn reconcile_mirrors(
         // when a node's containerd state changes, the same ones) are looked at again.
         .reconcile_all_on(triggers.node_reports)
         .reconcile_all_on(triggers.regained)
+        .reconcile_all_on(triggers.missed_changed)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| async move {
@@ -337,6 +375,9 @@ pub enum RunError {
         "cannot list RegistryMirrors (is the CRD installed? `pullthrough crd | kubectl apply -f -`): {0}"
     )]
     CrdMissing(#[source] kube::Error),
+    /// The webhook cannot serve.
+    #[error(transparent)]
+    Webhook(#[from] rewrite::ServeError),
     /// The metrics address is taken.
     #[error("cannot listen on {addr}: {source}")]
     Bind {

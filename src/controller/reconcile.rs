@@ -4,14 +4,14 @@
 
 use super::builders;
 use super::context::{Context, Error, MANAGER, NODE_CLEANUP_TIMEOUT, backoff, kube_err};
-use super::status::{self, Observed, Problem};
+use super::status::{self, Observed, Problem, RewriteObserved};
 use crate::api::ProxyConfig;
 use crate::api::dockerconfig::credentials_for;
 use crate::api::mirror::{
     FINALIZER, MirrorUpstream, RegistryMirror, RegistryMirrorStatus, mirror_key,
 };
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -123,6 +123,7 @@ pub(super) async fn delete_children(client: &Client, ns: &str, child: &str) -> R
     delete_child::<PodDisruptionBudget>(client, ns, child).await?;
     delete_child::<Service>(client, ns, child).await?;
     delete_child::<Service>(client, ns, &builders::peers_of(child)).await?;
+    delete_child::<DaemonSet>(client, ns, &builders::entry_point_of(child)).await?;
     delete_evictor_rbac(client, ns, child).await?;
     delete_child::<ConfigMap>(client, ns, child).await
 }
@@ -372,6 +373,7 @@ pub(super) async fn apply(
             apply_children(mirror, ctx, ns, &config, &secret_data, &mut observed).await?;
         }
     }
+    observed.rewrite = apply_entry_point(mirror, ctx, ns, &observed).await?;
     let node_list = ctx.nodes().await?;
     let (nodes, ignoring) = status::count_nodes(mirror, &node_list);
     observed.nodes = Some(nodes);
@@ -382,6 +384,65 @@ pub(super) async fn apply(
         served = ?observed.served, lost = observed.conflicts.len(), "reconciled");
     // Nodes are watched, but a node going away is not: look again in a while.
     Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+/// A rewriting mirror's node-local entry point, applied while the mirror runs and
+/// removed otherwise, and what its status says of the rewrite.
+async fn apply_entry_point(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+    ns: &str,
+    observed: &Observed,
+) -> Result<Option<RewriteObserved>, Error> {
+    let client = &ctx.client;
+    let name = builders::entry_point_name(mirror);
+    let Some(rewrite) = mirror.rewrite() else {
+        delete_child::<DaemonSet>(client, ns, &name).await?;
+        return Ok(None);
+    };
+    let missed_pods = ctx
+        .missed
+        .lock()
+        .expect("lock")
+        .get(&super::rewrite::decide::key(mirror))
+        .copied()
+        .unwrap_or(0);
+    let mut seen = RewriteObserved {
+        address: rewrite.address(),
+        missed_pods: i32::try_from(missed_pods).unwrap_or(i32::MAX),
+        ..RewriteObserved::default()
+    };
+    let runs = observed.problem.is_none() && !observed.served.is_empty();
+    let wanted = match (&observed.endpoint, rewrite.address.is_none()) {
+        (_, false) => None,
+        (Some(e), true) if e.starts_with("http://") && runs => {
+            builders::entry_point(mirror, &ctx.settings, e)
+        }
+        (Some(_), true) => {
+            seen.unreachable = Some(
+                "the node-local entry point relays plain HTTP, and this mirror serves \
+                 HTTPS (spec.tls): give spec.rewrite.address, an address the nodes reach \
+                 it at with a certificate they trust"
+                    .into(),
+            );
+            None
+        }
+        (None, true) => None,
+    };
+    match wanted {
+        Some(ds) => {
+            let ds = apply_child(client, ns, &ds).await?;
+            let st = ds.status.unwrap_or_default();
+            seen.entry_points = Some((st.number_ready, st.desired_number_scheduled));
+        }
+        None => {
+            delete_child::<DaemonSet>(client, ns, &name).await?;
+            if rewrite.address.is_none() {
+                seen.entry_points = Some((0, 0));
+            }
+        }
+    }
+    Ok(Some(seen))
 }
 
 /// Everything that runs a mirror that can: the Secrets the controller makes, the

@@ -3,8 +3,8 @@
 
 use crate::api::mirror::{
     CONTAINERD_ANNOTATION, LostRegistry, NODE_ANNOTATION, NodesStatus, REGISTRIES_CONF_ANNOTATION,
-    RUNTIME_ANNOTATION, RegistryMirror, RegistryMirrorStatus, claim_order, mirror_key,
-    parse_node_annotation, registry_key,
+    RUNTIME_ANNOTATION, RegistryMirror, RegistryMirrorStatus, RewriteStatus, claim_order,
+    mirror_key, parse_node_annotation, registry_key,
 };
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -23,6 +23,10 @@ pub const CONFLICT: &str = "Conflict";
 /// The Degraded reason of nodes whose containerd ignores the mirror's files: worth the
 /// admin's attention, but nothing wrong with the mirror itself.
 pub const NODES_IGNORING: &str = "ContainerdIgnoresMirrors";
+/// The Degraded reason of pods the rewrite webhook never answered for.
+pub const PODS_NOT_REWRITTEN: &str = "PodsNotRewritten";
+/// The Degraded reason of a rewrite nodes cannot follow.
+pub const REWRITE_UNREACHABLE: &str = "RewriteUnreachable";
 
 /// A problem that keeps the mirror from working as asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +64,21 @@ pub struct Observed {
     pub nodes_ignoring: Vec<(String, String)>,
     /// With `spec.tls`: the CA certificate nodes verify the proxy's with.
     pub ca_bundle: Option<String>,
+    /// With `spec.rewrite`: what the rewrite needs besides a Ready mirror.
+    pub rewrite: Option<RewriteObserved>,
+}
+
+/// What a rewriting mirror's reconcile saw of the rewrite.
+#[derive(Clone, Debug, Default)]
+pub struct RewriteObserved {
+    /// Where rewritten images point.
+    pub address: String,
+    /// With the node-local entry point: its pods (ready, wanted).
+    pub entry_points: Option<(i32, i32)>,
+    /// Why nodes cannot reach the mirror through the rewrite, whatever its pods do.
+    pub unreachable: Option<String>,
+    /// Pods the webhook missed (see `rewrite::audit`).
+    pub missed_pods: i32,
 }
 
 /// Whether a mirror may claim registries: not being deleted, with a spec its proxy can
@@ -259,6 +278,50 @@ pub fn build_status(
         ],
         // Written by the prefetches' own field manager (see `workloads`), never here.
         prefetched_images: None,
+        rewrite: o
+            .rewrite
+            .as_ref()
+            .map(|r| rewrite_status(previous, o, r, now)),
+    }
+}
+
+/// `status.rewrite`: active when the mirror is Ready and nodes can reach it (the
+/// address given, or an entry point ready); since when it rewrites, kept from before.
+fn rewrite_status(
+    previous: Option<&RegistryMirrorStatus>,
+    o: &Observed,
+    r: &RewriteObserved,
+    now: Timestamp,
+) -> RewriteStatus {
+    let since = previous
+        .and_then(|p| p.rewrite.as_ref())
+        .and_then(|p| p.since.clone())
+        .unwrap_or(Time(now));
+    let (entry_points_ready, entry_points_desired) = r.entry_points.unwrap_or((0, 0));
+    let (ready, _, why) = ready(o);
+    let (active, message) = if let Some(why) = &r.unreachable {
+        (false, why.clone())
+    } else if !ready {
+        (
+            false,
+            format!("not rewriting: the mirror is not Ready ({why})"),
+        )
+    } else if r.entry_points.is_some() && entry_points_ready == 0 {
+        (
+            false,
+            "not rewriting: no node-local entry point is ready yet".to_string(),
+        )
+    } else {
+        (true, format!("rewriting images of pods to {}", r.address))
+    };
+    RewriteStatus {
+        active,
+        message,
+        address: r.address.clone(),
+        since: Some(since),
+        entry_points_ready,
+        entry_points_desired,
+        missed_pods: r.missed_pods,
     }
 }
 
@@ -300,6 +363,19 @@ fn conflict(o: &Observed) -> Verdict {
 fn degraded(o: &Observed) -> Verdict {
     if let Some(p) = &o.problem {
         return (true, p.reason, p.message.clone());
+    }
+    let rewrite = o.rewrite.as_ref();
+    if let Some(why) = rewrite.and_then(|r| r.unreachable.clone()) {
+        return (true, REWRITE_UNREACHABLE, why);
+    }
+    let missed = rewrite.map_or(0, |r| r.missed_pods);
+    if o.nodes_ignoring.is_empty() && missed > 0 {
+        let message = format!(
+            "{missed} running pod(s) were admitted without the image rewrite: the webhook \
+             did not answer for them (down or too slow); their Events say which \
+             (reason NotRewritten)"
+        );
+        return (true, PODS_NOT_REWRITTEN, message);
     }
     if o.nodes_ignoring.is_empty() {
         return (false, "AsExpected", "configuration is valid".into());
@@ -600,6 +676,61 @@ mod tests {
         let (counts, named) = count_nodes(&m, &[ignoring]);
         assert_eq!((counts.configured, counts.ignoring_mirrors), (0, 1));
         assert_eq!(named[0].1, "CRI-O, registries.conf.d crio-not-reloaded");
+    }
+
+    #[test]
+    fn the_rewrite_is_active_only_when_ready_and_reachable_and_missed_pods_degrade() {
+        let t0 = Timestamp::from_second(1000).unwrap();
+        let t1 = Timestamp::from_second(2000).unwrap();
+        let mut o = Observed {
+            generation: Some(1),
+            replicas: 1,
+            ready_replicas: 1,
+            updated_replicas: 1,
+            endpoint: Some("http://10.0.0.1:5000".into()),
+            served: vec!["docker.io".into()],
+            rewrite: Some(RewriteObserved {
+                address: "127.0.0.1:5001".into(),
+                entry_points: Some((0, 3)),
+                ..RewriteObserved::default()
+            }),
+            ..Observed::default()
+        };
+        let rewrite = |s: &RegistryMirrorStatus| s.rewrite.clone().unwrap();
+        // No entry point ready yet: not active, and says why.
+        let s0 = build_status(None, &o, t0);
+        assert!(!rewrite(&s0).active);
+        assert!(rewrite(&s0).message.contains("no node-local entry point"));
+        assert_eq!(rewrite(&s0).since, Some(Time(t0)));
+        assert_eq!(rewrite(&s0).entry_points_desired, 3);
+        // One ready: active; since stays.
+        o.rewrite.as_mut().unwrap().entry_points = Some((1, 3));
+        let s1 = build_status(Some(&s0), &o, t1);
+        assert!(rewrite(&s1).active);
+        assert_eq!(rewrite(&s1).since, Some(Time(t0)));
+        assert_eq!(rewrite(&s1).address, "127.0.0.1:5001");
+        // The mirror not Ready: not active.
+        o.ready_replicas = 0;
+        let s2 = build_status(Some(&s1), &o, t1);
+        assert!(!rewrite(&s2).active);
+        assert!(rewrite(&s2).message.contains("not Ready"));
+        // Pods the webhook missed: Degraded names how many; Ready stays.
+        o.ready_replicas = 1;
+        o.rewrite.as_mut().unwrap().missed_pods = 2;
+        let s3 = build_status(Some(&s2), &o, t1);
+        assert!(rewrite(&s3).active);
+        assert_eq!(rewrite(&s3).missed_pods, 2);
+        assert_eq!(cond(&s3, DEGRADED).reason, PODS_NOT_REWRITTEN);
+        assert!(cond(&s3, DEGRADED).message.starts_with("2 running pod(s)"));
+        assert_eq!(cond(&s3, READY).status, "True");
+        // Nodes that cannot follow the rewrite at all: Degraded, not active.
+        o.rewrite.as_mut().unwrap().unreachable = Some("relays plain HTTP".into());
+        let s4 = build_status(Some(&s3), &o, t1);
+        assert!(!rewrite(&s4).active);
+        assert_eq!(cond(&s4, DEGRADED).reason, REWRITE_UNREACHABLE);
+        // Without spec.rewrite, no status of it.
+        o.rewrite = None;
+        assert!(build_status(Some(&s4), &o, t1).rewrite.is_none());
     }
 
     fn cond<'a>(s: &'a RegistryMirrorStatus, t: &str) -> &'a Condition {

@@ -3,6 +3,7 @@
 //! the shipped RBAC as the controller's identity, and waits with a bound.
 
 use super::{free_port, root};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
@@ -15,6 +16,8 @@ use kube::core::GroupVersionKind;
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use pullthrough::api::mirror::{FINALIZER, METRICS_PORT, PROXY_PORT, RegistryMirror};
 use pullthrough::controller::builders::ChildSettings;
+use pullthrough::controller::rewrite::WebhookOptions;
+use pullthrough::controller::rewrite::certs::{CertOptions, Issuance};
 use pullthrough::controller::{ControllerOptions, run};
 use std::time::{Duration, Instant};
 
@@ -93,6 +96,9 @@ pub struct Env {
     pub metrics_url: String,
     pub stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub controller: Option<tokio::task::JoinHandle<Result<(), pullthrough::controller::RunError>>>,
+    /// With [`Env::with_webhook`]: the port of the controller's webhook (HTTPS on
+    /// 127.0.0.1, its self-made certificate naming that address).
+    pub webhook_port: Option<u16>,
 }
 
 impl Env {
@@ -104,6 +110,17 @@ impl Env {
     /// bound to the ClusterRole and Role of deploy/02-rbac.yaml (impersonated), not as
     /// the cluster's admin.
     pub async fn start(test: &str, shipped_rbac: bool) -> Env {
+        Env::start_with(test, shipped_rbac, false).await
+    }
+
+    /// A controller serving the image-rewriting webhook on a port of loopback, keeping
+    /// the caBundle of [`webhook_configuration`] (which the test makes: its `url`
+    /// clientConfig names the port, its namespaceSelector this namespace alone).
+    pub async fn with_webhook(test: &str) -> Env {
+        Env::start_with(test, false, true).await
+    }
+
+    async fn start_with(test: &str, shipped_rbac: bool, webhook: bool) -> Env {
         crate::common::init_tracing();
         let client = client_from(&kubeconfig_path()).await;
         install_crd(&client).await;
@@ -132,6 +149,17 @@ impl Env {
             }
         };
         let port = free_port();
+        let webhook_port = webhook.then(free_port);
+        let webhook = webhook_port.map(|p| WebhookOptions {
+            listen: format!("127.0.0.1:{p}").parse().unwrap(),
+            certs: CertOptions {
+                namespace: lease_ns.clone(),
+                secret: "pullthrough-webhook-tls".into(),
+                hosts: vec!["127.0.0.1".into()],
+                issuance: Issuance::SelfSigned,
+                configuration: Some(webhook_configuration(&ns)),
+            },
+        });
         let options = ControllerOptions {
             settings: ChildSettings {
                 proxy_image: std::env::var("PULLTHROUGH_E2E_PROXY_IMAGE")
@@ -142,6 +170,7 @@ impl Env {
             lease_namespace: lease_ns.clone(),
             identity: format!("e2e-{test}"),
             namespace: Some(ns.clone()),
+            webhook,
         };
         let controller_client = match shipped_rbac {
             false => client.clone(),
@@ -158,6 +187,7 @@ impl Env {
             metrics_url: format!("http://127.0.0.1:{port}"),
             stop: Some(stop),
             controller: Some(controller),
+            webhook_port,
         }
     }
 
@@ -338,6 +368,9 @@ impl Drop for Env {
                             .await;
                     }
                 }
+                let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
+                    .delete(&webhook_configuration(&ns), &DeleteParams::background())
+                    .await;
                 let name = shipped_rbac_name(&ns);
                 let _ = Api::<ClusterRoleBinding>::all(client.clone())
                     .delete(&name, &DeleteParams::background())
@@ -354,6 +387,11 @@ impl Drop for Env {
         })
         .join();
     }
+}
+
+/// Name of the MutatingWebhookConfiguration of the test of namespace `ns`.
+pub fn webhook_configuration(ns: &str) -> String {
+    format!("pullthrough-{ns}")
 }
 
 /// Name of the cluster-scoped copies of the shipped RBAC for the namespace `ns`.

@@ -3,8 +3,10 @@
 //! the names, labels and metadata every child shares, the ConfigMap and the hash that
 //! rolls the pods; one file per kind of child beside it: the pods and what runs them
 //! ([`pod`]), the Services, PodDisruptionBudget and ServiceMonitor ([`service`]), the
-//! evictor's RBAC ([`rbac`]), the Secrets the controller makes ([`secrets`]).
+//! evictor's RBAC ([`rbac`]), the Secrets the controller makes ([`secrets`]), the
+//! node-local entry point of a rewriting mirror ([`entry_point`]).
 
+mod entry_point;
 mod pod;
 mod rbac;
 mod secrets;
@@ -12,6 +14,9 @@ mod service;
 #[cfg(test)]
 pub(crate) mod tests;
 
+pub use entry_point::{
+    ENTRY_POINT_COMPONENT, entry_point, entry_point_name, entry_point_of, entry_point_selector,
+};
 pub use pod::{deployment, stateful_set};
 pub use rbac::{
     evictor_name, evictor_rbac_names, evictor_role, evictor_role_binding, proxy_service_account,

@@ -405,3 +405,61 @@ fn tls_and_a_guarded_upstream_mount_their_secrets_where_the_config_says() {
             .is_none()
     );
 }
+
+#[test]
+fn a_rewriting_mirror_s_entry_point_relays_the_node_s_loopback_to_its_service_unprivileged() {
+    let m = mirror("upstreams: [{registry: docker.io}]\nrewrite: {entryPoint: {port: 5009}}");
+    let ds = entry_point(&m, &settings(), "http://10.0.0.7:5000").unwrap();
+    assert_eq!(
+        ds.metadata.name.as_deref(),
+        Some("pullthrough-public-entry")
+    );
+    assert_eq!(
+        ds.metadata.owner_references.as_ref().unwrap()[0].uid,
+        "1234-5678"
+    );
+    let spec = ds.spec.unwrap();
+    // Its pods are never taken for proxy pods (whose selector they do not match).
+    let selector = spec.selector.match_labels.unwrap();
+    assert_ne!(selector, selector_labels(&m));
+    assert!(
+        !selector_labels(&m)
+            .iter()
+            .all(|(k, v)| selector.get(k) == Some(v))
+    );
+    let p = pod(&spec.template);
+    assert_eq!(p.host_network, Some(true));
+    assert_eq!(p.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    assert_eq!(p.automount_service_account_token, Some(false));
+    assert_eq!(
+        p.tolerations.as_ref().unwrap()[0].operator.as_deref(),
+        Some("Exists")
+    );
+    let c = &p.containers[0];
+    let args = c.args.clone().unwrap();
+    let after = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+    assert_eq!(after("--listen"), "127.0.0.1:5009");
+    assert_eq!(after("--to"), "http://10.0.0.7:5000");
+    assert!(args.contains(&"relay".to_string()));
+    assert_eq!(c.ports.as_ref().unwrap()[0].host_port, Some(5009));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+        &["ALL"]
+    );
+    assert!(c.volume_mounts.is_none() && p.volumes.is_none());
+    // The default port; none with an address of its own, or without a rewrite.
+    let m = mirror("upstreams: [{registry: docker.io}]\nrewrite: {}");
+    let ds = entry_point(&m, &settings(), "http://10.0.0.7:5000").unwrap();
+    let args = pod(&ds.spec.unwrap().template).containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(args.contains(&"127.0.0.1:5001".to_string()));
+    let m = mirror("upstreams: [{registry: docker.io}]\nrewrite: {address: mirror.example.com}");
+    assert!(entry_point(&m, &settings(), "http://10.0.0.7:5000").is_none());
+    let m = mirror("upstreams: [{registry: docker.io}]");
+    assert!(entry_point(&m, &settings(), "http://10.0.0.7:5000").is_none());
+}
