@@ -407,8 +407,16 @@ async fn apply_entry_point(
         .get(&super::rewrite::decide::key(mirror))
         .copied()
         .unwrap_or(0);
+    let private = mirror
+        .spec
+        .upstreams
+        .iter()
+        .filter(|u| u.access_mode() == crate::api::proxy_config::AccessMode::UpstreamAuth)
+        .map(|u| u.registry.clone())
+        .collect();
     let mut seen = RewriteObserved {
         address: rewrite.address(),
+        private,
         missed_pods: i32::try_from(missed_pods).unwrap_or(i32::MAX),
         ..RewriteObserved::default()
     };

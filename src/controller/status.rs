@@ -79,6 +79,9 @@ pub struct RewriteObserved {
     pub unreachable: Option<String>,
     /// Pods the webhook missed (see `rewrite::audit`).
     pub missed_pods: i32,
+    /// The mirror's `upstreamAuth` registries, whose images stay as written in pods
+    /// with pull secrets.
+    pub private: Vec<String>,
 }
 
 /// Whether a mirror may claim registries: not being deleted, with a spec its proxy can
@@ -311,8 +314,16 @@ fn rewrite_status(
             false,
             "not rewriting: no node-local entry point is ready yet".to_string(),
         )
-    } else {
+    } else if r.private.is_empty() {
         (true, format!("rewriting images of pods to {}", r.address))
+    } else {
+        let message = format!(
+            "rewriting images of pods to {}; images of {} (upstreamAuth) stay as written in \
+             pods with pull secrets, which the kubelet would not send to the new address",
+            r.address,
+            r.private.join(", ")
+        );
+        (true, message)
     };
     RewriteStatus {
         active,
@@ -728,9 +739,19 @@ mod tests {
         let s4 = build_status(Some(&s3), &o, t1);
         assert!(!rewrite(&s4).active);
         assert_eq!(cond(&s4, DEGRADED).reason, REWRITE_UNREACHABLE);
+        // Private images left as written are said.
+        o.rewrite.as_mut().unwrap().unreachable = None;
+        o.rewrite.as_mut().unwrap().private = vec!["ghcr.io".into()];
+        let s5 = build_status(Some(&s4), &o, t1);
+        assert!(rewrite(&s5).active);
+        assert!(
+            rewrite(&s5)
+                .message
+                .contains("images of ghcr.io (upstreamAuth) stay as written")
+        );
         // Without spec.rewrite, no status of it.
         o.rewrite = None;
-        assert!(build_status(Some(&s4), &o, t1).rewrite.is_none());
+        assert!(build_status(Some(&s5), &o, t1).rewrite.is_none());
     }
 
     fn cond<'a>(s: &'a RegistryMirrorStatus, t: &str) -> &'a Condition {
