@@ -6,7 +6,7 @@
 //! (docs/architecture.md) are checked against the code too, and the README's size.
 
 use crate::common::{kubernetes_validate, root};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 fn read(rel: &str) -> String {
@@ -234,6 +234,105 @@ fn the_network_policy_admits_to_the_operations_port_only_the_controller_and_prom
     }
 }
 
+/// deploy/rewrite/ is what the chart makes with `rewrite.enabled`: the controller of
+/// deploy/03 and the webhook's settings, which name the Service, the Secret and the
+/// configuration that its other files make; least privilege for those two; the
+/// webhook safe to be without (failurePolicy Ignore, no side effects, a short timeout).
+#[test]
+fn the_rewrite_manifests_are_the_controller_with_its_webhook_and_least_privilege() {
+    let plain = yaml_docs("deploy/03-controller.yaml").remove(0);
+    let mut with = yaml_docs("deploy/rewrite/03-controller.yaml").remove(0);
+    let container = &mut with["spec"]["template"]["spec"]["containers"][0];
+    let env = container["env"].as_sequence_mut().unwrap();
+    let mut webhook_env = BTreeMap::new();
+    env.retain(|e| {
+        let name = e["name"].as_str().unwrap();
+        let ours = name.starts_with("PULLTHROUGH_WEBHOOK_");
+        if ours {
+            webhook_env.insert(name.to_string(), e["value"].as_str().unwrap().to_string());
+        }
+        !ours
+    });
+    let ports = container["ports"].as_sequence_mut().unwrap();
+    let webhook_port = ports.pop().unwrap();
+    assert_eq!(
+        with, plain,
+        "deploy/rewrite/03 is deploy/03 but for the webhook"
+    );
+    assert_eq!(webhook_port["name"], "webhook");
+    assert_eq!(
+        webhook_env["PULLTHROUGH_WEBHOOK_LISTEN"],
+        format!(
+            "0.0.0.0:{}",
+            webhook_port["containerPort"].as_u64().unwrap()
+        )
+    );
+    let docs = yaml_docs("deploy/rewrite/06-rewrite.yaml");
+    let find = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
+    let config = find("MutatingWebhookConfiguration");
+    assert_eq!(
+        config["metadata"]["name"].as_str(),
+        Some(webhook_env["PULLTHROUGH_WEBHOOK_CONFIGURATION"].as_str())
+    );
+    let hook = &config["webhooks"][0];
+    assert_eq!(hook["failurePolicy"], "Ignore");
+    assert_eq!(hook["sideEffects"], "None");
+    assert!(hook["timeoutSeconds"].as_u64().unwrap() <= 5);
+    let service = find("Service");
+    let svc = &hook["clientConfig"]["service"];
+    assert_eq!(svc["name"], service["metadata"]["name"]);
+    assert_eq!(svc["path"], "/mutate");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "webhook");
+    let host = format!(
+        "{}.{}.svc",
+        svc["name"].as_str().unwrap(),
+        svc["namespace"].as_str().unwrap()
+    );
+    assert!(
+        webhook_env["PULLTHROUGH_WEBHOOK_HOSTS"]
+            .split(',')
+            .any(|h| h == host),
+        "the certificate names the Service"
+    );
+    // One configuration, one Secret: named, and only read and updated.
+    let cluster_rule = &find("ClusterRole")["rules"][0];
+    assert_eq!(cluster_rule["resourceNames"][0], config["metadata"]["name"]);
+    let role_rule = &find("Role")["rules"][0];
+    assert_eq!(
+        role_rule["resourceNames"][0].as_str(),
+        Some(webhook_env["PULLTHROUGH_WEBHOOK_SECRET"].as_str())
+    );
+    for rule in [cluster_rule, role_rule] {
+        assert_eq!(
+            rule["verbs"],
+            serde_yaml::from_str::<serde_yaml::Value>("[get, update]").unwrap()
+        );
+    }
+    // The NetworkPolicy admits the API server to the webhook port.
+    let policy = &yaml_docs("deploy/rewrite/07-network-policy.yaml")[0];
+    let rule = &policy["spec"]["ingress"][0];
+    assert_eq!(rule["ports"][0]["port"], webhook_port["containerPort"]);
+    // The chart makes the same, from its values.
+    let chart = read("charts/pullthrough/templates/rewrite.yaml")
+        + &read("charts/pullthrough/templates/networkpolicy.yaml")
+        + &read("charts/pullthrough/templates/controller.yaml");
+    for part in [
+        "failurePolicy: Ignore",
+        "sideEffects: None",
+        "PULLTHROUGH_WEBHOOK_LISTEN",
+        "PULLTHROUGH_WEBHOOK_CONFIGURATION",
+        "cert-manager.io/inject-ca-from",
+        ".Values.rewrite.apiServerFrom",
+        "path: /mutate",
+    ] {
+        assert!(chart.contains(part), "the chart lacks {part}");
+    }
+}
+
 #[test]
 fn alerts_use_real_metrics_and_parse() {
     let names = code_metric_names();
@@ -424,6 +523,9 @@ fn deploy_manifests_pass_kubernetes_validation() {
         .collect();
     files.sort();
     files.push(root().join("deploy/monitoring/dashboard.yaml"));
+    for f in std::fs::read_dir(root().join("deploy/rewrite")).unwrap() {
+        files.push(f.unwrap().path());
+    }
     assert!(files.len() >= 6);
     let refs: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
     kubernetes_validate(&refs);
