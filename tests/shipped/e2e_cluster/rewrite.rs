@@ -402,3 +402,207 @@ async fn with_a_node_pods_are_rewritten_pulled_through_the_entry_point_and_misse
     let _ = stop_relay.send(());
     relay.await.unwrap();
 }
+
+/// The webhook's answer time under load: `scripts/bench-webhook` runs this (release
+/// build, the cluster kit) and docs/benchmarks.md keeps what it printed. ROUNDS rounds
+/// (`PULLTHROUGH_BENCH_ROUNDS`, default 3) of 200 pod creations, 20 at a time, with the
+/// webhook configured and without it, in turn; the pods never run (no node matches
+/// them). Printed: the creations' latency as the client sees it (p50, p99, exact), and
+/// the webhook's own answer time (p99, from its histogram's buckets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: scripts/bench-webhook"]
+async fn bench_the_webhook_under_200_pod_creations() {
+    use futures::StreamExt as _;
+    let rounds: usize = std::env::var("PULLTHROUGH_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let env = Env::with_webhook("bench").await;
+    let Some(_node) = env.node_for_pods().await else {
+        panic!("the benchmark needs a node and PULLTHROUGH_E2E_PROXY_IMAGE");
+    };
+    let webhook_port = env.webhook_port.unwrap();
+    let a = env.registry("a");
+    env.create(
+        "rw",
+        &format!(
+            "  upstreams: [{{registry: {a}, url: 'http://127.0.0.1:1'}}]\n  rewrite: {{address: '127.0.0.1:5999', includeSystemNamespaces: true}}"
+        ),
+    )
+    .await;
+    let _host = env.on_host_network("rw").await;
+    env.status_where("rw", 180, "rewriting", |m| {
+        m.status
+            .as_ref()
+            .and_then(|s| s.rewrite.as_ref())
+            .is_some_and(|r| r.active)
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let accounts: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually(60, "the namespace's default ServiceAccount", || async {
+        accounts.get_opt("default").await.ok()?
+    })
+    .await;
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
+    let name = webhook_configuration(&env.ns);
+    let original = format!("{a}/team/app:1");
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    // The API server's view of the configuration follows in a moment: dry runs until
+    // pods are (or are not) rewritten.
+    let settle = async |rewritten: bool| {
+        eventually(60, "the webhook configuration in force", || async {
+            let p = pods
+                .create(&dry, &bare_pod("probe", &original))
+                .await
+                .ok()?;
+            (image_of(&p).starts_with("127.0.0.1:5999/") == rewritten).then_some(())
+        })
+        .await
+    };
+    // Without the webhook the pods opt out, so that the audit does not count them (and
+    // send Events) while the round is timed.
+    let pod = |i: usize, on: bool| -> Pod {
+        let opt_out = if on { "true" } else { "false" };
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("p{i}"), "labels": {"bench": "webhook"},
+                         "annotations": {"pullthrough.dev/rewrite": opt_out}},
+            "spec": {
+                "nodeSelector": {"pullthrough.dev/bench": "nowhere"},
+                "automountServiceAccountToken": false,
+                "containers": [
+                    {"name": "app", "image": original},
+                    {"name": "side", "image": "docker.io/library/busybox:1.36"}
+                ]
+            }
+        }))
+        .unwrap()
+    };
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    let mut own_p99 = Vec::new();
+    for round in 0..rounds * 2 {
+        // Rotating order: with, without, without, with, ...
+        let on = (round % 4 == 0) || (round % 4 == 3);
+        if on {
+            configurations
+                .create(
+                    &PostParams::default(),
+                    &configuration(&env.ns, webhook_port),
+                )
+                .await
+                .unwrap();
+            eventually(60, "the caBundle set", || async {
+                let c = configurations.get(&name).await.ok()?;
+                c.webhooks?
+                    .first()?
+                    .client_config
+                    .ca_bundle
+                    .as_ref()
+                    .map(|_| ())
+            })
+            .await;
+        }
+        settle(on).await;
+        let before = scrape(&env.metrics_url).await;
+        let started = std::time::Instant::now();
+        let latencies: Vec<f64> = futures::stream::iter(0..200)
+            .map(|i| {
+                let pods = pods.clone();
+                let p = pod(i, on);
+                async move {
+                    let t = std::time::Instant::now();
+                    let made = pods.create(&PostParams::default(), &p).await.unwrap();
+                    assert_eq!(image_of(&made).starts_with("127.0.0.1:5999/"), on);
+                    t.elapsed().as_secs_f64() * 1000.0
+                }
+            })
+            .buffer_unordered(20)
+            .collect()
+            .await;
+        let wall = started.elapsed().as_secs_f64();
+        let after = scrape(&env.metrics_url).await;
+        pods.delete_collection(
+            &DeleteParams::default().grace_period(0),
+            &ListParams::default().labels("bench=webhook"),
+        )
+        .await
+        .unwrap();
+        eventually(120, "the round's pods gone", || async {
+            let left = pods
+                .list(&ListParams::default().labels("bench=webhook"))
+                .await
+                .ok()?;
+            left.items.is_empty().then_some(())
+        })
+        .await;
+        if on {
+            own_p99.push(histogram_p99(
+                &before,
+                &after,
+                "pullthrough_webhook_duration_seconds",
+            ));
+            configurations
+                .delete(&name, &DeleteParams::default())
+                .await
+                .unwrap();
+        }
+        let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
+        println!(
+            "round {round}: webhook {}: 200 creations in {wall:.2} s, p50 {p50:.1} ms, p99 {p99:.1} ms",
+            if on { "on" } else { "off" }
+        );
+        if on { &mut with } else { &mut without }.extend(latencies);
+    }
+    println!(
+        "BENCH creations with the webhook: p50 {:.1} ms, p99 {:.1} ms ({} creations)",
+        percentile(&with, 0.50),
+        percentile(&with, 0.99),
+        with.len()
+    );
+    println!(
+        "BENCH creations without it: p50 {:.1} ms, p99 {:.1} ms ({} creations)",
+        percentile(&without, 0.50),
+        percentile(&without, 0.99),
+        without.len()
+    );
+    println!("BENCH the webhook's own answer time, p99 at most (ms, per round): {own_p99:?}");
+}
+
+/// The `q` quantile of `samples` (nearest rank).
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+/// The upper bound (ms) of the histogram bucket holding the 99th percentile of what
+/// `name` observed between two scrapes.
+fn histogram_p99(before: &str, after: &str, name: &str) -> f64 {
+    let buckets = |text: &str| -> Vec<(f64, f64)> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+            .map(|l| {
+                let le = l.split("le=\"").nth(1).unwrap().split('"').next().unwrap();
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap()
+                };
+                let count: f64 = l.rsplit(' ').next().unwrap().parse().unwrap();
+                (le, count)
+            })
+            .collect()
+    };
+    let (b, a) = (buckets(before), buckets(after));
+    let total = a.last().unwrap().1 - b.last().unwrap().1;
+    a.iter()
+        .zip(&b)
+        .find(|((_, ca), (_, cb))| ca - cb >= 0.99 * total)
+        .map(|((le, _), _)| le * 1000.0)
+        .unwrap()
+}
