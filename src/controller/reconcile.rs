@@ -397,7 +397,11 @@ async fn apply_entry_point(
     let client = &ctx.client;
     let name = builders::entry_point_name(mirror);
     let Some(rewrite) = mirror.rewrite() else {
-        delete_child::<DaemonSet>(client, ns, &name).await?;
+        // A mirror that rewrote (its status says) keeps no entry point; one that never
+        // did is not asked about it on every reconcile.
+        if mirror.status.as_ref().is_some_and(|s| s.rewrite.is_some()) {
+            delete_child::<DaemonSet>(client, ns, &name).await?;
+        }
         return Ok(None);
     };
     let missed_pods = ctx
