@@ -5,12 +5,12 @@
 //! service account token, no volume. Its readiness is its process: a relay that cannot
 //! take its port exits, and the pod is not ready.
 
-use super::{ChildSettings, RUN_AS, child_name, labels, owner};
+use super::{ChildSettings, child_name, labels, locked_down, owner};
 use crate::api::mirror::RegistryMirror;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, PodSecurityContext, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SeccompProfile, SecurityContext, Toleration,
+    Container, ContainerPort, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -42,19 +42,9 @@ pub fn entry_point_selector(mirror: &RegistryMirror) -> BTreeMap<String, String>
     ])
 }
 
-/// The DaemonSet relaying `127.0.0.1:<port>` of every node to `endpoint`
-/// (`http://<cluster IP>:5000`), or None for a mirror that rewrites to an address of its
-/// own (or not at all).
-pub fn entry_point(
-    mirror: &RegistryMirror,
-    settings: &ChildSettings,
-    endpoint: &str,
-) -> Option<DaemonSet> {
-    let rewrite = mirror.rewrite().filter(|r| r.address.is_none())?;
-    let port = rewrite.entry_point_port();
-    let mut pod_labels = labels(mirror);
-    pod_labels.extend(entry_point_selector(mirror));
-    let container = Container {
+/// The relay: `127.0.0.1:<port>` of the node to `endpoint`, unprivileged.
+fn relay_container(settings: &ChildSettings, port: u16, endpoint: &str) -> Container {
+    Container {
         name: "relay".into(),
         image: Some(settings.proxy_image.clone()),
         image_pull_policy: settings.image_pull_policy.clone(),
@@ -84,20 +74,24 @@ pub fn entry_point(
             limits: Some(BTreeMap::from([("memory".into(), Quantity("96Mi".into()))])),
             ..ResourceRequirements::default()
         }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUN_AS),
-            run_as_group: Some(RUN_AS),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(locked_down()),
         ..Container::default()
-    };
+    }
+}
+
+/// The DaemonSet relaying `127.0.0.1:<port>` of every node to `endpoint`
+/// (`http://<cluster IP>:5000`), or None for a mirror that rewrites to an address of its
+/// own (or not at all).
+pub fn entry_point(
+    mirror: &RegistryMirror,
+    settings: &ChildSettings,
+    endpoint: &str,
+) -> Option<DaemonSet> {
+    let rewrite = mirror.rewrite().filter(|r| r.address.is_none())?;
+    let port = rewrite.entry_point_port();
+    let mut pod_labels = labels(mirror);
+    pod_labels.extend(entry_point_selector(mirror));
+    let container = relay_container(settings, port, endpoint);
     Some(DaemonSet {
         metadata: ObjectMeta {
             name: Some(entry_point_name(mirror)),

@@ -29,7 +29,7 @@ pub use service::{endpoint, pdb, peers_service, service, service_monitor};
 
 use crate::api::mirror::{RegistryMirror, SpecError};
 use crate::api::proxy_config::{PeersConfig, ProxyConfig};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{Capabilities, ConfigMap, SecurityContext};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::core::Selector;
 use kube::{Resource, ResourceExt};
@@ -194,6 +194,23 @@ pub fn config_hash(config_yaml: &str, secrets: &[Vec<u8>]) -> String {
         h.update(s);
     }
     hex::encode(h.finalize())[..16].to_string()
+}
+
+/// The security context of every container the controller runs: non-root, a read-only
+/// root file system, no privilege escalation, no capability.
+pub(super) fn locked_down() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
 }
 
 /// Whether the mirror keeps its cache on PersistentVolumeClaims (StatefulSet) or an

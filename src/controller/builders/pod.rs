@@ -4,7 +4,8 @@
 
 use super::{
     CONFIG_HASH, CONFIG_KEY, ChildSettings, RUN_AS, access_secret_name, admin_secret_name,
-    child_name, evicts, labels, meta, proxy_service_account_name, selector_labels, uses_pvc,
+    child_name, evicts, labels, locked_down, meta, proxy_service_account_name, selector_labels,
+    uses_pvc,
 };
 use crate::api::mirror::{
     ACCESS_MOUNT, ADMIN_MOUNT, ADMIN_TOKEN, CACHE_MOUNT, CONFIG_MOUNT, METRICS_PORT, PROXY_PORT,
@@ -15,12 +16,11 @@ use k8s_openapi::api::apps::v1::{
     StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretEnvSource,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource,
+    EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretEnvSource, SecretVolumeSource, Volume,
+    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -216,18 +216,7 @@ fn container(
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         resources: mirror.spec.resources.clone(),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUN_AS),
-            run_as_group: Some(RUN_AS),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(locked_down()),
         volume_mounts: Some(mounts),
         ..Container::default()
     }
