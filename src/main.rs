@@ -254,6 +254,64 @@ struct ControllerArgs {
     webhook_configuration: String,
 }
 
+/// The node agent's options from its flags.
+fn agent_options(args: &NodeAgentArgs) -> pullthrough::node_agent::AgentOptions {
+    pullthrough::node_agent::AgentOptions {
+        certs_dir: args.certs_dir.clone(),
+        containerd_certs_path: args.containerd_certs_path.clone(),
+        containerd_config: args.containerd_config.clone(),
+        probe: args.probe_mirrors.then_some(args.probe_interval),
+        containers: pullthrough::node_agent::ContainersOptions {
+            proc_dir: args.proc_dir.clone(),
+            signal_crio: !args.crio_reloads_itself,
+            ..pullthrough::node_agent::ContainersOptions::under(
+                &args.containers_dir,
+                args.containers,
+            )
+        },
+    }
+}
+
+/// The controller's options from its flags: this replica's identity, and the webhook's
+/// certificate naming its Service unless told otherwise.
+fn controller_options(args: ControllerArgs) -> pullthrough::controller::ControllerOptions {
+    use pullthrough::controller::rewrite::{WebhookOptions, certs::CertOptions};
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("pullthrough-controller-{}", std::process::id()));
+    let ns = &args.lease_namespace;
+    let hosts = if args.webhook_hosts.is_empty() {
+        vec![
+            format!("pullthrough-webhook.{ns}.svc"),
+            format!("pullthrough-webhook.{ns}.svc.cluster.local"),
+        ]
+    } else {
+        args.webhook_hosts
+    };
+    let webhook = args.webhook_listen.map(|listen| WebhookOptions {
+        listen,
+        certs: CertOptions {
+            namespace: ns.clone(),
+            secret: args.webhook_secret,
+            hosts,
+            issuance: args.webhook_certs,
+            configuration: Some(args.webhook_configuration),
+        },
+    });
+    pullthrough::controller::ControllerOptions {
+        settings: pullthrough::controller::builders::ChildSettings {
+            proxy_image: args.proxy_image,
+            image_pull_policy: args.image_pull_policy,
+        },
+        metrics_listen: args.metrics_listen,
+        lease_namespace: args.lease_namespace,
+        identity,
+        namespace: args.namespace,
+        webhook,
+    }
+}
+
 #[derive(clap::Args)]
 struct ProxyArgs {
     /// YAML configuration file (the format the controller writes); flags override it.
@@ -402,61 +460,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-            let identity = args
-                .identity
-                .or_else(|| std::env::var("HOSTNAME").ok())
-                .unwrap_or_else(|| format!("pullthrough-controller-{}", std::process::id()));
-            let webhook = args.webhook_listen.map(|listen| {
-                use pullthrough::controller::rewrite::{WebhookOptions, certs::CertOptions};
-                let hosts = if args.webhook_hosts.is_empty() {
-                    let ns = &args.lease_namespace;
-                    vec![
-                        format!("pullthrough-webhook.{ns}.svc"),
-                        format!("pullthrough-webhook.{ns}.svc.cluster.local"),
-                    ]
-                } else {
-                    args.webhook_hosts.clone()
-                };
-                WebhookOptions {
-                    listen,
-                    certs: CertOptions {
-                        namespace: args.lease_namespace.clone(),
-                        secret: args.webhook_secret.clone(),
-                        hosts,
-                        issuance: args.webhook_certs,
-                        configuration: Some(args.webhook_configuration.clone()),
-                    },
-                }
-            });
-            let options = pullthrough::controller::ControllerOptions {
-                settings: pullthrough::controller::builders::ChildSettings {
-                    proxy_image: args.proxy_image,
-                    image_pull_policy: args.image_pull_policy,
-                },
-                metrics_listen: args.metrics_listen,
-                lease_namespace: args.lease_namespace,
-                identity,
-                namespace: args.namespace,
-                webhook,
-            };
+            let options = controller_options(args);
             pullthrough::controller::run(client, options, shutdown_signal()).await?;
         }
         Role::NodeAgent(args) => {
             init_tracing(&cli.log_format);
-            let options = pullthrough::node_agent::AgentOptions {
-                certs_dir: args.certs_dir,
-                containerd_certs_path: args.containerd_certs_path,
-                containerd_config: args.containerd_config,
-                probe: args.probe_mirrors.then_some(args.probe_interval),
-                containers: pullthrough::node_agent::ContainersOptions {
-                    proc_dir: args.proc_dir,
-                    signal_crio: !args.crio_reloads_itself,
-                    ..pullthrough::node_agent::ContainersOptions::under(
-                        &args.containers_dir,
-                        args.containers,
-                    )
-                },
-            };
+            let options = agent_options(&args);
             if args.standalone {
                 let mirrors = pairs("mirror", &args.mirrors)?;
                 let servers = pairs("server", &args.servers)?;

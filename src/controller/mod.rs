@@ -94,22 +94,9 @@ pub async fn run(
     let (node_store, node_writer) = reflector::store::<Node>();
     ctx.nodes = Some(node_store);
     let ctx = Arc::new(ctx);
-    let (stop_tx, ops_task) = serve_metrics(&options, &ctx).await?;
     // What the webhook (on every replica) and the audit (on the leader) read.
     let views = rewrite::Views::start(&client, mirrors.clone());
-    let webhook = match &options.webhook {
-        Some(w) => Some(
-            rewrite::serve(
-                client.clone(),
-                views.clone(),
-                w.clone(),
-                ctx.metrics.clone(),
-                stop_tx.subscribe(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
+    let (stop_tx, ops_task) = serve_ports(&client, &options, &ctx, &views).await?;
     let lock = leader_lease(&client, &options);
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     tokio::select! {
@@ -117,9 +104,6 @@ pub async fn run(
         _ = shutdown.clone() => {
             let _ = stop_tx.send(true);
             let _ = ops_task.await;
-            if let Some(w) = webhook {
-                let _ = w.await;
-            }
             return Ok(());
         }
     }
@@ -165,9 +149,6 @@ pub async fn run(
     views.stop();
     let _ = stop_tx.send(true);
     let _ = ops_task.await;
-    if let Some(w) = webhook {
-        let _ = w.await;
-    }
     if ctx.leading() {
         leader_lease(&client, &options).release().await;
     }
@@ -188,10 +169,13 @@ where
     }
 }
 
-/// Serves /metrics, /healthz and /readyz until the sender says stop.
-async fn serve_metrics(
+/// Serves /metrics, /healthz and /readyz, and the webhook when asked, until the sender
+/// says stop: the task ends when both have.
+async fn serve_ports(
+    client: &Client,
     options: &ControllerOptions,
     ctx: &Context,
+    views: &rewrite::Views,
 ) -> Result<
     (
         tokio::sync::watch::Sender<bool>,
@@ -209,7 +193,26 @@ async fn serve_metrics(
     let ops: Arc<dyn crate::server::Ops> = Arc::new(ControllerOps {
         metrics: ctx.metrics.clone(),
     });
-    let task = tokio::spawn(crate::server::serve_ops(listener, ops, stop_rx));
+    let webhook = match &options.webhook {
+        Some(w) => Some(
+            rewrite::serve(
+                client.clone(),
+                views.clone(),
+                w.clone(),
+                ctx.metrics.clone(),
+                stop_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let ops = crate::server::serve_ops(listener, ops, stop_rx);
+    let task = tokio::spawn(async move {
+        ops.await;
+        if let Some(w) = webhook {
+            let _ = w.await;
+        }
+    });
     Ok((stop_tx, task))
 }
 

@@ -253,22 +253,7 @@ pub fn decide_with(
     if untouchable(pod) {
         return decision;
     }
-    let mut candidates: Vec<&Arc<RegistryMirror>> = mirrors
-        .iter()
-        .filter(|m| m.meta().deletion_timestamp.is_none())
-        .collect();
-    candidates.sort_by_key(|m| claim_order(m));
-    let candidates: Vec<Candidate> = candidates
-        .into_iter()
-        .filter_map(|m| {
-            let spec = m.rewrite()?;
-            in_scope(m, spec, ns, pod.labels()).then(|| Candidate {
-                mirror: m,
-                spec,
-                key: key(m),
-            })
-        })
-        .collect();
+    let candidates = candidates(pod, ns, mirrors);
     if candidates.is_empty() {
         return decision;
     }
@@ -320,23 +305,59 @@ pub fn decide_with(
         }
     }
     // Ephemeral containers come through a subresource that changes nothing but them.
-    if op == Operation::EphemeralContainers {
-        return decision;
+    if op == Operation::Create {
+        let marks = marks(pod, &decision.outcomes, &originals, &reasons);
+        decision.patch.extend(marks);
     }
+    decision
+}
+
+/// The rewriting mirrors whose scope holds the pod, oldest first (as they claim
+/// registries), not being deleted.
+fn candidates<'a>(
+    pod: &Pod,
+    ns: &Namespace,
+    mirrors: &'a [Arc<RegistryMirror>],
+) -> Vec<Candidate<'a>> {
+    let mut live: Vec<&Arc<RegistryMirror>> = mirrors
+        .iter()
+        .filter(|m| m.meta().deletion_timestamp.is_none())
+        .collect();
+    live.sort_by_key(|m| claim_order(m));
+    live.into_iter()
+        .filter_map(|m| {
+            let spec = m.rewrite()?;
+            in_scope(m, spec, ns, pod.labels()).then(|| Candidate {
+                mirror: m,
+                spec,
+                key: key(m),
+            })
+        })
+        .collect()
+}
+
+/// The patch operations that mark a created pod: the label and original images of a
+/// rewritten one, the reasons images were left.
+fn marks(
+    pod: &Pod,
+    outcomes: &BTreeMap<String, Outcome>,
+    originals: &BTreeMap<String, String>,
+    reasons: &std::collections::BTreeSet<Reason>,
+) -> Vec<Value> {
+    let mut patch = Vec::new();
     let mut annotations = BTreeMap::new();
     if !originals.is_empty() {
         annotations.insert(
             ORIGINAL_IMAGES.to_string(),
-            serde_json::to_string(&originals).expect("a map of strings serializes"),
+            serde_json::to_string(originals).expect("a map of strings serializes"),
         );
-        let by: Vec<&str> = decision
-            .outcomes
+        let by: Vec<&str> = outcomes
             .iter()
             .filter(|(_, o)| matches!(o, Outcome::Rewritten(_)))
             .map(|(k, _)| k.as_str())
             .collect();
         annotations.insert(REWRITTEN_BY.to_string(), by.join(","));
-        decision.patch.extend(add_entries(
+        patch.extend(add_entries(
             pod.labels(),
             "labels",
             [(REWRITTEN_LABEL, "true")],
@@ -346,12 +367,12 @@ pub fn decide_with(
     if !left.is_empty() {
         annotations.insert(NOT_REWRITTEN.to_string(), left.join(","));
     }
-    decision.patch.extend(add_entries(
+    patch.extend(add_entries(
         pod.annotations(),
         "annotations",
         annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     ));
-    decision
+    patch
 }
 
 /// JSON patch operations adding `entries` to the pod's `field` (labels or annotations):
