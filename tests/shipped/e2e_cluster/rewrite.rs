@@ -68,6 +68,25 @@ fn bare_pod(name: &str, image: &str) -> Pod {
     .unwrap()
 }
 
+/// The pods of the test's namespace, once pods can be created there (the API server
+/// refuses them until the namespace's default ServiceAccount exists).
+async fn pod_api(env: &Env) -> Api<Pod> {
+    let accounts: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually(60, "the namespace's default ServiceAccount", || async {
+        accounts.get_opt("default").await.ok()?
+    })
+    .await;
+    Api::namespaced(env.client.clone(), &env.ns)
+}
+
+/// Whether the mirror's status says it rewrites now.
+fn active(m: &RegistryMirror) -> bool {
+    m.status
+        .as_ref()
+        .and_then(|s| s.rewrite.as_ref())
+        .is_some_and(|r| r.active)
+}
+
 fn image_of(p: &Pod) -> String {
     p.spec.as_ref().unwrap().containers[0]
         .image
@@ -114,12 +133,6 @@ async fn with_a_node_pods_are_rewritten_pulled_through_the_entry_point_and_misse
     )
     .await;
     let _host = env.on_host_network("rw").await;
-    let active = |m: &RegistryMirror| {
-        m.status
-            .as_ref()
-            .and_then(|s| s.rewrite.as_ref())
-            .is_some_and(|r| r.active)
-    };
     let m = env
         .status_where("rw", 180, "rewriting through the entry point", |m| {
             active(m)
@@ -194,12 +207,7 @@ async fn with_a_node_pods_are_rewritten_pulled_through_the_entry_point_and_misse
 
     // The webhook's view of the mirror follows its status: asked with dry runs (which
     // the webhook answers, sideEffects None) until it rewrites.
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    let accounts: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
-    eventually(60, "the namespace's default ServiceAccount", || async {
-        accounts.get_opt("default").await.ok()?
-    })
-    .await;
+    let pods = pod_api(&env).await;
     let dry = PostParams {
         dry_run: true,
         ..PostParams::default()
@@ -431,19 +439,8 @@ async fn bench_the_webhook_under_200_pod_creations() {
     )
     .await;
     let _host = env.on_host_network("rw").await;
-    env.status_where("rw", 180, "rewriting", |m| {
-        m.status
-            .as_ref()
-            .and_then(|s| s.rewrite.as_ref())
-            .is_some_and(|r| r.active)
-    })
-    .await;
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    let accounts: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
-    eventually(60, "the namespace's default ServiceAccount", || async {
-        accounts.get_opt("default").await.ok()?
-    })
-    .await;
+    env.status_where("rw", 180, "rewriting", active).await;
+    let pods = pod_api(&env).await;
     let configurations: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
     let name = webhook_configuration(&env.ns);
     let original = format!("{a}/team/app:1");
