@@ -336,6 +336,24 @@ async fn replicas(n: usize, config: impl Fn() -> ProxyConfig) -> (Vec<Proxy>, Ve
     (replicas, addrs)
 }
 
+/// GET `url` whole: its status and the digest of its body; says on `started` once the
+/// first bytes arrived.
+async fn read_after_first_byte(
+    url: String,
+    started: tokio::sync::oneshot::Sender<()>,
+) -> (u16, String) {
+    let mut r = http().get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let (mut body, mut started) = (Vec::new(), Some(started));
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+        if let Some(s) = started.take() {
+            let _ = s.send(());
+        }
+    }
+    (status, sha256(&body))
+}
+
 async fn get_blob(url: String) -> Result<(u16, String), reqwest::Error> {
     let r = http().get(url).send().await?;
     let status = r.status().as_u16();
@@ -387,6 +405,66 @@ async fn sixteen_cold_pulls_over_three_replicas_fetch_the_blob_once() {
         asked >= 2.0 && failed == 0.0,
         "asked the owner {asked} times, failed {failed}"
     );
+}
+
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn a_replica_takes_one_copy_from_the_owner_for_all_its_clients_late_ones_too() {
+    let up = FaultUpstream::start().await;
+    let prefix = prefix("one-copy");
+    let (replicas, addrs) = replicas(2, || {
+        with_storage(config_for(&[("fault.test", up.url.as_str())]), s3(&prefix))
+    })
+    .await;
+    // A blob the first replica owns, asked of the second.
+    let blob = (70..)
+        .map(|seed| {
+            Blob::new(
+                "application/octet-stream",
+                random_bytes(seed, (8 << 20) + 3),
+            )
+        })
+        .take(64)
+        .find(|b| owner_of(&addrs, &b.digest.parse().unwrap()) == Some(addrs[0]))
+        .expect("a blob the first replica owns");
+    up.add_blob(&blob);
+    let asker = &replicas[1];
+    let url = format!("{}/v2/r/blobs/{}", asker.url, blob.digest);
+    // The upstream stops half-way until released: the owner's answer to the asker is
+    // under way, and clients that come now find the asker's download streaming.
+    let release = up.hold_blobs(4 << 20);
+    let first = tokio::spawn(get_blob(url.clone()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while asker
+        .metric("pullthrough_peer_fetches_total", &[("result", "owner")])
+        .await
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the asker never heard from the owner"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Three more clients, each known to be under way (its first bytes arrived, which
+    // the held upstream lets through) before the rest is released.
+    let mut late = Vec::new();
+    for _ in 0..3 {
+        let (started, began) = tokio::sync::oneshot::channel();
+        late.push(tokio::spawn(read_after_first_byte(url.clone(), started)));
+        began.await.unwrap();
+    }
+    release.send(true).unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), (200, blob.digest.clone()));
+    for l in late {
+        assert_eq!(l.await.unwrap(), (200, blob.digest.clone()));
+    }
+    // One copy over the owner's link for the four clients, and one from the upstream.
+    let asked = asker
+        .metric("pullthrough_peer_fetches_total", &[("result", "owner")])
+        .await;
+    assert_eq!(asked, 1.0, "the owner was asked {asked} times");
+    assert_eq!(up.count(&format!("GET /v2/r/blobs/{}", blob.digest)), 1);
 }
 
 #[tokio::test]

@@ -44,6 +44,9 @@ pub(super) enum Downloaded {
         source: Source,
         /// The store's lease on the fetch: let go once the blob is committed.
         lease: FetchLease,
+        /// Relayed from the replica that owns it, which stores it: written for this
+        /// replica's clients only, never committed here.
+        local: bool,
     },
     /// Not to be cached: the body is still to be read.
     Uncacheable { body: BlobBody },
@@ -97,6 +100,26 @@ impl Blobs {
                 write,
                 source,
                 lease,
+                local: true,
+            }) => {
+                // The owner stores it; what is left here are the spool's readers.
+                drop((reservation, write, lease));
+                tracing::info!(upstream = up.name(), repo = %repository, %digest, bytes = len,
+                    seconds = started.elapsed().as_secs_f64(), "blob relayed from the replica that owns it");
+                tx.send_replace(FetchState::Unstored {
+                    len,
+                    source,
+                    error: ProxyError::internal("stored by the replica that owns it"),
+                });
+                Ok(None)
+            }
+            Ok(Downloaded::Stored {
+                len,
+                reservation,
+                write,
+                source,
+                lease,
+                local: false,
             }) => {
                 let committed = self
                     .space
@@ -164,13 +187,12 @@ impl Blobs {
         let (mut body, elsewhere, lease) = self
             .download_body(up, repository, digest, fetch.via)
             .await?;
-        if elsewhere {
-            // The owner (or a process that held the fetch lease) caches it: this replica
-            // relays it to its clients.
-            return Ok(Downloaded::Uncacheable { body });
-        }
+        // The owner (or a process that held the fetch lease) caches it: this replica
+        // spools it for its clients alone (all of them follow one copy over the owner's
+        // link), or relays it through memory where the store has no spool.
         let len = body.content_length();
-        let Some((mut reservation, mut write)) = self.begin_write(digest, len).await else {
+        let Some((mut reservation, mut write)) = self.begin_write(digest, len, elsewhere).await
+        else {
             // Not cached, still served: the clients get the body relayed.
             return Ok(Downloaded::Uncacheable { body });
         };
@@ -212,17 +234,21 @@ impl Blobs {
             write,
             source,
             lease,
+            local: elsewhere,
         })
     }
 
     /// Room for a blob of `len` bytes (or of unknown length) and a write to the store
-    /// begun for it; `None` when it is not to be cached. With a size limit, a blob of
+    /// begun for it (`local`: for this replica's clients alone, see
+    /// [`crate::proxy::store::BlobStore::begin_local`]); `None` when it is not to be
+    /// cached. With a size limit, a blob of
     /// unknown size cannot be accounted for: it is streamed. Without one, it may take a
     /// share of the room the store can spare, no more.
     async fn begin_write(
         &self,
         digest: &Digest,
         len: Option<u64>,
+        local: bool,
     ) -> Option<(Reservation, Box<dyn BlobWrite>)> {
         let mut reservation = match len {
             Some(l) => self.space.reserve(l).await,
@@ -231,11 +257,16 @@ impl Blobs {
             }
             None => None,
         }?;
-        match self.space.store().begin(digest, len).await {
-            Ok(write) => {
+        let begun = match local {
+            false => self.space.store().begin(digest, len).await.map(Some),
+            true => self.space.store().begin_local(digest, len).await,
+        };
+        match begun {
+            Ok(Some(write)) => {
                 reservation.wrote(write.set_aside());
                 Some((reservation, write))
             }
+            Ok(None) => None,
             Err(e) => {
                 if e.is_full() {
                     self.space.mark_disk_full("cannot begin a download");

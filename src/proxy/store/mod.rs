@@ -236,6 +236,18 @@ pub trait BlobStore: Send + Sync + 'static {
         len: Option<u64>,
     ) -> BoxFuture<'a, StoreResult<Box<dyn BlobWrite>>>;
 
+    /// Begins a write of `digest` for this process's clients alone, that another
+    /// process (the replica that owns the digest) stores: its commit makes nothing
+    /// visible. A store shared by replicas has one (the spool its downloads are read
+    /// from); others have none, and such a download is relayed through memory.
+    fn begin_local<'a>(
+        &'a self,
+        _digest: &'a Digest,
+        _len: Option<u64>,
+    ) -> BoxFuture<'a, StoreResult<Option<Box<dyn BlobWrite>>>> {
+        Box::pin(async { Ok(None) })
+    }
+
     /// Removes an object (and its media type). Removing what is not there is no error.
     fn remove<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, StoreResult<()>>;
 

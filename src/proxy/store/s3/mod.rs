@@ -294,6 +294,17 @@ impl BlobStore for S3Store {
         })
     }
 
+    fn begin_local<'a>(
+        &'a self,
+        digest: &'a Digest,
+        len: Option<u64>,
+    ) -> BoxFuture<'a, StoreResult<Option<Box<dyn BlobWrite>>>> {
+        Box::pin(async move {
+            let spool = self.spool.begin(digest, len).await?;
+            Ok(Some(Box::new(LocalOnly(spool)) as Box<dyn BlobWrite>))
+        })
+    }
+
     fn remove<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async move {
             let what = "removing a cached object";
@@ -451,6 +462,33 @@ impl StoredBlob for S3Blob {
             return stream::empty().boxed();
         }
         self.bucket.read(self.key, start, count)
+    }
+}
+
+/// A spool write that only this replica's clients read: the owner of the digest stores
+/// it in the bucket, so its commit drops the spool file and makes nothing visible.
+struct LocalOnly(Box<dyn BlobWrite>);
+
+impl BlobWrite for LocalOnly {
+    fn append(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, StoreResult<u64>> {
+        self.0.append(chunks)
+    }
+
+    fn flush(&mut self) -> BoxFuture<'_, StoreResult<u64>> {
+        self.0.flush()
+    }
+
+    fn set_aside(&self) -> u64 {
+        self.0.set_aside()
+    }
+
+    fn written(&self) -> std::sync::Arc<dyn super::Written> {
+        self.0.written()
+    }
+
+    fn commit(self: Box<Self>, _digest: Digest) -> BoxFuture<'static, StoreResult<()>> {
+        // Dropped: the spool file goes once its readers let go of it.
+        Box::pin(async { Ok(()) })
     }
 }
 
