@@ -70,7 +70,7 @@ fn bare_pod(name: &str, image: &str) -> Pod {
 
 /// The pods of the test's namespace, once pods can be created there (the API server
 /// refuses them until the namespace's default ServiceAccount exists).
-async fn pod_api(env: &Env) -> Api<Pod> {
+pub(super) async fn pod_api(env: &Env) -> Api<Pod> {
     let accounts: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
     eventually(60, "the namespace's default ServiceAccount", || async {
         accounts.get_opt("default").await.ok()?
@@ -411,14 +411,14 @@ async fn with_a_node_pods_are_rewritten_pulled_through_the_entry_point_and_misse
     relay.await.unwrap();
 }
 
-/// The webhook's answer time under load: `scripts/bench-webhook` runs this (release
+/// The webhook's answer time under load: `scripts/bench-cluster webhook` runs this (release
 /// build, the cluster kit) and docs/benchmarks.md keeps what it printed. ROUNDS rounds
 /// (`PULLTHROUGH_BENCH_ROUNDS`, default 3) of 200 pod creations, 20 at a time, with the
 /// webhook configured and without it, in turn; the pods never run (no node matches
 /// them). Printed: the creations' latency as the client sees it (p50, p99, exact), and
 /// the webhook's own answer time (p99, from its histogram's buckets).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a benchmark: scripts/bench-webhook"]
+#[ignore = "a benchmark: scripts/bench-cluster webhook"]
 async fn bench_the_webhook_under_200_pod_creations() {
     use futures::StreamExt as _;
     let rounds: usize = std::env::var("PULLTHROUGH_BENCH_ROUNDS")
