@@ -100,8 +100,8 @@ impl Blobs {
                 write,
                 source,
                 lease,
-                local: true,
-            }) => {
+                local,
+            }) if local => {
                 // The owner stores it; what is left here are the spool's readers.
                 drop((reservation, write, lease));
                 tracing::info!(upstream = up.name(), repo = %repository, %digest, bytes = len,
@@ -119,7 +119,7 @@ impl Blobs {
                 write,
                 source,
                 lease,
-                local: false,
+                ..
             }) => {
                 let committed = self
                     .space
