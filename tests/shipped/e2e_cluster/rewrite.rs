@@ -49,6 +49,14 @@ fn configuration(ns: &str, port: u16) -> MutatingWebhookConfiguration {
     .unwrap()
 }
 
+/// Creates the test's MutatingWebhookConfiguration (see [`configuration`]).
+async fn install(configurations: &Api<MutatingWebhookConfiguration>, ns: &str, port: u16) {
+    configurations
+        .create(&PostParams::default(), &configuration(ns, port))
+        .await
+        .unwrap();
+}
+
 /// A pod of the test image, on the host's network (the kit has no pod network: the
 /// kubelet makes a pod's sandbox before it pulls). Its command does not exist: the pull
 /// is what is looked at.
@@ -104,13 +112,7 @@ async fn with_a_node_pods_are_rewritten_pulled_through_the_entry_point_and_misse
     give_node_an_address(&env.client, &node).await;
     let webhook_port = env.webhook_port.unwrap();
     let configurations: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
-    configurations
-        .create(
-            &PostParams::default(),
-            &configuration(&env.ns, webhook_port),
-        )
-        .await
-        .unwrap();
+    install(&configurations, &env.ns, webhook_port).await;
     // The upstream: a real Distribution on the host.
     let up = Registry::start().await;
     // An image of this run's own: the node's containerd keeps what earlier runs pulled.
@@ -485,13 +487,7 @@ async fn bench_the_webhook_under_200_pod_creations() {
         // Rotating order: with, without, without, with, ...
         let on = (round % 4 == 0) || (round % 4 == 3);
         if on {
-            configurations
-                .create(
-                    &PostParams::default(),
-                    &configuration(&env.ns, webhook_port),
-                )
-                .await
-                .unwrap();
+            install(&configurations, &env.ns, webhook_port).await;
             eventually(60, "the caBundle set", || async {
                 let c = configurations.get(&name).await.ok()?;
                 c.webhooks?
