@@ -281,19 +281,20 @@ pub fn decide_with(
         } else {
             None
         };
-        let outcome = decision
-            .outcomes
-            .entry(c.key.clone())
-            .or_insert(Outcome::Left(reason.unwrap_or(Reason::MirrorNotReady)));
+        let outcome = decision.outcomes.entry(c.key.clone());
         match reason {
             Some(r) => {
                 reasons.insert(r);
+                outcome.or_insert(Outcome::Left(r));
             }
             None => {
-                *outcome = match outcome {
-                    Outcome::Rewritten(n) => Outcome::Rewritten(*n + 1),
-                    Outcome::Left(_) => Outcome::Rewritten(1),
+                // One image rewritten makes the mirror's outcome Rewritten.
+                let o = outcome.or_insert(Outcome::Rewritten(0));
+                let n = match o {
+                    Outcome::Rewritten(n) => *n,
+                    Outcome::Left(_) => 0,
                 };
+                *o = Outcome::Rewritten(n + 1);
                 let address = c.spec.address();
                 decision.patch.push(json!({
                     "op": "replace",
