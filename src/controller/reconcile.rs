@@ -413,10 +413,8 @@ async fn apply_entry_point(
         .unwrap_or(0);
     let private = mirror
         .spec
-        .upstreams
-        .iter()
-        .filter(|u| u.access_mode() == crate::api::proxy_config::AccessMode::UpstreamAuth)
-        .map(|u| u.registry.clone())
+        .upstream_auth_registries()
+        .map(str::to_string)
         .collect();
     let mut seen = RewriteObserved {
         address: rewrite.address(),

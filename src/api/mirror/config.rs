@@ -82,9 +82,16 @@ impl RegistryMirrorSpec {
     /// Whether any upstream is in access mode `upstreamAuth` (as set, or by default with
     /// credentials): its proxies then issue tokens under a key they share.
     pub fn guarded(&self) -> bool {
+        self.upstream_auth_registries().next().is_some()
+    }
+
+    /// The registries of the upstreams in access mode `upstreamAuth`: where the upstream
+    /// decides who may pull.
+    pub fn upstream_auth_registries(&self) -> impl Iterator<Item = &str> {
         self.upstreams
             .iter()
-            .any(|u| u.access_mode() == AccessMode::UpstreamAuth)
+            .filter(|u| u.access_mode() == AccessMode::UpstreamAuth)
+            .map(|u| u.registry.as_str())
     }
 
     /// The Secrets the spec names: each upstream's credentials, the bucket's keys, the

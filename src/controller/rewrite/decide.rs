@@ -24,7 +24,7 @@ use crate::api::mirror::rewrite::{
     NOT_REWRITTEN, OPT_OUT, ORIGINAL_IMAGES, REWRITTEN_BY, REWRITTEN_LABEL, RewriteSpec, rewritten,
 };
 use crate::api::mirror::{RegistryMirror, claim_order, is_ready, mirror_key, registry_key};
-use crate::api::proxy_config::{AccessMode, glob_match};
+use crate::api::proxy_config::glob_match;
 use crate::controller::workloads::desired::selects;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Resource, ResourceExt};
@@ -181,9 +181,10 @@ impl Candidate<'_> {
     /// Whether the upstream of `image`'s registry decides who may pull.
     fn upstream_decides(&self, image: &ImageRef) -> bool {
         let registry = registry_key(&image.registry);
-        self.mirror.spec.upstreams.iter().any(|u| {
-            registry_key(&u.registry) == registry && u.access_mode() == AccessMode::UpstreamAuth
-        })
+        self.mirror
+            .spec
+            .upstream_auth_registries()
+            .any(|r| registry_key(r) == registry)
     }
 }
 
