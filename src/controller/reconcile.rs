@@ -423,12 +423,14 @@ async fn apply_entry_point(
         ..RewriteObserved::default()
     };
     let runs = observed.problem.is_none() && !observed.served.is_empty();
-    let wanted = match (&observed.endpoint, rewrite.address.is_none()) {
-        (_, false) => None,
-        (Some(e), true) if e.starts_with("http://") && runs => {
-            builders::entry_point(mirror, &ctx.settings, e)
-        }
-        (Some(_), true) => {
+    let wanted = match (&rewrite.address, &observed.endpoint) {
+        (Some(_), _) | (None, None) => None,
+        // A mirror that does not run keeps no entry point.
+        (None, Some(e)) if e.starts_with("http://") => match runs {
+            true => builders::entry_point(mirror, &ctx.settings, e),
+            false => None,
+        },
+        (None, Some(_)) => {
             seen.unreachable = Some(
                 "the node-local entry point relays plain HTTP, and this mirror serves \
                  HTTPS (spec.tls): give spec.rewrite.address, an address the nodes reach \
@@ -437,7 +439,6 @@ async fn apply_entry_point(
             );
             None
         }
-        (None, true) => None,
     };
     match wanted {
         Some(ds) => {
