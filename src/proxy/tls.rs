@@ -130,9 +130,42 @@ impl ResolvesServerCert for Certs {
     }
 }
 
-/// Connections served over TLS.
-pub struct Tls {
+/// Connections served over TLS with the certificate a resolver picks, HTTP/2 and
+/// HTTP/1.1 offered by ALPN: the registry API's ([`Tls`]) and the controller's webhook.
+pub struct Accepting {
     acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Accepting {
+    /// Connections served with what `resolver` gives each handshake.
+    pub fn new(resolver: Arc<dyn ResolvesServerCert>) -> Result<Accepting, rustls::Error> {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Accepting {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
+impl crate::server::Connection for Accepting {
+    type Io = TlsIo;
+
+    fn open(&self, stream: TcpStream) -> (TlsIo, crate::server::Tag) {
+        (
+            TlsIo::Handshake(self.acceptor.accept(stream)),
+            Box::new(|_| {}),
+        )
+    }
+}
+
+/// The registry API's connections over TLS, its certificate read from files.
+pub struct Tls {
+    accepting: Accepting,
     certs: Arc<Certs>,
 }
 
@@ -147,15 +180,8 @@ impl Tls {
             key: key.to_path_buf(),
             checked: AtomicU64::new(0),
         });
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(certs.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Tls {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            accepting: Accepting::new(certs.clone())?,
             certs,
         })
     }
@@ -245,10 +271,7 @@ impl crate::server::Connection for Tls {
     type Io = TlsIo;
 
     fn open(&self, stream: TcpStream) -> (TlsIo, crate::server::Tag) {
-        (
-            TlsIo::Handshake(self.acceptor.accept(stream)),
-            Box::new(|_| {}),
-        )
+        self.accepting.open(stream)
     }
 }
 

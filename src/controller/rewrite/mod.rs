@@ -171,22 +171,6 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
         .expect("valid response")
 }
 
-/// The webhook's TLS connections, served with the certificate [`certs`] keeps.
-struct Tls {
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl crate::server::Connection for Tls {
-    type Io = crate::proxy::tls::TlsIo;
-
-    fn open(&self, stream: tokio::net::TcpStream) -> (Self::Io, crate::server::Tag) {
-        (
-            crate::proxy::tls::TlsIo::Handshake(self.acceptor.accept(stream)),
-            Box::new(|_| {}),
-        )
-    }
-}
-
 /// Why the webhook cannot serve.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -295,16 +279,7 @@ pub async fn serve(
             source,
         })?;
     let serving = Arc::new(certs::Serving::default());
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_cert_resolver(serving.clone());
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let tls = Arc::new(Tls {
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-    });
+    let tls = Arc::new(crate::proxy::tls::Accepting::new(serving.clone())?);
     let keeping = tokio::spawn(certs::keep(
         client,
         options.certs.clone(),
