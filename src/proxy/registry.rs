@@ -8,7 +8,7 @@
 use super::access::{self, Access, Admission, Issued};
 use super::error::ProxyError;
 use super::links::{Links, repo_key};
-use super::metrics::{CacheResult, Kind, Metrics};
+use super::metrics::{ByteSource, CacheResult, Kind, Metrics};
 use super::prefetcher::Prefetcher;
 use super::pull_through::{BlobAnswer, BlobAsk, ByteRange, ConfiguredImage, Manifest};
 use super::upstream::{Referrers, Secret, TagsPage, Upstream};
@@ -271,9 +271,8 @@ impl Registry {
             let (m, how) = self.count(&up, Kind::Manifest, answer, &mut served)?;
             self.prefetcher.pulled(&repo_key(&up, &repo), &m.digest);
             if !ask.head {
-                let cached = matches!(how, CacheResult::Hit | CacheResult::Stale);
                 self.metrics
-                    .served_bytes(up.name(), cached)
+                    .served_bytes(up.name(), ByteSource::of(how, false))
                     .inc_by(m.body.len() as u64);
             }
             Ok(m)
@@ -318,9 +317,19 @@ impl Registry {
                     (a, how)
                 });
             let (mut answer, _) = self.count(up, Kind::Blob, answer, &mut served)?;
-            let sent = self
-                .metrics
-                .served_bytes(up.name(), answer.result == CacheResult::Hit);
+            // Bytes for another replica are counted there, for its clients.
+            let sent = if admitted.from_peer {
+                self.metrics.peer_served_bytes.clone()
+            } else if answer.redirect.is_some() {
+                let sent = self.metrics.served_bytes(up.name(), ByteSource::Bucket);
+                if !ask.head {
+                    sent.inc_by(answer.sent_len().unwrap_or(0));
+                }
+                sent
+            } else {
+                self.metrics
+                    .served_bytes(up.name(), ByteSource::of(answer.result, answer.via_owner))
+            };
             answer.body = answer.body.map(|body| {
                 body.inspect_ok(move |chunk| sent.inc_by(chunk.len() as u64))
                     .boxed()

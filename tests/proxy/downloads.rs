@@ -308,6 +308,53 @@ async fn an_uncacheable_blob_costs_one_upstream_get_for_every_client_waiting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_download_is_received_once_and_counted_as_saved_for_those_who_joined_it() {
+    let up = FaultUpstream::start().await;
+    let blob = Blob::new(LAYER, random_bytes(432, (4 << 20) + 9));
+    up.add_blob(&blob);
+    let proxy = Proxy::start_config(up.config()).await;
+    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, blob.digest);
+    let release = up.hold_requests(&format!("GET /v2/a/b/blobs/{}", blob.digest));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get_bytes(&url).await })
+        })
+        .collect();
+    until("the four clients to wait for the download", || async {
+        proxy.metric("pullthrough_fetch_waiters", &[]).await == 4.0
+    })
+    .await;
+    release.send(true).unwrap();
+    for c in clients {
+        assert_eq!(sha256(&c.await.unwrap()), blob.digest);
+    }
+    proxy.settled().await;
+    // A fifth client, once it is cached.
+    assert_eq!(sha256(&get_bytes(&url).await), blob.digest);
+
+    let len = blob.bytes.len() as f64;
+    // The client that started it, those who joined it, the one after.
+    for (source, bytes) in [("upstream", len), ("coalesced", 3.0 * len), ("cache", len)] {
+        let served = proxy
+            .metric("pullthrough_served_bytes_total", &[("source", source)])
+            .await;
+        assert_eq!(served, bytes, "source={source}");
+    }
+    assert_eq!(
+        proxy
+            .metric(
+                "pullthrough_upstream_received_bytes_total",
+                &[("kind", "blob")]
+            )
+            .await,
+        len,
+        "what crossed the upstream link"
+    );
+    assert_eq!(up.count(&format!("GET /v2/a/b/blobs/{}", blob.digest)), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_tag_record_write_leaves_no_temp_file() {
     let up = FaultUpstream::start().await;
     let image = Image::generate(450, &[1000], "amd64");

@@ -465,6 +465,30 @@ async fn a_replica_takes_one_copy_from_the_owner_for_all_its_clients_late_ones_t
         .await;
     assert_eq!(asked, 1.0, "the owner was asked {asked} times");
     assert_eq!(up.count(&format!("GET /v2/r/blobs/{}", blob.digest)), 1);
+    // The dashboards' account of it: the blob crossed the upstream link once, at the
+    // owner; the asker's clients got it from the owner once and shared it three times;
+    // the owner's bytes to the asker are not bytes to clients.
+    let len = blob.bytes.len() as f64;
+    let owner = &replicas[0];
+    let received = "pullthrough_upstream_received_bytes_total";
+    assert_eq!(owner.metric(received, &[("kind", "blob")]).await, len);
+    assert_eq!(asker.metric(received, &[("kind", "blob")]).await, 0.0);
+    assert_eq!(
+        owner
+            .metric("pullthrough_peer_served_bytes_total", &[])
+            .await,
+        len
+    );
+    assert_eq!(
+        owner.metric("pullthrough_served_bytes_total", &[]).await,
+        0.0
+    );
+    for (source, bytes) in [("peer", len), ("coalesced", 3.0 * len), ("upstream", 0.0)] {
+        let served = asker
+            .metric("pullthrough_served_bytes_total", &[("source", source)])
+            .await;
+        assert_eq!(served, bytes, "source={source}");
+    }
 }
 
 #[tokio::test]

@@ -79,6 +79,59 @@ impl CacheResult {
     }
 }
 
+/// Where the bytes sent to a client came from, the `source` label of
+/// `pullthrough_served_bytes_total`. Only [`ByteSource::Upstream`] crossed the upstream
+/// link for this client; what did cross it, once per download, is
+/// `pullthrough_upstream_received_bytes_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByteSource {
+    /// A finished copy in the cache (a hit, or a stale tag).
+    Cache,
+    /// A download from the upstream started for this request (or a pass-through).
+    Upstream,
+    /// A download in flight that another request had started: the upstream sent these
+    /// bytes once, for all of them.
+    Coalesced,
+    /// The replica that owns the blob, asked by this one (replicas sharing a bucket).
+    Peer,
+    /// The shared bucket, the client sent there by a redirect (the bytes it was sent
+    /// for, counted when it is sent).
+    Bucket,
+}
+
+impl ByteSource {
+    /// Every source.
+    pub const ALL: [ByteSource; 5] = [
+        ByteSource::Cache,
+        ByteSource::Upstream,
+        ByteSource::Coalesced,
+        ByteSource::Peer,
+        ByteSource::Bucket,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ByteSource::Cache => "cache",
+            ByteSource::Upstream => "upstream",
+            ByteSource::Coalesced => "coalesced",
+            ByteSource::Peer => "peer",
+            ByteSource::Bucket => "bucket",
+        }
+    }
+
+    /// The source of an answer's bytes: `via_owner` when its download (started for it)
+    /// was asked of the replica that owns the blob.
+    pub fn of(result: CacheResult, via_owner: bool) -> ByteSource {
+        match result {
+            CacheResult::Hit | CacheResult::Stale => ByteSource::Cache,
+            CacheResult::Coalesced => ByteSource::Coalesced,
+            CacheResult::Miss | CacheResult::Error if via_owner => ByteSource::Peer,
+            CacheResult::Miss | CacheResult::Error => ByteSource::Upstream,
+        }
+    }
+}
+
 /// How a replica's request to the owner of a blob went, the `result` label of
 /// `pullthrough_peer_fetches_total` (see [`crate::proxy::peers`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

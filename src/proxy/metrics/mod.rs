@@ -6,7 +6,7 @@ mod families;
 mod labels;
 mod pressure;
 
-pub use labels::{CacheResult, Kind, PeerFetch, STORE_OPS};
+pub use labels::{ByteSource, CacheResult, Kind, PeerFetch, STORE_OPS};
 
 use families::Families;
 use labels::status_label;
@@ -21,6 +21,9 @@ pub struct Metrics {
     names: Vec<String>,
     requests: IntCounterVec,
     served_bytes: IntCounterVec,
+    received_bytes: IntCounterVec,
+    /// Blob bytes sent to other replicas that asked this one, the blob's owner.
+    pub peer_served_bytes: IntCounter,
     upstream_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     /// Bytes of committed blobs and manifests on disk.
@@ -76,8 +79,17 @@ impl Metrics {
         );
         let served_bytes = f.counter_vec(
             "pullthrough_served_bytes_total",
-            "Bytes of manifests and blobs sent to clients, by where they came from.",
+            "Bytes of manifests and blobs sent to clients (not to other replicas), by where they came from: cache, upstream (a download started for the request), coalesced (a download in flight another request started), peer (the replica that owns the blob), bucket (a redirect to the shared bucket).",
             &["upstream", "source"],
+        );
+        let received_bytes = f.counter_vec(
+            "pullthrough_upstream_received_bytes_total",
+            "Bytes of manifest and blob bodies received from upstream registries: what crossed the upstream link, once per download however many clients shared it.",
+            &["upstream", "kind"],
+        );
+        let peer_served_bytes = f.counter(
+            "pullthrough_peer_served_bytes_total",
+            "Blob bytes sent to other replicas sharing the bucket that asked this one, the blob's owner (not counted in pullthrough_served_bytes_total: the asking replica counts them for its clients).",
         );
         let upstream_requests = f.counter_vec(
             "pullthrough_upstream_requests_total",
@@ -187,6 +199,8 @@ impl Metrics {
             names,
             requests,
             served_bytes,
+            received_bytes,
+            peer_served_bytes,
             upstream_requests,
             upstream_duration,
             cache_size_bytes,
@@ -357,8 +371,13 @@ impl Metrics {
                     .with_label_values(&[upstream, kind.as_str(), result.as_str()]);
             }
         }
-        for source in ["cache", "upstream"] {
-            self.served_bytes.with_label_values(&[upstream, source]);
+        for source in ByteSource::ALL {
+            self.served_bytes
+                .with_label_values(&[upstream, source.as_str()]);
+        }
+        for kind in [Kind::Manifest, Kind::Blob] {
+            self.received_bytes
+                .with_label_values(&[upstream, kind.as_str()]);
         }
         for kind in Kind::ALL {
             self.upstream_requests
@@ -375,11 +394,18 @@ impl Metrics {
             .inc();
     }
 
-    /// The counter of bytes sent to clients of `upstream`; `from_cache` picks the
-    /// `source` label. Looked up once per response, counted per chunk.
-    pub fn served_bytes(&self, upstream: &str, from_cache: bool) -> IntCounter {
-        let source = if from_cache { "cache" } else { "upstream" };
-        self.served_bytes.with_label_values(&[upstream, source])
+    /// The counter of bytes sent to clients of `upstream` from `source`. Looked up once
+    /// per response, counted per chunk.
+    pub fn served_bytes(&self, upstream: &str, source: ByteSource) -> IntCounter {
+        self.served_bytes
+            .with_label_values(&[upstream, source.as_str()])
+    }
+
+    /// The counter of `kind` body bytes received from `upstream`. Looked up once per
+    /// download, counted per chunk.
+    pub fn received_bytes(&self, upstream: &str, kind: Kind) -> IntCounter {
+        self.received_bytes
+            .with_label_values(&[upstream, kind.as_str()])
     }
 
     /// Counts an upstream request and its latency. `code` is the HTTP status, or `None`
@@ -419,7 +445,7 @@ mod tests {
     fn exports_the_documented_names() {
         let m = Metrics::new();
         m.request("docker.io", Kind::Blob, CacheResult::Hit);
-        m.served_bytes("docker.io", true).inc_by(10);
+        m.served_bytes("docker.io", ByteSource::Cache).inc_by(10);
         m.upstream("docker.io", Kind::Manifest, Some(200), 0.1);
         let text = m.render();
         for name in [

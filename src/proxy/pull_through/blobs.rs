@@ -136,6 +136,7 @@ impl Blobs {
             .map_err(|_| ProxyError::internal("download task ended without a result"))?
             .clone();
         drop(waiting);
+        let via_owner = leader && fetch.via.is_some();
         let len = match state {
             FetchState::Failed(e) => return Err(e),
             FetchState::Uncacheable { len } => {
@@ -145,7 +146,10 @@ impl Blobs {
                     CacheResult::Coalesced
                 };
                 return match relayed {
-                    Some(rx) => Ok(relay_answer(rx, len, result)),
+                    Some(rx) => Ok(BlobAnswer {
+                        via_owner,
+                        ..relay_answer(rx, len, result)
+                    }),
                     None => self.pass_through(up, repository, digest, fetch.via).await,
                 };
             }
@@ -155,7 +159,11 @@ impl Blobs {
             | FetchState::Unstored { len, .. } => Some(len),
             FetchState::Connecting => unreachable!("waited for a later state"),
         };
-        live_answer(rx, len, range, spans, follower, leader)
+        let answer = live_answer(rx, len, range, spans, follower, leader)?;
+        Ok(BlobAnswer {
+            via_owner,
+            ..answer
+        })
     }
 
     /// Joins the running download of `digest` or starts one, with a place among the
@@ -246,6 +254,7 @@ impl Blobs {
                     body: None,
                     result: CacheResult::Coalesced,
                     redirect: None,
+                    via_owner: false,
                 });
             }
         }
@@ -267,6 +276,7 @@ impl Blobs {
                 CacheResult::Coalesced
             },
             redirect: None,
+            via_owner: false,
         })
     }
 
@@ -284,7 +294,10 @@ impl Blobs {
         let (tx, rx) = mpsc::channel(RELAY_DEPTH);
         let d = digest.clone();
         tokio::spawn(async move { relay(body, &d, vec![tx]).await });
-        Ok(relay_answer(rx, len, CacheResult::Miss))
+        Ok(BlobAnswer {
+            via_owner: via.is_some(),
+            ..relay_answer(rx, len, CacheResult::Miss)
+        })
     }
 
     /// The running download of `digest`, if there is one.
@@ -367,5 +380,6 @@ fn live_answer(
             CacheResult::Coalesced
         },
         redirect: None,
+        via_owner: false,
     })
 }

@@ -151,6 +151,19 @@ pub struct BlobAnswer {
     pub result: CacheResult,
     /// Where the client is sent for the bytes instead (a presigned URL of the bucket).
     pub redirect: Option<String>,
+    /// The download started for this request was asked of the replica that owns the
+    /// blob, not the upstream (see [`crate::proxy::metrics::ByteSource`]).
+    pub via_owner: bool,
+}
+
+impl BlobAnswer {
+    /// How many bytes the answer sends (or redirects for): its range, or all of it.
+    pub fn sent_len(&self) -> Option<u64> {
+        match self.range {
+            Some((first, last)) => Some(last + 1 - first),
+            None => self.len,
+        }
+    }
 }
 
 /// The cache: its parts, each with its own state.

@@ -64,6 +64,7 @@ impl Blobs {
                 body,
                 result: CacheResult::Hit,
                 redirect: None,
+                via_owner: false,
             }))
         };
         if head {

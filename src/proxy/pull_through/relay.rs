@@ -92,5 +92,6 @@ pub fn relay_answer(
         body: Some(body),
         result,
         redirect: None,
+        via_owner: false,
     }
 }

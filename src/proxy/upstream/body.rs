@@ -10,6 +10,7 @@ use futures::FutureExt;
 use futures::stream::BoxStream;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use prometheus::IntCounter;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -43,6 +44,8 @@ pub struct BlobBody {
     /// The window being measured: when it began, and what arrived in it.
     window_start: Instant,
     window_bytes: u64,
+    /// Counts every byte that arrives, when set (bytes from the upstream).
+    received: Option<IntCounter>,
 }
 
 /// Where a blob body's chunks come from.
@@ -60,6 +63,7 @@ impl BlobBody {
             floor,
             window_start: Instant::now(),
             window_bytes: 0,
+            received: None,
         }
     }
 
@@ -82,6 +86,14 @@ impl BlobBody {
         floor: MinRate,
     ) -> BlobBody {
         BlobBody::new(Some(len), Chunks::Stored(chunks), timeout, floor)
+    }
+
+    /// The body with every byte that arrives counted on `counter`.
+    pub(super) fn counted(self, counter: IntCounter) -> BlobBody {
+        BlobBody {
+            received: Some(counter),
+            ..self
+        }
     }
 
     /// `Content-Length`, when the upstream sent it.
@@ -118,6 +130,9 @@ impl BlobBody {
             return data;
         };
         self.window_bytes += chunk.len() as u64;
+        if let Some(c) = &self.received {
+            c.inc_by(chunk.len() as u64);
+        }
         let MinRate {
             bytes_per_second,
             window,

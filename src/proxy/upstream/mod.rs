@@ -304,6 +304,9 @@ impl Upstream {
         let digest = docker_digest(resp.headers());
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let body = read_limited(resp.into_body(), "manifest", limit, self.timeout()).await?;
+        self.metrics
+            .received_bytes(&self.name, Kind::Manifest)
+            .inc_by(body.len() as u64);
         Ok(ManifestAnswer {
             body,
             content_type,
@@ -332,7 +335,8 @@ impl Upstream {
     /// GETs a blob, whole: its body is read as it arrives.
     pub async fn blob(&self, repository: &str, digest: &Digest) -> Result<BlobBody, UpstreamError> {
         let resp = self.blob_call(Method::GET, repository, digest).await?;
-        Ok(self.blob_body(resp))
+        let received = self.metrics.received_bytes(&self.name, Kind::Blob);
+        Ok(self.blob_body(resp).counted(received))
     }
 
     /// The body of a blob's answer, read with this upstream's timeout and floor.
