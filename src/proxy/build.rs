@@ -264,6 +264,10 @@ fn open_store(config: &ProxyConfig, metrics: &Metrics) -> Result<Opened, StartEr
     if s3.redirect {
         store = store.with_redirect();
     }
+    let copies = config.cache_dir.join("copies");
+    store = store
+        .with_local_copies(&copies, s3.local_copies)
+        .map_err(cache_dir_error)?;
     if config.max_cache_bytes.is_some() {
         store = store.with_access_records();
     }

@@ -489,6 +489,37 @@ async fn a_replica_takes_one_copy_from_the_owner_for_all_its_clients_late_ones_t
             .await;
         assert_eq!(served, bytes, "source={source}");
     }
+
+    // Every client after: from each replica's own copy (the owner's download, the
+    // asker's relay), not from the bucket, and not checked again.
+    let bucket_read = "pullthrough_store_bytes_total";
+    for replica in [owner, asker] {
+        replica.settled().await;
+        let read = replica.metric(bucket_read, &[("direction", "read")]).await;
+        let checks = replica
+            .metric("pullthrough_cache_read_checks_total", &[])
+            .await;
+        let url = format!("{}/v2/r/blobs/{}", replica.url, blob.digest);
+        for _ in 0..2 {
+            assert_eq!(
+                get_blob(url.clone()).await.unwrap(),
+                (200, blob.digest.clone())
+            );
+        }
+        // (The repository's link record is read, not the blob.)
+        let more = replica.metric(bucket_read, &[("direction", "read")]).await - read;
+        assert!(more < len, "{} read {more} B of the bucket", replica.url);
+        assert_eq!(
+            replica
+                .metric("pullthrough_cache_read_checks_total", &[])
+                .await,
+            checks
+        );
+        let cached = replica
+            .metric("pullthrough_served_bytes_total", &[("source", "cache")])
+            .await;
+        assert_eq!(cached, 2.0 * len);
+    }
 }
 
 #[tokio::test]
@@ -970,10 +1001,18 @@ async fn a_blob_overwritten_in_the_bucket_is_never_served() {
     };
     assert_eq!(sha256(&get_bytes(&url(&fresh)).await), blob.digest);
     assert_eq!(checks("mismatch").await, 1.0);
-    // Every whole read from the bucket is checked.
+    // Every whole read from the bucket is checked: by a replica that does not hold a
+    // copy of its own (`fresh` keeps the one it fetched again).
     fresh.settled().await;
-    assert_eq!(sha256(&get_bytes(&url(&fresh)).await), blob.digest);
-    assert!(checks("match").await >= 1.0);
+    let other = Proxy::start_config(config()).await;
+    assert_eq!(sha256(&get_bytes(&url(&other)).await), blob.digest);
+    let matched = other
+        .metric(
+            "pullthrough_cache_read_checks_total",
+            &[("result", "match")],
+        )
+        .await;
+    assert_eq!(matched, 1.0);
 }
 
 /// An S3 endpoint in front of `target` that passes every request on, but for a GET of a

@@ -7,8 +7,8 @@ use super::{
     RegistryMirrorSpec, SECRETS_MOUNT, SIGNING_KEY, TLS_MOUNT,
 };
 use crate::api::proxy_config::{
-    AccessConfig, AccessMode, ConfigError, ProxyConfig, S3Config, StorageConfig, TlsConfig,
-    UpstreamConfig, UpstreamLimits,
+    AccessConfig, AccessMode, ConfigError, DEFAULT_LOCAL_COPIES, ProxyConfig, S3Config,
+    StorageConfig, TlsConfig, UpstreamConfig, UpstreamLimits,
 };
 use crate::api::{duration, quantity};
 use std::path::PathBuf;
@@ -62,6 +62,16 @@ impl RegistryMirrorSpec {
                 let bytes = quantity::to_bytes(&q.0)?;
                 Ok(Some((bytes as f64 * CACHE_FILL_RATIO) as u64))
             }
+        }
+    }
+
+    /// Bytes of local copies of bucket blobs each replica keeps in its emptyDir: half of
+    /// its `sizeLimit` (the rest spools downloads), the default without one.
+    fn local_copies(&self) -> Result<u64, SpecError> {
+        let limit = self.cache.storage.empty_dir.as_ref();
+        match limit.and_then(|e| e.size_limit.as_ref()) {
+            Some(q) => Ok((quantity::to_bytes(&q.0)? / 2).min(DEFAULT_LOCAL_COPIES)),
+            None => Ok(DEFAULT_LOCAL_COPIES),
         }
     }
 
@@ -122,6 +132,7 @@ impl RegistryMirrorSpec {
     /// files where the pod mounts each upstream's Secret.
     pub fn proxy_config(&self) -> Result<ProxyConfig, SpecError> {
         let defaults = ProxyConfig::default();
+        let local_copies = self.local_copies()?;
         let config = ProxyConfig {
             listen: ([0, 0, 0, 0], PROXY_PORT).into(),
             metrics_listen: ([0, 0, 0, 0], METRICS_PORT).into(),
@@ -134,6 +145,7 @@ impl RegistryMirrorSpec {
                     region: s.region.clone(),
                     path_style: s.path_style,
                     redirect: s.redirect.unwrap_or(false),
+                    local_copies,
                     ..S3Config::default()
                 }),
             },
@@ -145,7 +157,7 @@ impl RegistryMirrorSpec {
                 .map(|(i, u)| upstream_config(i, u))
                 .collect::<Result<_, SpecError>>()?,
             default_upstream: None,
-            // A bucket's emptyDir only spools downloads: the limit is the bucket's own.
+            // A bucket's emptyDir spools downloads and local copies: the limit is the bucket's own.
             max_cache_bytes: match &self.cache.storage.s3 {
                 Some(s3) => s3
                     .max_size

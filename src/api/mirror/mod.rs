@@ -264,7 +264,7 @@ pub struct WorkloadPrefetchSpec {
 
 /// Cache volume: a PersistentVolumeClaim per pod (StatefulSet) when `size` is set, else an
 /// emptyDir (Deployment); or an S3-compatible bucket that every replica shares (a
-/// Deployment whose emptyDir only spools downloads).
+/// Deployment whose emptyDir spools downloads and keeps local copies).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(cel, validation = Rule::new("!(has(self.size) && has(self.emptyDir))").message("set either size (a PersistentVolumeClaim) or emptyDir, not both"), validation = Rule::new("!(has(self.s3) && has(self.size))").message("a mirror on s3 keeps no volume per pod: leave size out"), validation = Rule::new("!has(self.size) || isQuantity(string(self.size))").message("size must be a quantity, e.g. 50Gi"), validation = Rule::new("!has(self.s3) || !has(self.s3.maxSize) || isQuantity(string(self.s3.maxSize))").message("s3.maxSize must be a quantity, e.g. 500Gi"))]

@@ -14,7 +14,9 @@ mod upstream;
 
 pub use access::{AccessConfig, SIGNING_KEY_FILE};
 pub use listen::{ListenError, TlsConfig, parse_listen};
-pub use storage::{EvictionConfig, PeersConfig, REDIRECT_EXPIRY, S3Config, StorageConfig};
+pub use storage::{
+    DEFAULT_LOCAL_COPIES, EvictionConfig, PeersConfig, REDIRECT_EXPIRY, S3Config, StorageConfig,
+};
 pub use upstream::{
     AccessMode, Credentials, RepositoryFilter, UpstreamAccess, UpstreamConfig, UpstreamLimits,
     glob_match, split_url, without_userinfo,
@@ -45,7 +47,7 @@ pub struct ProxyConfig {
     /// Directory holding the cache (created if missing).
     pub cache_dir: PathBuf,
     /// Where the objects are kept: `cacheDir` on the local disk (the default), or an
-    /// S3-compatible bucket that replicas share (`cacheDir` then only spools downloads).
+    /// S3-compatible bucket that replicas share (`cacheDir` then spools downloads and keeps local copies).
     #[serde(skip_serializing_if = "StorageConfig::is_local")]
     pub storage: StorageConfig,
     /// The other replicas that share the bucket: a blob missing from it is asked of the

@@ -51,6 +51,13 @@ pub struct S3Config {
     /// (containerd follows it, and sends its registry credentials only to the registry).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub redirect: bool,
+    /// Bytes of blobs each replica keeps a copy of on its disk (`cacheDir`): those it
+    /// stored in the bucket or took from the replica that owns them, read instead of
+    /// the bucket's for every client after the first (least recently used dropped
+    /// first; never over the disk's free space less 1 GiB). 0: none. Not with
+    /// `redirect`. A quantity (`4Gi`) or bytes.
+    #[serde(deserialize_with = "crate::api::quantity::deserialize")]
+    pub local_copies: u64,
     /// Age after which the multipart upload of a replica that died is aborted (at a
     /// replica's start): longer than any download takes.
     #[serde(with = "crate::api::duration::serde")]
@@ -59,6 +66,9 @@ pub struct S3Config {
     #[serde(skip_serializing_if = "EvictionConfig::is_default")]
     pub eviction: EvictionConfig,
 }
+
+/// Bytes of local copies of bucket blobs a replica keeps unless told (`localCopies`).
+pub const DEFAULT_LOCAL_COPIES: u64 = 4 << 30;
 
 /// How long a URL of the bucket handed to a client for a blob (`redirect`) is valid.
 pub const REDIRECT_EXPIRY: Duration = Duration::from_secs(600);
@@ -117,6 +127,7 @@ impl Default for S3Config {
             region: None,
             path_style: None,
             redirect: false,
+            local_copies: DEFAULT_LOCAL_COPIES,
             abandon_uploads_after: Duration::from_secs(24 * 3600),
             eviction: EvictionConfig::default(),
         }

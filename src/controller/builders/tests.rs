@@ -201,6 +201,7 @@ fn a_mirror_on_s3_runs_replicas_that_find_each_other() {
         ("b", Some("http://rgw:80"))
     );
     assert_eq!(config.max_cache_bytes, None, "the emptyDir only spools");
+    assert_eq!(s3.local_copies, 5 << 29, "half the emptyDir: local copies");
     assert!(s3.redirect);
     let peers = config.peers.as_ref().unwrap();
     assert_eq!(peers.dns.as_deref(), Some("pullthrough-public-peers"));

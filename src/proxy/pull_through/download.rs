@@ -102,8 +102,12 @@ impl Blobs {
                 lease,
                 local,
             }) if local => {
-                // The owner stores it; what is left here are the spool's readers.
-                drop((reservation, write, lease));
+                // The owner stores it; what is left here is the spool, for its readers
+                // and as this replica's own copy (see `store::s3::local`).
+                drop((reservation, lease));
+                if let Err(e) = write.commit(digest.clone()).await {
+                    tracing::warn!(%digest, error = %e, "could not keep the owner's blob as a local copy");
+                }
                 tracing::info!(upstream = up.name(), repo = %repository, %digest, bytes = len,
                     seconds = started.elapsed().as_secs_f64(), "blob relayed from the replica that owns it");
                 tx.send_replace(FetchState::Unstored {

@@ -4,7 +4,9 @@
 //! can change an object under any name), is checked against the digest as it is read,
 //! its last chunk held back until the whole matches, as a download's is. A range of an
 //! object not yet checked is served once the whole object was read and matched. An
-//! object that does not match is dropped, and fetched from the upstream again.
+//! object that does not match is dropped, and fetched from the upstream again. A
+//! replica's own copy of a bucket's blob (see `store::s3::local`) was checked as this
+//! process wrote it, and is read as a verified file.
 //!
 //! Of a shared bucket, the first bytes are awaited before the client is answered: a
 //! bucket that takes the request and never answers leaves the request to the upstream,
@@ -85,7 +87,9 @@ impl Blobs {
             ),
             None => None,
         };
-        let checked = self.space.index().verified(digest);
+        // A replica's own copy of a bucket's blob was checked as it was written.
+        let from_bucket = shared && !blob.verified();
+        let checked = blob.verified() || self.space.index().verified(digest);
         let blob = match span {
             // A range cannot be checked alone: the whole object first, once.
             Some(_) if !checked => {
@@ -99,11 +103,11 @@ impl Blobs {
             }
             _ => blob,
         };
-        let check_as_read = span.is_none() && (shared || !checked);
+        let check_as_read = span.is_none() && (from_bucket || !checked);
         let (start, count) = span.map_or((0, len), |(s, e)| (s, e - s + 1));
         let spans = if check_as_read { None } else { spans.cloned() };
         let mut chunks = blob.read(start, count, spans);
-        if shared {
+        if from_bucket {
             chunks = first_chunk(chunks).await?;
         }
         if check_as_read {

@@ -356,6 +356,12 @@ pub trait StoredBlob: Send {
         self.len() == 0
     }
 
+    /// Whether this process checked its bytes against the digest when it wrote them
+    /// (a replica's copy of a bucket's blob), so that it is read as a verified file.
+    fn verified(&self) -> bool {
+        false
+    }
+
     /// Its `count` bytes from `start` (which the caller checked against [`Self::len`]), a
     /// chunk at a time. With `spans` (an HTTP/1 connection, see
     /// [`crate::proxy::zero_copy`]), a store that can may hand over file ranges to send

@@ -30,6 +30,7 @@
 mod bucket;
 mod eviction;
 mod fetch_lease;
+mod local;
 mod upload;
 pub use bucket::{Bucket, DOWN_FOR, REDIRECT_EXPIRY};
 pub use eviction::{Merged, Stored, Uses};
@@ -46,6 +47,7 @@ use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
+use local::LocalCopies;
 use object_store::path::Path as Key;
 use object_store::{Attribute, Attributes, PutOptions};
 use std::io;
@@ -78,6 +80,8 @@ pub struct S3Store {
     prefix: Vec<String>,
     /// Where the downloads in progress are spooled for their clients.
     spool: DiskStore,
+    /// This replica's copies of blobs on its disk, read instead of the bucket's.
+    local: Option<Arc<LocalCopies>>,
     /// Uploads older than this are taken for abandoned.
     abandon_after: Duration,
     /// Whether clients are sent to signed URLs of cached blobs.
@@ -112,12 +116,37 @@ impl S3Store {
             bucket,
             prefix,
             spool: DiskStore::spool(spool)?,
+            local: None,
             abandon_after,
             redirect: false,
             access: None,
             writer: eviction::writer_id(),
             conditional: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The same store, keeping up to `limit` bytes of copies of the blobs this replica
+    /// stored or took from their owner under `root` (emptied), and reading those instead
+    /// of the bucket's (see [`local`]). Not with `redirect`, whose clients read the
+    /// bucket.
+    pub fn with_local_copies(mut self, root: &Path, limit: u64) -> io::Result<S3Store> {
+        if limit > 0 && !self.redirect {
+            self.local = Some(Arc::new(LocalCopies::new(root, limit)?));
+        }
+        Ok(self)
+    }
+
+    /// A spool write for `digest`, and where it is kept once it is complete: a local
+    /// copy, when this replica keeps them.
+    async fn spool_write(
+        &self,
+        digest: &Digest,
+        len: Option<u64>,
+    ) -> StoreResult<(Box<dyn BlobWrite>, Option<Arc<LocalCopies>>)> {
+        match &self.local {
+            Some(local) => Ok((local.begin(digest, len).await?, Some(local.clone()))),
+            None => Ok((self.spool.begin(digest, len).await?, None)),
+        }
     }
 
     /// The same store, writing what this replica uses to access records for the
@@ -269,6 +298,12 @@ impl BlobStore for S3Store {
     ) -> BoxFuture<'a, StoreResult<Option<Box<dyn StoredBlob>>>> {
         let key = self.blob_key(digest);
         Box::pin(async move {
+            if let Some(copy) = match &self.local {
+                Some(local) => local.open(digest).await,
+                None => None,
+            } {
+                return Ok(Some(copy));
+            }
             let meta = absent_ok(self.bucket.head(&key).await)
                 .map_err(|e| s3_error("looking a blob up in the bucket", e))?;
             Ok(meta.map(|m| {
@@ -287,7 +322,7 @@ impl BlobStore for S3Store {
         len: Option<u64>,
     ) -> BoxFuture<'a, StoreResult<Box<dyn BlobWrite>>> {
         Box::pin(async move {
-            let spool = self.spool.begin(digest, len).await?;
+            let spool = self.spool_write(digest, len).await?;
             let (key, records) = (self.blob_key(digest), self.key(["uploads"]));
             let write = S3Write::begin(self.bucket.clone(), spool, digest, key, records);
             Ok(Box::new(write) as Box<dyn BlobWrite>)
@@ -300,8 +335,8 @@ impl BlobStore for S3Store {
         len: Option<u64>,
     ) -> BoxFuture<'a, StoreResult<Option<Box<dyn BlobWrite>>>> {
         Box::pin(async move {
-            let spool = self.spool.begin(digest, len).await?;
-            Ok(Some(Box::new(LocalOnly(spool)) as Box<dyn BlobWrite>))
+            let (spool, keep) = self.spool_write(digest, len).await?;
+            Ok(Some(Box::new(LocalOnly(spool, keep)) as Box<dyn BlobWrite>))
         })
     }
 
@@ -309,6 +344,9 @@ impl BlobStore for S3Store {
         Box::pin(async move {
             let what = "removing a cached object";
             // The bytes first: a media type left behind is cleaned up by the next list.
+            if let Some(local) = &self.local {
+                local.remove(digest).await;
+            }
             self.delete(what, &self.blob_key(digest)).await?;
             self.delete(what, &self.meta_key(digest)).await
         })
@@ -466,8 +504,9 @@ impl StoredBlob for S3Blob {
 }
 
 /// A spool write that only this replica's clients read: the owner of the digest stores
-/// it in the bucket, so its commit drops the spool file and makes nothing visible.
-struct LocalOnly(Box<dyn BlobWrite>);
+/// it in the bucket, so its commit makes nothing visible there; the spool file is kept as
+/// a local copy (when given where), else dropped.
+struct LocalOnly(Box<dyn BlobWrite>, Option<Arc<LocalCopies>>);
 
 impl BlobWrite for LocalOnly {
     fn append(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, StoreResult<u64>> {
@@ -486,9 +525,16 @@ impl BlobWrite for LocalOnly {
         self.0.written()
     }
 
-    fn commit(self: Box<Self>, _digest: Digest) -> BoxFuture<'static, StoreResult<()>> {
-        // Dropped: the spool file goes once its readers let go of it.
-        Box::pin(async { Ok(()) })
+    fn commit(self: Box<Self>, digest: Digest) -> BoxFuture<'static, StoreResult<()>> {
+        let LocalOnly(mut spool, keep) = *self;
+        Box::pin(async move {
+            // Not kept, the spool file goes once its readers let go of it.
+            if let Some(copies) = keep {
+                let len = spool.flush().await?;
+                copies.keep(spool, digest, len).await;
+            }
+            Ok(())
+        })
     }
 }
 

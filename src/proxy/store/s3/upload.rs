@@ -5,6 +5,7 @@
 //! recorded under `uploads/` so that one whose process died is aborted at a later start.
 
 use super::bucket::Bucket;
+use super::local::LocalCopies;
 use super::{absent_ok, s3_error};
 use crate::oci::{Algorithm, Digest};
 use crate::proxy::store::{BlobWrite, StoreError, StoreResult, Written};
@@ -46,7 +47,10 @@ fn record_name(key: &str, id: &str) -> String {
 /// bucket (a slow or hung bucket delays only the blob's caching), and the parts are read
 /// back from the page cache rather than held in memory.
 pub(super) struct S3Write {
-    spool: Box<dyn BlobWrite>,
+    /// Taken by a commit that keeps it as a local copy.
+    spool: Option<Box<dyn BlobWrite>>,
+    /// Where the spool is kept once the upload is complete, if anywhere.
+    keep: Option<Arc<LocalCopies>>,
     bucket: Bucket,
     digest: Digest,
     /// What the uploader may read of the spool.
@@ -178,6 +182,10 @@ async fn upload(
 }
 
 impl S3Write {
+    fn spool(&mut self) -> &mut Box<dyn BlobWrite> {
+        self.spool.as_mut().expect("the spool until commit")
+    }
+
     /// Lets the uploader read `bytes` of the spool.
     fn landed(&self, bytes: u64, end: bool) {
         self.landed.send_replace(Landed { bytes, end });
@@ -187,7 +195,7 @@ impl S3Write {
 impl BlobWrite for S3Write {
     fn append(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, StoreResult<u64>> {
         Box::pin(async move {
-            let landed = self.spool.append(chunks).await?;
+            let landed = self.spool().append(chunks).await?;
             self.landed(landed, false);
             Ok(landed)
         })
@@ -195,14 +203,17 @@ impl BlobWrite for S3Write {
 
     fn flush(&mut self) -> BoxFuture<'_, StoreResult<u64>> {
         Box::pin(async move {
-            let landed = self.spool.flush().await?;
+            let landed = self.spool().flush().await?;
             self.landed(landed, false);
             Ok(landed)
         })
     }
 
     fn written(&self) -> Arc<dyn Written> {
-        self.spool.written()
+        self.spool
+            .as_ref()
+            .expect("the spool until commit")
+            .written()
     }
 
     fn commit(mut self: Box<Self>, digest: Digest) -> BoxFuture<'static, StoreResult<()>> {
@@ -214,7 +225,7 @@ impl BlobWrite for S3Write {
                 ));
                 return Err(StoreError::io("completing an upload", e));
             }
-            let len = self.spool.flush().await?;
+            let len = self.spool().flush().await?;
             self.landed(len, true);
             let uploader = self.uploader.take().expect("one commit");
             let (mut upload, parts) = uploader
@@ -227,6 +238,9 @@ impl BlobWrite for S3Write {
             upload.completed = true;
             if let Err(e) = absent_ok(self.bucket.delete(&upload.record).await) {
                 tracing::warn!(key = %upload.record, error = %e, "could not remove an upload's record");
+            }
+            if let (Some(copies), Some(spool)) = (self.keep.take(), self.spool.take()) {
+                copies.keep(spool, digest, len).await;
             }
             Ok(())
         })
@@ -245,10 +259,10 @@ impl Drop for S3Write {
 impl S3Write {
     /// A write of `digest` to `key` through `spool`: the upload begins on the uploader's
     /// task, so that a bucket that is slow to answer delays no client; its record goes
-    /// under `records`.
+    /// under `records`. Once complete, the spool is kept in `keep`, if given.
     pub(super) fn begin(
         bucket: Bucket,
-        spool: Box<dyn BlobWrite>,
+        (spool, keep): (Box<dyn BlobWrite>, Option<Arc<LocalCopies>>),
         digest: &Digest,
         key: Key,
         records: Key,
@@ -256,7 +270,8 @@ impl S3Write {
         let (landed, rx) = watch::channel(Landed::default());
         let uploader = tokio::spawn(upload(bucket.clone(), key, records, spool.written(), rx));
         S3Write {
-            spool,
+            spool: Some(spool),
+            keep,
             bucket,
             digest: digest.clone(),
             landed,
