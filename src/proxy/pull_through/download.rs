@@ -31,6 +31,12 @@ pub const FOREIGN_FETCH_WAIT: Duration = Duration::from_secs(60);
 /// How often the store is looked at meanwhile.
 const FOREIGN_FETCH_POLL: Duration = Duration::from_secs(1);
 
+/// How long a batch of a download's body waits for its next chunk before it is written
+/// and its clients woken: a slow upstream's packets come a few hundred microseconds
+/// apart, and each batch costs a write and a wake-up of every client that follows the
+/// download. Short enough that no client notices.
+const BATCH_WAIT: Duration = Duration::from_millis(2);
+
 /// The most a blob of unknown length (no `Content-Length`) is written into the cache.
 const UNKNOWN_LENGTH_ROOM: u64 = 8 << 30;
 
@@ -335,9 +341,10 @@ impl Blobs {
         }
     }
 
-    /// The next chunks of `body`: one waited for, then whatever else is already here (up
-    /// to [`CHUNK`]), so that writes and reader wake-ups happen per ~256 KiB rather than
-    /// per network packet; and whether the body ended.
+    /// The next chunks of `body`: one waited for, then whatever else comes within
+    /// [`BATCH_WAIT`] of the one before (up to [`CHUNK`]), so that writes and reader
+    /// wake-ups happen per ~256 KiB rather than per network packet, however slowly the
+    /// upstream sends; and whether the body ended.
     async fn next_batch(
         &self,
         body: &mut BlobBody,
@@ -361,11 +368,18 @@ impl Blobs {
         batch_len += data.len();
         batch.push(data);
         while batch_len < CHUNK {
-            match body.ready() {
-                None => break,
-                Some(Ok(None)) => return Ok((batch, true)),
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(Some(data))) => {
+            let more = match body.ready() {
+                Some(more) => more,
+                // Cancel-safe: a chunk is taken whole or not at all.
+                None => match tokio::time::timeout(BATCH_WAIT, body.next()).await {
+                    Ok(more) => more,
+                    Err(_) => break,
+                },
+            };
+            match more {
+                Ok(None) => return Ok((batch, true)),
+                Err(e) => return Err(e.into()),
+                Ok(Some(data)) => {
                     batch_len += data.len();
                     batch.push(data);
                 }
