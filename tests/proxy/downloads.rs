@@ -260,6 +260,33 @@ async fn downloads_that_fit_together_are_all_cached() {
     }
 }
 
+/// The bodies four clients of `blob` (in `a/b`) got from one download: the upstream held
+/// until all four wait for it.
+async fn four_clients_of_one_download(
+    up: &FaultUpstream,
+    proxy: &Proxy,
+    blob: &Blob,
+) -> Vec<Vec<u8>> {
+    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, blob.digest);
+    let release = up.hold_requests(&format!("GET /v2/a/b/blobs/{}", blob.digest));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get_bytes(&url).await })
+        })
+        .collect();
+    until("the four clients to wait for the download", || async {
+        proxy.metric("pullthrough_fetch_waiters", &[]).await == 4.0
+    })
+    .await;
+    release.send(true).unwrap();
+    let mut bodies = Vec::new();
+    for c in clients {
+        bodies.push(c.await.unwrap().to_vec());
+    }
+    bodies
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uncacheable_blob_costs_one_upstream_get_for_every_client_waiting() {
     let up = FaultUpstream::start().await;
@@ -274,22 +301,7 @@ async fn an_uncacheable_blob_costs_one_upstream_get_for_every_client_waiting() {
     let mut cfg = up.config();
     cfg.cache_dir = fs.0.join("cache");
     let proxy = Proxy::start_config(cfg).await;
-    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, big.digest);
-
-    let release = up.hold_requests(&format!("GET /v2/a/b/blobs/{}", big.digest));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { get_bytes(&url).await })
-        })
-        .collect();
-    until("the four clients to wait for the download", || async {
-        proxy.metric("pullthrough_fetch_waiters", &[]).await == 4.0
-    })
-    .await;
-    release.send(true).unwrap();
-    for c in clients {
-        let body = c.await.unwrap();
+    for body in four_clients_of_one_download(&up, &proxy, &big).await {
         assert_eq!(
             (body.len(), sha256(&body)),
             (big.bytes.len(), big.digest.clone())
@@ -313,24 +325,12 @@ async fn a_shared_download_is_received_once_and_counted_as_saved_for_those_who_j
     let blob = Blob::new(LAYER, random_bytes(432, (4 << 20) + 9));
     up.add_blob(&blob);
     let proxy = Proxy::start_config(up.config()).await;
-    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, blob.digest);
-    let release = up.hold_requests(&format!("GET /v2/a/b/blobs/{}", blob.digest));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { get_bytes(&url).await })
-        })
-        .collect();
-    until("the four clients to wait for the download", || async {
-        proxy.metric("pullthrough_fetch_waiters", &[]).await == 4.0
-    })
-    .await;
-    release.send(true).unwrap();
-    for c in clients {
-        assert_eq!(sha256(&c.await.unwrap()), blob.digest);
+    for body in four_clients_of_one_download(&up, &proxy, &blob).await {
+        assert_eq!(sha256(&body), blob.digest);
     }
     proxy.settled().await;
     // A fifth client, once it is cached.
+    let url = format!("{}/v2/a/b/blobs/{}", proxy.url, blob.digest);
     assert_eq!(sha256(&get_bytes(&url).await), blob.digest);
 
     let len = blob.bytes.len() as f64;
