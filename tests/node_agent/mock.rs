@@ -169,16 +169,26 @@ async fn agent_writes_files_for_ready_mirrors_and_annotates_its_node() {
 /// process named crio that the agent can see is told to read it (SIGHUP).
 #[tokio::test]
 async fn on_a_cri_o_node_the_agent_writes_the_drop_in_and_signals_crio() {
-    // A stand-in for CRI-O: `sleep` under the name crio, which a SIGHUP ends.
+    // A stand-in for CRI-O: `sleep` under the name crio, which a SIGHUP ends. Started
+    // through `env --default-signal`, since a runner under nohup would have it ignore
+    // SIGHUP, and known to be running as crio before the agent looks.
     let bin = tempfile::tempdir().unwrap();
     let crio = bin.path().join("crio");
     std::fs::copy("/bin/sleep", &crio).unwrap();
     let mut stand_in = Reaped(
-        std::process::Command::new(&crio)
+        std::process::Command::new("env")
+            .arg("--default-signal=HUP")
+            .arg(&crio)
             .arg("600")
             .spawn()
             .unwrap(),
     );
+    let comm = format!("/proc/{}/comm", stand_in.0.id());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&comm).unwrap().trim_end() != "crio" {
+        assert!(Instant::now() < deadline, "the stand-in never ran as crio");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (patch, dir) = first_patch(node(Some("cri-o://1.29.1")), WriteContainers::Auto).await;
     let annotations = &patch["metadata"]["annotations"];
     assert_eq!(annotations["pullthrough.dev/mirrors"], "ns/public");
