@@ -13,11 +13,13 @@
 
 use crate::oci::Digest;
 use crate::proxy::store::disk::DiskStore;
-use crate::proxy::store::{BlobStore, BlobWrite, StoreResult, StoredBlob};
+use crate::proxy::store::{BlobStore, BlobWrite, StoreResult, StoredBlob, Written};
+use bytes::Bytes;
+use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Room a copy must leave free on the disk, for the downloads that spool there.
 const FREE_MARGIN: u64 = 1 << 30;
@@ -172,8 +174,46 @@ impl StoredBlob for Copy {
         start: u64,
         count: u64,
         spans: Option<crate::proxy::zero_copy::Spans>,
-    ) -> futures::stream::BoxStream<'static, io::Result<bytes::Bytes>> {
+    ) -> futures::stream::BoxStream<'static, io::Result<Bytes>> {
         self.0.read(start, count, spans)
+    }
+}
+
+/// A spool write that only this replica's clients read: the owner of the digest stores
+/// it in the bucket, so its commit makes nothing visible there; the spool file is kept as
+/// a local copy (when given where), else dropped.
+pub(super) struct LocalOnly(
+    pub(super) Box<dyn BlobWrite>,
+    pub(super) Option<Arc<LocalCopies>>,
+);
+
+impl BlobWrite for LocalOnly {
+    fn append(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, StoreResult<u64>> {
+        self.0.append(chunks)
+    }
+
+    fn flush(&mut self) -> BoxFuture<'_, StoreResult<u64>> {
+        self.0.flush()
+    }
+
+    fn set_aside(&self) -> u64 {
+        self.0.set_aside()
+    }
+
+    fn written(&self) -> Arc<dyn Written> {
+        self.0.written()
+    }
+
+    fn commit(self: Box<Self>, digest: Digest) -> BoxFuture<'static, StoreResult<()>> {
+        let LocalOnly(mut spool, keep) = *self;
+        Box::pin(async move {
+            // Not kept, the spool file goes once its readers let go of it.
+            if let Some(copies) = keep {
+                let len = spool.flush().await?;
+                copies.keep(spool, digest, len).await;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -181,7 +221,6 @@ impl StoredBlob for Copy {
 mod tests {
     use super::*;
     use crate::oci::Algorithm;
-    use bytes::Bytes;
     use futures::StreamExt;
 
     async fn kept(copies: &LocalCopies, seed: u8, len: usize) -> Digest {

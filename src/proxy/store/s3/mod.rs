@@ -47,7 +47,7 @@ use crate::proxy::zero_copy::Spans;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
-use local::LocalCopies;
+use local::{LocalCopies, LocalOnly};
 use object_store::path::Path as Key;
 use object_store::{Attribute, Attributes, PutOptions};
 use std::io;
@@ -500,41 +500,6 @@ impl StoredBlob for S3Blob {
             return stream::empty().boxed();
         }
         self.bucket.read(self.key, start, count)
-    }
-}
-
-/// A spool write that only this replica's clients read: the owner of the digest stores
-/// it in the bucket, so its commit makes nothing visible there; the spool file is kept as
-/// a local copy (when given where), else dropped.
-struct LocalOnly(Box<dyn BlobWrite>, Option<Arc<LocalCopies>>);
-
-impl BlobWrite for LocalOnly {
-    fn append(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, StoreResult<u64>> {
-        self.0.append(chunks)
-    }
-
-    fn flush(&mut self) -> BoxFuture<'_, StoreResult<u64>> {
-        self.0.flush()
-    }
-
-    fn set_aside(&self) -> u64 {
-        self.0.set_aside()
-    }
-
-    fn written(&self) -> std::sync::Arc<dyn super::Written> {
-        self.0.written()
-    }
-
-    fn commit(self: Box<Self>, digest: Digest) -> BoxFuture<'static, StoreResult<()>> {
-        let LocalOnly(mut spool, keep) = *self;
-        Box::pin(async move {
-            // Not kept, the spool file goes once its readers let go of it.
-            if let Some(copies) = keep {
-                let len = spool.flush().await?;
-                copies.keep(spool, digest, len).await;
-            }
-            Ok(())
-        })
     }
 }
 
