@@ -40,13 +40,26 @@ struct Held {
 }
 
 impl Held {
-    fn used(&mut self, digest: &Digest) -> bool {
+    fn tick(&mut self) -> u64 {
         self.clock += 1;
-        let clock = self.clock;
+        self.clock
+    }
+
+    /// Marks the copy of `digest` used now; whether there is one.
+    fn used(&mut self, digest: &Digest) -> bool {
+        let clock = self.tick();
         self.copies
             .get_mut(digest)
             .map(|(_, used)| *used = clock)
             .is_some()
+    }
+
+    /// Counts a copy of `len` bytes kept now.
+    fn insert(&mut self, digest: Digest, len: u64) {
+        let clock = self.tick();
+        if self.copies.insert(digest, (len, clock)).is_none() {
+            self.bytes += len;
+        }
     }
 
     /// The least recently used copies to drop for `incoming` more bytes under `limit`.
@@ -108,12 +121,10 @@ impl LocalCopies {
             tracing::warn!(%digest, error = %e, "could not keep a local copy of a blob");
             return;
         }
-        let mut held = self.held.lock().expect("local copies lock");
-        held.clock += 1;
-        let clock = held.clock;
-        if held.copies.insert(digest, (len, clock)).is_none() {
-            held.bytes += len;
-        }
+        self.held
+            .lock()
+            .expect("local copies lock")
+            .insert(digest, len);
     }
 
     /// The copy of `digest`, if this replica keeps one.
