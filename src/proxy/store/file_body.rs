@@ -103,6 +103,9 @@ pub(super) struct ChunkReader {
     /// Bytes read from the page cache since the task last let its worker go (see
     /// [`YIELD_EVERY`]).
     unyielded: u64,
+    /// Where the last span found in the page cache ended: the next span from there has
+    /// its first byte's page checked already (see [`Self::span`]).
+    resident_to: Option<u64>,
 }
 
 /// How a [`ChunkReader`] reads without waiting for the disk: what decides between the
@@ -162,6 +165,7 @@ impl ChunkReader {
             page_cache,
             sent: Vec::with_capacity(RECYCLED),
             unyielded: 0,
+            resident_to: None,
         }
     }
 
@@ -195,11 +199,15 @@ impl ChunkReader {
     /// A placeholder frame for the `want` (1 to [`MAX_SPAN`]) bytes at `pos`, registered
     /// with `spans`, if they are in the page cache: `sendfile(2)` must not wait for the
     /// disk on a worker thread. Only the range's first and last bytes are checked (pages
-    /// are read and dropped in runs); a page evicted in between makes the send wait for
-    /// the disk. `None` when the bytes must be read instead.
+    /// are read and dropped in runs), and only the last when the range goes on from the
+    /// last one sent (whose last byte was checked: a client following a download takes
+    /// many short spans); a page evicted in between makes the send wait for the disk.
+    /// `None` when the bytes must be read instead.
     async fn span(&mut self, spans: &Spans, pos: u64, want: usize) -> Option<Bytes> {
         self.yield_now_and_then().await;
-        let resident = [pos, pos + want as u64 - 1].into_iter().all(|at| {
+        let last = pos + want as u64 - 1;
+        let first = (self.resident_to != Some(pos)).then_some(pos);
+        let resident = first.into_iter().chain([last]).all(|at| {
             let mut byte = [0u8];
             matches!(
                 self.page_cache.read_nowait(&self.file, &mut byte, at),
@@ -211,6 +219,7 @@ impl ChunkReader {
         } else {
             None
         };
+        self.resident_to = frame.is_some().then_some(last + 1);
         if frame.is_some() {
             self.unyielded += want as u64;
         }
