@@ -30,7 +30,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 
 /// What `open` found on disk.
@@ -48,6 +48,39 @@ pub struct DiskStore {
     page_cache: PageCache,
     /// Slots for serving cached blobs in larger reads (see [`LARGE_READERS`]).
     large_reads: Arc<Semaphore>,
+    /// Where downloads' writes are made (see [`WritePace`]).
+    pace: Arc<WritePace>,
+}
+
+/// A write of a download's batch into the page cache takes tens of microseconds: made on
+/// the download's task, it saves the hand-over to the blocking pool and back, two thread
+/// wake-ups per batch (with the hash, most of a cold download's CPU; docs/benchmarks.md,
+/// run 72). A write that takes longer than this (the kernel throttling writers, a slow
+/// disk) sends every download's writes to the blocking pool for [`SLOW_WRITES_BACKOFF`].
+const INLINE_WRITE_LIMIT: Duration = Duration::from_millis(2);
+
+/// How long downloads write on the blocking pool after a slow write.
+const SLOW_WRITES_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Whether downloads' writes are made on their tasks: until one is slow, and again
+/// [`SLOW_WRITES_BACKOFF`] after the last slow one.
+#[derive(Debug, Default)]
+struct WritePace {
+    slow_at: std::sync::Mutex<Option<Instant>>,
+}
+
+impl WritePace {
+    fn inline(&self) -> bool {
+        let slow_at = self.slow_at.lock().expect("write pace");
+        slow_at.is_none_or(|at| at.elapsed() >= SLOW_WRITES_BACKOFF)
+    }
+
+    /// Records how long a write made on a task took.
+    fn took(&self, elapsed: Duration) {
+        if elapsed > INLINE_WRITE_LIMIT {
+            *self.slow_at.lock().expect("write pace") = Some(Instant::now());
+        }
+    }
 }
 
 const ALGORITHMS: [Algorithm; 2] = [Algorithm::Sha256, Algorithm::Sha512];
@@ -117,6 +150,7 @@ impl DiskStore {
             tmp_seq: AtomicU64::new(0),
             page_cache: PageCache::Kernel,
             large_reads: Arc::new(Semaphore::new(LARGE_READERS)),
+            pace: Arc::default(),
         };
         Ok((store, stats))
     }
@@ -282,6 +316,7 @@ impl BlobStore for DiskStore {
                 temp,
                 file: Arc::new(file),
                 in_flight: None,
+                pace: self.pace.clone(),
                 landed: 0,
                 set_aside,
                 written: Arc::new(DiskWritten {
@@ -453,8 +488,10 @@ impl StoredBlob for DiskBlob {
 struct DiskWrite {
     temp: PathBuf,
     file: Arc<std::fs::File>,
-    /// The batch being written, and its length.
+    /// The batch being written on the blocking pool, and its length.
     in_flight: Option<(tokio::task::JoinHandle<io::Result<()>>, u64)>,
+    /// Whether a batch is written on the task instead.
+    pace: Arc<WritePace>,
     /// Bytes in the file.
     landed: u64,
     /// Bytes preallocated when it began.
@@ -500,6 +537,14 @@ impl BlobWrite for DiskWrite {
         Box::pin(async move {
             let landed = self.settle().await?;
             let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+            if len > 0 && self.pace.inline() {
+                let started = Instant::now();
+                let result = write_all_vectored(&self.file, &chunks);
+                self.pace.took(started.elapsed());
+                result.map_err(|e| StoreError::io("writing a download", e))?;
+                self.landed += len;
+                return Ok(self.landed);
+            }
             if len > 0 {
                 let file = self.file.clone();
                 let task = tokio::task::spawn_blocking(move || write_all_vectored(&file, &chunks));
@@ -599,6 +644,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn writes_land_at_once_until_one_is_slow_then_on_the_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = DiskStore::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..3 * CHUNK).map(|i| (i % 241) as u8).collect();
+        let d = Digest::of(Algorithm::Sha256, &data);
+        let (a, b, c) = (&data[..CHUNK], &data[CHUNK..2 * CHUNK], &data[2 * CHUNK..]);
+        let mut w = s.begin(&d, None).await.unwrap();
+        let mut r = w.written().reader().unwrap();
+
+        // Into the page cache on the task: readable as soon as the call returns.
+        let landed = w.append(vec![Bytes::copy_from_slice(a)]).await.unwrap();
+        assert_eq!(landed, CHUNK as u64);
+        let mut got = Vec::new();
+        while got.len() < CHUNK {
+            let left = (CHUNK - got.len()) as u64;
+            got.extend_from_slice(&r.read(None, got.len() as u64, left).await.unwrap());
+        }
+        assert_eq!(got, a);
+
+        // A write that was slow: later ones go to the blocking pool, readable once the
+        // next call (or a flush) has seen them land.
+        s.pace.took(INLINE_WRITE_LIMIT * 2);
+        assert!(!s.pace.inline());
+        let landed = w.append(vec![Bytes::copy_from_slice(b)]).await.unwrap();
+        assert_eq!(landed, CHUNK as u64, "the batch is still being written");
+        let landed = w.append(vec![Bytes::copy_from_slice(c)]).await.unwrap();
+        assert_eq!(landed, 2 * CHUNK as u64);
+        assert_eq!(w.flush().await.unwrap(), data.len() as u64);
+        w.commit(d.clone()).await.unwrap();
+        assert_eq!(read_all(&s, &d).await.unwrap(), data);
+
+        // A fast write keeps the slow mode: only the backoff ends it.
+        s.pace.took(Duration::ZERO);
+        assert!(!s.pace.inline());
+        *s.pace.slow_at.lock().unwrap() = Instant::now().checked_sub(SLOW_WRITES_BACKOFF);
+        assert!(s.pace.inline());
+    }
+
+    #[tokio::test]
     async fn writes_become_visible_only_when_committed_and_open_cleans_partials() {
         let dir = tempfile::tempdir().unwrap();
         let (s, stats) = DiskStore::open(dir.path()).unwrap();
@@ -620,7 +704,9 @@ mod tests {
         // Followed while written, and after the commit through the same reader.
         let mut w = s.begin(&d, None).await.unwrap();
         let mut r = w.written().reader().unwrap();
-        // Written in the background: readable once the next append (or a flush) says so.
+        // Written in the background (as after a slow write): readable once the next
+        // append (or a flush) says so.
+        s.pace.took(INLINE_WRITE_LIMIT * 2);
         let first = Bytes::copy_from_slice(&data[..10]);
         assert_eq!(w.append(vec![first]).await.unwrap(), 0);
         let (a, b) = data[10..].split_at(CHUNK);

@@ -379,9 +379,10 @@ pub trait StoredBlob: Send {
 pub trait BlobWrite: Send {
     /// Hands `chunks` over to be appended, in order, and says how many bytes of the
     /// object (of all handed over so far) its followers can read now. A store may write
-    /// them in the background (the disk store does, so that the next chunks are received
-    /// and hashed meanwhile) or buffer them into larger parts: the call waits at most for
-    /// what was handed over before.
+    /// them at once (the disk store does, into the page cache), in the background (the
+    /// disk store, when writes are slow, so that the next chunks are received and hashed
+    /// meanwhile) or buffer them into larger parts: the call waits at most for what was
+    /// handed over before, and for a write into memory.
     fn append(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, StoreResult<u64>>;
 
     /// Waits until all that was handed over can be read, and says how much that is.
