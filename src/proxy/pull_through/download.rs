@@ -13,7 +13,7 @@ use crate::oci::{Digest, Hasher};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::Reservation;
 use crate::proxy::metrics::PeerFetch;
-use crate::proxy::store::{BlobWrite, CHUNK, FetchClaim, FetchLease, StoreError};
+use crate::proxy::store::{BlobWrite, CHUNK, FetchClaim, FetchLease, LeaseReplicas, StoreError};
 use crate::proxy::upstream::{BlobBody, Upstream, UpstreamError};
 use bytes::Bytes;
 use std::net::SocketAddr;
@@ -40,6 +40,18 @@ const BATCH_WAIT: Duration = Duration::from_millis(10);
 
 /// The most a blob of unknown length (no `Content-Length`) is written into the cache.
 const UNKNOWN_LENGTH_ROOM: u64 = 8 << 30;
+
+/// What the replica that owns a blob gave for it.
+enum FromOwner {
+    Body(BlobBody),
+    /// There is none: no peers, or this replica owns the blob.
+    NoOwner,
+    /// It answered, but not with the blob.
+    Failed,
+    /// It could not be reached: a fetch lease it holds is taken over at once (see
+    /// [`LeaseReplicas`]).
+    Gone(SocketAddr),
+}
 
 /// How a download ended well.
 pub(super) enum Downloaded {
@@ -399,7 +411,7 @@ impl Blobs {
         digest: &Digest,
         via: Option<SocketAddr>,
     ) -> Result<(BlobBody, bool), ProxyError> {
-        if let Some(body) = self.owner_body(up, repository, digest, via).await {
+        if let FromOwner::Body(body) = self.owner_body(up, repository, digest, via).await {
             return Ok((body, true));
         }
         Ok((up.blob(repository, digest).await?, false))
@@ -418,25 +430,29 @@ impl Blobs {
         spare.min(UNKNOWN_LENGTH_ROOM)
     }
 
-    /// The blob from the replica `via` that owns it; `None` when there is none or it
-    /// did not answer well.
+    /// The blob from the replica `via` that owns it, if there is one and it serves it.
     async fn owner_body(
         &self,
         up: &Upstream,
         repository: &str,
         digest: &Digest,
         via: Option<SocketAddr>,
-    ) -> Option<BlobBody> {
-        let (owner, peers) = (via?, self.peers.as_ref()?);
+    ) -> FromOwner {
+        let (Some(owner), Some(peers)) = (via, self.peers.as_ref()) else {
+            return FromOwner::NoOwner;
+        };
         match up.blob_via(owner, peers, repository, digest).await {
             Ok(body) => {
                 self.metrics.peer_fetch(PeerFetch::Owner);
-                Some(body)
+                FromOwner::Body(body)
             }
             Err(e) => {
                 self.metrics.peer_fetch(PeerFetch::Failed);
                 tracing::warn!(%owner, %digest, error = %e, "the replica that owns the blob did not serve it; fetching it here");
-                None
+                match e {
+                    UpstreamError::Unreachable { .. } => FromOwner::Gone(owner),
+                    _ => FromOwner::Failed,
+                }
             }
         }
     }
@@ -445,7 +461,8 @@ impl Blobs {
     /// caches it (this one then relays it). Before the upstream is asked, the store's
     /// fetch lease is taken ([`BlobStore::claim_fetch`]): while a process this one does
     /// not know holds it, the blob is awaited in the store and read from there, for up to
-    /// [`FOREIGN_FETCH_WAIT`]. The lease held is returned, to be dropped once the blob is
+    /// [`FOREIGN_FETCH_WAIT`]. A lease of the owner that could not be reached just now is
+    /// taken over at once. The lease held is returned, to be dropped once the blob is
     /// committed.
     async fn download_body(
         &self,
@@ -454,13 +471,19 @@ impl Blobs {
         digest: &Digest,
         via: Option<SocketAddr>,
     ) -> Result<(BlobBody, bool, FetchLease), ProxyError> {
-        if let Some(body) = self.owner_body(up, repository, digest, via).await {
-            return Ok((body, true, None));
-        }
+        let gone = match self.owner_body(up, repository, digest, via).await {
+            FromOwner::Body(body) => return Ok((body, true, None)),
+            FromOwner::Gone(owner) => Some(owner),
+            FromOwner::NoOwner | FromOwner::Failed => None,
+        };
+        let replicas = LeaseReplicas {
+            me: self.peers.as_ref().map(|p| p.me()),
+            gone,
+        };
         let deadline = Instant::now() + FOREIGN_FETCH_WAIT;
         let mut waited = false;
         loop {
-            match self.space.store().claim_fetch(digest).await {
+            match self.space.store().claim_fetch(digest, replicas).await {
                 FetchClaim::Mine(lease) => {
                     // Let go of just now: stored by then, perhaps.
                     if waited && let Some(body) = self.stored_body(up, digest).await {

@@ -9,7 +9,10 @@ use crate::oci::{Algorithm, Digest};
 use crate::proxy::error::ProxyError;
 use crate::proxy::index::Index;
 use crate::proxy::metrics::{CacheResult, Metrics};
+use crate::proxy::peers::Peers;
+use crate::proxy::shared_key::SharedKey;
 use crate::proxy::store::s3::{Bucket, S3Store};
+use crate::proxy::store::unix_now_ms;
 use crate::proxy::store::{BlobStore, CHUNK};
 use crate::proxy::test_support::{self, assert_same};
 use crate::proxy::upstream::Upstream;
@@ -116,8 +119,18 @@ async fn serving(data: &[u8]) -> FakeUpstream {
 
 /// The blobs of a cache over an empty in-memory bucket, of at most `limit` bytes.
 async fn blobs_over(limit: Option<u64>) -> (Arc<Blobs>, Arc<Index>, tempfile::TempDir) {
+    blobs_on(InMemory::new(), limit, None).await
+}
+
+/// The blobs of a cache over the in-memory bucket `mem`, of at most `limit` bytes, with
+/// `peers`.
+async fn blobs_on(
+    mem: InMemory,
+    limit: Option<u64>,
+    peers: Option<Arc<Peers>>,
+) -> (Arc<Blobs>, Arc<Index>, tempfile::TempDir) {
     let spool = tempfile::tempdir().unwrap();
-    let bucket = Bucket::new(InMemory::new(), Metrics::new());
+    let bucket = Bucket::new(mem, Metrics::new());
     let store = S3Store::new(
         bucket,
         "test",
@@ -138,7 +151,7 @@ async fn blobs_over(limit: Option<u64>) -> (Arc<Blobs>, Arc<Index>, tempfile::Te
         Pins::default(),
         tags,
     ));
-    (Arc::new(Blobs::new(space, metrics, None)), index, spool)
+    (Arc::new(Blobs::new(space, metrics, peers)), index, spool)
 }
 
 /// Known bytes: three whole chunks of the download and a few more.
@@ -163,6 +176,59 @@ async fn get(blobs: &Arc<Blobs>, up: &FakeUpstream, d: &Digest) -> Result<BlobAn
     blobs
         .blob(&up.upstream, "lib/app", d, BlobAsk::default())
         .await
+}
+
+#[tokio::test]
+async fn a_fetch_lease_left_by_an_owner_that_does_not_answer_is_taken_over_at_once() {
+    use object_store::ObjectStoreExt;
+    // The owner: an address nothing listens on any more.
+    let dead = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let me = "127.0.0.1:9".parse().unwrap();
+    let key = SharedKey::new(b"the replicas' key, 32 bytes long".to_vec());
+    let peers = Arc::new(Peers::fixed(me, &[dead], key));
+    // A blob the other replica owns (each of two replicas owns one blob in two).
+    let data = (0..64u8)
+        .map(|n| {
+            let mut d = data();
+            d[0] = n;
+            d
+        })
+        .find(|d| peers.owner(&Digest::of(Algorithm::Sha256, d)) == Some(dead))
+        .expect("one of 64 blobs is the other replica's");
+    let d = Digest::of(Algorithm::Sha256, &data);
+    let mem = InMemory::new();
+    let (blobs, _index, _spool) = blobs_on(mem.clone(), None, Some(peers)).await;
+    // It died fetching the blob: nobody renews its lease, which has long to run yet (an
+    // hour, so that this replica cannot have waited for its end).
+    let lease = object_store::path::Path::from(format!("cache/leases/sha256/{}", d.hex()));
+    let record = serde_json::json!({
+        "holder": "the dead replica",
+        "until_ms": unix_now_ms() + 3_600_000,
+        "replica": dead.to_string(),
+    });
+    let record = serde_json::to_vec(&record).unwrap();
+    mem.put(&lease, record.into()).await.unwrap();
+
+    let up = serving(&data).await;
+    let (got, error) = read(get(&blobs, &up, &d).await.unwrap()).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_same(&got, &data, "the blob");
+    assert_eq!(up.gets(), 1);
+    // Taken over, and let go once the blob was stored. Had this replica waited for the
+    // lease to run out instead, it would have fetched without one, leaving it there.
+    for _ in 0..500 {
+        if mem.head(&lease).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        mem.head(&lease).await.is_err(),
+        "the lease of the replica that did not answer still stands"
+    );
 }
 
 #[tokio::test]

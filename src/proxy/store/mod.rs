@@ -24,6 +24,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -314,7 +315,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// another one sharing the store (one that this process's replicas do not know,
     /// such as a mirror in another cluster) is fetching it into the store now. Stores
     /// that keep no such leases say it is this one's, always.
-    fn claim_fetch<'a>(&'a self, _digest: &'a Digest) -> BoxFuture<'a, FetchClaim> {
+    fn claim_fetch<'a>(
+        &'a self,
+        _digest: &'a Digest,
+        _replicas: LeaseReplicas,
+    ) -> BoxFuture<'a, FetchClaim> {
         Box::pin(async { FetchClaim::Mine(None) })
     }
 
@@ -330,6 +335,18 @@ pub trait BlobStore: Send + Sync + 'static {
 /// A store's lease on a fetch (see [`FetchClaim`]), held until dropped; `None` where the
 /// store keeps none.
 pub type FetchLease = Option<Box<dyn std::any::Any + Send + Sync>>;
+
+/// What a fetch lease knows of the replicas that share the store: this one's address,
+/// kept in a lease it takes, and the address of one that did not answer (it died, or
+/// cannot be reached): a lease that one holds is taken over at once, not when it runs
+/// out, since nobody renews it and clients wait meanwhile.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseReplicas {
+    /// This replica, when it has peers.
+    pub me: Option<SocketAddr>,
+    /// A replica that just did not answer.
+    pub gone: Option<SocketAddr>,
+}
 
 /// Who fetches a missing blob from the upstream (see [`BlobStore::claim_fetch`]).
 pub enum FetchClaim {

@@ -3,7 +3,10 @@
 //! from the upstream, it creates `leases/<alg>/<hex>` with a create-only write
 //! (`If-None-Match: *`). The one whose write succeeds fetches, renewing the lease while
 //! it downloads and deleting it when done; the others wait for the blob to appear in the
-//! bucket (see [`FetchClaim`]). A lease whose holder stopped renewing it is taken over.
+//! bucket (see [`FetchClaim`]). A lease whose holder stopped renewing it is taken over,
+//! and so is one held by a replica that was just found not to answer (the lease names
+//! the replica's address): it died fetching, and its peers' clients would otherwise
+//! wait for the lease to run out.
 //!
 //! Whether the store enforces create-only writes is found out at start
 //! ([`S3Store::probe_conditional_writes`]): where it does not, every replica fetches for
@@ -11,10 +14,11 @@
 
 use super::{S3Store, absent_ok};
 use crate::oci::Digest;
-use crate::proxy::store::{FetchClaim, unix_now_ms};
+use crate::proxy::store::{FetchClaim, LeaseReplicas, unix_now_ms};
 use object_store::path::Path as Key;
 use object_store::{PutMode, PutOptions};
 use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// How long a fetch lease holds without renewal; renewed every third of it.
@@ -25,6 +29,16 @@ pub const FETCH_LEASE: Duration = Duration::from_secs(30);
 struct LeaseRecord {
     holder: String,
     until_ms: u64,
+    /// The holder's address among its peers, when it has peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replica: Option<SocketAddr>,
+}
+
+impl LeaseRecord {
+    /// Whether the replica at `address` holds it.
+    fn held_by(&self, address: Option<SocketAddr>) -> bool {
+        address.is_some() && self.replica == address
+    }
 }
 
 /// A held fetch lease: renewed until dropped, then deleted.
@@ -39,6 +53,7 @@ struct Held {
 struct S3Handle {
     bucket: super::Bucket,
     holder: String,
+    replica: Option<SocketAddr>,
 }
 
 impl S3Handle {
@@ -46,6 +61,7 @@ impl S3Handle {
         let rec = LeaseRecord {
             holder: self.holder.clone(),
             until_ms: unix_now_ms() + FETCH_LEASE.as_millis() as u64,
+            replica: self.replica,
         };
         serde_json::to_vec(&rec).expect("a lease serializes").into()
     }
@@ -76,17 +92,18 @@ impl S3Store {
         self.object_key("leases", digest)
     }
 
-    fn handle(&self) -> S3Handle {
+    fn handle(&self, replica: Option<SocketAddr>) -> S3Handle {
         S3Handle {
             bucket: self.bucket.clone(),
             holder: self.writer.clone(),
+            replica,
         }
     }
 
     /// Whether the bucket refuses a create-only write of an object that exists: two
     /// create-only writes of one probe object, the second of which must fail.
     pub(super) async fn probe_conditional_writes(&self) -> bool {
-        let h = self.handle();
+        let h = self.handle(None);
         let key = self.key(["probe", &self.writer]);
         let first = h.create(&key).await;
         let second = h.create(&key).await;
@@ -100,11 +117,11 @@ impl S3Store {
     }
 
     /// Takes the fetch lease of `digest` (see the module's doc).
-    pub(super) async fn claim(&self, digest: &Digest) -> FetchClaim {
+    pub(super) async fn claim(&self, digest: &Digest, replicas: LeaseReplicas) -> FetchClaim {
         if !self.conditional_writes() {
             return FetchClaim::Mine(None);
         }
-        let h = self.handle();
+        let h = self.handle(replicas.me);
         let key = self.lease_key(digest);
         // Twice at most: a stale lease is removed and the create tried once more.
         for _ in 0..2 {
@@ -135,14 +152,19 @@ impl S3Store {
                         Ok(None) => continue,
                         Err(_) => return FetchClaim::Mine(None),
                     };
+                    let now = unix_now_ms();
                     match rec {
-                        Some(rec) if rec.until_ms > unix_now_ms() => return FetchClaim::Elsewhere,
-                        // Its holder stopped renewing it (or it is unreadable): take it over.
-                        _ => {
-                            if absent_ok(self.bucket.delete(&key).await).is_err() {
-                                return FetchClaim::Mine(None);
-                            }
+                        Some(rec) if rec.until_ms > now && !rec.held_by(replicas.gone) => {
+                            return FetchClaim::Elsewhere;
                         }
+                        Some(rec) if rec.until_ms > now => {
+                            tracing::info!(%digest, replica = ?rec.replica, "taking over the fetch lease of a replica that did not answer");
+                        }
+                        // Its holder stopped renewing it (or it is unreadable).
+                        _ => {}
+                    }
+                    if absent_ok(self.bucket.delete(&key).await).is_err() {
+                        return FetchClaim::Mine(None);
                     }
                 }
                 // The bucket failing: fetch as if there were no leases.
@@ -179,17 +201,18 @@ mod tests {
         let mem = InMemory::new();
         let (a, b) = (store(&mem, dir.path()), store(&mem, &dir.path().join("b")));
         let d = Digest::of(Algorithm::Sha256, b"blob");
+        let none = LeaseReplicas::default();
         // Unprobed: no leases, every process fetches.
-        assert!(matches!(a.claim(&d).await, FetchClaim::Mine(None)));
+        assert!(matches!(a.claim(&d, none).await, FetchClaim::Mine(None)));
         a.list().await.unwrap();
         b.list().await.unwrap();
         assert!(
             a.conditional_writes(),
             "the memory store enforces create-only writes"
         );
-        let held = a.claim(&d).await;
+        let held = a.claim(&d, none).await;
         assert!(matches!(held, FetchClaim::Mine(Some(_))));
-        assert!(matches!(b.claim(&d).await, FetchClaim::Elsewhere));
+        assert!(matches!(b.claim(&d, none).await, FetchClaim::Elsewhere));
         drop(held);
         for _ in 0..500 {
             if !lease_exists(&mem, &d).await {
@@ -198,20 +221,66 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(!lease_exists(&mem, &d).await, "not let go");
-        assert!(matches!(b.claim(&d).await, FetchClaim::Mine(Some(_))));
+        assert!(matches!(b.claim(&d, none).await, FetchClaim::Mine(Some(_))));
 
         // A holder that died: its lease is past its time, and taken over.
         let other = Digest::of(Algorithm::Sha256, b"other");
         let stale = serde_json::to_vec(&LeaseRecord {
             holder: "dead".into(),
             until_ms: unix_now_ms() - 1,
+            replica: None,
         })
         .unwrap();
         let key = Key::from(format!("p/leases/sha256/{}", other.hex()));
         mem.put(&key, stale.into()).await.unwrap();
-        assert!(matches!(a.claim(&other).await, FetchClaim::Mine(Some(_))));
+        assert!(matches!(
+            a.claim(&other, none).await,
+            FetchClaim::Mine(Some(_))
+        ));
         let rec: LeaseRecord =
             serde_json::from_slice(&mem.get(&key).await.unwrap().bytes().await.unwrap()).unwrap();
         assert_eq!(rec.holder, a.writer, "not taken over");
+    }
+
+    #[tokio::test]
+    async fn a_lease_of_a_replica_that_did_not_answer_is_taken_over_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = InMemory::new();
+        let (a, b) = (store(&mem, dir.path()), store(&mem, &dir.path().join("b")));
+        a.list().await.unwrap();
+        b.list().await.unwrap();
+        let (addr_a, addr_b, addr_c): (SocketAddr, SocketAddr, SocketAddr) = (
+            "10.0.0.1:5000".parse().unwrap(),
+            "10.0.0.2:5000".parse().unwrap(),
+            "10.0.0.3:5000".parse().unwrap(),
+        );
+        let d = Digest::of(Algorithm::Sha256, b"blob");
+        let key = Key::from(format!("p/leases/sha256/{}", d.hex()));
+        let lease_of_a = LeaseReplicas {
+            me: Some(addr_a),
+            gone: None,
+        };
+        let _held = a.claim(&d, lease_of_a).await;
+        let rec: LeaseRecord =
+            serde_json::from_slice(&mem.get(&key).await.unwrap().bytes().await.unwrap()).unwrap();
+        assert_eq!(rec.replica, Some(addr_a), "the lease names its replica");
+
+        // Another replica, or one that answers: the lease stands.
+        for gone in [None, Some(addr_c)] {
+            let ask = LeaseReplicas {
+                me: Some(addr_b),
+                gone,
+            };
+            assert!(matches!(b.claim(&d, ask).await, FetchClaim::Elsewhere));
+        }
+        // Its holder did not answer: taken over now, though it has 30 s left.
+        let ask = LeaseReplicas {
+            me: Some(addr_b),
+            gone: Some(addr_a),
+        };
+        assert!(matches!(b.claim(&d, ask).await, FetchClaim::Mine(Some(_))));
+        let rec: LeaseRecord =
+            serde_json::from_slice(&mem.get(&key).await.unwrap().bytes().await.unwrap()).unwrap();
+        assert_eq!((rec.holder, rec.replica), (b.writer.clone(), Some(addr_b)));
     }
 }

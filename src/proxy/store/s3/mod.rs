@@ -39,8 +39,8 @@ pub use upload::PART;
 
 use super::disk::DiskStore;
 use super::{
-    BlobStore, BlobWrite, FetchClaim, LinkRecord, Listed, RepoKey, StoreError, StoreResult,
-    StoredBlob, StoredManifest, TagKey, TagRecord, link_name, tag_name, unix_now_ms,
+    BlobStore, BlobWrite, FetchClaim, LeaseReplicas, LinkRecord, Listed, RepoKey, StoreError,
+    StoreResult, StoredBlob, StoredManifest, TagKey, TagRecord, link_name, tag_name, unix_now_ms,
 };
 use crate::oci::Digest;
 use crate::proxy::zero_copy::Spans;
@@ -461,8 +461,12 @@ impl BlobStore for S3Store {
         true
     }
 
-    fn claim_fetch<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, FetchClaim> {
-        Box::pin(self.claim(digest))
+    fn claim_fetch<'a>(
+        &'a self,
+        digest: &'a Digest,
+        replicas: LeaseReplicas,
+    ) -> BoxFuture<'a, FetchClaim> {
+        Box::pin(self.claim(digest, replicas))
     }
 
     fn presign<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, StoreResult<Option<String>>> {
