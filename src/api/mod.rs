@@ -12,5 +12,5 @@ pub mod quantity;
 
 pub use proxy_config::{
     AccessConfig, AccessMode, ConfigError, Credentials, ProxyConfig, RepositoryFilter, TlsConfig,
-    UpstreamAccess, UpstreamConfig, UpstreamLimits,
+    UpstreamAccess, UpstreamConfig, UpstreamLimits, UpstreamMode,
 };

@@ -308,7 +308,8 @@ fn upstreams(
             client.clone(),
             metrics.clone(),
             (config.upstream_timeout, MinRate::of(config)),
-        );
+        )
+        .in_mode(u.mode.unwrap_or(config.mode));
         if let Some(c) = &peers_client {
             up = up.with_tls_peers(c.clone());
         }

@@ -158,6 +158,19 @@ fn upstream_code_and_status(e: &UpstreamError) -> (ErrorCode, StatusCode) {
         NotFound(Object::Manifest) => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
         NotFound(Object::Blob) => (ErrorCode::BlobUnknown, StatusCode::NOT_FOUND),
         NotFound(Object::Repository) => (ErrorCode::NameUnknown, StatusCode::NOT_FOUND),
+        // Unknown here, at once: a runtime moves on to its next host, or fails fast.
+        Offline {
+            object: Object::Manifest,
+            ..
+        } => (ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND),
+        Offline {
+            object: Object::Blob,
+            ..
+        } => (ErrorCode::BlobUnknown, StatusCode::NOT_FOUND),
+        Offline {
+            object: Object::Repository,
+            ..
+        } => (ErrorCode::NameUnknown, StatusCode::NOT_FOUND),
         Denied(_) => (ErrorCode::Denied, StatusCode::FORBIDDEN),
         RateLimited { .. } | BackedOff { .. } | Busy { .. } => {
             (ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS)

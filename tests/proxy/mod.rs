@@ -9,6 +9,8 @@ mod connections;
 mod downloads;
 /// Upstreams that misbehave: auth, 5xx, cut and stalled bodies, odd answers.
 mod faults;
+/// An upstream's mode: online, localFirst, offline, and changing it while running.
+mod modes;
 /// The parsers every request goes through, under arbitrary input.
 mod parsers;
 /// Upstreams chosen by the path's first component, by skopeo and podman.

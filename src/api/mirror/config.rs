@@ -237,6 +237,7 @@ fn upstream_config(i: usize, u: &MirrorUpstream) -> Result<UpstreamConfig, SpecE
         repositories: u.repositories.clone().unwrap_or_default(),
         access: u.access.clone(),
         limits,
+        mode: None,
     })
 }
 

@@ -19,7 +19,7 @@ pub use storage::{
 };
 pub use upstream::{
     AccessMode, Credentials, RepositoryFilter, UpstreamAccess, UpstreamConfig, UpstreamLimits,
-    glob_match, split_url, without_userinfo,
+    UpstreamMode, glob_match, split_url, without_userinfo,
 };
 
 use super::docker_hub;
@@ -66,6 +66,10 @@ pub struct ProxyConfig {
     /// How long past its TTL a tag is still served when the upstream is down or failing.
     #[serde(with = "crate::api::duration::serde")]
     pub stale_if_error: Duration,
+    /// Whether and when the upstreams are asked (`online`, `localFirst`, `offline`):
+    /// each upstream's own `mode` where it sets one.
+    #[serde(skip_serializing_if = "is_online")]
+    pub mode: UpstreamMode,
     /// How long a tags/list answer is reused.
     #[serde(rename = "tagsListTTL", with = "crate::api::duration::serde")]
     pub tags_list_ttl: Duration,
@@ -418,6 +422,10 @@ impl ProxyConfig {
     }
 }
 
+fn is_online(mode: &UpstreamMode) -> bool {
+    *mode == UpstreamMode::Online
+}
+
 impl Default for ProxyConfig {
     /// A docker.io cache on port 5000, metrics on 9095, in `./pullthrough-cache`.
     fn default() -> Self {
@@ -431,6 +439,7 @@ impl Default for ProxyConfig {
             default_upstream: None,
             tag_ttl: Duration::from_secs(300),
             stale_if_error: Duration::from_secs(24 * 3600),
+            mode: UpstreamMode::Online,
             tags_list_ttl: Duration::from_secs(30),
             max_manifest_bytes: NonZeroU64::new(4 << 20).expect("not zero"),
             max_cache_bytes: None,

@@ -285,3 +285,23 @@ fn counts_of_zero_are_refused_where_they_are_read() {
         UpstreamLimits::default().queue_timeout
     );
 }
+
+#[test]
+fn modes_are_the_proxy_s_and_each_upstream_s_own() {
+    let c = ProxyConfig::from_yaml("").unwrap();
+    assert_eq!(c.mode, UpstreamMode::Online);
+    assert!(!c.to_yaml().contains("mode"), "the default is not written");
+    let text = "mode: offline\nupstreams:\n  - registry: docker.io\n    mode: localFirst\n  - registry: ghcr.io\n";
+    let c = ProxyConfig::from_yaml(text).unwrap();
+    assert_eq!(c.mode, UpstreamMode::Offline);
+    assert_eq!(c.upstreams[0].mode, Some(UpstreamMode::LocalFirst));
+    assert_eq!(c.upstreams[1].mode, None);
+    assert_eq!(ProxyConfig::from_yaml(&c.to_yaml()).unwrap(), c);
+    let err = ProxyConfig::from_yaml("mode: sleepy")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("online") && err.contains("localFirst"),
+        "{err}"
+    );
+}

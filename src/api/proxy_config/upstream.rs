@@ -44,6 +44,51 @@ pub struct UpstreamConfig {
     /// the upstream's limits"). Default: [`UpstreamLimits::for_registry`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<UpstreamLimits>,
+    /// Whether and when the proxy asks this upstream; the proxy's `mode` when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<UpstreamMode>,
+}
+
+/// Whether and when the proxy asks an upstream (docs/operations.md, "When the upstream
+/// fails"). Changed on a running proxy through `PUT /admin/mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpstreamMode {
+    /// A cached tag is served while its `tagTTL` lasts, then revalidated before it is
+    /// served (and served stale for `staleIfError` while the upstream fails).
+    #[default]
+    Online,
+    /// A cached tag is served at once, whatever its age, and revalidated in the
+    /// background once past its `tagTTL`: no client waits on the upstream for anything
+    /// cached. What is not cached is fetched as online.
+    LocalFirst,
+    /// The upstream is never asked: what is cached is served, whatever its age; a miss
+    /// fails at once with an error that names offline mode.
+    Offline,
+}
+
+impl UpstreamMode {
+    /// Every mode, in the order of the metric's series.
+    pub const ALL: [UpstreamMode; 3] = [
+        UpstreamMode::Online,
+        UpstreamMode::LocalFirst,
+        UpstreamMode::Offline,
+    ];
+
+    /// As the config and the metric write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamMode::Online => "online",
+            UpstreamMode::LocalFirst => "localFirst",
+            UpstreamMode::Offline => "offline",
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Caps on what the proxy asks of one upstream. Requests over a cap wait for up to
@@ -202,6 +247,7 @@ impl UpstreamConfig {
             repositories: RepositoryFilter::default(),
             access: None,
             limits: None,
+            mode: None,
         }
     }
 

@@ -3,6 +3,7 @@
 //! drop`, the controller). docs/proxy.md, "Prefetching on request" and "Dropping an
 //! image on purpose", says what each does.
 
+use crate::api::UpstreamMode;
 use crate::proxy::index::Removal;
 use serde::{Deserialize, Serialize};
 
@@ -143,4 +144,31 @@ mod tests {
         assert_eq!(shown, serde_json::json!({"image": "a", "state": "pending"}));
         assert_eq!(serde_json::from_value::<Progress>(shown).unwrap(), p);
     }
+}
+
+/// `PUT /admin/mode`: the mode to put every upstream in, or one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMode {
+    /// `online`, `localFirst` or `offline`.
+    pub mode: UpstreamMode,
+    /// The upstream's registry (`docker.io`); every upstream when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+}
+
+/// What `GET` and `PUT /admin/mode` answer: the mode each upstream is in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Modes {
+    /// One per upstream.
+    pub upstreams: Vec<UpstreamModeOf>,
+}
+
+/// One upstream's mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamModeOf {
+    /// Its registry.
+    pub upstream: String,
+    /// The mode it is in.
+    pub mode: UpstreamMode,
 }

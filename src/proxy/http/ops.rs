@@ -1,7 +1,8 @@
 //! The operations port: `/metrics`, `/healthz`, `/readyz` (the server's own, see
 //! [`crate::server::handle_ops`]) and the admin endpoints, with the admin token
-//! (`Authorization: Bearer <token>`): `POST|GET /admin/prefetch` and `PUT|GET
-//! /admin/in-use` from anywhere (the controller asks from its own pod), `DELETE
+//! (`Authorization: Bearer <token>`): `POST|GET /admin/prefetch`, `PUT|GET
+//! /admin/in-use` and `PUT|GET /admin/mode` from anywhere (the controller asks from its
+//! own pod), `DELETE
 //! /admin/cache?image=<reference>` from loopback only (`pullthrough cache drop` in the
 //! proxy's pod; loopback alone is not enough, sidecars connect from there too). Their
 //! requests and answers are the typed ones of [`crate::proxy::admin::api`].
@@ -9,7 +10,8 @@
 use super::Body;
 use super::route::percent_decode;
 use crate::proxy::admin::api::{
-    Dropped, InUse, InUseSet, PrefetchProgress, PrefetchRequest, Refusal,
+    Dropped, InUse, InUseSet, Modes, PrefetchProgress, PrefetchRequest, Refusal, SetMode,
+    UpstreamModeOf,
 };
 use crate::proxy::prefetcher::{MAX_IMAGES_PER_REQUEST, MAX_JOBS};
 use crate::proxy::pull_through::ConfiguredImage;
@@ -36,7 +38,10 @@ pub async fn handle(
     client: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
-    let from_anywhere = path == "/admin/prefetch" || path == "/admin/in-use";
+    let from_anywhere = matches!(
+        path.as_str(),
+        "/admin/prefetch" | "/admin/in-use" | "/admin/mode"
+    );
     if path != "/admin/cache" && !from_anywhere {
         return crate::server::handle_ops(proxy, req).await;
     }
@@ -59,6 +64,7 @@ pub async fn handle(
     Ok(match path.as_str() {
         "/admin/prefetch" => prefetch(&proxy, req).await,
         "/admin/in-use" => in_use(&proxy, req).await,
+        "/admin/mode" => mode(&proxy, req).await,
         _ => drop_image(&proxy, req).await,
     })
 }
@@ -149,6 +155,57 @@ async fn in_use(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     json(StatusCode::OK, &InUseSet { in_use: count })
 }
 
+/// `GET /admin/mode` says what mode each upstream is in; `PUT` with `{"mode": ...}`
+/// puts every upstream in it, or with `"upstream"` one of them, at once and until the
+/// next `PUT` or restart (the config's `mode` is where the proxy starts).
+async fn mode(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    let upstreams = proxy.registry().upstreams();
+    let modes = || Modes {
+        upstreams: upstreams
+            .all()
+            .map(|u| UpstreamModeOf {
+                upstream: u.name().to_string(),
+                mode: u.mode(),
+            })
+            .collect(),
+    };
+    if req.method() == Method::GET {
+        return json(StatusCode::OK, &modes());
+    }
+    let example = r#"{"mode": "offline", "upstream": "docker.io"} (upstream optional)"#;
+    if req.method() != Method::PUT {
+        let why = format!("use PUT /admin/mode with {example}, or GET");
+        return json(StatusCode::METHOD_NOT_ALLOWED, &Refusal::new(why));
+    }
+    let asked: SetMode = match json_body(req, 4 << 10, example).await {
+        Ok(a) => a,
+        Err(refusal) => return json(StatusCode::BAD_REQUEST, &refusal),
+    };
+    let chosen: Vec<_> = upstreams
+        .all()
+        .filter(|u| asked.upstream.as_deref().is_none_or(|n| n == u.name()))
+        .collect();
+    if chosen.is_empty() {
+        let why = format!(
+            "no upstream {}: this proxy mirrors {}",
+            asked.upstream.unwrap_or_default(),
+            upstreams
+                .all()
+                .map(|u| u.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return json(StatusCode::NOT_FOUND, &Refusal::new(why));
+    }
+    for u in chosen {
+        if u.mode() != asked.mode {
+            tracing::info!(upstream = u.name(), from = %u.mode(), to = %asked.mode, "upstream mode changed");
+            u.set_mode(asked.mode);
+        }
+    }
+    json(StatusCode::OK, &modes())
+}
+
 /// `DELETE /admin/cache?image=<reference>` drops one image or tag from the cache.
 async fn drop_image(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::DELETE {
@@ -192,13 +249,11 @@ async fn drop_image(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
 /// The JSON body (`T`, like `example`) of an admin request naming images (`images` of
 /// it), read whole within 30 s: at most `limit` bytes and `max` images, every one
 /// resolved to its upstream; else the refusal to answer 400 with.
-async fn images_of<T: DeserializeOwned>(
-    proxy: &Proxy,
+async fn json_body<T: DeserializeOwned>(
     req: Request<Incoming>,
-    (limit, max): (usize, usize),
+    limit: usize,
     example: &str,
-    images: impl Fn(&T) -> &[String],
-) -> Result<(T, Vec<ConfiguredImage>), Refusal> {
+) -> Result<T, Refusal> {
     let body = http_body_util::Limited::new(req.into_body(), limit);
     let body = match tokio::time::timeout(Duration::from_secs(30), body.collect()).await {
         Ok(Ok(b)) => b.to_bytes(),
@@ -209,8 +264,17 @@ async fn images_of<T: DeserializeOwned>(
             )));
         }
     };
-    let asked: T = serde_json::from_slice(&body)
-        .map_err(|e| Refusal::new(format!("expected {example}: {e}")))?;
+    serde_json::from_slice(&body).map_err(|e| Refusal::new(format!("expected {example}: {e}")))
+}
+
+async fn images_of<T: DeserializeOwned>(
+    proxy: &Proxy,
+    req: Request<Incoming>,
+    (limit, max): (usize, usize),
+    example: &str,
+    images: impl Fn(&T) -> &[String],
+) -> Result<(T, Vec<ConfiguredImage>), Refusal> {
+    let asked: T = json_body(req, limit, example).await?;
     let names = images(&asked);
     if names.len() > max {
         return Err(Refusal::new(format!("at most {max} images per request")));

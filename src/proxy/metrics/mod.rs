@@ -339,6 +339,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Shows `mode` as the one `upstream` is in.
+    pub fn upstream_mode(&self, upstream: &str, mode: crate::api::UpstreamMode) {
+        for m in crate::api::UpstreamMode::ALL {
+            self.pressure
+                .mode
+                .with_label_values(&[upstream, m.as_str()])
+                .set(i64::from(m == mode));
+        }
+    }
+
     /// The gauge of whether `url` of `upstream` answers.
     pub fn upstream_url_up(&self, upstream: &str, url: &str) -> IntGauge {
         self.pressure.url_up.with_label_values(&[upstream, url])

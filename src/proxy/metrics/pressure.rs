@@ -17,6 +17,7 @@ pub(super) struct PressureMetrics {
     pub(super) inflight: IntGaugeVec,
     pub(super) queued: IntGaugeVec,
     pub(super) url_up: IntGaugeVec,
+    pub(super) mode: IntGaugeVec,
 }
 
 impl PressureMetrics {
@@ -30,6 +31,7 @@ impl PressureMetrics {
             refused: f.counter_vec("pullthrough_upstream_refused_total", "Upstream requests not sent, by reason: backoff (the upstream asked to wait), concurrency (waited queueTimeout for maxConcurrentRequests), rate (manifestGetsPerSecond).", &["upstream", "reason"]),
             inflight: f.gauge_vec("pullthrough_upstream_inflight_requests", "Requests out to the upstream now (what maxConcurrentRequests caps).", &["upstream"]),
             queued: f.gauge_vec("pullthrough_upstream_queued_requests", "Upstream requests waiting now for room under a cap.", &["upstream"]),
+            mode: f.gauge_vec("pullthrough_upstream_mode", "1 for the mode the upstream is in (online, localFirst, offline), 0 for the others.", &["upstream", "mode"]),
             url_up: f.gauge_vec("pullthrough_upstream_url_up", "1 while the upstream URL answers, 0 for 30 s after it could not be reached or answered 5xx (its other URLs are tried first meanwhile).", &["upstream", "url"]),
         }
     }

@@ -7,6 +7,7 @@ use super::single_flight::SingleFlight;
 use super::space::Space;
 use super::tags::{TagState, Tags, tag_key_for};
 use super::{CachePolicy, Manifest};
+use crate::api::UpstreamMode;
 use crate::oci::media::{Accept, manifest_media_type};
 use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
@@ -143,11 +144,20 @@ impl Manifests {
             }
             Reference::Tag(tag) => {
                 // The tag's record for every type serves any client of a type it has.
-                let (_, fresh) = self.fresh_tag(up, repository, tag, &Accept::Any).await?;
+                let (state, fresh) = self.fresh_tag(up, repository, tag, &Accept::Any).await?;
                 if let Some(m) = fresh
                     && accept.allows(&m.media_type)
                 {
-                    return Ok((m, CacheResult::Hit));
+                    let aged = state
+                        .as_ref()
+                        .is_some_and(|st| freshness(st.age(), &self.policy) != Freshness::Fresh);
+                    if !aged {
+                        return Ok((m, CacheResult::Hit));
+                    }
+                    if up.mode() == UpstreamMode::LocalFirst {
+                        self.revalidate_later(up, repository, tag, state, key(tag));
+                    }
+                    return Ok((m, CacheResult::Stale));
                 }
                 // The tag's record for every type does not serve this client: its own
                 // record, if its types can have one, else the upstream for each request.
@@ -203,8 +213,9 @@ impl Manifests {
         }
     }
 
-    /// A tag's state as `accept` sees it, and the cached manifest it points to if it is
-    /// fresh.
+    /// A tag's state as `accept` sees it, and the cached manifest it points to if that
+    /// may be served without asking the upstream: while it is fresh, or whatever its age
+    /// when the upstream is `localFirst` or `offline`.
     async fn fresh_tag(
         &self,
         up: &Upstream,
@@ -214,12 +225,46 @@ impl Manifests {
     ) -> Result<(Option<TagState>, Option<Manifest>), ProxyError> {
         let state = self.tags.state_for(up, repository, tag, accept).await;
         let fresh = match &state {
-            Some(st) if freshness(st.age(), &self.policy) == Freshness::Fresh => {
+            Some(st)
+                if up.mode() != UpstreamMode::Online
+                    || freshness(st.age(), &self.policy) == Freshness::Fresh =>
+            {
                 self.cached_manifest(&st.digest).await?
             }
             _ => None,
         };
         Ok((state, fresh))
+    }
+
+    /// Revalidates a tag that a `localFirst` upstream's client was just served from the
+    /// cache past its TTL, in the background: one revalidation at a time per tag (it
+    /// shares `key` with the clients' fetches), whose failure is only logged.
+    fn revalidate_later(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        tag: &str,
+        state: Option<TagState>,
+        key: String,
+    ) {
+        let (this, up, repo, tag) = (
+            self.clone(),
+            up.clone(),
+            repository.to_string(),
+            tag.to_string(),
+        );
+        tokio::spawn(async move {
+            let revalidate = {
+                let (this, up, repo, tag) = (this.clone(), up.clone(), repo.clone(), tag.clone());
+                async move {
+                    this.resolve_tag(&up, &repo, &tag, state, &Accept::Any)
+                        .await
+                }
+            };
+            if let Err(e) = this.coalesce(key, revalidate).await {
+                tracing::warn!(upstream = up.name(), repo, tag, error = %e, "revalidating a tag in the background failed");
+            }
+        });
     }
 
     /// Tag not fresh (or unknown): revalidate with HEAD, fetch on change, fall back to the

@@ -128,6 +128,14 @@ pub enum UpstreamError {
     /// sending, a redirect without a target, a token endpoint's answer without a token.
     #[error("upstream answered unexpectedly: {0}")]
     Protocol(Arc<str>),
+    /// Not sent: the upstream is in offline mode, and the object is not cached.
+    #[error("the {} is not cached, and upstream {registry} is not asked: it is in offline mode", .object.as_str())]
+    Offline {
+        /// The upstream's registry.
+        registry: String,
+        /// What was asked for.
+        object: Object,
+    },
 }
 
 impl UpstreamError {
@@ -139,7 +147,7 @@ impl UpstreamError {
             RateLimited { .. } | BackedOff { .. } | Busy { .. } => true,
             Failed { .. } | Unreachable { .. } | NoAnswer { .. } => true,
             Stalled { .. } | TooSlow { .. } | Body(_) | Stored(_) | Truncated { .. } => true,
-            NotFound(_) | Denied(_) | TooLarge { .. } | Protocol(_) => false,
+            NotFound(_) | Denied(_) | TooLarge { .. } | Protocol(_) | Offline { .. } => false,
         }
     }
 

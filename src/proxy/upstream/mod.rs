@@ -19,7 +19,7 @@ pub use transport::{
     HttpClient, allowed_host, forbidden, http_client, http_client_with, same_origin,
 };
 
-use crate::api::{Credentials, RepositoryFilter, UpstreamConfig};
+use crate::api::{Credentials, RepositoryFilter, UpstreamConfig, UpstreamMode};
 use crate::oci::media::Accept;
 use crate::oci::{Digest, Reference};
 use crate::proxy::metrics::{Kind, Metrics};
@@ -30,6 +30,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap};
 use hyper::{Method, Response, StatusCode};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 use transport::{Transport, origin_of, read_limited};
@@ -139,6 +140,9 @@ pub struct Upstream {
     pressure: pressure::Pressure,
     /// The slowest a blob body from it may arrive.
     min_rate: MinRate,
+    /// Whether and when it is asked ([`UpstreamMode`]), as an index into
+    /// [`UpstreamMode::ALL`]: changed while the proxy runs.
+    mode: AtomicU8,
     metrics: Metrics,
 }
 
@@ -233,8 +237,31 @@ impl Upstream {
                 metrics.clone(),
             ),
             min_rate,
+            mode: AtomicU8::new(0),
             metrics,
         }
+        .in_mode(config.mode.unwrap_or_default())
+    }
+
+    /// The same upstream in `mode`.
+    pub fn in_mode(self, mode: UpstreamMode) -> Upstream {
+        self.set_mode(mode);
+        self
+    }
+
+    /// Whether and when it is asked.
+    pub fn mode(&self) -> UpstreamMode {
+        UpstreamMode::ALL[usize::from(self.mode.load(Ordering::Relaxed))]
+    }
+
+    /// Puts it in `mode` (and says so in `pullthrough_upstream_mode`).
+    pub fn set_mode(&self, mode: UpstreamMode) {
+        let i = UpstreamMode::ALL
+            .iter()
+            .position(|m| *m == mode)
+            .expect("every mode is in ALL");
+        self.mode.store(i as u8, Ordering::Relaxed);
+        self.metrics.upstream_mode(&self.name, mode);
     }
 
     /// Asks the other replicas for blobs over HTTPS with `client` (they serve TLS).
@@ -555,6 +582,12 @@ impl Upstream {
         repository: &str,
         call: Call<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        if self.mode() == UpstreamMode::Offline {
+            return Err(UpstreamError::Offline {
+                registry: self.name.clone(),
+                object: call.object,
+            });
+        }
         let scope = format!("repository:{repository}:pull");
         let slot = self
             .pressure
