@@ -11,6 +11,6 @@ pub mod proxy_config;
 pub mod quantity;
 
 pub use proxy_config::{
-    AccessConfig, AccessMode, ConfigError, Credentials, ProxyConfig, RepositoryFilter, TlsConfig,
-    UpstreamAccess, UpstreamConfig, UpstreamLimits, UpstreamMode,
+    AccessConfig, AccessMode, ConfigError, Credentials, ProxyConfig, RepositoryFilter, TagPolicy,
+    TagPolicyKind, TlsConfig, UpstreamAccess, UpstreamConfig, UpstreamLimits, UpstreamMode,
 };

@@ -214,3 +214,44 @@ async fn the_mode_changes_on_a_running_proxy_through_the_admin_api() {
         .unwrap();
     assert_eq!(r.status(), 200, "online again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_policies_keep_version_tags_and_freeze_a_tag_whatever_the_upstream_says() {
+    let up = FaultUpstream::start().await;
+    let (one, two) = (
+        Image::generate(43, &[10_000], "amd64"),
+        Image::generate(44, &[12_000], "amd64"),
+    );
+    for tag in ["v1", "latest", "frozen"] {
+        up.add_image("a/b", tag, &one);
+    }
+    let mut cfg = up.config();
+    // Every refreshed tag is revalidated on every pull.
+    cfg.tag_ttl = Duration::ZERO;
+    cfg.upstreams[0].tag_policies = serde_yaml::from_str(&format!(
+        "- {{repositories: a/b, tags: 'v*', policy: immutable}}\n\
+         - {{repositories: 'a/*', tags: frozen, policy: pinned, digest: '{}'}}\n",
+        one.manifest.digest
+    ))
+    .unwrap();
+    let proxy = Proxy::start_config(cfg).await;
+    for tag in ["v1", "latest"] {
+        pull(&proxy.url, "a/b", tag, None).await.unwrap();
+    }
+    // Every tag moves upstream.
+    for tag in ["v1", "latest", "frozen"] {
+        up.add_image("a/b", tag, &two);
+    }
+    let top = |tag: &'static str| {
+        let url = proxy.url.clone();
+        async move { pull(&url, "a/b", tag, None).await.unwrap().top }
+    };
+    // Immutable: the version tag stays, and is not even revalidated.
+    assert_eq!(top("v1").await, one.manifest.digest);
+    assert_eq!(up.count("HEAD /v2/a/b/manifests/v1"), 0);
+    // Refreshed: followed.
+    assert_eq!(top("latest").await, two.manifest.digest);
+    // Pinned: its digest, the upstream never asked for the tag.
+    assert_eq!(top("frozen").await, one.manifest.digest);
+    assert_eq!(up.count("/manifests/frozen"), 0);
+}

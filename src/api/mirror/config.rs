@@ -238,6 +238,7 @@ fn upstream_config(i: usize, u: &MirrorUpstream) -> Result<UpstreamConfig, SpecE
         access: u.access.clone(),
         limits,
         mode: None,
+        tag_policies: Vec::new(),
     })
 }
 

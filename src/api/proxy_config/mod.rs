@@ -18,8 +18,8 @@ pub use storage::{
     DEFAULT_LOCAL_COPIES, EvictionConfig, PeersConfig, REDIRECT_EXPIRY, S3Config, StorageConfig,
 };
 pub use upstream::{
-    AccessMode, Credentials, RepositoryFilter, UpstreamAccess, UpstreamConfig, UpstreamLimits,
-    UpstreamMode, glob_match, split_url, without_userinfo,
+    AccessMode, Credentials, RepositoryFilter, TagPolicy, TagPolicyKind, UpstreamAccess,
+    UpstreamConfig, UpstreamLimits, UpstreamMode, glob_match, split_url, without_userinfo,
 };
 
 use super::docker_hub;
@@ -144,6 +144,16 @@ pub enum ConfigError {
     /// No upstream at all.
     #[error("at least one upstream registry is required")]
     NoUpstreams,
+    /// A tag policy that cannot be carried out.
+    #[error("upstream {registry:?}: tagPolicies[{index}]: {why}")]
+    BadTagPolicy {
+        /// The upstream.
+        registry: String,
+        /// Which policy, from 0.
+        index: usize,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// The same registry twice.
     #[error("upstream registry {0:?} is configured twice")]
     DuplicateRegistry(String),

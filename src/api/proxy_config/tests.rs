@@ -305,3 +305,43 @@ fn modes_are_the_proxy_s_and_each_upstream_s_own() {
         "{err}"
     );
 }
+
+#[test]
+fn tag_policies_are_checked() {
+    let with = |policies: &str| {
+        ProxyConfig::from_yaml(&format!(
+            "upstreams:\n  - registry: docker.io\n    tagPolicies: [{policies}]\n"
+        ))
+        .unwrap()
+    };
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let ok = with(&format!(
+        "{{repositories: 'library/*', tags: 'v*', policy: immutable}}, \
+         {{repositories: org/app, tags: latest, policy: pinned, digest: '{digest}'}}"
+    ));
+    ok.validate().unwrap();
+    assert_eq!(ok.upstreams[0].tag_policies[0].tags, "v*");
+    assert_eq!(ProxyConfig::from_yaml(&ok.to_yaml()).unwrap(), ok);
+    assert_eq!(
+        with("{repositories: x, policy: refresh}").upstreams[0].tag_policies[0].tags,
+        "*",
+        "every tag when not given"
+    );
+    for (policy, why) in [
+        ("{repositories: x, policy: pinned}", "needs the digest"),
+        (
+            "{repositories: x, policy: immutable, digest: 'sha256:00'}",
+            "only a pinned policy",
+        ),
+        (
+            "{repositories: x, policy: pinned, digest: 'latest'}",
+            "is not one",
+        ),
+    ] {
+        let err = with(policy).validate().unwrap_err().to_string();
+        assert!(
+            err.contains("tagPolicies[0]") && err.contains(why),
+            "{policy}: {err}"
+        );
+    }
+}

@@ -47,6 +47,43 @@ pub struct UpstreamConfig {
     /// Whether and when the proxy asks this upstream; the proxy's `mode` when not set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<UpstreamMode>,
+    /// How the tags of some repositories are kept: the first policy that matches a tag
+    /// applies, and a tag none matches is `refresh`ed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tag_policies: Vec<TagPolicy>,
+}
+
+/// How the tags of repositories matching `repositories` and `tags` are kept
+/// (docs/operations.md, "Tag policies").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TagPolicy {
+    /// Repositories as the upstream names them, a glob (`library/*`, `org/app`).
+    pub repositories: String,
+    /// Tags, a glob (`v*`); every tag when not given.
+    #[serde(default = "every_tag")]
+    pub tags: String,
+    /// `refresh`, `immutable` or `pinned`.
+    pub policy: TagPolicyKind,
+    /// With `pinned`: the digest the tags answer (`sha256:...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+fn every_tag() -> String {
+    "*".to_string()
+}
+
+/// What a [`TagPolicy`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TagPolicyKind {
+    /// As every tag: trusted for `tagTTL`, then revalidated.
+    Refresh,
+    /// Once cached, never revalidated (version tags, commit tags).
+    Immutable,
+    /// Answers `digest`, whatever the upstream says (a freeze during an incident).
+    Pinned,
 }
 
 /// Whether and when the proxy asks an upstream (docs/operations.md, "When the upstream
@@ -248,6 +285,7 @@ impl UpstreamConfig {
             access: None,
             limits: None,
             mode: None,
+            tag_policies: Vec::new(),
         }
     }
 
@@ -325,6 +363,24 @@ impl UpstreamConfig {
         }
         if self.url.is_some() && !self.urls.is_empty() {
             return Err(ConfigError::UrlAndUrls(self.registry.clone()));
+        }
+        for (i, p) in self.tag_policies.iter().enumerate() {
+            let pinned = p.policy == TagPolicyKind::Pinned;
+            let why = match &p.digest {
+                None if pinned => Some("a pinned policy needs the digest its tags answer"),
+                Some(_) if !pinned => Some("only a pinned policy takes a digest"),
+                Some(d) if d.parse::<crate::oci::Digest>().is_err() => {
+                    Some("its digest is not one (expected sha256: and 64 hex digits)")
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Err(ConfigError::BadTagPolicy {
+                    registry: self.registry.clone(),
+                    index: i,
+                    why,
+                });
+            }
         }
         for url in self.base_urls() {
             if split_url(&url).is_none() {

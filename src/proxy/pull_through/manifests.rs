@@ -12,7 +12,7 @@ use crate::oci::media::{Accept, manifest_media_type};
 use crate::oci::{Digest, Reference};
 use crate::proxy::error::ProxyError;
 use crate::proxy::metrics::CacheResult;
-use crate::proxy::upstream::{Patience, Upstream};
+use crate::proxy::upstream::{Patience, TagRule, Upstream};
 use bytes::Bytes;
 use std::future::Future;
 use std::sync::Arc;
@@ -130,6 +130,18 @@ impl Manifests {
                 accept.upstream_header()
             )
         };
+        // A pinned tag is its digest, whatever the upstream says.
+        let pinned;
+        let reference = match reference {
+            Reference::Tag(tag) => match up.tag_rule(repository, tag) {
+                TagRule::Pinned(digest) => {
+                    pinned = Reference::Digest(digest);
+                    &pinned
+                }
+                _ => reference,
+            },
+            Reference::Digest(_) => reference,
+        };
         match reference {
             Reference::Digest(digest) => {
                 if let Some(m) = self.cached_manifest(digest).await? {
@@ -151,7 +163,7 @@ impl Manifests {
                     let aged = state
                         .as_ref()
                         .is_some_and(|st| freshness(st.age(), &self.policy) != Freshness::Fresh);
-                    if !aged {
+                    if !aged || up.tag_rule(repository, tag) == TagRule::Immutable {
                         return Ok((m, CacheResult::Hit));
                     }
                     if up.mode() == UpstreamMode::LocalFirst {
@@ -215,7 +227,7 @@ impl Manifests {
 
     /// A tag's state as `accept` sees it, and the cached manifest it points to if that
     /// may be served without asking the upstream: while it is fresh, or whatever its age
-    /// when the upstream is `localFirst` or `offline`.
+    /// when the upstream is `localFirst` or `offline` or the tag is `immutable`.
     async fn fresh_tag(
         &self,
         up: &Upstream,
@@ -227,7 +239,8 @@ impl Manifests {
         let fresh = match &state {
             Some(st)
                 if up.mode() != UpstreamMode::Online
-                    || freshness(st.age(), &self.policy) == Freshness::Fresh =>
+                    || freshness(st.age(), &self.policy) == Freshness::Fresh
+                    || up.tag_rule(repository, tag) == TagRule::Immutable =>
             {
                 self.cached_manifest(&st.digest).await?
             }

@@ -19,7 +19,9 @@ pub use transport::{
     HttpClient, allowed_host, forbidden, http_client, http_client_with, same_origin,
 };
 
-use crate::api::{Credentials, RepositoryFilter, UpstreamConfig, UpstreamMode};
+use crate::api::{
+    Credentials, RepositoryFilter, TagPolicy, TagPolicyKind, UpstreamConfig, UpstreamMode,
+};
 use crate::oci::media::Accept;
 use crate::oci::{Digest, Reference};
 use crate::proxy::metrics::{Kind, Metrics};
@@ -143,7 +145,20 @@ pub struct Upstream {
     /// Whether and when it is asked ([`UpstreamMode`]), as an index into
     /// [`UpstreamMode::ALL`]: changed while the proxy runs.
     mode: AtomicU8,
+    /// How some repositories' tags are kept, first match first.
+    tag_policies: Vec<TagPolicy>,
     metrics: Metrics,
+}
+
+/// How a tag is kept (see [`crate::api::TagPolicy`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TagRule {
+    /// Trusted for `tagTTL`, then revalidated.
+    Refresh,
+    /// Once cached, never revalidated.
+    Immutable,
+    /// Answers this digest, whatever the upstream says.
+    Pinned(Digest),
 }
 
 /// One request to send: what `Upstream::call` needs besides the repository.
@@ -238,6 +253,7 @@ impl Upstream {
             ),
             min_rate,
             mode: AtomicU8::new(0),
+            tag_policies: config.tag_policies.clone(),
             metrics,
         }
         .in_mode(config.mode.unwrap_or_default())
@@ -247,6 +263,26 @@ impl Upstream {
     pub fn in_mode(self, mode: UpstreamMode) -> Upstream {
         self.set_mode(mode);
         self
+    }
+
+    /// How the tag `tag` of `repository` is kept: the first policy that matches it.
+    pub fn tag_rule(&self, repository: &str, tag: &str) -> TagRule {
+        let policy = self.tag_policies.iter().find(|p| {
+            crate::api::proxy_config::glob_match(&p.repositories, repository)
+                && crate::api::proxy_config::glob_match(&p.tags, tag)
+        });
+        match policy {
+            None => TagRule::Refresh,
+            Some(p) => match p.policy {
+                TagPolicyKind::Refresh => TagRule::Refresh,
+                TagPolicyKind::Immutable => TagRule::Immutable,
+                TagPolicyKind::Pinned => p
+                    .digest
+                    .as_deref()
+                    .and_then(|d| d.parse().ok())
+                    .map_or(TagRule::Refresh, TagRule::Pinned),
+            },
+        }
     }
 
     /// Whether and when it is asked.
