@@ -19,7 +19,7 @@ use crate::proxy::peers::Peers;
 use crate::proxy::upstream::{Asker, Upstream};
 use crate::proxy::zero_copy::Spans;
 use futures::stream::StreamExt;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
@@ -57,7 +57,15 @@ pub struct Blobs {
     heads: SingleFlight<(String, Digest), Result<Option<u64>, ProxyError>>,
     /// The replicas that share the store, when there are any (see [`Peers`]).
     pub(super) peers: Option<Arc<Peers>>,
+    /// The last [`FETCHED_KEPT`] blobs downloaded whole and verified, each with the
+    /// repository it was downloaded for (its flights key, see [`origin`]): the upstream
+    /// served it there, as a link proof would ask.
+    fetched: Mutex<VecDeque<(String, Digest)>>,
 }
+
+/// How many downloads [`Blobs`] remembers the repository of: enough to outlast the
+/// moment between a download's commit and its first client's link.
+const FETCHED_KEPT: usize = 1024;
 
 impl Blobs {
     /// The blobs of the cache in `space`, asking the replica that owns a missing blob
@@ -69,7 +77,24 @@ impl Blobs {
             heads: SingleFlight::new(metrics.fetch_waiters.clone()),
             metrics,
             peers,
+            fetched: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Remembers that `digest` was downloaded whole for `origin`.
+    pub(super) fn fetched_for(&self, origin: &str, digest: &Digest) {
+        let mut fetched = self.fetched.lock().expect("fetched lock");
+        if fetched.len() == FETCHED_KEPT {
+            fetched.pop_front();
+        }
+        fetched.push_back((origin.to_string(), digest.clone()));
+    }
+
+    /// Whether `digest` was lately downloaded for `repository` of `up`.
+    fn fetched_lately(&self, up: &Upstream, repository: &str, digest: &Digest) -> bool {
+        let origin = origin(up, repository);
+        let fetched = self.fetched.lock().expect("fetched lock");
+        fetched.iter().any(|(o, d)| d == digest && *o == origin)
     }
 
     /// The replicas that share the store with this one, if there are any.
@@ -79,6 +104,28 @@ impl Blobs {
 
     /// A blob (body or HEAD), from the cache, a running download, or a new one.
     pub async fn blob(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        repository: &str,
+        digest: &Digest,
+        ask: BlobAsk<'_>,
+    ) -> Result<BlobAnswer, ProxyError> {
+        match self.answer(up, repository, digest, ask).await {
+            // Downloaded for this repository, and committed before its first client
+            // linked it: the upstream served it there, which is the proof.
+            Err(ProxyError::NotLinked) if self.fetched_lately(up, repository, digest) => {
+                let ask = BlobAsk {
+                    unlinked: false,
+                    ..ask
+                };
+                self.answer(up, repository, digest, ask).await
+            }
+            answer => answer,
+        }
+    }
+
+    /// [`Self::blob`], taking `ask.unlinked` as it is.
+    async fn answer(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         repository: &str,

@@ -144,6 +144,10 @@ impl Blobs {
                 lease,
                 ..
             }) => {
+                // Before the index has it: a client of this repository that finds it
+                // there unlinked, before this download's first client links it, must
+                // not have to prove it again.
+                self.fetched_for(&fetch.origin, &digest);
                 let committed = self
                     .space
                     .index()

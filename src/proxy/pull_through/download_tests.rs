@@ -232,6 +232,34 @@ async fn a_fetch_lease_left_by_an_owner_that_does_not_answer_is_taken_over_at_on
 }
 
 #[tokio::test]
+async fn a_blob_downloaded_for_a_repository_needs_no_proof_there_and_does_elsewhere() {
+    let data = data();
+    let d = Digest::of(Algorithm::Sha256, &data);
+    let up = serving(&data).await;
+    let (blobs, index, _spool) = blobs_over(None).await;
+    let (got, error) = read(get(&blobs, &up, &d).await.unwrap()).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_same(&got, &data, "the blob");
+    blobs.stored(&d).await.unwrap();
+    assert!(index.contains(&d));
+
+    // Committed, and not linked yet (the links are the caller's, which had not come to
+    // it): the repository it was downloaded for is served without a proof.
+    let unlinked = BlobAsk {
+        unlinked: true,
+        ..BlobAsk::default()
+    };
+    let answer = blobs.blob(&up.upstream, "lib/app", &d, unlinked).await;
+    let (got, error) = read(answer.expect("served as linked")).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_same(&got, &data, "the blob again");
+    // Another repository still needs one.
+    let elsewhere = blobs.blob(&up.upstream, "lib/other", &d, unlinked).await;
+    assert!(matches!(elsewhere, Err(ProxyError::NotLinked)));
+    assert_eq!(up.gets(), 1);
+}
+
+#[tokio::test]
 async fn a_cold_blob_is_streamed_verified_and_committed() {
     let data = data();
     let d = Digest::of(Algorithm::Sha256, &data);
