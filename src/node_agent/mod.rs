@@ -78,6 +78,8 @@ pub async fn run_standalone(
                 access: None,
                 limits: None,
                 urls: None,
+                mode: None,
+                tag_policies: Vec::new(),
             };
             (
                 registry_key(registry),

@@ -175,6 +175,7 @@ impl RegistryMirrorSpec {
                 &self.cache.stale_if_error,
                 defaults.stale_if_error,
             )?,
+            mode: self.cache.mode.unwrap_or_default(),
             access: self.access_config()?,
             tls: self.tls.as_ref().map(|_| TlsConfig {
                 cert_file: PathBuf::from(format!("{TLS_MOUNT}/tls.crt")),
@@ -237,8 +238,8 @@ fn upstream_config(i: usize, u: &MirrorUpstream) -> Result<UpstreamConfig, SpecE
         repositories: u.repositories.clone().unwrap_or_default(),
         access: u.access.clone(),
         limits,
-        mode: None,
-        tag_policies: Vec::new(),
+        mode: u.mode,
+        tag_policies: u.tag_policies.clone(),
     })
 }
 

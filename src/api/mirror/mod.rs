@@ -13,7 +13,9 @@ mod tests;
 pub use config::{CACHE_FILL_RATIO, SpecError};
 pub use rewrite::{RewriteSpec, RewriteStatus};
 
-use super::proxy_config::{RepositoryFilter, UpstreamAccess, UpstreamConfig};
+use super::proxy_config::{
+    RepositoryFilter, TagPolicy, UpstreamAccess, UpstreamConfig, UpstreamMode,
+};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
@@ -172,6 +174,15 @@ pub struct MirrorUpstream {
     /// upstream's limits").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<UpstreamLimitsSpec>,
+    /// Whether and when the proxy asks this upstream (`online`, `localFirst`,
+    /// `offline`; docs/operations.md, "When the upstream fails: modes"); the cache's
+    /// `mode` when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<UpstreamMode>,
+    /// How the tags of some repositories are kept (`refresh`, `immutable`, `pinned`
+    /// with its `digest`), first match first (docs/operations.md, "Tag policies").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tag_policies: Vec<TagPolicy>,
 }
 
 /// A registry API base URL.
@@ -235,6 +246,11 @@ pub struct CacheSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub stale_if_error: Option<String>,
+    /// Whether and when the upstreams are asked: `online` (default), `localFirst` (a
+    /// cached tag at once, revalidated behind), `offline` (never; a miss fails at once).
+    /// Each upstream's own `mode` where it sets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<UpstreamMode>,
     /// Images never evicted (`registry/repository:tag` or `@sha256:...`); also prefetched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pin: Vec<String>,

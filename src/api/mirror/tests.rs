@@ -198,3 +198,32 @@ fn annotations_and_keys() {
     assert_eq!(registry_key("Index.Docker.io"), "docker.io");
     assert_eq!(registry_key("GHCR.io"), "ghcr.io");
 }
+
+#[test]
+fn modes_and_tag_policies_reach_the_proxy_config() {
+    let spec: RegistryMirrorSpec = serde_yaml::from_str(
+        r#"
+upstreams:
+  - registry: docker.io
+    mode: offline
+    tagPolicies:
+      - {repositories: "library/*", tags: "v*", policy: immutable}
+  - registry: ghcr.io
+cache: {mode: localFirst}
+"#,
+    )
+    .unwrap();
+    let c = spec.proxy_config().unwrap();
+    use crate::api::{TagPolicyKind, UpstreamMode};
+    assert_eq!(c.mode, UpstreamMode::LocalFirst);
+    assert_eq!(c.upstreams[0].mode, Some(UpstreamMode::Offline));
+    assert_eq!(c.upstreams[1].mode, None);
+    assert_eq!(
+        c.upstreams[0].tag_policies[0].policy,
+        TagPolicyKind::Immutable
+    );
+    let mut bad = spec.clone();
+    bad.upstreams[0].tag_policies[0].policy = TagPolicyKind::Pinned;
+    let e = bad.proxy_config().unwrap_err().to_string();
+    assert!(e.contains("needs the digest"), "{e}");
+}

@@ -55,7 +55,7 @@ pub struct UpstreamConfig {
 
 /// How the tags of repositories matching `repositories` and `tags` are kept
 /// (docs/operations.md, "Tag policies").
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TagPolicy {
     /// Repositories as the upstream names them, a glob (`library/*`, `org/app`).
@@ -75,7 +75,7 @@ fn every_tag() -> String {
 }
 
 /// What a [`TagPolicy`] does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum TagPolicyKind {
     /// As every tag: trusted for `tagTTL`, then revalidated.
@@ -88,7 +88,9 @@ pub enum TagPolicyKind {
 
 /// Whether and when the proxy asks an upstream (docs/operations.md, "When the upstream
 /// fails"). Changed on a running proxy through `PUT /admin/mode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum UpstreamMode {
     /// A cached tag is served while its `tagTTL` lasts, then revalidated before it is
