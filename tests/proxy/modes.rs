@@ -3,7 +3,7 @@
 
 use crate::common::fault::FaultUpstream;
 use crate::common::*;
-use pullthrough::api::UpstreamMode;
+use pullthrough::api::{ProxyConfig, UpstreamMode};
 use std::time::Duration;
 
 /// The OCI error of `r`: its status, code and message.
@@ -34,14 +34,21 @@ async fn cached_v1() -> (FaultUpstream, Image, tempfile::TempDir) {
     (up, image, dir)
 }
 
+/// A configuration on that cache where every tag is past its TTL and its stale window:
+/// online, a tag would be revalidated before it is served, and refused while the
+/// upstream fails.
+fn past_every_ttl(up: &FaultUpstream, dir: &tempfile::TempDir) -> ProxyConfig {
+    let mut cfg = up.config();
+    cfg.cache_dir = dir.path().join("cache");
+    cfg.tag_ttl = Duration::ZERO;
+    cfg.stale_if_error = Duration::ZERO;
+    cfg
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_serves_what_is_cached_and_fails_a_miss_at_once_without_asking() {
     let (up, image, dir) = cached_v1().await;
-    let mut cfg = up.config();
-    cfg.cache_dir = dir.path().join("cache");
-    // Past every TTL: online, this tag would be revalidated, and refused once stale.
-    cfg.tag_ttl = Duration::ZERO;
-    cfg.stale_if_error = Duration::ZERO;
+    let mut cfg = past_every_ttl(&up, &dir);
     cfg.mode = UpstreamMode::Offline;
     let proxy = Proxy::start_config(cfg).await;
     let asked = up.state.log.lock().unwrap().len();
@@ -95,10 +102,7 @@ async fn offline_serves_what_is_cached_and_fails_a_miss_at_once_without_asking()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_first_serves_a_cached_tag_while_the_upstream_stalls_and_revalidates_behind() {
     let (up, image, dir) = cached_v1().await;
-    let mut cfg = up.config();
-    cfg.cache_dir = dir.path().join("cache");
-    cfg.tag_ttl = Duration::ZERO;
-    cfg.stale_if_error = Duration::ZERO;
+    let mut cfg = past_every_ttl(&up, &dir);
     cfg.upstreams[0].mode = Some(UpstreamMode::LocalFirst);
     let proxy = Proxy::start_config(cfg).await;
 
