@@ -148,7 +148,7 @@ async fn a_low_file_limit_never_takes_the_ports_down() {
     )
     .unwrap();
     // 256 open files at most, hard limit included.
-    let mut child = std::process::Command::new("prlimit")
+    let child = std::process::Command::new("prlimit")
         .arg("--nofile=256:256")
         .arg(env!("CARGO_BIN_EXE_pullthrough"))
         .args(["proxy", "--config"])
@@ -157,6 +157,8 @@ async fn a_low_file_limit_never_takes_the_ports_down() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("prlimit (util-linux) runs");
+    // Killed however the test ends: a proxy left running holds its ports.
+    let _child = KillOnDrop(child);
     let (url, ops) = (
         format!("http://127.0.0.1:{port}"),
         format!("http://127.0.0.1:{mport}"),
@@ -183,6 +185,14 @@ async fn a_low_file_limit_never_takes_the_ports_down() {
     })
     .await;
     drop(silent);
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+/// A child process, killed and reaped when this is dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
