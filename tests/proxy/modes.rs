@@ -163,6 +163,14 @@ async fn the_mode_changes_on_a_running_proxy_through_the_admin_api() {
                 .unwrap()
         }
     };
+    // A manifest the cache does not have.
+    let other = || async {
+        http()
+            .get(format!("{}/v2/a/b/manifests/other", proxy.url))
+            .send()
+            .await
+            .unwrap()
+    };
     let host = up.host.to_ascii_lowercase();
     let listed = proxy.admin_get("/admin/mode", &token).await;
     assert_eq!(
@@ -172,11 +180,7 @@ async fn the_mode_changes_on_a_running_proxy_through_the_admin_api() {
 
     let r = put(serde_json::json!({"mode": "offline"})).await;
     assert_eq!(r.status(), 200);
-    let r = http()
-        .get(format!("{}/v2/a/b/manifests/other", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let r = other().await;
     assert_eq!(oci_error(r).await.0, 404);
     assert_eq!(
         proxy
@@ -211,11 +215,7 @@ async fn the_mode_changes_on_a_running_proxy_through_the_admin_api() {
 
     let r = put(serde_json::json!({"mode": "online", "upstream": host})).await;
     assert_eq!(r.status(), 200);
-    let r = http()
-        .get(format!("{}/v2/a/b/manifests/other", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let r = other().await;
     assert_eq!(r.status(), 200, "online again");
 }
 
