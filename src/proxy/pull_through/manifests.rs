@@ -131,16 +131,18 @@ impl Manifests {
             )
         };
         // A pinned tag is its digest, whatever the upstream says.
+        let rule = match reference {
+            Reference::Tag(tag) => up.tag_rule(repository, tag),
+            Reference::Digest(_) => TagRule::Refresh,
+        };
+        let immutable = rule == TagRule::Immutable;
         let pinned;
-        let reference = match reference {
-            Reference::Tag(tag) => match up.tag_rule(repository, tag) {
-                TagRule::Pinned(digest) => {
-                    pinned = Reference::Digest(digest);
-                    &pinned
-                }
-                _ => reference,
-            },
-            Reference::Digest(_) => reference,
+        let reference = match rule {
+            TagRule::Pinned(digest) => {
+                pinned = Reference::Digest(digest);
+                &pinned
+            }
+            _ => reference,
         };
         match reference {
             Reference::Digest(digest) => {
@@ -156,14 +158,16 @@ impl Manifests {
             }
             Reference::Tag(tag) => {
                 // The tag's record for every type serves any client of a type it has.
-                let (state, fresh) = self.fresh_tag(up, repository, tag, &Accept::Any).await?;
+                let (state, fresh) = self
+                    .fresh_tag(up, repository, tag, &Accept::Any, immutable)
+                    .await?;
                 if let Some(m) = fresh
                     && accept.allows(&m.media_type)
                 {
                     let aged = state
                         .as_ref()
                         .is_some_and(|st| freshness(st.age(), &self.policy) != Freshness::Fresh);
-                    if !aged || up.tag_rule(repository, tag) == TagRule::Immutable {
+                    if !aged || immutable {
                         return Ok((m, CacheResult::Hit));
                     }
                     if up.mode() == UpstreamMode::LocalFirst {
@@ -192,7 +196,9 @@ impl Manifests {
                 self.coalesce(key(&tag), async move {
                     // A fetch that ended between the caller's look at the tag and this
                     // one's start may have refreshed it.
-                    let (state, fresh) = this.fresh_tag(&up2, &repo, &tag, &accept).await?;
+                    let (state, fresh) = this
+                        .fresh_tag(&up2, &repo, &tag, &accept, immutable)
+                        .await?;
                     if let Some(m) = fresh
                         && accept.allows(&m.media_type)
                     {
@@ -234,13 +240,14 @@ impl Manifests {
         repository: &str,
         tag: &str,
         accept: &Accept,
+        immutable: bool,
     ) -> Result<(Option<TagState>, Option<Manifest>), ProxyError> {
         let state = self.tags.state_for(up, repository, tag, accept).await;
         let fresh = match &state {
             Some(st)
                 if up.mode() != UpstreamMode::Online
                     || freshness(st.age(), &self.policy) == Freshness::Fresh
-                    || up.tag_rule(repository, tag) == TagRule::Immutable =>
+                    || immutable =>
             {
                 self.cached_manifest(&st.digest).await?
             }

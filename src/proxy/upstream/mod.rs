@@ -145,8 +145,9 @@ pub struct Upstream {
     /// Whether and when it is asked ([`UpstreamMode`]), as an index into
     /// [`UpstreamMode::ALL`]: changed while the proxy runs.
     mode: AtomicU8,
-    /// How some repositories' tags are kept, first match first.
-    tag_policies: Vec<TagPolicy>,
+    /// How some repositories' tags are kept, first match first: the `repositories` and
+    /// `tags` globs of each policy, and its rule.
+    tag_policies: Vec<(String, String, TagRule)>,
     metrics: Metrics,
 }
 
@@ -159,6 +160,21 @@ pub enum TagRule {
     Immutable,
     /// Answers this digest, whatever the upstream says.
     Pinned(Digest),
+}
+
+/// A policy's globs and rule, its digest parsed once (a configuration that validated has
+/// one that parses; one that does not is a `refresh` policy).
+fn tag_rule_of(p: &TagPolicy) -> (String, String, TagRule) {
+    let rule = match p.policy {
+        TagPolicyKind::Refresh => TagRule::Refresh,
+        TagPolicyKind::Immutable => TagRule::Immutable,
+        TagPolicyKind::Pinned => p
+            .digest
+            .as_deref()
+            .and_then(|d| d.parse().ok())
+            .map_or(TagRule::Refresh, TagRule::Pinned),
+    };
+    (p.repositories.clone(), p.tags.clone(), rule)
 }
 
 /// One request to send: what `Upstream::call` needs besides the repository.
@@ -253,7 +269,7 @@ impl Upstream {
             ),
             min_rate,
             mode: AtomicU8::new(0),
-            tag_policies: config.tag_policies.clone(),
+            tag_policies: config.tag_policies.iter().map(tag_rule_of).collect(),
             metrics,
         }
         .in_mode(config.mode.unwrap_or_default())
@@ -267,22 +283,13 @@ impl Upstream {
 
     /// How the tag `tag` of `repository` is kept: the first policy that matches it.
     pub fn tag_rule(&self, repository: &str, tag: &str) -> TagRule {
-        let policy = self.tag_policies.iter().find(|p| {
-            crate::api::proxy_config::glob_match(&p.repositories, repository)
-                && crate::api::proxy_config::glob_match(&p.tags, tag)
-        });
-        match policy {
-            None => TagRule::Refresh,
-            Some(p) => match p.policy {
-                TagPolicyKind::Refresh => TagRule::Refresh,
-                TagPolicyKind::Immutable => TagRule::Immutable,
-                TagPolicyKind::Pinned => p
-                    .digest
-                    .as_deref()
-                    .and_then(|d| d.parse().ok())
-                    .map_or(TagRule::Refresh, TagRule::Pinned),
-            },
-        }
+        use crate::api::proxy_config::glob_match;
+        self.tag_policies
+            .iter()
+            .find(|(repositories, tags, _)| {
+                glob_match(repositories, repository) && glob_match(tags, tag)
+            })
+            .map_or(TagRule::Refresh, |(_, _, rule)| rule.clone())
     }
 
     /// Whether and when it is asked.
