@@ -33,8 +33,8 @@ const FOREIGN_FETCH_POLL: Duration = Duration::from_secs(1);
 
 /// How long a batch of a download's body is gathered, from its first chunk, before it is
 /// written and its clients woken (unless it fills [`CHUNK`] first): a slow upstream's
-/// packets come a few hundred microseconds apart, and each batch costs a write on the
-/// blocking pool and a wake-up of every client that follows the download. At 250 Mbit/s
+/// packets come a few hundred microseconds apart, and each batch costs a write and a
+/// wake-up of every client that follows the download. At 250 Mbit/s
 /// a batch fills in about 8 ms; short enough that no client notices.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
 
