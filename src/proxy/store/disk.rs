@@ -17,8 +17,8 @@
 
 use super::file_body::{ChunkReader, LARGE_READERS, PageCache, file_chunks};
 use super::{
-    BlobStore, BlobWrite, CHUNK, LinkRecord, Listed, RepoKey, StoreError, StoreResult, StoredBlob,
-    StoredManifest, TagKey, TagRecord, Written, WrittenReader, link_name, tag_name,
+    BlobStore, BlobWrite, CHUNK, LinkRecord, Listed, Records, RepoKey, StoreError, StoreResult,
+    StoredBlob, StoredManifest, TagKey, TagRecord, Written, WrittenReader, link_name, tag_name,
 };
 use crate::oci::{Algorithm, Digest};
 use crate::proxy::zero_copy::Spans;
@@ -130,6 +130,30 @@ impl DiskStore {
         DiskStore::spool_with_stats(root)
     }
 
+    /// The cache directory `root` as it is, made if missing, for a tool that works beside
+    /// a proxy that may be running on it (`pullthrough bundle`): what is in `tmp/` is the
+    /// proxy's, and this process's own writes there are named apart by its process id.
+    pub fn beside(root: &Path) -> io::Result<DiskStore> {
+        for alg in ALGORITHMS {
+            std::fs::create_dir_all(root.join("blobs").join(alg.as_str()))?;
+            std::fs::create_dir_all(root.join("meta").join(alg.as_str()))?;
+        }
+        for dir in ["tags", "links", "tmp"] {
+            std::fs::create_dir_all(root.join(dir))?;
+        }
+        Ok(DiskStore::beside_unmade(root))
+    }
+
+    fn beside_unmade(root: &Path) -> DiskStore {
+        DiskStore {
+            root: root.to_path_buf(),
+            tmp_seq: AtomicU64::new(0),
+            page_cache: PageCache::Kernel,
+            large_reads: Arc::new(Semaphore::new(LARGE_READERS)),
+            pace: Arc::default(),
+        }
+    }
+
     /// A directory used only for writes in progress, never committed (the spool of the
     /// [`super::s3::S3Store`]'s downloads): `tmp/` under `root`, emptied.
     pub fn spool(root: &Path) -> io::Result<DiskStore> {
@@ -145,14 +169,7 @@ impl DiskStore {
             std::fs::remove_file(entry.path())?;
             stats.removed_partials += 1;
         }
-        let store = DiskStore {
-            root: root.to_path_buf(),
-            tmp_seq: AtomicU64::new(0),
-            page_cache: PageCache::Kernel,
-            large_reads: Arc::new(Semaphore::new(LARGE_READERS)),
-            pace: Arc::default(),
-        };
-        Ok((store, stats))
+        Ok((DiskStore::beside_unmade(root), stats))
     }
 
     /// The same store, reading as if its files were all, or none, in the page cache
@@ -422,6 +439,24 @@ impl BlobStore for DiskStore {
             self.write_atomic("writing a link record", path, record.to_bytes())
                 .await
         })
+    }
+
+    fn records(&self) -> BoxFuture<'_, StoreResult<Records>> {
+        let root = self.root.clone();
+        Box::pin(blocking("listing the tag and link records", move || {
+            let mut records = Records::default();
+            for folder in ["tags", "links"] {
+                let Some(entries) = absent_ok(std::fs::read_dir(root.join(folder)))? else {
+                    continue;
+                };
+                for entry in entries {
+                    if let Some(bytes) = absent_ok(std::fs::read(entry?.path()))? {
+                        records.add(folder, &bytes);
+                    }
+                }
+            }
+            Ok(records)
+        }))
     }
 
     fn delete_tag<'a>(&'a self, key: TagKey<'a>) -> BoxFuture<'a, StoreResult<()>> {

@@ -153,6 +153,25 @@ impl TagRecord {
     }
 }
 
+/// Every tag and link record of a store (see [`BlobStore::records`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Records {
+    /// The tag records.
+    pub tags: Vec<TagRecord>,
+    /// The link records.
+    pub links: Vec<LinkRecord>,
+}
+
+impl Records {
+    /// Adds a record file's `bytes`, found in the store's `tags` or `links` folder.
+    pub fn add(&mut self, folder: &str, bytes: &[u8]) {
+        match folder {
+            "tags" => self.tags.extend(serde_json::from_slice(bytes).ok()),
+            _ => self.links.extend(serde_json::from_slice(bytes).ok()),
+        }
+    }
+}
+
 /// Which repository of which upstream: the key of a [`LinkRecord`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RepoKey {
@@ -289,6 +308,13 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Persists a repository's link record, replacing the one before.
     fn put_links<'a>(&'a self, _record: &'a LinkRecord) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// Every tag record and every link record the store holds, for a bundle's export
+    /// (see [`crate::proxy::bundle`]); records that cannot be read are left out. Stores
+    /// that keep none (test doubles) have none.
+    fn records(&self) -> BoxFuture<'_, StoreResult<Records>> {
+        Box::pin(async { Ok(Records::default()) })
     }
 
     /// Bytes the store can still take, when it has such a bound (a volume does, a bucket

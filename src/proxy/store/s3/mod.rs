@@ -39,8 +39,9 @@ pub use upload::PART;
 
 use super::disk::DiskStore;
 use super::{
-    BlobStore, BlobWrite, FetchClaim, LeaseReplicas, LinkRecord, Listed, RepoKey, StoreError,
-    StoreResult, StoredBlob, StoredManifest, TagKey, TagRecord, link_name, tag_name, unix_now_ms,
+    BlobStore, BlobWrite, FetchClaim, LeaseReplicas, LinkRecord, Listed, Records, RepoKey,
+    StoreError, StoreResult, StoredBlob, StoredManifest, TagKey, TagRecord, link_name, tag_name,
+    unix_now_ms,
 };
 use crate::oci::Digest;
 use crate::proxy::zero_copy::Spans;
@@ -438,6 +439,26 @@ impl BlobStore for S3Store {
             let name = self.key(["links", &link_name(&record.key())]);
             self.put("writing a link record", &name, record.to_bytes(), None)
                 .await
+        })
+    }
+
+    fn records(&self) -> BoxFuture<'_, StoreResult<Records>> {
+        Box::pin(async move {
+            let what = "listing the tag and link records";
+            let mut records = Records::default();
+            for folder in ["tags", "links"] {
+                let listed = self
+                    .bucket
+                    .list(&self.key([folder]))
+                    .await
+                    .map_err(|e| s3_error(what, e))?;
+                for meta in listed {
+                    if let Some(bytes) = self.get_bytes(what, &meta.location).await? {
+                        records.add(folder, &bytes);
+                    }
+                }
+            }
+            Ok(records)
         })
     }
 
