@@ -52,6 +52,66 @@ enum Role {
     /// Manage a running proxy's cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Carry images between caches as an OCI image layout (a directory or a tar), for
+    /// clusters that cannot reach the upstream (docs/operations.md, "An air-gapped cluster").
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Write images a cache holds, every platform it holds of each, as an OCI image
+    /// layout. Default: every image the cache holds.
+    Export {
+        /// Where: a directory, or a tar file when it ends in .tar.
+        out: PathBuf,
+        /// Only this image, e.g. docker.io/library/alpine:3.20 (repeatable).
+        #[arg(long = "image", value_name = "REFERENCE")]
+        images: Vec<String>,
+        /// Only the images listed in this file, one per line (# starts a comment).
+        #[arg(long, value_name = "FILE")]
+        images_from: Option<PathBuf>,
+        /// Only the images in use by the mirror's workloads, as the running proxy at
+        /// --admin-url was told by the controller.
+        #[arg(long)]
+        in_use: bool,
+        /// The running proxy's operations address (with --in-use).
+        #[arg(
+            long,
+            env = "PULLTHROUGH_ADMIN_URL",
+            default_value = "http://127.0.0.1:9095"
+        )]
+        admin_url: String,
+        /// The proxy's admin token file (default: admin-token in the cache directory).
+        #[arg(long, env = "PULLTHROUGH_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
+        #[command(flatten)]
+        cache: BundleCache,
+    },
+    /// Seed a cache from an OCI image layout (a directory, a tar, or a tar at an
+    /// http(s):// URL): every digest is checked, every image must be whole, and a bundle
+    /// that fails is refused with nothing of it kept. A disk cache takes it before its
+    /// proxy starts; a bucket at any time.
+    Import {
+        /// The bundle.
+        bundle: String,
+        /// Keep the cache's own record of a tag the bundle also names.
+        #[arg(long)]
+        keep_tags: bool,
+        #[command(flatten)]
+        cache: BundleCache,
+    },
+}
+
+/// Which cache a bundle command works on.
+#[derive(clap::Args)]
+struct BundleCache {
+    /// The proxy's YAML configuration (its cacheDir, or its storage.s3 bucket).
+    #[arg(long, short, env = "PULLTHROUGH_CONFIG")]
+    config: Option<PathBuf>,
+    /// The cache directory (overrides the configuration's).
+    #[arg(long, env = "PULLTHROUGH_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -521,6 +581,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pullthrough::api::mirror::openshift::mirror_sets(&mirror)?
             );
         }
+        Role::Bundle(command) => {
+            init_tracing(&cli.log_format);
+            bundle(command).await?;
+        }
         Role::Cache(CacheCommand::Drop {
             image,
             admin_url,
@@ -534,6 +598,89 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let token = pullthrough::proxy::admin::read_token(&token_file)?;
             let answer = pullthrough::proxy::admin::drop_image(&admin_url, &image, &token).await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+    }
+    Ok(())
+}
+
+async fn bundle(command: BundleCommand) -> anyhow::Result<()> {
+    use pullthrough::proxy::bundle;
+    let open = |cache: &BundleCache| -> anyhow::Result<_> {
+        let mut config = match &cache.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                ProxyConfig::from_yaml(&text)
+                    .with_context(|| format!("config file {} is not valid", path.display()))?
+            }
+            None => ProxyConfig::default(),
+        };
+        if let Some(d) = &cache.cache_dir {
+            config.cache_dir = d.clone();
+        }
+        let scratch =
+            std::env::temp_dir().join(format!("pullthrough-bundle-{}", std::process::id()));
+        let (store, name) = pullthrough::proxy::build::open_store_beside(&config, &scratch)?;
+        Ok((store, name, config, scratch))
+    };
+    match command {
+        BundleCommand::Export {
+            out,
+            images,
+            images_from,
+            in_use,
+            admin_url,
+            admin_token_file,
+            cache,
+        } => {
+            let mut names = images;
+            if let Some(file) = images_from {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                names.extend(
+                    text.lines()
+                        .map(|l| l.split('#').next().unwrap_or("").trim())
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string),
+                );
+            }
+            let (store, name, config, scratch) = open(&cache)?;
+            if in_use {
+                let token_file = admin_token_file.unwrap_or_else(|| config.admin_token_path());
+                let token = pullthrough::proxy::admin::read_token(&token_file)?;
+                let used = pullthrough::proxy::admin::in_use(&admin_url, &token).await?;
+                if used.images.is_empty() {
+                    anyhow::bail!("the proxy at {admin_url} knows no image in use");
+                }
+                names.extend(used.images);
+            }
+            let selection = if names.is_empty() {
+                bundle::Selection::All
+            } else {
+                let parsed = names
+                    .iter()
+                    .map(|n| pullthrough::api::image_ref::parse(n))
+                    .collect::<Result<Vec<_>, _>>()?;
+                bundle::Selection::Images(parsed)
+            };
+            tracing::info!(cache = %name, out = %out.display(), "exporting");
+            let done = bundle::export(&*store, &selection, &out).await;
+            let _ = std::fs::remove_dir_all(&scratch);
+            println!("{}", serde_json::to_string_pretty(&done?)?);
+        }
+        BundleCommand::Import {
+            bundle: at,
+            keep_tags,
+            cache,
+        } => {
+            let (store, name, _, scratch) = open(&cache)?;
+            tracing::info!(cache = %name, bundle = %at, "importing");
+            let done = match bundle::seed::open(&at).await {
+                Ok((source, total)) => bundle::import(&*store, source, total, keep_tags).await,
+                Err(e) => Err(e),
+            };
+            let _ = std::fs::remove_dir_all(&scratch);
+            println!("{}", serde_json::to_string_pretty(&done?)?);
         }
     }
     Ok(())

@@ -23,7 +23,7 @@ use crate::api::image_ref;
 use crate::api::{ConfigError, Credentials, ProxyConfig, UpstreamConfig};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Why the proxy could not start.
@@ -91,6 +91,14 @@ pub enum StartError {
     /// The certificate or key cannot be used.
     #[error("tls: {0}")]
     Tls(#[from] crate::proxy::tls::TlsError),
+    /// The cache could not be seeded from its bundle.
+    #[error("seeding the cache from {seed}: {source}")]
+    Seed {
+        /// The bundle.
+        seed: String,
+        /// Why.
+        source: crate::proxy::bundle::BundleError,
+    },
     /// The admin token cannot be read or written.
     #[error("admin token {path}: {source}")]
     AdminToken {
@@ -128,6 +136,14 @@ impl Proxy {
         check_addresses(config)?;
         let metrics = Metrics::new();
         let opened = open_store(config, &metrics)?;
+        if let Some(seed) = &config.seed {
+            crate::proxy::bundle::seed::seed(&*opened.store, seed, &config.cache_dir)
+                .await
+                .map_err(|source| StartError::Seed {
+                    seed: seed.clone(),
+                    source,
+                })?;
+        }
         // A bucket's limit is kept by its evictor, not by each replica's index.
         let index_limit = config.max_cache_bytes.filter(|_| opened.bucket.is_none());
         let index = Index::rebuild(opened.store.clone(), index_limit, metrics.clone())
@@ -232,6 +248,29 @@ fn check_addresses(config: &ProxyConfig) -> Result<(), StartError> {
     Ok(())
 }
 
+/// The store of `config`'s cache for a tool that works beside a proxy that may be
+/// running on it (`pullthrough bundle`): a disk cache's directory as it is, or the bucket,
+/// with downloads spooled under `scratch` (not the proxy's `cacheDir`); its name.
+pub fn open_store_beside(
+    config: &ProxyConfig,
+    scratch: &Path,
+) -> Result<(Arc<dyn BlobStore>, String), StartError> {
+    let Some(s3) = &config.storage.s3 else {
+        let disk = DiskStore::beside(&config.cache_dir).map_err(|source| StartError::CacheDir {
+            path: config.cache_dir.clone(),
+            source,
+        })?;
+        return Ok((Arc::new(disk), config.cache_dir.display().to_string()));
+    };
+    let scratch_config = ProxyConfig {
+        cache_dir: scratch.to_path_buf(),
+        ..config.clone()
+    };
+    let store = bucket_store(&scratch_config, s3, &Metrics::new())?;
+    let name = store.name().to_string();
+    Ok((Arc::new(store), name))
+}
+
 /// Opens the cache's store: the disk (`cacheDir`, cleaned of partial downloads), or the
 /// bucket (`storage.s3`, downloads spooled in `cacheDir`).
 fn open_store(config: &ProxyConfig, metrics: &Metrics) -> Result<Opened, StartError> {
@@ -247,6 +286,25 @@ fn open_store(config: &ProxyConfig, metrics: &Metrics) -> Result<Opened, StartEr
             removed_partials: stats.removed_partials,
             bucket: None,
         });
+    };
+    let bucket = Arc::new(bucket_store(config, s3, metrics)?);
+    Ok(Opened {
+        store: bucket.clone(),
+        name: bucket.name().to_string(),
+        removed_partials: 0,
+        bucket: Some(bucket),
+    })
+}
+
+/// The bucket `s3` as the cache's store, spooling (and copying blobs) under `cacheDir`.
+fn bucket_store(
+    config: &ProxyConfig,
+    s3: &crate::api::proxy_config::S3Config,
+    metrics: &Metrics,
+) -> Result<S3Store, StartError> {
+    let cache_dir_error = |source| StartError::CacheDir {
+        path: config.cache_dir.clone(),
+        source,
     };
     let bucket = Bucket::s3(s3, metrics.clone()).map_err(|source| StartError::Bucket {
         name: s3.bucket.clone(),
@@ -271,13 +329,7 @@ fn open_store(config: &ProxyConfig, metrics: &Metrics) -> Result<Opened, StartEr
     if config.max_cache_bytes.is_some() {
         store = store.with_access_records();
     }
-    let bucket = Arc::new(store);
-    Ok(Opened {
-        store: bucket.clone(),
-        name: bucket.name().to_string(),
-        removed_partials: 0,
-        bucket: Some(bucket),
-    })
+    Ok(store)
 }
 
 /// The configured upstreams, each with its credentials; replicas serving HTTPS (`tls`)

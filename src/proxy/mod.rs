@@ -12,6 +12,7 @@
 pub mod access;
 pub mod admin;
 pub mod build;
+pub mod bundle;
 pub mod error;
 pub mod http;
 pub mod index;

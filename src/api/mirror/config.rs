@@ -176,6 +176,7 @@ impl RegistryMirrorSpec {
                 defaults.stale_if_error,
             )?,
             mode: self.cache.mode.unwrap_or_default(),
+            seed: self.cache.seed.clone(),
             access: self.access_config()?,
             tls: self.tls.as_ref().map(|_| TlsConfig {
                 cert_file: PathBuf::from(format!("{TLS_MOUNT}/tls.crt")),

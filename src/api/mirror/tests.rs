@@ -200,7 +200,7 @@ fn annotations_and_keys() {
 }
 
 #[test]
-fn modes_and_tag_policies_reach_the_proxy_config() {
+fn modes_tag_policies_and_the_seed_reach_the_proxy_config() {
     let spec: RegistryMirrorSpec = serde_yaml::from_str(
         r#"
 upstreams:
@@ -209,13 +209,17 @@ upstreams:
     tagPolicies:
       - {repositories: "library/*", tags: "v*", policy: immutable}
   - registry: ghcr.io
-cache: {mode: localFirst}
+cache: {mode: localFirst, seed: "http://bundles.internal/cluster.tar"}
 "#,
     )
     .unwrap();
     let c = spec.proxy_config().unwrap();
     use crate::api::{TagPolicyKind, UpstreamMode};
     assert_eq!(c.mode, UpstreamMode::LocalFirst);
+    assert_eq!(
+        c.seed.as_deref(),
+        Some("http://bundles.internal/cluster.tar")
+    );
     assert_eq!(c.upstreams[0].mode, Some(UpstreamMode::Offline));
     assert_eq!(c.upstreams[1].mode, None);
     assert_eq!(

@@ -93,6 +93,11 @@ pub struct ProxyConfig {
     /// empty means all.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prefetch_platforms: Vec<String>,
+    /// A bundle the cache is seeded from when it first starts (docs/operations.md, "An
+    /// air-gapped cluster"): an OCI image layout directory or tar on a path, or a tar at
+    /// an `http(s)://` URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<String>,
     /// Time allowed to connect to an upstream.
     #[serde(with = "crate::api::duration::serde")]
     pub connect_timeout: Duration,
@@ -456,6 +461,7 @@ impl Default for ProxyConfig {
             pin: Vec::new(),
             prefetch: Vec::new(),
             prefetch_platforms: Vec::new(),
+            seed: None,
             connect_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(60),
             upstream_min_rate: 16 << 10,
