@@ -116,11 +116,20 @@ struct BundleCache {
 
 #[derive(Subcommand)]
 enum CacheCommand {
-    /// Drop one image or tag (and the blobs only it uses) from a running proxy's cache.
+    /// Drop an image (and the blobs only it uses), a tag alone, or a whole repository
+    /// from a running proxy's cache.
     Drop {
-        /// Image reference, e.g. docker.io/library/alpine:3.20 or ghcr.io/org/app@sha256:...
+        /// Image reference, e.g. docker.io/library/alpine:3.20 or ghcr.io/org/app@sha256:...;
+        /// with --repository, a repository (docker.io/library/alpine).
         image: String,
-        /// The proxy's operations address (dropping an image answers on loopback only).
+        /// Forget only where the tag points (the next pull asks the upstream); keep the
+        /// image.
+        #[arg(long, conflicts_with = "repository")]
+        tag: bool,
+        /// Drop every tag and image of the repository, and its links.
+        #[arg(long)]
+        repository: bool,
+        /// The proxy's operations address.
         #[arg(
             long,
             env = "PULLTHROUGH_ADMIN_URL",
@@ -587,16 +596,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Role::Cache(CacheCommand::Drop {
             image,
+            tag,
+            repository,
             admin_url,
             admin_token_file,
             cache_dir,
         }) => {
+            use pullthrough::proxy::admin::api::DropScope;
             pullthrough::api::image_ref::parse(&image)?;
+            let scope = match (tag, repository) {
+                (true, _) => DropScope::Tag,
+                (_, true) => DropScope::Repository,
+                _ => DropScope::Image,
+            };
             let token_file = admin_token_file.unwrap_or_else(|| {
                 cache_dir.join(pullthrough::api::proxy_config::ADMIN_TOKEN_FILE)
             });
             let token = pullthrough::proxy::admin::read_token(&token_file)?;
-            let answer = pullthrough::proxy::admin::drop_image(&admin_url, &image, &token).await?;
+            let answer = pullthrough::proxy::admin::drop(&admin_url, scope, &image, &token).await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
         }
     }

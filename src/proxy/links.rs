@@ -22,10 +22,11 @@
 //! costs a HEAD, never a wrong answer.
 
 use super::error::ProxyError;
+use super::index::Removal;
 use super::metrics::{CacheResult, Metrics};
 use super::pull_through::single_flight::SingleFlight;
 use super::pull_through::{BlobAnswer, BlobAsk, Manifest, PullThrough};
-use super::store::{LinkRecord, RepoKey};
+use super::store::{LinkRecord, RepoKey, StoreError};
 use super::upstream::{Object, Patience, Upstream};
 use crate::oci::media::Accept;
 use crate::oci::{Digest, Reference};
@@ -182,6 +183,43 @@ impl Links {
     pub async fn has(self: &Arc<Self>, key: &RepoKey, digest: &Digest) -> bool {
         let repo = self.repo(key).await;
         repo.lock().expect("repo links lock").contains(digest)
+    }
+
+    /// Drops a repository from the cache: its tags, its images (those pulled by digest
+    /// too: the manifests linked to it) with the blobs only they use, and its links, so
+    /// that whatever is still cached of it is proven again under its name. The tags
+    /// forgotten, and what went.
+    pub async fn drop_repository(
+        self: &Arc<Self>,
+        up: &Upstream,
+        repository: &str,
+    ) -> Result<(Vec<String>, Removal), StoreError> {
+        let key = repo_key(up, repository);
+        let repo = self.repo(&key).await;
+        let linked: Vec<Digest> = repo
+            .lock()
+            .expect("repo links lock")
+            .iter()
+            .cloned()
+            .collect();
+        let (index, store) = (self.cache.index(), self.cache.store());
+        let mut by_digest = Vec::new();
+        for d in linked {
+            let manifest = match index.is_manifest(&d) {
+                Some(m) => m,
+                None => store.shared() && store.manifest(&d).await?.is_some(),
+            };
+            if manifest {
+                by_digest.push(d);
+            }
+        }
+        let dropped = self
+            .cache
+            .drop_repository(up, repository, by_digest)
+            .await?;
+        repo.lock().expect("repo links lock").clear();
+        self.persist(key);
+        Ok(dropped)
     }
 
     /// Links `digest` to `key`'s repository: the upstream served or proved it there.

@@ -120,7 +120,7 @@ pub async fn serve(
         tracker.clone(),
         ConnLimits::OPS,
         Arc::new(crate::server::Plain),
-        move |req, client| http::ops::handle(p2.clone(), req, client),
+        move |req, _client| http::ops::handle(p2.clone(), req),
         Some(proxy.clone() as Arc<dyn crate::server::Ops>),
     );
     let ops_task = tokio::spawn(ops_loop);

@@ -4,6 +4,7 @@
 use crate::common::fault::FaultUpstream;
 use crate::common::*;
 use pullthrough::api::ProxyConfig;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -501,6 +502,114 @@ async fn an_image_can_be_dropped_on_purpose_from_the_cli() {
         cached(&cache, &b.manifest.digest),
         "dropped without the token"
     );
+}
+
+/// A tag forgotten alone keeps its image; a repository dropped takes every tag and image
+/// of it (those pulled by digest too) and its links, and nothing another repository
+/// still uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_alone_or_a_whole_repository_is_dropped_on_request() {
+    let up = FaultUpstream::start().await;
+    let shared = Blob::new(LAYER, random_bytes(110, 40_000));
+    let a1 = Image::with_layers(111, vec![random_bytes(112, 30_000)], "amd64");
+    let a2 = Image::with_layers(113, vec![shared.bytes.clone()], "amd64");
+    let a3 = Image::with_layers(114, vec![random_bytes(115, 20_000)], "amd64");
+    let b1 = Image::with_layers(116, vec![shared.bytes.clone()], "amd64");
+    up.add_image("team/a", "v1", &a1);
+    up.add_image("team/a", "v2", &a2);
+    up.add_image("team/a", "v3", &a3);
+    up.add_image("team/b", "v1", &b1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = up.config();
+    cfg.cache_dir = dir.path().join("cache");
+    let proxy = Proxy::start_config(cfg.clone()).await;
+    pull(&proxy.url, "team/a", "v1", None).await.unwrap();
+    pull(&proxy.url, "team/a", "v2", None).await.unwrap();
+    pull(&proxy.url, "team/a", &a3.manifest.digest, None)
+        .await
+        .unwrap();
+    pull(&proxy.url, "team/b", "v1", None).await.unwrap();
+    proxy.settled().await;
+    let token = std::fs::read_to_string(cfg.cache_dir.join("admin-token")).unwrap();
+    let drop = |query: String| {
+        let (url, token) = (
+            format!("{}/admin/cache?{query}", proxy.metrics_url),
+            token.clone(),
+        );
+        async move {
+            let r = http().delete(url).bearer_auth(token).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let host = &up.host;
+
+    // The tag alone: the image stays, the next pull asks the upstream for the tag only.
+    let (status, answer) = drop(format!("tag={host}/team/a:v1")).await;
+    assert_eq!(
+        (status, &answer["scope"], &answer["tags"]),
+        (200, &serde_json::json!("tag"), &serde_json::json!(["v1"]))
+    );
+    assert!(
+        answer["removed"]["manifests"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(cached(&cfg.cache_dir, &a1.manifest.digest));
+    let (tags, blobs) = (up.count("GET /v2/team/a/manifests/v1"), up.count("/blobs/"));
+    pull(&proxy.url, "team/a", "v1", None).await.unwrap();
+    assert_eq!(up.count("GET /v2/team/a/manifests/v1"), tags + 1);
+    assert_eq!(up.count("/blobs/"), blobs, "its blobs were kept");
+    proxy.settled().await;
+
+    // The repository: every tag, the image pulled by digest, what only they use.
+    let (status, answer) = drop(format!("repository={host}/team/a")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["tags"], serde_json::json!(["v1", "v2"]));
+    let manifests: BTreeSet<&str> = answer["removed"]["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    let want: BTreeSet<&str> = [&a1, &a2, &a3]
+        .iter()
+        .map(|i| i.manifest.digest.as_str())
+        .collect();
+    assert_eq!(manifests, want);
+    for gone in [
+        &a1.layers[0].digest,
+        &a3.layers[0].digest,
+        &a2.config.digest,
+    ] {
+        assert!(!cached(&cfg.cache_dir, gone), "{gone}");
+    }
+    assert!(
+        cached(&cfg.cache_dir, &shared.digest),
+        "team/b still uses it"
+    );
+    // team/b is served as before; team/a is asked for again, its links gone.
+    let asked = up.count("/v2/");
+    pull(&proxy.url, "team/b", "v1", None).await.unwrap();
+    assert_eq!(up.count("/v2/"), asked);
+    pull(&proxy.url, "team/a", "v2", None).await.unwrap();
+    assert!(up.count("HEAD /v2/team/a/blobs/") + up.count("GET /v2/team/a/blobs/") > 0);
+
+    // Bad input: one clear refusal each.
+    for (query, status) in [
+        (format!("repository={host}/team/a:v1"), 400),
+        (format!("tag={host}/team/a@{}", a1.manifest.digest), 400),
+        ("tag=x&image=y".to_string(), 400),
+        ("repository=quay.io/x/y".to_string(), 404),
+    ] {
+        let (got, answer) = drop(query.clone()).await;
+        assert_eq!(got, status, "{query}: {answer}");
+        assert!(answer["error"].is_string(), "{query}: {answer}");
+    }
+    proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

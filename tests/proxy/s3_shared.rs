@@ -1078,3 +1078,108 @@ async fn a_bucket_that_never_answers_a_read_leaves_the_blob_to_the_upstream() {
     assert_eq!(failed, 1.0, "the bucket's read");
     up.assert_gets(&format!("/blobs/{}", blob.digest), 2);
 }
+
+/// A bundle imported into the bucket is served by a replica that never saw the image,
+/// offline; an image dropped on one replica leaves the bucket, what another image uses
+/// staying.
+#[tokio::test]
+#[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
+async fn a_bundle_imported_into_the_bucket_serves_offline_and_a_drop_empties_it() {
+    let up = Registry::start().await;
+    let shared = random_bytes(130, 30_000);
+    let app = Image::with_layers(
+        131,
+        vec![random_bytes(132, 6 << 20), shared.clone()],
+        "amd64",
+    );
+    let keep = Image::with_layers(133, vec![shared], "amd64");
+    push_image(&up.url, "team/app", "v1", &app).await;
+    push_image(&up.url, "team/keep", "v1", &keep).await;
+    let host = up.host();
+    let upstreams = [(host.as_str(), up.url.as_str())];
+    let dir = tempfile::tempdir().unwrap();
+
+    // A disk cache pulls both; its export goes into the bucket by `bundle import`.
+    let mut disk = config_for(&upstreams);
+    disk.cache_dir = dir.path().join("disk");
+    let a = Proxy::start_config(disk.clone()).await;
+    pull(&a.url, "team/app", "v1", None).await.unwrap();
+    pull(&a.url, "team/keep", "v1", None).await.unwrap();
+    a.settled().await;
+    a.stop().await;
+    let tar = dir.path().join("b.tar");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+            .arg("bundle")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "export",
+        "--cache-dir",
+        disk.cache_dir.to_str().unwrap(),
+        tar.to_str().unwrap(),
+    ]);
+    let prefix = prefix("bundle");
+    let on_bucket = with_storage(config_for(&upstreams), s3(&prefix));
+    let cfg = dir.path().join("bucket.yaml");
+    std::fs::write(&cfg, on_bucket.to_yaml()).unwrap();
+    run(&[
+        "import",
+        "--config",
+        cfg.to_str().unwrap(),
+        tar.to_str().unwrap(),
+    ]);
+    let b = bucket();
+    for blob in app.blobs().chain(keep.blobs()) {
+        assert!(
+            b.head(&blob_key(&prefix, blob)).await.is_ok(),
+            "{} in the bucket",
+            blob.digest
+        );
+    }
+
+    // A replica that never saw it serves it offline, asking nobody.
+    let mut offline = on_bucket.clone();
+    offline.mode = pullthrough::api::UpstreamMode::Offline;
+    let r1 = Proxy::start_config(offline).await;
+    let pulled = pull(&r1.url, "team/app", "v1", None).await.unwrap();
+    assert_eq!(pulled.top, app.manifest.digest);
+    assert_eq!(r1.upstream_requests().await, 0.0);
+
+    // Dropped on another replica, which never served it: gone from the bucket, but for
+    // the layer team/keep uses.
+    let r2 = Proxy::start_config(on_bucket.clone()).await;
+    let token = std::fs::read_to_string(r2.cache_dir.join("admin-token")).unwrap();
+    let answer: serde_json::Value = http()
+        .delete(format!(
+            "{}/admin/cache?image={host}/team/app:v1",
+            r2.metrics_url
+        ))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer["removed"]["manifests"],
+        serde_json::json!([app.manifest.digest])
+    );
+    assert_absent(&b, &blob_key(&prefix, &app.layers[0])).await;
+    assert_absent(&b, &blob_key(&prefix, &app.config)).await;
+    assert!(
+        b.head(&blob_key(&prefix, &app.layers[1])).await.is_ok(),
+        "team/keep's layer stays"
+    );
+    assert!(b.head(&blob_key(&prefix, &keep.manifest)).await.is_ok());
+    let keep_pulled = pull(&r1.url, "team/keep", "v1", None).await.unwrap();
+    assert_eq!(keep_pulled.top, keep.manifest.digest);
+}

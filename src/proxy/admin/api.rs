@@ -86,11 +86,41 @@ pub struct InUseSet {
     pub in_use: usize,
 }
 
-/// What `DELETE /admin/cache?image=<reference>` was answered.
+/// What `DELETE /admin/cache` drops: `?image=`, `?tag=` or `?repository=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum DropScope {
+    /// An image (by tag or digest) and the blobs only it uses.
+    #[default]
+    Image,
+    /// Where a tag points, alone: the next pull of it asks the upstream.
+    Tag,
+    /// Every tag and image of a repository, and its links.
+    Repository,
+}
+
+impl DropScope {
+    /// Its query parameter.
+    pub fn param(self) -> &'static str {
+        match self {
+            DropScope::Image => "image",
+            DropScope::Tag => "tag",
+            DropScope::Repository => "repository",
+        }
+    }
+}
+
+/// What `DELETE /admin/cache` was answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dropped {
-    /// The image, as the proxy resolved it.
+    /// What was asked for, as the proxy resolved it (an image, a tag, a repository).
     pub image: String,
+    /// What was dropped.
+    #[serde(default)]
+    pub scope: DropScope,
+    /// The tags forgotten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     /// What went.
     pub removed: Removal,
 }

@@ -2,13 +2,15 @@
 //! requests and answers ([`api`]), the check of the admin token, and the client of
 //! `pullthrough cache drop` and of the controller (prefetch, the images in use).
 //!
-//! Dropping an image answers only on loopback, and every admin endpoint only to a request
-//! that carries the token: being on loopback is not enough, since service-mesh sidecars
-//! connect from there too.
+//! Every admin endpoint answers only a request that carries the token: being on loopback
+//! is not enough, since service-mesh sidecars connect from there too.
 
 pub mod api;
 
-use api::{Dropped, InUse, InUseSet, PrefetchAccepted, PrefetchProgress, PrefetchRequest, Refusal};
+use api::{
+    DropScope, Dropped, InUse, InUseSet, PrefetchAccepted, PrefetchProgress, PrefetchRequest,
+    Refusal,
+};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
@@ -89,10 +91,16 @@ pub fn authorized(header: Option<&str>, token: &str) -> bool {
 }
 
 /// Asks the proxy whose operations port is at `admin_url` (e.g. `http://127.0.0.1:9095`)
-/// to drop `image` from its cache, showing it `token`.
-pub async fn drop_image(admin_url: &str, image: &str, token: &str) -> Result<Dropped, AdminError> {
-    let encoded = super::upstream::query_escape(image);
-    let path = format!("/admin/cache?image={encoded}");
+/// to drop `what` (an image, a tag or a repository, as `scope` says) from its cache,
+/// showing it `token`.
+pub async fn drop(
+    admin_url: &str,
+    scope: DropScope,
+    what: &str,
+    token: &str,
+) -> Result<Dropped, AdminError> {
+    let encoded = super::upstream::query_escape(what);
+    let path = format!("/admin/cache?{}={encoded}", scope.param());
     exchange(admin_url, Method::DELETE, &path, token, None::<&()>).await
 }
 

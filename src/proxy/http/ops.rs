@@ -1,18 +1,19 @@
 //! The operations port: `/metrics`, `/healthz`, `/readyz` (the server's own, see
 //! [`crate::server::handle_ops`]) and the admin endpoints, with the admin token
-//! (`Authorization: Bearer <token>`): `POST|GET /admin/prefetch`, `PUT|GET
-//! /admin/in-use` and `PUT|GET /admin/mode` from anywhere (the controller asks from its
-//! own pod), `DELETE
-//! /admin/cache?image=<reference>` from loopback only (`pullthrough cache drop` in the
-//! proxy's pod; loopback alone is not enough, sidecars connect from there too). Their
+//! (`Authorization: Bearer <token>`, from any address: the controller asks from its own
+//! pod, and loopback alone would prove nothing, sidecars connect from there too):
+//! `POST|GET /admin/prefetch`, `PUT|GET /admin/in-use`, `PUT|GET /admin/mode` and
+//! `DELETE /admin/cache?image=|tag=|repository=` (`pullthrough cache drop`). Their
 //! requests and answers are the typed ones of [`crate::proxy::admin::api`].
 
 use super::Body;
 use super::route::percent_decode;
+use crate::oci::Reference;
 use crate::proxy::admin::api::{
-    Dropped, InUse, InUseSet, Modes, PrefetchProgress, PrefetchRequest, Refusal, SetMode,
-    UpstreamModeOf,
+    DropScope, Dropped, InUse, InUseSet, Modes, PrefetchProgress, PrefetchRequest, Refusal,
+    SetMode, UpstreamModeOf,
 };
+use crate::proxy::index::Removal;
 use crate::proxy::prefetcher::{MAX_IMAGES_PER_REQUEST, MAX_JOBS};
 use crate::proxy::pull_through::ConfiguredImage;
 use crate::proxy::state::Proxy;
@@ -24,30 +25,24 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Images an in-use request may name.
 const MAX_IN_USE: usize = 10_000;
 
-/// Answers one request of the operations port from `client`.
+/// Answers one request of the operations port.
 pub async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
-    client: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
-    let from_anywhere = matches!(
+    let admin = matches!(
         path.as_str(),
-        "/admin/prefetch" | "/admin/in-use" | "/admin/mode"
+        "/admin/prefetch" | "/admin/in-use" | "/admin/mode" | "/admin/cache"
     );
-    if path != "/admin/cache" && !from_anywhere {
+    if !admin {
         return crate::server::handle_ops(proxy, req).await;
-    }
-    if !from_anywhere && !client.ip().is_loopback() {
-        let why = "the admin endpoint only answers on loopback";
-        return Ok(json(StatusCode::FORBIDDEN, &Refusal::new(why)));
     }
     let authorization = req
         .headers()
@@ -65,7 +60,7 @@ pub async fn handle(
         "/admin/prefetch" => prefetch(&proxy, req).await,
         "/admin/in-use" => in_use(&proxy, req).await,
         "/admin/mode" => mode(&proxy, req).await,
-        _ => drop_image(&proxy, req).await,
+        _ => drop_cached(&proxy, req).await,
     })
 }
 
@@ -206,24 +201,34 @@ async fn mode(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     json(StatusCode::OK, &modes())
 }
 
-/// `DELETE /admin/cache?image=<reference>` drops one image or tag from the cache.
-async fn drop_image(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+/// `DELETE /admin/cache?image=<reference>` drops an image (a tag and what it points to,
+/// or a digest) and the blobs only it uses; `?tag=<reference>` forgets where a tag
+/// points; `?repository=<registry/repository>` drops every tag and image of it.
+async fn drop_cached(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    let usage = "use DELETE /admin/cache?image=<reference>, ?tag=<reference> or \
+        ?repository=<registry/repository>";
     if req.method() != Method::DELETE {
-        let why = "use DELETE /admin/cache?image=<reference>";
-        return json(StatusCode::METHOD_NOT_ALLOWED, &Refusal::new(why));
+        return json(StatusCode::METHOD_NOT_ALLOWED, &Refusal::new(usage));
     }
-    let image = req
+    let asked: Vec<(DropScope, Option<String>)> = req
         .uri()
         .query()
         .unwrap_or("")
         .split('&')
-        .find_map(|p| p.strip_prefix("image="))
-        .and_then(percent_decode);
-    let Some(image) = image else {
-        let why = "missing ?image=<reference>, e.g. docker.io/library/alpine:3.20";
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            let scope = [DropScope::Image, DropScope::Tag, DropScope::Repository]
+                .into_iter()
+                .find(|s| s.param() == k)?;
+            Some((scope, percent_decode(v)))
+        })
+        .collect();
+    let [(scope, Some(text))] = asked.as_slice() else {
+        let why = format!("{usage} (exactly one), e.g. ?image=docker.io/library/alpine:3.20");
         return json(StatusCode::BAD_REQUEST, &Refusal::new(why));
     };
-    let parsed = match crate::api::image_ref::parse(&image) {
+    let scope = *scope;
+    let parsed = match crate::api::image_ref::parse(text) {
         Ok(r) => r,
         Err(e) => return json(StatusCode::BAD_REQUEST, &Refusal::new(e.to_string())),
     };
@@ -232,15 +237,56 @@ async fn drop_image(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
         let why = format!("{} is not mirrored by this proxy", parsed.registry);
         return json(StatusCode::NOT_FOUND, &Refusal::new(why));
     };
-    let removed = registry
-        .links()
-        .cache()
-        .drop_image(&up, &parsed.repository, &parsed.reference)
-        .await;
-    tracing::info!(image = %parsed, manifests = removed.manifests.len(), blobs = removed.blobs.len(),
-        bytes = removed.bytes, "dropped from the cache on request");
+    let links = registry.links();
+    let (name, tags, removed) = match (scope, &parsed.reference) {
+        (DropScope::Image, reference) => {
+            let removed = links
+                .cache()
+                .drop_image(&up, &parsed.repository, reference)
+                .await;
+            let tags = match reference {
+                Reference::Tag(t) => vec![t.clone()],
+                Reference::Digest(_) => Vec::new(),
+            };
+            (parsed.to_string(), tags, removed)
+        }
+        (DropScope::Tag, Reference::Tag(t)) => {
+            links.cache().forget_tag(&up, &parsed.repository, t).await;
+            (parsed.to_string(), vec![t.clone()], Removal::default())
+        }
+        (DropScope::Tag, Reference::Digest(_)) => {
+            let why = "?tag= names a tag, not a digest (?image= drops an image by digest)";
+            return json(StatusCode::BAD_REQUEST, &Refusal::new(why));
+        }
+        (DropScope::Repository, _) => {
+            if text.contains('@')
+                || text
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|last| last.contains(':'))
+            {
+                let why = "?repository= names a repository, without a tag or digest";
+                return json(StatusCode::BAD_REQUEST, &Refusal::new(why));
+            }
+            match links.drop_repository(&up, &parsed.repository).await {
+                Ok((tags, removed)) => (
+                    format!("{}/{}", parsed.registry, parsed.repository),
+                    tags,
+                    removed,
+                ),
+                Err(e) => {
+                    let why = format!("the repository's tags could not be listed: {e}");
+                    return json(StatusCode::SERVICE_UNAVAILABLE, &Refusal::new(why));
+                }
+            }
+        }
+    };
+    tracing::info!(what = %name, scope = scope.param(), tags = tags.len(), manifests = removed.manifests.len(),
+        blobs = removed.blobs.len(), bytes = removed.bytes, "dropped from the cache on request");
     let dropped = Dropped {
-        image: parsed.to_string(),
+        image: name,
+        scope,
+        tags,
         removed,
     };
     json(StatusCode::OK, &dropped)

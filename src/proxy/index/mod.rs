@@ -321,6 +321,13 @@ impl Index {
         self.acquire_if(digest, |e| e.refs.is_some())
     }
 
+    /// Whether `digest` is a cached manifest (`Some(false)`: a blob); `None` when this
+    /// index does not know it.
+    pub fn is_manifest(&self, digest: &Digest) -> Option<bool> {
+        let inner = self.inner.lock().expect("index lock");
+        inner.entries.get(digest).map(|e| e.refs.is_some())
+    }
+
     /// Counts an object that another process committed to a shared store (see
     /// [`BlobStore::shared`]), found there with `size` (and, for a manifest, its `refs`),
     /// and marks it in use as [`Self::acquire`] does.

@@ -21,6 +21,23 @@ pub struct Removal {
     pub in_use: Vec<String>,
 }
 
+impl Removal {
+    /// Adds what another removal took.
+    pub fn merge(&mut self, other: Removal) {
+        let add = |to: &mut Vec<String>, from: Vec<String>| {
+            for d in from {
+                if !to.contains(&d) {
+                    to.push(d);
+                }
+            }
+        };
+        add(&mut self.manifests, other.manifests);
+        add(&mut self.blobs, other.blobs);
+        add(&mut self.in_use, other.in_use);
+        self.bytes += other.bytes;
+    }
+}
+
 impl Index {
     /// Drops an object that turned out to be unusable (missing or corrupt in the store),
     /// also while it is in use: its entry and whatever the store has left of it, so that

@@ -43,7 +43,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::index::{Index, Removal};
 use crate::proxy::metrics::{CacheResult, Metrics};
 use crate::proxy::peers::Peers;
-use crate::proxy::store::BlobStore;
+use crate::proxy::store::{BlobStore, StoreError};
 use crate::proxy::upstream::Upstream;
 pub use crate::proxy::upstream::{Referrers, TagsPage};
 use blobs::Blobs;
@@ -289,6 +289,23 @@ impl PullThrough {
     /// Evicts down to the size limit (after a restart with a lower limit), keeping pins.
     pub async fn enforce_limit(&self) {
         self.space.enforce_limit().await
+    }
+
+    /// Forgets where a tag points, keeping what it pointed to (see
+    /// [`Space::forget_tag`]).
+    pub async fn forget_tag(&self, up: &Upstream, repository: &str, tag: &str) -> Option<Digest> {
+        self.space.forget_tag(up, repository, tag).await
+    }
+
+    /// Drops a repository's tags and the images they and `by_digest` name (see
+    /// [`Space::drop_repository`]).
+    pub async fn drop_repository(
+        &self,
+        up: &Upstream,
+        repository: &str,
+        by_digest: Vec<Digest>,
+    ) -> Result<(Vec<String>, Removal), StoreError> {
+        self.space.drop_repository(up, repository, by_digest).await
     }
 
     /// Drops an image (tag or digest) from the cache on purpose: the tag record, the

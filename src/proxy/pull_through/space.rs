@@ -6,9 +6,9 @@
 use super::Pins;
 use super::tags::Tags;
 use crate::oci::{Digest, Reference};
-use crate::proxy::index::{Index, NoRoom, Removal, Reservation};
+use crate::proxy::index::{Index, NoRoom, Removal, Reservation, manifest_refs};
 use crate::proxy::metrics::Metrics;
-use crate::proxy::store::BlobStore;
+use crate::proxy::store::{BlobStore, StoreError};
 use crate::proxy::upstream::Upstream;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -192,23 +192,100 @@ impl Space {
     ) -> Removal {
         let root = match reference {
             Reference::Digest(d) => Some(d.clone()),
-            Reference::Tag(t) => {
-                let st = self.tags.state(up, repository, t).await;
-                self.tags.forget(up, repository, t).await;
-                st.map(|s| s.digest)
-            }
+            Reference::Tag(t) => self.forget_tag(up, repository, t).await,
         };
-        let Some(root) = root else {
+        match root {
+            Some(root) => self.remove_images(vec![root]).await,
+            None => Removal::default(),
+        }
+    }
+
+    /// Forgets where a tag points (its record too), keeping what it pointed to: the next
+    /// pull of the tag asks the upstream. The digest it pointed to, if it was known.
+    pub async fn forget_tag(&self, up: &Upstream, repository: &str, tag: &str) -> Option<Digest> {
+        let st = self.tags.state(up, repository, tag).await;
+        self.tags.forget(up, repository, tag).await;
+        st.map(|s| s.digest)
+    }
+
+    /// Drops a repository: every tag of it, and the images they and `by_digest` (its
+    /// images pulled by digest) name, with the blobs no other cached manifest or pin
+    /// needs. The tags forgotten.
+    pub async fn drop_repository(
+        self: &Arc<Self>,
+        up: &Upstream,
+        repository: &str,
+        by_digest: Vec<Digest>,
+    ) -> Result<(Vec<String>, Removal), StoreError> {
+        let tags = self.tags.of_repository(up, repository).await?;
+        let mut roots = by_digest;
+        let mut names = Vec::new();
+        for (tag, digest) in tags {
+            self.tags.forget(up, repository, &tag).await;
+            roots.push(digest);
+            names.push(tag);
+        }
+        roots.sort_by_key(Digest::to_string);
+        roots.dedup();
+        Ok((names, self.remove_images(roots).await))
+    }
+
+    /// Removes the images `roots` and the blobs only they use, from this process's index
+    /// and its store; in a shared bucket, also what other replicas put there that this
+    /// index does not know, by the same rule over the bucket's whole listing.
+    async fn remove_images(self: &Arc<Self>, roots: Vec<Digest>) -> Removal {
+        if roots.is_empty() {
             return Removal::default();
-        };
+        }
         // On its own task: the index and the store agree even if the caller goes away.
         let this = self.clone();
         tokio::spawn(async move {
-            let dropped = this.index.closure([root.clone()]);
+            let dropped = this.index.closure(roots.iter().cloned());
             let keep: HashSet<Digest> = this.pinned().difference(&dropped).cloned().collect();
-            this.index.drop_images(&[root], &keep).await
+            let mut removal = this.index.drop_images(&roots, &keep).await;
+            if this.store().shared() {
+                match this.bucket_view().await {
+                    Ok(view) => {
+                        let dropped = view.closure(roots.iter().cloned());
+                        // What this process is reading stays, as in its own index.
+                        let reading = removal.in_use.iter().filter_map(|d| d.parse().ok());
+                        let keep: HashSet<Digest> = view
+                            .closure(keep.into_iter().chain(reading))
+                            .difference(&dropped)
+                            .cloned()
+                            .collect();
+                        let more = view.drop_images(&roots, &keep).await;
+                        for d in more.manifests.iter().chain(&more.blobs) {
+                            if let Ok(d) = d.parse() {
+                                this.index.discard(&d).await;
+                            }
+                        }
+                        removal.merge(more);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not list the bucket: what other replicas cached of the dropped images stays until it is evicted")
+                    }
+                }
+            }
+            removal
         })
         .await
         .expect("drop task")
+    }
+
+    /// An index of everything the shared store holds, every manifest's references read.
+    async fn bucket_view(&self) -> Result<Arc<Index>, StoreError> {
+        let store = self.store().clone();
+        let mut entries = Vec::new();
+        for listed in store.everything().await? {
+            let refs = if listed.manifest {
+                let body = store.manifest(&listed.digest).await?.map(|m| m.body);
+                Some(body.map(|b| manifest_refs(&b)).unwrap_or_default())
+            } else {
+                None
+            };
+            entries.push((listed, refs));
+        }
+        Ok(Index::of_listing(store, entries, None, Metrics::new()))
     }
 }

@@ -178,6 +178,37 @@ impl Tags {
         }
     }
 
+    /// Every tag of `repository` this process knows or the store has a record of, with
+    /// the digest it points to.
+    pub async fn of_repository(
+        &self,
+        up: &Upstream,
+        repository: &str,
+    ) -> Result<Vec<(String, Digest)>, crate::proxy::store::StoreError> {
+        let prefix = format!("{}\0{repository}\0", up.name());
+        let mut out: HashMap<String, Digest> = self
+            .map
+            .lock()
+            .expect("tag map lock")
+            .iter()
+            .filter_map(|(k, st)| {
+                let tag = k.strip_prefix(&prefix)?;
+                (!tag.contains('\0')).then(|| (tag.to_string(), st.digest.clone()))
+            })
+            .collect();
+        for r in self.store.records().await?.tags {
+            if r.upstream == up.name()
+                && r.repository == repository
+                && let Ok(d) = r.digest.parse()
+            {
+                out.entry(r.tag).or_insert(d);
+            }
+        }
+        let mut out: Vec<_> = out.into_iter().collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// Forgets a tag, under every `Accept`, and its record.
     pub async fn forget(&self, up: &Upstream, repository: &str, tag: &str) {
         let key = tag_key(up, repository, tag);

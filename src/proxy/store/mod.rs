@@ -240,6 +240,13 @@ pub trait BlobStore: Send + Sync + 'static {
     /// (partial writes, half-removed objects) is cleaned up first.
     fn list(&self) -> BoxFuture<'_, StoreResult<Vec<Listed>>>;
 
+    /// Every committed object, also those other processes added: a shared bucket's whole
+    /// listing (which [`Self::list`] leaves out, the index filling as objects are used),
+    /// for what must see all of it (an image dropped on purpose). By default, `list`.
+    fn everything(&self) -> BoxFuture<'_, StoreResult<Vec<Listed>>> {
+        self.list()
+    }
+
     /// A committed object for reading; `None` when it is not there.
     fn open<'a>(
         &'a self,

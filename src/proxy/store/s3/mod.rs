@@ -293,6 +293,22 @@ impl BlobStore for S3Store {
         })
     }
 
+    fn everything(&self) -> BoxFuture<'_, StoreResult<Vec<Listed>>> {
+        Box::pin(async move {
+            Ok(self
+                .inventory()
+                .await?
+                .into_iter()
+                .map(|o| Listed {
+                    digest: o.digest,
+                    size: o.size,
+                    used_ms: o.stored_ms,
+                    manifest: o.manifest,
+                })
+                .collect())
+        })
+    }
+
     fn open<'a>(
         &'a self,
         digest: &'a Digest,
