@@ -469,15 +469,15 @@ async fn apply_children(
     let client = &ctx.client;
     let child = builders::child_name(mirror);
     let yaml = config.to_yaml();
-    let hash = builders::config_hash(&yaml, &secret_data.hashed);
+    // The modes are carried to running replicas (see `workloads`): changing them does
+    // not roll the pods; a new pod starts in them from the ConfigMap.
+    let hash = builders::config_hash(&config.without_modes().to_yaml(), &secret_data.hashed);
     if mirror.spec.shares_key() {
         let name = builders::access_secret_name(mirror);
         ensure_random_secret(client, ns, name, |k| builders::access_secret(mirror, k)).await?;
     }
-    if mirror.spec.cache.prefetch_from_workloads.is_some() {
-        let name = builders::admin_secret_name(mirror);
-        ensure_random_secret(client, ns, name, |k| builders::admin_secret(mirror, k)).await?;
-    }
+    let name = builders::admin_secret_name(mirror);
+    ensure_random_secret(client, ns, name, |k| builders::admin_secret(mirror, k)).await?;
     apply_child(client, ns, &builders::config_map(mirror, &yaml)).await?;
     // The replicas of a bucket with a size limit elect their evictor on a Lease.
     if builders::evicts(mirror) {

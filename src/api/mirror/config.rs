@@ -10,7 +10,7 @@ use crate::api::proxy_config::{
     AccessConfig, AccessMode, ConfigError, DEFAULT_LOCAL_COPIES, ProxyConfig, S3Config,
     StorageConfig, TlsConfig, UpstreamConfig, UpstreamLimits,
 };
-use crate::api::{duration, quantity};
+use crate::api::{TagPolicyKind, UpstreamMode, duration, quantity};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -121,6 +121,35 @@ impl RegistryMirrorSpec {
         upstreams.chain(bucket).chain(tls).map(|r| r.name.as_str())
     }
 
+    /// The mode each upstream is to be in (its own, or the cache's), by registry as the
+    /// proxy names it (lowercase): what the controller carries to running replicas.
+    pub fn modes(&self) -> Vec<(String, UpstreamMode)> {
+        let default = self.cache.mode.unwrap_or_default();
+        self.upstreams
+            .iter()
+            .map(|u| (u.registry.to_ascii_lowercase(), u.mode.unwrap_or(default)))
+            .collect()
+    }
+
+    /// The tags its `pinned` tag policies freeze, as the status shows them:
+    /// `registry/repositories:tags -> digest`.
+    pub fn pinned_tags(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for u in &self.upstreams {
+            for p in &u.tag_policies {
+                if let (TagPolicyKind::Pinned, Some(d)) = (p.policy, &p.digest) {
+                    out.push(format!(
+                        "{}/{}:{} -> {d}",
+                        u.registry.to_ascii_lowercase(),
+                        p.repositories,
+                        p.tags
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Whether the mirror's proxies share a key (a Secret the controller makes): to
     /// issue tokens any replica verifies ([`Self::guarded`]), and to prove their requests
     /// to each other when they share a bucket.
@@ -182,12 +211,9 @@ impl RegistryMirrorSpec {
                 cert_file: PathBuf::from(format!("{TLS_MOUNT}/tls.crt")),
                 key_file: PathBuf::from(format!("{TLS_MOUNT}/tls.key")),
             }),
-            // The controller asks for prefetches with the token of the Secret it makes.
-            admin_token_file: self
-                .cache
-                .prefetch_from_workloads
-                .as_ref()
-                .map(|_| PathBuf::from(format!("{ADMIN_MOUNT}/{ADMIN_TOKEN}"))),
+            // The controller asks the replicas (prefetches, modes, drops) with the token
+            // of the Secret it makes.
+            admin_token_file: Some(PathBuf::from(format!("{ADMIN_MOUNT}/{ADMIN_TOKEN}"))),
             ..defaults
         };
         config.validate()?;

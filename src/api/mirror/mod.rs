@@ -42,7 +42,12 @@ pub const TLS_MOUNT: &str = "/var/run/pullthrough/tls";
 pub const ACCESS_MOUNT: &str = "/var/run/pullthrough/access";
 /// The signing key's name in its Secret and its mount.
 pub const SIGNING_KEY: &str = "signing-key";
-/// Where the admin token Secret the controller makes (for prefetch requests) is mounted.
+/// The annotation that asks for a drop from a mirror's caches on every replica
+/// (docs/operations.md, "Dropping from a mirror"): `image=REF`, `tag=REF`,
+/// `repository=REGISTRY/REPO` (a bare reference is an image), separated by spaces or
+/// commas; `#word` items only make a value new. Each value is done once.
+pub const DROP_ANNOTATION: &str = "pullthrough.dev/drop";
+/// Where the admin token Secret the controller makes (for the replicas' admin endpoints) is mounted.
 pub const ADMIN_MOUNT: &str = "/var/run/pullthrough/admin";
 /// The admin token's name in its Secret and its mount.
 pub const ADMIN_TOKEN: &str = "token";
@@ -418,6 +423,108 @@ pub struct RegistryMirrorStatus {
     /// With `spec.rewrite`: whether pods are rewritten now, and what the webhook missed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<RewriteStatus>,
+    /// The mode each upstream is in on the replicas, as they report it (the spec's, which
+    /// the controller carries to running replicas without a restart).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modes: Vec<UpstreamModeStatus>,
+    /// The tags a `pinned` tag policy freezes: `registry/repositories:tags -> digest`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned_tags: Vec<String>,
+    /// The last drop asked for with the `pullthrough.dev/drop` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop: Option<DropStatus>,
+}
+
+/// One upstream's mode on the replicas.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct UpstreamModeStatus {
+    /// The upstream's registry.
+    pub upstream: String,
+    /// `online`, `localFirst` or `offline`.
+    pub mode: UpstreamMode,
+}
+
+/// A drop from the mirror's caches (the `pullthrough.dev/drop` annotation), once made on
+/// every ready replica, or refused.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DropStatus {
+    /// The annotation's value.
+    pub request: String,
+    /// When it was done on every replica (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done_at: Option<String>,
+    /// The replicas it was made on.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Tags forgotten, summed over the replicas.
+    #[serde(default)]
+    pub tags: i64,
+    /// Manifests removed, summed over the replicas (a shared bucket's once).
+    #[serde(default)]
+    pub manifests: i64,
+    /// Blobs removed, summed over the replicas.
+    #[serde(default)]
+    pub blobs: i64,
+    /// Bytes freed, summed over the replicas.
+    #[serde(default)]
+    pub bytes: i64,
+    /// Why it was refused (an annotation that does not parse); not retried until the
+    /// value changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One drop an annotation asks for: what, as `DELETE /admin/cache` takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DropItem {
+    /// `image`, `tag` or `repository`.
+    pub scope: &'static str,
+    /// The reference or repository.
+    pub what: String,
+}
+
+/// The drops the `pullthrough.dev/drop` annotation's `value` asks for, or why it does
+/// not parse.
+pub fn parse_drops(value: &str) -> Result<Vec<DropItem>, String> {
+    let mut out = Vec::new();
+    for item in value.split(|c: char| c == ',' || c.is_whitespace()) {
+        if item.is_empty() || item.starts_with('#') {
+            continue;
+        }
+        let (scope, what) = match item.split_once('=') {
+            Some(("image", w)) => ("image", w),
+            Some(("tag", w)) => ("tag", w),
+            Some(("repository", w)) => ("repository", w),
+            Some((k, _)) => {
+                return Err(format!(
+                    "{item:?}: {k:?} is not image=, tag= or repository="
+                ));
+            }
+            None => ("image", item),
+        };
+        let parsed = super::image_ref::parse(what).map_err(|e| e.to_string())?;
+        let tagged = what.contains('@') || what.rsplit('/').next().is_some_and(|l| l.contains(':'));
+        match scope {
+            "tag" if matches!(parsed.reference, crate::oci::Reference::Digest(_)) => {
+                return Err(format!("{item:?}: tag= names a tag, not a digest"));
+            }
+            "repository" if tagged => {
+                return Err(format!(
+                    "{item:?}: repository= names a repository, without a tag"
+                ));
+            }
+            _ => {}
+        }
+        out.push(DropItem {
+            scope,
+            what: what.to_string(),
+        });
+    }
+    if out.is_empty() {
+        return Err("it names nothing to drop".into());
+    }
+    Ok(out)
 }
 
 /// A registry of the mirror's that another mirror serves.

@@ -231,3 +231,76 @@ cache: {mode: localFirst, seed: "http://bundles.internal/cluster.tar"}
     let e = bad.proxy_config().unwrap_err().to_string();
     assert!(e.contains("needs the digest"), "{e}");
 }
+
+#[test]
+fn modes_and_pins_come_from_the_spec_for_the_status() {
+    let spec: RegistryMirrorSpec = serde_yaml::from_str(
+        r#"
+upstreams:
+  - registry: Docker.io
+    mode: offline
+    tagPolicies:
+      - {repositories: org/app, tags: latest, policy: pinned, digest: "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}
+      - {repositories: "library/*", policy: immutable}
+  - registry: ghcr.io
+cache: {mode: localFirst}
+"#,
+    )
+    .unwrap();
+    use crate::api::UpstreamMode;
+    assert_eq!(
+        spec.modes(),
+        vec![
+            ("docker.io".to_string(), UpstreamMode::Offline),
+            ("ghcr.io".to_string(), UpstreamMode::LocalFirst)
+        ]
+    );
+    assert_eq!(
+        spec.pinned_tags(),
+        vec!["docker.io/org/app:latest -> sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".to_string()]
+    );
+    // A change of modes alone leaves the configuration the pods are rolled on as it is.
+    let c = spec.proxy_config().unwrap();
+    let mut other = spec.clone();
+    other.cache.mode = None;
+    other.upstreams[0].mode = None;
+    assert_ne!(c, other.proxy_config().unwrap());
+    assert_eq!(
+        c.without_modes(),
+        other.proxy_config().unwrap().without_modes()
+    );
+}
+
+#[test]
+fn the_drop_annotation_names_images_tags_and_repositories() {
+    let d = |v: &str| {
+        parse_drops(v).map(|items| {
+            items
+                .into_iter()
+                .map(|i| format!("{} {}", i.scope, i.what))
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(
+        d("alpine:3.20, tag=ghcr.io/org/app:latest repository=ghcr.io/org/old #2").unwrap(),
+        vec![
+            "image alpine:3.20",
+            "tag ghcr.io/org/app:latest",
+            "repository ghcr.io/org/old"
+        ]
+    );
+    for (bad, why) in [
+        ("", "names nothing"),
+        ("#only-a-word", "names nothing"),
+        ("layer=x", "is not image=, tag= or repository="),
+        ("repository=ghcr.io/org/app:1", "without a tag"),
+        (
+            "tag=ghcr.io/org/app@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "not a digest",
+        ),
+        ("Not!An*Image", "invalid image reference"),
+    ] {
+        let e = d(bad).unwrap_err();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}

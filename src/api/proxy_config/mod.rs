@@ -283,6 +283,17 @@ impl ProxyConfig {
         shown
     }
 
+    /// The same configuration with every mode `online`: what a change of modes alone
+    /// leaves as it is.
+    pub fn without_modes(&self) -> ProxyConfig {
+        let mut c = self.clone();
+        c.mode = UpstreamMode::default();
+        for u in &mut c.upstreams {
+            u.mode = None;
+        }
+        c
+    }
+
     /// Checks everything serde cannot: each part (see [`UpstreamConfig::validate`],
     /// [`S3Config::validate`], [`PeersConfig::validate`], [`AccessConfig::validate`]),
     /// then what parts say of each other.

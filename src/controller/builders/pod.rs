@@ -139,10 +139,9 @@ fn volumes(mirror: &RegistryMirror) -> (Vec<Volume>, Vec<VolumeMount>) {
         let name = access_secret_name(mirror);
         secret("access".into(), name, &[SIGNING_KEY], ACCESS_MOUNT.into());
     }
-    if mirror.spec.cache.prefetch_from_workloads.is_some() {
-        let name = admin_secret_name(mirror);
-        secret("admin".into(), name, &[ADMIN_TOKEN], ADMIN_MOUNT.into());
-    }
+    // The admin token the controller asks the replicas with (prefetches, modes, drops).
+    let name = admin_secret_name(mirror);
+    secret("admin".into(), name, &[ADMIN_TOKEN], ADMIN_MOUNT.into());
     (volumes, mounts)
 }
 
@@ -151,14 +150,7 @@ fn volumes(mirror: &RegistryMirror) -> (Vec<Volume>, Vec<VolumeMount>) {
 /// its name as the holder of the evictor's Lease).
 fn env(mirror: &RegistryMirror) -> Vec<EnvVar> {
     // Where `kubectl exec ... pullthrough cache drop` finds the admin token.
-    let token = if mirror.spec.cache.prefetch_from_workloads.is_some() {
-        format!("{ADMIN_MOUNT}/{ADMIN_TOKEN}")
-    } else {
-        format!(
-            "{CACHE_MOUNT}/{}",
-            crate::api::proxy_config::ADMIN_TOKEN_FILE
-        )
-    };
+    let token = format!("{ADMIN_MOUNT}/{ADMIN_TOKEN}");
     let mut env = vec![EnvVar {
         name: "PULLTHROUGH_ADMIN_TOKEN_FILE".into(),
         value: Some(token),

@@ -279,8 +279,12 @@ pub fn build_status(
             make(DEGRADED, degraded(o)),
             make(CONFLICT, conflict(o)),
         ],
-        // Written by the prefetches' own field manager (see `workloads`), never here.
+        // Written by the replicas' loop with its own field manager (see `workloads`),
+        // never here.
         prefetched_images: None,
+        modes: Vec::new(),
+        pinned_tags: Vec::new(),
+        drop: None,
         rewrite: o
             .rewrite
             .as_ref()

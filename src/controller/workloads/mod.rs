@@ -1,24 +1,32 @@
-//! Warm before the rollout (docs/operations.md): a second `Controller<RegistryMirror>`,
-//! level-triggered. For a mirror with `spec.cache.prefetchFromWorkloads`, each reconcile
-//! computes from reflector stores what its replicas should have ([`desired`]): the images
-//! of the pod templates of the workloads (Deployments, StatefulSets, DaemonSets, Jobs,
-//! CronJobs) in the namespaces it selects, of the registries it serves. Then each ready
-//! replica is brought to that ([`replica`]): asked to prefetch what it lacks (for the
-//! platforms of the cluster's nodes, with the admin token of the Secret the controller
-//! made), told the images in use (which eviction keeps like pins) when its set differs,
+//! The controller's loop over every mirror's running replicas, on their admin endpoints
+//! (with the admin token of the Secret the controller makes): a second
+//! `Controller<RegistryMirror>`, level-triggered. For every mirror, each ready replica is
+//! put in the spec's modes ([`carry`]: a change of modes alone rolls no pod), and the
+//! drop the `pullthrough.dev/drop` annotation asks for is made on every replica, once per
+//! value; the status says the modes the replicas report, the pinned tags and the last
+//! drop.
+//!
+//! Warm before the rollout (docs/operations.md): for a mirror with
+//! `spec.cache.prefetchFromWorkloads`, each reconcile also computes from reflector stores
+//! what its replicas should have ([`desired`]): the images of the pod templates of the
+//! workloads (Deployments, StatefulSets, DaemonSets, Jobs, CronJobs) in the namespaces it
+//! selects, of the registries it serves. Then each ready replica is brought to that
+//! ([`replica`]): asked to prefetch what it lacks (for the platforms of the cluster's
+//! nodes), told the images in use (which eviction keeps like pins) when its set differs,
 //! and the images asked for are followed to an Event on the mirror each (`Prefetched
 //! image ... in 3.2s`) and counted in `status.prefetchedImages`.
 //!
-//! A workload's image set changing, a namespace's labels changing, a proxy pod becoming
-//! ready or going, and this replica leading again are the triggers; a reconcile looks
-//! again every few seconds while prefetches it asked for are underway, and every five
-//! minutes otherwise.
+//! A mirror changing, a workload's image set changing, a namespace's labels changing, a
+//! proxy pod becoming ready or going, and this replica leading again are the triggers; a
+//! reconcile looks again every few seconds while prefetches it asked for are underway,
+//! and every five minutes otherwise.
 
+mod carry;
 pub mod desired;
 pub mod replica;
 
 use super::context::{Context, Error, MANAGER, backoff, kube_err};
-use crate::api::mirror::{ADMIN_TOKEN, RegistryMirror};
+use crate::api::mirror::{ADMIN_TOKEN, DropStatus, RegistryMirror};
 use crate::controller::builders;
 use desired::{ImagesByNamespace, Replica, Workload};
 use futures::StreamExt;
@@ -120,28 +128,32 @@ impl Warmer {
         }
     }
 
-    /// Brings every ready replica of `mirror` to what it should have. Per replica, what
-    /// was done; `None` while that cannot be known yet (the stores not yet filled, no
-    /// admin token Secret yet).
+    /// Brings every ready replica of `mirror` to what it should have: its modes, the
+    /// drop its annotation asks for, and (prefetching mirrors) its workloads' images.
+    /// Per replica, what was done for prefetches; `None` while that cannot be known yet
+    /// (the stores not yet filled, no admin token Secret yet).
     pub async fn sync(
         &self,
         mirror: &RegistryMirror,
     ) -> Result<Option<Vec<(Replica, Synced)>>, Error> {
         let key = ObjectRef::from_obj(mirror);
-        if mirror.spec.cache.prefetch_from_workloads.is_none()
-            || mirror.meta().deletion_timestamp.is_some()
-        {
+        if mirror.meta().deletion_timestamp.is_some() {
             self.memory.lock().expect("lock").remove(&key);
             return Ok(Some(Vec::new()));
         }
         if !self.stores.ready() {
             return Ok(None);
         }
-        let wanted = desired::images(
-            mirror,
-            &self.stores.images(),
-            &self.stores.namespaces.state(),
-        );
+        let prefetching = mirror.spec.cache.prefetch_from_workloads.is_some();
+        let wanted = if prefetching {
+            desired::images(
+                mirror,
+                &self.stores.images(),
+                &self.stores.namespaces.state(),
+            )
+        } else {
+            Default::default()
+        };
         let replicas = desired::replicas(mirror, &self.stores.pods.state(), self.ctx.ops_port);
         // Replicas that went are forgotten; new ones start with nothing asked.
         let mut memories = self
@@ -158,33 +170,92 @@ impl Warmer {
             tracing::info!(mirror = %mirror.name_any(), "no admin token Secret yet: asked later");
             return Ok(None);
         };
-        let platforms = desired::platforms(&self.ctx.nodes().await?);
+        let platforms = if prefetching {
+            desired::platforms(&self.ctx.nodes().await?)
+        } else {
+            Vec::new()
+        };
+        let modes = mirror.spec.modes();
+        let mut reported = Vec::new();
         let mut out = Vec::new();
         let mut failed = None;
-        for r in replicas {
+        for r in &replicas {
             let memory = memories.entry(r.uid.clone()).or_default();
-            match replica::sync(&r, memory, &wanted, &platforms, &token).await {
-                Ok(synced) => {
+            let synced = async {
+                let m = carry::sync_modes(r, &modes, &token).await?;
+                if !prefetching {
+                    return Ok((m, Synced::default()));
+                }
+                Ok((
+                    m,
+                    replica::sync(r, memory, &wanted, &platforms, &token).await?,
+                ))
+            };
+            match synced.await {
+                Ok((m, synced)) => {
                     if !synced.asked.is_empty() {
                         tracing::info!(mirror = %mirror.name_any(), replica = %r.url,
                             images = ?synced.asked, "asked for a prefetch");
                     }
-                    self.record(mirror, &r, &synced).await;
-                    out.push((r, synced));
+                    self.record(mirror, r, &synced).await;
+                    reported = m;
+                    out.push((r.clone(), synced));
                 }
                 Err(e) => {
-                    tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot bring a replica to its mirror's images");
+                    tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot bring a replica to its mirror");
                     failed = Some(e);
                 }
             }
         }
         self.memory.lock().expect("lock").insert(key, memories);
-        if out.iter().any(|(_, s)| !s.finished.is_empty()) {
-            write_count(&self.ctx, mirror, self.prefetched(mirror)).await;
+        if let Some(e) = failed {
+            return Err(e);
         }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(Some(out)),
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let dropped = carry::carry_drop(mirror, &replicas, &token, &now).await?;
+        if let Some(d) = &dropped {
+            self.drop_event(mirror, d).await;
+        }
+        let before = carry::Owned::of(mirror.status.as_ref());
+        let owned = carry::Owned {
+            prefetched_images: prefetching.then(|| self.prefetched(mirror)),
+            modes: reported,
+            pinned_tags: mirror.spec.pinned_tags(),
+            drop: dropped.or(before.drop.clone()),
+        };
+        if owned != before {
+            write_status(&self.ctx, mirror, &owned).await;
+        }
+        Ok(Some(out))
+    }
+
+    /// An Event on the mirror for a drop made (or refused).
+    async fn drop_event(&self, mirror: &RegistryMirror, d: &DropStatus) {
+        let (type_, reason, note) = match &d.error {
+            None => (
+                EventType::Normal,
+                "Dropped",
+                format!(
+                    "Dropped {} from {} replica(s): {} tag(s), {} manifest(s), {} blob(s), {} bytes",
+                    d.request, d.replicas, d.tags, d.manifests, d.blobs, d.bytes
+                ),
+            ),
+            Some(why) => (
+                EventType::Warning,
+                "DropRefused",
+                format!("{}: {why}", d.request),
+            ),
+        };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Drop".into(),
+            secondary: None,
+        };
+        let recorder = Recorder::new(self.ctx.client.clone(), self.ctx.reporter.clone());
+        if let Err(e) = recorder.publish(&event, &mirror.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish an event");
         }
     }
 
@@ -251,8 +322,9 @@ pub async fn reconcile(mirror: Arc<RegistryMirror>, warmer: Arc<Warmer>) -> Resu
     Ok(match synced {
         None => Action::requeue(NOT_YET),
         Some(s) if s.iter().any(|(_, s)| s.following) => Action::requeue(FOLLOW_EVERY),
-        Some(_) if mirror.spec.cache.prefetch_from_workloads.is_some() => Action::requeue(RESYNC),
-        Some(_) => Action::await_change(),
+        // The modes are checked again at the resync: a replica put in another by hand
+        // is brought back to the spec's.
+        Some(_) => Action::requeue(RESYNC),
     })
 }
 
@@ -280,28 +352,23 @@ async fn admin_token(ctx: &Context, mirror: &RegistryMirror) -> Result<Option<St
         .map(|b| String::from_utf8_lossy(&b.0).trim().to_string()))
 }
 
-/// Writes the mirror's count of prefetched images into its status (its own field
-/// manager: the rest of the status is the other reconcile's).
-async fn write_count(ctx: &Context, mirror: &RegistryMirror, count: i64) {
+/// Writes the status fields this loop owns (its own field manager: the rest of the
+/// status is the other reconcile's).
+async fn write_status(ctx: &Context, mirror: &RegistryMirror, owned: &carry::Owned) {
     let Some(ns) = mirror.namespace() else {
         return;
     };
-    let patch = serde_json::json!({
-        "apiVersion": "pullthrough.dev/v1alpha1",
-        "kind": "RegistryMirror",
-        "status": {"prefetchedImages": count},
-    });
     let api: Api<RegistryMirror> = Api::namespaced(ctx.client.clone(), &ns);
     let manager = format!("{MANAGER}-prefetch");
     if let Err(e) = api
         .patch_status(
             &mirror.name_any(),
             &PatchParams::apply(&manager).force(),
-            &Patch::Apply(&patch),
+            &Patch::Apply(&owned.patch()),
         )
         .await
     {
-        tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot write prefetchedImages");
+        tracing::warn!(mirror = %mirror.name_any(), error = %e, "cannot write the replicas' status");
     }
 }
 

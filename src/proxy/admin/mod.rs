@@ -8,8 +8,8 @@
 pub mod api;
 
 use api::{
-    DropScope, Dropped, InUse, InUseSet, PrefetchAccepted, PrefetchProgress, PrefetchRequest,
-    Refusal,
+    DropScope, Dropped, InUse, InUseSet, Modes, PrefetchAccepted, PrefetchProgress,
+    PrefetchRequest, Refusal, SetMode,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -157,6 +157,25 @@ pub async fn prefetch_progress(
         None::<&()>,
     )
     .await
+}
+
+/// The mode each upstream of the proxy at `admin_url` is in.
+pub async fn modes(admin_url: &str, token: &str) -> Result<Modes, AdminError> {
+    exchange(admin_url, Method::GET, "/admin/mode", token, None::<&()>).await
+}
+
+/// Puts `upstream` of the proxy at `admin_url` in `mode`: the modes after.
+pub async fn set_mode(
+    admin_url: &str,
+    upstream: &str,
+    mode: crate::api::UpstreamMode,
+    token: &str,
+) -> Result<Modes, AdminError> {
+    let asked = SetMode {
+        mode,
+        upstream: Some(upstream.to_string()),
+    };
+    exchange(admin_url, Method::PUT, "/admin/mode", token, Some(&asked)).await
 }
 
 /// One request to the admin endpoint, within 60 s: its answer, or its error.

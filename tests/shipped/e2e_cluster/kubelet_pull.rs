@@ -19,7 +19,7 @@ use pullthrough::api::image_ref::registry_in_path;
 use pullthrough::api::mirror::PROXY_PORT;
 
 /// Seconds the kubelet says its pull of `pod`'s image took (its `Pulled` Event).
-async fn pulled_in(events: &Api<Event>, pod: &str) -> f64 {
+pub(super) async fn pulled_in(events: &Api<Event>, pod: &str) -> f64 {
     let note = eventually(
         300,
         &format!("the kubelet's Pulled Event on {pod}"),
