@@ -88,8 +88,8 @@ enum BundleCommand {
         #[command(flatten)]
         cache: BundleCache,
     },
-    /// Seed a cache from an OCI image layout (a directory, a tar, or a tar at an
-    /// http(s):// URL): every digest is checked, every image must be whole, and a bundle
+    /// Seed a cache from an OCI image layout (a directory, a tar, a tar at an http(s)://
+    /// URL, or s3://<bucket>/<key> in the cache's own bucket): every digest is checked, every image must be whole, and a bundle
     /// that fails is refused with nothing of it kept. A disk cache takes it before its
     /// proxy starts; a bucket at any time.
     Import {
@@ -457,17 +457,28 @@ fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
 }
 
 fn init_tracing(format: &str) {
+    init_tracing_to(format, false)
+}
+
+/// Logs to standard error (`to_stderr`: a command whose standard output is its answer)
+/// or standard output.
+fn init_tracing_to(format: &str, to_stderr: bool) {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only for a person at a terminal, not in files, pipes and kubectl logs.
+    let terminal = match to_stderr {
+        true => std::io::stderr().is_terminal(),
+        false => std::io::stdout().is_terminal(),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal());
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+        .with_ansi(terminal);
+    match (format == "json", to_stderr) {
+        (true, true) => builder.json().with_writer(std::io::stderr).init(),
+        (true, false) => builder.json().init(),
+        (false, true) => builder.with_writer(std::io::stderr).init(),
+        (false, false) => builder.init(),
     }
 }
 
@@ -591,7 +602,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Role::Bundle(command) => {
-            init_tracing(&cli.log_format);
+            // The summary is the standard output; logs and progress go to standard error.
+            init_tracing_to(&cli.log_format, true);
             bundle(command).await?;
         }
         Role::Cache(CacheCommand::Drop {
@@ -637,8 +649,8 @@ async fn bundle(command: BundleCommand) -> anyhow::Result<()> {
         }
         let scratch =
             std::env::temp_dir().join(format!("pullthrough-bundle-{}", std::process::id()));
-        let (store, name) = pullthrough::proxy::build::open_store_beside(&config, &scratch)?;
-        Ok((store, name, config, scratch))
+        let opened = pullthrough::proxy::build::open_store_beside(&config, &scratch)?;
+        Ok((opened, config, scratch))
     };
     match command {
         BundleCommand::Export {
@@ -661,7 +673,7 @@ async fn bundle(command: BundleCommand) -> anyhow::Result<()> {
                         .map(str::to_string),
                 );
             }
-            let (store, name, config, scratch) = open(&cache)?;
+            let (opened, config, scratch) = open(&cache)?;
             if in_use {
                 let token_file = admin_token_file.unwrap_or_else(|| config.admin_token_path());
                 let token = pullthrough::proxy::admin::read_token(&token_file)?;
@@ -680,8 +692,8 @@ async fn bundle(command: BundleCommand) -> anyhow::Result<()> {
                     .collect::<Result<Vec<_>, _>>()?;
                 bundle::Selection::Images(parsed)
             };
-            tracing::info!(cache = %name, out = %out.display(), "exporting");
-            let done = bundle::export(&*store, &selection, &out).await;
+            tracing::info!(cache = %opened.name, out = %out.display(), "exporting");
+            let done = bundle::export(&*opened.store, &selection, &out).await;
             let _ = std::fs::remove_dir_all(&scratch);
             println!("{}", serde_json::to_string_pretty(&done?)?);
         }
@@ -690,10 +702,12 @@ async fn bundle(command: BundleCommand) -> anyhow::Result<()> {
             keep_tags,
             cache,
         } => {
-            let (store, name, _, scratch) = open(&cache)?;
-            tracing::info!(cache = %name, bundle = %at, "importing");
-            let done = match bundle::seed::open(&at).await {
-                Ok((source, total)) => bundle::import(&*store, source, total, keep_tags).await,
+            let (opened, _, scratch) = open(&cache)?;
+            tracing::info!(cache = %opened.name, bundle = %at, "importing");
+            let done = match bundle::seed::open(&at, opened.bucket.as_deref()).await {
+                Ok((source, total)) => {
+                    bundle::import(&*opened.store, source, total, keep_tags).await
+                }
                 Err(e) => Err(e),
             };
             let _ = std::fs::remove_dir_all(&scratch);

@@ -117,6 +117,16 @@ pub enum StartError {
     },
 }
 
+/// A cache's store opened beside its proxy (see [`open_store_beside`]).
+pub struct Beside {
+    /// The store.
+    pub store: Arc<dyn BlobStore>,
+    /// The bucket, when the cache is in one.
+    pub bucket: Option<Arc<S3Store>>,
+    /// Its directory or bucket, for what is logged.
+    pub name: String,
+}
+
 /// The store a proxy keeps its cache in, and what it is.
 struct Opened {
     store: Arc<dyn BlobStore>,
@@ -137,7 +147,8 @@ impl Proxy {
         let metrics = Metrics::new();
         let opened = open_store(config, &metrics)?;
         if let Some(seed) = &config.seed {
-            crate::proxy::bundle::seed::seed(&*opened.store, seed, &config.cache_dir)
+            let bucket = opened.bucket.as_deref();
+            crate::proxy::bundle::seed::seed(&*opened.store, bucket, seed, &config.cache_dir)
                 .await
                 .map_err(|source| StartError::Seed {
                     seed: seed.clone(),
@@ -250,25 +261,30 @@ fn check_addresses(config: &ProxyConfig) -> Result<(), StartError> {
 
 /// The store of `config`'s cache for a tool that works beside a proxy that may be
 /// running on it (`pullthrough bundle`): a disk cache's directory as it is, or the bucket,
-/// with downloads spooled under `scratch` (not the proxy's `cacheDir`); its name.
-pub fn open_store_beside(
-    config: &ProxyConfig,
-    scratch: &Path,
-) -> Result<(Arc<dyn BlobStore>, String), StartError> {
+/// with downloads spooled under `scratch` (not the proxy's `cacheDir`), also as the
+/// bucket it is.
+pub fn open_store_beside(config: &ProxyConfig, scratch: &Path) -> Result<Beside, StartError> {
     let Some(s3) = &config.storage.s3 else {
         let disk = DiskStore::beside(&config.cache_dir).map_err(|source| StartError::CacheDir {
             path: config.cache_dir.clone(),
             source,
         })?;
-        return Ok((Arc::new(disk), config.cache_dir.display().to_string()));
+        return Ok(Beside {
+            store: Arc::new(disk),
+            bucket: None,
+            name: config.cache_dir.display().to_string(),
+        });
     };
     let scratch_config = ProxyConfig {
         cache_dir: scratch.to_path_buf(),
         ..config.clone()
     };
-    let store = bucket_store(&scratch_config, s3, &Metrics::new())?;
-    let name = store.name().to_string();
-    Ok((Arc::new(store), name))
+    let store = Arc::new(bucket_store(&scratch_config, s3, &Metrics::new())?);
+    Ok(Beside {
+        store: store.clone(),
+        name: store.name().to_string(),
+        bucket: Some(store),
+    })
 }
 
 /// Opens the cache's store: the disk (`cacheDir`, cleaned of partial downloads), or the

@@ -1079,12 +1079,12 @@ async fn a_bucket_that_never_answers_a_read_leaves_the_blob_to_the_upstream() {
     up.assert_gets(&format!("/blobs/{}", blob.digest), 2);
 }
 
-/// A bundle imported into the bucket is served by a replica that never saw the image,
-/// offline; an image dropped on one replica leaves the bucket, what another image uses
-/// staying.
+/// A replica seeded from a bundle in its own bucket serves it offline, the upstream never
+/// asked; `bundle import` reads the bucket too; an image dropped on another replica,
+/// which never served it, leaves the bucket, what another image uses staying.
 #[tokio::test]
 #[ignore = "needs an S3 server: PULLTHROUGH_S3_ENDPOINT (./scripts/test starts one)"]
-async fn a_bundle_imported_into_the_bucket_serves_offline_and_a_drop_empties_it() {
+async fn a_bundle_in_the_bucket_seeds_a_replica_offline_and_a_drop_empties_it() {
     let up = Registry::start().await;
     let shared = random_bytes(130, 30_000);
     let app = Image::with_layers(
@@ -1127,16 +1127,23 @@ async fn a_bundle_imported_into_the_bucket_serves_offline_and_a_drop_empties_it(
         tar.to_str().unwrap(),
     ]);
     let prefix = prefix("bundle");
-    let on_bucket = with_storage(config_for(&upstreams), s3(&prefix));
-    let cfg = dir.path().join("bucket.yaml");
-    std::fs::write(&cfg, on_bucket.to_yaml()).unwrap();
-    run(&[
-        "import",
-        "--config",
-        cfg.to_str().unwrap(),
-        tar.to_str().unwrap(),
-    ]);
     let b = bucket();
+    // The bundle kept in the cache's own bucket, beside (not under) the cache's prefix.
+    let key = format!("{prefix}-bundles/b.tar");
+    b.put(
+        &Key::from(key.as_str()),
+        std::fs::read(&tar).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    let seed = format!("s3://{}/{key}", env("PULLTHROUGH_S3_BUCKET"));
+    let on_bucket = with_storage(config_for(&upstreams), s3(&prefix));
+
+    // A replica seeded from it, offline, serves it asking nobody.
+    let mut offline = on_bucket.clone();
+    offline.mode = pullthrough::api::UpstreamMode::Offline;
+    offline.seed = Some(seed.clone());
+    let r1 = Proxy::start_config(offline).await;
     for blob in app.blobs().chain(keep.blobs()) {
         assert!(
             b.head(&blob_key(&prefix, blob)).await.is_ok(),
@@ -1144,14 +1151,30 @@ async fn a_bundle_imported_into_the_bucket_serves_offline_and_a_drop_empties_it(
             blob.digest
         );
     }
-
-    // A replica that never saw it serves it offline, asking nobody.
-    let mut offline = on_bucket.clone();
-    offline.mode = pullthrough::api::UpstreamMode::Offline;
-    let r1 = Proxy::start_config(offline).await;
     let pulled = pull(&r1.url, "team/app", "v1", None).await.unwrap();
     assert_eq!(pulled.top, app.manifest.digest);
     assert_eq!(r1.upstream_requests().await, 0.0);
+
+    // `bundle import` into the bucket, from it: everything is there already.
+    let cfg = dir.path().join("bucket.yaml");
+    std::fs::write(&cfg, on_bucket.to_yaml()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .args(["bundle", "import", "--config"])
+        .arg(&cfg)
+        .arg(&seed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Six objects: two manifests, two configs, two layers (one of them shared).
+    assert_eq!(
+        (again["written"].as_u64(), again["already"].as_u64()),
+        (Some(0), Some(6))
+    );
 
     // Dropped on another replica, which never served it: gone from the bucket, but for
     // the layer team/keep uses.

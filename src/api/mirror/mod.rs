@@ -258,8 +258,9 @@ pub struct CacheSpec {
     pub mode: Option<UpstreamMode>,
     /// A bundle (an OCI image layout tar, `pullthrough bundle export`) the cache is seeded
     /// from when it first starts: an `http(s)://` URL (a file server in the disconnected
-    /// network, a signed or public URL of an object in the bucket), or a path in the
-    /// proxy pod (on the cache's volume). docs/operations.md, "An air-gapped cluster".
+    /// network), `s3://<bucket>/<key>` in the cache's own bucket (read with its
+    /// credentials), or a path in the proxy pod (on the cache's volume).
+    /// docs/operations.md, "An air-gapped cluster".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<String>,
     /// Images never evicted (`registry/repository:tag` or `@sha256:...`); also prefetched.

@@ -94,8 +94,8 @@ pub struct ProxyConfig {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prefetch_platforms: Vec<String>,
     /// A bundle the cache is seeded from when it first starts (docs/operations.md, "An
-    /// air-gapped cluster"): an OCI image layout directory or tar on a path, or a tar at
-    /// an `http(s)://` URL.
+    /// air-gapped cluster"): an OCI image layout directory or tar on a path, a tar at an
+    /// `http(s)://` URL, or a tar in the cache's own bucket (`s3://<bucket>/<key>`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<String>,
     /// Time allowed to connect to an upstream.

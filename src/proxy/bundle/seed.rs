@@ -1,6 +1,7 @@
 //! A cache seeded from a bundle when it first starts (the proxy's `seed`, a mirror's
-//! `spec.cache.seed`): a layout directory or tar on a path the pod mounts, or a tar at an
-//! `http(s)://` URL (a bucket's object, a file server in the disconnected network).
+//! `spec.cache.seed`): a layout directory or tar on a path the pod mounts, a tar at an
+//! `http(s)://` URL (a file server in the disconnected network), or a tar in the cache's
+//! own bucket (`s3://<bucket>/<key>`, read with the cache's credentials).
 //!
 //! The import runs before the cache opens, so its index knows what was imported. Once
 //! done, `<cacheDir>/seeded` says from where, and a restart with the same seed does not
@@ -10,6 +11,7 @@
 use super::layout::Source;
 use super::{BundleError, Imported, import};
 use crate::proxy::store::BlobStore;
+use crate::proxy::store::s3::S3Store;
 use std::io;
 use std::path::Path;
 use std::time::Duration;
@@ -24,6 +26,7 @@ pub const MARKER: &str = "seeded";
 /// already; what was imported. Tags the store has a record of are kept.
 pub async fn seed(
     store: &dyn BlobStore,
+    bucket: Option<&S3Store>,
     seed: &str,
     cache_dir: &Path,
 ) -> Result<Option<Imported>, BundleError> {
@@ -33,7 +36,7 @@ pub async fn seed(
         return Ok(None);
     }
     tracing::info!(seed, "seeding the cache");
-    let (source, total) = open(seed).await?;
+    let (source, total) = open(seed, bucket).await?;
     let imported = import(store, source, total, true).await?;
     tracing::info!(
         seed,
@@ -53,11 +56,25 @@ pub async fn seed(
     Ok(Some(imported))
 }
 
-/// The bundle at `at`: a URL, a tar file or a layout directory; its size when known.
-pub async fn open(at: &str) -> Result<(Source, Option<u64>), BundleError> {
+/// The bundle at `at`: a URL, an object of `bucket` (`s3://`), a tar file or a layout
+/// directory; its size when known.
+pub async fn open(
+    at: &str,
+    bucket: Option<&S3Store>,
+) -> Result<(Source, Option<u64>), BundleError> {
     let unreadable = |e: io::Error| BundleError::Refused(format!("cannot read {at}: {e}"));
     if at.starts_with("http://") || at.starts_with("https://") {
         return download(at).await;
+    }
+    if at.starts_with("s3://") {
+        let Some(bucket) = bucket else {
+            return Err(unreadable(io::Error::other(
+                "the cache is not in a bucket (storage.s3): only its own bucket can be read",
+            )));
+        };
+        let (size, body) = bucket.object(at).await.map_err(unreadable)?;
+        let reader = tokio_util::io::StreamReader::new(body);
+        return Ok((Source::tar(Box::new(reader)), Some(size)));
     }
     let path = Path::new(at);
     let meta = tokio::fs::metadata(path).await.map_err(unreadable)?;

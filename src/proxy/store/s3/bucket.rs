@@ -132,6 +132,22 @@ impl Bucket {
         Ok(bytes)
     }
 
+    /// An object streamed (a bundle): its size, and its bytes as they come. The request
+    /// is timed until its headers; the body has no limit of the bucket's own.
+    pub(super) async fn get_stream(
+        &self,
+        key: &Key,
+    ) -> object_store::Result<(u64, BoxStream<'static, object_store::Result<Bytes>>)> {
+        let got = self.timed("get", self.objects.get(key)).await?;
+        let size = got.meta.size;
+        let metrics = self.metrics.clone();
+        let body = got
+            .into_stream()
+            .inspect_ok(move |b| metrics.store_bytes(true).inc_by(b.len() as u64))
+            .boxed();
+        Ok((size, body))
+    }
+
     pub(super) async fn put(
         &self,
         key: &Key,

@@ -89,6 +89,8 @@ pub struct S3Store {
     redirect: bool,
     /// `s3://bucket/prefix`, for what is logged.
     name: String,
+    /// The bucket's name.
+    bucket_name: String,
     /// This replica's uses, for the access records (with a size limit only).
     access: Option<eviction::AccessLog>,
     /// Names this process's records and leases apart from other replicas'.
@@ -114,6 +116,7 @@ impl S3Store {
             .collect();
         Ok(S3Store {
             name: format!("s3://{name}/{}", prefix.join("/")),
+            bucket_name: name.to_string(),
             bucket,
             prefix,
             spool: DiskStore::spool(spool)?,
@@ -177,6 +180,33 @@ impl S3Store {
 
     fn key<'a>(&'a self, parts: impl IntoIterator<Item = &'a str>) -> Key {
         Key::from_iter(self.prefix.iter().map(String::as_str).chain(parts))
+    }
+
+    /// The object `url` (`s3://<this bucket>/<key>`, the key whole, not under the
+    /// cache's prefix) streamed: a bundle kept in the cache's own bucket. Its size, and
+    /// its bytes.
+    pub async fn object(
+        &self,
+        url: &str,
+    ) -> io::Result<(u64, BoxStream<'static, io::Result<Bytes>>)> {
+        let (bucket, key) = url
+            .strip_prefix("s3://")
+            .and_then(|rest| rest.split_once('/'))
+            .filter(|(_, key)| !key.is_empty())
+            .ok_or_else(|| io::Error::other(format!("{url} is not s3://<bucket>/<key>")))?;
+        if bucket != self.bucket_name {
+            return Err(io::Error::other(format!(
+                "{url} is not in the cache's bucket ({}): only its own bucket's credentials are known",
+                self.bucket_name
+            )));
+        }
+        let key = Key::parse(key).map_err(io::Error::other)?;
+        let (size, body) = self
+            .bucket
+            .get_stream(&key)
+            .await
+            .map_err(io::Error::other)?;
+        Ok((size, body.map(|r| r.map_err(io::Error::other)).boxed()))
     }
 
     fn object_key(&self, dir: &str, digest: &Digest) -> Key {
