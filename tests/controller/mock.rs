@@ -51,6 +51,9 @@ async fn create_applies_every_child_and_reports_status() {
     assert_eq!(
         f.summary(),
         vec![
+            // The admin token Secret every mirror's replicas are asked with.
+            "GET secrets",
+            "POST pullthrough-system",
             "PATCH configmaps",
             "PATCH deployments",
             "DELETE statefulsets",
@@ -858,9 +861,12 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     }
     let event = noted.expect("a Prefetched event");
     assert_eq!(event.body["regarding"]["name"], "warm");
+    // The last status patch (the first ones said the replica's modes before the
+    // prefetch was done).
     let counted = f
         .calls()
         .into_iter()
+        .rev()
         .find(|c| c.method == "PATCH" && c.path.ends_with("/registrymirrors/warm/status"));
     assert_eq!(
         counted.expect("a status patch").body["status"]["prefetchedImages"],
@@ -947,24 +953,25 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
     let listed = p.admin_get("/admin/in-use", ADMIN_TOKEN).await;
     assert_eq!(listed["images"], json!([]));
 
-    // A mirror that does not prefetch has nothing done to its replicas.
+    // A mirror that does not prefetch has its replicas' modes checked, and nothing
+    // asked or told of images.
     let mut plain = m.clone();
     plain.spec.cache.prefetch_from_workloads = None;
-    assert_eq!(warmer.sync(&plain).await.unwrap(), Some(vec![]));
+    let synced = warmer.sync(&plain).await.unwrap().unwrap();
+    assert_eq!(synced.len(), 2);
+    assert!(
+        synced.iter().all(|(_, s)| *s == Default::default()),
+        "{synced:?}"
+    );
 }
 
 #[tokio::test]
-async fn a_prefetching_mirror_gets_an_admin_token_its_replicas_mount() {
+async fn every_mirror_gets_an_admin_token_its_replicas_mount() {
     let f = fake(World {
         ready_replicas: 1,
         ..World::default()
     });
-    let m = mirror(
-        "warm",
-        100,
-        "upstreams: [{registry: docker.io}]\ncache: {prefetchFromWorkloads: {}}",
-        true,
-    );
+    let m = mirror("warm", 100, "upstreams: [{registry: docker.io}]", true);
     reconcile(Arc::new(m), f.ctx.clone()).await.unwrap();
     let created = f.find("POST", "/secrets");
     assert_eq!(created.body["metadata"]["name"], "pullthrough-warm-admin");
@@ -997,4 +1004,32 @@ async fn a_prefetching_mirror_gets_an_admin_token_its_replicas_mount() {
         yaml.contains("adminTokenFile: /var/run/pullthrough/admin/token"),
         "{yaml}"
     );
+}
+
+/// A change of modes alone rolls no pod: the pods' config hash stays, the ConfigMap (what
+/// a new pod starts with) changes; the controller carries the modes to running replicas.
+#[tokio::test]
+async fn a_change_of_modes_alone_rolls_no_pod() {
+    let hash_and_config = async |mode: &str| {
+        let f = fake(World {
+            ready_replicas: 1,
+            ..World::default()
+        });
+        let spec = format!("upstreams: [{{registry: docker.io}}]\ncache: {{mode: {mode}}}");
+        reconcile(Arc::new(mirror("m", 100, &spec, true)), f.ctx.clone())
+            .await
+            .unwrap();
+        let dep = f.find("PATCH", "/deployments/").body;
+        let hash =
+            dep["spec"]["template"]["metadata"]["annotations"]["pullthrough.dev/config-hash"]
+                .clone();
+        let config = f.find("PATCH", "/configmaps/").body["data"]["config.yaml"].clone();
+        (hash, config)
+    };
+    let (online_hash, online_config) = hash_and_config("online").await;
+    let (offline_hash, offline_config) = hash_and_config("offline").await;
+    assert!(online_hash.is_string());
+    assert_eq!(online_hash, offline_hash);
+    assert_ne!(online_config, offline_config);
+    assert!(offline_config.as_str().unwrap().contains("mode: offline"));
 }
