@@ -288,3 +288,56 @@ async fn a_layout_skopeo_wrote_imports_and_a_broken_one_leaves_the_cache_as_it_w
         (Some(0), Some(4))
     );
 }
+
+/// `--in-use` exports what the running proxy was told is in use (by the controller, for
+/// the mirror's workloads), and nothing else the cache holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_images_in_use_are_exported_from_beside_a_running_proxy() {
+    let upstream = Registry::start().await;
+    let used = Image::generate(74, &[30_000], "amd64");
+    let other = Image::generate(75, &[20_000], "amd64");
+    push_image(&upstream.url, "team/used", "1", &used).await;
+    push_image(&upstream.url, "team/other", "1", &other).await;
+    let host = upstream.host();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config_for(&[(host.as_str(), upstream.url.as_str())]);
+    cfg.cache_dir = dir.path().join("cache");
+    let proxy = Proxy::start_config(cfg.clone()).await;
+    pull(&proxy.url, "team/used", "1", None).await.unwrap();
+    pull(&proxy.url, "team/other", "1", None).await.unwrap();
+    proxy.settled().await;
+    let token = std::fs::read_to_string(cfg.cache_dir.join("admin-token")).unwrap();
+    let name = format!("{host}/team/used:1");
+    let told = http()
+        .put(format!("{}/admin/in-use", proxy.metrics_url))
+        .bearer_auth(token.trim())
+        .json(&serde_json::json!({"images": [name]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(told.status(), 200);
+
+    let out = dir.path().join("in-use");
+    let done = bundle(&[
+        "export",
+        "--cache-dir",
+        cfg.cache_dir.to_str().unwrap(),
+        "--in-use",
+        "--admin-url",
+        &proxy.metrics_url,
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert_eq!(names(&done), vec![name]);
+    let stored: BTreeSet<String> = std::fs::read_dir(out.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy()))
+        .collect();
+    let want: BTreeSet<String> = used
+        .blobs()
+        .chain([&used.manifest])
+        .map(|b| b.digest.clone())
+        .collect();
+    assert_eq!(stored, want);
+    proxy.stop().await;
+}
