@@ -75,16 +75,9 @@ enum BundleCommand {
         /// --admin-url was told by the controller.
         #[arg(long)]
         in_use: bool,
-        /// The running proxy's operations address (with --in-use).
-        #[arg(
-            long,
-            env = "PULLTHROUGH_ADMIN_URL",
-            default_value = "http://127.0.0.1:9095"
-        )]
-        admin_url: String,
-        /// The proxy's admin token file (default: admin-token in the cache directory).
-        #[arg(long, env = "PULLTHROUGH_ADMIN_TOKEN_FILE")]
-        admin_token_file: Option<PathBuf>,
+        /// The running proxy (with --in-use).
+        #[command(flatten)]
+        admin: AdminArgs,
         #[command(flatten)]
         cache: BundleCache,
     },
@@ -101,6 +94,21 @@ enum BundleCommand {
         #[command(flatten)]
         cache: BundleCache,
     },
+}
+
+/// How a command reaches a running proxy's admin endpoint.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The proxy's operations address.
+    #[arg(
+        long,
+        env = "PULLTHROUGH_ADMIN_URL",
+        default_value = "http://127.0.0.1:9095"
+    )]
+    admin_url: String,
+    /// The proxy's admin token file (default: admin-token in the cache directory).
+    #[arg(long, env = "PULLTHROUGH_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 }
 
 /// Which cache a bundle command works on.
@@ -129,16 +137,8 @@ enum CacheCommand {
         /// Drop every tag and image of the repository, and its links.
         #[arg(long)]
         repository: bool,
-        /// The proxy's operations address.
-        #[arg(
-            long,
-            env = "PULLTHROUGH_ADMIN_URL",
-            default_value = "http://127.0.0.1:9095"
-        )]
-        admin_url: String,
-        /// The proxy's admin token file (default: admin-token in the cache directory).
-        #[arg(long, env = "PULLTHROUGH_ADMIN_TOKEN_FILE")]
-        admin_token_file: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// The proxy's cache directory, where its admin token is by default.
         #[arg(
             long,
@@ -610,8 +610,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             image,
             tag,
             repository,
-            admin_url,
-            admin_token_file,
+            admin,
             cache_dir,
         }) => {
             use pullthrough::proxy::admin::api::DropScope;
@@ -621,11 +620,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (_, true) => DropScope::Repository,
                 _ => DropScope::Image,
             };
-            let token_file = admin_token_file.unwrap_or_else(|| {
+            let token_file = admin.admin_token_file.unwrap_or_else(|| {
                 cache_dir.join(pullthrough::api::proxy_config::ADMIN_TOKEN_FILE)
             });
             let token = pullthrough::proxy::admin::read_token(&token_file)?;
-            let answer = pullthrough::proxy::admin::drop(&admin_url, scope, &image, &token).await?;
+            let answer =
+                pullthrough::proxy::admin::drop(&admin.admin_url, scope, &image, &token).await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
         }
     }
@@ -658,8 +658,7 @@ async fn bundle(command: BundleCommand) -> anyhow::Result<()> {
             images,
             images_from,
             in_use,
-            admin_url,
-            admin_token_file,
+            admin,
             cache,
         } => {
             let mut names = images;
@@ -675,11 +674,13 @@ async fn bundle(command: BundleCommand) -> anyhow::Result<()> {
             }
             let (opened, config, scratch) = open(&cache)?;
             if in_use {
-                let token_file = admin_token_file.unwrap_or_else(|| config.admin_token_path());
+                let token_file = admin
+                    .admin_token_file
+                    .unwrap_or_else(|| config.admin_token_path());
                 let token = pullthrough::proxy::admin::read_token(&token_file)?;
-                let used = pullthrough::proxy::admin::in_use(&admin_url, &token).await?;
+                let used = pullthrough::proxy::admin::in_use(&admin.admin_url, &token).await?;
                 if used.images.is_empty() {
-                    anyhow::bail!("the proxy at {admin_url} knows no image in use");
+                    anyhow::bail!("the proxy at {} knows no image in use", admin.admin_url);
                 }
                 names.extend(used.images);
             }
