@@ -8,8 +8,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-/// `pullthrough bundle ARGS`: its JSON summary, or its one error line.
-fn bundle(args: &[&str]) -> Result<serde_json::Value, String> {
+/// `pullthrough bundle ARGS` run to its end: its JSON summary, or its one error line
+/// (checked to be one line).
+pub(crate) fn bundle(args: &[&str]) -> Result<serde_json::Value, String> {
     let out = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
         .arg("bundle")
         .args(args)
@@ -17,15 +18,14 @@ fn bundle(args: &[&str]) -> Result<serde_json::Value, String> {
         .output()
         .unwrap();
     if out.status.success() {
-        Ok(serde_json::from_slice(&out.stdout).expect("a JSON summary"))
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
-        assert!(
-            err.starts_with("error: ") && !err.contains('\n'),
-            "not one error line: {err}"
-        );
-        Err(err)
+        return Ok(serde_json::from_slice(&out.stdout).expect("a JSON summary"));
     }
+    let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+    assert!(
+        err.starts_with("error: ") && !err.contains('\n'),
+        "not one error line: {err}"
+    );
+    Err(err)
 }
 
 fn names(summary: &serde_json::Value) -> Vec<String> {

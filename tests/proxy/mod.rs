@@ -2,7 +2,7 @@
 //! Distribution upstreams and ones that misbehave on purpose.
 
 /// Bundles: images carried between caches as OCI image layouts, with skopeo.
-mod bundles;
+pub(crate) mod bundles;
 /// What a cache keeps and lets go: the size limit, pins, a killed process, a full disk.
 mod cache;
 /// Connections cannot be hoarded, and the ports stay up.

@@ -1108,24 +1108,13 @@ async fn a_bundle_in_the_bucket_seeds_a_replica_offline_and_a_drop_empties_it() 
     a.settled().await;
     a.stop().await;
     let tar = dir.path().join("b.tar");
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-            .arg("bundle")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
+    super::bundles::bundle(&[
         "export",
         "--cache-dir",
         disk.cache_dir.to_str().unwrap(),
         tar.to_str().unwrap(),
-    ]);
+    ])
+    .unwrap();
     let prefix = prefix("bundle");
     let b = bucket();
     // The bundle kept in the cache's own bucket, beside (not under) the cache's prefix.
@@ -1158,18 +1147,8 @@ async fn a_bundle_in_the_bucket_seeds_a_replica_offline_and_a_drop_empties_it() 
     // `bundle import` into the bucket, from it: everything is there already.
     let cfg = dir.path().join("bucket.yaml");
     std::fs::write(&cfg, on_bucket.to_yaml()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .args(["bundle", "import", "--config"])
-        .arg(&cfg)
-        .arg(&seed)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let again =
+        super::bundles::bundle(&["import", "--config", cfg.to_str().unwrap(), &seed]).unwrap();
     // Six objects: two manifests, two configs, two layers (one of them shared).
     assert_eq!(
         (again["written"].as_u64(), again["already"].as_u64()),

@@ -3,7 +3,7 @@
 //! `offline` mode and fails a pull of anything else at once; a change of mode reaches the
 //! running replica without a restart, and a drop asked with the annotation is made on it.
 
-use super::kubelet_pull::pulled_in;
+use super::kubelet_pull::{kubelet_event, pulled_in};
 use super::rewrite::pod_api;
 use crate::common::cluster::*;
 use crate::common::{Image, Registry, config_for, metric_value, pull, push_image, scrape};
@@ -15,23 +15,11 @@ use kube::{Api, ResourceExt};
 use pullthrough::api::UpstreamMode;
 use pullthrough::api::image_ref::registry_in_path;
 use pullthrough::api::mirror::{DROP_ANNOTATION, METRICS_PORT, PROXY_PORT};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The kubelet's `Failed` Event on `pod`: its note, and how long after `since` it was seen.
 async fn failed_pull(events: &Api<Event>, pod: &str, since: Instant) -> (String, Duration) {
-    let note = eventually(
-        120,
-        &format!("the kubelet's Failed Event on {pod}"),
-        || async {
-            let list = events.list(&ListParams::default()).await.ok()?;
-            list.items.into_iter().find_map(|e| {
-                let on = e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod);
-                (on && e.reason.as_deref() == Some("Failed")).then_some(e.note?)
-            })
-        },
-    )
-    .await;
+    let note = kubelet_event(events, pod, "Failed").await;
     (note, since.elapsed())
 }
 
@@ -72,17 +60,9 @@ async fn with_a_node_a_mirror_seeded_from_a_bundle_serves_the_kubelet_offline() 
     filler.stop().await;
     drop(up);
     let tar = dir.path().join("bundle.tar");
-    let out = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .args(["bundle", "export", "--cache-dir"])
-        .arg(&fill.cache_dir)
-        .arg(&tar)
-        .output()
+    let cache_dir = fill.cache_dir.to_str().unwrap();
+    crate::proxy::bundles::bundle(&["export", "--cache-dir", cache_dir, tar.to_str().unwrap()])
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let bundle = bytes::Bytes::from(std::fs::read(&tar).unwrap());
     let (files, _serving) = crate::common::serve_http1(move |_, _| {
         let bundle = bundle.clone();

@@ -18,20 +18,25 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use pullthrough::api::image_ref::registry_in_path;
 use pullthrough::api::mirror::PROXY_PORT;
 
-/// Seconds the kubelet says its pull of `pod`'s image took (its `Pulled` Event).
-pub(super) async fn pulled_in(events: &Api<Event>, pod: &str) -> f64 {
-    let note = eventually(
+/// The note of the kubelet's Event `reason` (`Pulled`, `Failed`) on `pod`, once there.
+pub(super) async fn kubelet_event(events: &Api<Event>, pod: &str, reason: &str) -> String {
+    eventually(
         300,
-        &format!("the kubelet's Pulled Event on {pod}"),
+        &format!("the kubelet's {reason} Event on {pod}"),
         || async {
             let list = events.list(&ListParams::default()).await.ok()?;
             list.items.into_iter().find_map(|e| {
                 let on = e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod);
-                (on && e.reason.as_deref() == Some("Pulled")).then_some(e.note?)
+                (on && e.reason.as_deref() == Some(reason)).then_some(e.note?)
             })
         },
     )
-    .await;
+    .await
+}
+
+/// Seconds the kubelet says its pull of `pod`'s image took (its `Pulled` Event).
+pub(super) async fn pulled_in(events: &Api<Event>, pod: &str) -> f64 {
+    let note = kubelet_event(events, pod, "Pulled").await;
     // "Successfully pulled image "x" in 1.234s (1.234s including waiting). ..."
     let took = note
         .split(" in ")
