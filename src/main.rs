@@ -411,16 +411,19 @@ struct ProxyArgs {
     print_config: bool,
 }
 
-fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
-    let mut config = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config file {}", path.display()))?;
-            ProxyConfig::from_yaml(&text)
-                .with_context(|| format!("config file {} is not valid", path.display()))?
-        }
-        None => ProxyConfig::default(),
+/// The proxy configuration in the YAML file `path`; the defaults without one.
+fn config_file(path: Option<&std::path::Path>) -> anyhow::Result<ProxyConfig> {
+    let Some(path) = path else {
+        return Ok(ProxyConfig::default());
     };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    ProxyConfig::from_yaml(&text)
+        .with_context(|| format!("config file {} is not valid", path.display()))
+}
+
+fn proxy_config(args: &ProxyArgs) -> anyhow::Result<ProxyConfig> {
+    let mut config = config_file(args.config.as_deref())?;
     if let Some(l) = args.listen {
         config.listen = l;
     }
@@ -635,15 +638,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn bundle(command: BundleCommand) -> anyhow::Result<()> {
     use pullthrough::proxy::bundle;
     let open = |cache: &BundleCache| -> anyhow::Result<_> {
-        let mut config = match &cache.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config file {}", path.display()))?;
-                ProxyConfig::from_yaml(&text)
-                    .with_context(|| format!("config file {} is not valid", path.display()))?
-            }
-            None => ProxyConfig::default(),
-        };
+        let mut config = config_file(cache.config.as_deref())?;
         if let Some(d) = &cache.cache_dir {
             config.cache_dir = d.clone();
         }
