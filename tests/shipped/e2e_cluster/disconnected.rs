@@ -3,7 +3,7 @@
 //! `offline` mode and fails a pull of anything else at once; a change of mode reaches the
 //! running replica without a restart, and a drop asked with the annotation is made on it.
 
-use super::kubelet_pull::{kubelet_event, pulled_in};
+use super::kubelet_pull::{entry_point, kubelet_event, pulled_in};
 use super::rewrite::pod_api;
 use crate::common::cluster::*;
 use crate::common::{Image, Registry, config_for, metric_value, pull, push_image, scrape};
@@ -94,16 +94,7 @@ async fn with_a_node_a_mirror_seeded_from_a_bundle_serves_the_kubelet_offline() 
     .await;
 
     // The kubelet pulls the workload's image through a node-local entry point.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let entry = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(pullthrough::relay::serve(
-        listener,
-        format!("http://127.0.0.1:{PROXY_PORT}"),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let (entry, stop, relay) = entry_point().await;
     let through = format!("127.0.0.1:{entry}/{}", registry_in_path(&a));
     let pods = pod_api(&env).await;
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);

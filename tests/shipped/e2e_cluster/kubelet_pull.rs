@@ -18,6 +18,26 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use pullthrough::api::image_ref::registry_in_path;
 use pullthrough::api::mirror::PROXY_PORT;
 
+/// A node-local entry point (`pullthrough::relay`) on the node's loopback to the replica
+/// on the host's network: its port, what stops it, and its task.
+pub(super) async fn entry_point() -> (
+    u16,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let entry = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(pullthrough::relay::serve(
+        listener,
+        format!("http://127.0.0.1:{PROXY_PORT}"),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    (entry, stop, relay)
+}
+
 /// The note of the kubelet's Event `reason` (`Pulled`, `Failed`) on `pod`, once there.
 pub(super) async fn kubelet_event(events: &Api<Event>, pod: &str, reason: &str) -> String {
     eventually(
@@ -120,17 +140,7 @@ async fn bench_the_kubelet_s_own_pull_direct_and_through_the_mirror() {
         cond(m, "Ready").is_some_and(|c| c.0 == "True")
     })
     .await;
-    // The node-local entry point.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let entry = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(pullthrough::relay::serve(
-        listener,
-        format!("http://127.0.0.1:{PROXY_PORT}"),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let (entry, stop, relay) = entry_point().await;
     let pods = pod_api(&env).await;
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
     let up_host = up.url.trim_start_matches("http://").to_string();
