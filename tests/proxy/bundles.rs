@@ -61,7 +61,8 @@ fn files(dir: &Path) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exported_bundle_seeds_a_cache_that_serves_it_offline_and_skopeo_reads_it() {
     let upstream = Registry::start().await;
-    // A layer over 4 MiB takes the streamed path of an import, the others the held one.
+    // Layers stream into the store on import (one over 4 MiB too); manifests and configs
+    // are held until index.json says what they are.
     let multi = MultiArch::generate(71, &[300_000, 5_000_000, 2_000]);
     push_multiarch(&upstream.url, "team/app", "v1", &multi).await;
     let single = Image::generate(72, &[40_000], "amd64");

@@ -1,9 +1,10 @@
 //! `pullthrough bundle import`: a cache seeded from an OCI image layout.
 //!
-//! The layout is read once, in its own order (a tar is streamed, not unpacked): a blob
-//! over [`MAX_MANIFEST`] goes into the store as it is read (committed only when its
-//! bytes match its name); smaller ones, which may be manifests, are held until
-//! `index.json` says what each is. Then every image is checked whole (its manifests, and
+//! The layout is read once, in its own order (a tar is streamed, not unpacked): a layer
+//! (a blob that is not JSON, or is over [`MAX_MANIFEST`]) goes into the store as it is
+//! read, committed only when its bytes match its name, so that no layer is ever held in
+//! memory; a small JSON blob (a manifest, a config) is held until `index.json` says
+//! what it is. Then every image is checked whole (its manifests, and
 //! for each platform its config and layers, in the bundle or already in the store), and
 //! only then are the manifests, tags and links written. A bundle that fails anywhere is
 //! refused and what it wrote is removed.
@@ -41,9 +42,10 @@ pub struct Imported {
 struct Read {
     layout: bool,
     index: Option<Bytes>,
-    /// Blobs up to [`MAX_MANIFEST`], checked, not yet stored.
+    /// JSON blobs up to [`MAX_MANIFEST`] (manifests, configs), checked, not yet stored.
     small: HashMap<Digest, Bytes>,
-    /// Larger blobs, now in the store, with their sizes.
+    /// The other blobs (layers), in the store (written now, or there before), with
+    /// their sizes.
     large: HashMap<Digest, u64>,
 }
 
@@ -123,7 +125,7 @@ async fn run(
         images.push(check_image(store, &read, i, d).await?);
     }
 
-    // Every image is whole: store the small blobs and the manifests, then the links, then
+    // Every image is whole: store the held blobs and the manifests, then the links, then
     // the tags (a tag is never written before what it names).
     let mut stored: HashSet<Digest> = HashSet::new();
     for image in &images {
@@ -163,7 +165,7 @@ async fn run(
         }
     }
     link(store, &images, &read).await?;
-    // Large blobs no image of the bundle uses are not kept.
+    // Layers no image of the bundle uses are not kept.
     let used: HashSet<&Digest> = images.iter().flat_map(|i| &i.blobs).collect();
     for d in read.large.keys().filter(|d| !used.contains(d)) {
         if let Some(at) = wrote.iter().position(|w| w == d) {
@@ -231,7 +233,7 @@ async fn link(store: &dyn BlobStore, images: &[Image], read: &Read) -> Result<()
     Ok(())
 }
 
-/// Reads every file of the layout: small blobs into memory, large ones into the store.
+/// Reads every file of the layout: small JSON blobs into memory, layers into the store.
 async fn read_layout(
     store: &dyn BlobStore,
     source: &mut Source,
@@ -255,14 +257,27 @@ async fn read_layout(
                     read.index = Some(bytes);
                 }
             }
-            Part::Blob(digest) if entry.size <= MAX_MANIFEST => {
-                let bytes = whole(source, entry.size, MAX_MANIFEST, &entry.name, progress).await?;
-                if Digest::of(digest.algorithm(), &bytes) != digest {
-                    return Err(refused(format!("{} does not match its digest", entry.name)));
-                }
-                read.small.insert(digest, bytes);
-            }
             Part::Blob(digest) => {
+                let first = source.chunk(CHUNK_MAX).await.map_err(bad)?;
+                let json = entry.size <= MAX_MANIFEST
+                    && first.as_ref().is_some_and(|c| {
+                        c.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+                    });
+                if json {
+                    let rest =
+                        whole(source, entry.size, MAX_MANIFEST, &entry.name, progress).await?;
+                    let first = first.expect("a JSON blob has a first chunk");
+                    progress.add(first.len() as u64);
+                    let bytes = match rest.is_empty() {
+                        true => first,
+                        false => [first, rest].concat().into(),
+                    };
+                    if Digest::of(digest.algorithm(), &bytes) != digest {
+                        return Err(refused(format!("{} does not match its digest", entry.name)));
+                    }
+                    read.small.insert(digest, bytes);
+                    continue;
+                }
                 let present = store
                     .open(&digest)
                     .await?
@@ -271,7 +286,7 @@ async fn read_layout(
                     imported.already += 1;
                     progress.add(entry.size);
                 } else {
-                    store_large(store, source, &digest, entry.size, progress).await?;
+                    store_large(store, source, &digest, entry.size, first, progress).await?;
                     wrote.push(digest.clone());
                     imported.written += 1;
                     imported.written_bytes += entry.size;
@@ -318,26 +333,32 @@ async fn whole(
     Ok(buf.freeze())
 }
 
-/// Streams a large blob of the bundle into the store, committed only if it matches.
+/// Streams a layer of the bundle (`first`, its first chunk, already read) into the
+/// store, committed only if it matches.
 async fn store_large(
     store: &dyn BlobStore,
     source: &mut Source,
     digest: &Digest,
     size: u64,
+    first: Option<Bytes>,
     progress: &mut Progress,
 ) -> Result<(), BundleError> {
     let mut w = store.begin(digest, Some(size)).await?;
     let mut hasher = Hasher::new(digest.algorithm());
     let mut got = 0u64;
-    while let Some(c) = source
-        .chunk(CHUNK_MAX)
-        .await
-        .map_err(|e| refused(format!("reading {digest}: {e}")))?
-    {
+    let mut next = first;
+    loop {
+        let Some(c) = next.take() else {
+            break;
+        };
         hasher.update(&c);
         got += c.len() as u64;
         progress.add(c.len() as u64);
         w.append(vec![c]).await?;
+        next = source
+            .chunk(CHUNK_MAX)
+            .await
+            .map_err(|e| refused(format!("reading {digest}: {e}")))?;
     }
     if got != size || hasher.finish() != *digest {
         return Err(refused(format!(
