@@ -51,6 +51,12 @@ impl fmt::Display for ImageRef {
     }
 }
 
+/// Whether `s` writes a tag or a digest (`alpine:3.20`, `x@sha256:...`), not only a
+/// repository (`alpine`, `registry.local:5000/team/app`).
+pub fn names_reference(s: &str) -> bool {
+    s.contains('@') || s.rsplit('/').next().is_some_and(|last| last.contains(':'))
+}
+
 /// Parses and normalises an image reference.
 pub fn parse(s: &str) -> Result<ImageRef, ImageRefError> {
     let bad = |cause: ImageRefCause| ImageRefError {

@@ -505,7 +505,7 @@ pub fn parse_drops(value: &str) -> Result<Vec<DropItem>, String> {
             None => ("image", item),
         };
         let parsed = super::image_ref::parse(what).map_err(|e| e.to_string())?;
-        let tagged = what.contains('@') || what.rsplit('/').next().is_some_and(|l| l.contains(':'));
+        let tagged = super::image_ref::names_reference(what);
         match scope {
             "tag" if matches!(parsed.reference, crate::oci::Reference::Digest(_)) => {
                 return Err(format!("{item:?}: tag= names a tag, not a digest"));

@@ -259,12 +259,7 @@ async fn drop_cached(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
             return json(StatusCode::BAD_REQUEST, &Refusal::new(why));
         }
         (DropScope::Repository, _) => {
-            if text.contains('@')
-                || text
-                    .rsplit('/')
-                    .next()
-                    .is_some_and(|last| last.contains(':'))
-            {
+            if crate::api::image_ref::names_reference(text) {
                 let why = "?repository= names a repository, without a tag or digest";
                 return json(StatusCode::BAD_REQUEST, &Refusal::new(why));
             }
