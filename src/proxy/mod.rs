@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod availability;
 pub mod build;
 pub mod bundle;
 pub mod error;

@@ -268,7 +268,7 @@ pub struct Prefetched {
 
 /// Whether a platform descriptor is among `wanted` (`os/arch` or `os/arch/variant`);
 /// everything is wanted when the list is empty.
-fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[String]) -> bool {
+pub(crate) fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[String]) -> bool {
     if wanted.is_empty() {
         return true;
     }

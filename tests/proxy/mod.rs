@@ -1,6 +1,8 @@
 //! The proxy, the data plane: the registry API as clients use it, against real
 //! Distribution upstreams and ones that misbehave on purpose.
 
+/// Whether workload images can be pulled now, and what asking costs the upstream.
+mod availability;
 /// Bundles: images carried between caches as OCI image layouts, with skopeo.
 pub(crate) mod bundles;
 /// What a cache keeps and lets go: the size limit, pins, a killed process, a full disk.

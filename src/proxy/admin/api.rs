@@ -176,6 +176,92 @@ mod tests {
     }
 }
 
+/// `POST /admin/availability`: the images to check, for nodes of `platforms`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AvailabilityRequest {
+    /// The images.
+    pub images: Vec<ImageToCheck>,
+    /// The platforms the nodes run (`linux/amd64`); all when empty.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+}
+
+/// One image to check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageToCheck {
+    /// Its reference, as the workload names it.
+    pub image: String,
+    /// The digests the running pods of it use (their `imageID`s).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub running: Vec<String>,
+}
+
+/// What `POST /admin/availability` answers, in the order asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AvailabilityAnswer {
+    /// One per image.
+    pub images: Vec<Availability>,
+}
+
+/// Whether an image can be pulled now (see [`crate::proxy::availability`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Availability {
+    /// As asked.
+    pub image: String,
+    /// Its state.
+    pub state: ImageState,
+    /// The digest its reference names now, as far as known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Why it is unavailable, unauthorized or unchecked: the upstream's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// An image's state, worst last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ImageState {
+    /// Every blob of the nodes' platforms is in the cache.
+    Cached,
+    /// Not (all) cached; the upstream has it.
+    UpstreamOnly,
+    /// Not asked now: the upstream asked to be left alone (its last state stands).
+    Unchecked,
+    /// The tag names another digest than the running pods use.
+    Moved,
+    /// The upstream refuses the cache's credentials.
+    Unauthorized,
+    /// Neither cached nor pullable: the next pull fails.
+    Unavailable,
+}
+
+impl ImageState {
+    /// Every state, best first.
+    pub const ALL: [ImageState; 6] = [
+        ImageState::Cached,
+        ImageState::UpstreamOnly,
+        ImageState::Unchecked,
+        ImageState::Moved,
+        ImageState::Unauthorized,
+        ImageState::Unavailable,
+    ];
+
+    /// As the API and the metric's label write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageState::Cached => "cached",
+            ImageState::UpstreamOnly => "upstreamOnly",
+            ImageState::Unchecked => "unchecked",
+            ImageState::Moved => "moved",
+            ImageState::Unauthorized => "unauthorized",
+            ImageState::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// `PUT /admin/mode`: the mode to put every upstream in, or one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

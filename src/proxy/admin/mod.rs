@@ -8,8 +8,8 @@
 pub mod api;
 
 use api::{
-    DropScope, Dropped, InUse, InUseSet, Modes, PrefetchAccepted, PrefetchProgress,
-    PrefetchRequest, Refusal, SetMode,
+    AvailabilityAnswer, AvailabilityRequest, DropScope, Dropped, ImageToCheck, InUse, InUseSet,
+    Modes, PrefetchAccepted, PrefetchProgress, PrefetchRequest, Refusal, SetMode,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -155,6 +155,28 @@ pub async fn prefetch_progress(
         "/admin/prefetch",
         token,
         None::<&()>,
+    )
+    .await
+}
+
+/// The state of each of `images` on the proxy at `admin_url`, for nodes of `platforms`
+/// (see [`crate::proxy::availability`]).
+pub async fn availability(
+    admin_url: &str,
+    images: Vec<ImageToCheck>,
+    platforms: &[String],
+    token: &str,
+) -> Result<AvailabilityAnswer, AdminError> {
+    let asked = AvailabilityRequest {
+        images,
+        platforms: platforms.to_vec(),
+    };
+    exchange(
+        admin_url,
+        Method::POST,
+        "/admin/availability",
+        token,
+        Some(&asked),
     )
     .await
 }

@@ -2,22 +2,26 @@
 //! [`crate::server::handle_ops`]) and the admin endpoints, with the admin token
 //! (`Authorization: Bearer <token>`, from any address: the controller asks from its own
 //! pod, and loopback alone would prove nothing, sidecars connect from there too):
-//! `POST|GET /admin/prefetch`, `PUT|GET /admin/in-use`, `PUT|GET /admin/mode` and
-//! `DELETE /admin/cache?image=|tag=|repository=` (`pullthrough cache drop`). Their
+//! `POST|GET /admin/prefetch`, `PUT|GET /admin/in-use`, `PUT|GET /admin/mode`,
+//! `POST /admin/availability` and `DELETE /admin/cache?image=|tag=|repository=`
+//! (`pullthrough cache drop`). Their
 //! requests and answers are the typed ones of [`crate::proxy::admin::api`].
 
 use super::Body;
 use super::route::percent_decode;
+use crate::oci::Digest;
 use crate::oci::Reference;
 use crate::proxy::admin::api::{
-    DropScope, Dropped, InUse, InUseSet, Modes, PrefetchProgress, PrefetchRequest, Refusal,
-    SetMode, UpstreamModeOf,
+    AvailabilityAnswer, AvailabilityRequest, DropScope, Dropped, InUse, InUseSet, Modes,
+    PrefetchProgress, PrefetchRequest, Refusal, SetMode, UpstreamModeOf,
 };
+use crate::proxy::availability::MAX_IMAGES as MAX_AVAILABILITY;
 use crate::proxy::index::Removal;
 use crate::proxy::prefetcher::{MAX_IMAGES_PER_REQUEST, MAX_JOBS};
 use crate::proxy::pull_through::ConfiguredImage;
 use crate::proxy::state::Proxy;
 use crate::server::full;
+use futures::StreamExt as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -39,7 +43,11 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     let admin = matches!(
         path.as_str(),
-        "/admin/prefetch" | "/admin/in-use" | "/admin/mode" | "/admin/cache"
+        "/admin/prefetch"
+            | "/admin/in-use"
+            | "/admin/mode"
+            | "/admin/cache"
+            | "/admin/availability"
     );
     if !admin {
         return crate::server::handle_ops(proxy, req).await;
@@ -60,6 +68,7 @@ pub async fn handle(
         "/admin/prefetch" => prefetch(&proxy, req).await,
         "/admin/in-use" => in_use(&proxy, req).await,
         "/admin/mode" => mode(&proxy, req).await,
+        "/admin/availability" => availability(&proxy, req).await,
         _ => drop_cached(&proxy, req).await,
     })
 }
@@ -199,6 +208,50 @@ async fn mode(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
         }
     }
     json(StatusCode::OK, &modes())
+}
+
+/// `POST /admin/availability` says whether each image asked for can be pulled now (see
+/// [`crate::proxy::availability`]), four at a time.
+async fn availability(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    let example = "{\"images\": [{\"image\": \"docker.io/library/alpine:3.20\"}], \"platforms\": [\"linux/amd64\"]}";
+    if req.method() != Method::POST {
+        let why = format!("use POST /admin/availability with {example}");
+        return json(StatusCode::METHOD_NOT_ALLOWED, &Refusal::new(why));
+    }
+    let asked: AvailabilityRequest = match json_body(req, 1 << 20, example).await {
+        Ok(a) => a,
+        Err(refusal) => return json(StatusCode::BAD_REQUEST, &refusal),
+    };
+    if asked.images.len() > MAX_AVAILABILITY {
+        let why = format!("at most {MAX_AVAILABILITY} images per request");
+        return json(StatusCode::BAD_REQUEST, &Refusal::new(why));
+    }
+    let registry = proxy.registry();
+    let upstreams = registry.upstreams();
+    let mut resolved = Vec::new();
+    for i in &asked.images {
+        let image = match upstreams.resolve_image(&i.image) {
+            Ok(image) => image,
+            Err(e) => {
+                let refusal = Refusal {
+                    error: format!("{}: {e}", i.image),
+                    image: Some(i.image.clone()),
+                };
+                return json(StatusCode::BAD_REQUEST, &refusal);
+            }
+        };
+        let running: Vec<Digest> = i.running.iter().filter_map(|d| d.parse().ok()).collect();
+        resolved.push((image, running));
+    }
+    let checks = resolved.into_iter().map(|(image, running)| {
+        let (links, platforms) = (registry.links().clone(), asked.platforms.clone());
+        async move { crate::proxy::availability::check(&links, &image, &running, &platforms).await }
+    });
+    let images = futures::stream::iter(checks)
+        .buffered(4)
+        .collect::<Vec<_>>()
+        .await;
+    json(StatusCode::OK, &AvailabilityAnswer { images })
 }
 
 /// `DELETE /admin/cache?image=<reference>` drops an image (a tag and what it points to,

@@ -291,6 +291,20 @@ impl PullThrough {
         self.space.enforce_limit().await
     }
 
+    /// Where a tag pointed when the cache last knew (memory, or its record), without
+    /// asking the upstream.
+    pub async fn cached_tag(&self, up: &Upstream, repository: &str, tag: &str) -> Option<Digest> {
+        self.space.cached_tag(up, repository, tag).await
+    }
+
+    /// Whether the cache holds `digest` whole: in its index, or (a shared bucket, which
+    /// other replicas fill) in its store.
+    pub async fn holds(&self, digest: &Digest) -> bool {
+        let store = self.space.store();
+        self.space.index().contains(digest)
+            || (store.shared() && matches!(store.open(digest).await, Ok(Some(_))))
+    }
+
     /// Forgets where a tag points, keeping what it pointed to (see
     /// [`Space::forget_tag`]).
     pub async fn forget_tag(&self, up: &Upstream, repository: &str, tag: &str) -> Option<Digest> {

@@ -200,6 +200,11 @@ impl Space {
         }
     }
 
+    /// Where a tag pointed when the cache last knew, without asking the upstream.
+    pub async fn cached_tag(&self, up: &Upstream, repository: &str, tag: &str) -> Option<Digest> {
+        self.tags.state(up, repository, tag).await.map(|s| s.digest)
+    }
+
     /// Forgets where a tag points (its record too), keeping what it pointed to: the next
     /// pull of the tag asks the upstream. The digest it pointed to, if it was known.
     pub async fn forget_tag(&self, up: &Upstream, repository: &str, tag: &str) -> Option<Digest> {
