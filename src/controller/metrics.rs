@@ -1,7 +1,9 @@
 //! The controller's metrics: reconciles by result and how long they take, and the
 //! image-rewriting webhook's answers (docs/rewrite.md).
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// The outcomes of `pullthrough_rewrite_pods_total`, there from the start.
 const OUTCOMES: [&str; 4] = [
@@ -23,6 +25,7 @@ pub struct ControllerMetrics {
     webhook_duration: Histogram,
     webhook_pods: IntCounterVec,
     missed_pods: IntGauge,
+    workload_images: IntGaugeVec,
 }
 
 impl ControllerMetrics {
@@ -74,6 +77,14 @@ impl ControllerMetrics {
             "Pods in a rewriting mirror's scope, running now, that the webhook never answered for (it was down or too slow and the API server let them in unrewritten); each mirror's status says how many are its own.",
         )
         .expect("valid metric");
+        let workload_images = IntGaugeVec::new(
+            Opts::new(
+                "pullthrough_workload_images",
+                "Images the workloads a mirror serves use, by availability (cached, upstreamOnly, unchecked, moved, unauthorized, unavailable), as the controller last checked them (docs/operations.md, \"Know before the outage\").",
+            ),
+            &["mirror", "state"],
+        )
+        .expect("valid metric");
         for outcome in OUTCOMES {
             webhook_pods.with_label_values(&[outcome]);
         }
@@ -89,6 +100,7 @@ impl ControllerMetrics {
                 Box::new(webhook_duration.clone()),
                 Box::new(webhook_pods.clone()),
                 Box::new(missed_pods.clone()),
+                Box::new(workload_images.clone()),
             ],
         );
         ControllerMetrics {
@@ -100,6 +112,28 @@ impl ControllerMetrics {
             webhook_duration,
             webhook_pods,
             missed_pods,
+            workload_images,
+        }
+    }
+
+    /// The images of `mirror`'s workloads, by state (each state's series set, at 0
+    /// too); `None` takes the mirror's series away.
+    pub fn set_workload_images(&self, mirror: &str, counts: Option<&[(&str, i64)]>) {
+        match counts {
+            Some(counts) => {
+                for (state, n) in counts {
+                    self.workload_images
+                        .with_label_values(&[mirror, state])
+                        .set(*n);
+                }
+            }
+            None => {
+                for state in crate::proxy::admin::api::ImageState::ALL {
+                    let _ = self
+                        .workload_images
+                        .remove_label_values(&[mirror, state.as_str()]);
+                }
+            }
         }
     }
 

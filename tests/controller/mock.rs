@@ -692,6 +692,7 @@ struct Cluster {
     jobs: Writer<k8s_openapi::api::batch::v1::Job>,
     namespaces: Writer<k8s_openapi::api::core::v1::Namespace>,
     pods: Writer<k8s_openapi::api::core::v1::Pod>,
+    all_pods: Writer<k8s_openapi::api::core::v1::Pod>,
 }
 
 /// A store with its first list done, empty, and its writer.
@@ -711,6 +712,7 @@ impl Cluster {
         let (jobs, jw) = listed();
         let (namespaces, nw) = listed();
         let (pods, pw) = listed();
+        let (all_pods, aw) = listed();
         let stores = pullthrough::controller::workloads::Stores {
             deployments,
             stateful_sets: listed().0,
@@ -719,6 +721,7 @@ impl Cluster {
             cron_jobs: listed().0,
             namespaces,
             pods,
+            all_pods,
         };
         Cluster {
             stores,
@@ -726,6 +729,7 @@ impl Cluster {
             jobs: jw,
             namespaces: nw,
             pods: pw,
+            all_pods: aw,
         }
     }
 
@@ -762,6 +766,15 @@ impl Cluster {
         let j = json!({"metadata": {"name": name, "namespace": ns},
             "spec": {"template": Cluster::template(images)}});
         Cluster::apply(&mut self.jobs, j);
+    }
+
+    /// A bare pod (no controller owns it) of `image`, running `image_id`.
+    fn bare_pod(&mut self, ns: &str, name: &str, image: &str, image_id: &str) {
+        let pod = json!({"metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}")},
+            "spec": {"containers": [{"name": "c", "image": image}]},
+            "status": {"containerStatuses": [{"name": "c", "image": image, "imageID": image_id,
+                "ready": true, "restartCount": 0}]}});
+        Cluster::apply(&mut self.all_pods, pod);
     }
 
     /// A ready proxy pod of mirror `m` at `ip`.
@@ -941,27 +954,32 @@ async fn a_workloads_new_image_is_in_the_cache_before_any_client_asks() {
         up.assert_gets(&format!("/blobs/{}", b.digest), 2);
     }
 
-    // team-a relabelled out of the selector: nothing is asked, and nothing is in use.
+    // team-a relabelled out of the selector: nothing is asked, and app:2.0 stays in use
+    // for availability.keepInUseFor (24 hours by default); with none, it is in use no
+    // more.
     cluster.namespace("team-a", json!({"team": "c"}));
     let moved = warmer.sync(&m).await.unwrap().unwrap();
-    assert!(
-        moved
-            .iter()
-            .all(|(_, s)| s.asked.is_empty() && s.told_in_use),
-        "{moved:?}"
-    );
+    assert!(moved.iter().all(|(_, s)| s.asked.is_empty()), "{moved:?}");
+    let listed = p.admin_get("/admin/in-use", ADMIN_TOKEN).await;
+    assert_eq!(listed["images"], json!([app_2]));
+    let mut no_grace = m.clone();
+    no_grace.spec.availability = Some(serde_yaml::from_str("{keepInUseFor: '0s'}").unwrap());
+    let moved = warmer.sync(&no_grace).await.unwrap().unwrap();
+    assert!(moved.iter().all(|(_, s)| s.told_in_use), "{moved:?}");
     let listed = p.admin_get("/admin/in-use", ADMIN_TOKEN).await;
     assert_eq!(listed["images"], json!([]));
 
-    // A mirror that does not prefetch has its replicas' modes checked, and nothing
-    // asked or told of images.
-    let mut plain = m.clone();
+    // A mirror that does not prefetch has its replicas' modes checked, nothing asked,
+    // and the images its workloads use (every namespace's) kept in use.
+    let mut plain = no_grace.clone();
     plain.spec.cache.prefetch_from_workloads = None;
     let synced = warmer.sync(&plain).await.unwrap().unwrap();
     assert_eq!(synced.len(), 2);
-    assert!(
-        synced.iter().all(|(_, s)| *s == Default::default()),
-        "{synced:?}"
+    assert!(synced.iter().all(|(_, s)| s.asked.is_empty()), "{synced:?}");
+    let listed = p.admin_get("/admin/in-use", ADMIN_TOKEN).await;
+    assert_eq!(
+        listed["images"],
+        json!([app_2, "registry.test/team/other:1"])
     );
 }
 
@@ -1032,4 +1050,181 @@ async fn a_change_of_modes_alone_rolls_no_pod() {
     assert_eq!(online_hash, offline_hash);
     assert_ne!(online_config, offline_config);
     assert!(offline_config.as_str().unwrap().contains("mode: offline"));
+}
+
+/// The availability watch (issue #40): each state a workload's image goes through, in
+/// the status, the metric the alert watches and an Event on the workload; a cached image
+/// stays cached with the upstream down, and is checked without asking it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_image_s_state_follows_the_cache_and_the_upstream() {
+    use crate::common::fault::FaultUpstream;
+    use crate::common::*;
+    use pullthrough::api::mirror::RegistryMirrorStatus;
+    use pullthrough::controller::workloads::Warmer;
+    use std::sync::atomic::Ordering;
+    let up = FaultUpstream::start().await;
+    let app = Image::generate(97, &[20_000], "amd64");
+    up.add_image("team/app", "1", &app);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let mut cfg = config_for(&[("registry.test", &up.url)]);
+    cfg.admin_token_file = Some(token_file);
+    let p = Proxy::start_config(cfg).await;
+    let ops_port: u16 = p.metrics_url.rsplit(':').next().unwrap().parse().unwrap();
+    let world = World {
+        named: vec![(
+            "pullthrough-watch-admin".into(),
+            json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"pullthrough-watch-admin","namespace":NS},
+                "data":{"token": base64(ADMIN_TOKEN)}}),
+        )],
+        nodes: vec![amd64_node("n1")],
+        ops_port: Some(ops_port),
+        ..World::default()
+    };
+    let f = fake(world);
+    // Checked at every sync (every: 0s), so that each step below is one check.
+    let mut m = mirror(
+        "watch",
+        100,
+        &format!(
+            "upstreams: [{{registry: registry.test, url: \"{}\"}}]\navailability: {{every: 0s}}",
+            up.url
+        ),
+        true,
+    );
+    m.status = Some(RegistryMirrorStatus {
+        served_registries: vec!["registry.test".into()],
+        ..RegistryMirrorStatus::default()
+    });
+    let mut cluster = Cluster::new();
+    cluster.namespace("team-a", json!({}));
+    cluster.deployment(
+        "team-a",
+        "app",
+        &["registry.test/team/app:1", "registry.test/team/gone:1"],
+    );
+    cluster.replica(&m, "replica-1", "127.0.0.1");
+    let warmer = Warmer::new(f.ctx.clone(), cluster.stores.clone());
+    let images = |f: &Fake| {
+        let last = f
+            .calls()
+            .into_iter()
+            .rev()
+            .find(|c| c.method == "PATCH" && c.path.ends_with("/registrymirrors/watch/status"))
+            .expect("a status patch");
+        last.body["status"]["images"].clone()
+    };
+    let metric = |state: &str| {
+        let text = f.ctx.metrics.render();
+        crate::common::metric_value(
+            &text,
+            "pullthrough_workload_images",
+            &[("mirror", "pullthrough-system/watch"), ("state", state)],
+        )
+    };
+
+    // Not cached: app:1 is upstreamOnly; gone:1 (no such tag) is unavailable, listed with
+    // its workload, counted in the metric, and an Event on the Deployment says so.
+    warmer.sync(&m).await.unwrap().unwrap();
+    let s = images(&f);
+    assert_eq!(
+        (s["upstreamOnly"].as_i64(), s["unavailable"].as_i64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    assert_eq!(s["notPullable"][0]["image"], "registry.test/team/gone:1");
+    assert_eq!(
+        s["notPullable"][0]["workloads"],
+        json!(["team-a/Deployment/app"])
+    );
+    assert_eq!(metric("unavailable"), 1.0);
+    assert_eq!(metric("cached"), 0.0);
+    let events: Vec<Call> = f
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            c.method == "POST"
+                && c.path.ends_with("/events")
+                && c.body["reason"] == "ImageUnavailable"
+        })
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].body["regarding"]["kind"], "Deployment");
+    assert_eq!(events[0].body["regarding"]["name"], "app");
+    assert!(
+        events[0].body["note"]
+            .as_str()
+            .unwrap()
+            .contains("registry.test/team/gone:1")
+    );
+
+    // Pulled through the mirror: cached. Then the upstream goes down: still cached, and
+    // checked without asking it; gone:1 stays unavailable, with no second Event.
+    pull(&p.url, "team/app", "1", Some("registry.test"))
+        .await
+        .unwrap();
+    p.settled().await;
+    up.state.fail_status.store(503, Ordering::SeqCst);
+    let asked = up.count("/v2/team/app/");
+    warmer.sync(&m).await.unwrap().unwrap();
+    let s = images(&f);
+    assert_eq!(
+        (s["cached"].as_i64(), s["unavailable"].as_i64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    assert_eq!(
+        up.count("/v2/team/app/"),
+        asked,
+        "a cached image is not asked for"
+    );
+    assert_eq!(metric("cached"), 1.0);
+    let events = f
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "POST" && c.body["reason"] == "ImageUnavailable")
+        .count();
+    assert_eq!(
+        events, 1,
+        "one Event per workload and image while it stays unavailable"
+    );
+
+    // The upstream refuses the mirror's credentials: unauthorized.
+    up.state.fail_status.store(0, Ordering::SeqCst);
+    up.state.basic_challenge.store(true, Ordering::SeqCst);
+    warmer.sync(&m).await.unwrap().unwrap();
+    let s = images(&f);
+    assert_eq!(
+        (s["unauthorized"].as_i64(), s["unavailable"].as_i64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+    up.state.basic_challenge.store(false, Ordering::SeqCst);
+
+    // A bare pod runs app:1 at another digest than the tag names now: moved.
+    cluster.bare_pod(
+        "team-a",
+        "runner",
+        "registry.test/team/app:1",
+        "registry.test/team/app@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    );
+    warmer.sync(&m).await.unwrap().unwrap();
+    let s = images(&f);
+    assert_eq!(s["moved"].as_i64(), Some(1), "{s}");
+    let listed: Vec<&str> = s["notPullable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["unavailable", "moved"], "the worst first");
+    assert_eq!(metric("moved"), 1.0);
+    // gone:1 was unauthorized in between: unavailable again, it has a second Event.
+    let events = f
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "POST" && c.body["reason"] == "ImageUnavailable")
+        .count();
+    assert_eq!(events, 2);
 }

@@ -621,7 +621,10 @@ async fn the_metrics_table_is_what_each_role_exports_from_the_start() {
     config.access.plain_http = true;
     let proxy = crate::common::Proxy::start_config(config).await;
     let mut text = proxy.metrics().await;
-    text.push_str(&pullthrough::controller::ControllerMetrics::new().render());
+    // The per-mirror series appear with a mirror's first check.
+    let controller = pullthrough::controller::ControllerMetrics::new();
+    controller.set_workload_images("ns/mirror", Some(&[("cached", 1)]));
+    text.push_str(&controller.render());
     text.push_str(&pullthrough::node_agent::AgentMetrics::new().metrics());
     proxy.stop().await;
 

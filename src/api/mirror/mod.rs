@@ -66,6 +66,7 @@ pub const ADMIN_TOKEN: &str = "token";
     printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.nodes.configured"}"#,
+    printcolumn = r#"{"name":"Unavailable","type":"integer","jsonPath":".status.images.unavailable"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.metadata.name.size() <= 40").message("the name may be at most 40 characters (it prefixes the names of the mirror's objects)")
 )]
@@ -100,6 +101,29 @@ pub struct RegistryMirrorSpec {
     /// configure (docs/rewrite.md). Off unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<RewriteSpec>,
+    /// The availability watch of the workloads' images (docs/operations.md, "Know
+    /// before the outage"): on unless disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability: Option<AvailabilitySpec>,
+}
+
+/// How the workloads' images are watched for availability.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AvailabilitySpec {
+    /// Do not watch.
+    #[serde(default)]
+    pub disabled: bool,
+    /// How often every image is checked again (default `10m`); a change of the
+    /// workloads' images is checked at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub every: Option<String>,
+    /// How long an image stays kept from eviction after the last workload that uses it
+    /// went (deleted; a workload scaled to zero still uses its images). Default `24h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub keep_in_use_for: Option<String>,
 }
 
 /// The proxy's certificate, and what nodes check of it.
@@ -434,6 +458,53 @@ pub struct RegistryMirrorStatus {
     /// The last drop asked for with the `pullthrough.dev/drop` annotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop: Option<DropStatus>,
+    /// The workloads' images, by availability (the watch's last check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImagesStatus>,
+}
+
+/// The workloads' images by state, and the ones that cannot be pulled.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImagesStatus {
+    /// Every blob of the nodes' platforms is in the cache.
+    #[serde(default)]
+    pub cached: i64,
+    /// Not (all) cached; the upstream has it.
+    #[serde(default)]
+    pub upstream_only: i64,
+    /// The tag names another digest than the running pods use.
+    #[serde(default)]
+    pub moved: i64,
+    /// The upstream refuses the mirror's credentials.
+    #[serde(default)]
+    pub unauthorized: i64,
+    /// Neither cached nor pullable: the next pull fails.
+    #[serde(default)]
+    pub unavailable: i64,
+    /// When they were checked (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<String>,
+    /// The images in trouble (unavailable, unauthorized, moved), the worst first, at
+    /// most 20.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_pullable: Vec<ImageInTrouble>,
+}
+
+/// An image that cannot be pulled as the workloads expect.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageInTrouble {
+    /// The image.
+    pub image: String,
+    /// `unavailable`, `unauthorized` or `moved`.
+    pub state: String,
+    /// What the upstream said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The workloads that use it (`namespace/Kind/name`), at most 5.
+    #[serde(default)]
+    pub workloads: Vec<String>,
 }
 
 /// One upstream's mode on the replicas.

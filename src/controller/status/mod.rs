@@ -285,6 +285,7 @@ pub fn build_status(
         modes: Vec::new(),
         pinned_tags: Vec::new(),
         drop: None,
+        images: None,
         rewrite: o
             .rewrite
             .as_ref()

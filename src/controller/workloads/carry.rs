@@ -7,8 +7,8 @@
 use super::desired::Replica;
 use crate::api::UpstreamMode;
 use crate::api::mirror::{
-    DROP_ANNOTATION, DropStatus, RegistryMirror, RegistryMirrorStatus, UpstreamModeStatus,
-    parse_drops,
+    DROP_ANNOTATION, DropStatus, ImagesStatus, RegistryMirror, RegistryMirrorStatus,
+    UpstreamModeStatus, parse_drops,
 };
 use crate::controller::context::Error;
 use crate::proxy::admin::{self, AdminError, api::DropScope};
@@ -115,6 +115,8 @@ pub struct Owned {
     pub pinned_tags: Vec<String>,
     /// The last drop.
     pub drop: Option<DropStatus>,
+    /// The workloads' images by availability.
+    pub images: Option<ImagesStatus>,
 }
 
 impl Owned {
@@ -128,6 +130,7 @@ impl Owned {
             modes: s.modes.clone(),
             pinned_tags: s.pinned_tags.clone(),
             drop: s.drop.clone(),
+            images: s.images.clone(),
         }
     }
 
@@ -151,6 +154,12 @@ impl Owned {
             status.insert(
                 "drop".into(),
                 serde_json::to_value(d).expect("a drop status"),
+            );
+        }
+        if let Some(i) = &self.images {
+            status.insert(
+                "images".into(),
+                serde_json::to_value(i).expect("an images status"),
             );
         }
         serde_json::json!({
@@ -180,12 +189,21 @@ mod tests {
                 replicas: 2,
                 ..DropStatus::default()
             }),
+            images: Some(ImagesStatus {
+                cached: 3,
+                unavailable: 1,
+                ..ImagesStatus::default()
+            }),
         };
         let p = owned.patch();
         let status = p["status"].as_object().unwrap();
         let mut keys: Vec<&str> = status.keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["drop", "modes", "pinnedTags", "prefetchedImages"]);
+        assert_eq!(
+            keys,
+            ["drop", "images", "modes", "pinnedTags", "prefetchedImages"]
+        );
+        assert_eq!(p["status"]["images"]["unavailable"], 1);
         assert_eq!(p["status"]["modes"][0]["mode"], "offline");
         assert_eq!(p["status"]["drop"]["doneAt"], "2026-12-06T08:00:00Z");
         let back: RegistryMirrorStatus = serde_json::from_value(p["status"].clone()).unwrap();

@@ -57,6 +57,12 @@ impl Workload for Job {
     }
 }
 
+impl Workload for Pod {
+    fn pod_spec(&self) -> Option<&PodSpec> {
+        self.spec.as_ref()
+    }
+}
+
 impl Workload for CronJob {
     fn pod_spec(&self) -> Option<&PodSpec> {
         self.spec

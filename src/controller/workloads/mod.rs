@@ -24,10 +24,12 @@
 mod carry;
 pub mod desired;
 pub mod replica;
+pub mod watch;
 
 use super::context::{Context, Error, MANAGER, backoff, kube_err};
-use crate::api::mirror::{ADMIN_TOKEN, DropStatus, RegistryMirror};
+use crate::api::mirror::{ADMIN_TOKEN, DropStatus, ImagesStatus, RegistryMirror};
 use crate::controller::builders;
+use crate::proxy::admin::api::{Availability, ImageState};
 use desired::{ImagesByNamespace, Replica, Workload};
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -41,10 +43,11 @@ use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use replica::{Memory, Synced};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How soon a mirror is looked at again while prefetches asked for are underway.
 const FOLLOW_EVERY: Duration = Duration::from_secs(2);
@@ -67,7 +70,10 @@ pub struct Stores {
     pub jobs: Store<Job>,
     pub cron_jobs: Store<CronJob>,
     pub namespaces: Store<Namespace>,
+    /// The mirrors' proxy pods.
     pub pods: Store<Pod>,
+    /// Every pod: bare pods use images too, and running pods say which digests.
+    pub all_pods: Store<Pod>,
 }
 
 impl Stores {
@@ -79,6 +85,18 @@ impl Stores {
         desired::add_images(&mut out, &self.daemon_sets.state());
         desired::add_images(&mut out, &self.jobs.state());
         desired::add_images(&mut out, &self.cron_jobs.state());
+        out
+    }
+
+    /// Every workload (bare pods too) with its images.
+    fn users(&self) -> watch::Users {
+        let mut out = watch::Users::new();
+        watch::add_users(&mut out, &self.deployments.state());
+        watch::add_users(&mut out, &self.stateful_sets.state());
+        watch::add_users(&mut out, &self.daemon_sets.state());
+        watch::add_users(&mut out, &self.jobs.state());
+        watch::add_users(&mut out, &self.cron_jobs.state());
+        watch::add_users(&mut out, &self.all_pods.state());
         out
     }
 
@@ -98,6 +116,7 @@ impl Stores {
             && filled(&self.cron_jobs)
             && filled(&self.namespaces)
             && filled(&self.pods)
+            && filled(&self.all_pods)
     }
 }
 
@@ -114,6 +133,23 @@ pub struct Warmer {
     prefetched: Mutex<HashMap<ObjectRef<RegistryMirror>, i64>>,
     /// Per mirror: reconciles that failed in a row (for the backoff).
     failures: Mutex<HashMap<ObjectRef<RegistryMirror>, u32>>,
+    /// Per mirror: what the availability watch knows.
+    watches: Mutex<HashMap<ObjectRef<RegistryMirror>, Watching>>,
+}
+
+/// What the availability watch knows of one mirror.
+#[derive(Default)]
+struct Watching {
+    /// Each watched image's last state.
+    states: HashMap<String, Availability>,
+    /// When the images were last checked, and the hash of the set checked.
+    checked: Option<(Instant, u64)>,
+    /// The status they gave.
+    status: Option<ImagesStatus>,
+    /// (workload uid, image) pairs an ImageUnavailable Event was published for.
+    evented: HashSet<(String, String)>,
+    /// When each image was last used by a workload: kept in use for `keepInUseFor`.
+    seen: HashMap<String, Instant>,
 }
 
 impl Warmer {
@@ -125,6 +161,7 @@ impl Warmer {
             memory: Mutex::default(),
             prefetched: Mutex::default(),
             failures: Mutex::default(),
+            watches: Mutex::default(),
         }
     }
 
@@ -139,6 +176,10 @@ impl Warmer {
         let key = ObjectRef::from_obj(mirror);
         if mirror.meta().deletion_timestamp.is_some() {
             self.memory.lock().expect("lock").remove(&key);
+            self.watches.lock().expect("lock").remove(&key);
+            self.ctx
+                .metrics
+                .set_workload_images(&mirror_label(mirror), None);
             return Ok(Some(Vec::new()));
         }
         if !self.stores.ready() {
@@ -170,11 +211,12 @@ impl Warmer {
             tracing::info!(mirror = %mirror.name_any(), "no admin token Secret yet: asked later");
             return Ok(None);
         };
-        let platforms = if prefetching {
-            desired::platforms(&self.ctx.nodes().await?)
-        } else {
-            Vec::new()
-        };
+        let platforms = desired::platforms(&self.ctx.nodes().await?);
+        // What the workloads use, kept from eviction on every replica (and for a while
+        // after the last workload that used it went).
+        let users = self.stores.users();
+        let watched = watch::watched(mirror, &users, &self.stores.namespaces.state());
+        let in_use = self.in_use(mirror, &wanted, &watched);
         let modes = mirror.spec.modes();
         let mut reported = Vec::new();
         let mut out = Vec::new();
@@ -183,13 +225,8 @@ impl Warmer {
             let memory = memories.entry(r.uid.clone()).or_default();
             let synced = async {
                 let m = carry::sync_modes(r, &modes, &token).await?;
-                if !prefetching {
-                    return Ok((m, Synced::default()));
-                }
-                Ok((
-                    m,
-                    replica::sync(r, memory, &wanted, &platforms, &token).await?,
-                ))
+                let synced = replica::sync(r, memory, &wanted, &in_use, &platforms, &token).await?;
+                Ok::<_, Error>((m, synced))
             };
             match synced.await {
                 Ok((m, synced)) => {
@@ -216,17 +253,137 @@ impl Warmer {
         if let Some(d) = &dropped {
             self.drop_event(mirror, d).await;
         }
+        let images = self
+            .watch(mirror, &replicas[0], &watched, &platforms, &token, &now)
+            .await?;
         let before = carry::Owned::of(mirror.status.as_ref());
         let owned = carry::Owned {
             prefetched_images: prefetching.then(|| self.prefetched(mirror)),
             modes: reported,
             pinned_tags: mirror.spec.pinned_tags(),
             drop: dropped.or(before.drop.clone()),
+            images,
         };
         if owned != before {
             write_status(&self.ctx, mirror, &owned).await;
         }
         Ok(Some(out))
+    }
+
+    /// The images to keep from eviction on `mirror`'s replicas: those it prefetches
+    /// (`wanted`), those its workloads use (`watched`), and those a workload used within
+    /// `availability.keepInUseFor`.
+    fn in_use(
+        &self,
+        mirror: &RegistryMirror,
+        wanted: &BTreeSet<String>,
+        watched: &BTreeMap<String, Vec<watch::WorkloadRef>>,
+    ) -> BTreeSet<String> {
+        let keep = availability_durations(mirror).1;
+        let mut watches = self.watches.lock().expect("lock");
+        let w = watches.entry(ObjectRef::from_obj(mirror)).or_default();
+        let now = Instant::now();
+        w.seen.retain(|_, at| now.duration_since(*at) < keep);
+        for image in watched.keys().chain(wanted) {
+            w.seen.insert(image.clone(), now);
+        }
+        w.seen.keys().cloned().collect()
+    }
+
+    /// Checks the availability of `watched` on `replica` when due (the set changed, or
+    /// `availability.every` passed): the metric, Events on the workloads of images that
+    /// cannot be pulled, and the status to show (the last one when not due).
+    async fn watch(
+        &self,
+        mirror: &RegistryMirror,
+        replica: &Replica,
+        watched: &BTreeMap<String, Vec<watch::WorkloadRef>>,
+        platforms: &[String],
+        token: &str,
+        now: &str,
+    ) -> Result<Option<ImagesStatus>, Error> {
+        let key = ObjectRef::from_obj(mirror);
+        let label = mirror_label(mirror);
+        if mirror
+            .spec
+            .availability
+            .as_ref()
+            .is_some_and(|a| a.disabled)
+        {
+            self.watches.lock().expect("lock").remove(&key);
+            self.ctx.metrics.set_workload_images(&label, None);
+            return Ok(None);
+        }
+        let every = availability_durations(mirror).0;
+        let set = hash_of(watched.keys().collect::<Vec<_>>());
+        let (due, last) = {
+            let watches = self.watches.lock().expect("lock");
+            let w = watches.get(&key);
+            let due = w
+                .and_then(|w| w.checked)
+                .is_none_or(|(at, h)| h != set || at.elapsed() >= every);
+            (due, w.and_then(|w| w.status.clone()))
+        };
+        if !due {
+            return Ok(last);
+        }
+        let running = watch::running(&self.stores.all_pods.state());
+        let fresh = watch::check(&replica.url, watched, &running, platforms, token)
+            .await
+            .map_err(|source| Error::Replica {
+                url: replica.url.clone(),
+                source,
+            })?;
+        let (status, newly) = {
+            let mut watches = self.watches.lock().expect("lock");
+            let w = watches.entry(key).or_default();
+            watch::merge(&mut w.states, fresh);
+            w.checked = Some((Instant::now(), set));
+            let status = watch::status(&w.states, watched, now);
+            w.status = Some(status.clone());
+            let counts = watch::counts(&w.states);
+            let counts: Vec<(&str, i64)> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+            self.ctx.metrics.set_workload_images(&label, Some(&counts));
+            // An Event per workload and image newly unavailable; one that recovers may
+            // have one again later.
+            let unavailable: Vec<&Availability> = w
+                .states
+                .values()
+                .filter(|a| a.state == ImageState::Unavailable)
+                .collect();
+            let mut newly = Vec::new();
+            for a in &unavailable {
+                for user in watched.get(&a.image).into_iter().flatten() {
+                    if w.evented.insert((user.uid.clone(), a.image.clone())) {
+                        newly.push((user.clone(), (*a).clone()));
+                    }
+                }
+            }
+            let down: HashSet<&str> = unavailable.iter().map(|a| a.image.as_str()).collect();
+            w.evented.retain(|(_, image)| down.contains(image.as_str()));
+            (status, newly)
+        };
+        for (user, a) in newly {
+            let note = format!(
+                "Image {} cannot be pulled (checked by mirror {label}): {}",
+                a.image,
+                a.detail
+                    .as_deref()
+                    .unwrap_or("neither cached nor in the upstream")
+            );
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "ImageUnavailable".into(),
+                note: Some(note),
+                action: "CheckAvailability".into(),
+                secondary: None,
+            };
+            let recorder = Recorder::new(self.ctx.client.clone(), self.ctx.reporter.clone());
+            if let Err(e) = recorder.publish(&event, &user.object_ref()).await {
+                tracing::warn!(error = %e, "could not publish an event");
+            }
+        }
+        Ok(Some(status))
     }
 
     /// An Event on the mirror for a drop made (or refused).
@@ -338,6 +495,36 @@ pub fn error_policy(mirror: Arc<RegistryMirror>, error: &Error, warmer: Arc<Warm
     Action::requeue(delay)
 }
 
+/// `namespace/name`, the metric's `mirror` label.
+fn mirror_label(mirror: &RegistryMirror) -> String {
+    format!(
+        "{}/{}",
+        mirror.namespace().unwrap_or_default(),
+        mirror.name_any()
+    )
+}
+
+/// How often the availability watch checks, and how long an image stays in use after
+/// its last workload went (`spec.availability`; 10 minutes and 24 hours by default, and
+/// so when a value cannot be read).
+fn availability_durations(mirror: &RegistryMirror) -> (Duration, Duration) {
+    let spec = mirror.spec.availability.as_ref();
+    let read = |v: Option<&String>, default: Duration| {
+        v.and_then(|t| crate::api::duration::parse(t).ok())
+            .unwrap_or(default)
+    };
+    (
+        read(
+            spec.and_then(|a| a.every.as_ref()),
+            Duration::from_secs(600),
+        ),
+        read(
+            spec.and_then(|a| a.keep_in_use_for.as_ref()),
+            Duration::from_secs(24 * 3600),
+        ),
+    )
+}
+
 /// The admin token of a mirror's proxies, from the Secret the controller made.
 async fn admin_token(ctx: &Context, mirror: &RegistryMirror) -> Result<Option<String>, Error> {
     let ns = mirror.namespace().ok_or(Error::NoNamespace)?;
@@ -409,16 +596,21 @@ where
         .reflect(writer)
         .filter_map(move |event| {
             let changed = match event {
+                // An object whose `what` is 0 (nothing it contributes) is no change when
+                // it comes or goes.
                 Ok(watcher::Event::Apply(o)) => {
                     let now = what(&o);
-                    seen.insert(ObjectRef::from_obj(&o), now) != Some(now)
+                    let before = seen.insert(ObjectRef::from_obj(&o), now);
+                    before != Some(now) && !(before.is_none() && now == 0)
                 }
                 // A (re)list yields once, when complete.
                 Ok(watcher::Event::InitApply(o)) => {
                     seen.insert(ObjectRef::from_obj(&o), what(&o));
                     false
                 }
-                Ok(watcher::Event::Delete(o)) => seen.remove(&ObjectRef::from_obj(&o)).is_some(),
+                Ok(watcher::Event::Delete(o)) => seen
+                    .remove(&ObjectRef::from_obj(&o))
+                    .is_some_and(|h| h != 0),
                 Ok(watcher::Event::InitDone) => true,
                 Ok(watcher::Event::Init) => false,
                 Err(e) => {
@@ -477,6 +669,25 @@ pub async fn run(
         writer,
         |p: &Pod| hash_of(desired::ready_ip(p)),
     );
+    // Every pod: a bare pod's images changing is a change (a pod a controller owns is
+    // its workload's, which says so itself); what runs is read at each check.
+    let (all_pods, writer) = reflector::store();
+    let bare_pods = reflect(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+        writer,
+        |p: &Pod| {
+            let owned = p
+                .owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true));
+            if owned {
+                0
+            } else {
+                hash_of(desired::pod_images(p.spec.as_ref()))
+            }
+        },
+    );
     let stores = Stores {
         deployments,
         stateful_sets,
@@ -485,9 +696,10 @@ pub async fn run(
         cron_jobs,
         namespaces,
         pods,
+        all_pods,
     };
     let warmer = Arc::new(Warmer::new(ctx, stores));
-    let changes = futures::stream::select_all([d, s, ds, j, c, labels, replicas]);
+    let changes = futures::stream::select_all([d, s, ds, j, c, labels, replicas, bare_pods]);
     Controller::new(mirrors, watcher::Config::default().any_semantic())
         .reconcile_all_on(changes)
         .reconcile_all_on(regained)

@@ -48,11 +48,12 @@ pub struct Synced {
 }
 
 /// Brings `replica` to `wanted`: asks it for what it lacks (of `platforms`), tells it the
-/// images in use when its set differs, and says which images asked for before finished.
+/// images `in_use` when its set differs, and says which images asked for before finished.
 pub async fn sync(
     replica: &Replica,
     memory: &mut Memory,
     wanted: &BTreeSet<String>,
+    in_use: &BTreeSet<String>,
     platforms: &[String],
     token: &str,
 ) -> Result<Synced, Error> {
@@ -107,9 +108,9 @@ pub async fn sync(
         memory.asked.extend(answer.queued.iter().cloned());
         out.asked = answer.queued;
     }
-    let in_use = admin::in_use(url, token).await.map_err(failed)?;
-    if in_use.images.iter().collect::<BTreeSet<_>>() != wanted.iter().collect() {
-        let images: Vec<String> = wanted.iter().cloned().collect();
+    let told = admin::in_use(url, token).await.map_err(failed)?;
+    if told.images.iter().collect::<BTreeSet<_>>() != in_use.iter().collect() {
+        let images: Vec<String> = in_use.iter().cloned().collect();
         admin::set_in_use(url, &images, token)
             .await
             .map_err(failed)?;
