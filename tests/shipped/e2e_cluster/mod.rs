@@ -16,6 +16,7 @@
 //! network: the kit has no pod network), one at a time: one with a node agent for that
 //! node, one following a workload's images into a replica's cache.
 
+mod availability;
 mod disconnected;
 mod kubelet_pull;
 mod rewrite;
