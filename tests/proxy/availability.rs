@@ -183,3 +183,29 @@ async fn a_multi_platform_image_is_cached_for_the_platforms_it_holds() {
     assert_eq!(all[0].0, "upstreamOnly");
     proxy.stop().await;
 }
+
+/// The checks of many images stay under the upstream's cap on requests at once: they are
+/// sent as the proxy's own share, like every upstream request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_stay_under_the_upstream_s_cap() {
+    let up = FaultUpstream::start().await;
+    // Each answer takes a while, so that checks would pile up at the upstream.
+    up.state.manifest_delay_ms.store(20, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = up.config();
+    cfg.cache_dir = dir.path().join("cache");
+    cfg.upstreams[0].limits = Some(pullthrough::api::proxy_config::UpstreamLimits {
+        max_concurrent_requests: Some(1),
+        ..up.config().upstreams[0].limits()
+    });
+    let proxy = Proxy::start_config(cfg).await;
+    let token = token(&proxy);
+    let many: Vec<(String, Vec<String>)> = (0..40)
+        .map(|i| (format!("{}/team/x:t{i}", up.host), vec![]))
+        .collect();
+    let states = ask(&proxy, &token, &many, &[]).await;
+    assert!(states.iter().all(|s| s.0 == "unavailable"), "{states:?}");
+    assert_eq!(up.count("HEAD /v2/team/x/manifests/"), 40);
+    assert_eq!(up.state.max_inflight.load(Ordering::SeqCst), 1);
+    proxy.stop().await;
+}
