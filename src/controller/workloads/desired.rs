@@ -1,13 +1,12 @@
-//! What a mirror's replicas should have, from what the reflectors hold (pure): the images
-//! of the workloads in the namespaces the mirror selects, of the registries it serves;
-//! the platforms of the cluster's nodes; the mirror's ready replicas.
+//! What a mirror's replicas should have, from what the reflectors hold (pure): which
+//! namespaces a selector picks (the images themselves: [`super::watch::watched`]); the
+//! platforms of the cluster's nodes; the mirror's ready replicas.
 
-use crate::api::docker_hub::registry_key;
 use crate::api::mirror::RegistryMirror;
 use crate::controller::builders;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Selector, SelectorExt};
 use kube::{Resource, ResourceExt};
@@ -76,21 +75,6 @@ impl Workload for CronJob {
     }
 }
 
-/// The images of workloads, by namespace.
-pub type ImagesByNamespace = BTreeMap<String, BTreeSet<String>>;
-
-/// Adds the images of `workloads` to `out`, by namespace.
-pub fn add_images<K: Workload>(out: &mut ImagesByNamespace, workloads: &[Arc<K>]) {
-    for w in workloads {
-        let images = pod_images(w.pod_spec());
-        if !images.is_empty() {
-            out.entry(w.namespace().unwrap_or_default())
-                .or_default()
-                .extend(images);
-        }
-    }
-}
-
 /// Whether a namespace labelled `labels` is one `selector` picks: every namespace when
 /// there is no selector, none when it cannot be read as one.
 pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
@@ -104,41 +88,6 @@ pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, Strin
             false
         }
     }
-}
-
-/// The images `mirror`'s replicas should have (and keep from eviction): those of the
-/// workloads in the namespaces its `cache.prefetchFromWorkloads` selects (labels from
-/// `namespaces`), of the registries it serves (its status says), written out whole
-/// (`docker.io/library/alpine:3.20`). Empty for a mirror that does not prefetch.
-pub fn images(
-    mirror: &RegistryMirror,
-    workloads: &ImagesByNamespace,
-    namespaces: &[Arc<Namespace>],
-) -> BTreeSet<String> {
-    let Some(spec) = &mirror.spec.cache.prefetch_from_workloads else {
-        return BTreeSet::new();
-    };
-    let served: BTreeSet<String> = mirror
-        .status
-        .iter()
-        .flat_map(|s| s.served_registries.iter().map(|r| registry_key(r)))
-        .collect();
-    let none = BTreeMap::new();
-    let labels: BTreeMap<String, &BTreeMap<String, String>> = namespaces
-        .iter()
-        .map(|n| (n.name_any(), n.metadata.labels.as_ref().unwrap_or(&none)))
-        .collect();
-    workloads
-        .iter()
-        .filter(|(ns, _)| {
-            let labels = labels.get(*ns).copied().unwrap_or(&none);
-            selects(spec.namespace_selector.as_ref(), labels)
-        })
-        .flat_map(|(_, images)| images)
-        .filter_map(|i| crate::api::image_ref::parse(i).ok())
-        .filter(|r| served.contains(&registry_key(&r.registry)))
-        .map(|r| r.to_string())
-        .collect()
 }
 
 /// The platforms of the cluster's nodes (`linux/amd64`), from their status.
@@ -250,65 +199,6 @@ mod tests {
             ..Default::default()
         });
         m
-    }
-
-    fn namespace(name: &str, labels: &[(&str, &str)]) -> Arc<Namespace> {
-        let mut n = Namespace::default();
-        n.metadata.name = Some(name.into());
-        n.metadata.labels = Some(
-            labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
-        Arc::new(n)
-    }
-
-    #[test]
-    fn a_mirror_wants_its_registries_images_of_the_namespaces_it_selects() {
-        let m = mirror(
-            "upstreams: [{registry: docker.io}, {registry: registry.test}]\ncache: {prefetchFromWorkloads: {namespaceSelector: {matchLabels: {team: a}}}}",
-            &["docker.io", "registry.test"],
-        );
-        let workloads = ImagesByNamespace::from([
-            (
-                "team-a".to_string(),
-                BTreeSet::from([
-                    "alpine:3.20".to_string(),
-                    "registry.test/app:1".to_string(),
-                    "quay.io/other/tool:1".to_string(),
-                ]),
-            ),
-            (
-                "team-b".to_string(),
-                BTreeSet::from(["registry.test/app:2".to_string()]),
-            ),
-            // A namespace the reflector has not seen yet: no labels, not selected.
-            (
-                "new".to_string(),
-                BTreeSet::from(["registry.test/app:3".to_string()]),
-            ),
-        ]);
-        let namespaces = [
-            namespace("team-a", &[("team", "a")]),
-            namespace("team-b", &[]),
-        ];
-        assert_eq!(
-            images(&m, &workloads, &namespaces),
-            BTreeSet::from([
-                "docker.io/library/alpine:3.20".to_string(),
-                "registry.test/app:1".to_string(),
-            ])
-        );
-        // Not serving a registry yet (its status says none): nothing of it.
-        let unserved = mirror(
-            "upstreams: [{registry: registry.test}]\ncache: {prefetchFromWorkloads: {}}",
-            &[],
-        );
-        assert!(images(&unserved, &workloads, &namespaces).is_empty());
-        // Not prefetching: nothing.
-        let plain = mirror("upstreams: [{registry: registry.test}]", &["registry.test"]);
-        assert!(images(&plain, &workloads, &namespaces).is_empty());
     }
 
     #[test]

@@ -30,7 +30,7 @@ use super::context::{Context, Error, MANAGER, backoff, kube_err};
 use crate::api::mirror::{ADMIN_TOKEN, DropStatus, ImagesStatus, RegistryMirror};
 use crate::controller::builders;
 use crate::proxy::admin::api::{Availability, ImageState};
-use desired::{ImagesByNamespace, Replica, Workload};
+use desired::{Replica, Workload};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -77,17 +77,6 @@ pub struct Stores {
 }
 
 impl Stores {
-    /// The images of every workload, by namespace.
-    fn images(&self) -> ImagesByNamespace {
-        let mut out = ImagesByNamespace::new();
-        desired::add_images(&mut out, &self.deployments.state());
-        desired::add_images(&mut out, &self.stateful_sets.state());
-        desired::add_images(&mut out, &self.daemon_sets.state());
-        desired::add_images(&mut out, &self.jobs.state());
-        desired::add_images(&mut out, &self.cron_jobs.state());
-        out
-    }
-
     /// Every workload (bare pods too) with its images.
     fn users(&self) -> watch::Users {
         let mut out = watch::Users::new();
@@ -186,14 +175,13 @@ impl Warmer {
             return Ok(None);
         }
         let prefetching = mirror.spec.cache.prefetch_from_workloads.is_some();
-        let wanted = if prefetching {
-            desired::images(
-                mirror,
-                &self.stores.images(),
-                &self.stores.namespaces.state(),
-            )
-        } else {
-            Default::default()
+        // What the workloads use: watched for availability, kept in use, and prefetched
+        // by a mirror that prefetches.
+        let users = self.stores.users();
+        let watched = watch::watched(mirror, &users, &self.stores.namespaces.state());
+        let wanted: BTreeSet<String> = match prefetching {
+            true => watched.keys().cloned().collect(),
+            false => BTreeSet::new(),
         };
         let replicas = desired::replicas(mirror, &self.stores.pods.state(), self.ctx.ops_port);
         // Replicas that went are forgotten; new ones start with nothing asked.
@@ -212,10 +200,8 @@ impl Warmer {
             return Ok(None);
         };
         let platforms = desired::platforms(&self.ctx.nodes().await?);
-        // What the workloads use, kept from eviction on every replica (and for a while
-        // after the last workload that used it went).
-        let users = self.stores.users();
-        let watched = watch::watched(mirror, &users, &self.stores.namespaces.state());
+        // Kept from eviction on every replica, and for a while after the last workload
+        // that used it went.
         let in_use = self.in_use(mirror, &wanted, &watched);
         let modes = mirror.spec.modes();
         let mut reported = Vec::new();

@@ -280,6 +280,87 @@ mod tests {
         }
     }
 
+    fn mirror(yaml: &str, served: &[&str]) -> RegistryMirror {
+        let mut m = RegistryMirror::new("m", serde_yaml::from_str(yaml).unwrap());
+        m.status = Some(crate::api::mirror::RegistryMirrorStatus {
+            served_registries: served.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        });
+        m
+    }
+
+    fn namespace(name: &str, labels: &[(&str, &str)]) -> Arc<Namespace> {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Arc::new(
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name, "labels": labels}}),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_mirror_watches_its_registries_images_of_the_namespaces_it_selects() {
+        let user = |ns: &str, name: &str, images: &[&str]| {
+            let mut r = w(name);
+            r.namespace = ns.into();
+            (
+                r,
+                images
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<BTreeSet<_>>(),
+            )
+        };
+        let users: Users = vec![
+            user(
+                "team-a",
+                "app",
+                &["alpine:3.20", "registry.test/app:1", "quay.io/other/tool:1"],
+            ),
+            user("team-a", "job", &["registry.test/app:1"]),
+            user("team-b", "other", &["registry.test/app:2"]),
+            // A namespace the reflector has not seen yet: no labels, not selected.
+            user("new", "x", &["registry.test/app:3"]),
+        ];
+        let namespaces = [
+            namespace("team-a", &[("team", "a")]),
+            namespace("team-b", &[]),
+        ];
+        let m = mirror(
+            "upstreams: [{registry: docker.io}, {registry: registry.test}]\ncache: {prefetchFromWorkloads: {namespaceSelector: {matchLabels: {team: a}}}}",
+            &["docker.io", "registry.test"],
+        );
+        let got = watched(&m, &users, &namespaces);
+        let names: Vec<&str> = got.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            ["docker.io/library/alpine:3.20", "registry.test/app:1"]
+        );
+        let users_of: Vec<String> = got["registry.test/app:1"]
+            .iter()
+            .map(WorkloadRef::label)
+            .collect();
+        assert_eq!(users_of, ["team-a/Deployment/app", "team-a/Deployment/job"]);
+        // Not serving a registry yet (its status says none): nothing of it.
+        let unserved = mirror("upstreams: [{registry: registry.test}]", &[]);
+        assert!(watched(&unserved, &users, &namespaces).is_empty());
+        // Without a prefetch selector: every namespace, the unseen one too.
+        let plain = mirror("upstreams: [{registry: registry.test}]", &["registry.test"]);
+        let names: Vec<String> = watched(&plain, &users, &namespaces).into_keys().collect();
+        assert_eq!(
+            names,
+            [
+                "registry.test/app:1",
+                "registry.test/app:2",
+                "registry.test/app:3"
+            ]
+        );
+    }
+
     #[test]
     fn an_unchecked_image_keeps_its_last_state_and_gone_ones_are_forgotten() {
         let mut known = HashMap::new();
