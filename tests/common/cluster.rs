@@ -324,6 +324,23 @@ impl Env {
         guard
     }
 
+    /// Mirror `name` from `spec` (as [`Self::create`]), its proxy pods on the host's
+    /// network (see [`Self::on_host_network`], whose guard this holds), once Ready.
+    pub async fn create_on_host(
+        &self,
+        name: &str,
+        spec: &str,
+    ) -> (RegistryMirror, tokio::sync::MutexGuard<'static, ()>) {
+        self.create(name, spec).await;
+        let host = self.on_host_network(name).await;
+        let m = self
+            .status_where(name, 180, "Ready", |m| {
+                cond(m, "Ready").is_some_and(|c| c.0 == "True")
+            })
+            .await;
+        (m, host)
+    }
+
     /// A registry name of this test's own.
     pub fn registry(&self, which: &str) -> String {
         format!("{which}.{}.e2e.test", self.ns)

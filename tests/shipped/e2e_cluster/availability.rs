@@ -34,19 +34,15 @@ async fn with_a_node_a_deleted_tag_turns_unavailable_and_a_cached_image_stays() 
     let old = Image::generate(342, &[20_000], "amd64");
     up.add_image("team/app", "1", &app);
     up.add_image("team/old", "1", &old);
-    env.create(
-        "watch",
-        &format!(
-            "  upstreams: [{{registry: {a}, url: '{}'}}]\n  availability: {{every: 0s}}",
-            up.url
-        ),
-    )
-    .await;
-    let _host = env.on_host_network("watch").await;
-    env.status_where("watch", 180, "Ready", |m| {
-        cond(m, "Ready").is_some_and(|c| c.0 == "True")
-    })
-    .await;
+    let (_, _host) = env
+        .create_on_host(
+            "watch",
+            &format!(
+                "  upstreams: [{{registry: {a}, url: '{}'}}]\n  availability: {{every: 0s}}",
+                up.url
+            ),
+        )
+        .await;
     // A Deployment of both images, scaled to zero: nothing pulls them.
     pod_api(&env).await;
     let deployments = Api::<Deployment>::namespaced(env.client.clone(), &env.ns);

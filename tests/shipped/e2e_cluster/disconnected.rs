@@ -74,18 +74,14 @@ async fn with_a_node_a_mirror_seeded_from_a_bundle_serves_the_kubelet_offline() 
     // would wait its upstreamTimeout (60 s) for each pull.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_url = format!("http://{}", silent.local_addr().unwrap());
-    env.create(
+    let (_, _host) = env
+        .create_on_host(
         "air",
         &format!(
             "  upstreams: [{{registry: {a}, url: '{silent_url}'}}]\n  cache: {{mode: offline, seed: 'http://{files}/bundle.tar'}}"
         ),
-    )
-    .await;
-    let _host = env.on_host_network("air").await;
-    env.status_where("air", 180, "Ready", |m| {
-        cond(m, "Ready").is_some_and(|c| c.0 == "True")
-    })
-    .await;
+        )
+        .await;
     env.status_where("air", 60, "the replica's modes", |m| {
         m.status
             .as_ref()

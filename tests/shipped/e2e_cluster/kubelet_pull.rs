@@ -130,16 +130,12 @@ async fn bench_the_kubelet_s_own_pull_direct_and_through_the_mirror() {
     give_node_an_address(&env.client, &node).await;
     let up = Registry::start().await;
     let a = env.registry("a");
-    env.create(
-        "m",
-        &format!("  upstreams: [{{registry: {a}, url: '{}'}}]", up.url),
-    )
-    .await;
-    let _host = env.on_host_network("m").await;
-    env.status_where("m", 180, "Ready", |m| {
-        cond(m, "Ready").is_some_and(|c| c.0 == "True")
-    })
-    .await;
+    let (_, _host) = env
+        .create_on_host(
+            "m",
+            &format!("  upstreams: [{{registry: {a}, url: '{}'}}]", up.url),
+        )
+        .await;
     let (entry, stop, relay) = entry_point().await;
     let pods = pod_api(&env).await;
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);

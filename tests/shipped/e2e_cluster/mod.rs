@@ -450,16 +450,11 @@ async fn with_a_node_proxy_pods_run_and_the_node_agent_reports() {
         return;
     };
     let a = env.registry("a");
-    env.create(
-        "pods",
-        &format!("  upstreams: [{{registry: {a}, url: 'http://127.0.0.1:1'}}]"),
-    )
-    .await;
-    let _host = env.on_host_network("pods").await;
-    let m = env
-        .status_where("pods", 180, "Ready", |m| {
-            cond(m, "Ready").is_some_and(|c| c.0 == "True")
-        })
+    let (m, _host) = env
+        .create_on_host(
+            "pods",
+            &format!("  upstreams: [{{registry: {a}, url: 'http://127.0.0.1:1'}}]"),
+        )
         .await;
     let st = m.status.as_ref().unwrap();
     assert_eq!(st.ready_replicas, 1);
@@ -609,19 +604,15 @@ async fn with_a_node_a_workload_s_images_are_in_its_mirror_s_replica_before_a_po
         event_on(&env, "warm", &note, 120).await;
     };
     roll_to("1").await;
-    env.create(
+    let (_, _host) = env
+        .create_on_host(
         "warm",
         &format!(
             "  upstreams: [{{registry: {a}, url: '{}'}}]\n  cache: {{prefetchFromWorkloads: {{namespaceSelector: {{matchLabels: {{team: a}}}}}}}}",
             up.url
         ),
-    )
-    .await;
-    let _host = env.on_host_network("warm").await;
-    env.status_where("warm", 180, "Ready", |m| {
-        cond(m, "Ready").is_some_and(|c| c.0 == "True")
-    })
-    .await;
+        )
+        .await;
     // Its replica, new since the Deployment changed, is warmed with what the mirror's
     // workloads use: app:1's blobs come from the upstream once, with no client asking.
     prefetched("1").await;
