@@ -572,12 +572,70 @@ where
         + Sync
         + 'static,
 {
+    reflect_trimmed(api, config, writer, what, |_| {})
+}
+
+/// The parts of a pod the availability watch reads, and no more: every pod of the
+/// cluster is held.
+fn trim_pod(p: &mut Pod) {
+    let keep = |c: &k8s_openapi::api::core::v1::Container| k8s_openapi::api::core::v1::Container {
+        name: c.name.clone(),
+        image: c.image.clone(),
+        ..Default::default()
+    };
+    if let Some(spec) = p.spec.take() {
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            containers: spec.containers.iter().map(keep).collect(),
+            init_containers: spec.init_containers.map(|cs| cs.iter().map(keep).collect()),
+            ..Default::default()
+        });
+    }
+    if let Some(status) = p.status.take() {
+        let keep = |s: &k8s_openapi::api::core::v1::ContainerStatus| {
+            k8s_openapi::api::core::v1::ContainerStatus {
+                name: s.name.clone(),
+                image: s.image.clone(),
+                image_id: s.image_id.clone(),
+                ..Default::default()
+            }
+        };
+        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            container_statuses: status
+                .container_statuses
+                .map(|cs| cs.iter().map(keep).collect()),
+            init_container_statuses: status
+                .init_container_statuses
+                .map(|cs| cs.iter().map(keep).collect()),
+            ..Default::default()
+        });
+    }
+    p.metadata.labels = None;
+}
+
+/// [`reflect`], each object trimmed by `trim` before it is kept.
+fn reflect_trimmed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    what: impl Fn(&K) -> u64 + Send + 'static,
+    trim: fn(&mut K),
+) -> BoxStream<'static, ()>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
     let mut seen: HashMap<ObjectRef<K>, u64> = HashMap::new();
     watcher::watcher(api, config)
         .default_backoff()
-        .modify(|o: &mut K| {
+        .modify(move |o: &mut K| {
             o.meta_mut().managed_fields = None;
             o.meta_mut().annotations = None;
+            trim(o);
         })
         .reflect(writer)
         .filter_map(move |event| {
@@ -658,7 +716,7 @@ pub async fn run(
     // Every pod: a bare pod's images changing is a change (a pod a controller owns is
     // its workload's, which says so itself); what runs is read at each check.
     let (all_pods, writer) = reflector::store();
-    let bare_pods = reflect(
+    let bare_pods = reflect_trimmed(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().any_semantic(),
         writer,
@@ -673,6 +731,7 @@ pub async fn run(
                 hash_of(desired::pod_images(p.spec.as_ref()))
             }
         },
+        trim_pod,
     );
     let stores = Stores {
         deployments,
@@ -697,4 +756,49 @@ pub async fn run(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trimmed_pod_keeps_what_the_watch_reads() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u", "labels": {"a": "b"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "r",
+                    "uid": "o", "controller": true}]},
+            "spec": {
+                "containers": [{"name": "app", "image": "registry.test/app:1",
+                    "env": [{"name": "X", "value": "y"}], "args": ["--big"]}],
+                "initContainers": [{"name": "init", "image": "registry.test/init:1"}],
+                "volumes": [{"name": "v", "emptyDir": {}}]
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.1",
+                "containerStatuses": [{"name": "app", "image": "registry.test/app:1",
+                    "imageID": "registry.test/app@sha256:aa", "ready": true, "restartCount": 3}],
+                "initContainerStatuses": [{"name": "init", "image": "registry.test/init:1",
+                    "imageID": "registry.test/init@sha256:bb", "ready": true, "restartCount": 0}]
+            }
+        }))
+        .unwrap();
+        let mut trimmed = pod.clone();
+        trim_pod(&mut trimmed);
+        let both = |p: Pod| {
+            let p = Arc::new(p);
+            let mut users = watch::Users::new();
+            watch::add_users(&mut users, std::slice::from_ref(&p));
+            (
+                watch::running(std::slice::from_ref(&p)),
+                desired::pod_images(p.spec.as_ref()),
+                users,
+            )
+        };
+        assert_eq!(both(trimmed.clone()), both(pod));
+        let spec = trimmed.spec.as_ref().unwrap();
+        assert!(spec.volumes.is_none() && spec.containers[0].env.is_none());
+        assert!(trimmed.status.as_ref().unwrap().pod_ip.is_none());
+        assert!(!trimmed.owner_references().is_empty());
+    }
 }
