@@ -1083,12 +1083,13 @@ async fn a_workload_image_s_state_follows_the_cache_and_the_upstream() {
         ..World::default()
     };
     let f = fake(world);
-    // Checked at every sync (every: 0s), so that each step below is one check.
+    // Checked every second (the shortest), and each step below waits longer than that
+    // before its sync: one check each.
     let mut m = mirror(
         "watch",
         100,
         &format!(
-            "upstreams: [{{registry: registry.test, url: \"{}\"}}]\navailability: {{every: 0s}}",
+            "upstreams: [{{registry: registry.test, url: \"{}\"}}]\navailability: {{every: 1s}}",
             up.url
         ),
         true,
@@ -1167,6 +1168,7 @@ async fn a_workload_image_s_state_follows_the_cache_and_the_upstream() {
     p.settled().await;
     up.state.fail_status.store(503, Ordering::SeqCst);
     let asked = up.count("/v2/team/app/");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     warmer.sync(&m).await.unwrap().unwrap();
     let s = images(&f);
     assert_eq!(
@@ -1193,6 +1195,7 @@ async fn a_workload_image_s_state_follows_the_cache_and_the_upstream() {
     // The upstream refuses the mirror's credentials: unauthorized.
     up.state.fail_status.store(0, Ordering::SeqCst);
     up.state.basic_challenge.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     warmer.sync(&m).await.unwrap().unwrap();
     let s = images(&f);
     assert_eq!(
@@ -1209,6 +1212,7 @@ async fn a_workload_image_s_state_follows_the_cache_and_the_upstream() {
         "registry.test/team/app:1",
         "registry.test/team/app@sha256:0000000000000000000000000000000000000000000000000000000000000000",
     );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     warmer.sync(&m).await.unwrap().unwrap();
     let s = images(&f);
     assert_eq!(s["moved"].as_i64(), Some(1), "{s}");

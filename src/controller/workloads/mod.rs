@@ -314,12 +314,16 @@ impl Warmer {
             return Ok(last);
         }
         let running = watch::running(&self.stores.all_pods.state());
-        let fresh = watch::check(&replica.url, watched, &running, platforms, token)
-            .await
-            .map_err(|source| Error::Replica {
-                url: replica.url.clone(),
-                source,
-            })?;
+        // A replica that cannot answer now fails no drop or mode: the last status stands
+        // and the check is made at the next look.
+        let fresh = match watch::check(&replica.url, watched, &running, platforms, token).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::warn!(mirror = %label, replica = %replica.url, error = %e,
+                    "cannot check the workloads' images now");
+                return Ok(last);
+            }
+        };
         let (status, newly) = {
             let mut watches = self.watches.lock().expect("lock");
             let w = watches.entry(key).or_default();
@@ -465,9 +469,9 @@ pub async fn reconcile(mirror: Arc<RegistryMirror>, warmer: Arc<Warmer>) -> Resu
     Ok(match synced {
         None => Action::requeue(NOT_YET),
         Some(s) if s.iter().any(|(_, s)| s.following) => Action::requeue(FOLLOW_EVERY),
-        // The modes are checked again at the resync: a replica put in another by hand
-        // is brought back to the spec's.
-        Some(_) => Action::requeue(RESYNC),
+        // The modes are checked again at the resync (a replica put in another by hand
+        // is brought back to the spec's), the images' availability when it is due.
+        Some(_) => Action::requeue(RESYNC.min(availability_durations(&mirror).0)),
     })
 }
 
@@ -490,9 +494,14 @@ fn mirror_label(mirror: &RegistryMirror) -> String {
     )
 }
 
-/// How often the availability watch checks, and how long an image stays in use after
-/// its last workload went (`spec.availability`; 10 minutes and 24 hours by default, and
-/// so when a value cannot be read).
+/// The shortest `availability.every`: a check writes the status, which makes the mirror
+/// looked at again at once; that look must find no check due, or the two would follow
+/// each other for ever.
+const MIN_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the availability watch checks (at least [`MIN_EVERY`]), and how long an
+/// image stays in use after its last workload went (`spec.availability`; 10 minutes and
+/// 24 hours by default, and so when a value cannot be read).
 fn availability_durations(mirror: &RegistryMirror) -> (Duration, Duration) {
     let spec = mirror.spec.availability.as_ref();
     let read = |v: Option<&String>, default: Duration| {
@@ -503,7 +512,8 @@ fn availability_durations(mirror: &RegistryMirror) -> (Duration, Duration) {
         read(
             spec.and_then(|a| a.every.as_ref()),
             Duration::from_secs(600),
-        ),
+        )
+        .max(MIN_EVERY),
         read(
             spec.and_then(|a| a.keep_in_use_for.as_ref()),
             Duration::from_secs(24 * 3600),
