@@ -101,7 +101,10 @@ async fn prefetch(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     }
     let example = r#"{"images": ["docker.io/library/alpine:3.20"], "platforms": ["linux/amd64"]}"#;
     let limits = (64 << 10, MAX_IMAGES_PER_REQUEST);
-    let read = images_of(proxy, req, limits, example, |a: &PrefetchRequest| &a.images).await;
+    let read = images_of(proxy, req, limits, example, |a: &PrefetchRequest| {
+        a.images.iter().map(String::as_str).collect()
+    })
+    .await;
     let (asked, images) = match read {
         Ok(r) => r,
         Err(refusal) => return json(StatusCode::BAD_REQUEST, &refusal),
@@ -149,7 +152,10 @@ async fn in_use(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     }
     let example = r#"{"images": ["docker.io/library/alpine:3.20"]}"#;
     let limits = (1 << 20, MAX_IN_USE);
-    let (_, images) = match images_of(proxy, req, limits, example, |n: &InUse| &n.images).await {
+    let read = images_of(proxy, req, limits, example, |n: &InUse| {
+        n.images.iter().map(String::as_str).collect()
+    });
+    let (_, images) = match read.await {
         Ok(r) => r,
         Err(refusal) => return json(StatusCode::BAD_REQUEST, &refusal),
     };
@@ -218,32 +224,19 @@ async fn availability(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
         let why = format!("use POST /admin/availability with {example}");
         return json(StatusCode::METHOD_NOT_ALLOWED, &Refusal::new(why));
     }
-    let asked: AvailabilityRequest = match json_body(req, 1 << 20, example).await {
-        Ok(a) => a,
+    let limits = (1 << 20, MAX_AVAILABILITY);
+    let read = images_of(proxy, req, limits, example, |a: &AvailabilityRequest| {
+        a.images.iter().map(|i| i.image.as_str()).collect()
+    });
+    let (asked, resolved) = match read.await {
+        Ok(r) => r,
         Err(refusal) => return json(StatusCode::BAD_REQUEST, &refusal),
     };
-    if asked.images.len() > MAX_AVAILABILITY {
-        let why = format!("at most {MAX_AVAILABILITY} images per request");
-        return json(StatusCode::BAD_REQUEST, &Refusal::new(why));
-    }
     let registry = proxy.registry();
-    let upstreams = registry.upstreams();
-    let mut resolved = Vec::new();
-    for i in &asked.images {
-        let image = match upstreams.resolve_image(&i.image) {
-            Ok(image) => image,
-            Err(e) => {
-                let refusal = Refusal {
-                    error: format!("{}: {e}", i.image),
-                    image: Some(i.image.clone()),
-                };
-                return json(StatusCode::BAD_REQUEST, &refusal);
-            }
-        };
-        let running: Vec<Digest> = i.running.iter().filter_map(|d| d.parse().ok()).collect();
-        resolved.push((image, running));
-    }
-    let checks = resolved.into_iter().map(|(image, running)| {
+    let running: Vec<Vec<Digest>> = (asked.images.iter())
+        .map(|i| i.running.iter().filter_map(|d| d.parse().ok()).collect())
+        .collect();
+    let checks = resolved.into_iter().zip(running).map(|(image, running)| {
         let (links, platforms) = (registry.links().clone(), asked.platforms.clone());
         async move { crate::proxy::availability::check(&links, &image, &running, &platforms).await }
     });
@@ -366,7 +359,7 @@ async fn images_of<T: DeserializeOwned>(
     req: Request<Incoming>,
     (limit, max): (usize, usize),
     example: &str,
-    images: impl Fn(&T) -> &[String],
+    images: impl Fn(&T) -> Vec<&str>,
 ) -> Result<(T, Vec<ConfiguredImage>), Refusal> {
     let asked: T = json_body(req, limit, example).await?;
     let names = images(&asked);
@@ -379,7 +372,7 @@ async fn images_of<T: DeserializeOwned>(
         .map(|image| {
             upstreams.resolve_image(image).map_err(|e| Refusal {
                 error: format!("{image}: {e}"),
-                image: Some(image.clone()),
+                image: Some(image.to_string()),
             })
         })
         .collect::<Result<_, _>>()?;
