@@ -361,17 +361,8 @@ impl Warmer {
                     .as_deref()
                     .unwrap_or("neither cached nor in the upstream")
             );
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "ImageUnavailable".into(),
-                note: Some(note),
-                action: "CheckAvailability".into(),
-                secondary: None,
-            };
-            let recorder = Recorder::new(self.ctx.client.clone(), self.ctx.reporter.clone());
-            if let Err(e) = recorder.publish(&event, &user.object_ref()).await {
-                tracing::warn!(error = %e, "could not publish an event");
-            }
+            let kind = (EventType::Warning, "ImageUnavailable", "CheckAvailability");
+            self.publish(kind, note, &user.object_ref()).await;
         }
         Ok(Some(status))
     }
@@ -393,15 +384,28 @@ impl Warmer {
                 format!("{}: {why}", d.request),
             ),
         };
+        self.publish((type_, reason, "Drop"), note, &mirror.object_ref(&()))
+            .await;
+    }
+
+    /// Publishes an Event of `(type, reason, action)` saying `note` on `on`: each with a
+    /// recorder of its own, since a shared one folds Events of one reason on one object
+    /// into a series that keeps the first one's note.
+    async fn publish(
+        &self,
+        (type_, reason, action): (EventType, &str, &str),
+        note: String,
+        on: &k8s_openapi::api::core::v1::ObjectReference,
+    ) {
         let event = Event {
             type_,
             reason: reason.into(),
             note: Some(note),
-            action: "Drop".into(),
+            action: action.into(),
             secondary: None,
         };
         let recorder = Recorder::new(self.ctx.client.clone(), self.ctx.reporter.clone());
-        if let Err(e) = recorder.publish(&event, &mirror.object_ref(&())).await {
+        if let Err(e) = recorder.publish(&event, on).await {
             tracing::warn!(error = %e, "could not publish an event");
         }
     }
@@ -426,19 +430,8 @@ impl Warmer {
                     (EventType::Warning, "PrefetchFailed", note)
                 }
             };
-            let event = Event {
-                type_,
-                reason: reason.into(),
-                note: Some(note),
-                action: "Prefetch".into(),
-                secondary: None,
-            };
-            // An Event of its own per image: a shared recorder folds Events of one
-            // reason on one object into a series that keeps the first one's note.
-            let recorder = Recorder::new(self.ctx.client.clone(), self.ctx.reporter.clone());
-            if let Err(e) = recorder.publish(&event, &mirror.object_ref(&())).await {
-                tracing::warn!(error = %e, "could not publish an event");
-            }
+            self.publish((type_, reason, "Prefetch"), note, &mirror.object_ref(&()))
+                .await;
         }
     }
 
