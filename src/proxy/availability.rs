@@ -97,11 +97,7 @@ async fn whole(links: &Arc<Links>, digest: &Digest, platforms: &[String], depth:
             if !nested && !super::prefetcher::platform_wanted(child.get("platform"), platforms) {
                 continue;
             }
-            let Some(d) = child
-                .get("digest")
-                .and_then(|d| d.as_str())
-                .and_then(|d| d.parse::<Digest>().ok())
-            else {
+            let Some(d) = super::prefetcher::descriptor_digest(child) else {
                 return false;
             };
             if !Box::pin(whole(links, &d, platforms, depth + 1)).await {

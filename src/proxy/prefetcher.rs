@@ -282,7 +282,7 @@ pub(crate) fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[St
 }
 
 /// The digest a descriptor names, if it is valid.
-fn descriptor_digest(d: &serde_json::Value) -> Option<Digest> {
+pub(crate) fn descriptor_digest(d: &serde_json::Value) -> Option<Digest> {
     d.get("digest")?.as_str()?.parse().ok()
 }
 
