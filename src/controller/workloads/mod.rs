@@ -556,28 +556,6 @@ fn hash_of(v: impl Hash) -> u64 {
     h.finish()
 }
 
-/// Reflects `api` into `writer` (without managed fields and annotations, which nothing
-/// here reads) and yields whenever what `what` takes of an object changes, an object
-/// goes, or a (re)list completes. Other updates (a rollout's status, scaling, a pod's
-/// heartbeat) yield nothing.
-fn reflect<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    writer: Writer<K>,
-    what: impl Fn(&K) -> u64 + Send + 'static,
-) -> BoxStream<'static, ()>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    reflect_trimmed(api, config, writer, what, |_| {})
-}
-
 /// The parts of a pod the availability watch reads, and no more: every pod of the
 /// cluster is held.
 fn trim_pod(p: &mut Pod) {
@@ -615,8 +593,11 @@ fn trim_pod(p: &mut Pod) {
     p.metadata.labels = None;
 }
 
-/// [`reflect`], each object trimmed by `trim` before it is kept.
-fn reflect_trimmed<K>(
+/// Reflects `api` into `writer` (without managed fields and annotations, which nothing
+/// here reads, and trimmed by `trim`) and yields whenever what `what` takes of an object
+/// changes, an object goes, or a (re)list completes. Other updates (a rollout's status,
+/// scaling, a pod's heartbeat) yield nothing.
+fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     writer: Writer<K>,
@@ -682,6 +663,7 @@ where
         watcher::Config::default().any_semantic(),
         writer,
         images,
+        |_| {},
     );
     (store, changes)
 }
@@ -708,6 +690,7 @@ pub async fn run(
         watcher::Config::default().any_semantic(),
         writer,
         |n: &Namespace| hash_of(n.labels()),
+        |_| {},
     );
     let (pods, writer) = reflector::store();
     let replicas = reflect(
@@ -715,11 +698,12 @@ pub async fn run(
         watcher::Config::default().labels(&builders::proxy_pods_selector()),
         writer,
         |p: &Pod| hash_of(desired::ready_ip(p)),
+        |_| {},
     );
     // Every pod: a bare pod's images changing is a change (a pod a controller owns is
     // its workload's, which says so itself); what runs is read at each check.
     let (all_pods, writer) = reflector::store();
-    let bare_pods = reflect_trimmed(
+    let bare_pods = reflect(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().any_semantic(),
         writer,
