@@ -14,15 +14,12 @@ use super::admin::api::{Availability, ImageState};
 use super::links::Links;
 use super::pull_through::ConfiguredImage;
 use super::upstream::{Patience, UpstreamError};
-use crate::oci::media::{Accept, DOCKER_MANIFEST_LIST, OCI_INDEX};
+use crate::oci::media::Accept;
 use crate::oci::{Digest, Reference};
 use std::sync::Arc;
 
 /// Images one request may name.
 pub const MAX_IMAGES: usize = 2000;
-
-/// How deep indexes may nest before an image is taken for not cached.
-const MAX_NESTING: usize = 4;
 
 /// The state of `image`, whose running pods use `running` (the digests of their
 /// `imageID`s), for nodes of `platforms` (all when empty).
@@ -88,13 +85,11 @@ async fn whole(links: &Arc<Links>, digest: &Digest, platforms: &[String], depth:
         return false;
     };
     if let Some(children) = doc.get("manifests").and_then(|c| c.as_array()) {
-        if depth >= MAX_NESTING {
+        if depth >= super::prefetcher::MAX_NESTING {
             return false;
         }
         for child in children {
-            let kind = child.get("mediaType").and_then(|t| t.as_str());
-            let nested = matches!(kind, Some(OCI_INDEX | DOCKER_MANIFEST_LIST));
-            if !nested && !super::prefetcher::platform_wanted(child.get("platform"), platforms) {
+            if !super::prefetcher::child_wanted(child, platforms) {
                 continue;
             }
             let Some(d) = super::prefetcher::descriptor_digest(child) else {

@@ -254,7 +254,7 @@ impl Prefetcher {
 
 /// Indexes within indexes followed at most (an index of an index is allowed; a loop of
 /// them is not followed for ever).
-const MAX_NESTING: usize = 4;
+pub(crate) const MAX_NESTING: usize = 4;
 
 /// What prefetching an image took.
 pub struct Prefetched {
@@ -266,9 +266,18 @@ pub struct Prefetched {
     pub bytes: u64,
 }
 
+/// Whether the child `child` of an index is one nodes of `platforms` pull: an index
+/// within the index whatever its platform (it has none; its own entries are filtered),
+/// an image when its platform is wanted.
+pub(crate) fn child_wanted(child: &serde_json::Value, platforms: &[String]) -> bool {
+    let kind = child.get("mediaType").and_then(|t| t.as_str());
+    matches!(kind, Some(OCI_INDEX | DOCKER_MANIFEST_LIST))
+        || platform_wanted(child.get("platform"), platforms)
+}
+
 /// Whether a platform descriptor is among `wanted` (`os/arch` or `os/arch/variant`);
 /// everything is wanted when the list is empty.
-pub(crate) fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[String]) -> bool {
+fn platform_wanted(platform: Option<&serde_json::Value>, wanted: &[String]) -> bool {
     if wanted.is_empty() {
         return true;
     }
@@ -317,11 +326,7 @@ pub async fn fetch_image(
             ));
         }
         for child in children {
-            let kind = child.get("mediaType").and_then(|t| t.as_str());
-            // An index within the index is followed whatever its platform (it has none);
-            // its own entries are filtered.
-            let nested = matches!(kind, Some(OCI_INDEX | DOCKER_MANIFEST_LIST));
-            if !nested && !platform_wanted(child.get("platform"), platforms) {
+            if !child_wanted(child, platforms) {
                 continue;
             }
             let Some(d) = descriptor_digest(child) else {
